@@ -1,0 +1,540 @@
+//! Bringing a cluster up and down, and adding and removing its pods.
+//!
+//! Addressing: node `i` is `10.99.0.(i+1)/24` on the fabric bridge and owns pod range
+//! `10.244.i.0/24`. Pods get `/32` addresses and a default route via `10.244.i.1`,
+//! which every host-side veth of that node carries (the point-to-point layout of
+//! Calico-style CNIs); the node routes each pod's `/32` to its veth and every other
+//! node's range via that node's fabric address.
+
+use std::{
+    collections::BTreeMap,
+    ffi::OsStr,
+    fs::{self, File, OpenOptions},
+    net::{Ipv4Addr, SocketAddrV4},
+    os::unix::process::CommandExt,
+    path::Path,
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{ClusterError, Layout, NodeInfo, PodInfo, Topology, host, layout::validate_dns_label};
+
+/// Upper bound on nodes: each owns a /24 of 10.244.0.0/16 and a fabric address.
+pub const MAX_NODES: usize = 64;
+/// Longest pod name accepted (a DNS label, short enough for every path it appears in).
+const MAX_POD_NAME: usize = 63;
+/// Longest namespace name, as in Kubernetes.
+const MAX_NAMESPACE: usize = 63;
+
+fn node_ip(index: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 99, 0, index as u8 + 1)
+}
+
+fn pod_gateway(index: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, index as u8, 1)
+}
+
+/// What to run as a pod.
+#[derive(Clone, Debug, Default)]
+pub struct PodSpec {
+    pub name: String,
+    pub namespace: String,
+    pub node: String,
+    pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+    /// The pod's command; empty for a pod that only has a network.
+    pub command: Vec<String>,
+    /// Extra environment for the command, beside the `POD_*` variables every pod gets.
+    pub env: Vec<(String, String)>,
+}
+
+impl PodSpec {
+    /// A pod named `name` in namespace `default` on `node`, running `command`.
+    pub fn new(name: &str, node: &str, command: &[&str]) -> Self {
+        Self {
+            name: name.to_owned(),
+            namespace: "default".to_owned(),
+            node: node.to_owned(),
+            service_account: "default".to_owned(),
+            labels: BTreeMap::new(),
+            command: command.iter().map(|arg| (*arg).to_owned()).collect(),
+            env: Vec::new(),
+        }
+    }
+}
+
+/// A running local cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    layout: Layout,
+    topology: Topology,
+}
+
+impl Cluster {
+    /// Creates cluster `name` with `nodes` nodes. On failure whatever was created is
+    /// removed again before the error is returned.
+    pub fn up(name: &str, nodes: usize) -> Result<Self, ClusterError> {
+        if !host::is_root() {
+            return Err(ClusterError::NotRoot);
+        }
+        let layout = Layout::new(name)?;
+        if !(1..=MAX_NODES).contains(&nodes) {
+            return Err(ClusterError::NodeCount {
+                asked: nodes,
+                max: MAX_NODES,
+            });
+        }
+        let exists = layout.state_dir().exists()
+            || layout.cgroup().exists()
+            || !host::netns_with_prefix(&layout.netns_prefix())?.is_empty();
+        if exists {
+            return Err(ClusterError::Exists(name.to_owned()));
+        }
+        let topology = Topology {
+            name: name.to_owned(),
+            fabric_netns: layout.fabric_netns(),
+            node_cidr: "10.99.0.0/24".to_owned(),
+            cgroup: layout.cgroup(),
+            bpffs: layout.bpffs(),
+            state_dir: layout.state_dir(),
+            nodes: (0..nodes)
+                .map(|index| {
+                    let node = format!("node{index}");
+                    NodeInfo {
+                        netns: layout.node_netns(&node),
+                        ip: node_ip(index),
+                        pod_cidr: format!("10.244.{index}.0/24"),
+                        pod_gateway: pod_gateway(index),
+                        cgroup: layout.node_cgroup(&node),
+                        pods_cgroup: layout.pods_cgroup(&node),
+                        system_cgroup: layout.system_cgroup(&node),
+                        bpffs: layout.node_bpffs(&node),
+                        name: node,
+                    }
+                })
+                .collect(),
+            pods: Vec::new(),
+        };
+        let cluster = Self { layout, topology };
+        if let Err(err) = cluster.build() {
+            if let Err(cleanup) = down(name) {
+                log::warn!("cleaning up after the failed start also failed: {cleanup}");
+            }
+            return Err(err);
+        }
+        Ok(cluster)
+    }
+
+    fn build(&self) -> Result<(), ClusterError> {
+        let layout = &self.layout;
+        host::create_dir(&layout.state_dir().join("logs"))?;
+        self.save()?;
+        host::ensure_bpffs()?;
+
+        let fabric = layout.fabric_netns();
+        host::ip(&["netns", "add", &fabric])?;
+        host::ip_in(&fabric, &["link", "set", "lo", "up"])?;
+        host::ip_in(&fabric, &["link", "add", "br0", "type", "bridge"])?;
+        host::ip_in(&fabric, &["link", "set", "br0", "up"])?;
+
+        for (index, node) in self.topology.nodes.iter().enumerate() {
+            host::create_dir(&node.pods_cgroup)?;
+            host::create_dir(&node.system_cgroup)?;
+            host::create_dir(&node.bpffs)?;
+
+            let uplink = format!("n{index}");
+            host::ip(&["netns", "add", &node.netns])?;
+            host::ip_in(
+                &fabric,
+                &[
+                    "link",
+                    "add",
+                    &uplink,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    &node.netns,
+                ],
+            )?;
+            host::ip_in(&fabric, &["link", "set", &uplink, "master", "br0", "up"])?;
+            host::ip_in(&node.netns, &["link", "set", "lo", "up"])?;
+            host::ip_in(
+                &node.netns,
+                &["addr", "add", &format!("{}/24", node.ip), "dev", "eth0"],
+            )?;
+            host::ip_in(&node.netns, &["link", "set", "eth0", "up"])?;
+            host::sysctl_in(&node.netns, "net.ipv4.ip_forward", "1")?;
+        }
+        for node in &self.topology.nodes {
+            for peer in self
+                .topology
+                .nodes
+                .iter()
+                .filter(|peer| peer.name != node.name)
+            {
+                host::ip_in(
+                    &node.netns,
+                    &["route", "add", &peer.pod_cidr, "via", &peer.ip.to_string()],
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens the running cluster `name`.
+    pub fn open(name: &str) -> Result<Self, ClusterError> {
+        let layout = Layout::new(name)?;
+        let topology = load(&layout)?;
+        Ok(Self { layout, topology })
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The topology as of the last change made through this handle or [`Self::refresh`].
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// Rereads the topology, which other processes may have changed.
+    pub fn refresh(&mut self) -> Result<(), ClusterError> {
+        self.topology = load(&self.layout)?;
+        Ok(())
+    }
+
+    /// Adds a pod: its namespace, veth pair, address, routes and cgroup, then starts
+    /// its command (if any) inside them, in the background, logging to [`PodInfo::log`].
+    pub fn add_pod(&mut self, spec: PodSpec) -> Result<PodInfo, ClusterError> {
+        validate_dns_label("pod name", &spec.name, MAX_POD_NAME)?;
+        validate_dns_label("namespace", &spec.namespace, MAX_NAMESPACE)?;
+        validate_dns_label("service account", &spec.service_account, MAX_NAMESPACE)?;
+        let _lock = self.lock()?;
+        self.refresh()?;
+        let pod_key = format!("{}/{}", spec.namespace, spec.name);
+        if self.topology.pod(&spec.namespace, &spec.name).is_some() {
+            return Err(ClusterError::PodExists {
+                cluster: self.topology.name.clone(),
+                pod: pod_key,
+            });
+        }
+        let (node_index, node) = self
+            .topology
+            .nodes
+            .iter()
+            .enumerate()
+            .find(|(_, node)| node.name == spec.node)
+            .ok_or_else(|| ClusterError::NoSuchNode {
+                cluster: self.topology.name.clone(),
+                node: spec.node.clone(),
+            })?;
+        let taken: Vec<Ipv4Addr> = self
+            .topology
+            .pods
+            .iter()
+            .filter(|pod| pod.node == node.name)
+            .map(|pod| pod.ip)
+            .collect();
+        let ip = (2..=254)
+            .map(|host| Ipv4Addr::new(10, 244, node_index as u8, host))
+            .find(|ip| !taken.contains(ip))
+            .ok_or_else(|| ClusterError::NodeFull {
+                node: node.name.clone(),
+            })?;
+        let mut pod = PodInfo {
+            netns: self.layout.pod_netns(&spec.namespace, &spec.name),
+            ip,
+            cgroup: self
+                .layout
+                .pod_cgroup(&node.name, &spec.namespace, &spec.name),
+            host_veth: format!("wv{}", ip.octets()[3]),
+            log: self.layout.pod_log(&spec.namespace, &spec.name),
+            name: spec.name,
+            namespace: spec.namespace,
+            node: node.name.clone(),
+            service_account: spec.service_account,
+            labels: spec.labels,
+            command: spec.command,
+            pid: None,
+        };
+        let node = node.clone();
+        let started = wire_pod(&node, &pod).and_then(|()| {
+            if pod.command.is_empty() {
+                return Ok(None);
+            }
+            let log = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&pod.log)
+                .map_err(ClusterError::io(&pod.log))?;
+            let log_err = log.try_clone().map_err(ClusterError::io(&pod.log))?;
+            let mut command = pod_command(&pod, &pod.command);
+            command
+                .envs(spec.env)
+                .stdin(Stdio::null())
+                .stdout(log)
+                .stderr(log_err)
+                // Its own process group, so a Ctrl-C meant for the caller spares it.
+                .process_group(0);
+            let child = command.spawn().map_err(|source| ClusterError::Spawn {
+                command: pod.command.join(" "),
+                source,
+            })?;
+            Ok(Some(child.id()))
+        });
+        match started {
+            Ok(pid) => pod.pid = pid,
+            Err(err) => {
+                if let Err(cleanup) = unwire_pod(&pod) {
+                    log::warn!("removing the half-made pod {pod_key} failed: {cleanup}");
+                }
+                return Err(err);
+            }
+        }
+        self.topology.pods.push(pod.clone());
+        self.save()?;
+        Ok(pod)
+    }
+
+    /// Stops a pod's processes and removes its namespace, veth pair and cgroup.
+    pub fn del_pod(&mut self, namespace: &str, name: &str) -> Result<(), ClusterError> {
+        let _lock = self.lock()?;
+        self.refresh()?;
+        let pod = self.pod(namespace, name)?.clone();
+        unwire_pod(&pod)?;
+        self.topology
+            .pods
+            .retain(|other| (other.namespace.as_str(), other.name.as_str()) != (namespace, name));
+        self.save()
+    }
+
+    /// A command that runs `argv` inside pod `namespace/name` (its network namespace
+    /// and cgroup), with the pod's `POD_*` environment.
+    pub fn pod_command<S: AsRef<OsStr>>(
+        &self,
+        namespace: &str,
+        name: &str,
+        argv: &[S],
+    ) -> Result<Command, ClusterError> {
+        Ok(pod_command(self.pod(namespace, name)?, argv))
+    }
+
+    /// A command that runs `argv` on node `node`: in its network namespace and its
+    /// system cgroup, outside the pods' subtree (where the agent runs).
+    pub fn node_command<S: AsRef<OsStr>>(
+        &self,
+        node: &str,
+        argv: &[S],
+    ) -> Result<Command, ClusterError> {
+        let info = self
+            .topology
+            .node(node)
+            .ok_or_else(|| ClusterError::NoSuchNode {
+                cluster: self.topology.name.clone(),
+                node: node.to_owned(),
+            })?;
+        let mut command = enter(&info.system_cgroup, &info.netns, argv);
+        command.env("NODE_NAME", &info.name);
+        Ok(command)
+    }
+
+    /// Waits until `addr` accepts TCP connections from inside pod `namespace/name`.
+    /// `server_log` is named in the error, to point at why the server is not up.
+    pub fn wait_for_tcp(
+        &self,
+        namespace: &str,
+        name: &str,
+        addr: SocketAddrV4,
+        timeout: Duration,
+        server_log: &Path,
+    ) -> Result<(), ClusterError> {
+        let probe = format!("exec 3<>/dev/tcp/{}/{}", addr.ip(), addr.port());
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self
+                .pod_command(namespace, name, &["bash", "-c", &probe])?
+                .stderr(Stdio::null())
+                .status()
+                .map_err(|source| ClusterError::Spawn {
+                    command: probe.clone(),
+                    source,
+                })?;
+            if status.success() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(ClusterError::NotReady {
+                    addr,
+                    pod: format!("{namespace}/{name}"),
+                    timeout,
+                    log: server_log.to_owned(),
+                });
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn pod(&self, namespace: &str, name: &str) -> Result<&PodInfo, ClusterError> {
+        self.topology
+            .pod(namespace, name)
+            .ok_or_else(|| ClusterError::NoSuchPod {
+                cluster: self.topology.name.clone(),
+                pod: format!("{namespace}/{name}"),
+            })
+    }
+
+    /// Serialises changes to the cluster between processes.
+    fn lock(&self) -> Result<File, ClusterError> {
+        let path = self.layout.lock_file();
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(ClusterError::io(&path))?;
+        file.lock().map_err(ClusterError::io(&path))?;
+        Ok(file)
+    }
+
+    fn save(&self) -> Result<(), ClusterError> {
+        let path = self.layout.topology_file();
+        let partial = path.with_extension("json.partial");
+        let json = serde_json::to_vec_pretty(&self.topology).expect("topology serialises");
+        fs::write(&partial, json).map_err(ClusterError::io(&partial))?;
+        fs::rename(&partial, &path).map_err(ClusterError::io(&path))
+    }
+}
+
+fn load(layout: &Layout) -> Result<Topology, ClusterError> {
+    let path = layout.topology_file();
+    let json = match fs::read(&path) {
+        Ok(json) => json,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ClusterError::Missing(layout.cluster().to_owned()));
+        }
+        Err(err) => return Err(ClusterError::io(path)(err)),
+    };
+    serde_json::from_slice(&json).map_err(|source| ClusterError::State { path, source })
+}
+
+/// Creates the pod's network namespace, veth pair, addresses, routes and cgroup.
+fn wire_pod(node: &NodeInfo, pod: &PodInfo) -> Result<(), ClusterError> {
+    let gateway = node.pod_gateway.to_string();
+    let address = format!("{}/32", pod.ip);
+    host::ip(&["netns", "add", &pod.netns])?;
+    host::ip_in(
+        &node.netns,
+        &[
+            "link",
+            "add",
+            &pod.host_veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &pod.netns,
+        ],
+    )?;
+    host::ip_in(
+        &node.netns,
+        &[
+            "addr",
+            "add",
+            &format!("{gateway}/32"),
+            "dev",
+            &pod.host_veth,
+        ],
+    )?;
+    host::ip_in(&node.netns, &["link", "set", &pod.host_veth, "up"])?;
+    host::ip_in(
+        &node.netns,
+        &["route", "add", &address, "dev", &pod.host_veth],
+    )?;
+    host::ip_in(&pod.netns, &["link", "set", "lo", "up"])?;
+    host::ip_in(&pod.netns, &["addr", "add", &address, "dev", "eth0"])?;
+    host::ip_in(&pod.netns, &["link", "set", "eth0", "up"])?;
+    host::ip_in(
+        &pod.netns,
+        &["route", "add", &gateway, "dev", "eth0", "scope", "link"],
+    )?;
+    host::ip_in(
+        &pod.netns,
+        &["route", "add", "default", "via", &gateway, "dev", "eth0"],
+    )?;
+    host::create_dir(&pod.cgroup)
+}
+
+/// Undoes [`wire_pod`] and stops the pod's processes; parts already gone are skipped.
+fn unwire_pod(pod: &PodInfo) -> Result<(), ClusterError> {
+    host::kill_cgroup(&pod.cgroup)?;
+    host::remove_cgroup_tree(&pod.cgroup)?;
+    if host::netns_with_prefix(&pod.netns)?.contains(&pod.netns) {
+        // Deleting the namespace takes the veth pair, and with it the node's route.
+        host::delete_netns(&pod.netns)?;
+    }
+    Ok(())
+}
+
+fn pod_command<S: AsRef<OsStr>>(pod: &PodInfo, argv: &[S]) -> Command {
+    let mut command = enter(&pod.cgroup, &pod.netns, argv);
+    command
+        .env("POD_NAME", &pod.name)
+        .env("POD_NAMESPACE", &pod.namespace)
+        .env("POD_IP", pod.ip.to_string())
+        .env("NODE_NAME", &pod.node);
+    command
+}
+
+/// A command that joins `cgroup` (before it execs anything, so no child escapes it)
+/// and then runs `argv` in network namespace `netns`.
+fn enter<S: AsRef<OsStr>>(cgroup: &Path, netns: &str, argv: &[S]) -> Command {
+    const SCRIPT: &str =
+        r#"echo $$ > "$1/cgroup.procs" && netns=$2 && shift 2 && exec ip netns exec "$netns" "$@""#;
+    let mut command = Command::new("sh");
+    command
+        .args(["-c", SCRIPT, "weft-enter"])
+        .arg(cgroup)
+        .arg(netns)
+        .args(argv);
+    command
+}
+
+/// Removes everything of cluster `name`: processes, network namespaces (and with them
+/// every link and address), cgroups, bpffs pins and the state directory. It finds
+/// them by name, not from the saved state, so it also cleans up after a crashed `up`;
+/// it keeps going past errors and reports the first.
+pub fn down(name: &str) -> Result<(), ClusterError> {
+    if !host::is_root() {
+        return Err(ClusterError::NotRoot);
+    }
+    let layout = Layout::new(name)?;
+    let mut first_error = None;
+    let mut note = |result: Result<(), ClusterError>| {
+        if let Err(err) = result {
+            log::warn!("{err}");
+            first_error.get_or_insert(err);
+        }
+    };
+    // Processes first, so that nothing keeps a namespace or cgroup alive.
+    note(host::kill_cgroup(&layout.cgroup()));
+    match host::netns_with_prefix(&layout.netns_prefix()) {
+        Ok(namespaces) => namespaces
+            .iter()
+            .for_each(|netns| note(host::delete_netns(netns))),
+        Err(err) => note(Err(err)),
+    }
+    note(host::remove_cgroup_tree(&layout.cgroup()));
+    note(host::remove_tree(&layout.bpffs()));
+    note(host::remove_tree(&layout.state_dir()));
+    if let Some(parent) = layout.state_dir().parent() {
+        // Shared with other clusters: only removed once the last one is gone.
+        let _ = fs::remove_dir(parent);
+    }
+    first_error.map_or(Ok(()), Err)
+}

@@ -1,0 +1,81 @@
+//! Errors of the local cluster, worded for the person running it.
+
+use std::{io, path::PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(
+        "invalid cluster name {0:?}: use 1-12 characters, a lowercase letter then lowercase letters or digits"
+    )]
+    ClusterName(String),
+    #[error(
+        "invalid {what} {value:?}: use a DNS label (lowercase letters, digits and '-', at most {max} characters, starting and ending with a letter or digit)"
+    )]
+    Label {
+        what: &'static str,
+        value: String,
+        max: usize,
+    },
+    #[error("a cluster needs between 1 and {max} nodes, not {asked}")]
+    NodeCount { asked: usize, max: usize },
+    #[error("cluster {0} already exists; run `cargo xtask cluster down --name {0}` first")]
+    Exists(String),
+    #[error("cluster {0} does not exist; start it with `cargo xtask cluster up --name {0}`")]
+    Missing(String),
+    #[error(
+        "cluster {cluster} has no node {node}; `cargo xtask cluster status --name {cluster}` lists them"
+    )]
+    NoSuchNode { cluster: String, node: String },
+    #[error("cluster {cluster} has no pod {pod}")]
+    NoSuchPod { cluster: String, pod: String },
+    #[error("pod {pod} already exists in cluster {cluster}")]
+    PodExists { cluster: String, pod: String },
+    #[error("node {node} has no free pod address left (at most 253 pods a node)")]
+    NodeFull { node: String },
+    #[error("this needs root (network namespaces, cgroups and bpffs); run it with sudo")]
+    NotRoot,
+    #[error(
+        "no cgroup v2 hierarchy is mounted; mount one with `mount -t cgroup2 none /sys/fs/cgroup/unified`"
+    )]
+    NoCgroup2,
+    #[error("`{command}` failed: {stderr}")]
+    Command { command: String, stderr: String },
+    #[error("cannot run `{command}`: {source}; is iproute2 installed? (`cargo xtask setup`)")]
+    Spawn {
+        command: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "the cluster state in {path} is unreadable ({source}); `down` still removes the cluster"
+    )]
+    State {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(
+        "{addr} did not accept connections from pod {pod} within {timeout:?}; its log is in {log}"
+    )]
+    NotReady {
+        addr: std::net::SocketAddrV4,
+        pod: String,
+        timeout: std::time::Duration,
+        log: PathBuf,
+    },
+    #[error("processes in cgroup {0} did not exit within 5s")]
+    Stuck(PathBuf),
+}
+
+impl ClusterError {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Self {
+        let path = path.into();
+        move |source| ClusterError::Io { path, source }
+    }
+}

@@ -1,0 +1,204 @@
+//! The few host operations the cluster is built from: iproute2 commands, cgroup v2
+//! files and bpffs. Commands are run, not linked, so every step is one an operator can
+//! replay by hand.
+
+use std::{
+    fs,
+    io::ErrorKind,
+    path::{Path, PathBuf},
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{ClusterError, layout::BPFFS_ROOT};
+
+/// Runs `program args…`, returning its stdout; a non-zero exit is an error carrying
+/// the command line and its stderr.
+pub(crate) fn run(program: &str, args: &[&str]) -> Result<String, ClusterError> {
+    let command = format!("{program} {}", args.join(" "));
+    log::debug!("+ {command}");
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|source| ClusterError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(ClusterError::Command {
+            command,
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        })
+    }
+}
+
+/// Runs `ip args…`.
+pub(crate) fn ip(args: &[&str]) -> Result<(), ClusterError> {
+    run("ip", args).map(drop)
+}
+
+/// Runs `ip -n netns args…` inside network namespace `netns`.
+pub(crate) fn ip_in(netns: &str, args: &[&str]) -> Result<(), ClusterError> {
+    let mut full = vec!["-n", netns];
+    full.extend_from_slice(args);
+    ip(&full)
+}
+
+/// Sets a sysctl of network namespace `netns`.
+pub(crate) fn sysctl_in(netns: &str, key: &str, value: &str) -> Result<(), ClusterError> {
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            netns,
+            "sysctl",
+            "-q",
+            "-w",
+            &format!("{key}={value}"),
+        ],
+    )
+    .map(drop)
+}
+
+/// Names of all network namespaces registered with `ip netns` that start with `prefix`.
+pub(crate) fn netns_with_prefix(prefix: &str) -> Result<Vec<String>, ClusterError> {
+    let dir = Path::new("/run/netns");
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(err) => return Err(ClusterError::io(dir)(err)),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let name = entry.map_err(ClusterError::io(dir))?.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(prefix) {
+            names.push(name.into_owned());
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Kills every process inside network namespace `netns` (those that entered it
+/// without joining one of the cluster's cgroups) and deletes the namespace.
+pub(crate) fn delete_netns(netns: &str) -> Result<(), ClusterError> {
+    let pids = run("ip", &["netns", "pids", netns])?;
+    let pids: Vec<&str> = pids.split_whitespace().collect();
+    if !pids.is_empty() {
+        let mut args = vec!["-KILL"];
+        args.extend(pids);
+        // A process may exit by itself meanwhile; that is what we want anyway.
+        let _ = run("kill", &args);
+    }
+    ip(&["netns", "delete", netns])
+}
+
+/// Whether this process runs with effective uid 0.
+pub fn is_root() -> bool {
+    fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("Uid:"))
+            .and_then(|uids| uids.split_whitespace().nth(1))
+            == Some("0")
+    })
+}
+
+/// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup` on unified hosts,
+/// `/sys/fs/cgroup/unified` on hybrid ones).
+pub fn cgroup2_mount() -> Result<PathBuf, ClusterError> {
+    mounts()?
+        .into_iter()
+        .find_map(|(dir, kind)| (kind == "cgroup2").then(|| PathBuf::from(dir)))
+        .ok_or(ClusterError::NoCgroup2)
+}
+
+/// Whether a bpffs is mounted at /sys/fs/bpf.
+pub fn bpffs_mounted() -> Result<bool, ClusterError> {
+    Ok(mounts()?
+        .iter()
+        .any(|(dir, kind)| dir == BPFFS_ROOT && kind == "bpf"))
+}
+
+/// Mounts bpffs at /sys/fs/bpf unless a bpffs is mounted there already.
+pub(crate) fn ensure_bpffs() -> Result<(), ClusterError> {
+    if !bpffs_mounted()? {
+        run("mount", &["-t", "bpf", "bpf", BPFFS_ROOT])?;
+    }
+    Ok(())
+}
+
+/// (mount point, filesystem type) of every mount this process sees.
+fn mounts() -> Result<Vec<(String, String)>, ClusterError> {
+    const MOUNTS: &str = "/proc/self/mounts";
+    let text = fs::read_to_string(MOUNTS).map_err(ClusterError::io(MOUNTS))?;
+    Ok(text
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace().skip(1);
+            Some((fields.next()?.to_owned(), fields.next()?.to_owned()))
+        })
+        .collect())
+}
+
+pub(crate) fn create_dir(path: &Path) -> Result<(), ClusterError> {
+    fs::create_dir_all(path).map_err(ClusterError::io(path))
+}
+
+/// Kills every process in the cgroup subtree at `path` and waits until it is empty.
+pub(crate) fn kill_cgroup(path: &Path) -> Result<(), ClusterError> {
+    let kill = path.join("cgroup.kill");
+    match fs::write(&kill, "1") {
+        Ok(()) => {}
+        Err(err) if err.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(ClusterError::io(kill)(err)),
+    }
+    let events = path.join("cgroup.events");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let populated = fs::read_to_string(&events)
+            .map(|text| text.lines().any(|line| line == "populated 1"))
+            .unwrap_or(false);
+        if !populated {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(ClusterError::Stuck(path.to_owned()));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Removes the (already empty) cgroup subtree at `path`, leaves first.
+pub(crate) fn remove_cgroup_tree(path: &Path) -> Result<(), ClusterError> {
+    let entries = match fs::read_dir(path) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(ClusterError::io(path)(err)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(ClusterError::io(path))?;
+        if entry
+            .file_type()
+            .map_err(ClusterError::io(entry.path()))?
+            .is_dir()
+        {
+            remove_cgroup_tree(&entry.path())?;
+        }
+    }
+    fs::remove_dir(path).map_err(ClusterError::io(path))
+}
+
+/// Removes a directory tree, treating "already gone" as success. Works on bpffs, where
+/// pins are files that `unlink` removes.
+pub(crate) fn remove_tree(path: &Path) -> Result<(), ClusterError> {
+    match fs::remove_dir_all(path) {
+        Err(err) if err.kind() != ErrorKind::NotFound => Err(ClusterError::io(path)(err)),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,73 @@
+//! The cluster's topology: what `cargo xtask cluster status` prints and what the
+//! cluster keeps in its state directory. The schema is documented in README.md.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Topology {
+    pub name: String,
+    /// The namespace holding the bridge that joins the nodes.
+    pub fabric_netns: String,
+    /// Address range of the nodes on the fabric.
+    pub node_cidr: String,
+    /// The cluster's cgroup; everything it runs lives below it.
+    pub cgroup: PathBuf,
+    /// The cluster's bpffs directory; each node pins below it.
+    pub bpffs: PathBuf,
+    pub state_dir: PathBuf,
+    pub nodes: Vec<NodeInfo>,
+    pub pods: Vec<PodInfo>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub name: String,
+    pub netns: String,
+    /// The node's address on the fabric.
+    pub ip: Ipv4Addr,
+    /// The range this node gives its pods.
+    pub pod_cidr: String,
+    /// The pods' default gateway: the node side of every pod's veth.
+    pub pod_gateway: Ipv4Addr,
+    pub cgroup: PathBuf,
+    /// Parent cgroup of the node's pods (where capture programs attach).
+    pub pods_cgroup: PathBuf,
+    /// Cgroup for the node's own processes, such as the agent.
+    pub system_cgroup: PathBuf,
+    /// The node's bpffs pin directory.
+    pub bpffs: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodInfo {
+    pub name: String,
+    pub namespace: String,
+    pub node: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+    pub cgroup: PathBuf,
+    /// The node side of the pod's veth pair, in the node's namespace.
+    pub host_veth: String,
+    /// The pod's command line (empty when the pod only has a network).
+    pub command: Vec<String>,
+    /// Process id of the command, when there is one.
+    pub pid: Option<u32>,
+    /// Where the command's stdout and stderr go.
+    pub log: PathBuf,
+}
+
+impl Topology {
+    pub fn node(&self, name: &str) -> Option<&NodeInfo> {
+        self.nodes.iter().find(|node| node.name == name)
+    }
+
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodInfo> {
+        self.pods
+            .iter()
+            .find(|pod| pod.namespace == namespace && pod.name == name)
+    }
+}

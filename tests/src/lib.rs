@@ -1,0 +1,129 @@
+//! Support for weft's privileged end-to-end tests: unique names, clusters that remove
+//! themselves (also when a test panics), and running commands inside pods.
+//!
+//! The tests themselves are in `tests/`. They need root and run under
+//! `cargo xtask test`, which builds the workspace binaries they start first.
+
+use std::{
+    ffi::OsStr,
+    ops::{Deref, DerefMut},
+    path::PathBuf,
+    process::Output,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use weft_cluster::Cluster;
+
+/// Panics with the way out unless the test runs as root.
+pub fn require_root() {
+    assert!(
+        weft_cluster::is_root(),
+        "this end-to-end test needs root (kernel programs, namespaces, cgroups): run `sudo -E cargo xtask test`"
+    );
+}
+
+/// A name no other test in any concurrently running test process uses: a letter, the
+/// process id and a counter, short enough for a cluster name.
+pub fn unique_name(letter: char) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{letter}{:x}x{n:x}", std::process::id())
+}
+
+/// A local cluster that is taken down when dropped, so a failing test leaves nothing.
+#[derive(Debug)]
+pub struct TestCluster(Cluster);
+
+impl TestCluster {
+    pub fn up(nodes: usize) -> Self {
+        require_root();
+        let name = unique_name('t');
+        Self(Cluster::up(&name, nodes).unwrap_or_else(|err| panic!("cluster {name}: {err}")))
+    }
+}
+
+impl Deref for TestCluster {
+    type Target = Cluster;
+    fn deref(&self) -> &Cluster {
+        &self.0
+    }
+}
+
+impl DerefMut for TestCluster {
+    fn deref_mut(&mut self) -> &mut Cluster {
+        &mut self.0
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        let name = self.0.layout().cluster().to_owned();
+        if let Err(err) = weft_cluster::down(&name) {
+            // Panicking in drop during a panic would abort and hide the first failure.
+            if std::thread::panicking() {
+                eprintln!("cleaning up cluster {name} failed: {err}");
+            } else {
+                panic!("cleaning up cluster {name} failed: {err}");
+            }
+        }
+    }
+}
+
+/// Runs `argv` in pod `default/pod` and returns its output, panicking with the
+/// command's stderr when it fails.
+pub fn run_in_pod<S: AsRef<OsStr>>(cluster: &Cluster, pod: &str, argv: &[S]) -> Output {
+    let output = cluster
+        .pod_command("default", pod, argv)
+        .unwrap_or_else(|err| panic!("{err}"))
+        .output()
+        .unwrap_or_else(|err| panic!("cannot start a command in pod {pod}: {err}"));
+    let shown: Vec<_> = argv
+        .iter()
+        .map(|arg| arg.as_ref().to_string_lossy())
+        .collect();
+    assert!(
+        output.status.success(),
+        "`{}` in pod {pod} failed ({}): {}",
+        shown.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// Path of workspace binary `name` in the target directory of this test build
+/// (`cargo xtask test` builds them before running the tests).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test knows its own path");
+    // target/<profile>/deps/<test>-<hash> -> target/<profile>/<name>
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("the test binary lives in target/<profile>/deps")
+        .join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the workspace binaries first (`cargo build --workspace --bins`, which `cargo xtask test` does)",
+        path.display()
+    );
+    path
+}
+
+/// What of cluster `name` still exists on this machine: its network namespaces and
+/// its cgroup, bpffs and state directories. Empty once the cluster is fully gone.
+pub fn leftovers(name: &str) -> Vec<String> {
+    let layout = weft_cluster::Layout::new(name).unwrap_or_else(|err| panic!("{err}"));
+    let mut found: Vec<String> = std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|netns| netns.starts_with(&layout.netns_prefix()))
+        .map(|netns| format!("netns {netns}"))
+        .collect();
+    for dir in [layout.cgroup(), layout.bpffs(), layout.state_dir()] {
+        if dir.exists() {
+            found.push(dir.display().to_string());
+        }
+    }
+    found
+}

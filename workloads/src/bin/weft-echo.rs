@@ -1,0 +1,53 @@
+//! `weft-echo`: the HTTP echo workload that demo and test pods run.
+//!
+//! It answers HTTP/1.1 and h2c on one port with a JSON description of each request (pod
+//! name, peer address as seen by the socket, method, path, version, host, headers); see
+//! [`weft_workloads::echo_http`] for the query parameters. It stops gracefully on SIGTERM
+//! or SIGINT.
+
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use weft_workloads::echo_http;
+
+/// HTTP/1.1 + h2c echo server for weft demos and tests.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "WEFT_ECHO_LISTEN", default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+    /// Pod name to report; defaults to the host name.
+    #[arg(long, env = "POD_NAME", default_value_t = weft_workloads::default_pod_name())]
+    name: String,
+}
+
+fn main() -> ExitCode {
+    weft_workloads::init_logging();
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("weft-echo: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[tokio::main]
+async fn run(args: Args) -> anyhow::Result<()> {
+    let shutdown =
+        weft_workloads::shutdown_signal().context("cannot install SIGTERM/SIGINT handlers")?;
+    let listener = weft_workloads::bind(args.listen).await?;
+    log::info!(
+        "weft-echo {} serving HTTP/1.1 and h2c on {} as {:?}",
+        env!("CARGO_PKG_VERSION"),
+        listener.local_addr().unwrap_or(args.listen),
+        args.name
+    );
+    echo_http::serve(listener, echo_http::Config::new(args.name), shutdown).await;
+    Ok(())
+}

@@ -1,0 +1,160 @@
+//! Sample workloads that the local weft cluster runs inside pods for demos and tests.
+//!
+//! Two servers live here, each behind a thin binary: [`echo_http`] (`weft-echo`) answers
+//! every HTTP/1.1 or h2c request with a JSON description of what it saw, and [`tcp`]
+//! (`weft-tcp-echo`) echoes, swallows or greets raw TCP connections. Both report the peer
+//! address exactly as the accepted socket saw it, which is what mesh tests assert on: it
+//! shows whether the traffic was redirected, NATed or passed through untouched.
+//!
+//! The `serve` functions take an already bound listener so that tests can bind
+//! `127.0.0.1:0` and drive them in-process; the helpers at this level ([`bind`],
+//! [`shutdown_signal`], [`default_pod_name`], [`init_logging`]) are the pieces both
+//! binaries share.
+
+#![forbid(unsafe_code)]
+
+pub mod echo_http;
+pub mod tcp;
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// How long a server waits for open connections to finish after a shutdown signal before
+/// it cuts them off. Well below Kubernetes' default 30 s termination grace period.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A listening socket could not be opened.
+///
+/// The kernel's error is part of the message (not a separate `source`) so that one line
+/// tells the operator everything.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}: {error}{}", bind_hint(.error.kind()))]
+pub struct BindError {
+    /// The address that was asked for.
+    pub addr: SocketAddr,
+    /// What the kernel said.
+    pub error: io::Error,
+}
+
+fn bind_hint(kind: io::ErrorKind) -> &'static str {
+    match kind {
+        io::ErrorKind::AddrInUse => " (is another process already listening on that port?)",
+        io::ErrorKind::AddrNotAvailable => " (that address is not assigned to this host)",
+        io::ErrorKind::PermissionDenied => " (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+        _ => "",
+    }
+}
+
+/// Binds a TCP listener on `addr`, naming the address in the error.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|error| BindError { addr, error })
+}
+
+/// The pod name to report when `--name`/`POD_NAME` is not given: the host name (which
+/// Kubernetes sets to the pod name), or `"unknown"`.
+pub fn default_pod_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// Sends `log` output to stderr, at `info` unless `RUST_LOG` says otherwise.
+pub fn init_logging() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+}
+
+/// Installs SIGTERM and SIGINT handlers now and returns a future that resolves on the
+/// first of either. Installing up front means a failure shows at startup, not at shutdown.
+pub fn shutdown_signal() -> io::Result<impl Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => log::info!("SIGTERM received, shutting down"),
+            _ = int.recv() => log::info!("SIGINT received, shutting down"),
+        }
+    })
+}
+
+/// Accepts connections on `listener` and runs `handle` for each on its own task until
+/// `shutdown` resolves. Then it stops accepting, tells the connections through the
+/// `closing` receiver (which flips to `true`), and waits up to `drain_timeout` for them to
+/// finish before dropping the rest.
+async fn accept_loop<H, F>(
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    drain_timeout: Duration,
+    mut handle: H,
+) where
+    H: FnMut(TcpStream, SocketAddr, watch::Receiver<bool>) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let local = listener
+        .local_addr()
+        .map_or_else(|_| "?".to_owned(), |addr| addr.to_string());
+    let (closing_tx, closing_rx) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            Some(joined) = connections.join_next() => report_panic(joined),
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    // Latency matters more than packet count for echo traffic.
+                    if let Err(err) = stream.set_nodelay(true) {
+                        log::debug!("{peer}: cannot set TCP_NODELAY: {err}");
+                    }
+                    connections.spawn(handle(stream, peer, closing_rx.clone()));
+                }
+                Err(err) => {
+                    // Usually out of file descriptors; back off instead of spinning.
+                    log::warn!("accept on {local} failed: {err}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+
+    drop(listener);
+    closing_tx.send_replace(true);
+    let open = connections.len();
+    if open > 0 {
+        log::info!("waiting up to {drain_timeout:?} for {open} open connection(s)");
+    }
+    let drained = tokio::time::timeout(drain_timeout, async {
+        while let Some(joined) = connections.join_next().await {
+            report_panic(joined);
+        }
+    })
+    .await;
+    if drained.is_err() {
+        log::warn!(
+            "closing {} connection(s) still open after {drain_timeout:?}",
+            connections.len()
+        );
+    }
+}
+
+fn report_panic(joined: Result<(), tokio::task::JoinError>) {
+    if let Err(err) = joined
+        && err.is_panic()
+    {
+        log::error!("connection task panicked: {err}");
+    }
+}

@@ -1,0 +1,187 @@
+//! `cargo xtask cluster …`: the command line of the local cluster (`weft-cluster`).
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Subcommand};
+use weft_cluster::{Cluster, PodSpec};
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a cluster of N nodes.
+    Up {
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+    },
+    /// Remove everything of a cluster (also after a crashed `up`).
+    Down {
+        #[arg(long)]
+        name: String,
+    },
+    /// Print a cluster's topology as JSON (schema in README.md).
+    Status {
+        #[arg(long)]
+        name: String,
+    },
+    /// Add or remove pods.
+    Pod {
+        #[command(subcommand)]
+        command: PodCommand,
+    },
+    /// Run a command inside a pod, or on a node, in the foreground.
+    Exec {
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        target: ExecTarget,
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct ExecTarget {
+    /// The pod to run in.
+    #[arg(long)]
+    pod: Option<String>,
+    /// The node to run on (its namespace and system cgroup, where the agent lives).
+    #[arg(long)]
+    node: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PodCommand {
+    /// Add a pod and start its command (after `--`) in the background. Workspace
+    /// binaries such as `weft-echo` are on the command's PATH.
+    Add {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        pod: String,
+        #[arg(long)]
+        node: String,
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        #[arg(long, default_value = "default")]
+        service_account: String,
+        /// A label as key=value; repeat for more.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Stop a pod and remove it.
+    Del {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        pod: String,
+        #[arg(long, default_value = "default")]
+        namespace: String,
+    },
+}
+
+pub fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Up { name, nodes } => {
+            let cluster = Cluster::up(&name, nodes)?;
+            eprintln!(
+                "cluster {name} is up with {nodes} node(s); `cargo xtask cluster status --name {name}` shows it"
+            );
+            print_topology(&cluster)
+        }
+        Command::Down { name } => {
+            weft_cluster::down(&name)?;
+            eprintln!("cluster {name} is gone");
+            Ok(())
+        }
+        Command::Status { name } => print_topology(&Cluster::open(&name)?),
+        Command::Pod {
+            command:
+                PodCommand::Add {
+                    name,
+                    pod,
+                    node,
+                    namespace,
+                    service_account,
+                    labels,
+                    command,
+                },
+        } => {
+            let mut cluster = Cluster::open(&name)?;
+            let spec = PodSpec {
+                name: pod,
+                namespace,
+                node,
+                service_account,
+                labels: labels.into_iter().collect::<BTreeMap<_, _>>(),
+                command,
+                env: vec![("PATH".to_owned(), path_with_workspace_binaries()?)],
+            };
+            let pod = cluster.add_pod(spec)?;
+            println!("{}", serde_json::to_string_pretty(&pod)?);
+            Ok(())
+        }
+        Command::Pod {
+            command:
+                PodCommand::Del {
+                    name,
+                    pod,
+                    namespace,
+                },
+        } => Cluster::open(&name)?
+            .del_pod(&namespace, &pod)
+            .map_err(Into::into),
+        Command::Exec {
+            name,
+            target,
+            namespace,
+            command,
+        } => {
+            let cluster = Cluster::open(&name)?;
+            let mut child = match (target.pod, target.node) {
+                (Some(pod), _) => cluster.pod_command(&namespace, &pod, &command)?,
+                (None, Some(node)) => cluster.node_command(&node, &command)?,
+                (None, None) => unreachable!("clap requires --pod or --node"),
+            };
+            child.env("PATH", path_with_workspace_binaries()?);
+            let status = child.status().context("cannot start the command")?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
+    }
+}
+
+fn print_topology(cluster: &Cluster) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(cluster.topology())?);
+    Ok(())
+}
+
+fn parse_label(text: &str) -> anyhow::Result<(String, String)> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => bail!("write a label as key=value, not {text:?}"),
+    }
+}
+
+/// Where cargo put this build's binaries: the directory of the running xtask.
+pub fn workspace_binaries() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot locate the xtask binary")?;
+    Ok(exe
+        .parent()
+        .context("the xtask binary has no parent directory")?
+        .to_owned())
+}
+
+/// `PATH` with the workspace's binaries first.
+fn path_with_workspace_binaries() -> anyhow::Result<String> {
+    let mut dirs = vec![workspace_binaries()?];
+    dirs.extend(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    ));
+    Ok(std::env::join_paths(dirs)?.to_string_lossy().into_owned())
+}

@@ -1,0 +1,36 @@
+//! Running child processes from tasks, with the command line in every error.
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+/// Runs `command` with inherited stdio; a non-zero exit is an error.
+pub fn run(command: &mut Command) -> anyhow::Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("cannot start {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Runs `command` and returns its stdout; a non-zero exit is an error with its stderr.
+pub fn capture(command: &mut Command) -> anyhow::Result<String> {
+    let output = command
+        .output()
+        .with_context(|| format!("cannot start {command:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{command:?} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// `cargo` as invoked by the outer `cargo xtask`, so the same toolchain builds everything.
+pub fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}

@@ -1,0 +1,42 @@
+//! weft's project tasks, run as `cargo xtask <task>`: install prerequisites, run the
+//! tests, drive the local cluster, run the demo.
+
+mod cluster;
+mod cmd;
+mod demo;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "weft's project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install every prerequisite (Debian packages, nightly rust-src, bpf-linker, bpffs).
+    Setup,
+    /// Run every check CI runs: fmt, clippy, unit tests, privileged end-to-end tests.
+    Test(test::Args),
+    /// Bring up a local cluster with sample workloads and show what runs.
+    Demo(demo::Args),
+    /// Manage local clusters (network namespaces and cgroups on this machine).
+    Cluster {
+        #[command(subcommand)]
+        command: cluster::Command,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match Cli::parse().task {
+        Task::Setup => setup::setup(),
+        Task::Test(args) => test::run(args),
+        Task::Demo(args) => demo::run(args),
+        Task::Cluster { command } => cluster::run(command),
+    }
+}
