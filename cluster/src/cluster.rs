@@ -145,21 +145,7 @@ impl Cluster {
 
             let uplink = format!("n{index}");
             host::ip(&["netns", "add", &node.netns])?;
-            host::ip_in(
-                &fabric,
-                &[
-                    "link",
-                    "add",
-                    &uplink,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    "eth0",
-                    "netns",
-                    &node.netns,
-                ],
-            )?;
+            host::add_veth(&fabric, &uplink, &node.netns)?;
             host::ip_in(&fabric, &["link", "set", &uplink, "master", "br0", "up"])?;
             host::ip_in(&node.netns, &["link", "set", "lo", "up"])?;
             host::ip_in(
@@ -426,21 +412,7 @@ fn wire_pod(node: &NodeInfo, pod: &PodInfo) -> Result<(), ClusterError> {
     let gateway = node.pod_gateway.to_string();
     let address = format!("{}/32", pod.ip);
     host::ip(&["netns", "add", &pod.netns])?;
-    host::ip_in(
-        &node.netns,
-        &[
-            "link",
-            "add",
-            &pod.host_veth,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &pod.netns,
-        ],
-    )?;
+    host::add_veth(&node.netns, &pod.host_veth, &pod.netns)?;
     host::ip_in(
         &node.netns,
         &[
@@ -474,7 +446,7 @@ fn wire_pod(node: &NodeInfo, pod: &PodInfo) -> Result<(), ClusterError> {
 fn unwire_pod(pod: &PodInfo) -> Result<(), ClusterError> {
     host::kill_cgroup(&pod.cgroup)?;
     host::remove_cgroup_tree(&pod.cgroup)?;
-    if host::netns_with_prefix(&pod.netns)?.contains(&pod.netns) {
+    if host::netns_exists(&pod.netns) {
         // Deleting the namespace takes the veth pair, and with it the node's route.
         host::delete_netns(&pod.netns)?;
     }

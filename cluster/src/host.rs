@@ -47,6 +47,16 @@ pub(crate) fn ip_in(netns: &str, args: &[&str]) -> Result<(), ClusterError> {
     ip(&full)
 }
 
+/// Creates veth `name` in namespace `netns` with its peer, `eth0`, in `peer_netns`.
+pub(crate) fn add_veth(netns: &str, name: &str, peer_netns: &str) -> Result<(), ClusterError> {
+    ip_in(
+        netns,
+        &[
+            "link", "add", name, "type", "veth", "peer", "name", "eth0", "netns", peer_netns,
+        ],
+    )
+}
+
 /// Sets a sysctl of network namespace `netns`.
 pub(crate) fn sysctl_in(netns: &str, key: &str, value: &str) -> Result<(), ClusterError> {
     run(
@@ -64,9 +74,16 @@ pub(crate) fn sysctl_in(netns: &str, key: &str, value: &str) -> Result<(), Clust
     .map(drop)
 }
 
+/// Where `ip netns` registers named network namespaces.
+const NETNS_DIR: &str = "/run/netns";
+
+pub(crate) fn netns_exists(name: &str) -> bool {
+    Path::new(NETNS_DIR).join(name).exists()
+}
+
 /// Names of all network namespaces registered with `ip netns` that start with `prefix`.
 pub(crate) fn netns_with_prefix(prefix: &str) -> Result<Vec<String>, ClusterError> {
-    let dir = Path::new("/run/netns");
+    let dir = Path::new(NETNS_DIR);
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(err) if err.kind() == ErrorKind::NotFound => return Ok(Vec::new()),

@@ -7,9 +7,8 @@
 //! shows whether the traffic was redirected, NATed or passed through untouched.
 //!
 //! The `serve` functions take an already bound listener so that tests can bind
-//! `127.0.0.1:0` and drive them in-process; the helpers at this level ([`bind`],
-//! [`shutdown_signal`], [`default_pod_name`], [`init_logging`]) are the pieces both
-//! binaries share.
+//! `127.0.0.1:0` and drive them in-process; [`run_server`] and [`default_pod_name`] are
+//! what both binaries share.
 
 #![forbid(unsafe_code)]
 
@@ -19,7 +18,11 @@ pub mod tcp;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::process::ExitCode;
 use std::time::Duration;
+
+use anyhow::Context as _;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -69,14 +72,42 @@ pub fn default_pod_name() -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
-/// Sends `log` output to stderr, at `info` unless `RUST_LOG` says otherwise.
-pub fn init_logging() {
+/// A future that resolves when the process is asked to stop.
+pub type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The whole life of a workload binary: logging to stderr (`info` unless `RUST_LOG`
+/// says otherwise), a tokio runtime, SIGTERM/SIGINT handlers, a listener on `listen`,
+/// then `serve` until shutdown. A failure prints as `program: what went wrong` and
+/// makes the exit code non-zero.
+pub fn run_server<F, Fut>(program: &str, listen: SocketAddr, serve: F) -> ExitCode
+where
+    F: FnOnce(TcpListener, Shutdown) -> Fut,
+    Fut: Future<Output = ()>,
+{
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let result = tokio::runtime::Runtime::new()
+        .context("cannot start the tokio runtime")
+        .and_then(|runtime| {
+            runtime.block_on(async {
+                let shutdown =
+                    shutdown_signal().context("cannot install SIGTERM/SIGINT handlers")?;
+                let listener = bind(listen).await?;
+                serve(listener, Box::pin(shutdown)).await;
+                anyhow::Ok(())
+            })
+        });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("{program}: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Installs SIGTERM and SIGINT handlers now and returns a future that resolves on the
 /// first of either. Installing up front means a failure shows at startup, not at shutdown.
-pub fn shutdown_signal() -> io::Result<impl Future<Output = ()> + Send + 'static> {
+fn shutdown_signal() -> io::Result<impl Future<Output = ()> + Send + 'static> {
     use tokio::signal::unix::{SignalKind, signal};
 
     let mut term = signal(SignalKind::terminate())?;

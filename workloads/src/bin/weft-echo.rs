@@ -10,7 +10,6 @@
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use anyhow::Context as _;
 use clap::Parser;
 use weft_workloads::echo_http;
 
@@ -27,27 +26,14 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    weft_workloads::init_logging();
-    match run(Args::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("weft-echo: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-#[tokio::main]
-async fn run(args: Args) -> anyhow::Result<()> {
-    let shutdown =
-        weft_workloads::shutdown_signal().context("cannot install SIGTERM/SIGINT handlers")?;
-    let listener = weft_workloads::bind(args.listen).await?;
-    log::info!(
-        "weft-echo {} serving HTTP/1.1 and h2c on {} as {:?}",
-        env!("CARGO_PKG_VERSION"),
-        listener.local_addr().unwrap_or(args.listen),
-        args.name
-    );
-    echo_http::serve(listener, echo_http::Config::new(args.name), shutdown).await;
-    Ok(())
+    let args = Args::parse();
+    weft_workloads::run_server("weft-echo", args.listen, |listener, shutdown| async move {
+        log::info!(
+            "weft-echo {} serving HTTP/1.1 and h2c on {} as {:?}",
+            env!("CARGO_PKG_VERSION"),
+            listener.local_addr().unwrap_or(args.listen),
+            args.name
+        );
+        echo_http::serve(listener, echo_http::Config::new(args.name), shutdown).await;
+    })
 }

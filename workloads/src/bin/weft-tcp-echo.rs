@@ -9,7 +9,6 @@
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use anyhow::Context as _;
 use clap::Parser;
 use weft_workloads::tcp;
 
@@ -29,28 +28,19 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    weft_workloads::init_logging();
-    match run(Args::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("weft-tcp-echo: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-#[tokio::main]
-async fn run(args: Args) -> anyhow::Result<()> {
-    let shutdown =
-        weft_workloads::shutdown_signal().context("cannot install SIGTERM/SIGINT handlers")?;
-    let listener = weft_workloads::bind(args.listen).await?;
-    log::info!(
-        "weft-tcp-echo {} serving TCP in {} mode on {} as {:?}",
-        env!("CARGO_PKG_VERSION"),
-        args.mode,
-        listener.local_addr().unwrap_or(args.listen),
-        args.name
-    );
-    tcp::serve(listener, tcp::Config::new(args.mode, args.name), shutdown).await;
-    Ok(())
+    let args = Args::parse();
+    weft_workloads::run_server(
+        "weft-tcp-echo",
+        args.listen,
+        |listener, shutdown| async move {
+            log::info!(
+                "weft-tcp-echo {} serving TCP in {} mode on {} as {:?}",
+                env!("CARGO_PKG_VERSION"),
+                args.mode,
+                listener.local_addr().unwrap_or(args.listen),
+                args.name
+            );
+            tcp::serve(listener, tcp::Config::new(args.mode, args.name), shutdown).await;
+        },
+    )
 }
