@@ -1,7 +1,11 @@
 //! The weft node agent.
 //!
-//! One agent runs per node. It loads weft's kernel programs and attaches them where the
-//! node's pods live ([`loader`]); the proxy, identity, configuration and telemetry parts
-//! grow beside it (see ARCHITECTURE.md).
+//! One agent runs per node. It loads weft's kernel programs and keeps their maps in
+//! step with the mesh ([`datapath`]), enrolls the pods the CNI plugin reports ([`cni`],
+//! [`node`]) and reads the mesh configuration ([`mesh`]). The proxy, identity and
+//! telemetry parts grow beside them (see ARCHITECTURE.md).
 
-pub mod loader;
+pub mod cni;
+pub mod datapath;
+pub mod mesh;
+pub mod node;

@@ -12,13 +12,16 @@ use std::{
     fs::{self, File, OpenOptions},
     net::{Ipv4Addr, SocketAddrV4},
     os::unix::process::CommandExt,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
-use crate::{ClusterError, Layout, NodeInfo, PodInfo, Topology, host, layout::validate_dns_label};
+use crate::{
+    ClusterError, Layout, NodeInfo, NodeProcess, PodInfo, Topology, cni, host,
+    layout::validate_dns_label,
+};
 
 /// Upper bound on nodes: each owns a /24 of 10.244.0.0/16 and a fabric address.
 pub const MAX_NODES: usize = 64;
@@ -98,6 +101,7 @@ impl Cluster {
             cgroup: layout.cgroup(),
             bpffs: layout.bpffs(),
             state_dir: layout.state_dir(),
+            cni_bin_dir: None,
             nodes: (0..nodes)
                 .map(|index| {
                     let node = format!("node{index}");
@@ -110,6 +114,10 @@ impl Cluster {
                         pods_cgroup: layout.pods_cgroup(&node),
                         system_cgroup: layout.system_cgroup(&node),
                         bpffs: layout.node_bpffs(&node),
+                        agent_socket: layout.node_state(&node).join("cni.sock"),
+                        agent_state_dir: layout.node_state(&node).join("agent"),
+                        flow_log: layout.node_state(&node).join("flows.jsonl"),
+                        agent: None,
                         name: node,
                     }
                 })
@@ -142,6 +150,7 @@ impl Cluster {
             host::create_dir(&node.pods_cgroup)?;
             host::create_dir(&node.system_cgroup)?;
             host::create_dir(&node.bpffs)?;
+            host::create_dir(&node.agent_state_dir)?;
 
             let uplink = format!("n{index}");
             host::ip(&["netns", "add", &node.netns])?;
@@ -248,34 +257,29 @@ impl Cluster {
             pid: None,
         };
         let node = node.clone();
-        let started = wire_pod(&node, &pod).and_then(|()| {
-            if pod.command.is_empty() {
-                return Ok(None);
-            }
-            let log = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&pod.log)
-                .map_err(ClusterError::io(&pod.log))?;
-            let log_err = log.try_clone().map_err(ClusterError::io(&pod.log))?;
-            let mut command = pod_command(&pod, &pod.command);
-            command
-                .envs(spec.env)
-                .stdin(Stdio::null())
-                .stdout(log)
-                .stderr(log_err)
-                // Its own process group, so a Ctrl-C meant for the caller spares it.
-                .process_group(0);
-            let child = command.spawn().map_err(|source| ClusterError::Spawn {
-                command: pod.command.join(" "),
-                source,
-            })?;
-            Ok(Some(child.id()))
-        });
+        let cni_bin_dir = self.topology.cni_bin_dir.clone();
+        let started = wire_pod(&node, &pod)
+            .and_then(|()| match &cni_bin_dir {
+                Some(dir) => cni::invoke(dir, "ADD", &node, &pod),
+                None => Ok(()),
+            })
+            .and_then(|()| {
+                if pod.command.is_empty() {
+                    return Ok(None);
+                }
+                let mut command = pod_command(&pod, &pod.command);
+                command.envs(spec.env);
+                spawn_logged(command, &pod.command, &pod.log).map(Some)
+            });
         match started {
             Ok(pid) => pod.pid = pid,
             Err(err) => {
-                if let Err(cleanup) = unwire_pod(&pod) {
+                let cleanup = match &cni_bin_dir {
+                    Some(dir) => cni::invoke(dir, "DEL", &node, &pod),
+                    None => Ok(()),
+                }
+                .and_then(|()| unwire_pod(&pod));
+                if let Err(cleanup) = cleanup {
                     log::warn!("removing the half-made pod {pod_key} failed: {cleanup}");
                 }
                 return Err(err);
@@ -291,6 +295,14 @@ impl Cluster {
         let _lock = self.lock()?;
         self.refresh()?;
         let pod = self.pod(namespace, name)?.clone();
+        if let Some(dir) = &self.topology.cni_bin_dir {
+            let node = self.node(&pod.node)?;
+            // A runtime retries a failed DEL; the cluster tears the pod down anyway, and
+            // the agent forgets pods whose namespace is gone.
+            if let Err(err) = cni::invoke(dir, "DEL", node, &pod) {
+                log::warn!("{err}");
+            }
+        }
         unwire_pod(&pod)?;
         self.topology
             .pods
@@ -323,7 +335,7 @@ impl Cluster {
                 cluster: self.topology.name.clone(),
                 node: node.to_owned(),
             })?;
-        let mut command = enter(&info.system_cgroup, &info.netns, argv);
+        let mut command = enter(Enter::Node, &info.system_cgroup, &info.netns, argv);
         command.env("NODE_NAME", &info.name);
         Ok(command)
     }
@@ -362,6 +374,110 @@ impl Cluster {
             }
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// From now on, enroll pods through `weft-cni` in `bin_dir` (`None`: stop).
+    pub fn set_cni(&mut self, bin_dir: Option<PathBuf>) -> Result<(), ClusterError> {
+        let _lock = self.lock()?;
+        self.refresh()?;
+        self.topology.cni_bin_dir = bin_dir;
+        self.save()
+    }
+
+    /// Starts `weft-agent` (the binary at `agent_bin`) on `node` with the mesh
+    /// configuration file `mesh_config`, and waits until it serves its CNI socket.
+    pub fn start_agent(
+        &mut self,
+        node: &str,
+        agent_bin: &Path,
+        mesh_config: &Path,
+    ) -> Result<NodeProcess, ClusterError> {
+        const READY: Duration = Duration::from_secs(15);
+        let _lock = self.lock()?;
+        self.refresh()?;
+        let info = self.node(node)?.clone();
+        let argv: Vec<String> = [
+            agent_bin.as_os_str(),
+            "run".as_ref(),
+            "--node".as_ref(),
+            info.name.as_ref(),
+            "--bpffs".as_ref(),
+            info.bpffs.as_os_str(),
+            "--pod-cgroup".as_ref(),
+            info.pods_cgroup.as_os_str(),
+            "--capture-address".as_ref(),
+            info.pod_gateway.to_string().as_ref(),
+            "--cni-socket".as_ref(),
+            info.agent_socket.as_os_str(),
+            "--state-dir".as_ref(),
+            info.agent_state_dir.as_os_str(),
+            "--mesh-config".as_ref(),
+            mesh_config.as_os_str(),
+            "--flow-log".as_ref(),
+            info.flow_log.as_os_str(),
+            // Kernel programs' own log records, at debug level, into the agent's log.
+            "--log".as_ref(),
+            "info,weft_ebpf=debug".as_ref(),
+        ]
+        .iter()
+        .map(|arg| arg.to_string_lossy().into_owned())
+        .collect();
+        // Readiness is the socket appearing, so a stale one must not count.
+        host::remove_file(&info.agent_socket)?;
+        let log = self.layout.node_log(node, "agent");
+        let pid = spawn_logged(self.node_command(node, &argv)?, &argv, &log)?;
+        let process = NodeProcess {
+            command: argv,
+            pid,
+            log,
+        };
+        let deadline = Instant::now() + READY;
+        while !info.agent_socket.exists() {
+            if !host::process_running(pid) || Instant::now() > deadline {
+                return Err(ClusterError::AgentNotReady {
+                    node: node.to_owned(),
+                    socket: info.agent_socket.clone(),
+                    timeout: READY,
+                    log: process.log,
+                });
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        self.node_mut(node)?.agent = Some(process.clone());
+        self.save()?;
+        Ok(process)
+    }
+
+    /// Stops `node`'s agent (SIGTERM, then SIGKILL after 5 s). Capture and enforcement
+    /// stay attached: that is what the agent's pins are for.
+    pub fn stop_agent(&mut self, node: &str) -> Result<(), ClusterError> {
+        let _lock = self.lock()?;
+        self.refresh()?;
+        if let Some(agent) = self.node_mut(node)?.agent.take() {
+            host::stop_process(agent.pid, Duration::from_secs(5))?;
+        }
+        self.save()
+    }
+
+    fn node(&self, name: &str) -> Result<&NodeInfo, ClusterError> {
+        self.topology
+            .node(name)
+            .ok_or_else(|| ClusterError::NoSuchNode {
+                cluster: self.topology.name.clone(),
+                node: name.to_owned(),
+            })
+    }
+
+    fn node_mut(&mut self, name: &str) -> Result<&mut NodeInfo, ClusterError> {
+        let cluster = self.topology.name.clone();
+        self.topology
+            .nodes
+            .iter_mut()
+            .find(|node| node.name == name)
+            .ok_or_else(|| ClusterError::NoSuchNode {
+                cluster,
+                node: name.to_owned(),
+            })
     }
 
     fn pod(&self, namespace: &str, name: &str) -> Result<&PodInfo, ClusterError> {
@@ -454,7 +570,7 @@ fn unwire_pod(pod: &PodInfo) -> Result<(), ClusterError> {
 }
 
 fn pod_command<S: AsRef<OsStr>>(pod: &PodInfo, argv: &[S]) -> Command {
-    let mut command = enter(&pod.cgroup, &pod.netns, argv);
+    let mut command = enter(Enter::Pod, &pod.cgroup, &pod.netns, argv);
     command
         .env("POD_NAME", &pod.name)
         .env("POD_NAMESPACE", &pod.namespace)
@@ -463,14 +579,52 @@ fn pod_command<S: AsRef<OsStr>>(pod: &PodInfo, argv: &[S]) -> Command {
     command
 }
 
+/// Starts `command` in the background, its stdout and stderr appended to `log`, in its
+/// own process group so that a Ctrl-C meant for the caller spares it.
+fn spawn_logged(mut command: Command, argv: &[String], log: &Path) -> Result<u32, ClusterError> {
+    let out = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(ClusterError::io(log))?;
+    let err = out.try_clone().map_err(ClusterError::io(log))?;
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+        .map_err(|source| ClusterError::Spawn {
+            command: argv.join(" "),
+            source,
+        })?;
+    Ok(child.id())
+}
+
+/// How a command enters a namespace.
+#[derive(Clone, Copy)]
+enum Enter {
+    /// `ip netns exec`: the network namespace plus a private /sys showing it, as a
+    /// container sees.
+    Pod,
+    /// `nsenter --net`: only the network namespace; the host's mounts (bpffs, cgroup)
+    /// stay visible, as a node agent with host mounts sees them.
+    Node,
+}
+
 /// A command that joins `cgroup` (before it execs anything, so no child escapes it)
 /// and then runs `argv` in network namespace `netns`.
-fn enter<S: AsRef<OsStr>>(cgroup: &Path, netns: &str, argv: &[S]) -> Command {
-    const SCRIPT: &str =
+fn enter<S: AsRef<OsStr>>(how: Enter, cgroup: &Path, netns: &str, argv: &[S]) -> Command {
+    const POD: &str =
         r#"echo $$ > "$1/cgroup.procs" && netns=$2 && shift 2 && exec ip netns exec "$netns" "$@""#;
+    const NODE: &str = r#"echo $$ > "$1/cgroup.procs" && netns=$2 && shift 2 && exec nsenter --net="/run/netns/$netns" -- "$@""#;
+    let script = match how {
+        Enter::Pod => POD,
+        Enter::Node => NODE,
+    };
     let mut command = Command::new("sh");
     command
-        .args(["-c", SCRIPT, "weft-enter"])
+        .args(["-c", script, "weft-enter"])
         .arg(cgroup)
         .arg(netns)
         .args(argv);

@@ -69,6 +69,21 @@ pub enum ClusterError {
         timeout: std::time::Duration,
         log: PathBuf,
     },
+    #[error("{what} failed (CNI error {code}): {message}")]
+    Cni {
+        what: String,
+        code: u64,
+        message: String,
+    },
+    #[error(
+        "the agent on node {node} exited or did not open {socket} within {timeout:?}; its log is in {log}"
+    )]
+    AgentNotReady {
+        node: String,
+        socket: PathBuf,
+        timeout: std::time::Duration,
+        log: PathBuf,
+    },
     #[error("processes in cgroup {0} did not exit within 5s")]
     Stuck(PathBuf),
 }

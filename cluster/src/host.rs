@@ -115,6 +115,43 @@ pub(crate) fn delete_netns(netns: &str) -> Result<(), ClusterError> {
     ip(&["netns", "delete", netns])
 }
 
+/// Whether process `pid` exists and has not exited (a zombie waiting for its parent
+/// to reap it counts as exited).
+pub fn process_running(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        let state = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next());
+        state.is_some_and(|state| state != 'Z')
+    })
+}
+
+/// Sends SIGTERM to `pid`, then SIGKILL if it still runs after `grace`.
+pub(crate) fn stop_process(pid: u32, grace: Duration) -> Result<(), ClusterError> {
+    let pid_text = pid.to_string();
+    if !process_running(pid) {
+        return Ok(());
+    }
+    let _ = run("kill", &["-TERM", &pid_text]);
+    let deadline = Instant::now() + grace;
+    while process_running(pid) {
+        if Instant::now() > deadline {
+            let _ = run("kill", &["-KILL", &pid_text]);
+            break;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Removes a file, treating "already gone" as success.
+pub(crate) fn remove_file(path: &Path) -> Result<(), ClusterError> {
+    match fs::remove_file(path) {
+        Err(err) if err.kind() != ErrorKind::NotFound => Err(ClusterError::io(path)(err)),
+        _ => Ok(()),
+    }
+}
+
 /// Whether this process runs with effective uid 0.
 pub fn is_root() -> bool {
     fs::read_to_string("/proc/self/status").is_ok_and(|status| {

@@ -52,6 +52,18 @@ impl Layout {
             .join(format!("{namespace}.{pod}.log"))
     }
 
+    /// Log of a process the cluster runs on a node (such as the agent).
+    pub fn node_log(&self, node: &str, label: &str) -> PathBuf {
+        self.state_dir()
+            .join("logs")
+            .join(format!("{node}.{label}.log"))
+    }
+
+    /// Files of node `node`'s agent: its CNI socket and its records.
+    pub fn node_state(&self, node: &str) -> PathBuf {
+        self.state_dir().join(node)
+    }
+
     /// Prefix of every network namespace of this cluster.
     pub fn netns_prefix(&self) -> String {
         format!("weft-{}-", self.cluster)

@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 mod cluster;
+pub mod cni;
 mod error;
 mod host;
 mod layout;
@@ -20,6 +21,6 @@ mod topology;
 
 pub use cluster::{Cluster, PodSpec, down};
 pub use error::ClusterError;
-pub use host::{bpffs_mounted, cgroup2_mount, is_root};
+pub use host::{bpffs_mounted, cgroup2_mount, is_root, process_running};
 pub use layout::Layout;
-pub use topology::{NodeInfo, PodInfo, Topology};
+pub use topology::{NodeInfo, NodeProcess, PodInfo, Topology};

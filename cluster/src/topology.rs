@@ -17,6 +17,9 @@ pub struct Topology {
     /// The cluster's bpffs directory; each node pins below it.
     pub bpffs: PathBuf,
     pub state_dir: PathBuf,
+    /// When set, pods are enrolled through `weft-cni` from this directory, as a
+    /// container runtime runs a chained CNI plugin.
+    pub cni_bin_dir: Option<PathBuf>,
     pub nodes: Vec<NodeInfo>,
     pub pods: Vec<PodInfo>,
 }
@@ -38,6 +41,22 @@ pub struct NodeInfo {
     pub system_cgroup: PathBuf,
     /// The node's bpffs pin directory.
     pub bpffs: PathBuf,
+    /// The node agent's CNI socket.
+    pub agent_socket: PathBuf,
+    /// The node agent's state directory.
+    pub agent_state_dir: PathBuf,
+    /// Where the node agent writes flow events (JSON lines).
+    pub flow_log: PathBuf,
+    /// The node's agent, while one runs.
+    pub agent: Option<NodeProcess>,
+}
+
+/// A process the cluster runs on a node, outside its pods.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeProcess {
+    pub command: Vec<String>,
+    pub pid: u32,
+    pub log: PathBuf,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -40,6 +40,52 @@ impl TestCluster {
         let name = unique_name('t');
         Self(Cluster::up(&name, nodes).unwrap_or_else(|err| panic!("cluster {name}: {err}")))
     }
+
+    /// A cluster whose nodes each run `weft-agent` with `mesh` (YAML) as the mesh
+    /// configuration, and whose pods are enrolled through `weft-cni`.
+    pub fn with_mesh(nodes: usize, mesh: &str) -> Self {
+        let mut cluster = Self::up(nodes);
+        cluster.write_mesh(mesh);
+        let bin_dir = workspace_bin("weft-cni").parent().unwrap().to_owned();
+        cluster
+            .set_cni(Some(bin_dir))
+            .unwrap_or_else(|err| panic!("{err}"));
+        let nodes: Vec<String> = cluster
+            .topology()
+            .nodes
+            .iter()
+            .map(|node| node.name.clone())
+            .collect();
+        for node in nodes {
+            cluster.start_agent_on(&node);
+        }
+        cluster
+    }
+
+    pub fn start_agent_on(&mut self, node: &str) {
+        let config = self.mesh_config();
+        self.start_agent(node, &workspace_bin("weft-agent"), &config)
+            .unwrap_or_else(|err| panic!("{err}"));
+    }
+
+    /// The mesh configuration file the agents read (and reload when it changes).
+    pub fn mesh_config(&self) -> PathBuf {
+        self.topology().state_dir.join("mesh.yaml")
+    }
+
+    pub fn write_mesh(&self, mesh: &str) {
+        std::fs::write(self.mesh_config(), mesh).expect("the state directory is writable");
+    }
+
+    /// The node's kernel counters, by name.
+    pub fn counters(&self, node: &str) -> std::collections::BTreeMap<&'static str, u64> {
+        let info = self.topology().node(node).expect("the node exists");
+        weft_agent::datapath::pinned::counters(&weft_agent::datapath::Pins::new(&info.bpffs))
+            .unwrap_or_else(|err| panic!("{err}"))
+            .into_iter()
+            .map(|(counter, value)| (counter.name(), value))
+            .collect()
+    }
 }
 
 impl Deref for TestCluster {
@@ -89,6 +135,18 @@ pub fn run_in_pod<S: AsRef<OsStr>>(cluster: &Cluster, pod: &str, argv: &[S]) -> 
         String::from_utf8_lossy(&output.stderr)
     );
     output
+}
+
+/// Polls `done` every 20 ms until it holds or `timeout` passes; panics naming `what`.
+pub fn wait_until(what: &str, timeout: std::time::Duration, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// Path of workspace binary `name` in the target directory of this test build

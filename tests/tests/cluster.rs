@@ -150,7 +150,10 @@ fn pods_come_and_go_while_the_cluster_runs() {
         .unwrap_or_else(|err| panic!("{err}"));
     assert!(cluster.topology().pod("default", "web").is_none());
     assert!(!web.cgroup.exists(), "the pod's cgroup is left");
-    assert!(!process_alive(pid), "the pod's process {pid} still runs");
+    assert!(
+        !weft_cluster::process_running(pid),
+        "the pod's process {pid} still runs"
+    );
     let refused = cluster
         .pod_command(
             "default",
@@ -185,17 +188,6 @@ fn pods_come_and_go_while_the_cluster_runs() {
         cluster.add_pod(PodSpec::new("x", "node9", &[])).is_err(),
         "a pod on a missing node was accepted"
     );
-}
-
-/// True unless the process is gone or a zombie (its pod's cgroup was killed, and only
-/// this test process, its parent, could still reap it).
-fn process_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| {
-            let state = stat.rsplit_once(") ").map(|(_, rest)| &rest[..1]);
-            state != Some("Z")
-        })
-        .unwrap_or(false)
 }
 
 #[test]

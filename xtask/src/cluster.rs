@@ -1,10 +1,15 @@
 //! `cargo xtask cluster …`: the command line of the local cluster (`weft-cluster`).
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
 use weft_cluster::{Cluster, PodSpec};
+
+use crate::cmd;
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -14,6 +19,15 @@ pub enum Command {
         name: String,
         #[arg(long, default_value_t = 2)]
         nodes: usize,
+        /// Run weft-agent on every node with this mesh configuration (reloaded when it
+        /// changes), and enroll pods through weft-cni.
+        #[arg(long)]
+        mesh: Option<PathBuf>,
+    },
+    /// Start or stop a node's agent.
+    Agent {
+        #[command(subcommand)]
+        command: AgentCommand,
     },
     /// Remove everything of a cluster (also after a crashed `up`).
     Down {
@@ -55,6 +69,27 @@ pub struct ExecTarget {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// Start weft-agent on a node (pods are enrolled through weft-cni from then on).
+    Start {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        node: String,
+        /// The mesh configuration file.
+        #[arg(long)]
+        mesh: PathBuf,
+    },
+    /// Stop a node's agent; capture and enforcement stay attached.
+    Stop {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        node: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum PodCommand {
     /// Add a pod and start its command (after `--`) in the background. Workspace
     /// binaries such as `weft-echo` are on the command's PATH.
@@ -88,13 +123,30 @@ pub enum PodCommand {
 
 pub fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Up { name, nodes } => {
-            let cluster = Cluster::up(&name, nodes)?;
+        Command::Up { name, nodes, mesh } => {
+            let mut cluster = Cluster::up(&name, nodes)?;
+            if let Some(mesh) = mesh {
+                let names: Vec<String> = cluster
+                    .topology()
+                    .nodes
+                    .iter()
+                    .map(|node| node.name.clone())
+                    .collect();
+                for node in names {
+                    start_agent(&mut cluster, &node, &mesh)?;
+                }
+            }
             eprintln!(
                 "cluster {name} is up with {nodes} node(s); `cargo xtask cluster status --name {name}` shows it"
             );
             print_topology(&cluster)
         }
+        Command::Agent {
+            command: AgentCommand::Start { name, node, mesh },
+        } => start_agent(&mut Cluster::open(&name)?, &node, &mesh),
+        Command::Agent {
+            command: AgentCommand::Stop { name, node },
+        } => Cluster::open(&name)?.stop_agent(&node).map_err(Into::into),
         Command::Down { name } => {
             weft_cluster::down(&name)?;
             eprintln!("cluster {name} is gone");
@@ -154,6 +206,32 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             std::process::exit(status.code().unwrap_or(1));
         }
     }
+}
+
+/// Builds the agent and the CNI plugin, turns on enrollment through the plugin and
+/// starts the agent on `node`.
+fn start_agent(cluster: &mut Cluster, node: &str, mesh: &Path) -> anyhow::Result<()> {
+    cmd::run(cmd::cargo().args([
+        "build",
+        "--quiet",
+        "--package",
+        "weft-agent",
+        "--package",
+        "weft-cni",
+        "--bins",
+    ]))?;
+    let mesh = mesh
+        .canonicalize()
+        .with_context(|| format!("cannot find the mesh configuration {}", mesh.display()))?;
+    let bin_dir = workspace_binaries()?;
+    cluster.set_cni(Some(bin_dir.clone()))?;
+    let agent = cluster.start_agent(node, &bin_dir.join("weft-agent"), &mesh)?;
+    eprintln!(
+        "weft-agent runs on {node} (pid {}, log {})",
+        agent.pid,
+        agent.log.display()
+    );
+    Ok(())
 }
 
 fn print_topology(cluster: &Cluster) -> anyhow::Result<()> {

@@ -26,6 +26,8 @@ const PACKAGES: &[&str] = &[
     "wrk",
     "nghttp2-client",
     "socat",
+    // a client that sets SO_MARK before connecting, as the agent does
+    "python3",
 ];
 
 /// bpf-linker release the build is verified with.

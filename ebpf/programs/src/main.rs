@@ -1,49 +1,46 @@
 //! weft's kernel programs, built for `bpfel-unknown-none` and embedded in the agent.
 //!
-//! Each program is a thin `#[prog] fn x(ctx)` that delegates to `try_x(ctx)`, so the
-//! logic reads as ordinary fallible Rust and the return-code mapping lives in one place.
+//! Each program is a thin `#[prog] fn x(ctx)` that delegates to a function in
+//! [`capture`] or [`inbound`], so the logic reads as ordinary Rust; the maps they share
+//! live in [`maps`]. Layouts are in `weft-common` and ARCHITECTURE.md.
 #![no_std]
 #![no_main]
 
+mod capture;
+mod inbound;
+mod maps;
+
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, map},
-    maps::PerCpuArray,
-    programs::SockAddrContext,
+    macros::{cgroup_sock_addr, classifier, sock_ops},
+    programs::{SockAddrContext, SockOpsContext, TcContext},
 };
-use aya_log_ebpf::debug;
-use weft_common::Counter;
 
-/// `cgroup/sock_addr` verdict letting the syscall proceed.
-const ALLOW: i32 = 1;
-
-// The static's name is the map name user space looks up (`weft_common::names`).
-#[map]
-static WEFT_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::SLOTS, 0);
-
-fn count(counter: Counter) {
-    if let Some(slot) = WEFT_COUNTERS.get_ptr_mut(counter as u32) {
-        // SAFETY: the slot belongs to this CPU and programs do not migrate mid-run.
-        unsafe { *slot += 1 };
-    }
-}
-
-/// Sees every IPv4 `connect()` made by a process in the attached cgroup subtree.
+/// Sends a meshed pod's IPv4 TCP connect() to a mesh destination to the agent.
 #[cgroup_sock_addr(connect4)]
 pub fn weft_connect4(ctx: SockAddrContext) -> i32 {
-    match try_weft_connect4(&ctx) {
-        Ok(verdict) | Err(verdict) => verdict,
-    }
+    capture::connect4(&ctx)
 }
 
-fn try_weft_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
-    count(Counter::Connect4Seen);
-    // SAFETY: the kernel hands the program a valid `bpf_sock_addr` for its whole run.
-    let addr = unsafe { &*ctx.sock_addr };
-    // user_ip4 and user_port are in network byte order.
-    let ip = u32::from_be(addr.user_ip4);
-    let port = u16::from_be(addr.user_port as u16);
-    debug!(ctx, "connect4 to {:i}:{}", ip, port);
-    Ok(ALLOW)
+/// Same for IPv6 sockets, including IPv4-mapped destinations.
+#[cgroup_sock_addr(connect6)]
+pub fn weft_connect6(ctx: SockAddrContext) -> i32 {
+    capture::connect6(&ctx)
+}
+
+/// Re-keys a redirected connection's original destination by its client address once
+/// it is established, which is what the agent sees after accept().
+#[sock_ops]
+pub fn weft_sock_ops(ctx: SockOpsContext) -> u32 {
+    capture::sock_ops(&ctx);
+    // The return value of sock_ops only matters for the ops that ask for a reply.
+    1
+}
+
+/// On a meshed pod's host-side veth (egress, towards the pod): keeps plaintext out of
+/// STRICT pods.
+#[classifier]
+pub fn weft_inbound(ctx: TcContext) -> i32 {
+    inbound::classify(&ctx)
 }
 
 #[cfg(not(test))]

@@ -1,0 +1,91 @@
+//! The Unix socket the CNI plugin talks to (protocol: `weft_api::enroll`): one
+//! request line in, one reply line out, per connection.
+
+use std::{
+    io,
+    os::unix::fs::PermissionsExt,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+};
+use weft_api::enroll::{Reply, Request};
+
+use crate::node::Node;
+
+/// Longest request accepted; a pod description is a few hundred bytes.
+const MAX_REQUEST: u64 = 64 * 1024;
+/// How long a client may take to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Binds the socket at `path`, replacing a stale one, readable by root only.
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
+        _ => {}
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves enrollment requests until the task is dropped.
+pub async fn serve(listener: UnixListener, node: Arc<Mutex<Node>>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let node = Arc::clone(&node);
+                tokio::spawn(async move {
+                    if let Err(err) = answer(stream, &node).await {
+                        log::warn!("enrollment connection failed: {err}");
+                    }
+                });
+            }
+            Err(err) => {
+                log::warn!("accepting on the CNI socket failed: {err}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn answer(stream: UnixStream, node: &Mutex<Node>) -> io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(read.take(MAX_REQUEST));
+    let reply = match tokio::time::timeout(READ_TIMEOUT, reader.read_line(&mut line)).await {
+        Err(_) => refuse(format!("no request within {READ_TIMEOUT:?}")),
+        Ok(Err(err)) => refuse(format!("unreadable request: {err}")),
+        Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
+            Ok(request) => {
+                log::debug!("enrollment request: {request:?}");
+                let reply = node.lock().expect("node lock").handle(request);
+                if let Reply::Error { message, .. } = &reply {
+                    log::warn!("enrollment refused: {message}");
+                }
+                reply
+            }
+            Err(err) => refuse(format!(
+                "malformed enrollment request (is the CNI plugin the same weft version?): {err}"
+            )),
+        },
+    };
+    let mut json = serde_json::to_vec(&reply).expect("replies serialise");
+    json.push(b'\n');
+    write.write_all(&json).await?;
+    write.shutdown().await
+}
+
+fn refuse(message: String) -> Reply {
+    Reply::Error {
+        message,
+        retry: false,
+    }
+}

@@ -1,0 +1,518 @@
+//! The kernel side of the agent: loads weft's programs, pins them and their maps under
+//! the node's bpffs directory, attaches them, and keeps their maps in step with the
+//! mesh.
+//!
+//! Pins (under `--bpffs`): `maps/WEFT_*` for every map but the log buffer, and
+//! `links/` for every attachment — `connect4`, `connect6`, `sock_ops` on the pods'
+//! cgroup, `inbound-<ifindex>` on each meshed pod's host-side veth. Because links are
+//! pinned, capture and enforcement keep working while no agent runs. A starting agent
+//! loads its own programs, attaches them, then drops the old links, so there is no
+//! moment without capture; maps are reused from their pins, so state such as original
+//! destinations of connections in flight survives the restart.
+//!
+//! Unsafe code in the agent is confined to this module and [`netns`].
+
+pub mod flows;
+pub mod netns;
+
+use std::{
+    fs::{self, File},
+    io,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, SockOps, TcAttachType,
+        links::{FdLink, LinkError, PinnedLink},
+    },
+};
+use aya_log::EbpfLogger;
+use log::Log;
+use tokio::io::{Interest, unix::AsyncFd};
+use weft_common::{Config, Counter, InboundPod, MeshDestination, MeshedPod, Mode, SockAddr, names};
+
+/// The kernel object built by `build.rs`, aligned as aya requires.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weft-ebpf"));
+
+/// Why loading, attaching or updating the kernel programs failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error(
+        "the kernel refused weft's programs or maps ({0}); check that the agent runs as root (or with CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN), that the kernel has BPF and BTF, and that pins left by an incompatible agent version are removed (`weft-agent uninstall`)"
+    )]
+    Load(#[source] EbpfError),
+    #[error("program {0} is missing from the kernel object; the agent build is inconsistent")]
+    MissingProgram(&'static str),
+    #[error("map {0} is missing from the kernel object; the agent build is inconsistent")]
+    MissingMap(&'static str),
+    #[error("the verifier rejected program {program}: {source}")]
+    Verifier {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot attach {program} to {target}: {source}")]
+    Attach {
+        program: &'static str,
+        target: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot pin or unpin {path}: {source}; is bpffs mounted there?")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no interface {0} in the agent's network namespace; is the pod's veth gone?")]
+    NoInterface(String),
+    #[error("cannot start forwarding kernel log records: {0}")]
+    Log(String),
+}
+
+fn io_error(path: &Path) -> impl FnOnce(io::Error) -> DatapathError + '_ {
+    move |source| DatapathError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn map_error(map: &'static str) -> impl FnOnce(MapError) -> DatapathError {
+    move |source| DatapathError::Map { map, source }
+}
+
+/// Where capture sends connections: the agent's address as pods reach it.
+#[derive(Clone, Copy, Debug)]
+pub struct CaptureTarget {
+    pub ipv4: std::net::Ipv4Addr,
+    pub ipv6: Option<std::net::Ipv6Addr>,
+    pub outbound_port: u16,
+}
+
+/// weft's kernel programs, loaded and attached, and their maps.
+#[derive(Debug)]
+pub struct Datapath {
+    ebpf: Ebpf,
+    pins: Pins,
+    meshed_netns: HashMap<MapData, u64, MeshedPod>,
+    destinations: HashMap<MapData, SockAddr, MeshDestination>,
+    excluded_ports: HashMap<MapData, u16, u8>,
+    inbound: HashMap<MapData, u32, InboundPod>,
+}
+
+/// The layout of a node's bpffs directory.
+#[derive(Clone, Debug)]
+pub struct Pins {
+    root: PathBuf,
+}
+
+impl Pins {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn maps(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps().join(name)
+    }
+
+    pub fn links(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    fn link(&self, name: &str) -> PathBuf {
+        self.links().join(name)
+    }
+
+    fn inbound_link(&self, ifindex: u32) -> PathBuf {
+        self.link(&format!("inbound-{ifindex}"))
+    }
+
+    /// Removes every pin: with no agent running, that detaches and unloads everything
+    /// weft put in the kernel for this node.
+    pub fn remove_all(&self) -> Result<(), DatapathError> {
+        for dir in [self.links(), self.maps()] {
+            match fs::remove_dir_all(&dir) {
+                Err(err) if err.kind() != io::ErrorKind::NotFound => {
+                    return Err(DatapathError::Pin {
+                        path: dir,
+                        source: err,
+                    });
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Datapath {
+    /// Loads the programs (reusing pinned maps), attaches capture to the pods' cgroup
+    /// and writes the capture target. Links from an earlier agent are replaced only
+    /// once the new ones are attached.
+    pub fn start(
+        pins: Pins,
+        pod_cgroup: &Path,
+        target: CaptureTarget,
+    ) -> Result<Self, DatapathError> {
+        for dir in [pins.maps(), pins.links()] {
+            fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pins.maps())
+            .load(OBJECT)
+            .map_err(DatapathError::Load)?;
+
+        let cgroup = File::open(pod_cgroup).map_err(io_error(pod_cgroup))?;
+        let cgroup_target = pod_cgroup.display().to_string();
+        for name in [names::CONNECT4, names::CONNECT6] {
+            let program: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            program.load().map_err(verifier(name))?;
+            let id = program
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(attach(name, &cgroup_target))?;
+            let link = program
+                .take_link(id)
+                .map_err(attach(name, &cgroup_target))?;
+            replace_pin(
+                FdLink::try_from(link).map_err(link_error(name))?,
+                &pins.link(name),
+            )?;
+        }
+        let sock_ops: &mut SockOps = program(&mut ebpf, names::SOCK_OPS)?;
+        sock_ops.load().map_err(verifier(names::SOCK_OPS))?;
+        let id = sock_ops
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(attach(names::SOCK_OPS, &cgroup_target))?;
+        let link = sock_ops
+            .take_link(id)
+            .map_err(attach(names::SOCK_OPS, &cgroup_target))?;
+        replace_pin(
+            FdLink::try_from(link).map_err(link_error(names::SOCK_OPS))?,
+            &pins.link(names::SOCK_OPS),
+        )?;
+        let inbound: &mut SchedClassifier = program(&mut ebpf, names::INBOUND)?;
+        inbound.load().map_err(verifier(names::INBOUND))?;
+
+        let mut config: Array<_, Config> = take_map(&mut ebpf, names::CONFIG)?;
+        let agent_v6 = target
+            .ipv6
+            .map_or([0; 4], |ip| sock_addr(IpAddr::V6(ip), 0).ip);
+        let entry = Config {
+            agent_v4: sock_addr(IpAddr::V4(target.ipv4), 0).ip,
+            agent_v6,
+            outbound_port: target.outbound_port,
+            _pad: 0,
+            enabled: 1,
+        };
+        config.set(0, entry, 0).map_err(map_error(names::CONFIG))?;
+
+        Ok(Self {
+            meshed_netns: take_map(&mut ebpf, names::MESHED_NETNS)?,
+            destinations: take_map(&mut ebpf, names::MESH_DESTINATIONS)?,
+            excluded_ports: take_map(&mut ebpf, names::EXCLUDED_PORTS)?,
+            inbound: take_map(&mut ebpf, names::INBOUND_PODS)?,
+            ebpf,
+            pins,
+        })
+    }
+
+    /// Enrolls a pod: captures connections from its network namespace and enforces
+    /// `mode` on its host-side interface `host_interface`, attaching this agent's
+    /// inbound program (replacing an earlier agent's). Returns the interface's index.
+    pub fn enroll(
+        &mut self,
+        netns_cookie: u64,
+        host_interface: &str,
+        mode: Mode,
+        probe_source: Option<IpAddr>,
+    ) -> Result<u32, DatapathError> {
+        let ifindex = netns::ifindex(host_interface)?;
+        self.set_inbound(ifindex, mode, probe_source)?;
+        let program: &mut SchedClassifier = program(&mut self.ebpf, names::INBOUND)?;
+        let id = program
+            .attach(host_interface, TcAttachType::Egress)
+            .map_err(attach(names::INBOUND, host_interface))?;
+        let link = program
+            .take_link(id)
+            .map_err(attach(names::INBOUND, host_interface))?;
+        replace_pin(
+            FdLink::try_from(link).map_err(link_error(names::INBOUND))?,
+            &self.pins.inbound_link(ifindex),
+        )?;
+        self.meshed_netns
+            .insert(netns_cookie, MeshedPod { ifindex, _pad: 0 }, 0)
+            .map_err(map_error(names::MESHED_NETNS))?;
+        Ok(ifindex)
+    }
+
+    /// Sets the inbound policy of the enrolled pod behind interface `ifindex`.
+    pub fn set_inbound(
+        &mut self,
+        ifindex: u32,
+        mode: Mode,
+        probe_source: Option<IpAddr>,
+    ) -> Result<(), DatapathError> {
+        let inbound = InboundPod {
+            mode: mode as u8,
+            _pad: [0; 3],
+            probe_source: probe_source.map_or([0; 4], |ip| sock_addr(ip, 0).ip),
+        };
+        self.inbound
+            .insert(ifindex, inbound, 0)
+            .map_err(map_error(names::INBOUND_PODS))
+    }
+
+    /// Undoes [`Self::enroll`]; parts already gone (a deleted veth) are fine.
+    pub fn unenroll(&mut self, netns_cookie: u64, ifindex: u32) -> Result<(), DatapathError> {
+        remove(&mut self.meshed_netns, &netns_cookie, names::MESHED_NETNS)?;
+        remove(&mut self.inbound, &ifindex, names::INBOUND_PODS)?;
+        let pin = self.pins.inbound_link(ifindex);
+        match fs::remove_file(&pin) {
+            Err(err) if err.kind() != io::ErrorKind::NotFound => Err(DatapathError::Pin {
+                path: pin,
+                source: err,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Makes the mesh destinations exactly `wanted`.
+    pub fn set_destinations(
+        &mut self,
+        wanted: &std::collections::HashMap<SockAddr, MeshDestination>,
+    ) -> Result<(), DatapathError> {
+        let stale: Vec<SockAddr> = self
+            .destinations
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| !wanted.contains_key(key))
+            .collect();
+        for key in stale {
+            remove(&mut self.destinations, &key, names::MESH_DESTINATIONS)?;
+        }
+        for (key, value) in wanted {
+            self.destinations
+                .insert(key, value, 0)
+                .map_err(map_error(names::MESH_DESTINATIONS))?;
+        }
+        Ok(())
+    }
+
+    /// Makes the excluded destination ports exactly `wanted`.
+    pub fn set_excluded_ports(&mut self, wanted: &[u16]) -> Result<(), DatapathError> {
+        let stale: Vec<u16> = self
+            .excluded_ports
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|port| !wanted.contains(port))
+            .collect();
+        for port in stale {
+            remove(&mut self.excluded_ports, &port, names::EXCLUDED_PORTS)?;
+        }
+        for port in wanted {
+            self.excluded_ports
+                .insert(port, 1, 0)
+                .map_err(map_error(names::EXCLUDED_PORTS))?;
+        }
+        Ok(())
+    }
+
+    /// Forwards the kernel programs' aya-log records to `logger` from a task on the
+    /// current tokio runtime, for as long as the runtime lives.
+    pub fn forward_logs<L: Log + Send + 'static>(
+        &mut self,
+        logger: L,
+    ) -> Result<(), DatapathError> {
+        let records = EbpfLogger::init_with_logger(&mut self.ebpf, logger)
+            .map_err(|err| DatapathError::Log(err.to_string()))?;
+        // SAFETY: `records` owns the ring buffer's file descriptor and the AsyncFd owns
+        // `records`, so the descriptor stays open and unchanged while it is registered.
+        let mut records = unsafe { AsyncFd::register_with_interest(records, Interest::READABLE) }
+            .map_err(|err| DatapathError::Log(err.to_string()))?;
+        tokio::spawn(async move {
+            while let Ok(mut ready) = records.readable_mut().await {
+                ready.get_inner_mut().flush();
+                ready.clear_ready();
+            }
+        });
+        Ok(())
+    }
+}
+
+/// The converted form of an address for the maps (IPv4 as IPv4-mapped IPv6).
+pub fn sock_addr(ip: IpAddr, port: u16) -> SockAddr {
+    let v6 = match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    let octets = v6.octets();
+    let word =
+        |i: usize| u32::from_ne_bytes([octets[i], octets[i + 1], octets[i + 2], octets[i + 3]]);
+    SockAddr::v6([word(0), word(4), word(8), word(12)], port)
+}
+
+/// The address in a map entry, IPv4 when it is IPv4-mapped.
+pub fn socket_addr(addr: &SockAddr) -> std::net::SocketAddr {
+    let mut octets = [0u8; 16];
+    for (chunk, word) in octets.chunks_exact_mut(4).zip(addr.ip) {
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    let v6 = std::net::Ipv6Addr::from(octets);
+    let ip = v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4);
+    std::net::SocketAddr::new(ip, addr.port)
+}
+
+/// Read-only views of a running node's pinned maps, for tools and tests that run
+/// beside the agent (the admin side and the proxy use the same records).
+pub mod pinned {
+    use super::*;
+
+    /// The original destination of the connection whose client address is `client`,
+    /// as the capture programs recorded it. The record is consumed.
+    pub fn take_original_destination(
+        pins: &Pins,
+        client: std::net::SocketAddr,
+    ) -> Result<Option<std::net::SocketAddr>, DatapathError> {
+        let path = pins.map(names::ORIGINAL_DST);
+        let data = MapData::from_pin(&path).map_err(map_error(names::ORIGINAL_DST))?;
+        let mut map: HashMap<_, SockAddr, SockAddr> =
+            HashMap::try_from(aya::maps::Map::LruHashMap(data))
+                .map_err(map_error(names::ORIGINAL_DST))?;
+        let key = sock_addr(client.ip(), client.port());
+        match map.get(&key, 0) {
+            Ok(destination) => {
+                let _ = map.remove(&key);
+                Ok(Some(socket_addr(&destination)))
+            }
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(err) => Err(map_error(names::ORIGINAL_DST)(err)),
+        }
+    }
+
+    /// Every counter of the node, summed over CPUs, in [`Counter::ALL`] order.
+    pub fn counters(pins: &Pins) -> Result<Vec<(Counter, u64)>, DatapathError> {
+        let path = pins.map(names::COUNTERS);
+        let data = MapData::from_pin(&path).map_err(map_error(names::COUNTERS))?;
+        let map: PerCpuArray<_, u64> = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
+            .map_err(map_error(names::COUNTERS))?;
+        Counter::ALL
+            .iter()
+            .map(|&counter| {
+                let values = map
+                    .get(&(counter as u32), 0)
+                    .map_err(map_error(names::COUNTERS))?;
+                Ok((counter, values.iter().sum()))
+            })
+            .collect()
+    }
+}
+
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, DatapathError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program>,
+{
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::MissingProgram(name))?
+        .try_into()
+        .map_err(|_| DatapathError::MissingProgram(name))
+}
+
+fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, DatapathError>
+where
+    M: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
+    M::try_from(map).map_err(map_error(name))
+}
+
+fn remove<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    key: &K,
+    name: &'static str,
+) -> Result<(), DatapathError> {
+    match map.remove(key) {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(err) => Err(map_error(name)(err)),
+    }
+}
+
+fn verifier(program: &'static str) -> impl FnOnce(ProgramError) -> DatapathError {
+    move |source| DatapathError::Verifier { program, source }
+}
+
+fn attach<'a>(
+    program: &'static str,
+    target: &'a str,
+) -> impl FnOnce(ProgramError) -> DatapathError + 'a {
+    move |source| DatapathError::Attach {
+        program,
+        target: target.to_owned(),
+        source,
+    }
+}
+
+fn link_error(program: &'static str) -> impl FnOnce(LinkError) -> DatapathError {
+    move |err| DatapathError::Attach {
+        program,
+        target: "a pinnable link".to_owned(),
+        source: ProgramError::IOError(io::Error::other(err.to_string())),
+    }
+}
+
+/// Pins `link` at `path`, replacing (and so detaching) whatever link was pinned there.
+fn replace_pin(link: FdLink, path: &Path) -> Result<(), DatapathError> {
+    let pin_error = |source| DatapathError::Pin {
+        path: path.to_owned(),
+        source,
+    };
+    match PinnedLink::from_pin(path) {
+        Ok(old) => {
+            old.unpin().map_err(pin_error)?;
+        }
+        Err(LinkError::SyscallError(err)) if err.io_error.kind() == io::ErrorKind::NotFound => {}
+        Err(err) => return Err(pin_error(io::Error::other(err.to_string()))),
+    }
+    link.pin(path)
+        .map_err(|err| pin_error(io::Error::other(err.to_string())))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_round_trip_through_the_map_form() {
+        for text in ["10.244.1.2:8080", "[fd00::1]:443", "[::1]:1"] {
+            let addr: std::net::SocketAddr = text.parse().unwrap();
+            let entry = sock_addr(addr.ip(), addr.port());
+            assert_eq!(socket_addr(&entry), addr);
+        }
+        let v4 = sock_addr("10.244.1.2".parse().unwrap(), 80);
+        assert!(v4.is_v4());
+        assert_eq!(v4, SockAddr::v4(u32::from_ne_bytes([10, 244, 1, 2]), 80));
+        assert!(sock_addr("127.0.0.1".parse().unwrap(), 0).is_loopback());
+        assert!(sock_addr("::1".parse().unwrap(), 0).is_loopback());
+        assert!(!sock_addr("10.0.0.1".parse().unwrap(), 0).is_loopback());
+    }
+}

@@ -1,0 +1,255 @@
+//! The mesh as the agent knows it, read from a YAML file until the controller streams
+//! it: which namespaces are meshed (and their inbound mode), the meshed workloads and
+//! services of the whole cluster (their addresses are what capture sends to the
+//! agent), and ports never captured.
+//!
+//! ```yaml
+//! namespaces:
+//!   - name: default
+//!     mode: STRICT          # STRICT (default) | PERMISSIVE | DISABLE
+//! workloads:
+//!   - { name: echo-0, namespace: default, ip: 10.244.1.2 }
+//! services:
+//!   - { name: echo, namespace: default, vip: 10.96.0.10, ports: [8080] }
+//! excludePorts: [22]
+//! ```
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+use weft_common::{MeshDestination, Mode, SockAddr, destination};
+
+use crate::datapath::sock_addr;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MeshConfig {
+    #[serde(default)]
+    pub namespaces: Vec<MeshNamespace>,
+    #[serde(default)]
+    pub workloads: Vec<Workload>,
+    #[serde(default)]
+    pub services: Vec<Service>,
+    #[serde(default)]
+    pub exclude_ports: Vec<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshNamespace {
+    pub name: String,
+    #[serde(default)]
+    pub mode: PeerMode,
+}
+
+/// How a meshed pod accepts plaintext (the PeerAuthentication modes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum PeerMode {
+    #[default]
+    Strict,
+    Permissive,
+    Disable,
+}
+
+impl From<PeerMode> for Mode {
+    fn from(mode: PeerMode) -> Mode {
+        match mode {
+            PeerMode::Strict => Mode::Strict,
+            PeerMode::Permissive => Mode::Permissive,
+            PeerMode::Disable => Mode::Disable,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    pub ip: IpAddr,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub vip: IpAddr,
+    pub ports: Vec<u16>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeshConfigError {
+    #[error("cannot read the mesh configuration {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the mesh configuration {path} is invalid: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    #[error("the mesh configuration {path} is invalid: {problem}")]
+    Invalid { path: PathBuf, problem: String },
+}
+
+impl MeshConfig {
+    pub fn load(path: &Path) -> Result<Self, MeshConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| MeshConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|err| match err {
+            Problem::Yaml(source) => MeshConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            },
+            Problem::Invalid(problem) => MeshConfigError::Invalid {
+                path: path.to_owned(),
+                problem,
+            },
+        })
+    }
+
+    fn parse(text: &str) -> Result<Self, Problem> {
+        let config: MeshConfig = serde_yaml::from_str(text).map_err(Problem::Yaml)?;
+        config.validate().map_err(Problem::Invalid)?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let mut namespaces = HashSet::new();
+        for (index, namespace) in self.namespaces.iter().enumerate() {
+            if !namespaces.insert(&namespace.name) {
+                return Err(format!(
+                    "namespaces[{index}]: {} is listed twice",
+                    namespace.name
+                ));
+            }
+        }
+        for (index, service) in self.services.iter().enumerate() {
+            if service.ports.is_empty() {
+                return Err(format!(
+                    "services[{index}] ({}): ports is empty",
+                    service.name
+                ));
+            }
+            if let Some(position) = service.ports.iter().position(|port| *port == 0) {
+                return Err(format!(
+                    "services[{index}].ports[{position}]: port 0 is not a port"
+                ));
+            }
+        }
+        if let Some(position) = self.exclude_ports.iter().position(|port| *port == 0) {
+            return Err(format!("excludePorts[{position}]: port 0 is not a port"));
+        }
+        Ok(())
+    }
+
+    /// The inbound mode of pods in `namespace`, or `None` when it is not meshed.
+    pub fn mode_of(&self, namespace: &str) -> Option<PeerMode> {
+        self.namespaces
+            .iter()
+            .find(|candidate| candidate.name == namespace)
+            .map(|namespace| namespace.mode)
+    }
+
+    /// What capture sends to the agent: every service VIP:port, and every address of a
+    /// meshed workload — those in the file and `local_pods`, the node's enrolled pods.
+    pub fn destinations(
+        &self,
+        local_pods: impl IntoIterator<Item = IpAddr>,
+    ) -> HashMap<SockAddr, MeshDestination> {
+        let pod = MeshDestination {
+            kind: destination::POD,
+        };
+        let service = MeshDestination {
+            kind: destination::SERVICE,
+        };
+        let workloads = self
+            .workloads
+            .iter()
+            .filter(|workload| self.mode_of(&workload.namespace).is_some())
+            .map(|workload| workload.ip)
+            .chain(local_pods)
+            .map(|ip| (sock_addr(ip, 0), pod));
+        let services = self.services.iter().flat_map(|svc| {
+            svc.ports
+                .iter()
+                .map(move |port| (sock_addr(svc.vip, *port), service))
+        });
+        workloads.chain(services).collect()
+    }
+}
+
+enum Problem {
+    Yaml(serde_yaml::Error),
+    Invalid(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+namespaces:
+  - name: default
+  - name: shop
+    mode: PERMISSIVE
+workloads:
+  - { name: echo-0, namespace: default, ip: 10.244.1.2 }
+  - { name: legacy, namespace: outside, ip: 10.244.1.9 }
+services:
+  - { name: echo, namespace: default, vip: 10.96.0.10, ports: [8080, 9090] }
+excludePorts: [22]
+"#;
+
+    #[test]
+    fn modes_and_destinations() {
+        let config = MeshConfig::parse(EXAMPLE).unwrap_or_else(|_| panic!("example parses"));
+        assert_eq!(config.mode_of("default"), Some(PeerMode::Strict));
+        assert_eq!(config.mode_of("shop"), Some(PeerMode::Permissive));
+        assert_eq!(config.mode_of("outside"), None);
+
+        let local: IpAddr = "10.244.0.5".parse().unwrap();
+        let destinations = config.destinations([local]);
+        let has = |ip: &str, port| destinations.contains_key(&sock_addr(ip.parse().unwrap(), port));
+        assert!(has("10.244.1.2", 0), "a meshed workload");
+        assert!(has("10.244.0.5", 0), "a local enrolled pod");
+        assert!(!has("10.244.1.9", 0), "a workload of an unmeshed namespace");
+        assert!(has("10.96.0.10", 8080) && has("10.96.0.10", 9090));
+        assert!(!has("10.96.0.10", 0), "a VIP is only captured on its ports");
+        assert_eq!(destinations.len(), 4);
+    }
+
+    #[test]
+    fn bad_files_say_where() {
+        let message = |text: &str| match MeshConfig::parse(text) {
+            Ok(_) => panic!("accepted: {text}"),
+            Err(Problem::Yaml(err)) => err.to_string(),
+            Err(Problem::Invalid(problem)) => problem,
+        };
+        let unknown = message("namespaces:\n  - name: a\n    mood: STRICT\n");
+        assert!(
+            unknown.contains("mood") && unknown.contains("line 3"),
+            "{unknown}"
+        );
+        let bad_mode = message("namespaces:\n  - name: a\n    mode: LOOSE\n");
+        assert!(bad_mode.contains("LOOSE"), "{bad_mode}");
+        let bad_ip = message("workloads:\n  - { name: a, namespace: b, ip: 10.0.0.300 }\n");
+        assert!(bad_ip.contains("line 2"), "{bad_ip}");
+        let twice = message("namespaces:\n  - name: a\n  - name: a\n");
+        assert!(twice.contains("namespaces[1]"), "{twice}");
+        let port =
+            message("services:\n  - { name: s, namespace: n, vip: 10.96.0.1, ports: [0] }\n");
+        assert!(port.contains("services[0].ports[0]"), "{port}");
+    }
+}

@@ -1,0 +1,321 @@
+//! The agent's view of its node: the pods the CNI plugin enrolled, the mesh
+//! configuration, and the datapath, kept consistent with each other. Each enrolled pod
+//! is persisted (one JSON file per pod) so that a restarted agent re-attaches what it
+//! attached before and forgets pods deleted while it was away.
+
+use std::{
+    collections::BTreeMap,
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+use weft_api::enroll::{Pod, Reply, Request};
+
+use crate::{
+    datapath::{Datapath, DatapathError, netns},
+    mesh::{MeshConfig, PeerMode},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error(
+        "invalid container id {0:?}: CNI allows only letters, digits, '_', '.' and '-' (not leading)"
+    )]
+    ContainerId(String),
+    #[error("the pod's network namespace {0} does not exist")]
+    NoNetns(PathBuf),
+    #[error("unknown container {0}: the agent has no record of it")]
+    UnknownContainer(String),
+    #[error("{path}: {source}")]
+    Store {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is not a pod record the agent wrote: {source}")]
+    Record {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// A pod the CNI plugin told us about, and how it is attached while meshed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrolled {
+    pub pod: Pod,
+    pub attachment: Option<Attachment>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub netns_cookie: u64,
+    pub ifindex: u32,
+    pub mode: PeerMode,
+}
+
+#[derive(Debug)]
+pub struct Node {
+    datapath: Datapath,
+    mesh: MeshConfig,
+    pods: BTreeMap<String, Enrolled>,
+    store: PathBuf,
+}
+
+impl Node {
+    /// Takes over the pods recorded in `state_dir`: re-attaches those still alive and
+    /// detaches and forgets those whose network namespace is gone.
+    pub fn start(
+        datapath: Datapath,
+        mesh: MeshConfig,
+        state_dir: &Path,
+    ) -> Result<Self, NodeError> {
+        let store = state_dir.join("pods");
+        fs::create_dir_all(&store).map_err(store_error(&store))?;
+        let mut node = Self {
+            datapath,
+            mesh,
+            pods: BTreeMap::new(),
+            store,
+        };
+        for entry in fs::read_dir(&node.store).map_err(store_error(&node.store))? {
+            let path = entry.map_err(store_error(&node.store))?.path();
+            if path.extension().is_some_and(|ext| ext == "json") {
+                let text = fs::read(&path).map_err(store_error(&path))?;
+                let record: Enrolled = serde_json::from_slice(&text)
+                    .map_err(|source| NodeError::Record { path, source })?;
+                node.pods.insert(record.pod.container_id.clone(), record);
+            }
+        }
+        let ids: Vec<String> = node.pods.keys().cloned().collect();
+        for id in ids {
+            if node.pods[&id].pod.netns.exists() {
+                // Attach this agent's programs in place of the previous agent's.
+                node.sync(&id, true)?;
+            } else {
+                log::info!("pod {id} went away while the agent was down; forgetting it");
+                node.forget(&id)?;
+            }
+        }
+        node.sync_destinations()?;
+        Ok(node)
+    }
+
+    /// Answers one enrollment request from the CNI plugin.
+    pub fn handle(&mut self, request: Request) -> Reply {
+        let result = match request {
+            Request::Add(pod) => self.add(pod),
+            Request::Del { container_id } => self.del(&container_id).map(|()| false),
+            Request::Check { container_id } => self.check(&container_id),
+        };
+        match result {
+            Ok(meshed) => Reply::Ok { meshed },
+            Err(err) => Reply::Error {
+                message: err.to_string(),
+                retry: false,
+            },
+        }
+    }
+
+    /// Applies a new mesh configuration to every enrolled pod and to capture.
+    pub fn set_mesh(&mut self, mesh: MeshConfig) -> Result<(), NodeError> {
+        self.mesh = mesh;
+        let ids: Vec<String> = self.pods.keys().cloned().collect();
+        for id in ids {
+            self.sync(&id, false)?;
+        }
+        self.sync_destinations()
+    }
+
+    pub fn mesh(&self) -> &MeshConfig {
+        &self.mesh
+    }
+
+    pub fn pods(&self) -> impl Iterator<Item = &Enrolled> {
+        self.pods.values()
+    }
+
+    pub fn datapath_mut(&mut self) -> &mut Datapath {
+        &mut self.datapath
+    }
+
+    fn add(&mut self, pod: Pod) -> Result<bool, NodeError> {
+        validate_container_id(&pod.container_id)?;
+        if !pod.netns.exists() {
+            return Err(NodeError::NoNetns(pod.netns));
+        }
+        let id = pod.container_id.clone();
+        let attachment = self.pods.get(&id).and_then(|known| known.attachment);
+        self.pods.insert(id.clone(), Enrolled { pod, attachment });
+        if let Err(err) = self.sync(&id, true).and_then(|()| self.sync_destinations()) {
+            // Nothing half-done: undo what this request attached.
+            let _ = self.forget(&id);
+            let _ = self.sync_destinations();
+            return Err(err);
+        }
+        Ok(self.pods[&id].attachment.is_some())
+    }
+
+    fn del(&mut self, id: &str) -> Result<(), NodeError> {
+        validate_container_id(id)?;
+        if self.pods.contains_key(id) {
+            self.forget(id)?;
+            self.sync_destinations()?;
+        }
+        Ok(())
+    }
+
+    fn check(&self, id: &str) -> Result<bool, NodeError> {
+        let record = self
+            .pods
+            .get(id)
+            .ok_or_else(|| NodeError::UnknownContainer(id.to_owned()))?;
+        if !record.pod.netns.exists() {
+            return Err(NodeError::NoNetns(record.pod.netns.clone()));
+        }
+        Ok(record.attachment.is_some())
+    }
+
+    /// Makes the datapath match what the mesh wants for pod `id`, and records it. An
+    /// attached pod keeps its attachment unless `reattach` asks for this agent's.
+    fn sync(&mut self, id: &str, reattach: bool) -> Result<(), NodeError> {
+        let record = self.pods[id].clone();
+        let wanted = self.mesh.mode_of(&record.pod.namespace);
+        let attachment = match wanted {
+            None => {
+                if let Some(old) = record.attachment {
+                    self.datapath.unenroll(old.netns_cookie, old.ifindex)?;
+                    log::info!(
+                        "pod {}/{} left the mesh",
+                        record.pod.namespace,
+                        record.pod.name
+                    );
+                }
+                None
+            }
+            Some(mode) => {
+                let netns_cookie = netns::cookie(&record.pod.netns)?;
+                let probe_source = record.pod.gateways.first().copied();
+                let ifindex = match record.attachment {
+                    Some(old) if !reattach && old.netns_cookie == netns_cookie => {
+                        self.datapath
+                            .set_inbound(old.ifindex, mode.into(), probe_source)?;
+                        old.ifindex
+                    }
+                    _ => self.datapath.enroll(
+                        netns_cookie,
+                        &record.pod.host_interface,
+                        mode.into(),
+                        probe_source,
+                    )?,
+                };
+                if let Some(old) = record.attachment
+                    && (old.netns_cookie, old.ifindex) != (netns_cookie, ifindex)
+                {
+                    self.datapath.unenroll(old.netns_cookie, old.ifindex)?;
+                }
+                if record.attachment.is_none() {
+                    log::info!(
+                        "pod {}/{} joined the mesh ({mode:?}, netns cookie {netns_cookie}, {} #{ifindex})",
+                        record.pod.namespace,
+                        record.pod.name,
+                        record.pod.host_interface
+                    );
+                }
+                Some(Attachment {
+                    netns_cookie,
+                    ifindex,
+                    mode,
+                })
+            }
+        };
+        let record = Enrolled {
+            attachment,
+            ..record
+        };
+        self.save(&record)?;
+        self.pods.insert(id.to_owned(), record);
+        Ok(())
+    }
+
+    /// Detaches pod `id` (if attached) and drops its record.
+    fn forget(&mut self, id: &str) -> Result<(), NodeError> {
+        if let Some(record) = self.pods.remove(id) {
+            if let Some(old) = record.attachment {
+                self.datapath.unenroll(old.netns_cookie, old.ifindex)?;
+            }
+            let path = self.record_path(id);
+            match fs::remove_file(&path) {
+                Err(err) if err.kind() != io::ErrorKind::NotFound => {
+                    return Err(store_error(&path)(err));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn sync_destinations(&mut self) -> Result<(), NodeError> {
+        let local = self
+            .pods
+            .values()
+            .filter(|record| record.attachment.is_some())
+            .flat_map(|record| record.pod.ips.iter().copied());
+        let wanted = self.mesh.destinations(local);
+        self.datapath.set_destinations(&wanted)?;
+        self.datapath.set_excluded_ports(&self.mesh.exclude_ports)?;
+        Ok(())
+    }
+
+    fn record_path(&self, id: &str) -> PathBuf {
+        self.store.join(format!("{id}.json"))
+    }
+
+    fn save(&self, record: &Enrolled) -> Result<(), NodeError> {
+        let path = self.record_path(&record.pod.container_id);
+        let partial = path.with_extension("partial");
+        let json = serde_json::to_vec_pretty(record).expect("records serialise");
+        fs::write(&partial, json).map_err(store_error(&partial))?;
+        fs::rename(&partial, &path).map_err(store_error(&path))
+    }
+}
+
+fn store_error(path: &Path) -> impl FnOnce(io::Error) -> NodeError + '_ {
+    move |source| NodeError::Store {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// CNI container ids become file names here, so they are held to the spec's alphabet.
+fn validate_container_id(id: &str) -> Result<(), NodeError> {
+    let valid = !id.is_empty()
+        && id.len() <= 256
+        && !id.starts_with(['.', '-'])
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(NodeError::ContainerId(id.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_ids_cannot_escape_the_store() {
+        for bad in ["", "../x", "a/b", ".hidden", "-x", "a b"] {
+            assert!(validate_container_id(bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["abc123", "k8s_POD-1.2", &"f".repeat(64)] {
+            validate_container_id(good).unwrap();
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! The CNI plugin against a real agent, invoked as a container runtime invokes it:
+//! ADD, CHECK, DEL and VERSION with valid and malformed input give spec-shaped answers
+//! and leave nothing half-done; with the agent down, ADD fails and the pod is not
+//! started unmeshed.
+
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+};
+
+use weft_cluster::{ClusterError, PodSpec, cni};
+use weft_e2e::{TestCluster, workspace_bin};
+
+const MESH: &str = "namespaces:\n  - name: default\n";
+
+/// Runs the plugin with `env` and `stdin`, as a runtime does.
+fn plugin(env: &[(&str, &str)], stdin: &str) -> Output {
+    let mut child = Command::new(workspace_bin(cni::PLUGIN))
+        .env_clear()
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _ = child.stdin.take().unwrap().write_all(stdin.as_bytes());
+    child.wait_with_output().unwrap()
+}
+
+/// The error the plugin printed: `(code, msg)`, after checking the spec's shape.
+fn cni_error(output: &Output) -> (u64, String) {
+    assert!(!output.status.success(), "the plugin succeeded: {output:?}");
+    let error: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|err| panic!("not a CNI error ({err}): {output:?}"));
+    assert!(error["cniVersion"].is_string(), "{error}");
+    let code = error["code"].as_u64().expect("a numeric code");
+    let msg = error["msg"].as_str().expect("a message").to_owned();
+    (code, msg)
+}
+
+fn records(dir: &Path) -> usize {
+    std::fs::read_dir(dir.join("pods")).map_or(0, |entries| entries.count())
+}
+
+fn config(socket: &Path, prev_result: &str) -> String {
+    format!(
+        r#"{{"cniVersion":"1.0.0","name":"weft-local","type":"weft-cni","agentSocket":"{}","prevResult":{prev_result}}}"#,
+        socket.display()
+    )
+}
+
+#[test]
+fn the_plugin_speaks_cni_to_a_real_agent() {
+    let mut cluster = TestCluster::with_mesh(1, MESH);
+    let node = cluster.topology().node("node0").unwrap().clone();
+    let bin_dir: PathBuf = cluster.topology().cni_bin_dir.clone().unwrap();
+    let web = cluster.add_pod(PodSpec::new("web", "node0", &[])).unwrap();
+    assert_eq!(records(&node.agent_state_dir), 1, "ADD left no record");
+
+    cni::invoke(&bin_dir, "CHECK", &node, &web).unwrap_or_else(|err| panic!("CHECK: {err}"));
+    let version = plugin(&[("CNI_COMMAND", "VERSION")], "");
+    let version: serde_json::Value = serde_json::from_slice(&version.stdout).unwrap();
+    assert!(
+        version["supportedVersions"]
+            .as_array()
+            .unwrap()
+            .contains(&"1.0.0".into()),
+        "{version}"
+    );
+
+    // Malformed input: a spec-shaped error, and the agent never hears of the pod.
+    let netns = format!("/run/netns/{}", web.netns);
+    let good_env = |command| {
+        vec![
+            ("CNI_COMMAND", command),
+            ("CNI_CONTAINERID", "ctr-malformed"),
+            ("CNI_NETNS", netns.as_str()),
+            ("CNI_IFNAME", "eth0"),
+            (
+                "CNI_ARGS",
+                "K8S_POD_NAMESPACE=default;K8S_POD_NAME=malformed",
+            ),
+        ]
+    };
+    let prev = format!(
+        r#"{{"cniVersion":"1.0.0","interfaces":[{{"name":"{}"}},{{"name":"eth0","sandbox":"{netns}"}}],"ips":[{{"address":"{}/32","gateway":"{}","interface":1}}]}}"#,
+        web.host_veth, web.ip, node.pod_gateway
+    );
+    let (code, _) = cni_error(&plugin(&good_env("ADD"), "{ not json"));
+    assert_eq!(code, 6);
+    let mut no_id = good_env("ADD");
+    no_id.retain(|(key, _)| *key != "CNI_CONTAINERID");
+    let (code, msg) = cni_error(&plugin(&no_id, &config(&node.agent_socket, &prev)));
+    assert_eq!(code, 4);
+    assert!(msg.contains("CNI_CONTAINERID"), "{msg}");
+    let mut unknown_netns = good_env("ADD");
+    unknown_netns[2] = ("CNI_NETNS", "/run/netns/weft-no-such-namespace");
+    let (code, msg) = cni_error(&plugin(&unknown_netns, &config(&node.agent_socket, &prev)));
+    assert_eq!(code, 4);
+    assert!(msg.contains("weft-no-such-namespace"), "{msg}");
+    let (code, _) = cni_error(&plugin(
+        &good_env("ADD"),
+        &config(&node.agent_socket, "null"),
+    ));
+    assert_eq!(code, 7, "ADD without prevResult");
+    assert_eq!(
+        records(&node.agent_state_dir),
+        1,
+        "a malformed ADD left a record"
+    );
+
+    // DEL forgets the pod; a second DEL is fine; CHECK then fails.
+    cni::invoke(&bin_dir, "DEL", &node, &web).unwrap_or_else(|err| panic!("DEL: {err}"));
+    cni::invoke(&bin_dir, "DEL", &node, &web).unwrap_or_else(|err| panic!("second DEL: {err}"));
+    assert_eq!(records(&node.agent_state_dir), 0);
+    match cni::invoke(&bin_dir, "CHECK", &node, &web) {
+        Err(ClusterError::Cni { code, message, .. }) => {
+            assert_eq!(code, 100);
+            assert!(message.contains("unknown container"), "{message}");
+        }
+        other => panic!("CHECK of a deleted pod: {other:?}"),
+    }
+}
+
+#[test]
+fn with_the_agent_down_add_fails_and_no_pod_runs_unmeshed() {
+    let mut cluster = TestCluster::with_mesh(1, MESH);
+    cluster.stop_agent("node0").unwrap();
+    let echo = workspace_bin("weft-echo").display().to_string();
+    match cluster.add_pod(PodSpec::new("web", "node0", &[echo.as_str()])) {
+        Err(ClusterError::Cni { code, message, .. }) => {
+            assert_eq!(code, 11, "{message}");
+            assert!(message.contains("not running"), "{message}");
+        }
+        other => panic!("ADD with the agent down: {other:?}"),
+    }
+    assert!(cluster.topology().pod("default", "web").is_none());
+    let prefix = format!("{}default.web", cluster.layout().netns_prefix());
+    assert!(
+        !Path::new("/run/netns").join(&prefix).exists(),
+        "the failed pod's namespace was left behind"
+    );
+    // With the agent back, the runtime's retry succeeds.
+    cluster.start_agent_on("node0");
+    cluster
+        .add_pod(PodSpec::new("web", "node0", &[echo.as_str()]))
+        .unwrap();
+}
