@@ -301,40 +301,13 @@ impl Datapath {
         &mut self,
         wanted: &std::collections::HashMap<SockAddr, MeshDestination>,
     ) -> Result<(), DatapathError> {
-        let stale: Vec<SockAddr> = self
-            .destinations
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|key| !wanted.contains_key(key))
-            .collect();
-        for key in stale {
-            remove(&mut self.destinations, &key, names::MESH_DESTINATIONS)?;
-        }
-        for (key, value) in wanted {
-            self.destinations
-                .insert(key, value, 0)
-                .map_err(map_error(names::MESH_DESTINATIONS))?;
-        }
-        Ok(())
+        replace_entries(&mut self.destinations, names::MESH_DESTINATIONS, wanted)
     }
 
     /// Makes the excluded destination ports exactly `wanted`.
     pub fn set_excluded_ports(&mut self, wanted: &[u16]) -> Result<(), DatapathError> {
-        let stale: Vec<u16> = self
-            .excluded_ports
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|port| !wanted.contains(port))
-            .collect();
-        for port in stale {
-            remove(&mut self.excluded_ports, &port, names::EXCLUDED_PORTS)?;
-        }
-        for port in wanted {
-            self.excluded_ports
-                .insert(port, 1, 0)
-                .map_err(map_error(names::EXCLUDED_PORTS))?;
-        }
-        Ok(())
+        let wanted = wanted.iter().map(|port| (*port, 1)).collect();
+        replace_entries(&mut self.excluded_ports, names::EXCLUDED_PORTS, &wanted)
     }
 
     /// Forwards the kernel programs' aya-log records to `logger` from a task on the
@@ -454,6 +427,30 @@ fn remove<K: aya::Pod, V: aya::Pod>(
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
         Err(err) => Err(map_error(name)(err)),
     }
+}
+
+/// Makes `map` hold exactly the `wanted` entries: stale keys go, the rest are written.
+fn replace_entries<K, V>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    wanted: &std::collections::HashMap<K, V>,
+) -> Result<(), DatapathError>
+where
+    K: aya::Pod + Eq + std::hash::Hash,
+    V: aya::Pod,
+{
+    let stale: Vec<K> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|key| !wanted.contains_key(key))
+        .collect();
+    for key in stale {
+        remove(map, &key, name)?;
+    }
+    for (key, value) in wanted {
+        map.insert(key, value, 0).map_err(map_error(name))?;
+    }
+    Ok(())
 }
 
 fn verifier(program: &'static str) -> impl FnOnce(ProgramError) -> DatapathError {

@@ -80,6 +80,10 @@ pub struct PodInfo {
 }
 
 impl Topology {
+    pub fn node_names(&self) -> Vec<String> {
+        self.nodes.iter().map(|node| node.name.clone()).collect()
+    }
+
     pub fn node(&self, name: &str) -> Option<&NodeInfo> {
         self.nodes.iter().find(|node| node.name == name)
     }

@@ -50,13 +50,7 @@ impl TestCluster {
         cluster
             .set_cni(Some(bin_dir))
             .unwrap_or_else(|err| panic!("{err}"));
-        let nodes: Vec<String> = cluster
-            .topology()
-            .nodes
-            .iter()
-            .map(|node| node.name.clone())
-            .collect();
-        for node in nodes {
+        for node in cluster.topology().node_names() {
             cluster.start_agent_on(&node);
         }
         cluster

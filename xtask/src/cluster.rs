@@ -126,13 +126,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Up { name, nodes, mesh } => {
             let mut cluster = Cluster::up(&name, nodes)?;
             if let Some(mesh) = mesh {
-                let names: Vec<String> = cluster
-                    .topology()
-                    .nodes
-                    .iter()
-                    .map(|node| node.name.clone())
-                    .collect();
-                for node in names {
+                for node in cluster.topology().node_names() {
                     start_agent(&mut cluster, &node, &mesh)?;
                 }
             }
