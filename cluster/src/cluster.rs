@@ -278,7 +278,7 @@ impl Cluster {
                     Some(dir) => cni::invoke(dir, "DEL", &node, &pod),
                     None => Ok(()),
                 }
-                .and_then(|()| unwire_pod(&pod));
+                .and_then(|()| unwire_pod(&node, &pod));
                 if let Err(cleanup) = cleanup {
                     log::warn!("removing the half-made pod {pod_key} failed: {cleanup}");
                 }
@@ -295,15 +295,15 @@ impl Cluster {
         let _lock = self.lock()?;
         self.refresh()?;
         let pod = self.pod(namespace, name)?.clone();
+        let node = self.node(&pod.node)?;
         if let Some(dir) = &self.topology.cni_bin_dir {
-            let node = self.node(&pod.node)?;
             // A runtime retries a failed DEL; the cluster tears the pod down anyway, and
             // the agent forgets pods whose namespace is gone.
             if let Err(err) = cni::invoke(dir, "DEL", node, &pod) {
                 log::warn!("{err}");
             }
         }
-        unwire_pod(&pod)?;
+        unwire_pod(node, &pod)?;
         self.topology
             .pods
             .retain(|other| (other.namespace.as_str(), other.name.as_str()) != (namespace, name));
@@ -559,11 +559,15 @@ fn wire_pod(node: &NodeInfo, pod: &PodInfo) -> Result<(), ClusterError> {
 }
 
 /// Undoes [`wire_pod`] and stops the pod's processes; parts already gone are skipped.
-fn unwire_pod(pod: &PodInfo) -> Result<(), ClusterError> {
+fn unwire_pod(node: &NodeInfo, pod: &PodInfo) -> Result<(), ClusterError> {
     host::kill_cgroup(&pod.cgroup)?;
     host::remove_cgroup_tree(&pod.cgroup)?;
+    // The namespace's own teardown is asynchronous: delete the veth pair (and with it
+    // the node's route) now, so that a new pod can take its name at once.
+    if host::link_exists(&node.netns, &pod.host_veth) {
+        host::ip_in(&node.netns, &["link", "del", &pod.host_veth])?;
+    }
     if host::netns_exists(&pod.netns) {
-        // Deleting the namespace takes the veth pair, and with it the node's route.
         host::delete_netns(&pod.netns)?;
     }
     Ok(())

@@ -84,8 +84,8 @@ pub enum ClusterError {
         timeout: std::time::Duration,
         log: PathBuf,
     },
-    #[error("processes in cgroup {0} did not exit within 5s")]
-    Stuck(PathBuf),
+    #[error("processes in cgroup {cgroup} did not exit within 10s after SIGKILL: {processes}")]
+    Stuck { cgroup: PathBuf, processes: String },
 }
 
 impl ClusterError {

@@ -81,6 +81,11 @@ pub(crate) fn netns_exists(name: &str) -> bool {
     Path::new(NETNS_DIR).join(name).exists()
 }
 
+/// Whether interface `name` exists in network namespace `netns`.
+pub(crate) fn link_exists(netns: &str, name: &str) -> bool {
+    run("ip", &["-n", netns, "link", "show", "dev", name]).is_ok()
+}
+
 /// Names of all network namespaces registered with `ip netns` that start with `prefix`.
 pub(crate) fn netns_with_prefix(prefix: &str) -> Result<Vec<String>, ClusterError> {
     let dir = Path::new(NETNS_DIR);
@@ -204,17 +209,23 @@ pub(crate) fn create_dir(path: &Path) -> Result<(), ClusterError> {
     fs::create_dir_all(path).map_err(ClusterError::io(path))
 }
 
-/// Kills every process in the cgroup subtree at `path` and waits until it is empty.
+/// Kills every process in the cgroup subtree at `path` and waits until it is empty,
+/// repeating the kill in case a process was between fork and exec.
 pub(crate) fn kill_cgroup(path: &Path) -> Result<(), ClusterError> {
+    const GRACE: Duration = Duration::from_secs(10);
     let kill = path.join("cgroup.kill");
-    match fs::write(&kill, "1") {
-        Ok(()) => {}
-        Err(err) if err.kind() == ErrorKind::NotFound => return Ok(()),
-        Err(err) => return Err(ClusterError::io(kill)(err)),
-    }
     let events = path.join("cgroup.events");
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + GRACE;
+    let mut next_kill = Instant::now();
     loop {
+        if Instant::now() >= next_kill {
+            match fs::write(&kill, "1") {
+                Ok(()) => {}
+                Err(err) if err.kind() == ErrorKind::NotFound => return Ok(()),
+                Err(err) => return Err(ClusterError::io(kill)(err)),
+            }
+            next_kill = Instant::now() + Duration::from_millis(500);
+        }
         let populated = fs::read_to_string(&events)
             .map(|text| text.lines().any(|line| line == "populated 1"))
             .unwrap_or(false);
@@ -222,10 +233,41 @@ pub(crate) fn kill_cgroup(path: &Path) -> Result<(), ClusterError> {
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(ClusterError::Stuck(path.to_owned()));
+            return Err(ClusterError::Stuck {
+                cgroup: path.to_owned(),
+                processes: describe_processes(path),
+            });
         }
         thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// `pid (name) state` of every process left in the cgroup subtree at `path`.
+fn describe_processes(path: &Path) -> String {
+    let mut found = Vec::new();
+    let mut dirs = vec![path.to_owned()];
+    while let Some(dir) = dirs.pop() {
+        let pids = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        for pid in pids.split_whitespace() {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let wchan = fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+            let summary: String = stat
+                .split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ");
+            found.push(format!("{summary} wchan={wchan}"));
+        }
+        if let Ok(entries) = fs::read_dir(&dir) {
+            dirs.extend(
+                entries
+                    .flatten()
+                    .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
+                    .map(|entry| entry.path()),
+            );
+        }
+    }
+    found.join("; ")
 }
 
 /// Removes the (already empty) cgroup subtree at `path`, leaves first.
