@@ -360,25 +360,37 @@ pub fn socket_addr(addr: &SockAddr) -> std::net::SocketAddr {
 pub mod pinned {
     use super::*;
 
-    /// The original destination of the connection whose client address is `client`,
-    /// as the capture programs recorded it. The record is consumed.
-    pub fn take_original_destination(
-        pins: &Pins,
-        client: std::net::SocketAddr,
-    ) -> Result<Option<std::net::SocketAddr>, DatapathError> {
-        let path = pins.map(names::ORIGINAL_DST);
-        let data = MapData::from_pin(&path).map_err(map_error(names::ORIGINAL_DST))?;
-        let mut map: HashMap<_, SockAddr, SockAddr> =
-            HashMap::try_from(aya::maps::Map::LruHashMap(data))
+    /// The original destinations the capture programs recorded, by client address.
+    /// The proxy opens its own handle so that it never waits for the enrollment side.
+    #[derive(Debug)]
+    pub struct OriginalDestinations {
+        map: HashMap<MapData, SockAddr, SockAddr>,
+    }
+
+    impl OriginalDestinations {
+        pub fn open(pins: &Pins) -> Result<Self, DatapathError> {
+            let data = MapData::from_pin(pins.map(names::ORIGINAL_DST))
                 .map_err(map_error(names::ORIGINAL_DST))?;
-        let key = sock_addr(client.ip(), client.port());
-        match map.get(&key, 0) {
-            Ok(destination) => {
-                let _ = map.remove(&key);
-                Ok(Some(socket_addr(&destination)))
+            let map = HashMap::try_from(aya::maps::Map::LruHashMap(data))
+                .map_err(map_error(names::ORIGINAL_DST))?;
+            Ok(Self { map })
+        }
+
+        /// The original destination of the connection from `client`; the record is
+        /// consumed.
+        pub fn take(
+            &mut self,
+            client: std::net::SocketAddr,
+        ) -> Result<Option<std::net::SocketAddr>, DatapathError> {
+            let key = sock_addr(client.ip(), client.port());
+            match self.map.get(&key, 0) {
+                Ok(destination) => {
+                    remove(&mut self.map, &key, names::ORIGINAL_DST)?;
+                    Ok(Some(socket_addr(&destination)))
+                }
+                Err(MapError::KeyNotFound) => Ok(None),
+                Err(err) => Err(map_error(names::ORIGINAL_DST)(err)),
             }
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(err) => Err(map_error(names::ORIGINAL_DST)(err)),
         }
     }
 

@@ -5,7 +5,13 @@
 //! [`node`]) and reads the mesh configuration ([`mesh`]). The proxy, identity and
 //! telemetry parts grow beside them (see ARCHITECTURE.md).
 
+pub mod admin;
 pub mod cni;
 pub mod datapath;
+pub mod identity;
+pub mod logging;
 pub mod mesh;
 pub mod node;
+pub mod proxy;
+pub mod reload;
+pub mod tls;

@@ -10,16 +10,26 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use metrics_exporter_prometheus::PrometheusBuilder;
+use tokio::{
+    net::TcpListener,
+    signal::unix::{SignalKind, signal},
+};
 use weft_agent::{
+    admin::{self, Admin},
     cni,
-    datapath::{CaptureTarget, Datapath, Pins, flows::Flow},
+    datapath::{CaptureTarget, Datapath, Pins, flows::Flow, pinned::OriginalDestinations},
+    logging,
     mesh::MeshConfig,
     node::Node,
+    proxy::{self, Proxy},
+    reload::{self, Current},
+    tls::CertStore,
 };
 
 #[derive(Debug, Parser)]
@@ -36,7 +46,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the agent.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Detach and unload everything the agent pinned (stop the agent first).
     Uninstall {
         /// The node's bpffs directory.
@@ -45,7 +55,7 @@ enum Command {
     },
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(Clone, Debug, clap::Args)]
 struct RunArgs {
     /// Name of the node this agent serves.
     #[arg(long, env = "WEFT_NODE")]
@@ -77,17 +87,34 @@ struct RunArgs {
     /// Write flow events as JSON lines to this file instead of the log.
     #[arg(long, env = "WEFT_FLOW_LOG")]
     flow_log: Option<PathBuf>,
+    /// PEM file of the mesh's trust anchors (root certificates).
+    #[arg(long, env = "WEFT_TRUST_BUNDLE")]
+    trust_bundle: PathBuf,
+    /// Directory of workload certificates: `<name>.crt` (chain, leaf first) and
+    /// `<name>.key` pairs, one per identity running on this node (reloaded on change).
+    #[arg(long, env = "WEFT_CERTS")]
+    certs: PathBuf,
+    /// Data-plane worker threads.
+    #[arg(long, env = "WEFT_WORKERS", default_value_t = 2)]
+    workers: usize,
+    /// How long SIGTERM waits for open connections before closing them.
+    #[arg(long, env = "WEFT_DRAIN_TIMEOUT", value_parser = parse_seconds, default_value = "30")]
+    drain_timeout: Duration,
+}
+
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|seconds| seconds.is_finite() && *seconds >= 0.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("{text:?} is not a number of seconds"))
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    env_logger::Builder::new().parse_filters(&cli.log).init();
+    logging::init(&cli.log);
     match cli.command {
-        Command::Run(args) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("cannot start the runtime")?
-            .block_on(run(args)),
+        Command::Run(args) => run(*args),
         Command::Uninstall { bpffs } => {
             Pins::new(&bpffs).remove_all()?;
             log::info!("removed every pin under {}", bpffs.display());
@@ -96,46 +123,215 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
+/// Starts the control side on its own thread and runtime, then serves the data plane
+/// on a multi-thread runtime until SIGTERM, and drains.
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let (started, start_result) = std::sync::mpsc::channel();
+    let control_args = args.clone();
+    std::thread::Builder::new()
+        .name("weft-control".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(err) => {
+                    let _ = started.send(Err(anyhow::Error::from(err)));
+                    return;
+                }
+            };
+            runtime.block_on(control(control_args, started));
+        })
+        .context("cannot start the control thread")?;
+    let proxy = start_result
+        .recv()
+        .context("the control thread ended during start-up")??;
+
+    let data = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.workers)
+        .thread_name("weft-data")
+        .enable_all()
+        .build()
+        .context("cannot start the data-plane runtime")?;
+    data.block_on(async move {
+        let outbound = TcpListener::bind((Ipv4Addr::UNSPECIFIED, args.outbound_port))
+            .await
+            .with_context(|| format!("cannot listen on port {} (outbound)", args.outbound_port))?;
+        let inbound = TcpListener::bind((Ipv4Addr::UNSPECIFIED, proxy::HBONE_PORT))
+            .await
+            .with_context(|| format!("cannot listen on port {} (HBONE)", proxy::HBONE_PORT))?;
+        let serving = tokio::spawn({
+            let proxy = Arc::clone(&proxy);
+            async move {
+                tokio::join!(
+                    proxy::serve_outbound(outbound, Arc::clone(&proxy)),
+                    proxy::serve_inbound(inbound, proxy)
+                )
+            }
+        });
+        log::info!(
+            "weft-agent {} serving on node {}: outbound :{}, HBONE :{}, metrics :{}, ready :{}, admin 127.0.0.1:{}",
+            env!("CARGO_PKG_VERSION"),
+            args.node,
+            args.outbound_port,
+            proxy::HBONE_PORT,
+            admin::METRICS_PORT,
+            admin::READY_PORT,
+            admin::ADMIN_PORT
+        );
+        let mut terminate = signal(SignalKind::terminate())?;
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        // Stop accepting, let open connections finish, then close what is left.
+        serving.abort();
+        let active = proxy.active();
+        if active > 0 {
+            log::info!("draining {active} connection(s) for up to {:?}", args.drain_timeout);
+        }
+        let left = proxy.drain(args.drain_timeout).await;
+        if left > 0 {
+            log::warn!("closing {left} connection(s) still open after the drain deadline");
+        }
+        let _ = std::fs::remove_file(&args.cni_socket);
+        log::info!(
+            "stopped; capture and enforcement stay attached (pinned under {})",
+            args.bpffs.display()
+        );
+        anyhow::Ok(())
+    })?;
+    // Dropping the runtime would wait for connections still open past the deadline.
+    data.shutdown_background();
+    Ok(())
+}
+
+/// The control side: starts the datapath, enrollment and proxy state, reports the
+/// proxy (or the start-up error) to the data plane, then serves the CNI socket, the
+/// configuration and certificate reloads, and the admin endpoints.
+async fn control(args: RunArgs, started: std::sync::mpsc::Sender<anyhow::Result<Arc<Proxy>>>) {
+    let (proxy, admin, node, listener) = match start(&args).await {
+        Ok(parts) => parts,
+        Err(err) => {
+            let _ = started.send(Err(err));
+            return;
+        }
+    };
+    let mut servers = Vec::new();
+    for (address, route) in admin::addresses() {
+        match TcpListener::bind(address).await {
+            Ok(listener) => servers.push(tokio::spawn(Arc::clone(&admin).serve(listener, route))),
+            Err(err) => {
+                let _ = started.send(Err(anyhow::anyhow!("cannot listen on {address}: {err}")));
+                return;
+            }
+        }
+    }
+    if let Some(path) = args.mesh_config.clone() {
+        let node = Arc::clone(&node);
+        tokio::spawn(reload::on_change(
+            path,
+            RELOAD_INTERVAL,
+            move |path| match MeshConfig::load(path) {
+                Ok(mesh) => {
+                    let mut node = node.lock().expect("node lock");
+                    if *node.mesh() == mesh {
+                        return;
+                    }
+                    match node.set_mesh(mesh) {
+                        Ok(()) => {
+                            log::info!("applied the mesh configuration from {}", path.display())
+                        }
+                        Err(err) => log::error!("applying {} failed: {err}", path.display()),
+                    }
+                }
+                Err(err) => log::error!("{err}; keeping the last good mesh configuration"),
+            },
+        ));
+    }
+    let certs = Arc::clone(&admin.certs);
+    let (bundle, certs_dir) = (args.trust_bundle.clone(), args.certs.clone());
+    tokio::spawn(reload::on_change(
+        args.certs.clone(),
+        RELOAD_INTERVAL,
+        move |_| match CertStore::load(&bundle, &certs_dir) {
+            Ok(store) => {
+                log::info!(
+                    "reloaded {} workload certificate(s)",
+                    store.identities().len()
+                );
+                certs.replace(store);
+            }
+            Err(err) => log::error!("{err}; keeping the certificates loaded before"),
+        },
+    ));
+    let _ = started.send(Ok(proxy));
+    cni::serve(listener, node).await;
+}
+
+/// Loads everything the agent needs before it may say it is ready.
+async fn start(
+    args: &RunArgs,
+) -> anyhow::Result<(
+    Arc<Proxy>,
+    Arc<Admin>,
+    Arc<Mutex<Node>>,
+    tokio::net::UnixListener,
+)> {
+    let metrics = PrometheusBuilder::new()
+        .set_buckets(&[
+            0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0,
+        ])
+        .context("invalid histogram buckets")?
+        .install_recorder()
+        .context("cannot install the metrics recorder")?;
+    proxy::metrics::describe();
     let mesh = match &args.mesh_config {
         Some(path) => MeshConfig::load(path)?,
         None => MeshConfig::default(),
     };
+    let mesh = Arc::new(Current::new(mesh));
+    let certs = Arc::new(Current::new(CertStore::load(
+        &args.trust_bundle,
+        &args.certs,
+    )?));
     let target = CaptureTarget {
         ipv4: args.capture_address,
         ipv6: args.capture_address_v6,
         outbound_port: args.outbound_port,
     };
-    let mut datapath = Datapath::start(Pins::new(&args.bpffs), &args.pod_cgroup, target)?;
+    let pins = Pins::new(&args.bpffs);
+    let mut datapath = Datapath::start(pins.clone(), &args.pod_cgroup, target)?;
     datapath.forward_logs(log::logger())?;
     datapath.forward_flows(flow_sink(args.flow_log.as_deref())?)?;
-    let node = Arc::new(Mutex::new(Node::start(datapath, mesh, &args.state_dir)?));
+    let original_destinations = OriginalDestinations::open(&pins)?;
+    let node = Arc::new(Mutex::new(Node::start(
+        datapath,
+        Arc::clone(&mesh),
+        &args.state_dir,
+    )?));
+    let proxy = Arc::new(Proxy::new(
+        args.node.clone(),
+        Arc::clone(&mesh),
+        Arc::clone(&certs),
+        original_destinations,
+    ));
     let listener = cni::bind(&args.cni_socket)
         .with_context(|| format!("cannot listen on {}", args.cni_socket.display()))?;
-    log::info!(
-        "weft-agent {} ready on node {}: capture to {}:{}, CNI socket {}",
-        env!("CARGO_PKG_VERSION"),
-        args.node,
-        args.capture_address,
-        args.outbound_port,
-        args.cni_socket.display()
-    );
-    if let Some(path) = args.mesh_config.clone() {
-        tokio::spawn(watch_mesh_config(path, Arc::clone(&node)));
-    }
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        () = cni::serve(listener, node) => {}
-        _ = terminate.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-    let _ = std::fs::remove_file(&args.cni_socket);
-    log::info!(
-        "stopping; capture and enforcement stay attached (pinned under {})",
-        args.bpffs.display()
-    );
-    Ok(())
+    let admin = Arc::new(Admin {
+        metrics,
+        pins,
+        mesh,
+        certs,
+        node: Arc::clone(&node),
+        proxy: Arc::clone(&proxy),
+    });
+    Ok((proxy, admin, node, listener))
 }
+
+/// How often the configuration and certificate files are checked for changes.
+const RELOAD_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Where flow events go: JSON lines in `path`, or the log.
 fn flow_sink(path: Option<&Path>) -> anyhow::Result<impl FnMut(Flow) + Send + 'static> {
@@ -159,37 +355,4 @@ fn flow_sink(path: Option<&Path>) -> anyhow::Result<impl FnMut(Flow) + Send + 's
             None => log::info!(target: "weft::flow", "{json}"),
         }
     })
-}
-
-/// Reloads the mesh configuration when its file changes; a bad file is reported and
-/// the last good configuration keeps serving.
-async fn watch_mesh_config(path: PathBuf, node: Arc<Mutex<Node>>) {
-    let modified = |path: &Path| {
-        std::fs::metadata(path)
-            .and_then(|meta| meta.modified())
-            .ok()
-    };
-    let mut seen: Option<SystemTime> = modified(&path);
-    let mut interval = tokio::time::interval(Duration::from_millis(500));
-    loop {
-        interval.tick().await;
-        let now = modified(&path);
-        if now == seen {
-            continue;
-        }
-        seen = now;
-        match MeshConfig::load(&path) {
-            Ok(mesh) => {
-                let mut node = node.lock().expect("node lock");
-                if *node.mesh() == mesh {
-                    continue;
-                }
-                match node.set_mesh(mesh) {
-                    Ok(()) => log::info!("applied the mesh configuration from {}", path.display()),
-                    Err(err) => log::error!("applying {} failed: {err}", path.display()),
-                }
-            }
-            Err(err) => log::error!("{err}; keeping the last good mesh configuration"),
-        }
-    }
 }

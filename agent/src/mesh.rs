@@ -1,33 +1,57 @@
 //! The mesh as the agent knows it, read from a YAML file until the controller streams
-//! it: which namespaces are meshed (and their inbound mode), the meshed workloads and
-//! services of the whole cluster (their addresses are what capture sends to the
-//! agent), and ports never captured.
+//! the same model: the nodes (where their agents take HBONE), which namespaces are
+//! meshed and how their pods take plaintext, the workloads of the whole cluster (pod
+//! IP, node, namespace, service account, labels), the services (VIP, ports, target
+//! ports, endpoints) and ports never captured.
 //!
 //! ```yaml
+//! trustDomain: cluster.local        # default
+//! nodes:
+//!   - { name: node0, address: 10.99.0.1 }
 //! namespaces:
 //!   - name: default
-//!     mode: STRICT          # STRICT (default) | PERMISSIVE | DISABLE
+//!     mode: STRICT                  # STRICT (default) | PERMISSIVE | DISABLE
 //! workloads:
-//!   - { name: echo-0, namespace: default, ip: 10.244.1.2 }
+//!   - name: echo-0
+//!     namespace: default
+//!     serviceAccount: echo          # default: default
+//!     node: node0
+//!     ip: 10.244.0.2
+//!     labels: { app: echo }
 //! services:
-//!   - { name: echo, namespace: default, vip: 10.96.0.10, ports: [8080] }
+//!   - name: echo
+//!     namespace: default
+//!     vip: 10.96.0.10
+//!     ports: [{ port: 80, targetPort: 8080 }]   # targetPort defaults to port
+//!     endpoints: [10.244.0.2]                   # workload addresses
 //! excludePorts: [22]
 //! ```
+//!
+//! Capture sends to the agent every service VIP:port and every address of a meshed
+//! workload (those in the file, and the node's enrolled pods).
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
     path::{Path, PathBuf},
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use weft_common::{MeshDestination, Mode, SockAddr, destination};
 
-use crate::datapath::sock_addr;
+use crate::{datapath::sock_addr, identity::Identity};
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct MeshConfig {
+    /// The writer's revision of this configuration, reported back by the agent
+    /// (`/config_dump`, `weft_config_revision`) so the writer can tell when it applies.
+    #[serde(default)]
+    pub revision: u64,
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    #[serde(default)]
+    pub nodes: Vec<Node>,
     #[serde(default)]
     pub namespaces: Vec<MeshNamespace>,
     #[serde(default)]
@@ -38,7 +62,37 @@ pub struct MeshConfig {
     pub exclude_ports: Vec<u16>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self {
+            revision: 0,
+            trust_domain: default_trust_domain(),
+            nodes: Vec::new(),
+            namespaces: Vec::new(),
+            workloads: Vec::new(),
+            services: Vec::new(),
+            exclude_ports: Vec::new(),
+        }
+    }
+}
+
+fn default_trust_domain() -> String {
+    "cluster.local".to_owned()
+}
+
+fn default_service_account() -> String {
+    "default".to_owned()
+}
+
+/// A node and the address its agent takes HBONE tunnels on (port 15008).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    pub name: String,
+    pub address: IpAddr,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MeshNamespace {
     pub name: String,
@@ -47,7 +101,7 @@ pub struct MeshNamespace {
 }
 
 /// How a meshed pod accepts plaintext (the PeerAuthentication modes).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum PeerMode {
     #[default]
@@ -66,21 +120,47 @@ impl From<PeerMode> for Mode {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Workload {
     pub name: String,
     pub namespace: String,
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    /// The node the pod runs on; without it the workload can be captured but not
+    /// reached through the mesh.
+    #[serde(default)]
+    pub node: Option<String>,
     pub ip: IpAddr,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Service {
     pub name: String,
     pub namespace: String,
     pub vip: IpAddr,
-    pub ports: Vec<u16>,
+    pub ports: Vec<ServicePort>,
+    /// Addresses of the workloads behind the service.
+    #[serde(default)]
+    pub endpoints: Vec<IpAddr>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServicePort {
+    pub port: u16,
+    /// The endpoints' port; defaults to `port`.
+    #[serde(default)]
+    pub target_port: Option<u16>,
+}
+
+impl ServicePort {
+    pub fn target(&self) -> u16 {
+        self.target_port.unwrap_or(self.port)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +206,26 @@ impl MeshConfig {
     }
 
     fn validate(&self) -> Result<(), String> {
+        let mut nodes = HashSet::new();
+        for (index, node) in self.nodes.iter().enumerate() {
+            if !nodes.insert(node.name.as_str()) {
+                return Err(format!("nodes[{index}]: {} is listed twice", node.name));
+            }
+        }
+        let mut addresses = HashSet::new();
+        for (index, workload) in self.workloads.iter().enumerate() {
+            if !addresses.insert(workload.ip) {
+                return Err(format!(
+                    "workloads[{index}] ({}): address {} belongs to another workload too",
+                    workload.name, workload.ip
+                ));
+            }
+            if let Some(node) = &workload.node
+                && !nodes.contains(node.as_str())
+            {
+                return Err(format!("workloads[{index}].node: {node} is not in nodes"));
+            }
+        }
         let mut namespaces = HashSet::new();
         for (index, namespace) in self.namespaces.iter().enumerate() {
             if !namespaces.insert(&namespace.name) {
@@ -142,9 +242,23 @@ impl MeshConfig {
                     service.name
                 ));
             }
-            if let Some(position) = service.ports.iter().position(|port| *port == 0) {
+            if let Some(position) = service
+                .ports
+                .iter()
+                .position(|port| port.port == 0 || port.target_port == Some(0))
+            {
                 return Err(format!(
                     "services[{index}].ports[{position}]: port 0 is not a port"
+                ));
+            }
+            if let Some(position) = service
+                .endpoints
+                .iter()
+                .position(|endpoint| !addresses.contains(endpoint))
+            {
+                return Err(format!(
+                    "services[{index}].endpoints[{position}]: {} is not the address of a workload",
+                    service.endpoints[position]
                 ));
             }
         }
@@ -184,9 +298,34 @@ impl MeshConfig {
         let services = self.services.iter().flat_map(|svc| {
             svc.ports
                 .iter()
-                .map(move |port| (sock_addr(svc.vip, *port), service))
+                .map(move |port| (sock_addr(svc.vip, port.port), service))
         });
         workloads.chain(services).collect()
+    }
+
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
+        self.workloads.iter().find(|workload| workload.ip == ip)
+    }
+
+    /// The service behind `vip:port`, with the port entry that matched.
+    pub fn service_at(&self, vip: IpAddr, port: u16) -> Option<(&Service, ServicePort)> {
+        self.services.iter().find_map(|service| {
+            let matched = service.ports.iter().find(|entry| entry.port == port)?;
+            (service.vip == vip).then_some((service, *matched))
+        })
+    }
+
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.iter().find(|node| node.name == name)
+    }
+
+    /// The SPIFFE identity `workload` runs as.
+    pub fn identity(&self, workload: &Workload) -> Identity {
+        Identity {
+            trust_domain: self.trust_domain.clone(),
+            namespace: workload.namespace.clone(),
+            service_account: workload.service_account.clone(),
+        }
     }
 }
 
@@ -208,7 +347,11 @@ workloads:
   - { name: echo-0, namespace: default, ip: 10.244.1.2 }
   - { name: legacy, namespace: outside, ip: 10.244.1.9 }
 services:
-  - { name: echo, namespace: default, vip: 10.96.0.10, ports: [8080, 9090] }
+  - name: echo
+    namespace: default
+    vip: 10.96.0.10
+    ports: [{ port: 8080 }, { port: 9090, targetPort: 9000 }]
+    endpoints: [10.244.1.2]
 excludePorts: [22]
 "#;
 
@@ -226,6 +369,17 @@ excludePorts: [22]
         assert!(has("10.244.0.5", 0), "a local enrolled pod");
         assert!(!has("10.244.1.9", 0), "a workload of an unmeshed namespace");
         assert!(has("10.96.0.10", 8080) && has("10.96.0.10", 9090));
+        let (service, port) = config
+            .service_at("10.96.0.10".parse().unwrap(), 9090)
+            .unwrap();
+        assert_eq!((service.name.as_str(), port.target()), ("echo", 9000));
+        let echo = config
+            .workload_by_ip("10.244.1.2".parse().unwrap())
+            .unwrap();
+        assert_eq!(
+            config.identity(echo).to_string(),
+            "spiffe://cluster.local/ns/default/sa/default"
+        );
         assert!(!has("10.96.0.10", 0), "a VIP is only captured on its ports");
         assert_eq!(destinations.len(), 4);
     }

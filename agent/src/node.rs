@@ -7,6 +7,7 @@ use std::{
     collections::BTreeMap,
     fs, io,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
@@ -15,6 +16,7 @@ use weft_api::enroll::{Pod, Reply, Request};
 use crate::{
     datapath::{Datapath, DatapathError, netns},
     mesh::{MeshConfig, PeerMode},
+    reload::Current,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +62,8 @@ pub struct Attachment {
 #[derive(Debug)]
 pub struct Node {
     datapath: Datapath,
-    mesh: MeshConfig,
+    /// Shared with the proxy, which routes by the same configuration.
+    mesh: Arc<Current<MeshConfig>>,
     pods: BTreeMap<String, Enrolled>,
     store: PathBuf,
 }
@@ -70,7 +73,7 @@ impl Node {
     /// detaches and forgets those whose network namespace is gone.
     pub fn start(
         datapath: Datapath,
-        mesh: MeshConfig,
+        mesh: Arc<Current<MeshConfig>>,
         state_dir: &Path,
     ) -> Result<Self, NodeError> {
         let store = state_dir.join("pods");
@@ -122,7 +125,7 @@ impl Node {
 
     /// Applies a new mesh configuration to every enrolled pod and to capture.
     pub fn set_mesh(&mut self, mesh: MeshConfig) -> Result<(), NodeError> {
-        self.mesh = mesh;
+        self.mesh.replace(mesh);
         let ids: Vec<String> = self.pods.keys().cloned().collect();
         for id in ids {
             self.sync(&id, false)?;
@@ -130,8 +133,8 @@ impl Node {
         self.sync_destinations()
     }
 
-    pub fn mesh(&self) -> &MeshConfig {
-        &self.mesh
+    pub fn mesh(&self) -> Arc<MeshConfig> {
+        self.mesh.get()
     }
 
     pub fn pods(&self) -> impl Iterator<Item = &Enrolled> {
@@ -183,7 +186,7 @@ impl Node {
     /// attached pod keeps its attachment unless `reattach` asks for this agent's.
     fn sync(&mut self, id: &str, reattach: bool) -> Result<(), NodeError> {
         let record = self.pods[id].clone();
-        let wanted = self.mesh.mode_of(&record.pod.namespace);
+        let wanted = self.mesh.get().mode_of(&record.pod.namespace);
         let attachment = match wanted {
             None => {
                 if let Some(old) = record.attachment {
@@ -264,9 +267,9 @@ impl Node {
             .values()
             .filter(|record| record.attachment.is_some())
             .flat_map(|record| record.pod.ips.iter().copied());
-        let wanted = self.mesh.destinations(local);
-        self.datapath.set_destinations(&wanted)?;
-        self.datapath.set_excluded_ports(&self.mesh.exclude_ports)?;
+        let mesh = self.mesh.get();
+        self.datapath.set_destinations(&mesh.destinations(local))?;
+        self.datapath.set_excluded_ports(&mesh.exclude_ports)?;
         Ok(())
     }
 

@@ -19,9 +19,12 @@ use std::{
 };
 
 use crate::{
-    ClusterError, Layout, NodeInfo, NodeProcess, PodInfo, Topology, cni, host,
-    layout::validate_dns_label,
+    ClusterError, Layout, NodeInfo, NodeProcess, PodInfo, Topology, ca, cni, host,
+    layout::validate_dns_label, mesh,
 };
+
+/// The agent's configuration dump, on its admin port (localhost in the node).
+const ADMIN_CONFIG_DUMP: &str = "http://127.0.0.1:15000/config_dump";
 
 /// Upper bound on nodes: each owns a /24 of 10.244.0.0/16 and a fabric address.
 pub const MAX_NODES: usize = 64;
@@ -102,6 +105,10 @@ impl Cluster {
             bpffs: layout.bpffs(),
             state_dir: layout.state_dir(),
             cni_bin_dir: None,
+            mesh_template: None,
+            mesh_revision: 0,
+            mesh_config: layout.state_dir().join("mesh.yaml"),
+            trust_bundle: layout.state_dir().join("ca").join("ca.crt"),
             nodes: (0..nodes)
                 .map(|index| {
                     let node = format!("node{index}");
@@ -117,6 +124,7 @@ impl Cluster {
                         agent_socket: layout.node_state(&node).join("cni.sock"),
                         agent_state_dir: layout.node_state(&node).join("agent"),
                         flow_log: layout.node_state(&node).join("flows.jsonl"),
+                        certs: layout.node_state(&node).join("certs"),
                         agent: None,
                         name: node,
                     }
@@ -258,6 +266,14 @@ impl Cluster {
         };
         let node = node.clone();
         let cni_bin_dir = self.topology.cni_bin_dir.clone();
+        // The agents learn of the pod (its identity's certificate, its place in the mesh
+        // configuration) before the runtime asks them to enroll it.
+        self.topology.pods.push(pod.clone());
+        let prepared = self
+            .issue_certificate(&pod)
+            .and_then(|()| self.write_mesh());
+        self.topology.pods.pop();
+        prepared?;
         let started = wire_pod(&node, &pod)
             .and_then(|()| match &cni_bin_dir {
                 Some(dir) => cni::invoke(dir, "ADD", &node, &pod),
@@ -279,7 +295,7 @@ impl Cluster {
                     None => Ok(()),
                 }
                 .and_then(|()| unwire_pod(&node, &pod));
-                if let Err(cleanup) = cleanup {
+                if let Err(cleanup) = cleanup.and_then(|()| self.write_mesh()) {
                     log::warn!("removing the half-made pod {pod_key} failed: {cleanup}");
                 }
                 return Err(err);
@@ -288,6 +304,103 @@ impl Cluster {
         self.topology.pods.push(pod.clone());
         self.save()?;
         Ok(pod)
+    }
+
+    /// Gives the cluster a mesh: `template` is the user's part of the mesh
+    /// configuration (meshed namespaces, services with selectors, excluded ports; see
+    /// `mesh`). Creates the cluster's CA on first use and issues every pod's identity.
+    pub fn set_mesh(&mut self, template: serde_json::Value) -> Result<(), ClusterError> {
+        let _lock = self.lock()?;
+        self.refresh()?;
+        mesh::render(&template, &self.topology, 0)?;
+        self.ca()?;
+        self.topology.mesh_template = Some(template);
+        for pod in self.topology.pods.clone() {
+            self.issue_certificate(&pod)?;
+        }
+        self.write_mesh()?;
+        self.save()
+    }
+
+    /// Waits until every running agent has applied the mesh configuration last written.
+    pub fn wait_for_mesh(&self, timeout: Duration) -> Result<(), ClusterError> {
+        let revision = self.topology.mesh_revision;
+        let deadline = Instant::now() + timeout;
+        for node in self
+            .topology
+            .nodes
+            .iter()
+            .filter(|node| node.agent.is_some())
+        {
+            loop {
+                let dump = self
+                    .node_command(
+                        &node.name,
+                        &["curl", "-sf", "--max-time", "1", ADMIN_CONFIG_DUMP],
+                    )?
+                    .output()
+                    .map_err(ClusterError::io("curl"))?;
+                let applied = serde_json::from_slice::<serde_json::Value>(&dump.stdout)
+                    .ok()
+                    .and_then(|dump| dump["mesh"]["revision"].as_u64());
+                if applied.is_some_and(|applied| applied >= revision) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(ClusterError::MeshNotApplied {
+                        revision,
+                        timeout,
+                        logs: self.layout.state_dir().join("logs"),
+                    });
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the mesh configuration for the current topology, if the cluster has a mesh.
+    fn write_mesh(&mut self) -> Result<(), ClusterError> {
+        let Some(template) = &self.topology.mesh_template else {
+            return Ok(());
+        };
+        let revision = self.topology.mesh_revision + 1;
+        let rendered = mesh::render(template, &self.topology, revision)?;
+        let path = &self.topology.mesh_config;
+        let partial = path.with_extension("partial");
+        let text = serde_json::to_vec_pretty(&rendered).expect("JSON values serialise");
+        fs::write(&partial, text).map_err(ClusterError::io(&partial))?;
+        fs::rename(&partial, path).map_err(ClusterError::io(path))?;
+        self.topology.mesh_revision = revision;
+        Ok(())
+    }
+
+    /// The cluster's certificate authority, created on first use.
+    fn ca(&self) -> Result<ca::LocalCa, ClusterError> {
+        ca::LocalCa::create_or_load(&self.layout.state_dir().join("ca"), mesh::TRUST_DOMAIN)
+    }
+
+    /// Issues the certificate of `pod`'s identity to its node, unless it has one.
+    fn issue_certificate(&self, pod: &PodInfo) -> Result<(), ClusterError> {
+        if self.topology.mesh_template.is_none() {
+            return Ok(());
+        }
+        let node = self.node(&pod.node)?;
+        let stem = format!("{}.{}", pod.namespace, pod.service_account);
+        if node.certs.join(format!("{stem}.crt")).exists() {
+            return Ok(());
+        }
+        let ca =
+            ca::LocalCa::create_or_load(&self.layout.state_dir().join("ca"), mesh::TRUST_DOMAIN)?;
+        let identity = format!(
+            "spiffe://{}/ns/{}/sa/{}",
+            mesh::TRUST_DOMAIN,
+            pod.namespace,
+            pod.service_account
+        );
+        host::create_dir(&node.certs)?;
+        ca.issue(&identity, &node.certs, &stem, ca::Validity::days(1))?;
+        Ok(())
     }
 
     /// Stops a pod's processes and removes its namespace, veth pair and cgroup.
@@ -307,6 +420,7 @@ impl Cluster {
         self.topology
             .pods
             .retain(|other| (other.namespace.as_str(), other.name.as_str()) != (namespace, name));
+        self.write_mesh()?;
         self.save()
     }
 
@@ -384,18 +498,22 @@ impl Cluster {
         self.save()
     }
 
-    /// Starts `weft-agent` (the binary at `agent_bin`) on `node` with the mesh
-    /// configuration file `mesh_config`, and waits until it serves its CNI socket.
+    /// Starts `weft-agent` (the binary at `agent_bin`) on `node` with the cluster's
+    /// mesh configuration and certificates, and waits until it serves its CNI socket.
     pub fn start_agent(
         &mut self,
         node: &str,
         agent_bin: &Path,
-        mesh_config: &Path,
     ) -> Result<NodeProcess, ClusterError> {
         const READY: Duration = Duration::from_secs(15);
         let _lock = self.lock()?;
         self.refresh()?;
+        if self.topology.mesh_template.is_none() {
+            return Err(ClusterError::NoMesh(self.topology.name.clone()));
+        }
         let info = self.node(node)?.clone();
+        host::create_dir(&info.certs)?;
+        let mesh_config = self.topology.mesh_config.clone();
         let argv: Vec<String> = [
             agent_bin.as_os_str(),
             "run".as_ref(),
@@ -413,6 +531,10 @@ impl Cluster {
             info.agent_state_dir.as_os_str(),
             "--mesh-config".as_ref(),
             mesh_config.as_os_str(),
+            "--trust-bundle".as_ref(),
+            self.topology.trust_bundle.as_os_str(),
+            "--certs".as_ref(),
+            info.certs.as_os_str(),
             "--flow-log".as_ref(),
             info.flow_log.as_os_str(),
             // Kernel programs' own log records, at debug level, into the agent's log.

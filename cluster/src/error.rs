@@ -84,6 +84,20 @@ pub enum ClusterError {
         timeout: std::time::Duration,
         log: PathBuf,
     },
+    #[error("invalid mesh template: {0}")]
+    MeshTemplate(String),
+    #[error(
+        "cluster {0} has no mesh yet; give it one (`cluster up --mesh FILE`) before starting agents"
+    )]
+    NoMesh(String),
+    #[error(
+        "the agents did not apply mesh revision {revision} within {timeout:?}; see their logs in {logs}"
+    )]
+    MeshNotApplied {
+        revision: u64,
+        timeout: std::time::Duration,
+        logs: PathBuf,
+    },
     #[error("processes in cgroup {cgroup} did not exit within 10s after SIGKILL: {processes}")]
     Stuck { cgroup: PathBuf, processes: String },
 }

@@ -12,11 +12,13 @@
 //! of another.
 #![forbid(unsafe_code)]
 
+pub mod ca;
 mod cluster;
 pub mod cni;
 mod error;
 mod host;
 mod layout;
+pub mod mesh;
 mod topology;
 
 pub use cluster::{Cluster, PodSpec, down};

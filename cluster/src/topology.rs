@@ -20,6 +20,15 @@ pub struct Topology {
     /// When set, pods are enrolled through `weft-cni` from this directory, as a
     /// container runtime runs a chained CNI plugin.
     pub cni_bin_dir: Option<PathBuf>,
+    /// The user's part of the mesh configuration (see `mesh`), once the cluster has a
+    /// mesh.
+    pub mesh_template: Option<serde_json::Value>,
+    /// Revision of the last mesh configuration written.
+    pub mesh_revision: u64,
+    /// The mesh configuration file every agent reads.
+    pub mesh_config: PathBuf,
+    /// The root certificate of the cluster's CA (the agents' trust bundle).
+    pub trust_bundle: PathBuf,
     pub nodes: Vec<NodeInfo>,
     pub pods: Vec<PodInfo>,
 }
@@ -47,6 +56,8 @@ pub struct NodeInfo {
     pub agent_state_dir: PathBuf,
     /// Where the node agent writes flow events (JSON lines).
     pub flow_log: PathBuf,
+    /// The certificates of the identities of the node's pods.
+    pub certs: PathBuf,
     /// The node's agent, while one runs.
     pub agent: Option<NodeProcess>,
 }

@@ -41,11 +41,12 @@ impl TestCluster {
         Self(Cluster::up(&name, nodes).unwrap_or_else(|err| panic!("cluster {name}: {err}")))
     }
 
-    /// A cluster whose nodes each run `weft-agent` with `mesh` (YAML) as the mesh
-    /// configuration, and whose pods are enrolled through `weft-cni`.
+    /// A cluster whose nodes each run `weft-agent`, with `mesh` (YAML: the user's part
+    /// of the mesh configuration, see `weft_cluster::mesh`), and whose pods are
+    /// enrolled through `weft-cni`.
     pub fn with_mesh(nodes: usize, mesh: &str) -> Self {
         let mut cluster = Self::up(nodes);
-        cluster.write_mesh(mesh);
+        cluster.set_mesh_yaml(mesh);
         let bin_dir = workspace_bin("weft-cni").parent().unwrap().to_owned();
         cluster
             .set_cni(Some(bin_dir))
@@ -57,18 +58,21 @@ impl TestCluster {
     }
 
     pub fn start_agent_on(&mut self, node: &str) {
-        let config = self.mesh_config();
-        self.start_agent(node, &workspace_bin("weft-agent"), &config)
+        self.start_agent(node, &workspace_bin("weft-agent"))
             .unwrap_or_else(|err| panic!("{err}"));
     }
 
-    /// The mesh configuration file the agents read (and reload when it changes).
-    pub fn mesh_config(&self) -> PathBuf {
-        self.topology().state_dir.join("mesh.yaml")
+    /// Replaces the user's part of the mesh configuration.
+    pub fn set_mesh_yaml(&mut self, mesh: &str) {
+        let template = serde_yaml::from_str(mesh).unwrap_or_else(|err| panic!("{err}: {mesh}"));
+        self.set_mesh(template)
+            .unwrap_or_else(|err| panic!("{err}"));
     }
 
-    pub fn write_mesh(&self, mesh: &str) {
-        std::fs::write(self.mesh_config(), mesh).expect("the state directory is writable");
+    /// Waits until every agent runs the mesh configuration last written.
+    pub fn settle(&self) {
+        self.wait_for_mesh(std::time::Duration::from_secs(10))
+            .unwrap_or_else(|err| panic!("{err}"));
     }
 
     /// The node's kernel counters, by name.

@@ -19,8 +19,9 @@ pub enum Command {
         name: String,
         #[arg(long, default_value_t = 2)]
         nodes: usize,
-        /// Run weft-agent on every node with this mesh configuration (reloaded when it
-        /// changes), and enroll pods through weft-cni.
+        /// Give the cluster a mesh (YAML: meshed namespaces, services with selectors,
+        /// excluded ports; see README.md), run weft-agent on every node and enroll pods
+        /// through weft-cni.
         #[arg(long)]
         mesh: Option<PathBuf>,
     },
@@ -76,9 +77,9 @@ pub enum AgentCommand {
         name: String,
         #[arg(long)]
         node: String,
-        /// The mesh configuration file.
+        /// Give the cluster this mesh first (needed when it has none yet).
         #[arg(long)]
-        mesh: PathBuf,
+        mesh: Option<PathBuf>,
     },
     /// Stop a node's agent; capture and enforcement stay attached.
     Stop {
@@ -126,8 +127,9 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Up { name, nodes, mesh } => {
             let mut cluster = Cluster::up(&name, nodes)?;
             if let Some(mesh) = mesh {
+                set_mesh(&mut cluster, &mesh)?;
                 for node in cluster.topology().node_names() {
-                    start_agent(&mut cluster, &node, &mesh)?;
+                    start_agent(&mut cluster, &node)?;
                 }
             }
             eprintln!(
@@ -137,7 +139,13 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Agent {
             command: AgentCommand::Start { name, node, mesh },
-        } => start_agent(&mut Cluster::open(&name)?, &node, &mesh),
+        } => {
+            let mut cluster = Cluster::open(&name)?;
+            if let Some(mesh) = mesh {
+                set_mesh(&mut cluster, &mesh)?;
+            }
+            start_agent(&mut cluster, &node)
+        }
         Command::Agent {
             command: AgentCommand::Stop { name, node },
         } => Cluster::open(&name)?.stop_agent(&node).map_err(Into::into),
@@ -202,9 +210,19 @@ pub fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
+/// Gives the cluster the mesh described by the YAML file `mesh`.
+pub fn set_mesh(cluster: &mut Cluster, mesh: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(mesh)
+        .with_context(|| format!("cannot read the mesh configuration {}", mesh.display()))?;
+    let template: serde_json::Value = serde_yaml::from_str(&text)
+        .with_context(|| format!("{} is not valid YAML", mesh.display()))?;
+    cluster.set_mesh(template)?;
+    Ok(())
+}
+
 /// Builds the agent and the CNI plugin, turns on enrollment through the plugin and
 /// starts the agent on `node`.
-fn start_agent(cluster: &mut Cluster, node: &str, mesh: &Path) -> anyhow::Result<()> {
+pub fn start_agent(cluster: &mut Cluster, node: &str) -> anyhow::Result<()> {
     cmd::run(cmd::cargo().args([
         "build",
         "--quiet",
@@ -214,12 +232,9 @@ fn start_agent(cluster: &mut Cluster, node: &str, mesh: &Path) -> anyhow::Result
         "weft-cni",
         "--bins",
     ]))?;
-    let mesh = mesh
-        .canonicalize()
-        .with_context(|| format!("cannot find the mesh configuration {}", mesh.display()))?;
     let bin_dir = workspace_binaries()?;
     cluster.set_cni(Some(bin_dir.clone()))?;
-    let agent = cluster.start_agent(node, &bin_dir.join("weft-agent"), &mesh)?;
+    let agent = cluster.start_agent(node, &bin_dir.join("weft-agent"))?;
     eprintln!(
         "weft-agent runs on {node} (pid {}, log {})",
         agent.pid,

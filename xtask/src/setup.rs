@@ -28,6 +28,9 @@ const PACKAGES: &[&str] = &[
     "socat",
     // a client that sets SO_MARK before connecting, as the agent does
     "python3",
+    // looking at the wire between nodes; scraping and checking the agents' metrics
+    "tcpdump",
+    "prometheus",
 ];
 
 /// bpf-linker release the build is verified with.

@@ -1,0 +1,210 @@
+//! The agent's small HTTP servers, on the control runtime away from the data plane:
+//! Prometheus metrics (15020), readiness (15021), and admin on localhost (15000):
+//! `GET /config_dump`, `GET /certs`, `POST /logging?filter=<env_logger filter>`.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::UNIX_EPOCH,
+};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+
+use crate::{
+    datapath::{Pins, pinned},
+    logging,
+    mesh::MeshConfig,
+    node::Node,
+    proxy::Proxy,
+    reload::Current,
+    tls::CertStore,
+};
+
+pub const ADMIN_PORT: u16 = 15000;
+pub const METRICS_PORT: u16 = 15020;
+pub const READY_PORT: u16 = 15021;
+
+/// What the endpoints report on.
+#[derive(Debug)]
+pub struct Admin {
+    pub metrics: PrometheusHandle,
+    pub pins: Pins,
+    pub mesh: Arc<Current<MeshConfig>>,
+    pub certs: Arc<Current<CertStore>>,
+    pub node: Arc<Mutex<Node>>,
+    pub proxy: Arc<Proxy>,
+}
+
+type Reply = Response<Full<Bytes>>;
+/// An endpoint set: the function answering every request on one port.
+type Route = fn(&Admin, &Request<Incoming>) -> Reply;
+
+impl Admin {
+    /// Serves `route` on `listener` until the task is dropped.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        route: fn(&Admin, &Request<Incoming>) -> Reply,
+    ) {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let admin = Arc::clone(&self);
+            tokio::spawn(async move {
+                let service = service_fn(move |request: Request<Incoming>| {
+                    let reply = route(&admin, &request);
+                    async move { Ok::<_, Infallible>(reply) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    }
+
+    /// `GET /metrics`: the Prometheus text format, kernel counters refreshed first.
+    pub fn metrics(&self, request: &Request<Incoming>) -> Reply {
+        if (request.method(), request.uri().path()) != (&Method::GET, "/metrics") {
+            return text(StatusCode::NOT_FOUND, "try GET /metrics\n");
+        }
+        match pinned::counters(&self.pins) {
+            Ok(counters) => {
+                for (counter, value) in counters {
+                    metrics::counter!("weft_ebpf_events_total", "event" => counter.name())
+                        .absolute(value);
+                }
+            }
+            Err(err) => log::warn!("cannot read the kernel counters: {err}"),
+        }
+        metrics::gauge!("weft_active_connections").set(self.proxy.active() as f64);
+        metrics::gauge!("weft_config_revision").set(self.mesh.get().revision as f64);
+        metrics::gauge!("weft_hbone_pool_connections").set(self.proxy.pool.connections() as f64);
+        let certs = self.certs.get();
+        for cert in certs.identities() {
+            let expiry = cert
+                .not_after
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64();
+            metrics::gauge!("weft_certificate_expiry_seconds", "identity" => cert.identity.to_string())
+                .set(expiry);
+        }
+        let mut reply = text(StatusCode::OK, &self.metrics.render());
+        reply.headers_mut().insert(
+            header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain; version=0.0.4"),
+        );
+        reply
+    }
+
+    /// `GET /healthz/ready`: the port only opens once programs are attached and the
+    /// configuration and certificates are loaded, so answering is being ready.
+    pub fn ready(&self, request: &Request<Incoming>) -> Reply {
+        if request.uri().path() != "/healthz/ready" {
+            return text(StatusCode::NOT_FOUND, "try GET /healthz/ready\n");
+        }
+        if self.certs.get().identities().is_empty() {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no workload certificates loaded\n",
+            );
+        }
+        text(StatusCode::OK, "ready\n")
+    }
+
+    /// The admin endpoints (bound to localhost only).
+    pub fn admin(&self, request: &Request<Incoming>) -> Reply {
+        match (request.method(), request.uri().path()) {
+            (&Method::GET, "/config_dump") => {
+                let node = self.node.lock().expect("node lock");
+                let pods: Vec<_> = node.pods().cloned().collect();
+                json(&serde_json::json!({
+                    "mesh": *self.mesh.get(),
+                    "pods": pods,
+                    "active_connections": self.proxy.active(),
+                }))
+            }
+            (&Method::GET, "/certs") => {
+                let certs: Vec<_> = self
+                    .certs
+                    .get()
+                    .identities()
+                    .into_iter()
+                    .map(|cert| {
+                        serde_json::json!({
+                            "identity": cert.identity.to_string(),
+                            "serial": cert.serial,
+                            "not_before": unix(cert.not_before),
+                            "not_after": unix(cert.not_after),
+                        })
+                    })
+                    .collect();
+                json(&certs)
+            }
+            (&Method::POST, "/logging") => {
+                let filter = request.uri().query().and_then(|query| {
+                    query
+                        .split('&')
+                        .find_map(|pair| pair.strip_prefix("filter="))
+                        .map(str::to_owned)
+                });
+                match filter {
+                    Some(filter) => {
+                        logging::set_filter(&filter);
+                        text(StatusCode::OK, &format!("log filter is now {filter}\n"))
+                    }
+                    None => text(
+                        StatusCode::BAD_REQUEST,
+                        "give the new filter as ?filter=info,weft_agent=debug\n",
+                    ),
+                }
+            }
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "endpoints: GET /config_dump, GET /certs, POST /logging?filter=...\n",
+            ),
+        }
+    }
+}
+
+fn unix(time: std::time::SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+fn text(status: StatusCode, body: &str) -> Reply {
+    let mut reply = Response::new(Full::new(Bytes::from(body.to_owned())));
+    *reply.status_mut() = status;
+    reply
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Reply {
+    let body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    let mut reply = Response::new(Full::new(Bytes::from(body)));
+    reply.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    reply
+}
+
+/// The addresses the three servers bind.
+pub fn addresses() -> [(SocketAddr, Route); 3] {
+    [
+        (
+            SocketAddr::from(([0, 0, 0, 0], METRICS_PORT)),
+            Admin::metrics,
+        ),
+        (SocketAddr::from(([0, 0, 0, 0], READY_PORT)), Admin::ready),
+        (SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT)), Admin::admin),
+    ]
+}

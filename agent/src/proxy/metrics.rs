@@ -1,0 +1,221 @@
+//! Telemetry of proxied connections: Istio's standard TCP metrics (so existing
+//! dashboards and Kiali work), `weft_*` series for the proxy's own events, and one
+//! JSON access-log line per connection.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, SystemTime},
+};
+
+use metrics::{Label, counter};
+use serde::Serialize;
+
+use crate::{identity::Identity, mesh::Workload};
+
+/// Which side of the tunnel reports, as Istio's `reporter` label says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reporter {
+    Source,
+    Destination,
+}
+
+/// One end of a connection as telemetry names it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Peer {
+    pub address: Option<SocketAddr>,
+    pub workload: Option<String>,
+    pub namespace: Option<String>,
+    pub principal: Option<String>,
+    #[serde(skip)]
+    pub app: Option<String>,
+    #[serde(skip)]
+    pub version: Option<String>,
+}
+
+impl Peer {
+    pub fn of(workload: &Workload, identity: Option<&Identity>, address: SocketAddr) -> Self {
+        Self {
+            address: Some(address),
+            workload: Some(workload.name.clone()),
+            namespace: Some(workload.namespace.clone()),
+            principal: identity.map(ToString::to_string),
+            app: workload.labels.get("app").cloned(),
+            version: workload.labels.get("version").cloned(),
+        }
+    }
+}
+
+/// A connection the proxy carries, for its metrics and access log.
+#[derive(Clone, Debug, Serialize)]
+pub struct Connection {
+    pub reporter: Reporter,
+    pub source: Peer,
+    pub destination: Peer,
+    /// `(namespace, name)` of the service the client addressed, if any.
+    pub service: Option<(String, String)>,
+    /// Whether the bytes crossed the network in mutual TLS.
+    pub mutual_tls: bool,
+    #[serde(skip)]
+    pub started: SystemTime,
+}
+
+/// How a connection ended, for the access log.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Outcome<'a> {
+    /// Bytes from the client towards the server.
+    pub received: u64,
+    /// Bytes from the server back to the client.
+    pub sent: u64,
+    /// `None` for a connection that ended normally; otherwise what went wrong.
+    pub error: Option<&'a str>,
+}
+
+impl Connection {
+    pub fn new(reporter: Reporter, source: Peer, destination: Peer) -> Self {
+        Self {
+            reporter,
+            source,
+            destination,
+            service: None,
+            mutual_tls: false,
+            started: SystemTime::now(),
+        }
+    }
+
+    fn labels(&self) -> Vec<Label> {
+        let value = |value: &Option<String>| value.clone().unwrap_or_else(|| "unknown".to_owned());
+        let (service_namespace, service_name) = self
+            .service
+            .clone()
+            .unwrap_or_else(|| ("unknown".to_owned(), "unknown".to_owned()));
+        let service_host = match &self.service {
+            Some((namespace, name)) => format!("{name}.{namespace}.svc.cluster.local"),
+            None => "unknown".to_owned(),
+        };
+        let reporter = match self.reporter {
+            Reporter::Source => "source",
+            Reporter::Destination => "destination",
+        };
+        let policy = if self.mutual_tls {
+            "mutual_tls"
+        } else {
+            "none"
+        };
+        vec![
+            Label::new("reporter", reporter),
+            Label::new("source_workload", value(&self.source.workload)),
+            Label::new("source_workload_namespace", value(&self.source.namespace)),
+            Label::new("source_principal", value(&self.source.principal)),
+            Label::new("source_app", value(&self.source.app)),
+            Label::new("source_version", value(&self.source.version)),
+            Label::new("source_cluster", "Kubernetes"),
+            Label::new("destination_workload", value(&self.destination.workload)),
+            Label::new(
+                "destination_workload_namespace",
+                value(&self.destination.namespace),
+            ),
+            Label::new("destination_principal", value(&self.destination.principal)),
+            Label::new("destination_app", value(&self.destination.app)),
+            Label::new("destination_version", value(&self.destination.version)),
+            Label::new("destination_service", service_host),
+            Label::new("destination_service_name", service_name),
+            Label::new("destination_service_namespace", service_namespace),
+            Label::new("destination_cluster", "Kubernetes"),
+            Label::new("request_protocol", "tcp"),
+            Label::new("response_flags", "-"),
+            Label::new("connection_security_policy", policy),
+        ]
+    }
+
+    pub fn opened(&self) {
+        counter!("istio_tcp_connections_opened_total", self.labels()).increment(1);
+    }
+
+    /// Counts the connection's end and bytes, and writes its access-log line.
+    pub fn closed(&self, outcome: Outcome<'_>) {
+        let labels = self.labels();
+        counter!("istio_tcp_connections_closed_total", labels.clone()).increment(1);
+        counter!("istio_tcp_received_bytes_total", labels.clone()).increment(outcome.received);
+        counter!("istio_tcp_sent_bytes_total", labels).increment(outcome.sent);
+        let duration = self.started.elapsed().unwrap_or(Duration::ZERO);
+        let line = serde_json::json!({
+            "start": unix_seconds(self.started),
+            "duration_ms": duration.as_secs_f64() * 1000.0,
+            "connection": self,
+            "bytes_received": outcome.received,
+            "bytes_sent": outcome.sent,
+            "security": if self.mutual_tls { "mutual_tls" } else { "none" },
+            "outcome": outcome.error.unwrap_or("ok"),
+        });
+        log::info!(target: "weft::access", "{line}");
+    }
+}
+
+/// Seconds since the Unix epoch, with milliseconds.
+fn unix_seconds(time: SystemTime) -> f64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+/// Registers the help text of every series the agent exports.
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge};
+    describe_counter!(
+        "istio_tcp_connections_opened_total",
+        "TCP connections opened (Istio standard)"
+    );
+    describe_counter!(
+        "istio_tcp_connections_closed_total",
+        "TCP connections closed (Istio standard)"
+    );
+    describe_counter!(
+        "istio_tcp_received_bytes_total",
+        "Bytes from the client towards the server (Istio standard)"
+    );
+    describe_counter!(
+        "istio_tcp_sent_bytes_total",
+        "Bytes from the server back to the client (Istio standard)"
+    );
+    describe_counter!(
+        "weft_connections_refused_total",
+        "Connections refused before they were carried, by direction and reason"
+    );
+    describe_counter!(
+        "weft_hbone_failures_total",
+        "Failed HBONE handshakes and tunnels, by direction and reason"
+    );
+    describe_counter!(
+        "weft_ebpf_events_total",
+        "Events counted by the kernel programs, by event"
+    );
+    describe_gauge!(
+        "weft_active_connections",
+        "Connections the proxy is carrying now"
+    );
+    describe_gauge!(
+        "weft_hbone_pool_connections",
+        "Pooled HBONE connections to other nodes' agents"
+    );
+    describe_gauge!(
+        "weft_certificate_expiry_seconds",
+        "When each workload certificate expires, in Unix seconds"
+    );
+    describe_gauge!(
+        "weft_config_revision",
+        "Revision of the mesh configuration the agent applies"
+    );
+}
+
+/// A connection the proxy refused before carrying it, by reason.
+pub fn refused(direction: &'static str, reason: &'static str) {
+    counter!("weft_connections_refused_total", "direction" => direction, "reason" => reason)
+        .increment(1);
+}
+
+/// A failed HBONE handshake or tunnel, by reason.
+pub fn hbone_failure(direction: &'static str, reason: &'static str) {
+    counter!("weft_hbone_failures_total", "direction" => direction, "reason" => reason)
+        .increment(1);
+}

@@ -1,0 +1,320 @@
+//! Outbound: connections the kernel captured from local pods (port 15001).
+//!
+//! The original destination recorded by the capture programs decides the route: a
+//! service VIP picks one of the service's endpoints (round robin), a meshed pod's
+//! address is that pod. An endpoint on another node is reached through an HBONE tunnel
+//! to that node's agent, in mutual TLS as the client workload; one on this node through
+//! a direct connection carrying the agent's mark.
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use http::{HeaderValue, Method, Request};
+use tokio::{
+    io::copy_bidirectional,
+    net::{TcpListener, TcpStream},
+};
+use tokio_rustls::TlsConnector;
+
+use super::{
+    CONNECT_TIMEOUT, HBONE_PORT, PoolKey, Proxy, connect_marked,
+    metrics::{self, Connection, Outcome, Peer, Reporter},
+};
+use crate::{identity::Identity, mesh::MeshConfig, tls};
+
+/// Accepts captured connections until the listener is dropped.
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
+    loop {
+        match listener.accept().await {
+            Ok((client, peer)) => {
+                let proxy = Arc::clone(&proxy);
+                tokio::spawn(async move { handle(&proxy, client, peer).await });
+            }
+            Err(err) => {
+                log::warn!("outbound accept failed: {err}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Why an outbound connection is refused before it is carried.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error(
+        "no original destination recorded for {0}: it was not captured by weft, or the record was evicted"
+    )]
+    UnknownOriginalDestination(SocketAddr),
+    #[error("{0} is not a workload of the mesh configuration")]
+    UnknownSource(SocketAddr),
+    #[error("{0} is neither a service nor a meshed workload of the mesh configuration")]
+    UnknownDestination(SocketAddr),
+    #[error("service {0} has no endpoints")]
+    NoEndpoints(String),
+    #[error("workload {0} has no node in the mesh configuration")]
+    NoNode(String),
+    #[error("node {0} is not in the mesh configuration")]
+    UnknownNode(String),
+    #[error("reading the original destination failed: {0}")]
+    Datapath(String),
+}
+
+impl Refusal {
+    fn reason(&self) -> &'static str {
+        match self {
+            Refusal::UnknownOriginalDestination(_) => "unknown_original_destination",
+            Refusal::UnknownSource(_) => "unknown_source",
+            Refusal::UnknownDestination(_) => "unknown_destination",
+            Refusal::NoEndpoints(_) => "no_endpoints",
+            Refusal::NoNode(_) | Refusal::UnknownNode(_) => "unknown_node",
+            Refusal::Datapath(_) => "datapath",
+        }
+    }
+}
+
+/// Where a captured connection goes.
+struct Route {
+    target: SocketAddr,
+    /// The agent to tunnel to; `None` when the target is on this node.
+    agent: Option<SocketAddr>,
+    connection: Connection,
+    source_identity: Identity,
+    destination_identity: Identity,
+}
+
+async fn handle(proxy: &Arc<Proxy>, mut client: TcpStream, peer: SocketAddr) {
+    let _tracked = proxy.track();
+    let route = match route(proxy, peer) {
+        Ok(route) => route,
+        Err(refusal) => {
+            log::warn!("outbound connection from {peer} refused: {refusal}");
+            metrics::refused("outbound", refusal.reason());
+            return;
+        }
+    };
+    let connection = route.connection;
+    connection.opened();
+    let _ = client.set_nodelay(true);
+    let result = match route.agent {
+        None => match connect_marked(route.target).await {
+            Ok(mut server) => copy_bidirectional(&mut client, &mut server)
+                .await
+                .map_err(|err| format!("copy: {err}")),
+            Err(err) => Err(format!("connect to {}: {err}", route.target)),
+        },
+        Some(agent) => {
+            match tunnel(
+                proxy,
+                &route.source_identity,
+                &route.destination_identity,
+                agent,
+                route.target,
+                peer,
+            )
+            .await
+            {
+                Ok(mut tunnel) => copy_bidirectional(&mut client, &mut tunnel)
+                    .await
+                    .map_err(|err| format!("copy: {err}")),
+                Err(err) => {
+                    metrics::hbone_failure("outbound", err.reason());
+                    Err(format!("HBONE to {agent} for {}: {err}", route.target))
+                }
+            }
+        }
+    };
+    let outcome = match &result {
+        Ok((received, sent)) => Outcome {
+            received: *received,
+            sent: *sent,
+            error: None,
+        },
+        Err(message) => {
+            log::warn!("outbound {peer} -> {}: {message}", route.target);
+            Outcome {
+                error: Some(message.as_str()),
+                ..Outcome::default()
+            }
+        }
+    };
+    connection.closed(outcome);
+}
+
+fn route(proxy: &Proxy, peer: SocketAddr) -> Result<Route, Refusal> {
+    let original = proxy
+        .original_destinations
+        .lock()
+        .expect("original destinations lock")
+        .take(peer)
+        .map_err(|err| Refusal::Datapath(err.to_string()))?
+        .ok_or(Refusal::UnknownOriginalDestination(peer))?;
+    let mesh = proxy.mesh.get();
+    let source = mesh
+        .workload_by_ip(peer.ip())
+        .ok_or(Refusal::UnknownSource(peer))?;
+    let (target, service) = match mesh.service_at(original.ip(), original.port()) {
+        Some((service, port)) => {
+            let endpoint = proxy
+                .pick(&service.namespace, &service.name, &service.endpoints)
+                .ok_or_else(|| {
+                    Refusal::NoEndpoints(format!("{}/{}", service.namespace, service.name))
+                })?;
+            (
+                SocketAddr::new(endpoint, port.target()),
+                Some((service.namespace.clone(), service.name.clone())),
+            )
+        }
+        None => (original, None),
+    };
+    let destination = mesh
+        .workload_by_ip(target.ip())
+        .filter(|workload| mesh.mode_of(&workload.namespace).is_some())
+        .ok_or(Refusal::UnknownDestination(target))?;
+    let node = destination
+        .node
+        .as_deref()
+        .ok_or_else(|| Refusal::NoNode(destination.name.clone()))?;
+    let agent = if node == proxy.node {
+        None
+    } else {
+        let address = mesh
+            .node(node)
+            .ok_or_else(|| Refusal::UnknownNode(node.to_owned()))?
+            .address;
+        Some(SocketAddr::new(address, HBONE_PORT))
+    };
+    let source_identity = mesh.identity(source);
+    let destination_identity = mesh.identity(destination);
+    let mut connection = Connection::new(
+        Reporter::Source,
+        Peer::of(source, Some(&source_identity), peer),
+        Peer::of(destination, Some(&destination_identity), target),
+    );
+    connection.service = service;
+    // Between nodes the bytes travel in an HBONE tunnel; on one node they stay local.
+    connection.mutual_tls = agent.is_some();
+    Ok(Route {
+        target,
+        agent,
+        connection,
+        source_identity,
+        destination_identity,
+    })
+}
+
+/// Opens an HBONE tunnel to `target` through the agent at `agent`.
+async fn tunnel(
+    proxy: &Proxy,
+    source: &Identity,
+    destination: &Identity,
+    agent: SocketAddr,
+    target: SocketAddr,
+    client: SocketAddr,
+) -> Result<super::hbone::Tunnel, super::hbone::HboneError> {
+    let key = PoolKey {
+        source: source.clone(),
+        destination: destination.clone(),
+        agent,
+    };
+    let request = connect_request(&proxy.mesh.get(), source, target, client);
+    let certs = proxy.certs.get();
+    let dial = || async move {
+        let config = certs
+            .client_config(source, destination)
+            .map_err(std::io::Error::other)?;
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(agent))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+            })??;
+        tcp.set_nodelay(true)?;
+        let name = tls::server_name(destination).map_err(std::io::Error::other)?;
+        TlsConnector::from(config).connect(name, tcp).await
+    };
+    proxy.pool.connect(&key, dial, request).await
+}
+
+/// The CONNECT request, with the headers Istio's HBONE peers send: `Forwarded` (the
+/// original client), `baggage` (the client workload) and `traceparent` (a new trace).
+fn connect_request(
+    mesh: &MeshConfig,
+    source: &Identity,
+    target: SocketAddr,
+    client: SocketAddr,
+) -> Request<()> {
+    let workload = mesh.workload_by_ip(client.ip());
+    let mut baggage = format!(
+        "k8s.cluster.name=Kubernetes,k8s.namespace.name={},service.name={}",
+        source.namespace,
+        workload
+            .and_then(|workload| workload.labels.get("app"))
+            .map_or(source.service_account.as_str(), String::as_str)
+    );
+    if let Some(workload) = workload {
+        baggage.push_str(&format!(",k8s.pod.name={}", workload.name));
+    }
+    let mut request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(target.to_string())
+        .body(())
+        .expect("a socket address is a valid authority");
+    let headers = request.headers_mut();
+    let forwarded = match client.ip() {
+        std::net::IpAddr::V4(ip) => format!("for={ip}"),
+        std::net::IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
+    };
+    for (name, value) in [
+        ("forwarded", forwarded),
+        ("baggage", baggage),
+        ("traceparent", traceparent()),
+    ] {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(name, value);
+        }
+    }
+    request
+}
+
+/// A W3C `traceparent` for a new sampled trace. The ids only need to be unique, not
+/// secret: they mix the clock, the process and a counter through the standard hasher,
+/// whose keys are random per process.
+fn traceparent() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    static KEYS: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    let keys = KEYS.get_or_init(Default::default);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let id = |salt: u64| {
+        let mut hasher = keys.build_hasher();
+        hasher.write_u128(nanos);
+        hasher.write_u64(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        hasher.write_u64(salt);
+        hasher.finish()
+    };
+    format!("00-{:016x}{:016x}-{:016x}-01", id(1), id(2), id(3))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparents_are_well_formed_and_distinct() {
+        let one = traceparent();
+        let two = traceparent();
+        assert_ne!(one, two);
+        let parts: Vec<&str> = one.split('-').collect();
+        assert_eq!(parts.len(), 4, "{one}");
+        assert_eq!(
+            (parts[0], parts[1].len(), parts[2].len(), parts[3]),
+            ("00", 32, 16, "01")
+        );
+    }
+}
