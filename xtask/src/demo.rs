@@ -136,21 +136,27 @@ fn show(name: &str) -> anyhow::Result<()> {
             .stderr(Stdio::null())
             .output()
             .context("cannot run curl in pod client")?;
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let Some((body, seconds)) = line.rsplit_once('\t') else {
-                failures += 1;
+        // Each request prints its body (the echo's JSON line, nothing when it failed),
+        // then a line with a tab and its time.
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut body = None;
+        let mut finished = 0;
+        for line in text.lines() {
+            let Some(seconds) = line.strip_prefix('\t') else {
+                body = Some(line);
                 continue;
             };
-            match serde_json::from_str::<serde_json::Value>(body) {
-                Ok(answer) => {
+            finished += 1;
+            match body.take().map(serde_json::from_str::<serde_json::Value>) {
+                Some(Ok(answer)) => {
                     let pod = answer["pod"].as_str().unwrap_or("?").to_owned();
                     *answers.entry(pod).or_default() += 1;
                     latencies.push(seconds.trim().parse::<f64>().unwrap_or(f64::NAN) * 1000.0);
                 }
-                Err(_) => failures += 1,
+                _ => failures += 1,
             }
         }
-        failures += BATCH.saturating_sub(out.stdout.iter().filter(|byte| **byte == b'\n').count());
+        failures += BATCH.saturating_sub(finished);
         eprintln!(
             "  {:>3}/{REQUESTS} sent, {} answered",
             (batch + 1) * BATCH,
