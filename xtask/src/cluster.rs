@@ -223,15 +223,7 @@ pub fn set_mesh(cluster: &mut Cluster, mesh: &Path) -> anyhow::Result<()> {
 /// Builds the agent and the CNI plugin, turns on enrollment through the plugin and
 /// starts the agent on `node`.
 pub fn start_agent(cluster: &mut Cluster, node: &str) -> anyhow::Result<()> {
-    cmd::run(cmd::cargo().args([
-        "build",
-        "--quiet",
-        "--package",
-        "weft-agent",
-        "--package",
-        "weft-cni",
-        "--bins",
-    ]))?;
+    cmd::build_binaries(&["weft-agent", "weft-cni"])?;
     let bin_dir = workspace_binaries()?;
     cluster.set_cni(Some(bin_dir.clone()))?;
     let agent = cluster.start_agent(node, &bin_dir.join("weft-agent"))?;

@@ -34,3 +34,18 @@ pub fn capture(command: &mut Command) -> anyhow::Result<String> {
 pub fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
+
+/// Builds the binaries of `packages` with the profile of the running xtask, so that
+/// they land beside it (see `cluster::workspace_binaries`).
+pub fn build_binaries(packages: &[&str]) -> anyhow::Result<()> {
+    let mut command = cargo();
+    command.args(["build", "--quiet", "--bins"]);
+    for package in packages {
+        command.args(["--package", package]);
+    }
+    let exe = std::env::current_exe().context("cannot locate the xtask binary")?;
+    if exe.parent().and_then(|dir| dir.file_name()) == Some("release".as_ref()) {
+        command.arg("--release");
+    }
+    run(&mut command)
+}

@@ -51,7 +51,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     eprintln!("==> building weft and the sample workloads");
-    cmd::run(cmd::cargo().args(["build", "--quiet", "--package", "weft-workloads", "--bins"]))?;
+    cmd::build_binaries(&["weft-workloads"])?;
 
     if Cluster::open(&args.name).is_ok() {
         eprintln!("==> removing cluster {} left by an earlier demo", args.name);
