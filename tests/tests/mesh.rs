@@ -224,6 +224,60 @@ fn service_traffic_reaches_every_endpoint_in_mutual_tls_between_nodes() {
         );
     }
 
+    // Readiness, and the admin endpoints on the node's localhost.
+    let node0 = cluster.topology().node("node0").unwrap().ip;
+    let get = |argv: &[&str]| -> String {
+        let out = cluster
+            .node_command("node0", argv)
+            .unwrap()
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let ready = format!("http://{node0}:15021/healthz/ready");
+    assert_eq!(get(&["curl", "-s", "--max-time", "3", &ready]), "ready\n");
+    let certs: serde_json::Value = serde_json::from_str(&get(&[
+        "curl",
+        "-s",
+        "--max-time",
+        "3",
+        "http://127.0.0.1:15000/certs",
+    ]))
+    .unwrap();
+    let identities: BTreeSet<&str> = certs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|cert| cert["identity"].as_str().unwrap())
+        .collect();
+    assert!(
+        identities.contains(echo_id.as_str()) && identities.contains(client_id.as_str()),
+        "{certs}"
+    );
+    assert!(certs[0]["not_after"].as_u64().unwrap() > certs[0]["not_before"].as_u64().unwrap());
+    let set = get(&[
+        "curl",
+        "-s",
+        "-X",
+        "POST",
+        "--max-time",
+        "3",
+        "http://127.0.0.1:15000/logging?filter=info,weft_agent=debug",
+    ]);
+    assert_eq!(set, "log filter is now info,weft_agent=debug\n");
+    let missing = get(&[
+        "curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-X",
+        "POST",
+        "http://127.0.0.1:15000/logging",
+    ]);
+    assert_eq!(missing, "400");
+
     // A real Prometheus scrapes both agents and finds the series.
     let state = cluster.topology().state_dir.clone();
     let targets: Vec<String> = cluster

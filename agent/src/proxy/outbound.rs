@@ -23,7 +23,11 @@ use super::{
     CONNECT_TIMEOUT, HBONE_PORT, PoolKey, Proxy, connect_marked,
     metrics::{self, Connection, Outcome, Peer, Reporter},
 };
-use crate::{identity::Identity, mesh::MeshConfig, tls};
+use crate::{
+    identity::Identity,
+    mesh::{MeshConfig, Service},
+    tls,
+};
 
 /// Accepts captured connections until the listener is dropped.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
@@ -151,17 +155,28 @@ fn route(proxy: &Proxy, peer: SocketAddr) -> Result<Route, Refusal> {
         .take(peer)
         .map_err(|err| Refusal::Datapath(err.to_string()))?
         .ok_or(Refusal::UnknownOriginalDestination(peer))?;
-    let mesh = proxy.mesh.get();
+    plan(&proxy.mesh.get(), &proxy.node, peer, original, |service| {
+        proxy.pick(&service.namespace, &service.name, &service.endpoints)
+    })
+}
+
+/// Where the connection from `peer` to `original` goes, by the mesh configuration, as
+/// seen from node `node`; `pick` chooses a service's endpoint.
+fn plan(
+    mesh: &MeshConfig,
+    node: &str,
+    peer: SocketAddr,
+    original: SocketAddr,
+    pick: impl FnOnce(&Service) -> Option<std::net::IpAddr>,
+) -> Result<Route, Refusal> {
     let source = mesh
         .workload_by_ip(peer.ip())
         .ok_or(Refusal::UnknownSource(peer))?;
     let (target, service) = match mesh.service_at(original.ip(), original.port()) {
         Some((service, port)) => {
-            let endpoint = proxy
-                .pick(&service.namespace, &service.name, &service.endpoints)
-                .ok_or_else(|| {
-                    Refusal::NoEndpoints(format!("{}/{}", service.namespace, service.name))
-                })?;
+            let endpoint = pick(service).ok_or_else(|| {
+                Refusal::NoEndpoints(format!("{}/{}", service.namespace, service.name))
+            })?;
             (
                 SocketAddr::new(endpoint, port.target()),
                 Some((service.namespace.clone(), service.name.clone())),
@@ -173,16 +188,16 @@ fn route(proxy: &Proxy, peer: SocketAddr) -> Result<Route, Refusal> {
         .workload_by_ip(target.ip())
         .filter(|workload| mesh.mode_of(&workload.namespace).is_some())
         .ok_or(Refusal::UnknownDestination(target))?;
-    let node = destination
+    let destination_node = destination
         .node
         .as_deref()
         .ok_or_else(|| Refusal::NoNode(destination.name.clone()))?;
-    let agent = if node == proxy.node {
+    let agent = if destination_node == node {
         None
     } else {
         let address = mesh
-            .node(node)
-            .ok_or_else(|| Refusal::UnknownNode(node.to_owned()))?
+            .node(destination_node)
+            .ok_or_else(|| Refusal::UnknownNode(destination_node.to_owned()))?
             .address;
         Some(SocketAddr::new(address, HBONE_PORT))
     };
@@ -304,6 +319,107 @@ fn traceparent() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const MESH: &str = r#"
+nodes: [{ name: a, address: 10.99.0.1 }, { name: b, address: 10.99.0.2 }]
+namespaces: [{ name: shop }]
+workloads:
+  - { name: client, namespace: shop, serviceAccount: client, node: a, ip: 10.244.0.2 }
+  - { name: web-a, namespace: shop, serviceAccount: web, node: a, ip: 10.244.0.3, labels: { app: web } }
+  - { name: web-b, namespace: shop, serviceAccount: web, node: b, ip: 10.244.1.3 }
+  - { name: outsider, namespace: other, node: b, ip: 10.244.1.9 }
+services:
+  - { name: web, namespace: shop, vip: 10.96.0.10, ports: [{ port: 80, targetPort: 8080 }], endpoints: [10.244.0.3, 10.244.1.3] }
+  - { name: empty, namespace: shop, vip: 10.96.0.11, ports: [{ port: 80 }] }
+"#;
+
+    fn mesh() -> MeshConfig {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("weft-plan-{}-{n}.yaml", std::process::id()));
+        std::fs::write(&path, MESH).unwrap();
+        let mesh = MeshConfig::load(&path).unwrap_or_else(|err| panic!("{err}"));
+        std::fs::remove_file(&path).unwrap();
+        mesh
+    }
+
+    fn addr(text: &str) -> SocketAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn services_pick_an_endpoint_and_map_the_port() {
+        let mesh = mesh();
+        let client = addr("10.244.0.2:40000");
+        let pick_b = |_: &Service| Some("10.244.1.3".parse().unwrap());
+        let route = plan(&mesh, "a", client, addr("10.96.0.10:80"), pick_b).unwrap();
+        assert_eq!(route.target, addr("10.244.1.3:8080"));
+        assert_eq!(
+            route.agent,
+            Some(addr("10.99.0.2:15008")),
+            "another node: HBONE to its agent"
+        );
+        assert!(route.connection.mutual_tls);
+        assert_eq!(
+            route.source_identity.to_string(),
+            "spiffe://cluster.local/ns/shop/sa/client"
+        );
+        assert_eq!(
+            route.destination_identity.to_string(),
+            "spiffe://cluster.local/ns/shop/sa/web"
+        );
+        assert_eq!(
+            route.connection.service,
+            Some(("shop".into(), "web".into()))
+        );
+
+        let pick_a = |_: &Service| Some("10.244.0.3".parse().unwrap());
+        let local = plan(&mesh, "a", client, addr("10.96.0.10:80"), pick_a).unwrap();
+        assert_eq!((local.target, local.agent), (addr("10.244.0.3:8080"), None));
+        assert!(!local.connection.mutual_tls, "same node: no tunnel");
+    }
+
+    #[test]
+    fn a_pod_address_is_that_pod() {
+        let route = plan(
+            &mesh(),
+            "a",
+            addr("10.244.0.2:40000"),
+            addr("10.244.1.3:9000"),
+            |_| None,
+        )
+        .unwrap();
+        assert_eq!(
+            (route.target, route.agent),
+            (addr("10.244.1.3:9000"), Some(addr("10.99.0.2:15008")))
+        );
+        assert_eq!(route.connection.service, None);
+    }
+
+    #[test]
+    fn what_the_mesh_does_not_know_is_refused() {
+        let mesh = mesh();
+        let client = addr("10.244.0.2:40000");
+        let reason = |peer, original| {
+            plan(&mesh, "a", peer, original, |_| None)
+                .err()
+                .map(|refusal| refusal.reason())
+        };
+        assert_eq!(
+            reason(addr("10.244.0.77:1"), addr("10.244.1.3:80")),
+            Some("unknown_source")
+        );
+        assert_eq!(
+            reason(client, addr("10.244.1.9:80")),
+            Some("unknown_destination"),
+            "an unmeshed pod"
+        );
+        assert_eq!(
+            reason(client, addr("192.0.2.1:80")),
+            Some("unknown_destination")
+        );
+        assert_eq!(reason(client, addr("10.96.0.11:80")), Some("no_endpoints"));
+    }
 
     #[test]
     fn traceparents_are_well_formed_and_distinct() {
