@@ -218,10 +218,11 @@ async fn control(args: RunArgs, started: std::sync::mpsc::Sender<anyhow::Result<
             return;
         }
     };
-    let mut servers = Vec::new();
     for (address, route) in admin::addresses() {
         match TcpListener::bind(address).await {
-            Ok(listener) => servers.push(tokio::spawn(Arc::clone(&admin).serve(listener, route))),
+            Ok(listener) => {
+                tokio::spawn(Arc::clone(&admin).serve(listener, route));
+            }
             Err(err) => {
                 let _ = started.send(Err(anyhow::anyhow!("cannot listen on {address}: {err}")));
                 return;
