@@ -2,8 +2,9 @@
 //!
 //! One agent runs per node. It loads weft's kernel programs and keeps their maps in
 //! step with the mesh ([`datapath`]), enrolls the pods the CNI plugin reports ([`cni`],
-//! [`node`]) and reads the mesh configuration ([`mesh`]). The proxy, identity and
-//! telemetry parts grow beside them (see ARCHITECTURE.md).
+//! [`node`]), reads the mesh configuration ([`mesh`]) and carries the captured traffic
+//! ([`proxy`]) in mutual TLS between nodes ([`tls`], [`identity`]), reporting on its
+//! small HTTP endpoints ([`admin`]). See ARCHITECTURE.md.
 
 pub mod admin;
 pub mod cni;

@@ -1,9 +1,9 @@
 //! `weft-agent`: the per-node agent.
 //!
 //! `weft-agent run` loads and pins the kernel programs, enrolls pods the CNI plugin
-//! reports, keeps capture in step with the mesh configuration and reports flow events.
-//! Stopping it leaves capture and enforcement attached; `weft-agent uninstall` removes
-//! them.
+//! reports, and proxies: captured connections on 15001, HBONE tunnels on 15008, with
+//! metrics on 15020, readiness on 15021 and admin on localhost 15000. Stopping it leaves
+//! capture and enforcement attached; `weft-agent uninstall` removes them.
 
 use std::{
     io::Write as _,
