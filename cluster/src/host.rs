@@ -287,7 +287,17 @@ pub(crate) fn remove_cgroup_tree(path: &Path) -> Result<(), ClusterError> {
             remove_cgroup_tree(&entry.path())?;
         }
     }
-    fs::remove_dir(path).map_err(ClusterError::io(path))
+    // A cgroup whose last process was just killed can still count it for a moment
+    // (the kernel unlinks exiting tasks after `populated` drops): retry EBUSY briefly.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match fs::remove_dir(path) {
+            Err(err) if err.kind() == ErrorKind::ResourceBusy && Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(20));
+            }
+            result => return result.map_err(ClusterError::io(path)),
+        }
+    }
 }
 
 /// Removes a directory tree, treating "already gone" as success. Works on bpffs, where

@@ -60,7 +60,7 @@ pub fn run(Args {}: Args) -> anyhow::Result<()> {
         ),
         (
             "privileged end-to-end tests",
-            &["test", "--package", "weft-e2e"],
+            &["test", "--package", "weft-e2e", "--no-fail-fast"],
         ),
     ];
     let mut tally = Tally::default();
