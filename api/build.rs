@@ -1,8 +1,12 @@
 //! Generates the Rust types and tonic client/server for the protobuf protocol in
-//! `proto/`. Needs `protoc` (installed by `cargo xtask setup`).
+//! `proto/` (feature `config`). Needs `protoc` (installed by `cargo xtask setup`).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tonic_prost_build::configure()
-        .compile_protos(&["proto/weft/config/v1/config.proto"], &["proto"])?;
+    if std::env::var_os("CARGO_FEATURE_CONFIG").is_some() {
+        // Ordered maps encode deterministically, so equal views get equal versions.
+        tonic_prost_build::configure()
+            .btree_map(".")
+            .compile_protos(&["proto/weft/config/v1/config.proto"], &["proto"])?;
+    }
     Ok(())
 }

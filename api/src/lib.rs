@@ -1,16 +1,51 @@
-//! What weft's controller, agent and CLI share.
+//! What weft's controller, agent, CNI plugin and CLI share.
 //!
-//! Today that is the agent <-> controller configuration protocol ([`config::v1`]),
-//! generated from `proto/` by tonic, and the CNI plugin <-> agent enrollment protocol
-//! ([`enroll`]). The CRD types join this crate with the control plane.
+//! - [`config::v1`]: the agent <-> controller configuration stream and the resources it
+//!   carries, generated from `proto/` by tonic (feature `config`);
+//! - [`crd`]: weft's custom resources, whose CRDs are generated from these types
+//!   (feature `crd`);
+//! - [`enroll`]: the CNI plugin <-> agent enrollment protocol;
+//! - [`digest`]: the content digest both ends use to name configuration versions.
+#![forbid(unsafe_code)]
 
+#[cfg(feature = "crd")]
+pub mod crd;
+pub mod digest;
 pub mod enroll;
 
 /// The configuration stream between controller and agents.
+#[cfg(feature = "config")]
 pub mod config {
     /// Version 1 of the configuration stream.
     pub mod v1 {
         #![allow(missing_debug_implementations, clippy::all)]
         tonic::include_proto!("weft.config.v1");
+
+        /// A message the stream carries as a resource, and the kind that names it.
+        pub trait Kind: prost::Message + Default {
+            /// The message's full protobuf name, e.g. `weft.config.v1.Workload`.
+            const KIND: &'static str;
+        }
+
+        macro_rules! kinds {
+            ($($message:ident),* $(,)?) => {
+                $(impl Kind for $message {
+                    const KIND: &'static str = concat!("weft.config.v1.", stringify!($message));
+                })*
+                /// Every resource kind of the stream.
+                pub const KINDS: &[&str] = &[$(<$message as Kind>::KIND),*];
+            };
+        }
+
+        kinds!(
+            MeshSettings,
+            Node,
+            Namespace,
+            Workload,
+            Service,
+            AuthorizationPolicy,
+            TrafficPolicy,
+            ServiceRoutes,
+        );
     }
 }

@@ -1,6 +1,14 @@
 //! weft's cluster controller.
 //!
-//! It will watch the cluster (Kubernetes API or a directory of the same YAML objects),
-//! compile what it sees into a per-node view, stream each agent its view over
-//! `weft.config.v1.ConfigDiscovery`, and run the mesh certificate authority. Nothing of
-//! that exists yet: see ARCHITECTURE.md for the plan and the open issues for the order.
+//! It reads the cluster from a source ([`source`]: the Kubernetes API, or a directory
+//! of the same YAML objects) into [`objects::Objects`], compiles them into each node's
+//! view ([`compile`], [`view`]) with a verdict for every policy ([`status`]), and
+//! streams every agent its view over `weft.config.v1.ConfigDiscovery` ([`stream`]).
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod compile;
+pub mod objects;
+pub mod source;
+pub mod status;
+pub mod view;

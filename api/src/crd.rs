@@ -1,0 +1,363 @@
+//! weft's custom resources (`weft.dev/v1alpha1`): how users configure the mesh the
+//! Kubernetes way. The CRDs in `deploy/crds/` are generated from these types
+//! (`cargo xtask codegen`); the API server enforces their schema, and the controller
+//! checks the same rules and the semantic ones ([`Validate`]) and reports the outcome
+//! in each object's `status.conditions`.
+//!
+//! - [`PeerAuthentication`]: how selected pods take plaintext (STRICT, PERMISSIVE,
+//!   DISABLE), with per-port overrides.
+//! - [`AuthorizationPolicy`]: who may connect to selected pods (ALLOW/DENY by source
+//!   identity, namespace, port; HTTP method and path).
+//! - [`TrafficPolicy`]: how clients treat a service (balancing, timeouts, retries with a
+//!   budget, connection limits, outlier detection).
+//!
+//! Membership needs no resource: the namespace label [`MESH_LABEL`] `=`
+//! [`MESH_ENABLED`] puts a namespace's pods in the mesh, and the pod annotation
+//! [`MESH_LABEL`] `=` [`MESH_DISABLED`] keeps one pod out.
+
+mod validate;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub use self::validate::{FieldError, Validate, parse_duration};
+
+/// The API group of weft's resources.
+pub const GROUP: &str = "weft.dev";
+/// The version of weft's resources.
+pub const VERSION: &str = "v1alpha1";
+/// Namespace label (`enabled`) and pod annotation (`disabled`) deciding membership.
+pub const MESH_LABEL: &str = "weft.dev/mesh";
+pub const MESH_ENABLED: &str = "enabled";
+pub const MESH_DISABLED: &str = "disabled";
+
+/// The status every weft resource reports: conditions of type `Accepted`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// Selects pods of the policy's namespace by their labels.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadSelector {
+    /// Pods carrying every one of these labels.
+    pub match_labels: BTreeMap<String, String>,
+}
+
+/// How a pod takes connections that do not come through the mesh.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum PeerMode {
+    /// Only mutual TLS from the mesh; plaintext is dropped in the kernel.
+    Strict,
+    /// Mutual TLS and plaintext.
+    Permissive,
+    /// No enforcement: the pod takes anything.
+    Disable,
+}
+
+// --- PeerAuthentication ------------------------------------------------------------
+
+/// How pods take plaintext. One without a selector sets the namespace's default (in
+/// the root namespace, the mesh's); one with a selector overrides that for the pods
+/// it selects, and may override single ports.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[kube(
+    group = "weft.dev",
+    version = "v1alpha1",
+    kind = "PeerAuthentication",
+    namespaced,
+    status = "PolicyStatus",
+    shortname = "peerauth",
+    category = "weft",
+    doc = "How the selected pods of a namespace take plaintext: STRICT, PERMISSIVE or DISABLE.",
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerAuthenticationSpec {
+    /// The pods this applies to; none: every pod of the namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    /// The mode; none: inherit the namespace's (or the mesh's) mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<PeerMode>,
+    /// Ports whose mode differs; only with a selector.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub port_modes: Vec<PortMode>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PortMode {
+    /// The pod's (container) port.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u32,
+    pub mode: PeerMode,
+}
+
+// --- AuthorizationPolicy -----------------------------------------------------------
+
+/// Who may connect to the selected pods. DENY policies are checked first; a pod
+/// selected by any ALLOW policy takes only connections some ALLOW rule matches.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[kube(
+    group = "weft.dev",
+    version = "v1alpha1",
+    kind = "AuthorizationPolicy",
+    namespaced,
+    status = "PolicyStatus",
+    shortname = "authz",
+    category = "weft",
+    doc = "Who may connect to the selected pods: ALLOW or DENY by source identity, namespace, port, HTTP method and path.",
+    printcolumn = r#"{"name":"Action","type":"string","jsonPath":".spec.action"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationPolicySpec {
+    /// The pods this applies to; none: every pod of the namespace (in the root
+    /// namespace: of the mesh).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    #[serde(default)]
+    pub action: Action,
+    /// A connection matching any rule matches the policy. No rules: an ALLOW policy
+    /// allows nothing, a DENY policy denies nothing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Action {
+    #[default]
+    Allow,
+    Deny,
+}
+
+/// Matches when some source matches (or none is listed) and some operation matches
+/// (or none is listed).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Rule {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<Source>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to: Vec<Operation>,
+}
+
+/// Where a connection comes from. Every list given must match. Principals are SPIFFE
+/// IDs (`spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`) and may end
+/// with `*`; namespaces may start or end with `*`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Source {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub principals: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_principals: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_namespaces: Vec<String>,
+}
+
+/// What a connection or request asks for. Every list given must match.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Operation {
+    /// The pod's ports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_ports: Vec<u16>,
+    /// HTTP methods (HTTP traffic only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// HTTP paths, exact or with a leading or trailing `*` (HTTP traffic only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+}
+
+// --- TrafficPolicy -----------------------------------------------------------------
+
+/// How clients in the mesh treat a service of this namespace.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[kube(
+    group = "weft.dev",
+    version = "v1alpha1",
+    kind = "TrafficPolicy",
+    namespaced,
+    status = "PolicyStatus",
+    shortname = "tp",
+    category = "weft",
+    doc = "How clients treat a service: balancing, timeouts, retries with a budget, connection limits, outlier detection.",
+    printcolumn = r#"{"name":"Service","type":"string","jsonPath":".spec.service"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficPolicySpec {
+    /// The Service (of this namespace) the policy is for.
+    #[schemars(length(min = 1, max = 63))]
+    pub service: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancer>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<Timeouts>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<Retries>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_limits: Option<ConnectionLimits>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancer {
+    pub algorithm: Algorithm,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Algorithm {
+    #[default]
+    RoundRobin,
+    Random,
+    LeastRequest,
+    PeakEwma,
+}
+
+/// Durations are Gateway API durations: `500ms`, `15s`, `1m30s`, `1h`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Timeouts {
+    /// Establishing a connection to an endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub connect: Option<String>,
+    /// A connection with no traffic is closed after this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub idle: Option<String>,
+    /// A whole HTTP request, retries included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub request: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Retries {
+    /// Retries after the first try.
+    #[schemars(range(min = 0, max = 10))]
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub per_try_timeout: Option<String>,
+    /// `connect-failure`, `reset`, `5xx`, `gateway-error`, `retriable-4xx`, or a status
+    /// code; none: `connect-failure` and `reset`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retry_on: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<RetryBudget>,
+}
+
+/// Retries may add at most `percent` of the requests, but always `minPerSecond`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryBudget {
+    #[schemars(range(min = 0, max = 100))]
+    pub percent: u32,
+    #[serde(default)]
+    pub min_per_second: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionLimits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_connections: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_pending_requests: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_requests_per_connection: Option<u32>,
+}
+
+/// Endpoints that fail `consecutiveFailures` times in a row are ejected for
+/// `baseEjectionTime` (longer each time), never more than `maxEjectionPercent` of them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutlierDetection {
+    #[schemars(range(min = 1))]
+    pub consecutive_failures: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub interval: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub base_ejection_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub max_ejection_percent: Option<u32>,
+}
+
+/// A Gateway API duration: up to four `<number><unit>` parts, units `h`, `m`, `s`, `ms`.
+pub const DURATION_PATTERN: &str = "^([0-9]{1,5}(h|m|s|ms)){1,4}$";
+
+/// The generated CRDs as the files `deploy/crds/` holds: (file name, YAML).
+pub fn manifests() -> Vec<(String, String)> {
+    use kube::CustomResourceExt as _;
+    [
+        AuthorizationPolicy::crd(),
+        PeerAuthentication::crd(),
+        TrafficPolicy::crd(),
+    ]
+    .into_iter()
+    .map(|crd| {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        let yaml = serde_yaml::to_string(&crd).expect("CRDs serialise");
+        (
+            format!("{name}.yaml"),
+            format!(
+                "# Generated by `cargo xtask codegen` from weft-api's crd.rs: do not edit.\n{yaml}"
+            ),
+        )
+    })
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    /// CI fails when the checked-in CRDs differ from the types.
+    #[test]
+    fn deploy_crds_match_the_types() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds");
+        for (file, generated) in super::manifests() {
+            let path = dir.join(&file);
+            let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(
+                on_disk == generated,
+                "{} is not what the types generate: run `cargo xtask codegen` and commit the result",
+                path.display()
+            );
+        }
+    }
+}

@@ -1,0 +1,513 @@
+//! The rules every weft resource must follow, checked without looking at the rest of
+//! the cluster: what the CRD schema says (ranges, patterns) and what it cannot say
+//! (port overrides need a selector, principals are SPIFFE IDs, …). The API server
+//! enforces the schema for Kubernetes users; the file source has no API server, so the
+//! controller checks both itself.
+
+use std::{collections::HashSet, time::Duration};
+
+use super::{
+    AuthorizationPolicySpec, DURATION_PATTERN, Operation, PeerAuthenticationSpec, Rule, Source,
+    TrafficPolicySpec, WorkloadSelector,
+};
+
+/// A field that breaks a rule: where (`spec.rules[0].from[1].principals[2]`) and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct FieldError {
+    pub field: String,
+    pub problem: String,
+}
+
+fn invalid(field: impl Into<String>, problem: impl Into<String>) -> FieldError {
+    FieldError {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+/// A resource spec that can check itself.
+pub trait Validate {
+    fn validate(&self) -> Result<(), FieldError>;
+}
+
+impl Validate for PeerAuthenticationSpec {
+    fn validate(&self) -> Result<(), FieldError> {
+        if let Some(selector) = &self.selector {
+            validate_selector("spec.selector", selector)?;
+        }
+        if !self.port_modes.is_empty() && self.selector.is_none() {
+            return Err(invalid(
+                "spec.portModes",
+                "port overrides need a selector: ports are a pod's, not a namespace's",
+            ));
+        }
+        if self.port_modes.len() > 64 {
+            return Err(invalid("spec.portModes", "at most 64 entries"));
+        }
+        let mut seen = HashSet::new();
+        for (index, entry) in self.port_modes.iter().enumerate() {
+            let field = format!("spec.portModes[{index}].port");
+            if !(1..=65535).contains(&entry.port) {
+                return Err(invalid(field, format!("{} is not a port", entry.port)));
+            }
+            if !seen.insert(entry.port) {
+                return Err(invalid(
+                    field,
+                    format!("port {} is listed twice", entry.port),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Validate for AuthorizationPolicySpec {
+    fn validate(&self) -> Result<(), FieldError> {
+        if let Some(selector) = &self.selector {
+            validate_selector("spec.selector", selector)?;
+        }
+        if self.rules.len() > 256 {
+            return Err(invalid("spec.rules", "at most 256 rules"));
+        }
+        for (index, rule) in self.rules.iter().enumerate() {
+            validate_rule(&format!("spec.rules[{index}]"), rule)?;
+        }
+        Ok(())
+    }
+}
+
+fn validate_rule(field: &str, rule: &Rule) -> Result<(), FieldError> {
+    for (index, source) in rule.from.iter().enumerate() {
+        validate_source(&format!("{field}.from[{index}]"), source)?;
+    }
+    for (index, operation) in rule.to.iter().enumerate() {
+        validate_operation(&format!("{field}.to[{index}]"), operation)?;
+    }
+    Ok(())
+}
+
+fn validate_source(field: &str, source: &Source) -> Result<(), FieldError> {
+    for (name, principals) in [
+        ("principals", &source.principals),
+        ("notPrincipals", &source.not_principals),
+    ] {
+        for (index, principal) in principals.iter().enumerate() {
+            validate_principal(principal)
+                .map_err(|problem| invalid(format!("{field}.{name}[{index}]"), problem))?;
+        }
+    }
+    for (name, namespaces) in [
+        ("namespaces", &source.namespaces),
+        ("notNamespaces", &source.not_namespaces),
+    ] {
+        for (index, namespace) in namespaces.iter().enumerate() {
+            validate_pattern(namespace)
+                .map_err(|problem| invalid(format!("{field}.{name}[{index}]"), problem))?;
+        }
+    }
+    Ok(())
+}
+
+/// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`, `*`, or a prefix of
+/// one ending in `*`.
+fn validate_principal(principal: &str) -> Result<(), String> {
+    validate_pattern(principal)?;
+    if principal == "*" {
+        return Ok(());
+    }
+    let Some(rest) = principal.strip_prefix("spiffe://") else {
+        return Err(format!(
+            "{principal:?} is not a SPIFFE ID (spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>)"
+        ));
+    };
+    if rest.ends_with('*') {
+        return Ok(());
+    }
+    let parts: Vec<&str> = rest.split('/').collect();
+    match parts.as_slice() {
+        [domain, "ns", namespace, "sa", account]
+            if !domain.is_empty() && !namespace.is_empty() && !account.is_empty() =>
+        {
+            Ok(())
+        }
+        _ => Err(format!(
+            "{principal:?} is not a SPIFFE ID (spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>)"
+        )),
+    }
+}
+
+/// Non-empty, with `*` only as the whole value, its first or its last character.
+fn validate_pattern(value: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return Err("empty; use \"*\" for any".to_owned());
+    }
+    let inner = value
+        .strip_prefix('*')
+        .or_else(|| value.strip_suffix('*'))
+        .unwrap_or(value);
+    if inner.contains('*') {
+        return Err(format!(
+            "{value:?}: '*' may only be the first or the last character"
+        ));
+    }
+    Ok(())
+}
+
+fn validate_operation(field: &str, operation: &Operation) -> Result<(), FieldError> {
+    for (name, ports) in [
+        ("ports", &operation.ports),
+        ("notPorts", &operation.not_ports),
+    ] {
+        if let Some(index) = ports.iter().position(|port| *port == 0) {
+            return Err(invalid(
+                format!("{field}.{name}[{index}]"),
+                "0 is not a port",
+            ));
+        }
+    }
+    for (index, method) in operation.methods.iter().enumerate() {
+        let token = !method.is_empty()
+            && method
+                .bytes()
+                .all(|byte| byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte));
+        if !token {
+            return Err(invalid(
+                format!("{field}.methods[{index}]"),
+                format!("{method:?} is not an HTTP method"),
+            ));
+        }
+    }
+    for (index, path) in operation.paths.iter().enumerate() {
+        validate_pattern(path)
+            .map_err(|problem| invalid(format!("{field}.paths[{index}]"), problem))?;
+        if !path.starts_with(['/', '*']) {
+            return Err(invalid(
+                format!("{field}.paths[{index}]"),
+                format!("{path:?} must start with '/' (or '*')"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Validate for TrafficPolicySpec {
+    fn validate(&self) -> Result<(), FieldError> {
+        validate_dns_label("spec.service", &self.service)?;
+        if let Some(timeouts) = &self.timeouts {
+            for (name, value) in [
+                ("connect", &timeouts.connect),
+                ("idle", &timeouts.idle),
+                ("request", &timeouts.request),
+            ] {
+                check_duration(&format!("spec.timeouts.{name}"), value.as_deref())?;
+            }
+        }
+        if let Some(retries) = &self.retries {
+            if retries.attempts > 10 {
+                return Err(invalid(
+                    "spec.retries.attempts",
+                    format!("{} is more than 10", retries.attempts),
+                ));
+            }
+            check_duration(
+                "spec.retries.perTryTimeout",
+                retries.per_try_timeout.as_deref(),
+            )?;
+            for (index, condition) in retries.retry_on.iter().enumerate() {
+                let known = matches!(
+                    condition.as_str(),
+                    "connect-failure" | "reset" | "5xx" | "gateway-error" | "retriable-4xx"
+                ) || condition
+                    .parse::<u16>()
+                    .is_ok_and(|code| (100..=599).contains(&code));
+                if !known {
+                    return Err(invalid(
+                        format!("spec.retries.retryOn[{index}]"),
+                        format!(
+                            "{condition:?} is none of connect-failure, reset, 5xx, gateway-error, retriable-4xx or a status code"
+                        ),
+                    ));
+                }
+            }
+            if let Some(budget) = &retries.budget
+                && budget.percent > 100
+            {
+                return Err(invalid(
+                    "spec.retries.budget.percent",
+                    format!("{} is more than 100", budget.percent),
+                ));
+            }
+        }
+        if let Some(limits) = &self.connection_limits {
+            for (name, value) in [
+                ("maxConnections", limits.max_connections),
+                ("maxPendingRequests", limits.max_pending_requests),
+                (
+                    "maxRequestsPerConnection",
+                    limits.max_requests_per_connection,
+                ),
+            ] {
+                if value == Some(0) {
+                    return Err(invalid(
+                        format!("spec.connectionLimits.{name}"),
+                        "must be at least 1",
+                    ));
+                }
+            }
+        }
+        if let Some(outlier) = &self.outlier_detection {
+            if outlier.consecutive_failures == 0 {
+                return Err(invalid(
+                    "spec.outlierDetection.consecutiveFailures",
+                    "must be at least 1",
+                ));
+            }
+            check_duration(
+                "spec.outlierDetection.interval",
+                outlier.interval.as_deref(),
+            )?;
+            check_duration(
+                "spec.outlierDetection.baseEjectionTime",
+                outlier.base_ejection_time.as_deref(),
+            )?;
+            if outlier
+                .max_ejection_percent
+                .is_some_and(|percent| percent > 100)
+            {
+                return Err(invalid(
+                    "spec.outlierDetection.maxEjectionPercent",
+                    "must be at most 100",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_duration(field: &str, value: Option<&str>) -> Result<(), FieldError> {
+    match value {
+        Some(text) if parse_duration(text).is_none() => Err(invalid(
+            field,
+            format!(
+                "{text:?} is not a duration such as 500ms, 15s, 1m30s (pattern {DURATION_PATTERN})"
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Parses a Gateway API duration (`1h2m3s4ms`, at most four parts of at most five
+/// digits each).
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let mut total = Duration::ZERO;
+    let mut rest = text;
+    let mut parts = 0;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 || digits > 5 {
+            return None;
+        }
+        let number: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let (unit, length) = if rest.starts_with("ms") {
+            (Duration::from_millis(1), 2)
+        } else if rest.starts_with('h') {
+            (Duration::from_secs(3600), 1)
+        } else if rest.starts_with('m') {
+            (Duration::from_secs(60), 1)
+        } else if rest.starts_with('s') {
+            (Duration::from_secs(1), 1)
+        } else {
+            return None;
+        };
+        rest = &rest[length..];
+        total += unit * u32::try_from(number).ok()?;
+        parts += 1;
+    }
+    (1..=4).contains(&parts).then_some(total)
+}
+
+fn validate_selector(field: &str, selector: &WorkloadSelector) -> Result<(), FieldError> {
+    for (key, value) in &selector.match_labels {
+        if key.is_empty() || key.len() > 253 {
+            return Err(invalid(
+                format!("{field}.matchLabels"),
+                format!("{key:?} is not a label key"),
+            ));
+        }
+        if value.len() > 63 {
+            return Err(invalid(
+                format!("{field}.matchLabels.{key}"),
+                "label values are at most 63 characters",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn validate_dns_label(field: &str, value: &str) -> Result<(), FieldError> {
+    let valid = !value.is_empty()
+        && value.len() <= 63
+        && value
+            .bytes()
+            .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'-')
+        && !value.starts_with('-')
+        && !value.ends_with('-');
+    if valid {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!("{value:?} is not a Service name (a DNS label)"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{PeerMode, PortMode, Retries, Timeouts};
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1m30s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        for bad in ["", "5", "1.5s", "s", "1d", "123456s", "1s1s1s1s1s", "-1s"] {
+            assert_eq!(parse_duration(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn peer_authentication_rules_name_the_field() {
+        let mut spec = PeerAuthenticationSpec {
+            mode: Some(PeerMode::Strict),
+            port_modes: vec![PortMode {
+                port: 8080,
+                mode: PeerMode::Permissive,
+            }],
+            ..Default::default()
+        };
+        assert_eq!(spec.validate().unwrap_err().field, "spec.portModes");
+        spec.selector = Some(WorkloadSelector {
+            match_labels: [("app".into(), "web".into())].into(),
+        });
+        spec.validate().unwrap();
+        spec.port_modes.push(PortMode {
+            port: 8080,
+            mode: PeerMode::Disable,
+        });
+        assert_eq!(spec.validate().unwrap_err().field, "spec.portModes[1].port");
+        spec.port_modes[1].port = 70000;
+        assert!(spec.validate().unwrap_err().problem.contains("70000"));
+    }
+
+    #[test]
+    fn authorization_rules_name_the_field() {
+        let policy = |source: Source, operation: Operation| AuthorizationPolicySpec {
+            rules: vec![
+                Rule::default(),
+                Rule {
+                    from: vec![source],
+                    to: vec![operation],
+                },
+            ],
+            ..Default::default()
+        };
+        let good = policy(
+            Source {
+                principals: vec![
+                    "spiffe://cluster.local/ns/a/sa/b".into(),
+                    "spiffe://cluster.local/ns/a/*".into(),
+                    "*".into(),
+                ],
+                namespaces: vec!["prod-*".into()],
+                ..Default::default()
+            },
+            Operation {
+                ports: vec![8080],
+                methods: vec!["GET".into()],
+                paths: vec!["/api/*".into()],
+                ..Default::default()
+            },
+        );
+        good.validate().unwrap();
+
+        let error = |spec: AuthorizationPolicySpec| spec.validate().unwrap_err().to_string();
+        let not_spiffe = error(policy(
+            Source {
+                principals: vec!["cluster.local/ns/a/sa/b".into()],
+                ..Default::default()
+            },
+            Operation::default(),
+        ));
+        assert!(
+            not_spiffe.starts_with("spec.rules[1].from[0].principals[0]: "),
+            "{not_spiffe}"
+        );
+        let star = error(policy(
+            Source {
+                not_namespaces: vec!["a*b".into()],
+                ..Default::default()
+            },
+            Operation::default(),
+        ));
+        assert!(
+            star.starts_with("spec.rules[1].from[0].notNamespaces[0]"),
+            "{star}"
+        );
+        let port = error(policy(
+            Source::default(),
+            Operation {
+                not_ports: vec![0],
+                ..Default::default()
+            },
+        ));
+        assert!(
+            port.starts_with("spec.rules[1].to[0].notPorts[0]"),
+            "{port}"
+        );
+        let path = error(policy(
+            Source::default(),
+            Operation {
+                paths: vec!["api".into()],
+                ..Default::default()
+            },
+        ));
+        assert!(path.starts_with("spec.rules[1].to[0].paths[0]"), "{path}");
+    }
+
+    #[test]
+    fn traffic_policy_rules_name_the_field() {
+        let mut spec = TrafficPolicySpec {
+            service: "echo".into(),
+            timeouts: Some(Timeouts {
+                connect: Some("1s".into()),
+                ..Default::default()
+            }),
+            retries: Some(Retries {
+                attempts: 2,
+                retry_on: vec!["5xx".into(), "503".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        spec.validate().unwrap();
+        spec.timeouts.as_mut().unwrap().idle = Some("10 minutes".into());
+        assert_eq!(spec.validate().unwrap_err().field, "spec.timeouts.idle");
+        spec.timeouts = None;
+        spec.retries
+            .as_mut()
+            .unwrap()
+            .retry_on
+            .push("sometimes".into());
+        assert_eq!(
+            spec.validate().unwrap_err().field,
+            "spec.retries.retryOn[2]"
+        );
+        spec.retries = None;
+        spec.service = "Echo".into();
+        assert_eq!(spec.validate().unwrap_err().field, "spec.service");
+    }
+}

@@ -1,0 +1,107 @@
+//! Who may subscribe to a node's configuration: an agent proves which node it runs on
+//! with a bearer token. With the file source, each node has a token file of its own
+//! (`<dir>/<node>.token`); a token opens that node's stream and no other.
+
+use std::path::PathBuf;
+
+/// Checks node credentials.
+#[derive(Debug)]
+pub enum NodeAuthenticator {
+    /// `<dir>/<node>.token` holds node `<node>`'s token.
+    TokenFiles { dir: PathBuf },
+    /// Anyone may subscribe as any node (tests and single-user machines only).
+    Insecure,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("no credential: send `authorization: Bearer <token>` with the subscription")]
+    Missing,
+    #[error("the credential is not node {node}'s")]
+    WrongNode { node: String },
+    #[error("node {node} has no token file {path}: create one, or check the node name")]
+    UnknownNode { node: String, path: PathBuf },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl NodeAuthenticator {
+    /// Succeeds when `token` proves the caller runs on `node`.
+    pub async fn authenticate(&self, node: &str, token: Option<&str>) -> Result<(), AuthError> {
+        match self {
+            NodeAuthenticator::Insecure => Ok(()),
+            NodeAuthenticator::TokenFiles { dir } => {
+                let token = token.ok_or(AuthError::Missing)?;
+                let valid_name = !node.is_empty()
+                    && node
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.'));
+                let path = dir.join(format!("{node}.token"));
+                if !valid_name {
+                    return Err(AuthError::UnknownNode {
+                        node: node.to_owned(),
+                        path,
+                    });
+                }
+                let expected = match std::fs::read_to_string(&path) {
+                    Ok(text) => text,
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                        return Err(AuthError::UnknownNode {
+                            node: node.to_owned(),
+                            path,
+                        });
+                    }
+                    Err(source) => return Err(AuthError::Read { path, source }),
+                };
+                if constant_time_eq(expected.trim().as_bytes(), token.as_bytes()) {
+                    Ok(())
+                } else {
+                    Err(AuthError::WrongNode {
+                        node: node.to_owned(),
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// Compares without leaking where the first difference is.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_token_opens_its_own_node_only() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("node0.token"), "secret-0\n").unwrap();
+        std::fs::write(dir.path().join("node1.token"), "secret-1\n").unwrap();
+        let auth = NodeAuthenticator::TokenFiles {
+            dir: dir.path().to_owned(),
+        };
+        auth.authenticate("node0", Some("secret-0")).await.unwrap();
+        assert!(matches!(
+            auth.authenticate("node1", Some("secret-0")).await,
+            Err(AuthError::WrongNode { .. })
+        ));
+        assert!(matches!(
+            auth.authenticate("node0", None).await,
+            Err(AuthError::Missing)
+        ));
+        assert!(matches!(
+            auth.authenticate("node9", Some("secret-0")).await,
+            Err(AuthError::UnknownNode { .. })
+        ));
+        assert!(matches!(
+            auth.authenticate("../node0", Some("secret-0")).await,
+            Err(AuthError::UnknownNode { .. })
+        ));
+    }
+}

@@ -1,0 +1,120 @@
+//! TrafficPolicies: one per Service (the oldest wins), for every client.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use weft_api::{
+    config::v1::{self as proto, LoadBalancing},
+    crd::{Algorithm, TrafficPolicySpec, Validate, parse_duration},
+};
+
+use super::{by_age, judge};
+use crate::{
+    objects::{Kind, ObjectKey, Objects},
+    status::{Reason, Statuses, Verdict},
+};
+
+/// The compiled policies by service.
+pub fn compile(
+    objects: &Objects,
+    statuses: &mut Statuses,
+) -> BTreeMap<ObjectKey, proto::TrafficPolicy> {
+    let mut by_service: BTreeMap<ObjectKey, proto::TrafficPolicy> = BTreeMap::new();
+    let mut decided_by: BTreeMap<ObjectKey, String> = BTreeMap::new();
+    let policies = by_age(
+        objects
+            .traffic_policies
+            .iter()
+            .map(|(key, policy)| (key, policy.as_ref())),
+        |policy| &policy.metadata,
+    );
+    for (key, policy) in policies {
+        let spec = &policy.spec;
+        let service = ObjectKey::new(&key.namespace, &spec.service);
+        let verdict = if let Err(error) = spec.validate() {
+            Verdict::rejected(Reason::Invalid, error.to_string())
+        } else if !objects.services.contains_key(&service) {
+            Verdict::rejected(
+                Reason::ServiceNotFound,
+                format!(
+                    "spec.service: there is no Service {} in namespace {}",
+                    spec.service, key.namespace
+                ),
+            )
+        } else if let Some(older) = decided_by.get(&service) {
+            Verdict::rejected(
+                Reason::Conflicted,
+                format!(
+                    "spec.service: Service {} already has TrafficPolicy {older}, which is older",
+                    spec.service
+                ),
+            )
+        } else {
+            decided_by.insert(service.clone(), key.name.clone());
+            by_service.insert(service.clone(), compile_policy(key, spec));
+            Verdict::accepted(
+                Reason::Accepted,
+                format!("applies to clients of Service {}", spec.service),
+            )
+        };
+        judge(
+            statuses,
+            Kind::TrafficPolicy,
+            key,
+            &policy.metadata,
+            verdict,
+        );
+    }
+    by_service
+}
+
+/// Milliseconds of a duration the policy has already validated; 0 when not set.
+fn millis(text: Option<&str>) -> u64 {
+    text.and_then(parse_duration)
+        .map_or(0, |duration: Duration| duration.as_millis() as u64)
+}
+
+fn compile_policy(key: &ObjectKey, spec: &TrafficPolicySpec) -> proto::TrafficPolicy {
+    let timeouts = spec.timeouts.clone().unwrap_or_default();
+    proto::TrafficPolicy {
+        service: spec.service.clone(),
+        namespace: key.namespace.clone(),
+        source: key.to_string(),
+        load_balancing: match spec.load_balancer.as_ref().map(|lb| lb.algorithm) {
+            None => LoadBalancing::Unspecified,
+            Some(Algorithm::RoundRobin) => LoadBalancing::RoundRobin,
+            Some(Algorithm::Random) => LoadBalancing::Random,
+            Some(Algorithm::LeastRequest) => LoadBalancing::LeastRequest,
+            Some(Algorithm::PeakEwma) => LoadBalancing::PeakEwma,
+        } as i32,
+        connect_timeout_ms: millis(timeouts.connect.as_deref()),
+        idle_timeout_ms: millis(timeouts.idle.as_deref()),
+        request_timeout_ms: millis(timeouts.request.as_deref()),
+        retries: spec.retries.as_ref().map(|retries| proto::Retries {
+            attempts: retries.attempts,
+            per_try_timeout_ms: millis(retries.per_try_timeout.as_deref()),
+            retry_on: retries.retry_on.clone(),
+            budget_percent: retries.budget.as_ref().map_or(0, |budget| budget.percent),
+            budget_min_per_second: retries
+                .budget
+                .as_ref()
+                .map_or(0, |budget| budget.min_per_second),
+        }),
+        limits: spec
+            .connection_limits
+            .as_ref()
+            .map(|limits| proto::ConnectionLimits {
+                max_connections: limits.max_connections.unwrap_or(0),
+                max_pending_requests: limits.max_pending_requests.unwrap_or(0),
+                max_requests_per_connection: limits.max_requests_per_connection.unwrap_or(0),
+            }),
+        outlier_detection: spec
+            .outlier_detection
+            .as_ref()
+            .map(|outlier| proto::OutlierDetection {
+                consecutive_failures: outlier.consecutive_failures,
+                interval_ms: millis(outlier.interval.as_deref()),
+                base_ejection_ms: millis(outlier.base_ejection_time.as_deref()),
+                max_ejection_percent: outlier.max_ejection_percent.unwrap_or(0),
+            }),
+    }
+}
