@@ -24,6 +24,7 @@ use crate::{
     node::Node,
     proxy::Proxy,
     reload::Current,
+    subscription,
     tls::CertStore,
 };
 
@@ -40,6 +41,8 @@ pub struct Admin {
     pub certs: Arc<Current<CertStore>>,
     pub node: Arc<Mutex<Node>>,
     pub proxy: Arc<Proxy>,
+    /// The subscription to the controller, with `--controller`.
+    pub subscription: Option<Arc<Current<subscription::Status>>>,
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -128,6 +131,7 @@ impl Admin {
                 let pods: Vec<_> = node.pods().cloned().collect();
                 json(&serde_json::json!({
                     "mesh": *self.mesh.get(),
+                    "controller": self.subscription.as_ref().map(|status| status.get().as_ref().clone()),
                     "pods": pods,
                     "active_connections": self.proxy.active(),
                 }))

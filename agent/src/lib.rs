@@ -2,7 +2,8 @@
 //!
 //! One agent runs per node. It loads weft's kernel programs and keeps their maps in
 //! step with the mesh ([`datapath`]), enrolls the pods the CNI plugin reports ([`cni`],
-//! [`node`]), reads the mesh configuration ([`mesh`]) and carries the captured traffic
+//! [`node`]), reads the mesh configuration ([`mesh`], from a file or streamed by the
+//! controller: [`subscription`]) and carries the captured traffic
 //! ([`proxy`]) in mutual TLS between nodes ([`tls`], [`identity`]), reporting on its
 //! small HTTP endpoints ([`admin`]). See ARCHITECTURE.md.
 
@@ -15,4 +16,5 @@ pub mod mesh;
 pub mod node;
 pub mod proxy;
 pub mod reload;
+pub mod subscription;
 pub mod tls;

@@ -19,6 +19,7 @@ use metrics_exporter_prometheus::PrometheusBuilder;
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
+    sync::mpsc,
 };
 use weft_agent::{
     admin::{self, Admin},
@@ -29,6 +30,7 @@ use weft_agent::{
     node::Node,
     proxy::{self, Proxy},
     reload::{self, Current},
+    subscription::{self, Offer},
     tls::CertStore,
 };
 
@@ -81,9 +83,18 @@ struct RunArgs {
     /// Where the agent keeps its records of enrolled pods.
     #[arg(long, env = "WEFT_STATE_DIR", default_value = "/run/weft/agent")]
     state_dir: PathBuf,
-    /// The mesh configuration file (reloaded when it changes).
-    #[arg(long, env = "WEFT_MESH_CONFIG")]
+    /// The mesh configuration file (reloaded when it changes), for running without a
+    /// controller.
+    #[arg(long, env = "WEFT_MESH_CONFIG", conflicts_with = "controller")]
     mesh_config: Option<PathBuf>,
+    /// Take the mesh configuration from the controller's stream at this address
+    /// (`http://host:15010`). The last version applied is cached in the state
+    /// directory and served at once after a restart, even with the controller away.
+    #[arg(long, env = "WEFT_CONTROLLER")]
+    controller: Option<String>,
+    /// The file holding this node's token for the controller.
+    #[arg(long, env = "WEFT_CONTROLLER_TOKEN_FILE", requires = "controller")]
+    controller_token_file: Option<PathBuf>,
     /// Write flow events as JSON lines to this file instead of the log.
     #[arg(long, env = "WEFT_FLOW_LOG")]
     flow_log: Option<PathBuf>,
@@ -211,13 +222,22 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 /// proxy (or the start-up error) to the data plane, then serves the CNI socket, the
 /// configuration and certificate reloads, and the admin endpoints.
 async fn control(args: RunArgs, started: std::sync::mpsc::Sender<anyhow::Result<Arc<Proxy>>>) {
-    let (proxy, admin, node, listener) = match start(&args).await {
+    let Started {
+        proxy,
+        admin,
+        node,
+        listener,
+        offers,
+    } = match start(&args).await {
         Ok(parts) => parts,
         Err(err) => {
             let _ = started.send(Err(err));
             return;
         }
     };
+    if let Some(offers) = offers {
+        tokio::spawn(apply_offers(offers, Arc::clone(&node)));
+    }
     for (address, route) in admin::addresses() {
         match TcpListener::bind(address).await {
             Ok(listener) => {
@@ -271,15 +291,20 @@ async fn control(args: RunArgs, started: std::sync::mpsc::Sender<anyhow::Result<
     cni::serve(listener, node).await;
 }
 
-/// Loads everything the agent needs before it may say it is ready.
-async fn start(
-    args: &RunArgs,
-) -> anyhow::Result<(
-    Arc<Proxy>,
-    Arc<Admin>,
-    Arc<Mutex<Node>>,
-    tokio::net::UnixListener,
-)> {
+/// What start-up hands the control loop.
+struct Started {
+    proxy: Arc<Proxy>,
+    admin: Arc<Admin>,
+    node: Arc<Mutex<Node>>,
+    listener: tokio::net::UnixListener,
+    /// Versions from the controller, with `--controller`.
+    offers: Option<mpsc::Receiver<Offer>>,
+}
+
+/// Loads everything the agent needs before it may say it is ready. With a controller
+/// and no cached configuration, that includes the first version from the controller:
+/// until then the CNI socket is closed, so no pod starts unmeshed.
+async fn start(args: &RunArgs) -> anyhow::Result<Started> {
     let metrics = PrometheusBuilder::new()
         .set_buckets(&[
             0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0,
@@ -288,9 +313,54 @@ async fn start(
         .install_recorder()
         .context("cannot install the metrics recorder")?;
     proxy::metrics::describe();
-    let mesh = match &args.mesh_config {
-        Some(path) => MeshConfig::load(path)?,
-        None => MeshConfig::default(),
+    let mut first_offer = None;
+    let mut offers = None;
+    let mut subscription = None;
+    let mesh = match (&args.mesh_config, &args.controller) {
+        (Some(path), _) => MeshConfig::load(path)?,
+        (None, Some(controller)) => {
+            std::fs::create_dir_all(&args.state_dir).with_context(|| {
+                format!("cannot create the state directory {}", args.state_dir.display())
+            })?;
+            let settings = subscription::Settings {
+                controller: controller.clone(),
+                node: args.node.clone(),
+                token_file: args.controller_token_file.clone(),
+                cache: args.state_dir.join("config.pb"),
+            };
+            let cached = subscription::load_cache(&settings.cache);
+            let status = Arc::new(Current::new(subscription::Status::default()));
+            let (sender, mut receiver) = mpsc::channel(1);
+            let initial = cached.as_ref().map(|cached| {
+                log::info!(
+                    "serving the cached configuration {} until the controller answers",
+                    cached.version
+                );
+                cached.mesh.clone()
+            });
+            tokio::spawn(subscription::run(
+                settings,
+                cached,
+                sender,
+                Arc::clone(&status),
+            ));
+            subscription = Some(status);
+            let mesh = match initial {
+                Some(mesh) => mesh,
+                None => {
+                    log::info!("waiting for the first configuration from {controller}");
+                    let offer = receiver
+                        .recv()
+                        .await
+                        .context("the subscription to the controller ended")?;
+                    first_offer = Some(offer.done);
+                    offer.mesh
+                }
+            };
+            offers = Some(receiver);
+            mesh
+        }
+        (None, None) => MeshConfig::default(),
     };
     let mesh = Arc::new(Current::new(mesh));
     let certs = Arc::new(Current::new(CertStore::load(
@@ -307,11 +377,11 @@ async fn start(
     datapath.forward_logs(log::logger())?;
     datapath.forward_flows(flow_sink(args.flow_log.as_deref())?)?;
     let original_destinations = OriginalDestinations::open(&pins)?;
-    let node = Arc::new(Mutex::new(Node::start(
-        datapath,
-        Arc::clone(&mesh),
-        &args.state_dir,
-    )?));
+    let node = Node::start(datapath, Arc::clone(&mesh), &args.state_dir);
+    if let Some(done) = first_offer {
+        let _ = done.send(node.as_ref().map(drop).map_err(ToString::to_string));
+    }
+    let node = Arc::new(Mutex::new(node?));
     let proxy = Arc::new(Proxy::new(
         args.node.clone(),
         Arc::clone(&mesh),
@@ -327,8 +397,30 @@ async fn start(
         certs,
         node: Arc::clone(&node),
         proxy: Arc::clone(&proxy),
+        subscription,
     });
-    Ok((proxy, admin, node, listener))
+    Ok(Started {
+        proxy,
+        admin,
+        node,
+        listener,
+        offers,
+    })
+}
+
+/// Applies each version the controller sends and answers whether it took.
+async fn apply_offers(mut offers: mpsc::Receiver<Offer>, node: Arc<Mutex<Node>>) {
+    while let Some(offer) = offers.recv().await {
+        let result = node
+            .lock()
+            .expect("node lock")
+            .set_mesh(offer.mesh)
+            .map_err(|err| format!("applying it to this node failed: {err}"));
+        if let Err(reason) = &result {
+            log::error!("configuration {}: {reason}", offer.version);
+        }
+        let _ = offer.done.send(result);
+    }
 }
 
 /// How often the configuration and certificate files are checked for changes.

@@ -18,6 +18,9 @@
 //!     node: node0
 //!     ip: 10.244.0.2
 //!     labels: { app: echo }
+//!     mode: PERMISSIVE              # default: the namespace's
+//!     portModes: { 9090: DISABLE }  # ports whose mode differs
+//!   - { name: batch, namespace: default, node: node0, ip: 10.244.0.3, optedOut: true }
 //! services:
 //!   - name: echo
 //!     namespace: default
@@ -28,7 +31,14 @@
 //! ```
 //!
 //! Capture sends to the agent every service VIP:port and every address of a meshed
-//! workload (those in the file, and the node's enrolled pods).
+//! workload (those in the file, and the node's enrolled pods). A workload that opted
+//! out of its meshed namespace is neither captured nor enforced; traffic to it, and to
+//! service endpoints that are no workload at all, goes to it directly in plaintext.
+//!
+//! With `--controller`, the same model is assembled from the resources the controller
+//! streams ([`resources`]).
+
+pub mod resources;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -134,6 +144,15 @@ pub struct Workload {
     pub ip: IpAddr,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// How the pod takes plaintext; `None`: its namespace's mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<PeerMode>,
+    /// Ports whose mode differs from the pod's.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub port_modes: BTreeMap<u16, PeerMode>,
+    /// The pod opted out of its meshed namespace.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub opted_out: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
@@ -143,7 +162,8 @@ pub struct Service {
     pub namespace: String,
     pub vip: IpAddr,
     pub ports: Vec<ServicePort>,
-    /// Addresses of the workloads behind the service.
+    /// Addresses of the ready endpoints: meshed workloads are reached through the
+    /// mesh, any other address directly.
     #[serde(default)]
     pub endpoints: Vec<IpAddr>,
 }
@@ -225,6 +245,11 @@ impl MeshConfig {
             {
                 return Err(format!("workloads[{index}].node: {node} is not in nodes"));
             }
+            if let Some(port) = workload.port_modes.keys().find(|port| **port == 0) {
+                return Err(format!(
+                    "workloads[{index}].portModes: port {port} is not a port"
+                ));
+            }
         }
         let mut namespaces = HashSet::new();
         for (index, namespace) in self.namespaces.iter().enumerate() {
@@ -251,16 +276,6 @@ impl MeshConfig {
                     "services[{index}].ports[{position}]: port 0 is not a port"
                 ));
             }
-            if let Some(position) = service
-                .endpoints
-                .iter()
-                .position(|endpoint| !addresses.contains(endpoint))
-            {
-                return Err(format!(
-                    "services[{index}].endpoints[{position}]: {} is not the address of a workload",
-                    service.endpoints[position]
-                ));
-            }
         }
         if let Some(position) = self.exclude_ports.iter().position(|port| *port == 0) {
             return Err(format!("excludePorts[{position}]: port 0 is not a port"));
@@ -274,6 +289,34 @@ impl MeshConfig {
             .iter()
             .find(|candidate| candidate.name == namespace)
             .map(|namespace| namespace.mode)
+    }
+
+    /// Whether `workload` is in the mesh: its namespace is, and it did not opt out.
+    pub fn is_meshed(&self, workload: &Workload) -> bool {
+        !workload.opted_out && self.mode_of(&workload.namespace).is_some()
+    }
+
+    /// How pod `namespace/name` takes plaintext (its mode and per-port overrides), or
+    /// `None` when it is not in the mesh. A pod the configuration does not list yet
+    /// (it has just been created) gets its namespace's mode.
+    pub fn pod_modes(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Option<(PeerMode, BTreeMap<u16, PeerMode>)> {
+        let namespace_mode = self.mode_of(namespace)?;
+        match self
+            .workloads
+            .iter()
+            .find(|workload| workload.namespace == namespace && workload.name == name)
+        {
+            Some(workload) if workload.opted_out => None,
+            Some(workload) => Some((
+                workload.mode.unwrap_or(namespace_mode),
+                workload.port_modes.clone(),
+            )),
+            None => Some((namespace_mode, BTreeMap::new())),
+        }
     }
 
     /// What capture sends to the agent: every service VIP:port, and every address of a
@@ -291,7 +334,7 @@ impl MeshConfig {
         let workloads = self
             .workloads
             .iter()
-            .filter(|workload| self.mode_of(&workload.namespace).is_some())
+            .filter(|workload| self.is_meshed(workload))
             .map(|workload| workload.ip)
             .chain(local_pods)
             .map(|ip| (sock_addr(ip, 0), pod));

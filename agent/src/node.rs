@@ -186,7 +186,11 @@ impl Node {
     /// attached pod keeps its attachment unless `reattach` asks for this agent's.
     fn sync(&mut self, id: &str, reattach: bool) -> Result<(), NodeError> {
         let record = self.pods[id].clone();
-        let wanted = self.mesh.get().mode_of(&record.pod.namespace);
+        let wanted = self
+            .mesh
+            .get()
+            .pod_modes(&record.pod.namespace, &record.pod.name)
+            .map(|(mode, _ports)| mode);
         let attachment = match wanted {
             None => {
                 if let Some(old) = record.attachment {

@@ -6,9 +6,12 @@
 //! streams every agent its view over `weft.config.v1.ConfigDiscovery` ([`stream`]).
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod auth;
 pub mod compile;
 pub mod objects;
+pub mod pipeline;
 pub mod source;
 pub mod status;
+pub mod stream;
 pub mod view;

@@ -110,8 +110,7 @@ async fn tunnel(
     let target = incoming.authority;
     let mesh = proxy.mesh.get();
     let workload = mesh.workload_by_ip(target.ip()).filter(|workload| {
-        workload.node.as_deref() == Some(proxy.node.as_str())
-            && mesh.mode_of(&workload.namespace).is_some()
+        workload.node.as_deref() == Some(proxy.node.as_str()) && mesh.is_meshed(workload)
     });
     let Some(workload) = workload else {
         log::info!(

@@ -82,11 +82,25 @@ impl Refusal {
 /// Where a captured connection goes.
 struct Route {
     target: SocketAddr,
-    /// The agent to tunnel to; `None` when the target is on this node.
-    agent: Option<SocketAddr>,
+    hop: Hop,
     connection: Connection,
     source_identity: Identity,
-    destination_identity: Identity,
+}
+
+/// How the bytes get to the target.
+#[derive(Debug, PartialEq, Eq)]
+enum Hop {
+    /// A meshed pod on this node: a direct connection carrying the agent's mark.
+    Local,
+    /// A meshed pod on another node: an HBONE tunnel to that node's agent, which must
+    /// present `destination`'s certificate.
+    Tunnel {
+        agent: SocketAddr,
+        destination: Identity,
+    },
+    /// A service endpoint outside the mesh (an opted-out pod, an address that is no
+    /// workload): a plain connection, as the pod would have made itself.
+    Passthrough,
 }
 
 async fn handle(proxy: &Arc<Proxy>, mut client: TcpStream, peer: SocketAddr) {
@@ -102,18 +116,34 @@ async fn handle(proxy: &Arc<Proxy>, mut client: TcpStream, peer: SocketAddr) {
     let connection = route.connection;
     connection.opened();
     let _ = client.set_nodelay(true);
-    let result = match route.agent {
-        None => match connect_marked(route.target).await {
+    let direct = |marked: bool| async move {
+        let connected = if marked {
+            connect_marked(route.target).await
+        } else {
+            tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(route.target))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "connect timed out",
+                    ))
+                })
+        };
+        connected.map_err(|err| format!("connect to {}: {err}", route.target))
+    };
+    let result = match &route.hop {
+        Hop::Local | Hop::Passthrough => match direct(route.hop == Hop::Local).await {
             Ok(mut server) => copy_bidirectional(&mut client, &mut server)
                 .await
                 .map_err(|err| format!("copy: {err}")),
-            Err(err) => Err(format!("connect to {}: {err}", route.target)),
+            Err(err) => Err(err),
         },
-        Some(agent) => {
+        Hop::Tunnel { agent, destination } => {
+            let agent = *agent;
             match tunnel(
                 proxy,
                 &route.source_identity,
-                &route.destination_identity,
+                destination,
                 agent,
                 route.target,
                 peer,
@@ -184,39 +214,60 @@ fn plan(
         }
         None => (original, None),
     };
+    let source_identity = mesh.identity(source);
+    let source_peer = Peer::of(source, Some(&source_identity), peer);
     let destination = mesh
         .workload_by_ip(target.ip())
-        .filter(|workload| mesh.mode_of(&workload.namespace).is_some())
-        .ok_or(Refusal::UnknownDestination(target))?;
+        .filter(|workload| mesh.is_meshed(workload));
+    let Some(destination) = destination else {
+        // Only a service may lead outside the mesh; a pod address was captured
+        // because it was meshed.
+        if service.is_none() {
+            return Err(Refusal::UnknownDestination(target));
+        }
+        let destination_peer = match mesh.workload_by_ip(target.ip()) {
+            Some(workload) => Peer::of(workload, None, target),
+            None => Peer {
+                address: Some(target),
+                ..Peer::default()
+            },
+        };
+        let mut connection = Connection::new(Reporter::Source, source_peer, destination_peer);
+        connection.service = service;
+        return Ok(Route {
+            target,
+            hop: Hop::Passthrough,
+            connection,
+            source_identity,
+        });
+    };
     let destination_node = destination
         .node
         .as_deref()
         .ok_or_else(|| Refusal::NoNode(destination.name.clone()))?;
-    let agent = if destination_node == node {
-        None
+    let destination_identity = mesh.identity(destination);
+    let destination_peer = Peer::of(destination, Some(&destination_identity), target);
+    let hop = if destination_node == node {
+        Hop::Local
     } else {
         let address = mesh
             .node(destination_node)
             .ok_or_else(|| Refusal::UnknownNode(destination_node.to_owned()))?
             .address;
-        Some(SocketAddr::new(address, HBONE_PORT))
+        Hop::Tunnel {
+            agent: SocketAddr::new(address, HBONE_PORT),
+            destination: destination_identity,
+        }
     };
-    let source_identity = mesh.identity(source);
-    let destination_identity = mesh.identity(destination);
-    let mut connection = Connection::new(
-        Reporter::Source,
-        Peer::of(source, Some(&source_identity), peer),
-        Peer::of(destination, Some(&destination_identity), target),
-    );
+    let mut connection = Connection::new(Reporter::Source, source_peer, destination_peer);
     connection.service = service;
     // Between nodes the bytes travel in an HBONE tunnel; on one node they stay local.
-    connection.mutual_tls = agent.is_some();
+    connection.mutual_tls = matches!(hop, Hop::Tunnel { .. });
     Ok(Route {
         target,
-        agent,
+        hop,
         connection,
         source_identity,
-        destination_identity,
     })
 }
 
@@ -328,6 +379,7 @@ workloads:
   - { name: web-a, namespace: shop, serviceAccount: web, node: a, ip: 10.244.0.3, labels: { app: web } }
   - { name: web-b, namespace: shop, serviceAccount: web, node: b, ip: 10.244.1.3 }
   - { name: outsider, namespace: other, node: b, ip: 10.244.1.9 }
+  - { name: batch, namespace: shop, node: b, ip: 10.244.1.8, optedOut: true }
 services:
   - { name: web, namespace: shop, vip: 10.96.0.10, ports: [{ port: 80, targetPort: 8080 }], endpoints: [10.244.0.3, 10.244.1.3] }
   - { name: empty, namespace: shop, vip: 10.96.0.11, ports: [{ port: 80 }] }
@@ -354,18 +406,17 @@ services:
         let pick_b = |_: &Service| Some("10.244.1.3".parse().unwrap());
         let route = plan(&mesh, "a", client, addr("10.96.0.10:80"), pick_b).unwrap();
         assert_eq!(route.target, addr("10.244.1.3:8080"));
-        assert_eq!(
-            route.agent,
-            Some(addr("10.99.0.2:15008")),
-            "another node: HBONE to its agent"
-        );
+        let Hop::Tunnel { agent, destination } = &route.hop else {
+            panic!("another node: HBONE to its agent, not {:?}", route.hop);
+        };
+        assert_eq!(*agent, addr("10.99.0.2:15008"));
         assert!(route.connection.mutual_tls);
         assert_eq!(
             route.source_identity.to_string(),
             "spiffe://cluster.local/ns/shop/sa/client"
         );
         assert_eq!(
-            route.destination_identity.to_string(),
+            destination.to_string(),
             "spiffe://cluster.local/ns/shop/sa/web"
         );
         assert_eq!(
@@ -375,7 +426,7 @@ services:
 
         let pick_a = |_: &Service| Some("10.244.0.3".parse().unwrap());
         let local = plan(&mesh, "a", client, addr("10.96.0.10:80"), pick_a).unwrap();
-        assert_eq!((local.target, local.agent), (addr("10.244.0.3:8080"), None));
+        assert_eq!((local.target, &local.hop), (addr("10.244.0.3:8080"), &Hop::Local));
         assert!(!local.connection.mutual_tls, "same node: no tunnel");
     }
 
@@ -389,11 +440,24 @@ services:
             |_| None,
         )
         .unwrap();
-        assert_eq!(
-            (route.target, route.agent),
-            (addr("10.244.1.3:9000"), Some(addr("10.99.0.2:15008")))
+        assert_eq!(route.target, addr("10.244.1.3:9000"));
+        assert!(
+            matches!(route.hop, Hop::Tunnel { agent, .. } if agent == addr("10.99.0.2:15008"))
         );
         assert_eq!(route.connection.service, None);
+    }
+
+    #[test]
+    fn service_endpoints_outside_the_mesh_are_reached_directly() {
+        let mesh = mesh();
+        let client = addr("10.244.0.2:40000");
+        for outside in ["10.244.1.9", "10.244.1.8", "192.0.2.7"] {
+            let pick = |_: &Service| Some(outside.parse().unwrap());
+            let route = plan(&mesh, "a", client, addr("10.96.0.10:80"), pick).unwrap();
+            assert_eq!(route.hop, Hop::Passthrough, "{outside}");
+            assert_eq!(route.target.port(), 8080);
+            assert!(!route.connection.mutual_tls);
+        }
     }
 
     #[test]

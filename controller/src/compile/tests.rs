@@ -1,1 +1,559 @@
+//! The compiler on small clusters written as the YAML a user would apply, and on a
+//! large generated one.
 
+use std::{path::Path, sync::Arc};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Namespace, Pod, PodSpec, PodStatus, Service, ServicePort, ServiceSpec},
+        discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use weft_api::config::v1 as proto;
+
+use super::*;
+use crate::{objects::Object, source::files};
+
+fn objects(yaml: &str) -> Objects {
+    let mut objects = Objects::default();
+    for object in files::parse(Path::new("test.yaml"), yaml).expect("fixture parses") {
+        objects.upsert(object);
+    }
+    objects
+}
+
+fn settings() -> Settings {
+    Settings {
+        trust_domain: "cluster.local".into(),
+        root_namespace: "weft-system".into(),
+        exclude_ports: vec![22],
+    }
+}
+
+fn verdict<'a>(compiled: &'a Compiled, kind: Kind, namespace: &str, name: &str) -> &'a Verdict {
+    compiled
+        .statuses
+        .get(&(kind, ObjectKey::new(namespace, name)))
+        .unwrap_or_else(|| panic!("no verdict for {kind} {namespace}/{name}"))
+}
+
+const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Node
+metadata: { name: node0 }
+status: { addresses: [{ type: InternalIP, address: 10.99.0.1 }] }
+---
+apiVersion: v1
+kind: Node
+metadata: { name: node1 }
+status: { addresses: [{ type: Hostname, address: node1 }, { type: InternalIP, address: 10.99.0.2 }] }
+---
+apiVersion: v1
+kind: Namespace
+metadata: { name: shop, labels: { weft.dev/mesh: enabled } }
+---
+apiVersion: v1
+kind: Namespace
+metadata: { name: legacy }
+---
+apiVersion: v1
+kind: Pod
+metadata: { name: web-0, namespace: shop, labels: { app: web } }
+spec: { nodeName: node0, serviceAccountName: web, containers: [{ name: c, image: x }] }
+status: { phase: Running, podIP: 10.244.0.2 }
+---
+apiVersion: v1
+kind: Pod
+metadata: { name: web-1, namespace: shop, labels: { app: web } }
+spec: { nodeName: node1, serviceAccountName: web, containers: [{ name: c, image: x }] }
+status: { phase: Running, podIP: 10.244.1.2 }
+---
+apiVersion: v1
+kind: Pod
+metadata: { name: client, namespace: shop, labels: { app: client } }
+spec: { nodeName: node0, containers: [{ name: c, image: x }] }
+status: { phase: Running, podIP: 10.244.0.3 }
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: batch
+  namespace: shop
+  labels: { app: batch }
+  annotations: { weft.dev/mesh: disabled }
+spec: { nodeName: node1, containers: [{ name: c, image: x }] }
+status: { phase: Running, podIP: 10.244.1.3 }
+---
+apiVersion: v1
+kind: Pod
+metadata: { name: done, namespace: shop, labels: { app: web } }
+spec: { nodeName: node1, containers: [{ name: c, image: x }] }
+status: { phase: Succeeded, podIP: 10.244.1.9 }
+---
+apiVersion: v1
+kind: Pod
+metadata: { name: old-app, namespace: legacy, labels: { app: web } }
+spec: { nodeName: node1, containers: [{ name: c, image: x }] }
+status: { phase: Running, podIP: 10.244.1.4 }
+---
+apiVersion: v1
+kind: Service
+metadata: { name: web, namespace: shop }
+spec:
+  clusterIP: 10.96.0.10
+  selector: { app: web }
+  ports: [{ name: http, port: 80, targetPort: 8080 }, { name: udp, port: 53, protocol: UDP }]
+---
+apiVersion: v1
+kind: Service
+metadata: { name: headless, namespace: shop }
+spec: { clusterIP: None, selector: { app: web }, ports: [{ port: 80 }] }
+---
+apiVersion: v1
+kind: Service
+metadata: { name: old, namespace: legacy }
+spec: { clusterIP: 10.96.0.20, selector: { app: web }, ports: [{ port: 80 }] }
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: { name: web-abc, namespace: shop, labels: { kubernetes.io/service-name: web } }
+addressType: IPv4
+ports: [{ name: http, port: 8080 }]
+endpoints:
+  - { addresses: [10.244.0.2], conditions: { ready: true } }
+  - { addresses: [10.244.1.2] }
+  - { addresses: [10.244.1.7], conditions: { ready: false } }
+"#;
+
+#[test]
+fn membership_follows_the_namespace_label_and_the_opt_out_annotation() {
+    let compiled = compile(&objects(CLUSTER), &settings());
+    let namespaces = compiled.shared.all::<proto::Namespace>();
+    assert_eq!(namespaces.keys().collect::<Vec<_>>(), ["shop"]);
+    assert_eq!(namespaces["shop"].mode, proto::PeerMode::Strict as i32);
+
+    let workloads = compiled.shared.all::<proto::Workload>();
+    assert_eq!(
+        workloads.keys().collect::<Vec<_>>(),
+        ["shop/batch", "shop/client", "shop/web-0", "shop/web-1"],
+        "finished pods and unmeshed namespaces stay out"
+    );
+    let web = &workloads["shop/web-1"];
+    assert_eq!(
+        (web.node.as_str(), web.ips.as_slice(), web.service_account.as_str()),
+        ("node1", &["10.244.1.2".to_owned()][..], "web")
+    );
+    assert_eq!(workloads["shop/client"].service_account, "default");
+    assert!(workloads["shop/batch"].opted_out);
+    assert!(!web.opted_out);
+
+    let nodes = compiled.shared.all::<proto::Node>();
+    assert_eq!(nodes["node1"].address, "10.99.0.2");
+    let mesh = compiled.shared.get::<proto::MeshSettings>("mesh").unwrap();
+    assert_eq!(mesh.exclude_ports, [22]);
+}
+
+#[test]
+fn services_carry_ready_endpoints_and_tcp_ports() {
+    let compiled = compile(&objects(CLUSTER), &settings());
+    let services = compiled.shared.all::<proto::Service>();
+    assert_eq!(
+        services.keys().collect::<Vec<_>>(),
+        ["shop/web"],
+        "headless services and unmeshed namespaces have no mesh VIP"
+    );
+    let web = &services["shop/web"];
+    assert_eq!(web.vips, ["10.96.0.10"]);
+    assert_eq!(web.ports.len(), 1, "UDP is not carried");
+    assert_eq!((web.ports[0].port, web.ports[0].target_port), (80, 8080));
+    assert_eq!(web.endpoints, ["10.244.0.2", "10.244.1.2"]);
+}
+
+#[test]
+fn peer_authentication_from_mesh_to_namespace_to_workload() {
+    let policies = r#"
+---
+apiVersion: weft.dev/v1alpha1
+kind: PeerAuthentication
+metadata: { name: mesh, namespace: weft-system, creationTimestamp: "2026-01-01T00:00:00Z" }
+spec: { mode: PERMISSIVE }
+---
+apiVersion: weft.dev/v1alpha1
+kind: PeerAuthentication
+metadata: { name: web, namespace: shop, creationTimestamp: "2026-01-02T00:00:00Z", generation: 3 }
+spec:
+  selector: { matchLabels: { app: web } }
+  mode: STRICT
+  portModes: [{ port: 9090, mode: DISABLE }]
+---
+apiVersion: weft.dev/v1alpha1
+kind: PeerAuthentication
+metadata: { name: web-too, namespace: shop, creationTimestamp: "2026-01-03T00:00:00Z" }
+spec: { selector: { matchLabels: { app: web } }, mode: DISABLE }
+---
+apiVersion: weft.dev/v1alpha1
+kind: PeerAuthentication
+metadata: { name: nobody, namespace: shop, creationTimestamp: "2026-01-03T00:00:00Z" }
+spec: { selector: { matchLabels: { app: nobody } }, mode: DISABLE }
+---
+apiVersion: weft.dev/v1alpha1
+kind: PeerAuthentication
+metadata: { name: broken, namespace: shop }
+spec: { mode: DISABLE, portModes: [{ port: 80, mode: PERMISSIVE }] }
+"#;
+    let compiled = compile(&objects(&format!("{CLUSTER}{policies}")), &settings());
+    let namespaces = compiled.shared.all::<proto::Namespace>();
+    assert_eq!(
+        namespaces["shop"].mode,
+        proto::PeerMode::Permissive as i32,
+        "the mesh default applies; the invalid namespace policy does not"
+    );
+    let workloads = compiled.shared.all::<proto::Workload>();
+    assert_eq!(workloads["shop/web-0"].mode, proto::PeerMode::Strict as i32);
+    assert_eq!(
+        workloads["shop/web-0"].port_modes.get(&9090),
+        Some(&(proto::PeerMode::Disable as i32))
+    );
+    assert_eq!(workloads["shop/client"].mode, proto::PeerMode::Permissive as i32);
+    assert_eq!(workloads["shop/batch"].mode, proto::PeerMode::Unspecified as i32);
+
+    let web = verdict(&compiled, Kind::PeerAuthentication, "shop", "web");
+    assert!(web.accepted && web.message == "applies to 2 pods", "{web:?}");
+    assert_eq!(web.generation, Some(3));
+    let too = verdict(&compiled, Kind::PeerAuthentication, "shop", "web-too");
+    assert_eq!((too.accepted, too.reason), (false, Reason::Conflicted), "{too:?}");
+    let nobody = verdict(&compiled, Kind::PeerAuthentication, "shop", "nobody");
+    assert_eq!((nobody.accepted, nobody.reason), (true, Reason::NoMatchingPods));
+    let broken = verdict(&compiled, Kind::PeerAuthentication, "shop", "broken");
+    assert_eq!((broken.accepted, broken.reason), (false, Reason::Invalid));
+    assert!(broken.message.starts_with("spec.portModes: "), "{broken:?}");
+}
+
+#[test]
+fn authorization_policies_go_to_the_nodes_of_their_workloads() {
+    let policies = r#"
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: { name: web-from-client, namespace: shop }
+spec:
+  selector: { matchLabels: { app: web } }
+  rules:
+    - from: [{ principals: ["spiffe://cluster.local/ns/shop/sa/default"] }]
+      to: [{ ports: [8080], methods: [GET] }]
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: { name: deny-legacy, namespace: weft-system }
+spec:
+  action: DENY
+  rules: [{ from: [{ namespaces: [legacy] }] }]
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: { name: typo, namespace: shop }
+spec:
+  rules: [{ from: [{ principals: ["shop/sa/default"] }] }]
+"#;
+    let compiled = compile(&objects(&format!("{CLUSTER}{policies}")), &settings());
+    let node0 = compiled.view("node0");
+    let policies0 = node0.local.all::<proto::AuthorizationPolicy>();
+    assert_eq!(
+        policies0.keys().collect::<Vec<_>>(),
+        ["shop/web-from-client", "weft-system/deny-legacy"]
+    );
+    assert_eq!(policies0["shop/web-from-client"].workloads, ["shop/web-0"]);
+    assert_eq!(
+        policies0["weft-system/deny-legacy"].workloads,
+        ["shop/client", "shop/web-0"],
+        "mesh-wide: every meshed pod of the node"
+    );
+    let node1 = compiled.view("node1").local.all::<proto::AuthorizationPolicy>();
+    assert_eq!(
+        node1["weft-system/deny-legacy"].workloads,
+        ["shop/web-1"],
+        "opted-out pods are not enforced"
+    );
+    assert!(compiled.view("node0").shared.all::<proto::AuthorizationPolicy>().is_empty());
+    let rule = &policies0["shop/web-from-client"].rules[0];
+    assert_eq!(rule.to[0].ports, [8080]);
+    let typo = verdict(&compiled, Kind::AuthorizationPolicy, "shop", "typo");
+    assert!(
+        !typo.accepted && typo.message.starts_with("spec.rules[0].from[0].principals[0]: "),
+        "{typo:?}"
+    );
+    assert_ne!(
+        compiled.view("node0").version,
+        compiled.view("node1").version,
+        "nodes with different policies have different versions"
+    );
+}
+
+#[test]
+fn traffic_policies_need_their_service_and_the_oldest_wins() {
+    let policies = r#"
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: { name: web, namespace: shop, creationTimestamp: "2026-01-01T00:00:00Z" }
+spec:
+  service: web
+  loadBalancer: { algorithm: PEAK_EWMA }
+  timeouts: { connect: 500ms, request: 1m30s }
+  retries: { attempts: 2, retryOn: [5xx], budget: { percent: 20, minPerSecond: 5 } }
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: { name: web-again, namespace: shop, creationTimestamp: "2026-01-02T00:00:00Z" }
+spec: { service: web }
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: { name: ghost, namespace: shop }
+spec: { service: ghost }
+"#;
+    let compiled = compile(&objects(&format!("{CLUSTER}{policies}")), &settings());
+    let policy = compiled
+        .shared
+        .get::<proto::TrafficPolicy>("shop/web")
+        .unwrap();
+    assert_eq!(policy.load_balancing, proto::LoadBalancing::PeakEwma as i32);
+    assert_eq!((policy.connect_timeout_ms, policy.request_timeout_ms), (500, 90_000));
+    assert_eq!(policy.retries.as_ref().unwrap().budget_percent, 20);
+    assert_eq!(policy.source, "shop/web");
+    let again = verdict(&compiled, Kind::TrafficPolicy, "shop", "web-again");
+    assert_eq!(again.reason, Reason::Conflicted);
+    let ghost = verdict(&compiled, Kind::TrafficPolicy, "shop", "ghost");
+    assert_eq!(ghost.reason, Reason::ServiceNotFound);
+    assert!(ghost.message.starts_with("spec.service: "), "{ghost:?}");
+}
+
+#[test]
+fn routes_attach_to_services_in_precedence_order() {
+    let routes = r#"
+---
+apiVersion: v1
+kind: Service
+metadata: { name: web-canary, namespace: shop }
+spec: { clusterIP: 10.96.0.11, selector: { app: canary }, ports: [{ port: 80 }] }
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: split, namespace: shop, creationTimestamp: "2026-01-01T00:00:00Z" }
+spec:
+  parentRefs: [{ group: "", kind: Service, name: web, port: 80 }]
+  rules:
+    - backendRefs:
+        - { name: web, port: 80, weight: 90 }
+        - { name: web-canary, port: 80, weight: 10 }
+    - matches:
+        - path: { type: Exact, value: /admin }
+        - headers: [{ name: X-Canary, value: "yes" }]
+      backendRefs: [{ name: web-canary, port: 80 }]
+      timeouts: { request: 2s }
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: { name: rpc, namespace: shop }
+spec:
+  parentRefs: [{ kind: Service, name: web }]
+  rules:
+    - matches: [{ method: { service: shop.Cart, method: Add } }]
+      backendRefs: [{ name: web-canary, port: 80 }]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: dangling, namespace: shop }
+spec:
+  parentRefs: [{ kind: Service, name: web }]
+  rules: [{ backendRefs: [{ name: nowhere, port: 80 }] }]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: north-south, namespace: shop }
+spec:
+  parentRefs: [{ name: public-gateway }]
+  rules: [{ backendRefs: [{ name: web, port: 80 }] }]
+"#;
+    let compiled = compile(&objects(&format!("{CLUSTER}{routes}")), &settings());
+    let at_80 = compiled
+        .shared
+        .get::<proto::ServiceRoutes>("shop/web:80")
+        .unwrap();
+    let order: Vec<(&str, &str)> = at_80
+        .rules
+        .iter()
+        .map(|rule| (rule.matches[0].path.as_str(), rule.route.as_str()))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            ("/admin", "HTTPRoute/shop/split"),
+            ("/", "HTTPRoute/shop/split"),
+            ("/", "HTTPRoute/shop/split"),
+        ],
+        "exact before prefix; the header match before the bare prefix"
+    );
+    assert_eq!(at_80.rules[1].matches[0].headers[0].name, "x-canary");
+    assert_eq!(at_80.rules[0].timeout_ms, 2000);
+    let weights: Vec<u32> = at_80.rules[2].backends.iter().map(|b| b.weight).collect();
+    assert_eq!(weights, [90, 10]);
+    let grpc = compiled
+        .shared
+        .get::<proto::ServiceRoutes>("shop/web:0")
+        .unwrap();
+    assert_eq!(grpc.rules[0].matches[0].path, "/shop.Cart/Add");
+
+    let dangling = verdict(&compiled, Kind::HttpRoute, "shop", "dangling");
+    assert_eq!(dangling.reason, Reason::ServiceNotFound);
+    assert!(dangling.message.starts_with("spec.rules[0].backendRefs[0]: "), "{dangling:?}");
+    assert!(
+        !compiled
+            .statuses
+            .contains_key(&(Kind::HttpRoute, ObjectKey::new("shop", "north-south"))),
+        "routes of Gateways are another controller's"
+    );
+}
+
+#[test]
+fn endpoint_changes_change_only_what_they_touch() {
+    let mut objects = objects(CLUSTER);
+    let before = compile(&objects, &settings());
+    let slice_key = ObjectKey::new("shop", "web-abc");
+    let mut slice = objects.endpoint_slices[&slice_key].as_ref().clone();
+    slice.endpoints.truncate(1);
+    objects.upsert(Object::EndpointSlice(Arc::new(slice)));
+    let after = compile(&objects, &settings());
+    let delta = after.view("node0").delta_from(&before.view("node0"));
+    let changed: Vec<&str> = delta
+        .upserts
+        .iter()
+        .map(|r| r.key.as_ref().unwrap().name.as_str())
+        .collect();
+    assert_eq!(changed, ["shop/web"]);
+    assert!(delta.removals.is_empty());
+    assert_eq!(
+        compile(&objects, &settings()).view("node0").version,
+        after.view("node0").version,
+        "the same objects give the same version"
+    );
+}
+
+/// 10,000 services, 100,000 endpoints, 50 nodes: compiles, and every node's view
+/// holds every service and workload. Time and memory are the benchmark's business.
+#[test]
+fn compiles_a_large_cluster() {
+    const NODES: usize = 50;
+    const SERVICES: usize = 10_000;
+    const PODS_PER_SERVICE: usize = 10;
+    let mut objects = Objects::default();
+    for namespace in 0..10 {
+        let mut meta = ObjectMeta {
+            name: Some(format!("ns{namespace}")),
+            ..Default::default()
+        };
+        meta.labels = Some([("weft.dev/mesh".to_owned(), "enabled".to_owned())].into());
+        objects.upsert(Object::Namespace(Arc::new(Namespace {
+            metadata: meta,
+            ..Default::default()
+        })));
+    }
+    for index in 0..SERVICES {
+        let namespace = format!("ns{}", index % 10);
+        let name = format!("svc{index}");
+        let mut addresses = Vec::new();
+        for replica in 0..PODS_PER_SERVICE {
+            let pod = index * PODS_PER_SERVICE + replica;
+            let ip = format!("10.{}.{}.{}", pod >> 16, (pod >> 8) & 255, pod & 255);
+            objects.upsert(Object::Pod(Arc::new(Pod {
+                metadata: ObjectMeta {
+                    name: Some(format!("{name}-{replica}")),
+                    namespace: Some(namespace.clone()),
+                    labels: Some([("app".to_owned(), name.clone())].into()),
+                    ..Default::default()
+                },
+                spec: Some(PodSpec {
+                    node_name: Some(format!("node{}", pod % NODES)),
+                    ..Default::default()
+                }),
+                status: Some(PodStatus {
+                    phase: Some("Running".into()),
+                    pod_ip: Some(ip.clone()),
+                    ..Default::default()
+                }),
+            })));
+            addresses.push(ip);
+        }
+        objects.upsert(Object::Service(Arc::new(Service {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(namespace.clone()),
+                ..Default::default()
+            },
+            spec: Some(ServiceSpec {
+                cluster_ip: Some(format!("10.96.{}.{}", index >> 8, index & 255)),
+                ports: Some(vec![ServicePort {
+                    port: 80,
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })));
+        objects.upsert(Object::EndpointSlice(Arc::new(EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some(format!("{name}-slice")),
+                namespace: Some(namespace),
+                labels: Some([("kubernetes.io/service-name".to_owned(), name)].into()),
+                ..Default::default()
+            },
+            address_type: "IPv4".into(),
+            endpoints: addresses
+                .into_iter()
+                .map(|ip| Endpoint {
+                    addresses: vec![ip],
+                    ..Default::default()
+                })
+                .collect(),
+            ports: Some(vec![EndpointPort {
+                port: Some(80),
+                ..Default::default()
+            }]),
+        })));
+    }
+    for node in 0..NODES {
+        objects.upsert(Object::Node(Arc::new(k8s_openapi::api::core::v1::Node {
+            metadata: ObjectMeta {
+                name: Some(format!("node{node}")),
+                ..Default::default()
+            },
+            status: Some(k8s_openapi::api::core::v1::NodeStatus {
+                addresses: Some(vec![k8s_openapi::api::core::v1::NodeAddress {
+                    type_: "InternalIP".into(),
+                    address: format!("10.250.0.{node}"),
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })));
+    }
+
+    let compiled = compile(&objects, &settings());
+    let services = compiled.shared.all::<proto::Service>();
+    assert_eq!(services.len(), SERVICES);
+    assert_eq!(
+        services.values().map(|s| s.endpoints.len()).sum::<usize>(),
+        SERVICES * PODS_PER_SERVICE
+    );
+    assert_eq!(compiled.local.len(), NODES);
+    for node in 0..NODES {
+        let view = compiled.view(&format!("node{node}"));
+        assert!(Arc::ptr_eq(&view.shared, &compiled.shared), "views share one encoding");
+    }
+    let snapshot = compiled.view("node7").snapshot();
+    assert_eq!(
+        snapshot.upserts.len(),
+        1 + NODES + 10 + SERVICES * PODS_PER_SERVICE + SERVICES
+    );
+}

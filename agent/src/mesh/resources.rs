@@ -1,0 +1,375 @@
+//! The mesh configuration as the controller streams it: a set of protobuf resources
+//! (`weft.config.v1`), kept up to date by snapshots and deltas, and turned into the
+//! same [`MeshConfig`] the file gives.
+
+use std::collections::BTreeMap;
+
+use weft_api::config::v1::{self as proto, ConfigUpdate, Kind, PeerMode as WireMode};
+
+use super::{MeshConfig, MeshNamespace, Node, PeerMode, Service, ServicePort, Workload};
+
+/// The resources a controller sent, by kind and name, as encoded on the wire.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resources {
+    resources: BTreeMap<(String, String), Vec<u8>>,
+}
+
+impl Resources {
+    /// Applies `update` (a snapshot replaces everything; a delta changes what it names).
+    pub fn apply(&mut self, update: &ConfigUpdate) -> Result<(), String> {
+        if update.snapshot {
+            self.resources.clear();
+        }
+        for removal in &update.removals {
+            self.resources
+                .remove(&(removal.kind.clone(), removal.name.clone()));
+        }
+        for (index, resource) in update.upserts.iter().enumerate() {
+            let key = resource
+                .key
+                .as_ref()
+                .ok_or_else(|| format!("upserts[{index}] has no key"))?;
+            self.resources
+                .insert((key.kind.clone(), key.name.clone()), resource.body.clone());
+        }
+        Ok(())
+    }
+
+    /// Everything as one snapshot (for the agent's cache).
+    pub fn snapshot(&self, version: &str) -> ConfigUpdate {
+        ConfigUpdate {
+            version: version.to_owned(),
+            snapshot: true,
+            upserts: self
+                .resources
+                .iter()
+                .map(|((kind, name), body)| proto::Resource {
+                    key: Some(proto::ResourceKey {
+                        kind: kind.clone(),
+                        name: name.clone(),
+                    }),
+                    body: body.clone(),
+                })
+                .collect(),
+            removals: Vec::new(),
+        }
+    }
+
+    /// How many resources of each kind there are.
+    pub fn counts(&self) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for (kind, _) in self.resources.keys() {
+            *counts.entry(kind.clone()).or_default() += 1;
+        }
+        counts
+    }
+
+    fn decode<M: Kind>(&self) -> Result<Vec<(String, M)>, String> {
+        self.resources
+            .range((M::KIND.to_owned(), String::new())..)
+            .take_while(|((kind, _), _)| kind == M::KIND)
+            .map(|((kind, name), body)| {
+                M::decode(body.as_slice())
+                    .map(|message| (name.clone(), message))
+                    .map_err(|err| format!("{kind} {name}: {err}"))
+            })
+            .collect()
+    }
+
+    /// The mesh configuration these resources describe, validated as a file would be.
+    /// Kinds the agent does not enforce yet (authorization and traffic policies,
+    /// routes) are accepted and counted, not applied.
+    pub fn mesh(&self) -> Result<MeshConfig, String> {
+        if let Some((kind, name)) = self
+            .resources
+            .keys()
+            .find(|(kind, _)| !proto::KINDS.contains(&kind.as_str()))
+        {
+            return Err(format!(
+                "{kind} {name}: a kind this agent does not know; is the agent older than the controller?"
+            ));
+        }
+        let settings = self
+            .decode::<proto::MeshSettings>()?
+            .into_iter()
+            .next()
+            .map(|(_, settings)| settings)
+            .unwrap_or_default();
+        let mut config = MeshConfig {
+            revision: 0,
+            trust_domain: if settings.trust_domain.is_empty() {
+                MeshConfig::default().trust_domain
+            } else {
+                settings.trust_domain
+            },
+            exclude_ports: settings
+                .exclude_ports
+                .iter()
+                .map(|&port| port_number("MeshSettings mesh: exclude_ports", port))
+                .collect::<Result<_, _>>()?,
+            ..MeshConfig::default()
+        };
+        for (name, node) in self.decode::<proto::Node>()? {
+            config.nodes.push(Node {
+                address: node
+                    .address
+                    .parse()
+                    .map_err(|_| format!("Node {name}: address {:?} is not an IP", node.address))?,
+                name: node.name,
+            });
+        }
+        for (name, namespace) in self.decode::<proto::Namespace>()? {
+            config.namespaces.push(MeshNamespace {
+                mode: mode(namespace.mode)
+                    .ok_or_else(|| format!("Namespace {name}: no mode"))?,
+                name: namespace.name,
+            });
+        }
+        for (name, workload) in self.decode::<proto::Workload>()? {
+            // A pod has no address until its network is set up: nothing to route yet.
+            let Some(first) = workload.ips.first() else {
+                continue;
+            };
+            let ip = first
+                .parse()
+                .map_err(|_| format!("Workload {name}: ips[0] {first:?} is not an IP"))?;
+            let port_modes = workload
+                .port_modes
+                .iter()
+                .map(|(&port, &wire)| {
+                    let port = port_number(&format!("Workload {name}: port_modes"), port)?;
+                    let mode = mode(wire)
+                        .ok_or_else(|| format!("Workload {name}: port_modes[{port}] has no mode"))?;
+                    Ok((port, mode))
+                })
+                .collect::<Result<_, String>>()?;
+            config.workloads.push(Workload {
+                name: workload.name,
+                namespace: workload.namespace,
+                service_account: workload.service_account,
+                node: Some(workload.node).filter(|node| !node.is_empty()),
+                ip,
+                labels: workload.labels,
+                mode: mode(workload.mode),
+                port_modes,
+                opted_out: workload.opted_out,
+            });
+        }
+        for (name, service) in self.decode::<proto::Service>()? {
+            let ports: Vec<ServicePort> = service
+                .ports
+                .iter()
+                .map(|port| {
+                    Ok(ServicePort {
+                        port: port_number(&format!("Service {name}: ports"), port.port)?,
+                        target_port: Some(port_number(
+                            &format!("Service {name}: target_port"),
+                            port.target_port,
+                        )?),
+                    })
+                })
+                .collect::<Result<_, String>>()?;
+            let endpoints = service
+                .endpoints
+                .iter()
+                .map(|endpoint| {
+                    endpoint
+                        .parse()
+                        .map_err(|_| format!("Service {name}: endpoint {endpoint:?} is not an IP"))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            // One service entry per VIP (dual-stack services have two).
+            for vip in &service.vips {
+                config.services.push(Service {
+                    name: service.name.clone(),
+                    namespace: service.namespace.clone(),
+                    vip: vip
+                        .parse()
+                        .map_err(|_| format!("Service {name}: VIP {vip:?} is not an IP"))?,
+                    ports: ports.clone(),
+                    endpoints: endpoints.clone(),
+                });
+            }
+        }
+        config
+            .validate()
+            .map_err(|problem| format!("the streamed configuration is invalid: {problem}"))?;
+        Ok(config)
+    }
+}
+
+fn mode(wire: i32) -> Option<PeerMode> {
+    match WireMode::try_from(wire).ok()? {
+        WireMode::Strict => Some(PeerMode::Strict),
+        WireMode::Permissive => Some(PeerMode::Permissive),
+        WireMode::Disable => Some(PeerMode::Disable),
+        WireMode::Unspecified => None,
+    }
+}
+
+fn port_number(field: &str, port: u32) -> Result<u16, String> {
+    u16::try_from(port)
+        .ok()
+        .filter(|port| *port != 0)
+        .ok_or_else(|| format!("{field}: {port} is not a port"))
+}
+
+#[cfg(test)]
+mod tests {
+    use weft_api::config::v1::{Resource, ResourceKey};
+
+    use super::*;
+
+    fn resource<M: Kind>(name: &str, message: &M) -> Resource {
+        Resource {
+            key: Some(ResourceKey {
+                kind: M::KIND.to_owned(),
+                name: name.to_owned(),
+            }),
+            body: message.encode_to_vec(),
+        }
+    }
+
+    fn snapshot() -> ConfigUpdate {
+        ConfigUpdate {
+            version: "v1".into(),
+            snapshot: true,
+            upserts: vec![
+                resource(
+                    "mesh",
+                    &proto::MeshSettings {
+                        trust_domain: "example.org".into(),
+                        exclude_ports: vec![22],
+                    },
+                ),
+                resource(
+                    "node0",
+                    &proto::Node {
+                        name: "node0".into(),
+                        address: "10.99.0.1".into(),
+                    },
+                ),
+                resource(
+                    "shop",
+                    &proto::Namespace {
+                        name: "shop".into(),
+                        mode: WireMode::Permissive as i32,
+                    },
+                ),
+                resource(
+                    "shop/web",
+                    &proto::Workload {
+                        name: "web".into(),
+                        namespace: "shop".into(),
+                        service_account: "web".into(),
+                        node: "node0".into(),
+                        ips: vec!["10.244.0.2".into()],
+                        mode: WireMode::Strict as i32,
+                        port_modes: [(9090, WireMode::Disable as i32)].into(),
+                        ..Default::default()
+                    },
+                ),
+                resource(
+                    "shop/pending",
+                    &proto::Workload {
+                        name: "pending".into(),
+                        namespace: "shop".into(),
+                        node: "node0".into(),
+                        ..Default::default()
+                    },
+                ),
+                resource(
+                    "shop/web",
+                    &proto::Service {
+                        name: "web".into(),
+                        namespace: "shop".into(),
+                        vips: vec!["10.96.0.10".into(), "fd00::10".into()],
+                        ports: vec![proto::ServicePort {
+                            port: 80,
+                            target_port: 8080,
+                            ..Default::default()
+                        }],
+                        endpoints: vec!["10.244.0.2".into(), "10.244.9.9".into()],
+                    },
+                ),
+                resource(
+                    "shop/web",
+                    &proto::TrafficPolicy {
+                        service: "web".into(),
+                        ..Default::default()
+                    },
+                ),
+            ],
+            removals: vec![],
+        }
+    }
+
+    #[test]
+    fn snapshots_and_deltas_make_the_file_model() {
+        let mut resources = Resources::default();
+        resources.apply(&snapshot()).unwrap();
+        let mesh = resources.mesh().unwrap();
+        assert_eq!(mesh.trust_domain, "example.org");
+        assert_eq!(mesh.exclude_ports, [22]);
+        assert_eq!(mesh.mode_of("shop"), Some(PeerMode::Permissive));
+        assert_eq!(mesh.workloads.len(), 1, "a pod without an address waits");
+        let (pod_mode, ports) = mesh.pod_modes("shop", "web").unwrap();
+        assert_eq!((pod_mode, ports.get(&9090)), (PeerMode::Strict, Some(&PeerMode::Disable)));
+        assert_eq!(
+            mesh.pod_modes("shop", "pending").unwrap().0,
+            PeerMode::Permissive,
+            "unlisted pods take the namespace's mode"
+        );
+        assert_eq!(mesh.services.len(), 2, "one entry per VIP");
+        assert_eq!(resources.counts()["weft.config.v1.TrafficPolicy"], 1);
+
+        let delta = ConfigUpdate {
+            version: "v2".into(),
+            snapshot: false,
+            upserts: vec![],
+            removals: vec![ResourceKey {
+                kind: proto::Service::KIND.into(),
+                name: "shop/web".into(),
+            }],
+        };
+        resources.apply(&delta).unwrap();
+        assert!(resources.mesh().unwrap().services.is_empty());
+        let mut copy = Resources::default();
+        copy.apply(&resources.snapshot("v2")).unwrap();
+        assert_eq!(copy, resources);
+    }
+
+    #[test]
+    fn bad_resources_are_named() {
+        let mut resources = Resources::default();
+        let mut update = snapshot();
+        update.upserts.push(resource(
+            "node1",
+            &proto::Node {
+                name: "node1".into(),
+                address: "nowhere".into(),
+            },
+        ));
+        resources.apply(&update).unwrap();
+        let error = resources.mesh().unwrap_err();
+        assert!(error.starts_with("Node node1: address"), "{error}");
+
+        let mut resources = Resources::default();
+        let mut update = snapshot();
+        update.upserts.push(Resource {
+            key: Some(ResourceKey {
+                kind: "weft.config.v9.Teleporter".into(),
+                name: "x".into(),
+            }),
+            body: vec![],
+        });
+        resources.apply(&update).unwrap();
+        assert!(resources.mesh().unwrap_err().contains("does not know"));
+
+        let mut resources = Resources::default();
+        let mut update = snapshot();
+        update.upserts[1].body = vec![0xff, 0xff, 0xff];
+        resources.apply(&update).unwrap();
+        assert!(resources.mesh().unwrap_err().starts_with("weft.config.v1.Node node0"));
+    }
+}

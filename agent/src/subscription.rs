@@ -1,0 +1,351 @@
+//! The agent's end of the configuration stream: subscribe to the controller for this
+//! node, hand every version to the agent to apply, acknowledge or reject it, and keep
+//! the last applied version on disk, so a restarted agent serves it at once, even with
+//! the controller away. A broken stream is resubscribed with backoff; the agent keeps
+//! serving what it has meanwhile.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use prost::Message as _;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, transport::Endpoint};
+use weft_api::config::v1::{
+    Ack, AgentMessage, ConfigUpdate, Hello, Nack, agent_message::Message,
+    config_discovery_client::ConfigDiscoveryClient,
+};
+
+use crate::{
+    mesh::{MeshConfig, resources::Resources},
+    reload::Current,
+};
+
+/// Where and as whom to subscribe.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The controller's gRPC address, `http://host:15010`.
+    pub controller: String,
+    pub node: String,
+    /// A file holding the node's token (read at every connect, so it can be rotated).
+    pub token_file: Option<PathBuf>,
+    /// Where the last applied version is kept.
+    pub cache: PathBuf,
+}
+
+/// A version for the agent to apply; it answers through `done` (`Err`: why not).
+#[derive(Debug)]
+pub struct Offer {
+    pub version: String,
+    pub mesh: MeshConfig,
+    pub done: oneshot::Sender<Result<(), String>>,
+}
+
+/// The state of the subscription, for `/config_dump` and readiness.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Status {
+    pub controller: String,
+    pub connected: bool,
+    /// The version applied last.
+    pub version: Option<String>,
+    /// Resources of that version, by kind.
+    pub resources: std::collections::BTreeMap<String, usize>,
+    pub last_error: Option<String>,
+    /// Unix time the last version was applied.
+    pub applied_at: Option<f64>,
+}
+
+/// The version last applied, as cached on disk.
+#[derive(Debug)]
+pub struct Cached {
+    pub version: String,
+    pub resources: Resources,
+    pub mesh: MeshConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("cannot reach the controller at {endpoint}: {source}; is it running, and is port 15010 open from this node?")]
+    Connect {
+        endpoint: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("the controller refused the subscription: {0}")]
+    Refused(tonic::Status),
+    #[error("the stream broke: {0}")]
+    Stream(tonic::Status),
+    #[error("{0}")]
+    Local(String),
+}
+
+/// Reads the cached version from `path`, if there is a usable one.
+pub fn load_cache(path: &Path) -> Option<Cached> {
+    let bytes = std::fs::read(path).ok()?;
+    let update = match ConfigUpdate::decode(bytes.as_slice()) {
+        Ok(update) => update,
+        Err(err) => {
+            log::warn!("ignoring the cached configuration {}: {err}", path.display());
+            return None;
+        }
+    };
+    let mut resources = Resources::default();
+    let mesh = resources.apply(&update).and_then(|()| resources.mesh());
+    match mesh {
+        Ok(mesh) => Some(Cached {
+            version: update.version,
+            resources,
+            mesh,
+        }),
+        Err(err) => {
+            log::warn!("ignoring the cached configuration {}: {err}", path.display());
+            None
+        }
+    }
+}
+
+/// Subscribes until the agent stops, offering each version on `offers`.
+pub async fn run(
+    settings: Settings,
+    cached: Option<Cached>,
+    offers: mpsc::Sender<Offer>,
+    status: Arc<Current<Status>>,
+) {
+    let (mut serving, mut resources) = match cached {
+        Some(cached) => (Some(cached.version), cached.resources),
+        None => (None, Resources::default()),
+    };
+    status.replace(Status {
+        controller: settings.controller.clone(),
+        version: serving.clone(),
+        resources: resources.counts(),
+        ..Status::default()
+    });
+    let mut backoff = Backoff::default();
+    loop {
+        let result = session(
+            &settings,
+            &mut serving,
+            &mut resources,
+            &offers,
+            &status,
+            &mut backoff,
+        )
+        .await;
+        let message = match result {
+            Ok(()) => "the controller closed the stream".to_owned(),
+            Err(err) => err.to_string(),
+        };
+        if offers.is_closed() {
+            return;
+        }
+        let delay = backoff.next_delay();
+        log::warn!(
+            "{message}; serving the last configuration ({}), subscribing again in {:.1} s",
+            serving.as_deref().unwrap_or("none yet"),
+            delay.as_secs_f64()
+        );
+        metrics::gauge!("weft_controller_connected").set(0.0);
+        update(&status, |status| {
+            status.connected = false;
+            status.last_error = Some(message);
+        });
+        tokio::time::sleep(delay).await;
+    }
+}
+
+async fn session(
+    settings: &Settings,
+    serving: &mut Option<String>,
+    resources: &mut Resources,
+    offers: &mpsc::Sender<Offer>,
+    status: &Current<Status>,
+    backoff: &mut Backoff,
+) -> Result<(), SessionError> {
+    let connect_error = |source| SessionError::Connect {
+        endpoint: settings.controller.clone(),
+        source,
+    };
+    let channel = Endpoint::from_shared(settings.controller.clone())
+        .map_err(connect_error)?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(15))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .connect()
+        .await
+        .map_err(connect_error)?;
+    let (outgoing, receiver) = mpsc::channel(8);
+    let hello = AgentMessage {
+        message: Some(Message::Hello(Hello {
+            node: settings.node.clone(),
+            serving_version: serving.clone().unwrap_or_default(),
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        })),
+    };
+    outgoing
+        .send(hello)
+        .await
+        .map_err(|_| SessionError::Local("the request stream closed".to_owned()))?;
+    let mut request = Request::new(ReceiverStream::new(receiver));
+    if let Some(path) = &settings.token_file {
+        let token = std::fs::read_to_string(path).map_err(|err| {
+            SessionError::Local(format!(
+                "cannot read the node token {}: {err}",
+                path.display()
+            ))
+        })?;
+        let value = format!("Bearer {}", token.trim()).parse().map_err(|_| {
+            SessionError::Local(format!(
+                "the node token in {} is not a valid header value",
+                path.display()
+            ))
+        })?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    let mut updates = ConfigDiscoveryClient::new(channel)
+        .subscribe(request)
+        .await
+        .map_err(SessionError::Refused)?
+        .into_inner();
+    log::info!("subscribed to {} as node {}", settings.controller, settings.node);
+    metrics::gauge!("weft_controller_connected").set(1.0);
+    update(status, |status| {
+        status.connected = true;
+        status.last_error = None;
+    });
+
+    while let Some(config) = updates.message().await.map_err(SessionError::Stream)? {
+        backoff.reset();
+        let version = config.version.clone();
+        let outcome = match resources.apply(&config).and_then(|()| resources.mesh()) {
+            Err(reason) => Err(reason),
+            Ok(_) if serving.as_deref() == Some(version.as_str()) => Ok(()),
+            Ok(mesh) => offer(offers, &version, mesh).await,
+        };
+        let reply = match outcome {
+            Ok(()) => {
+                if serving.as_deref() != Some(version.as_str()) {
+                    log::info!("applied configuration {version} from the controller");
+                    save_cache(&settings.cache, &resources.snapshot(&version));
+                    *serving = Some(version.clone());
+                    update(status, |status| {
+                        status.version = Some(version.clone());
+                        status.resources = resources.counts();
+                        status.applied_at = SystemTime::now()
+                            .duration_since(UNIX_EPOCH)
+                            .ok()
+                            .map(|since| since.as_secs_f64());
+                    });
+                    metrics::gauge!("weft_config_applied_timestamp_seconds")
+                        .set(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()));
+                }
+                metrics::counter!("weft_config_updates_total", "result" => "applied").increment(1);
+                Message::Ack(Ack { version })
+            }
+            Err(reason) => {
+                log::error!(
+                    "rejected configuration {version}: {reason}; still serving {}",
+                    serving.as_deref().unwrap_or("nothing")
+                );
+                metrics::counter!("weft_config_updates_total", "result" => "rejected").increment(1);
+                update(status, |status| status.last_error = Some(reason.clone()));
+                Message::Nack(Nack { version, reason })
+            }
+        };
+        if outgoing
+            .send(AgentMessage {
+                message: Some(reply),
+            })
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Hands `mesh` to the agent and waits for its answer.
+async fn offer(offers: &mpsc::Sender<Offer>, version: &str, mesh: MeshConfig) -> Result<(), String> {
+    let (done, answer) = oneshot::channel();
+    let offer = Offer {
+        version: version.to_owned(),
+        mesh,
+        done,
+    };
+    if offers.send(offer).await.is_err() {
+        return Err("the agent is stopping".to_owned());
+    }
+    answer
+        .await
+        .unwrap_or_else(|_| Err("the agent dropped the configuration".to_owned()))
+}
+
+fn update(status: &Current<Status>, change: impl FnOnce(&mut Status)) {
+    let mut next = status.get().as_ref().clone();
+    change(&mut next);
+    status.replace(next);
+}
+
+fn save_cache(path: &Path, snapshot: &ConfigUpdate) {
+    let partial = path.with_extension("partial");
+    let result = std::fs::write(&partial, snapshot.encode_to_vec())
+        .and_then(|()| std::fs::rename(&partial, path));
+    if let Err(err) = result {
+        log::warn!(
+            "cannot cache the configuration in {}: {err}; a restart will wait for the controller",
+            path.display()
+        );
+    }
+}
+
+/// Exponential backoff with jitter: 0.5 s doubling up to 30 s.
+#[derive(Debug, Default)]
+struct Backoff {
+    failures: u32,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(500);
+    const MAX: Duration = Duration::from_secs(30);
+
+    fn next_delay(&mut self) -> Duration {
+        let base = Self::FIRST
+            .saturating_mul(1 << self.failures.min(6))
+            .min(Self::MAX);
+        self.failures = self.failures.saturating_add(1);
+        // Up to 25% jitter, so agents that lost the controller together do not return
+        // together.
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| since.subsec_nanos());
+        base + base.mul_f64(f64::from(nanos % 1000) / 4000.0)
+    }
+
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_and_resets() {
+        let mut backoff = Backoff::default();
+        let first = backoff.next_delay();
+        assert!(first >= Backoff::FIRST && first <= Backoff::FIRST.mul_f64(1.25));
+        let delays: Vec<Duration> = (0..10).map(|_| backoff.next_delay()).collect();
+        assert!(delays.iter().all(|d| *d <= Backoff::MAX.mul_f64(1.25)));
+        assert!(*delays.last().unwrap() >= Backoff::MAX);
+        backoff.reset();
+        assert!(backoff.next_delay() <= Backoff::FIRST.mul_f64(1.25));
+    }
+}

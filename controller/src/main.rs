@@ -1,0 +1,187 @@
+//! `weft-controller`: watches the cluster (or a directory of its YAML objects),
+//! compiles each node's view and streams it to the agents; `weft-controller crds`
+//! writes weft's CustomResourceDefinitions.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use metrics_exporter_prometheus::PrometheusBuilder;
+use tokio::{net::TcpListener, sync::watch};
+use weft_controller::{
+    admin::{ADMIN_PORT, Admin},
+    auth::NodeAuthenticator,
+    compile::Settings,
+    pipeline::{self, Published},
+    source::files::{self, Files},
+    stream::{ConfigService, Nodes},
+};
+
+#[derive(Debug, Parser)]
+#[command(version, about = "weft's cluster controller")]
+struct Cli {
+    /// Log filter (env_logger syntax), e.g. `info,weft_controller=debug`.
+    #[arg(long, env = "WEFT_LOG", default_value = "info", global = true)]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the controller.
+    Run(Box<RunArgs>),
+    /// Write weft's CustomResourceDefinitions as YAML files into a directory.
+    Crds {
+        /// Where to write them (one file per CRD).
+        #[arg(long, default_value = "deploy/crds")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Read the cluster from these YAML files or directories instead of the
+    /// Kubernetes API (repeatable); they are reread when they change.
+    #[arg(long = "files", env = "WEFT_FILES", value_delimiter = ',', required = true)]
+    files: Vec<PathBuf>,
+    /// Where agents subscribe (gRPC).
+    #[arg(long, env = "WEFT_LISTEN", default_value = "0.0.0.0:15010")]
+    listen: SocketAddr,
+    /// Metrics, `/status` and readiness.
+    #[arg(long, env = "WEFT_ADMIN", default_value_t = SocketAddr::from(([0, 0, 0, 0], ADMIN_PORT)))]
+    admin: SocketAddr,
+    /// Directory of node credentials: `<node>.token` holds the token node `<node>`'s
+    /// agent presents.
+    #[arg(long, env = "WEFT_NODE_TOKENS", required_unless_present = "insecure_nodes")]
+    node_tokens: Option<PathBuf>,
+    /// Let any agent subscribe as any node, without a credential (tests only).
+    #[arg(long, env = "WEFT_INSECURE_NODES", conflicts_with = "node_tokens")]
+    insecure_nodes: bool,
+    /// The trust domain of the mesh's SPIFFE identities.
+    #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// Policies without a selector in this namespace apply to the whole mesh.
+    #[arg(long, env = "WEFT_ROOT_NAMESPACE", default_value = "weft-system")]
+    root_namespace: String,
+    /// Destination ports never captured (repeatable or comma-separated).
+    #[arg(long = "exclude-port", env = "WEFT_EXCLUDE_PORTS", value_delimiter = ',')]
+    exclude_ports: Vec<u16>,
+    /// How often the files are checked for changes, in milliseconds.
+    #[arg(long, env = "WEFT_FILE_INTERVAL_MS", default_value_t = 200)]
+    file_interval_ms: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    env_logger::Builder::new()
+        .parse_filters(&cli.log)
+        .format_timestamp_millis()
+        .init();
+    match cli.command {
+        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("cannot start the runtime")?
+            .block_on(run(*args)),
+        Command::Crds { out } => {
+            std::fs::create_dir_all(&out)
+                .with_context(|| format!("cannot create {}", out.display()))?;
+            for (file, yaml) in weft_api::crd::manifests() {
+                let path = out.join(file);
+                std::fs::write(&path, yaml)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                println!("wrote {}", path.display());
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let metrics = PrometheusBuilder::new()
+        .set_buckets(&[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0])
+        .context("invalid histogram buckets")?
+        .install_recorder()
+        .context("cannot install the metrics recorder")?;
+    let settings = Settings {
+        trust_domain: args.trust_domain,
+        root_namespace: args.root_namespace,
+        exclude_ports: args.exclude_ports,
+    };
+    let auth = Arc::new(match args.node_tokens {
+        Some(dir) => NodeAuthenticator::TokenFiles { dir },
+        None => {
+            log::warn!("--insecure-nodes: any agent may subscribe as any node");
+            NodeAuthenticator::Insecure
+        }
+    });
+
+    let (objects_tx, objects_rx) = watch::channel(Arc::default());
+    let (published_tx, published_rx) = watch::channel(Published::default());
+    let (statuses_tx, statuses_rx) = watch::channel(Arc::default());
+    let (files_tx, files_rx) = watch::channel(Vec::new());
+    tokio::spawn(files::run(
+        Files::new(args.files.clone()),
+        objects_tx,
+        files_tx,
+        Duration::from_millis(args.file_interval_ms),
+    ));
+    tokio::spawn(pipeline::run(
+        objects_rx.clone(),
+        settings,
+        published_tx,
+        statuses_tx,
+    ));
+
+    let nodes = Arc::new(Nodes::default());
+    let admin = Arc::new(Admin {
+        metrics,
+        published: published_rx.clone(),
+        objects: objects_rx,
+        statuses: statuses_rx,
+        files: Some(files_rx),
+        nodes: Arc::clone(&nodes),
+    });
+    let admin_listener = TcpListener::bind(args.admin)
+        .await
+        .with_context(|| format!("cannot listen on {} (admin)", args.admin))?;
+    tokio::spawn(admin.serve(admin_listener));
+
+    let grpc = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (config stream)", args.listen))?;
+    log::info!(
+        "weft-controller {} serving the config stream on {}, status on {}; reading {}",
+        env!("CARGO_PKG_VERSION"),
+        args.listen,
+        args.admin,
+        args.files
+            .iter()
+            .map(|path| path.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let service = ConfigService::new(published_rx, auth, nodes).into_server();
+    let shutdown = async {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("a SIGTERM handler");
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        log::info!("stopping");
+    };
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(15)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .add_service(service)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc),
+            shutdown,
+        )
+        .await
+        .context("the config stream server failed")
+}
