@@ -320,7 +320,10 @@ async fn start(args: &RunArgs) -> anyhow::Result<Started> {
         (Some(path), _) => MeshConfig::load(path)?,
         (None, Some(controller)) => {
             std::fs::create_dir_all(&args.state_dir).with_context(|| {
-                format!("cannot create the state directory {}", args.state_dir.display())
+                format!(
+                    "cannot create the state directory {}",
+                    args.state_dir.display()
+                )
             })?;
             let settings = subscription::Settings {
                 controller: controller.clone(),

@@ -69,7 +69,9 @@ pub struct Cached {
 
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
-    #[error("cannot reach the controller at {endpoint}: {source}; is it running, and is port 15010 open from this node?")]
+    #[error(
+        "cannot reach the controller at {endpoint}: {source}; is it running, and is port 15010 open from this node?"
+    )]
     Connect {
         endpoint: String,
         #[source]
@@ -89,7 +91,10 @@ pub fn load_cache(path: &Path) -> Option<Cached> {
     let update = match ConfigUpdate::decode(bytes.as_slice()) {
         Ok(update) => update,
         Err(err) => {
-            log::warn!("ignoring the cached configuration {}: {err}", path.display());
+            log::warn!(
+                "ignoring the cached configuration {}: {err}",
+                path.display()
+            );
             return None;
         }
     };
@@ -102,7 +107,10 @@ pub fn load_cache(path: &Path) -> Option<Cached> {
             mesh,
         }),
         Err(err) => {
-            log::warn!("ignoring the cached configuration {}: {err}", path.display());
+            log::warn!(
+                "ignoring the cached configuration {}: {err}",
+                path.display()
+            );
             None
         }
     }
@@ -213,7 +221,11 @@ async fn session(
         .await
         .map_err(SessionError::Refused)?
         .into_inner();
-    log::info!("subscribed to {} as node {}", settings.controller, settings.node);
+    log::info!(
+        "subscribed to {} as node {}",
+        settings.controller,
+        settings.node
+    );
     metrics::gauge!("weft_controller_connected").set(1.0);
     update(status, |status| {
         status.connected = true;
@@ -242,8 +254,11 @@ async fn session(
                             .ok()
                             .map(|since| since.as_secs_f64());
                     });
-                    metrics::gauge!("weft_config_applied_timestamp_seconds")
-                        .set(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()));
+                    metrics::gauge!("weft_config_applied_timestamp_seconds").set(
+                        SystemTime::now()
+                            .duration_since(UNIX_EPOCH)
+                            .map_or(0.0, |d| d.as_secs_f64()),
+                    );
                 }
                 metrics::counter!("weft_config_updates_total", "result" => "applied").increment(1);
                 Message::Ack(Ack { version })
@@ -272,7 +287,11 @@ async fn session(
 }
 
 /// Hands `mesh` to the agent and waits for its answer.
-async fn offer(offers: &mpsc::Sender<Offer>, version: &str, mesh: MeshConfig) -> Result<(), String> {
+async fn offer(
+    offers: &mpsc::Sender<Offer>,
+    version: &str,
+    mesh: MeshConfig,
+) -> Result<(), String> {
     let (done, answer) = oneshot::channel();
     let offer = Offer {
         version: version.to_owned(),

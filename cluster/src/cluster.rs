@@ -20,11 +20,14 @@ use std::{
 
 use crate::{
     ClusterError, Layout, NodeInfo, NodeProcess, PodInfo, Topology, ca, cni, host,
-    layout::validate_dns_label, mesh,
+    layout::validate_dns_label, objects,
 };
 
-/// The agent's configuration dump, on its admin port (localhost in the node).
-const ADMIN_CONFIG_DUMP: &str = "http://127.0.0.1:15000/config_dump";
+/// The controller's address on the fabric bridge.
+const CONTROLLER_ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 254);
+/// The controller's config stream and status ports.
+const CONTROLLER_GRPC_PORT: u16 = 15010;
+const CONTROLLER_ADMIN_PORT: u16 = 15014;
 
 /// Upper bound on nodes: each owns a /24 of 10.244.0.0/16 and a fabric address.
 pub const MAX_NODES: usize = 64;
@@ -49,6 +52,7 @@ pub struct PodSpec {
     pub node: String,
     pub service_account: String,
     pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
     /// The pod's command; empty for a pod that only has a network.
     pub command: Vec<String>,
     /// Extra environment for the command, beside the `POD_*` variables every pod gets.
@@ -64,6 +68,7 @@ impl PodSpec {
             node: node.to_owned(),
             service_account: "default".to_owned(),
             labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
             command: command.iter().map(|arg| (*arg).to_owned()).collect(),
             env: Vec::new(),
         }
@@ -105,9 +110,12 @@ impl Cluster {
             bpffs: layout.bpffs(),
             state_dir: layout.state_dir(),
             cni_bin_dir: None,
-            mesh_template: None,
-            mesh_revision: 0,
-            mesh_config: layout.state_dir().join("mesh.yaml"),
+            manifests: None,
+            exclude_ports: Vec::new(),
+            objects: layout.state_dir().join("objects.json"),
+            controller_address: CONTROLLER_ADDRESS,
+            controller: None,
+            node_tokens: layout.state_dir().join("control-plane").join("tokens"),
             trust_bundle: layout.state_dir().join("ca").join("ca.crt"),
             nodes: (0..nodes)
                 .map(|index| {
@@ -153,6 +161,18 @@ impl Cluster {
         host::ip_in(&fabric, &["link", "set", "lo", "up"])?;
         host::ip_in(&fabric, &["link", "add", "br0", "type", "bridge"])?;
         host::ip_in(&fabric, &["link", "set", "br0", "up"])?;
+        // The control plane sits on the fabric, reachable from every node.
+        host::ip_in(
+            &fabric,
+            &[
+                "addr",
+                "add",
+                &format!("{CONTROLLER_ADDRESS}/24"),
+                "dev",
+                "br0",
+            ],
+        )?;
+        host::create_dir(&layout.control_plane_cgroup())?;
 
         for (index, node) in self.topology.nodes.iter().enumerate() {
             host::create_dir(&node.pods_cgroup)?;
@@ -261,19 +281,15 @@ impl Cluster {
             node: node.name.clone(),
             service_account: spec.service_account,
             labels: spec.labels,
+            annotations: spec.annotations,
             command: spec.command,
             pid: None,
         };
         let node = node.clone();
         let cni_bin_dir = self.topology.cni_bin_dir.clone();
-        // The agents learn of the pod (its identity's certificate, its place in the mesh
-        // configuration) before the runtime asks them to enroll it.
-        self.topology.pods.push(pod.clone());
-        let prepared = self
-            .issue_certificate(&pod)
-            .and_then(|()| self.write_mesh());
-        self.topology.pods.pop();
-        prepared?;
+        // The pod's identity has its certificate before the runtime asks the agent to
+        // enroll it.
+        self.issue_certificate(&pod)?;
         let started = wire_pod(&node, &pod)
             .and_then(|()| match &cni_bin_dir {
                 Some(dir) => cni::invoke(dir, "ADD", &node, &pod),
@@ -295,94 +311,180 @@ impl Cluster {
                     None => Ok(()),
                 }
                 .and_then(|()| unwire_pod(&node, &pod));
-                if let Err(cleanup) = cleanup.and_then(|()| self.write_mesh()) {
+                if let Err(cleanup) = cleanup {
                     log::warn!("removing the half-made pod {pod_key} failed: {cleanup}");
                 }
                 return Err(err);
             }
         }
         self.topology.pods.push(pod.clone());
+        // As in Kubernetes, the pod object shows its address once its network is up.
+        self.write_objects()?;
         self.save()?;
         Ok(pod)
     }
 
-    /// Gives the cluster a mesh: `template` is the user's part of the mesh
-    /// configuration (meshed namespaces, services with selectors, excluded ports; see
-    /// `mesh`). Creates the cluster's CA on first use and issues every pod's identity.
-    pub fn set_mesh(&mut self, template: serde_json::Value) -> Result<(), ClusterError> {
+    /// Gives the cluster a mesh: `manifests` are the user's Kubernetes YAML files or
+    /// directories (meshed namespaces, services, weft's policies, routes), which the
+    /// controller reads beside the cluster's own objects and rereads when they change;
+    /// connections to `exclude_ports` are never captured. Creates the cluster's CA and
+    /// node tokens on first use and issues every pod's identity. A running controller
+    /// takes new ports when it restarts.
+    pub fn set_mesh(
+        &mut self,
+        manifests: Vec<PathBuf>,
+        exclude_ports: Vec<u16>,
+    ) -> Result<(), ClusterError> {
         let _lock = self.lock()?;
         self.refresh()?;
-        mesh::render(&template, &self.topology, 0)?;
+        let manifests = manifests
+            .iter()
+            .map(|path| fs::canonicalize(path).map_err(ClusterError::io(path)))
+            .collect::<Result<Vec<_>, _>>()?;
         self.ca()?;
-        self.topology.mesh_template = Some(template);
+        host::create_dir(&self.topology.node_tokens)?;
+        for node in self.topology.node_names() {
+            let token = self.topology.node_tokens.join(format!("{node}.token"));
+            if !token.exists() {
+                fs::write(&token, host::random_hex(16)?).map_err(ClusterError::io(&token))?;
+            }
+        }
+        self.topology.manifests = Some(manifests);
+        self.topology.exclude_ports = exclude_ports;
         for pod in self.topology.pods.clone() {
             self.issue_certificate(&pod)?;
         }
-        self.write_mesh()?;
+        self.write_objects()?;
         self.save()
     }
 
-    /// Waits until every running agent has applied the mesh configuration last written.
+    /// Waits until the controller has compiled the current content of every file it
+    /// reads (the cluster's objects and the user's manifests) and every running agent
+    /// has applied the result.
     pub fn wait_for_mesh(&self, timeout: Duration) -> Result<(), ClusterError> {
-        let revision = self.topology.mesh_revision;
         let deadline = Instant::now() + timeout;
+        loop {
+            let Err(waiting_for) = self.mesh_settled() else {
+                return Ok(());
+            };
+            if Instant::now() > deadline {
+                return Err(ClusterError::MeshNotApplied {
+                    waiting_for,
+                    timeout,
+                    logs: self.layout.state_dir().join("logs"),
+                });
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `Ok` once the mesh has settled, otherwise what it still waits for.
+    fn mesh_settled(&self) -> Result<(), String> {
+        let status = self.controller_status()?;
+        let files = self.mesh_files();
+        let reported = status["files"].as_array().cloned().unwrap_or_default();
+        for path in &files {
+            let name = path.display().to_string();
+            let digest = fs::read(path).map(|bytes| weft_api::digest::of(&bytes));
+            let Ok(digest) = digest else {
+                continue;
+            };
+            let seen = reported.iter().any(|file| {
+                file["path"] == name.as_str()
+                    && (file["digest"] == digest.as_str()
+                        || file["rejected_digest"] == digest.as_str())
+            });
+            if !seen {
+                return Err(format!("the controller to read {name}"));
+            }
+        }
+        for file in &reported {
+            let path = file["path"].as_str().unwrap_or_default();
+            if status["compiled_sources"][path] != file["digest"] {
+                return Err(format!("the controller to compile {path}"));
+            }
+        }
+        let generation = status["generation"].as_u64().unwrap_or(0);
         for node in self
             .topology
             .nodes
             .iter()
             .filter(|node| node.agent.is_some())
         {
-            loop {
-                let dump = self
-                    .node_command(
-                        &node.name,
-                        &["curl", "-sf", "--max-time", "1", ADMIN_CONFIG_DUMP],
-                    )?
-                    .output()
-                    .map_err(ClusterError::io("curl"))?;
-                let applied = serde_json::from_slice::<serde_json::Value>(&dump.stdout)
-                    .ok()
-                    .and_then(|dump| dump["mesh"]["revision"].as_u64());
-                if applied.is_some_and(|applied| applied >= revision) {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    return Err(ClusterError::MeshNotApplied {
-                        revision,
-                        timeout,
-                        logs: self.layout.state_dir().join("logs"),
-                    });
-                }
-                thread::sleep(Duration::from_millis(50));
+            let state = &status["nodes"][&node.name];
+            let acked = state["acked_generation"].as_u64().unwrap_or(0);
+            if state["in_sync"] != true || acked < generation {
+                return Err(format!(
+                    "node {} to apply generation {generation} (it serves {acked})",
+                    node.name
+                ));
             }
         }
         Ok(())
     }
 
-    /// Writes the mesh configuration for the current topology, if the cluster has a mesh.
-    fn write_mesh(&mut self) -> Result<(), ClusterError> {
-        let Some(template) = &self.topology.mesh_template else {
+    /// The controller's `/status`, as JSON.
+    pub fn controller_status(&self) -> Result<serde_json::Value, String> {
+        let url = format!(
+            "http://{}:{CONTROLLER_ADMIN_PORT}/status",
+            self.topology.controller_address
+        );
+        let output = self
+            .fabric_command(&["curl", "-sf", "--max-time", "1", &url])
+            .map_err(|err| err.to_string())?
+            .output()
+            .map_err(|err| format!("curl: {err}"))?;
+        serde_json::from_slice(&output.stdout)
+            .map_err(|_| format!("the controller to answer on {url}"))
+    }
+
+    /// Every manifest file the controller reads: the cluster's objects and the YAML and
+    /// JSON files under the user's manifests.
+    fn mesh_files(&self) -> Vec<PathBuf> {
+        let mut files = vec![self.topology.objects.clone()];
+        let mut pending: Vec<PathBuf> = self.topology.manifests.clone().unwrap_or_default();
+        while let Some(path) = pending.pop() {
+            if path.is_dir() {
+                for entry in fs::read_dir(&path).into_iter().flatten().flatten() {
+                    if !entry.file_name().to_string_lossy().starts_with('.') {
+                        let child = entry.path();
+                        let manifest = child.is_dir()
+                            || child
+                                .extension()
+                                .is_some_and(|ext| ext == "yaml" || ext == "yml" || ext == "json");
+                        if manifest {
+                            pending.push(child);
+                        }
+                    }
+                }
+            } else {
+                files.push(path);
+            }
+        }
+        files
+    }
+
+    /// Writes the cluster's own objects for the controller, if the cluster has a mesh.
+    fn write_objects(&self) -> Result<(), ClusterError> {
+        if self.topology.manifests.is_none() {
             return Ok(());
-        };
-        let revision = self.topology.mesh_revision + 1;
-        let rendered = mesh::render(template, &self.topology, revision)?;
-        let path = &self.topology.mesh_config;
+        }
+        let path = &self.topology.objects;
         let partial = path.with_extension("partial");
-        let text = serde_json::to_vec_pretty(&rendered).expect("JSON values serialise");
+        let text = serde_json::to_vec_pretty(&objects::render(&self.topology))
+            .expect("JSON values serialise");
         fs::write(&partial, text).map_err(ClusterError::io(&partial))?;
-        fs::rename(&partial, path).map_err(ClusterError::io(path))?;
-        self.topology.mesh_revision = revision;
-        Ok(())
+        fs::rename(&partial, path).map_err(ClusterError::io(path))
     }
 
     /// The cluster's certificate authority, created on first use.
     fn ca(&self) -> Result<ca::LocalCa, ClusterError> {
-        ca::LocalCa::create_or_load(&self.layout.state_dir().join("ca"), mesh::TRUST_DOMAIN)
+        ca::LocalCa::create_or_load(&self.layout.state_dir().join("ca"), objects::TRUST_DOMAIN)
     }
 
     /// Issues the certificate of `pod`'s identity to its node, unless it has one.
     fn issue_certificate(&self, pod: &PodInfo) -> Result<(), ClusterError> {
-        if self.topology.mesh_template.is_none() {
+        if self.topology.manifests.is_none() {
             return Ok(());
         }
         let node = self.node(&pod.node)?;
@@ -390,16 +492,15 @@ impl Cluster {
         if node.certs.join(format!("{stem}.crt")).exists() {
             return Ok(());
         }
-        let ca =
-            ca::LocalCa::create_or_load(&self.layout.state_dir().join("ca"), mesh::TRUST_DOMAIN)?;
         let identity = format!(
             "spiffe://{}/ns/{}/sa/{}",
-            mesh::TRUST_DOMAIN,
+            objects::TRUST_DOMAIN,
             pod.namespace,
             pod.service_account
         );
         host::create_dir(&node.certs)?;
-        ca.issue(&identity, &node.certs, &stem, ca::Validity::days(1))?;
+        self.ca()?
+            .issue(&identity, &node.certs, &stem, ca::Validity::days(1))?;
         Ok(())
     }
 
@@ -420,7 +521,7 @@ impl Cluster {
         self.topology
             .pods
             .retain(|other| (other.namespace.as_str(), other.name.as_str()) != (namespace, name));
-        self.write_mesh()?;
+        self.write_objects()?;
         self.save()
     }
 
@@ -452,6 +553,89 @@ impl Cluster {
         let mut command = enter(Enter::Node, &info.system_cgroup, &info.netns, argv);
         command.env("NODE_NAME", &info.name);
         Ok(command)
+    }
+
+    /// A command that runs `argv` on the fabric, where the control plane runs, in the
+    /// control plane's cgroup.
+    pub fn fabric_command<S: AsRef<OsStr>>(&self, argv: &[S]) -> Result<Command, ClusterError> {
+        Ok(enter(
+            Enter::Node,
+            &self.layout.control_plane_cgroup(),
+            &self.topology.fabric_netns,
+            argv,
+        ))
+    }
+
+    /// Starts `weft-controller` (the binary at `controller_bin`) on the fabric, reading
+    /// the cluster's objects and the user's manifests, and waits until it is ready.
+    pub fn start_controller(&mut self, controller_bin: &Path) -> Result<NodeProcess, ClusterError> {
+        const READY: Duration = Duration::from_secs(15);
+        let _lock = self.lock()?;
+        self.refresh()?;
+        let Some(manifests) = self.topology.manifests.clone() else {
+            return Err(ClusterError::NoMesh(self.topology.name.clone()));
+        };
+        if let Some(running) = &self.topology.controller
+            && host::process_running(running.pid)
+        {
+            return Ok(running.clone());
+        }
+        let address = self.topology.controller_address;
+        let mut argv: Vec<String> = vec![
+            controller_bin.display().to_string(),
+            "run".to_owned(),
+            "--listen".to_owned(),
+            format!("{address}:{CONTROLLER_GRPC_PORT}"),
+            "--admin".to_owned(),
+            format!("{address}:{CONTROLLER_ADMIN_PORT}"),
+            "--node-tokens".to_owned(),
+            self.topology.node_tokens.display().to_string(),
+            "--trust-domain".to_owned(),
+            objects::TRUST_DOMAIN.to_owned(),
+            "--file-interval-ms".to_owned(),
+            "100".to_owned(),
+            "--files".to_owned(),
+            self.topology.objects.display().to_string(),
+        ];
+        for path in &manifests {
+            argv.push("--files".to_owned());
+            argv.push(path.display().to_string());
+        }
+        for port in &self.topology.exclude_ports {
+            argv.push("--exclude-port".to_owned());
+            argv.push(port.to_string());
+        }
+        let log = self.layout.node_log("control-plane", "controller");
+        let pid = spawn_logged(self.fabric_command(&argv)?, &argv, &log)?;
+        let process = NodeProcess {
+            command: argv,
+            pid,
+            log,
+        };
+        let deadline = Instant::now() + READY;
+        while self.controller_status().is_err() {
+            if !host::process_running(pid) || Instant::now() > deadline {
+                return Err(ClusterError::ControllerNotReady {
+                    timeout: READY,
+                    log: process.log,
+                });
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        self.topology.controller = Some(process.clone());
+        self.save()?;
+        Ok(process)
+    }
+
+    /// Stops the controller (SIGTERM, then SIGKILL after 5 s). The agents keep serving
+    /// the configuration they have.
+    pub fn stop_controller(&mut self) -> Result<(), ClusterError> {
+        let _lock = self.lock()?;
+        self.refresh()?;
+        if let Some(controller) = self.topology.controller.take() {
+            host::stop_process(controller.pid, Duration::from_secs(5))?;
+        }
+        self.save()
     }
 
     /// Waits until `addr` accepts TCP connections from inside pod `namespace/name`.
@@ -508,12 +692,16 @@ impl Cluster {
         const READY: Duration = Duration::from_secs(15);
         let _lock = self.lock()?;
         self.refresh()?;
-        if self.topology.mesh_template.is_none() {
+        if self.topology.manifests.is_none() {
             return Err(ClusterError::NoMesh(self.topology.name.clone()));
         }
         let info = self.node(node)?.clone();
         host::create_dir(&info.certs)?;
-        let mesh_config = self.topology.mesh_config.clone();
+        let controller = format!(
+            "http://{}:{CONTROLLER_GRPC_PORT}",
+            self.topology.controller_address
+        );
+        let token = self.topology.node_tokens.join(format!("{node}.token"));
         let argv: Vec<String> = [
             agent_bin.as_os_str(),
             "run".as_ref(),
@@ -529,8 +717,10 @@ impl Cluster {
             info.agent_socket.as_os_str(),
             "--state-dir".as_ref(),
             info.agent_state_dir.as_os_str(),
-            "--mesh-config".as_ref(),
-            mesh_config.as_os_str(),
+            "--controller".as_ref(),
+            controller.as_ref(),
+            "--controller-token-file".as_ref(),
+            token.as_os_str(),
             "--trust-bundle".as_ref(),
             self.topology.trust_bundle.as_os_str(),
             "--certs".as_ref(),

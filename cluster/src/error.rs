@@ -84,17 +84,20 @@ pub enum ClusterError {
         timeout: std::time::Duration,
         log: PathBuf,
     },
-    #[error("invalid mesh template: {0}")]
-    MeshTemplate(String),
+    #[error("the controller exited or did not answer within {timeout:?}; its log is in {log}")]
+    ControllerNotReady {
+        timeout: std::time::Duration,
+        log: PathBuf,
+    },
     #[error(
-        "cluster {0} has no mesh yet; give it one (`cluster up --mesh FILE`) before starting agents"
+        "cluster {0} has no mesh yet; give it one (`cluster up --mesh PATH`) before starting the controller or agents"
     )]
     NoMesh(String),
     #[error(
-        "the agents did not apply mesh revision {revision} within {timeout:?}; see their logs in {logs}"
+        "the mesh did not settle within {timeout:?}: still waiting for {waiting_for}; see the logs in {logs}"
     )]
     MeshNotApplied {
-        revision: u64,
+        waiting_for: String,
         timeout: std::time::Duration,
         logs: PathBuf,
     },

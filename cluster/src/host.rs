@@ -205,6 +205,17 @@ fn mounts() -> Result<Vec<(String, String)>, ClusterError> {
         .collect())
 }
 
+/// `bytes` random bytes from the kernel, as hex.
+pub(crate) fn random_hex(bytes: usize) -> Result<String, ClusterError> {
+    use std::io::Read as _;
+    const SOURCE: &str = "/dev/urandom";
+    let mut buffer = vec![0; bytes];
+    fs::File::open(SOURCE)
+        .and_then(|mut file| file.read_exact(&mut buffer))
+        .map_err(ClusterError::io(SOURCE))?;
+    Ok(buffer.iter().map(|byte| format!("{byte:02x}")).collect())
+}
+
 pub(crate) fn create_dir(path: &Path) -> Result<(), ClusterError> {
     fs::create_dir_all(path).map_err(ClusterError::io(path))
 }

@@ -101,6 +101,11 @@ impl Layout {
         self.node_cgroup(node).join("system")
     }
 
+    /// The cgroup of the control plane (the controller), outside every node.
+    pub fn control_plane_cgroup(&self) -> PathBuf {
+        self.cgroup().join("control-plane")
+    }
+
     pub fn pod_cgroup(&self, node: &str, namespace: &str, pod: &str) -> PathBuf {
         self.pods_cgroup(node).join(format!("{namespace}.{pod}"))
     }

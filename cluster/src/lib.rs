@@ -18,7 +18,7 @@ pub mod cni;
 mod error;
 mod host;
 mod layout;
-pub mod mesh;
+pub mod objects;
 mod topology;
 
 pub use cluster::{Cluster, PodSpec, down};

@@ -20,13 +20,21 @@ pub struct Topology {
     /// When set, pods are enrolled through `weft-cni` from this directory, as a
     /// container runtime runs a chained CNI plugin.
     pub cni_bin_dir: Option<PathBuf>,
-    /// The user's part of the mesh configuration (see `mesh`), once the cluster has a
-    /// mesh.
-    pub mesh_template: Option<serde_json::Value>,
-    /// Revision of the last mesh configuration written.
-    pub mesh_revision: u64,
-    /// The mesh configuration file every agent reads.
-    pub mesh_config: PathBuf,
+    /// The user's manifests (Kubernetes YAML files or directories: meshed namespaces,
+    /// services, weft's policies, routes) once the cluster has a mesh.
+    pub manifests: Option<Vec<PathBuf>>,
+    /// Destination ports never captured (the controller's `--exclude-port`).
+    #[serde(default)]
+    pub exclude_ports: Vec<u16>,
+    /// The cluster's own objects (nodes and pods), as the controller reads them.
+    pub objects: PathBuf,
+    /// The controller's address on the fabric: config stream on 15010, `/status` and
+    /// metrics on 15014.
+    pub controller_address: Ipv4Addr,
+    /// The controller, while it runs.
+    pub controller: Option<NodeProcess>,
+    /// Each node's token for the controller: `<dir>/<node>.token`.
+    pub node_tokens: PathBuf,
     /// The root certificate of the cluster's CA (the agents' trust bundle).
     pub trust_bundle: PathBuf,
     pub nodes: Vec<NodeInfo>,
@@ -79,6 +87,8 @@ pub struct PodInfo {
     pub ip: Ipv4Addr,
     pub service_account: String,
     pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
     pub cgroup: PathBuf,
     /// The node side of the pod's veth pair, in the node's namespace.
     pub host_veth: String,

@@ -39,7 +39,9 @@ pub struct Admin {
 /// The `/status` document.
 #[derive(Debug, Serialize)]
 pub struct StatusReport {
+    /// The generation compiled last, and the sources it was compiled from.
     pub generation: u64,
+    pub compiled_sources: BTreeMap<String, String>,
     pub objects: BTreeMap<String, usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub files: Option<Vec<FileStatus>>,
@@ -114,8 +116,10 @@ impl Admin {
     }
 
     pub fn report(&self) -> StatusReport {
+        let published = self.published.borrow().clone();
         StatusReport {
-            generation: self.published.borrow().generation,
+            generation: published.generation,
+            compiled_sources: published.sources,
             objects: self
                 .objects
                 .borrow()

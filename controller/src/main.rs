@@ -43,7 +43,12 @@ enum Command {
 struct RunArgs {
     /// Read the cluster from these YAML files or directories instead of the
     /// Kubernetes API (repeatable); they are reread when they change.
-    #[arg(long = "files", env = "WEFT_FILES", value_delimiter = ',', required = true)]
+    #[arg(
+        long = "files",
+        env = "WEFT_FILES",
+        value_delimiter = ',',
+        required = true
+    )]
     files: Vec<PathBuf>,
     /// Where agents subscribe (gRPC).
     #[arg(long, env = "WEFT_LISTEN", default_value = "0.0.0.0:15010")]
@@ -53,7 +58,11 @@ struct RunArgs {
     admin: SocketAddr,
     /// Directory of node credentials: `<node>.token` holds the token node `<node>`'s
     /// agent presents.
-    #[arg(long, env = "WEFT_NODE_TOKENS", required_unless_present = "insecure_nodes")]
+    #[arg(
+        long,
+        env = "WEFT_NODE_TOKENS",
+        required_unless_present = "insecure_nodes"
+    )]
     node_tokens: Option<PathBuf>,
     /// Let any agent subscribe as any node, without a credential (tests only).
     #[arg(long, env = "WEFT_INSECURE_NODES", conflicts_with = "node_tokens")]
@@ -65,7 +74,11 @@ struct RunArgs {
     #[arg(long, env = "WEFT_ROOT_NAMESPACE", default_value = "weft-system")]
     root_namespace: String,
     /// Destination ports never captured (repeatable or comma-separated).
-    #[arg(long = "exclude-port", env = "WEFT_EXCLUDE_PORTS", value_delimiter = ',')]
+    #[arg(
+        long = "exclude-port",
+        env = "WEFT_EXCLUDE_PORTS",
+        value_delimiter = ','
+    )]
     exclude_ports: Vec<u16>,
     /// How often the files are checked for changes, in milliseconds.
     #[arg(long, env = "WEFT_FILE_INTERVAL_MS", default_value_t = 200)]

@@ -197,6 +197,9 @@ pub struct Objects {
     pub traffic_policies: BTreeMap<ObjectKey, Arc<TrafficPolicy>>,
     pub http_routes: BTreeMap<ObjectKey, Arc<HttpRoute>>,
     pub grpc_routes: BTreeMap<ObjectKey, Arc<GrpcRoute>>,
+    /// What the objects were read from, for the status: with the file source, each
+    /// file's path and the digest of the content that applies.
+    pub sources: BTreeMap<String, String>,
 }
 
 impl Objects {

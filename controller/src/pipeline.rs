@@ -2,7 +2,7 @@
 //! compile them (off the async threads) and publish the result as a new generation,
 //! with the verdicts for the status writers.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use tokio::sync::watch;
 
@@ -18,6 +18,8 @@ pub struct Published {
     /// Counts compiles since the controller started; 0 until the first.
     pub generation: u64,
     pub compiled: Arc<Compiled>,
+    /// What the compiled objects were read from (see [`Objects::sources`]).
+    pub sources: BTreeMap<String, String>,
 }
 
 /// Changes that arrive within this window are compiled together.
@@ -39,6 +41,7 @@ pub async fn run(
         tokio::time::sleep(SETTLE).await;
         let current = Arc::clone(&objects.borrow_and_update());
         let settings = Arc::clone(&settings);
+        let sources = current.sources.clone();
         let started = std::time::Instant::now();
         let compiled = match tokio::task::spawn_blocking(move || compile(&current, &settings)).await
         {
@@ -63,6 +66,7 @@ pub async fn run(
         published.send_replace(Published {
             generation,
             compiled: Arc::new(compiled),
+            sources,
         });
     }
 }
@@ -77,7 +81,11 @@ fn log_changed_verdicts(before: &Statuses, now: &Statuses) {
         if verdict.accepted {
             log::info!("{kind} {key}: {}: {}", verdict.reason, verdict.message);
         } else {
-            log::warn!("{kind} {key} is not applied: {}: {}", verdict.reason, verdict.message);
+            log::warn!(
+                "{kind} {key} is not applied: {}: {}",
+                verdict.reason,
+                verdict.message
+            );
         }
     }
 }

@@ -17,7 +17,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::{StreamExt as _, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 use weft_api::config::v1::{
-    AgentMessage, ConfigUpdate, agent_message::Message,
+    AgentMessage, ConfigUpdate,
+    agent_message::Message,
     config_discovery_server::{ConfigDiscovery, ConfigDiscoveryServer},
 };
 
@@ -240,7 +241,11 @@ impl Subscription {
 
     /// What to send for `published`: the first time a snapshot (or, when the agent
     /// serves this version already, the bare version); then deltas, when the view moved.
-    fn next_update(&mut self, published: &Published, serving: Option<String>) -> Option<ConfigUpdate> {
+    fn next_update(
+        &mut self,
+        published: &Published,
+        serving: Option<String>,
+    ) -> Option<ConfigUpdate> {
         let view = published.compiled.view(&self.node);
         let update = match (&self.sent, serving) {
             (None, Some(serving)) if serving == view.version => ConfigUpdate {
@@ -316,7 +321,10 @@ impl Subscription {
                 });
             }
             Message::Hello(_) => {
-                log::warn!("node {}: a second Hello on one stream is ignored", self.node);
+                log::warn!(
+                    "node {}: a second Hello on one stream is ignored",
+                    self.node
+                );
             }
         }
     }

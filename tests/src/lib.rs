@@ -41,12 +41,23 @@ impl TestCluster {
         Self(Cluster::up(&name, nodes).unwrap_or_else(|err| panic!("cluster {name}: {err}")))
     }
 
-    /// A cluster whose nodes each run `weft-agent`, with `mesh` (YAML: the user's part
-    /// of the mesh configuration, see `weft_cluster::mesh`), and whose pods are
-    /// enrolled through `weft-cni`.
-    pub fn with_mesh(nodes: usize, mesh: &str) -> Self {
+    /// A cluster whose nodes each run `weft-agent`, configured by `weft-controller`
+    /// from `manifests` (Kubernetes YAML: meshed namespaces, services, policies) beside
+    /// the cluster's own nodes and pods, and whose pods are enrolled through `weft-cni`.
+    pub fn with_mesh(nodes: usize, manifests: &str) -> Self {
+        Self::with_mesh_excluding(nodes, manifests, &[])
+    }
+
+    /// [`Self::with_mesh`], with destination ports the mesh never captures.
+    pub fn with_mesh_excluding(nodes: usize, manifests: &str, exclude_ports: &[u16]) -> Self {
         let mut cluster = Self::up(nodes);
-        cluster.set_mesh_yaml(mesh);
+        let path = cluster.manifests_file();
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, manifests).unwrap();
+        cluster
+            .set_mesh(vec![path], exclude_ports.to_vec())
+            .unwrap_or_else(|err| panic!("{err}"));
+        cluster.run_controller();
         let bin_dir = workspace_bin("weft-cni").parent().unwrap().to_owned();
         cluster
             .set_cni(Some(bin_dir))
@@ -57,19 +68,35 @@ impl TestCluster {
         cluster
     }
 
+    /// The file holding the test's manifests (in the cluster's state directory).
+    pub fn manifests_file(&self) -> PathBuf {
+        self.layout()
+            .state_dir()
+            .join("manifests")
+            .join("test.yaml")
+    }
+
+    /// Starts the controller (unless it runs) and waits until it answers.
+    pub fn run_controller(&mut self) {
+        self.start_controller(&workspace_bin("weft-controller"))
+            .unwrap_or_else(|err| panic!("{err}"));
+    }
+
     pub fn start_agent_on(&mut self, node: &str) {
         self.start_agent(node, &workspace_bin("weft-agent"))
             .unwrap_or_else(|err| panic!("{err}"));
     }
 
-    /// Replaces the user's part of the mesh configuration.
-    pub fn set_mesh_yaml(&mut self, mesh: &str) {
-        let template = serde_yaml::from_str(mesh).unwrap_or_else(|err| panic!("{err}: {mesh}"));
-        self.set_mesh(template)
-            .unwrap_or_else(|err| panic!("{err}"));
+    /// Replaces the test's manifests; the controller picks them up on its own.
+    pub fn set_mesh_yaml(&mut self, manifests: &str) {
+        let path = self.manifests_file();
+        let partial = path.with_extension("partial");
+        std::fs::write(&partial, manifests).unwrap();
+        std::fs::rename(&partial, &path).unwrap();
     }
 
-    /// Waits until every agent runs the mesh configuration last written.
+    /// Waits until the controller compiled the current manifests and every agent
+    /// applied them.
     pub fn settle(&self) {
         self.wait_for_mesh(std::time::Duration::from_secs(10))
             .unwrap_or_else(|err| panic!("{err}"));

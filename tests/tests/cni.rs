@@ -12,7 +12,7 @@ use std::{
 use weft_cluster::{ClusterError, PodSpec, cni};
 use weft_e2e::{TestCluster, workspace_bin};
 
-const MESH: &str = "namespaces:\n  - name: default\n";
+const MESH: &str = "apiVersion: v1\nkind: Namespace\nmetadata: { name: default, labels: { weft.dev/mesh: enabled } }\n";
 
 /// Runs the plugin with `env` and `stdin`, as a runtime does.
 fn plugin(env: &[(&str, &str)], stdin: &str) -> Output {

@@ -14,7 +14,28 @@ use weft_e2e::{TestCluster, run_in_pod, wait_until, workspace_bin};
 
 const READY: Duration = Duration::from_secs(10);
 
-const MESH: &str = "namespaces:\n  - name: default\n    mode: STRICT\n  - name: lax\n    mode: PERMISSIVE\nexcludePorts: [9999]\n";
+/// Two meshed namespaces: `default` STRICT, `lax` PERMISSIVE.
+const MESH: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: { name: default, labels: { weft.dev/mesh: enabled } }
+---
+apiVersion: v1
+kind: Namespace
+metadata: { name: lax, labels: { weft.dev/mesh: enabled } }
+---
+apiVersion: weft.dev/v1alpha1
+kind: PeerAuthentication
+metadata: { name: default, namespace: default }
+spec: { mode: STRICT }
+---
+apiVersion: weft.dev/v1alpha1
+kind: PeerAuthentication
+metadata: { name: default, namespace: lax }
+spec: { mode: PERMISSIVE }
+"#;
+/// A port the mesh never captures.
+const EXCLUDED_PORT: u16 = 9999;
 
 fn pod(cluster: &mut Cluster, namespace: &str, name: &str, node: &str, argv: &[&str]) -> PodInfo {
     let mut spec = PodSpec::new(name, node, argv);
@@ -80,7 +101,7 @@ fn has_flow(cluster: &Cluster, node: &str, verdict: &str, reason: &str, destinat
 
 #[test]
 fn capture_sends_mesh_traffic_through_the_agent_and_leaves_the_rest_alone() {
-    let mut cluster = TestCluster::with_mesh(2, MESH);
+    let mut cluster = TestCluster::with_mesh_excluding(2, MESH, &[EXCLUDED_PORT]);
     let remote = pod(&mut cluster, "default", "remote", "node1", &strs(&echo()));
     let local = pod(&mut cluster, "default", "local", "node0", &strs(&echo()));
     pod(&mut cluster, "default", "client", "node0", &[]);
@@ -96,7 +117,7 @@ fn capture_sends_mesh_traffic_through_the_agent_and_leaves_the_rest_alone() {
         "lax",
         "excluded",
         "node1",
-        &strs(&banner(9999)),
+        &strs(&banner(EXCLUDED_PORT)),
     );
     cluster.settle();
     let remote_url = format!("http://{}:8080/remote", remote.ip);
@@ -139,7 +160,7 @@ fn capture_sends_mesh_traffic_through_the_agent_and_leaves_the_rest_alone() {
 
     // Outside the mesh, and an excluded port: straight to the server, which names itself.
     let before = cluster.counters("node0");
-    for (pod, port) in [(&outside, 9000), (&excluded, 9999)] {
+    for (pod, port) in [(&outside, 9000), (&excluded, EXCLUDED_PORT)] {
         let target = format!("TCP:{}:{port}", pod.ip);
         let output = run_in_pod(
             &cluster,
@@ -215,7 +236,7 @@ fn capture_sends_mesh_traffic_through_the_agent_and_leaves_the_rest_alone() {
 
 #[test]
 fn strict_pods_drop_plaintext_and_permissive_pods_count_it() {
-    let mut cluster = TestCluster::with_mesh(2, MESH);
+    let mut cluster = TestCluster::with_mesh_excluding(2, MESH, &[EXCLUDED_PORT]);
     let strict = pod(&mut cluster, "default", "strict", "node1", &strs(&echo()));
     let lax = pod(&mut cluster, "lax", "lax", "node1", &strs(&echo()));
     pod(&mut cluster, "outside", "outsider", "node0", &[]);
@@ -278,7 +299,7 @@ fn strict_pods_drop_plaintext_and_permissive_pods_count_it() {
 
 #[test]
 fn capture_survives_agent_restarts_and_uninstall_removes_everything() {
-    let mut cluster = TestCluster::with_mesh(1, MESH);
+    let mut cluster = TestCluster::with_mesh_excluding(1, MESH, &[EXCLUDED_PORT]);
     let web = pod(&mut cluster, "default", "web", "node0", &strs(&echo()));
     let gone = pod(&mut cluster, "default", "gone", "node0", &[]);
     pod(&mut cluster, "default", "client", "node0", &[]);

@@ -11,26 +11,32 @@ use std::{
     time::Duration,
 };
 
-use weft_cluster::{Cluster, PodInfo, PodSpec, ca, mesh::TRUST_DOMAIN};
+use weft_cluster::{Cluster, PodInfo, PodSpec, ca, objects::TRUST_DOMAIN};
 use weft_e2e::{TestCluster, run_in_pod, unique_name, wait_until, workspace_bin};
 
 const READY: Duration = Duration::from_secs(10);
 const SERVICE: &str = "10.96.0.10";
 
 const MESH: &str = r#"
-namespaces:
-  - { name: default, mode: STRICT }
-services:
-  - name: echo
-    namespace: default
-    vip: 10.96.0.10
-    ports: [{ port: 80, targetPort: 8080 }]
-    selector: { app: echo }
-  - name: tcp
-    namespace: default
-    vip: 10.96.0.11
-    ports: [{ port: 9000 }]
-    selector: { app: tcp }
+apiVersion: v1
+kind: Namespace
+metadata: { name: default, labels: { weft.dev/mesh: enabled } }
+---
+apiVersion: v1
+kind: Service
+metadata: { name: echo, namespace: default }
+spec:
+  clusterIP: 10.96.0.10
+  selector: { app: echo }
+  ports: [{ name: http, port: 80, targetPort: 8080 }]
+---
+apiVersion: v1
+kind: Service
+metadata: { name: tcp, namespace: default }
+spec:
+  clusterIP: 10.96.0.11
+  selector: { app: tcp }
+  ports: [{ port: 9000 }]
 "#;
 
 fn identity(service_account: &str) -> String {

@@ -1,9 +1,6 @@
 //! `cargo xtask cluster …`: the command line of the local cluster (`weft-cluster`).
 
-use std::{
-    collections::BTreeMap,
-    path::{Path, PathBuf},
-};
+use std::{collections::BTreeMap, path::PathBuf};
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
@@ -19,16 +16,25 @@ pub enum Command {
         name: String,
         #[arg(long, default_value_t = 2)]
         nodes: usize,
-        /// Give the cluster a mesh (YAML: meshed namespaces, services with selectors,
-        /// excluded ports; see README.md), run weft-agent on every node and enroll pods
-        /// through weft-cni.
+        /// Give the cluster a mesh: Kubernetes YAML files or directories (namespaces
+        /// labelled weft.dev/mesh=enabled, Services, weft's policies, routes; repeatable),
+        /// run weft-controller on them and weft-agent on every node, and enroll pods
+        /// through weft-cni. Edits to the files apply while the cluster runs.
         #[arg(long)]
-        mesh: Option<PathBuf>,
+        mesh: Vec<PathBuf>,
+        /// A destination port the mesh never captures (repeatable).
+        #[arg(long = "exclude-port")]
+        exclude_ports: Vec<u16>,
     },
     /// Start or stop a node's agent.
     Agent {
         #[command(subcommand)]
         command: AgentCommand,
+    },
+    /// Start or stop the controller.
+    Controller {
+        #[command(subcommand)]
+        command: ControllerCommand,
     },
     /// Remove everything of a cluster (also after a crashed `up`).
     Down {
@@ -77,9 +83,10 @@ pub enum AgentCommand {
         name: String,
         #[arg(long)]
         node: String,
-        /// Give the cluster this mesh first (needed when it has none yet).
+        /// Give the cluster a mesh from these manifests first (needed when it has none
+        /// yet; starts the controller too).
         #[arg(long)]
-        mesh: Option<PathBuf>,
+        mesh: Vec<PathBuf>,
     },
     /// Stop a node's agent; capture and enforcement stay attached.
     Stop {
@@ -87,6 +94,20 @@ pub enum AgentCommand {
         name: String,
         #[arg(long)]
         node: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ControllerCommand {
+    /// Start weft-controller on the cluster's fabric (if it is not running).
+    Start {
+        #[arg(long)]
+        name: String,
+    },
+    /// Stop the controller; the agents keep serving what they have.
+    Stop {
+        #[arg(long)]
+        name: String,
     },
 }
 
@@ -108,6 +129,10 @@ pub enum PodCommand {
         /// A label as key=value; repeat for more.
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
+        /// An annotation as key=value (`weft.dev/mesh=disabled` keeps the pod out of
+        /// the mesh); repeat for more.
+        #[arg(long = "annotation", value_parser = parse_label)]
+        annotations: Vec<(String, String)>,
         #[arg(last = true)]
         command: Vec<String>,
     },
@@ -124,10 +149,15 @@ pub enum PodCommand {
 
 pub fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Up { name, nodes, mesh } => {
+        Command::Up {
+            name,
+            nodes,
+            mesh,
+            exclude_ports,
+        } => {
             let mut cluster = Cluster::up(&name, nodes)?;
-            if let Some(mesh) = mesh {
-                set_mesh(&mut cluster, &mesh)?;
+            if !mesh.is_empty() {
+                set_mesh(&mut cluster, mesh, exclude_ports)?;
                 for node in cluster.topology().node_names() {
                     start_agent(&mut cluster, &node)?;
                 }
@@ -141,11 +171,17 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             command: AgentCommand::Start { name, node, mesh },
         } => {
             let mut cluster = Cluster::open(&name)?;
-            if let Some(mesh) = mesh {
-                set_mesh(&mut cluster, &mesh)?;
+            if !mesh.is_empty() {
+                set_mesh(&mut cluster, mesh, Vec::new())?;
             }
             start_agent(&mut cluster, &node)
         }
+        Command::Controller {
+            command: ControllerCommand::Start { name },
+        } => start_controller(&mut Cluster::open(&name)?),
+        Command::Controller {
+            command: ControllerCommand::Stop { name },
+        } => Cluster::open(&name)?.stop_controller().map_err(Into::into),
         Command::Agent {
             command: AgentCommand::Stop { name, node },
         } => Cluster::open(&name)?.stop_agent(&node).map_err(Into::into),
@@ -164,6 +200,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
                     namespace,
                     service_account,
                     labels,
+                    annotations,
                     command,
                 },
         } => {
@@ -174,6 +211,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
                 node,
                 service_account,
                 labels: labels.into_iter().collect::<BTreeMap<_, _>>(),
+                annotations: annotations.into_iter().collect::<BTreeMap<_, _>>(),
                 command,
                 env: vec![("PATH".to_owned(), path_with_workspace_binaries()?)],
             };
@@ -210,13 +248,26 @@ pub fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-/// Gives the cluster the mesh described by the YAML file `mesh`.
-pub fn set_mesh(cluster: &mut Cluster, mesh: &Path) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(mesh)
-        .with_context(|| format!("cannot read the mesh configuration {}", mesh.display()))?;
-    let template: serde_json::Value = serde_yaml::from_str(&text)
-        .with_context(|| format!("{} is not valid YAML", mesh.display()))?;
-    cluster.set_mesh(template)?;
+/// Gives the cluster a mesh from the manifests at `paths` and starts its controller.
+pub fn set_mesh(
+    cluster: &mut Cluster,
+    paths: Vec<PathBuf>,
+    exclude_ports: Vec<u16>,
+) -> anyhow::Result<()> {
+    cluster.set_mesh(paths, exclude_ports)?;
+    start_controller(cluster)
+}
+
+/// Builds and starts the controller.
+pub fn start_controller(cluster: &mut Cluster) -> anyhow::Result<()> {
+    cmd::build_binaries(&["weft-controller"])?;
+    let controller = cluster.start_controller(&workspace_binaries()?.join("weft-controller"))?;
+    eprintln!(
+        "weft-controller runs on the fabric at {} (pid {}, log {})",
+        cluster.topology().controller_address,
+        controller.pid,
+        controller.log.display()
+    );
     Ok(())
 }
 

@@ -120,8 +120,7 @@ impl Resources {
         }
         for (name, namespace) in self.decode::<proto::Namespace>()? {
             config.namespaces.push(MeshNamespace {
-                mode: mode(namespace.mode)
-                    .ok_or_else(|| format!("Namespace {name}: no mode"))?,
+                mode: mode(namespace.mode).ok_or_else(|| format!("Namespace {name}: no mode"))?,
                 name: namespace.name,
             });
         }
@@ -138,8 +137,9 @@ impl Resources {
                 .iter()
                 .map(|(&port, &wire)| {
                     let port = port_number(&format!("Workload {name}: port_modes"), port)?;
-                    let mode = mode(wire)
-                        .ok_or_else(|| format!("Workload {name}: port_modes[{port}] has no mode"))?;
+                    let mode = mode(wire).ok_or_else(|| {
+                        format!("Workload {name}: port_modes[{port}] has no mode")
+                    })?;
                     Ok((port, mode))
                 })
                 .collect::<Result<_, String>>()?;
@@ -314,7 +314,10 @@ mod tests {
         assert_eq!(mesh.mode_of("shop"), Some(PeerMode::Permissive));
         assert_eq!(mesh.workloads.len(), 1, "a pod without an address waits");
         let (pod_mode, ports) = mesh.pod_modes("shop", "web").unwrap();
-        assert_eq!((pod_mode, ports.get(&9090)), (PeerMode::Strict, Some(&PeerMode::Disable)));
+        assert_eq!(
+            (pod_mode, ports.get(&9090)),
+            (PeerMode::Strict, Some(&PeerMode::Disable))
+        );
         assert_eq!(
             mesh.pod_modes("shop", "pending").unwrap().0,
             PeerMode::Permissive,
@@ -370,6 +373,11 @@ mod tests {
         let mut update = snapshot();
         update.upserts[1].body = vec![0xff, 0xff, 0xff];
         resources.apply(&update).unwrap();
-        assert!(resources.mesh().unwrap_err().starts_with("weft.config.v1.Node node0"));
+        assert!(
+            resources
+                .mesh()
+                .unwrap_err()
+                .starts_with("weft.config.v1.Node node0")
+        );
     }
 }

@@ -426,7 +426,10 @@ services:
 
         let pick_a = |_: &Service| Some("10.244.0.3".parse().unwrap());
         let local = plan(&mesh, "a", client, addr("10.96.0.10:80"), pick_a).unwrap();
-        assert_eq!((local.target, &local.hop), (addr("10.244.0.3:8080"), &Hop::Local));
+        assert_eq!(
+            (local.target, &local.hop),
+            (addr("10.244.0.3:8080"), &Hop::Local)
+        );
         assert!(!local.connection.mutual_tls, "same node: no tunnel");
     }
 
@@ -441,9 +444,7 @@ services:
         )
         .unwrap();
         assert_eq!(route.target, addr("10.244.1.3:9000"));
-        assert!(
-            matches!(route.hop, Hop::Tunnel { agent, .. } if agent == addr("10.99.0.2:15008"))
-        );
+        assert!(matches!(route.hop, Hop::Tunnel { agent, .. } if agent == addr("10.99.0.2:15008")));
         assert_eq!(route.connection.service, None);
     }
 

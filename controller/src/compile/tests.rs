@@ -141,7 +141,11 @@ fn membership_follows_the_namespace_label_and_the_opt_out_annotation() {
     );
     let web = &workloads["shop/web-1"];
     assert_eq!(
-        (web.node.as_str(), web.ips.as_slice(), web.service_account.as_str()),
+        (
+            web.node.as_str(),
+            web.ips.as_slice(),
+            web.service_account.as_str()
+        ),
         ("node1", &["10.244.1.2".to_owned()][..], "web")
     );
     assert_eq!(workloads["shop/client"].service_account, "default");
@@ -215,16 +219,32 @@ spec: { mode: DISABLE, portModes: [{ port: 80, mode: PERMISSIVE }] }
         workloads["shop/web-0"].port_modes.get(&9090),
         Some(&(proto::PeerMode::Disable as i32))
     );
-    assert_eq!(workloads["shop/client"].mode, proto::PeerMode::Permissive as i32);
-    assert_eq!(workloads["shop/batch"].mode, proto::PeerMode::Unspecified as i32);
+    assert_eq!(
+        workloads["shop/client"].mode,
+        proto::PeerMode::Permissive as i32
+    );
+    assert_eq!(
+        workloads["shop/batch"].mode,
+        proto::PeerMode::Unspecified as i32
+    );
 
     let web = verdict(&compiled, Kind::PeerAuthentication, "shop", "web");
-    assert!(web.accepted && web.message == "applies to 2 pods", "{web:?}");
+    assert!(
+        web.accepted && web.message == "applies to 2 pods",
+        "{web:?}"
+    );
     assert_eq!(web.generation, Some(3));
     let too = verdict(&compiled, Kind::PeerAuthentication, "shop", "web-too");
-    assert_eq!((too.accepted, too.reason), (false, Reason::Conflicted), "{too:?}");
+    assert_eq!(
+        (too.accepted, too.reason),
+        (false, Reason::Conflicted),
+        "{too:?}"
+    );
     let nobody = verdict(&compiled, Kind::PeerAuthentication, "shop", "nobody");
-    assert_eq!((nobody.accepted, nobody.reason), (true, Reason::NoMatchingPods));
+    assert_eq!(
+        (nobody.accepted, nobody.reason),
+        (true, Reason::NoMatchingPods)
+    );
     let broken = verdict(&compiled, Kind::PeerAuthentication, "shop", "broken");
     assert_eq!((broken.accepted, broken.reason), (false, Reason::Invalid));
     assert!(broken.message.starts_with("spec.portModes: "), "{broken:?}");
@@ -269,18 +289,30 @@ spec:
         ["shop/client", "shop/web-0"],
         "mesh-wide: every meshed pod of the node"
     );
-    let node1 = compiled.view("node1").local.all::<proto::AuthorizationPolicy>();
+    let node1 = compiled
+        .view("node1")
+        .local
+        .all::<proto::AuthorizationPolicy>();
     assert_eq!(
         node1["weft-system/deny-legacy"].workloads,
         ["shop/web-1"],
         "opted-out pods are not enforced"
     );
-    assert!(compiled.view("node0").shared.all::<proto::AuthorizationPolicy>().is_empty());
+    assert!(
+        compiled
+            .view("node0")
+            .shared
+            .all::<proto::AuthorizationPolicy>()
+            .is_empty()
+    );
     let rule = &policies0["shop/web-from-client"].rules[0];
     assert_eq!(rule.to[0].ports, [8080]);
     let typo = verdict(&compiled, Kind::AuthorizationPolicy, "shop", "typo");
     assert!(
-        !typo.accepted && typo.message.starts_with("spec.rules[0].from[0].principals[0]: "),
+        !typo.accepted
+            && typo
+                .message
+                .starts_with("spec.rules[0].from[0].principals[0]: "),
         "{typo:?}"
     );
     assert_ne!(
@@ -319,7 +351,10 @@ spec: { service: ghost }
         .get::<proto::TrafficPolicy>("shop/web")
         .unwrap();
     assert_eq!(policy.load_balancing, proto::LoadBalancing::PeakEwma as i32);
-    assert_eq!((policy.connect_timeout_ms, policy.request_timeout_ms), (500, 90_000));
+    assert_eq!(
+        (policy.connect_timeout_ms, policy.request_timeout_ms),
+        (500, 90_000)
+    );
     assert_eq!(policy.retries.as_ref().unwrap().budget_percent, 20);
     assert_eq!(policy.source, "shop/web");
     let again = verdict(&compiled, Kind::TrafficPolicy, "shop", "web-again");
@@ -407,7 +442,12 @@ spec:
 
     let dangling = verdict(&compiled, Kind::HttpRoute, "shop", "dangling");
     assert_eq!(dangling.reason, Reason::ServiceNotFound);
-    assert!(dangling.message.starts_with("spec.rules[0].backendRefs[0]: "), "{dangling:?}");
+    assert!(
+        dangling
+            .message
+            .starts_with("spec.rules[0].backendRefs[0]: "),
+        "{dangling:?}"
+    );
     assert!(
         !compiled
             .statuses
@@ -549,7 +589,10 @@ fn compiles_a_large_cluster() {
     assert_eq!(compiled.local.len(), NODES);
     for node in 0..NODES {
         let view = compiled.view(&format!("node{node}"));
-        assert!(Arc::ptr_eq(&view.shared, &compiled.shared), "views share one encoding");
+        assert!(
+            Arc::ptr_eq(&view.shared, &compiled.shared),
+            "views share one encoding"
+        );
     }
     let snapshot = compiled.view("node7").snapshot();
     assert_eq!(

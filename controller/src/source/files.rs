@@ -14,6 +14,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, SystemTime},
@@ -48,8 +49,10 @@ pub struct FileStatus {
     /// Digest of the content that applies now (the last good one).
     pub digest: Option<String>,
     pub objects: usize,
-    /// Why the file's current content was rejected, if it was.
+    /// Why the file's current content was rejected, if it was, and that content's
+    /// digest.
     pub error: Option<String>,
+    pub rejected_digest: Option<String>,
 }
 
 /// Parses the documents of `text` (the content of `path`).
@@ -157,8 +160,12 @@ fn parse_object(mut value: serde_json::Value) -> Result<Option<Object>, String> 
         .map_err(|err| format!("{kind_name} {object_name}: {err}"))
 }
 
-/// The files under `paths`, sorted, with their modification time and length.
-fn scan(paths: &[PathBuf]) -> BTreeMap<PathBuf, (Option<SystemTime>, u64)> {
+/// What tells a file's versions apart without reading it: inode (a rename replaces
+/// it), modification time and length.
+type Stamp = (u64, Option<SystemTime>, u64);
+
+/// The files under `paths`, sorted, with their stamps.
+fn scan(paths: &[PathBuf]) -> BTreeMap<PathBuf, Stamp> {
     let mut found = BTreeMap::new();
     let mut pending: Vec<PathBuf> = paths.to_vec();
     while let Some(path) = pending.pop() {
@@ -181,7 +188,7 @@ fn scan(paths: &[PathBuf]) -> BTreeMap<PathBuf, (Option<SystemTime>, u64)> {
                 .is_some_and(|ext| matches!(ext, "yaml" | "yml" | "json"));
             // A path named explicitly is read whatever its extension.
             if manifest || paths.contains(&path) {
-                found.insert(path, (meta.modified().ok(), meta.len()));
+                found.insert(path, (meta.ino(), meta.modified().ok(), meta.len()));
             }
         }
     }
@@ -192,7 +199,7 @@ fn scan(paths: &[PathBuf]) -> BTreeMap<PathBuf, (Option<SystemTime>, u64)> {
 #[derive(Debug)]
 pub struct Files {
     paths: Vec<PathBuf>,
-    seen: BTreeMap<PathBuf, (Option<SystemTime>, u64)>,
+    seen: BTreeMap<PathBuf, Stamp>,
     loaded: BTreeMap<PathBuf, Loaded>,
 }
 
@@ -201,7 +208,8 @@ struct Loaded {
     /// The last good content's digest and objects.
     digest: Option<String>,
     objects: Vec<Object>,
-    error: Option<FileError>,
+    /// The current content's problem, and its digest.
+    error: Option<(FileError, String)>,
 }
 
 impl Files {
@@ -246,7 +254,10 @@ impl Files {
                 }
             };
             let digest = weft_api::digest::of(&text);
-            if loaded.digest.as_deref() == Some(digest.as_str()) && loaded.error.is_none() {
+            let rejected = loaded.error.as_ref().map(|(_, digest)| digest.as_str());
+            if loaded.digest.as_deref() == Some(digest.as_str()) && loaded.error.is_none()
+                || rejected == Some(digest.as_str())
+            {
                 continue;
             }
             changed = true;
@@ -271,7 +282,7 @@ impl Files {
                         "{error}; {} keeps applying its last good content",
                         path.display()
                     );
-                    loaded.error = Some(error);
+                    loaded.error = Some((error, digest));
                 }
             }
         }
@@ -302,6 +313,11 @@ impl Files {
             }
         }
         derive_endpoint_slices(&mut objects);
+        objects.sources = self
+            .loaded
+            .iter()
+            .filter_map(|(path, loaded)| Some((path.display().to_string(), loaded.digest.clone()?)))
+            .collect();
         objects
     }
 
@@ -312,7 +328,8 @@ impl Files {
                 path: path.clone(),
                 digest: loaded.digest.clone(),
                 objects: loaded.objects.len(),
-                error: loaded.error.as_ref().map(ToString::to_string),
+                error: loaded.error.as_ref().map(|(error, _)| error.to_string()),
+                rejected_digest: loaded.error.as_ref().map(|(_, digest)| digest.clone()),
             })
             .collect()
     }
