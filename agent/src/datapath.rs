@@ -16,6 +16,7 @@ pub mod flows;
 pub mod netns;
 
 use std::{
+    collections::BTreeMap,
     fs::{self, File},
     io,
     net::IpAddr,
@@ -33,7 +34,9 @@ use aya::{
 use aya_log::EbpfLogger;
 use log::Log;
 use tokio::io::{Interest, unix::AsyncFd};
-use weft_common::{Config, Counter, InboundPod, MeshDestination, MeshedPod, Mode, SockAddr, names};
+use weft_common::{
+    Config, Counter, InboundPod, InboundPort, MeshDestination, MeshedPod, Mode, SockAddr, names,
+};
 
 /// The kernel object built by `build.rs`, aligned as aya requires.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weft-ebpf"));
@@ -114,6 +117,7 @@ pub struct Datapath {
     destinations: HashMap<MapData, SockAddr, MeshDestination>,
     excluded_ports: HashMap<MapData, u16, u8>,
     inbound: HashMap<MapData, u32, InboundPod>,
+    port_modes: HashMap<MapData, InboundPort, u8>,
 }
 
 /// The layout of a node's bpffs directory.
@@ -231,6 +235,7 @@ impl Datapath {
             destinations: take_map(&mut ebpf, names::MESH_DESTINATIONS)?,
             excluded_ports: take_map(&mut ebpf, names::EXCLUDED_PORTS)?,
             inbound: take_map(&mut ebpf, names::INBOUND_PODS)?,
+            port_modes: take_map(&mut ebpf, names::INBOUND_PORT_MODES)?,
             ebpf,
             pins,
         })
@@ -282,9 +287,35 @@ impl Datapath {
             .map_err(map_error(names::INBOUND_PODS))
     }
 
-    /// Undoes [`Self::enroll`]; parts already gone (a deleted veth) are fine.
+    /// Makes the ports of the pod behind interface `ifindex` whose inbound mode differs
+    /// from the pod's exactly `modes`; other pods' ports are untouched. A port's mode
+    /// replaces the pod's either way (a DISABLE pod may have a STRICT port).
+    ///
+    /// [`Self::enroll`] leaves a pod's port modes alone, so an agent re-enrolling its
+    /// pods after a restart keeps enforcing the previous agent's until it sets its own.
+    pub fn set_port_modes(
+        &mut self,
+        ifindex: u32,
+        modes: &BTreeMap<u16, Mode>,
+    ) -> Result<(), DatapathError> {
+        let wanted = modes
+            .iter()
+            .map(|(&port, &mode)| (InboundPort::new(ifindex, port), mode as u8))
+            .collect();
+        replace_entries(
+            &mut self.port_modes,
+            names::INBOUND_PORT_MODES,
+            |key| key.ifindex == ifindex,
+            &wanted,
+        )
+    }
+
+    /// Undoes [`Self::enroll`] and [`Self::set_port_modes`]; parts already gone (a
+    /// deleted veth) are fine. The port modes go too, so that a later pod whose veth
+    /// gets the same ifindex does not inherit them.
     pub fn unenroll(&mut self, netns_cookie: u64, ifindex: u32) -> Result<(), DatapathError> {
         remove(&mut self.meshed_netns, &netns_cookie, names::MESHED_NETNS)?;
+        self.set_port_modes(ifindex, &BTreeMap::new())?;
         remove(&mut self.inbound, &ifindex, names::INBOUND_PODS)?;
         let pin = self.pins.inbound_link(ifindex);
         match fs::remove_file(&pin) {
@@ -301,13 +332,23 @@ impl Datapath {
         &mut self,
         wanted: &std::collections::HashMap<SockAddr, MeshDestination>,
     ) -> Result<(), DatapathError> {
-        replace_entries(&mut self.destinations, names::MESH_DESTINATIONS, wanted)
+        replace_entries(
+            &mut self.destinations,
+            names::MESH_DESTINATIONS,
+            |_| true,
+            wanted,
+        )
     }
 
     /// Makes the excluded destination ports exactly `wanted`.
     pub fn set_excluded_ports(&mut self, wanted: &[u16]) -> Result<(), DatapathError> {
         let wanted = wanted.iter().map(|port| (*port, 1)).collect();
-        replace_entries(&mut self.excluded_ports, names::EXCLUDED_PORTS, &wanted)
+        replace_entries(
+            &mut self.excluded_ports,
+            names::EXCLUDED_PORTS,
+            |_| true,
+            &wanted,
+        )
     }
 
     /// Forwards the kernel programs' aya-log records to `logger` from a task on the
@@ -441,10 +482,13 @@ fn remove<K: aya::Pod, V: aya::Pod>(
     }
 }
 
-/// Makes `map` hold exactly the `wanted` entries: stale keys go, the rest are written.
+/// Makes the part of `map` whose keys are `in_scope` hold exactly the `wanted` entries
+/// (all of which must be in scope): stale keys go, the rest are written. Keys out of
+/// scope are left alone.
 fn replace_entries<K, V>(
     map: &mut HashMap<MapData, K, V>,
     name: &'static str,
+    in_scope: impl Fn(&K) -> bool,
     wanted: &std::collections::HashMap<K, V>,
 ) -> Result<(), DatapathError>
 where
@@ -454,7 +498,7 @@ where
     let stale: Vec<K> = map
         .keys()
         .filter_map(Result::ok)
-        .filter(|key| !wanted.contains_key(key))
+        .filter(|key| in_scope(key) && !wanted.contains_key(key))
         .collect();
     for key in stale {
         remove(map, &key, name)?;

@@ -12,7 +12,9 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
+use aya::maps::{HashMap, Map, MapData};
 use weft_cluster::Cluster;
+use weft_common::{InboundPort, names};
 
 /// Panics with the way out unless the test runs as root.
 pub fn require_root() {
@@ -110,6 +112,38 @@ impl TestCluster {
             .into_iter()
             .map(|(counter, value)| (counter.name(), value))
             .collect()
+    }
+
+    /// The index of pod `namespace/name`'s host-side veth in its node's namespace: the
+    /// key the kernel programs know the pod's inbound side by.
+    pub fn host_ifindex(&self, namespace: &str, name: &str) -> u32 {
+        let pod = self
+            .topology()
+            .pod(namespace, name)
+            .unwrap_or_else(|| panic!("no pod {namespace}/{name}"));
+        let show = ["ip", "-o", "link", "show", "dev", &pod.host_veth];
+        let output = self
+            .node_command(&pod.node, &show)
+            .unwrap_or_else(|err| panic!("{err}"))
+            .output()
+            .unwrap_or_else(|err| panic!("cannot run `ip link`: {err}"));
+        // "17: weft...@if2: <BROADCAST,...> ..."
+        let text = String::from_utf8_lossy(&output.stdout);
+        text.split(':')
+            .next()
+            .and_then(|index| index.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no ifindex for {}: {output:?}", pod.host_veth))
+    }
+
+    /// Node `node`'s pinned per-port inbound modes, opened the way an agent opens its
+    /// maps, for tests that write them directly.
+    pub fn port_modes(&self, node: &str) -> HashMap<MapData, InboundPort, u8> {
+        let info = self.topology().node(node).expect("the node exists");
+        let path = weft_agent::datapath::Pins::new(&info.bpffs).map(names::INBOUND_PORT_MODES);
+        let data = MapData::from_pin(&path)
+            .unwrap_or_else(|err| panic!("cannot open {}: {err}", path.display()));
+        HashMap::try_from(Map::HashMap(data))
+            .unwrap_or_else(|err| panic!("{}: {err}", path.display()))
     }
 }
 

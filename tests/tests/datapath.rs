@@ -1,7 +1,8 @@
 //! The kernel datapath on a local cluster with real agents, the real CNI plugin and
 //! real clients: capture with exact original-destination recovery, pass-through,
-//! STRICT and PERMISSIVE inbound enforcement with counters and flow events, survival
-//! across agent restarts, and a clean uninstall.
+//! STRICT and PERMISSIVE inbound enforcement with counters and flow events, per-port
+//! modes that override the pod's, survival across agent restarts, and a clean
+//! uninstall.
 
 use std::{
     collections::BTreeSet,
@@ -10,6 +11,7 @@ use std::{
 };
 
 use weft_cluster::{Cluster, PodInfo, PodSpec};
+use weft_common::{InboundPort, Mode};
 use weft_e2e::{TestCluster, run_in_pod, wait_until, workspace_bin};
 
 const READY: Duration = Duration::from_secs(10);
@@ -93,10 +95,26 @@ fn flows(cluster: &Cluster, node: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// How many flow events of `node` have this verdict, reason and destination.
+fn flow_count(
+    cluster: &Cluster,
+    node: &str,
+    verdict: &str,
+    reason: &str,
+    destination: &str,
+) -> usize {
+    flows(cluster, node)
+        .iter()
+        .filter(|flow| {
+            flow["verdict"] == verdict
+                && flow["reason"] == reason
+                && flow["destination"] == destination
+        })
+        .count()
+}
+
 fn has_flow(cluster: &Cluster, node: &str, verdict: &str, reason: &str, destination: &str) -> bool {
-    flows(cluster, node).iter().any(|flow| {
-        flow["verdict"] == verdict && flow["reason"] == reason && flow["destination"] == destination
-    })
+    flow_count(cluster, node, verdict, reason, destination) > 0
 }
 
 #[test]
@@ -295,6 +313,181 @@ fn strict_pods_drop_plaintext_and_permissive_pods_count_it() {
     cluster.settle();
     let url = format!("http://{}:8080/", strict.ip);
     assert!(curl(&cluster, "outside", "outsider", &url).status.success());
+}
+
+/// Two banner servers in one pod, on `ports`.
+fn banners(ports: [u16; 2]) -> Vec<String> {
+    let [first, second] = ports.map(|port| banner(port).join(" "));
+    vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        format!("{first} & exec {second}"),
+    ]
+}
+
+/// The banner of `target` on `port` as pod `outside/from` gets it over plaintext, or
+/// `None` when the connection does not get through.
+fn plaintext_banner(cluster: &Cluster, from: &str, target: &PodInfo, port: u16) -> Option<String> {
+    let address = format!("TCP:{}:{port},connect-timeout=2", target.ip);
+    let output = cluster
+        .pod_command("outside", from, &["socat", "-T", "1", "-u", &address, "-"])
+        .unwrap()
+        .output()
+        .unwrap();
+    let line = String::from_utf8_lossy(&output.stdout).into_owned();
+    (output.status.success() && line.starts_with(&target.name)).then_some(line)
+}
+
+/// Sets (`Some`) or clears (`None`) the mode of one port of `pod`, as an agent's
+/// `Datapath::set_port_modes` does.
+fn set_port_mode(cluster: &TestCluster, pod: &PodInfo, port: u16, mode: Option<Mode>) {
+    let key = InboundPort::new(cluster.host_ifindex(&pod.namespace, &pod.name), port);
+    let mut map = cluster.port_modes(&pod.node);
+    match mode {
+        Some(mode) => map.insert(key, mode as u8, 0).unwrap(),
+        None => map.remove(&key).unwrap(),
+    }
+}
+
+#[test]
+fn port_modes_override_the_pods_mode_both_ways() {
+    const PORTS: [u16; 2] = [9001, 9002];
+    let [a, b] = PORTS;
+    let mesh =
+        "namespaces:\n  - name: default\n    mode: STRICT\n  - name: open\n    mode: DISABLE\n";
+    let mut cluster = TestCluster::with_mesh(2, mesh);
+    let strict = pod(
+        &mut cluster,
+        "default",
+        "strict",
+        "node1",
+        &strs(&banners(PORTS)),
+    );
+    let open = pod(
+        &mut cluster,
+        "open",
+        "open",
+        "node1",
+        &strs(&banners(PORTS)),
+    );
+    pod(&mut cluster, "outside", "outsider", "node0", &[]);
+    cluster.settle();
+    // The node's own connections get into every port, whatever its mode.
+    for target in [&strict, &open] {
+        for port in PORTS {
+            let address = format!("TCP:{}:{port},connect-timeout=1", target.ip);
+            wait_until(&format!("{} on {port}", target.name), READY, || {
+                let probe = ["socat", "-T", "1", "-u", &address, "-"];
+                let output = cluster
+                    .node_command("node1", &probe)
+                    .unwrap()
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&output.stdout).starts_with(&target.name)
+            });
+        }
+    }
+    let try_plaintext =
+        |target: &PodInfo, port| plaintext_banner(&cluster, "outsider", target, port);
+    // Flow events of one kind so far, to wait for a new one after each attempt.
+    let events = |verdict: &str, reason: &str, target: &PodInfo, port: u16| {
+        let destination = format!("{}:{port}", target.ip);
+        flow_count(&cluster, "node1", verdict, reason, &destination)
+    };
+    let drops = |target: &PodInfo, port| events("drop", "strict_plaintext", target, port);
+    let passes = |target: &PodInfo, port| events("pass", "permissive_plaintext", target, port);
+    let wait_for_more = |what: &str, count: &dyn Fn() -> usize, before: usize| {
+        wait_until(what, READY, || count() > before);
+    };
+
+    // The STRICT pod as it is: both ports keep plaintext out.
+    for port in PORTS {
+        assert_eq!(
+            try_plaintext(&strict, port),
+            None,
+            "plaintext got into STRICT port {port}"
+        );
+        wait_for_more("a drop event", &|| drops(&strict, port), 0);
+    }
+
+    // Port b PERMISSIVE: b lets plaintext in and counts it, a still drops it.
+    set_port_mode(&cluster, &strict, b, Some(Mode::Permissive));
+    let before = cluster.counters("node1");
+    let (drops_a, drops_b) = (drops(&strict, a), drops(&strict, b));
+    let passes_b = passes(&strict, b);
+    assert_eq!(
+        try_plaintext(&strict, a),
+        None,
+        "plaintext got into STRICT port {a}"
+    );
+    let got = try_plaintext(&strict, b);
+    assert!(
+        got.is_some(),
+        "plaintext was kept out of PERMISSIVE port {b}"
+    );
+    let after = cluster.counters("node1");
+    let delta = |name: &str| after[name] - before[name];
+    assert!(delta("inbound_dropped_strict") >= 1, "{after:?}");
+    assert_eq!(delta("inbound_plaintext"), 1, "{after:?}");
+    wait_for_more("a drop event on port a", &|| drops(&strict, a), drops_a);
+    wait_for_more("a pass event on port b", &|| passes(&strict, b), passes_b);
+    assert_eq!(
+        drops(&strict, b),
+        drops_b,
+        "port b dropped a SYN while PERMISSIVE"
+    );
+
+    // Without the override, b is the pod's again: STRICT.
+    set_port_mode(&cluster, &strict, b, None);
+    let before = cluster.counters("node1");
+    let drops_b = drops(&strict, b);
+    assert_eq!(
+        try_plaintext(&strict, b),
+        None,
+        "plaintext still gets into port {b}"
+    );
+    let after = cluster.counters("node1");
+    assert!(
+        after["inbound_dropped_strict"] > before["inbound_dropped_strict"],
+        "{after:?}"
+    );
+    assert_eq!(
+        after["inbound_plaintext"], before["inbound_plaintext"],
+        "{after:?}"
+    );
+    wait_for_more("a drop event on port b", &|| drops(&strict, b), drops_b);
+
+    // The DISABLE pod enforces only where a port says STRICT, and counts nothing else.
+    set_port_mode(&cluster, &open, b, Some(Mode::Strict));
+    let before = cluster.counters("node1");
+    let got = try_plaintext(&open, a);
+    assert!(got.is_some(), "plaintext was kept out of DISABLE port {a}");
+    let got = try_plaintext(&open, b);
+    assert_eq!(
+        got, None,
+        "plaintext got into STRICT port {b} of a DISABLE pod"
+    );
+    let after = cluster.counters("node1");
+    let delta = |name: &str| after[name] - before[name];
+    assert!(delta("inbound_dropped_strict") >= 1, "{after:?}");
+    assert_eq!(delta("inbound_plaintext"), 0, "{after:?}");
+    wait_for_more("a drop event on the DISABLE pod", &|| drops(&open, b), 0);
+    assert_eq!(drops(&open, a), 0, "the DISABLE port dropped a SYN");
+
+    // Deleting a pod removes its port modes and only its own.
+    set_port_mode(&cluster, &strict, a, Some(Mode::Permissive));
+    let strict_port = InboundPort::new(cluster.host_ifindex("default", "strict"), a);
+    cluster.del_pod("open", "open").unwrap();
+    let left: Vec<InboundPort> = cluster
+        .port_modes("node1")
+        .keys()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        left,
+        [strict_port],
+        "the agent's unenroll left these port modes"
+    );
 }
 
 #[test]

@@ -18,6 +18,7 @@ pub mod names {
     pub const ORIGINAL_DST_BY_COOKIE: &str = "WEFT_ORIG_DST_BY_COOKIE";
     pub const ORIGINAL_DST: &str = "WEFT_ORIG_DST";
     pub const INBOUND_PODS: &str = "WEFT_INBOUND_PODS";
+    pub const INBOUND_PORT_MODES: &str = "WEFT_INBOUND_PORT_MODES";
     pub const FLOWS: &str = "WEFT_FLOWS";
     pub const CONNECT4: &str = "weft_connect4";
     pub const CONNECT6: &str = "weft_connect6";
@@ -123,6 +124,30 @@ pub struct InboundPod {
     /// The node's address towards the pod (the pod's gateway): connections the node
     /// itself opens from it, such as health probes, always get in.
     pub probe_source: [u32; 4],
+}
+
+/// Key of [`names::INBOUND_PORT_MODES`]: one port of one meshed pod. The value is the
+/// port's [`Mode`] as a byte, which replaces the pod's own mode (from
+/// [`names::INBOUND_PODS`]) for new connections to that port, in either direction:
+/// a STRICT pod can let plaintext into one port, a DISABLE pod can enforce on one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InboundPort {
+    /// The pod's host-side interface, as in [`names::INBOUND_PODS`].
+    pub ifindex: u32,
+    /// The pod's destination port, host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+impl InboundPort {
+    pub const fn new(ifindex: u32, port: u16) -> Self {
+        Self {
+            ifindex,
+            port,
+            _pad: 0,
+        }
+    }
 }
 
 /// The single entry of [`names::CONFIG`].
@@ -249,6 +274,7 @@ pub mod reason {
 // the map layouts documented in ARCHITECTURE.md.
 const _: () = assert!(size_of::<SockAddr>() == 20);
 const _: () = assert!(size_of::<InboundPod>() == 20);
+const _: () = assert!(size_of::<InboundPort>() == 8);
 const _: () = assert!(size_of::<Config>() == 40);
 const _: () = assert!(size_of::<FlowEvent>() == 64);
 
@@ -263,6 +289,7 @@ mod user {
     unsafe impl aya::Pod for MeshedPod {}
     unsafe impl aya::Pod for MeshDestination {}
     unsafe impl aya::Pod for InboundPod {}
+    unsafe impl aya::Pod for InboundPort {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for FlowEvent {}
 }

@@ -1,19 +1,21 @@
 //! Inbound enforcement on a meshed pod's host-side veth, egress direction (packets
 //! heading into the pod).
 //!
-//! Only the first packet of a connection matters (TCP SYN without ACK). It gets in when
-//! it carries the agent's socket mark, or when the node itself sent it from the pod's
-//! gateway address (health probes); otherwise a STRICT pod drops it and a PERMISSIVE
-//! pod lets it in and counts it as plaintext. Every other packet passes.
+//! Only the first packet of a connection matters (TCP SYN without ACK). Its mode is the
+//! destination port's when the port has one of its own (`WEFT_INBOUND_PORT_MODES`),
+//! the pod's otherwise. It gets in when it carries the agent's socket mark, or when the
+//! node itself sent it from the pod's gateway address (health probes); otherwise STRICT
+//! drops it and PERMISSIVE lets it in and counts it as plaintext. DISABLE leaves it
+//! alone. Every other packet passes.
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
 use aya_log_ebpf::debug;
-use weft_common::{AGENT_MARK, Counter, FlowEvent, Mode, SockAddr, flow, reason};
+use weft_common::{AGENT_MARK, Counter, FlowEvent, InboundPort, Mode, SockAddr, flow, reason};
 
-use crate::maps::{WEFT_INBOUND_PODS, count, report};
+use crate::maps::{WEFT_INBOUND_PODS, WEFT_INBOUND_PORT_MODES, count, report};
 
 const ETH_HEADER: usize = 14;
 const ETH_P_IPV4: u16 = 0x0800;
@@ -48,13 +50,19 @@ fn try_classify(ctx: &TcContext) -> Result<i32, ()> {
     let Some(pod) = (unsafe { WEFT_INBOUND_PODS.get(&ifindex) }).copied() else {
         return Ok(TC_ACT_OK as i32);
     };
-    if pod.mode == Mode::Disable as u8 {
-        return Ok(TC_ACT_OK as i32);
-    }
+    // A DISABLE pod cannot return early: one of its ports may be STRICT.
     let Some(segment) = parse(ctx)? else {
         return Ok(TC_ACT_OK as i32);
     };
     if segment.flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return Ok(TC_ACT_OK as i32);
+    }
+    let port = InboundPort::new(ifindex, segment.destination.port);
+    // SAFETY: map values are only read here, by copy.
+    let mode = (unsafe { WEFT_INBOUND_PORT_MODES.get(&port) })
+        .copied()
+        .unwrap_or(pod.mode);
+    if mode == Mode::Disable as u8 {
         return Ok(TC_ACT_OK as i32);
     }
     if skb.mark == AGENT_MARK {
@@ -72,14 +80,14 @@ fn try_classify(ctx: &TcContext) -> Result<i32, ()> {
         ifindex,
         ..FlowEvent::default()
     };
-    if pod.mode == Mode::Strict as u8 {
+    if mode == Mode::Strict as u8 {
         count(Counter::InboundDroppedStrict);
         event.verdict = flow::DROP;
         event.reason = reason::STRICT_PLAINTEXT;
         report(event);
         debug!(
             ctx,
-            "drop plaintext SYN to port {} of a STRICT pod", segment.destination.port
+            "drop plaintext SYN to STRICT port {}", segment.destination.port
         );
         return Ok(TC_ACT_SHOT as i32);
     }

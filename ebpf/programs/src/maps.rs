@@ -7,7 +7,9 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use weft_common::{Config, Counter, FlowEvent, InboundPod, MeshDestination, MeshedPod, SockAddr};
+use weft_common::{
+    Config, Counter, FlowEvent, InboundPod, InboundPort, MeshDestination, MeshedPod, SockAddr,
+};
 
 #[map]
 static WEFT_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::SLOTS, 0);
@@ -38,6 +40,10 @@ pub static WEFT_ORIG_DST: LruHashMap<SockAddr, SockAddr> = LruHashMap::pinned(65
 /// Inbound policy of each meshed pod, by the ifindex of its host-side veth.
 #[map]
 pub static WEFT_INBOUND_PODS: HashMap<u32, InboundPod> = HashMap::pinned(4096, 0);
+
+/// Ports whose inbound mode differs from their pod's: the mode byte by (ifindex, port).
+#[map]
+pub static WEFT_INBOUND_PORT_MODES: HashMap<InboundPort, u8> = HashMap::pinned(16_384, 0);
 
 #[map]
 static WEFT_FLOWS: RingBuf = RingBuf::pinned(256 * 1024, 0);
