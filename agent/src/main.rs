@@ -313,6 +313,7 @@ async fn start(args: &RunArgs) -> anyhow::Result<Started> {
         .install_recorder()
         .context("cannot install the metrics recorder")?;
     proxy::metrics::describe();
+    subscription::describe_metrics();
     let mut first_offer = None;
     let mut offers = None;
     let mut subscription = None;

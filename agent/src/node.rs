@@ -52,11 +52,14 @@ pub struct Enrolled {
     pub attachment: Option<Attachment>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attachment {
     pub netns_cookie: u64,
     pub ifindex: u32,
     pub mode: PeerMode,
+    /// Ports whose mode differs from the pod's.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub port_modes: BTreeMap<u16, PeerMode>,
 }
 
 #[derive(Debug)]
@@ -151,7 +154,10 @@ impl Node {
             return Err(NodeError::NoNetns(pod.netns));
         }
         let id = pod.container_id.clone();
-        let attachment = self.pods.get(&id).and_then(|known| known.attachment);
+        let attachment = self
+            .pods
+            .get(&id)
+            .and_then(|known| known.attachment.clone());
         self.pods.insert(id.clone(), Enrolled { pod, attachment });
         if let Err(err) = self.sync(&id, true).and_then(|()| self.sync_destinations()) {
             // Nothing half-done: undo what this request attached.
@@ -189,11 +195,10 @@ impl Node {
         let wanted = self
             .mesh
             .get()
-            .pod_modes(&record.pod.namespace, &record.pod.name)
-            .map(|(mode, _ports)| mode);
+            .pod_modes(&record.pod.namespace, &record.pod.name);
         let attachment = match wanted {
             None => {
-                if let Some(old) = record.attachment {
+                if let Some(old) = &record.attachment {
                     self.datapath.unenroll(old.netns_cookie, old.ifindex)?;
                     log::info!(
                         "pod {}/{} left the mesh",
@@ -203,26 +208,41 @@ impl Node {
                 }
                 None
             }
-            Some(mode) => {
+            Some((mode, port_modes)) => {
                 let netns_cookie = netns::cookie(&record.pod.netns)?;
+                let current = (netns_cookie, netns::ifindex(&record.pod.host_interface)?);
                 let probe_source = record.pod.gateways.first().copied();
-                let ifindex = match record.attachment {
-                    Some(old) if !reattach && old.netns_cookie == netns_cookie => {
+                // A replaced namespace or interface: the old entries go before the new
+                // ones are written, which may reuse the same keys.
+                if let Some(old) = &record.attachment
+                    && (old.netns_cookie, old.ifindex) != current
+                {
+                    self.datapath.unenroll(old.netns_cookie, old.ifindex)?;
+                }
+                let kept = record
+                    .attachment
+                    .as_ref()
+                    .filter(|old| !reattach && (old.netns_cookie, old.ifindex) == current);
+                let ifindex = match kept {
+                    Some(old) => {
                         self.datapath
                             .set_inbound(old.ifindex, mode.into(), probe_source)?;
                         old.ifindex
                     }
-                    _ => self.datapath.enroll(
+                    None => self.datapath.enroll(
                         netns_cookie,
                         &record.pod.host_interface,
                         mode.into(),
                         probe_source,
                     )?,
                 };
-                if let Some(old) = record.attachment
-                    && (old.netns_cookie, old.ifindex) != (netns_cookie, ifindex)
-                {
-                    self.datapath.unenroll(old.netns_cookie, old.ifindex)?;
+                // The map is walked to replace a pod's entries: only when they change.
+                if kept.is_none_or(|old| old.port_modes != port_modes) {
+                    let kernel_modes = port_modes
+                        .iter()
+                        .map(|(&port, &mode)| (port, mode.into()))
+                        .collect();
+                    self.datapath.set_port_modes(ifindex, &kernel_modes)?;
                 }
                 if record.attachment.is_none() {
                     log::info!(
@@ -236,6 +256,7 @@ impl Node {
                     netns_cookie,
                     ifindex,
                     mode,
+                    port_modes,
                 })
             }
         };
@@ -251,7 +272,7 @@ impl Node {
     /// Detaches pod `id` (if attached) and drops its record.
     fn forget(&mut self, id: &str) -> Result<(), NodeError> {
         if let Some(record) = self.pods.remove(id) {
-            if let Some(old) = record.attachment {
+            if let Some(old) = &record.attachment {
                 self.datapath.unenroll(old.netns_cookie, old.ifindex)?;
             }
             let path = self.record_path(id);

@@ -85,6 +85,22 @@ enum SessionError {
     Local(String),
 }
 
+/// Describes the subscription's metrics.
+pub fn describe_metrics() {
+    metrics::describe_gauge!(
+        "weft_controller_connected",
+        "1 while the agent is subscribed to the controller"
+    );
+    metrics::describe_counter!(
+        "weft_config_updates_total",
+        "Configuration versions from the controller, by result (applied, rejected)"
+    );
+    metrics::describe_gauge!(
+        "weft_config_applied_timestamp_seconds",
+        "Unix time the agent last applied a configuration version"
+    );
+}
+
 /// Reads the cached version from `path`, if there is a usable one.
 pub fn load_cache(path: &Path) -> Option<Cached> {
     let bytes = std::fs::read(path).ok()?;

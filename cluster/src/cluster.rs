@@ -411,11 +411,51 @@ impl Cluster {
             .iter()
             .filter(|node| node.agent.is_some())
         {
+            self.certificates_loaded(node)?;
             let state = &status["nodes"][&node.name];
             let acked = state["acked_generation"].as_u64().unwrap_or(0);
             if state["in_sync"] != true || acked < generation {
                 return Err(format!(
                     "node {} to apply generation {generation} (it serves {acked})",
+                    node.name
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `Ok` once `node`'s agent has loaded the certificate of every identity of the
+    /// node's pods (it rereads its certificate directory on its own schedule).
+    fn certificates_loaded(&self, node: &NodeInfo) -> Result<(), String> {
+        let output = self
+            .node_command(
+                &node.name,
+                &[
+                    "curl",
+                    "-sf",
+                    "--max-time",
+                    "1",
+                    "http://127.0.0.1:15000/certs",
+                ],
+            )
+            .map_err(|err| err.to_string())?
+            .output()
+            .map_err(|err| format!("curl: {err}"))?;
+        let loaded: Vec<serde_json::Value> =
+            serde_json::from_slice(&output.stdout).unwrap_or_default();
+        for pod in self
+            .topology
+            .pods
+            .iter()
+            .filter(|pod| pod.node == node.name)
+        {
+            let identity = identity(pod);
+            if !loaded
+                .iter()
+                .any(|cert| cert["identity"] == identity.as_str())
+            {
+                return Err(format!(
+                    "the agent on {} to load the certificate of {identity}",
                     node.name
                 ));
             }
@@ -492,15 +532,9 @@ impl Cluster {
         if node.certs.join(format!("{stem}.crt")).exists() {
             return Ok(());
         }
-        let identity = format!(
-            "spiffe://{}/ns/{}/sa/{}",
-            objects::TRUST_DOMAIN,
-            pod.namespace,
-            pod.service_account
-        );
         host::create_dir(&node.certs)?;
         self.ca()?
-            .issue(&identity, &node.certs, &stem, ca::Validity::days(1))?;
+            .issue(&identity(pod), &node.certs, &stem, ca::Validity::days(1))?;
         Ok(())
     }
 
@@ -821,6 +855,16 @@ impl Cluster {
         fs::write(&partial, json).map_err(ClusterError::io(&partial))?;
         fs::rename(&partial, &path).map_err(ClusterError::io(&path))
     }
+}
+
+/// The SPIFFE identity `pod` runs as.
+fn identity(pod: &PodInfo) -> String {
+    format!(
+        "spiffe://{}/ns/{}/sa/{}",
+        objects::TRUST_DOMAIN,
+        pod.namespace,
+        pod.service_account
+    )
 }
 
 fn load(layout: &Layout) -> Result<Topology, ClusterError> {

@@ -118,6 +118,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("invalid histogram buckets")?
         .install_recorder()
         .context("cannot install the metrics recorder")?;
+    describe_metrics();
     let settings = Settings {
         trust_domain: args.trust_domain,
         root_namespace: args.root_namespace,
@@ -197,4 +198,44 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         )
         .await
         .context("the config stream server failed")
+}
+
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(
+        "weft_controller_generation",
+        "Compiles since the controller started"
+    );
+    describe_histogram!(
+        "weft_controller_compile_seconds",
+        "Time to compile the cluster's objects into every node's view"
+    );
+    describe_gauge!(
+        "weft_controller_objects",
+        "Objects the controller reads, by kind"
+    );
+    describe_gauge!(
+        "weft_controller_node_in_sync",
+        "1 when the node's agent serves the node's current view"
+    );
+    describe_gauge!(
+        "weft_controller_node_acked_generation",
+        "The generation whose view the node's agent acknowledged last"
+    );
+    describe_gauge!(
+        "weft_controller_node_streams",
+        "Config streams open for the node"
+    );
+    describe_counter!(
+        "weft_controller_config_updates_total",
+        "Updates sent to agents, by type (snapshot, delta)"
+    );
+    describe_counter!(
+        "weft_controller_config_rejections_total",
+        "Versions an agent rejected, by node"
+    );
+    describe_counter!(
+        "weft_controller_subscriptions_refused_total",
+        "Subscriptions refused for a missing or wrong node credential"
+    );
 }

@@ -90,7 +90,7 @@ impl TestCluster {
     }
 
     /// Replaces the test's manifests; the controller picks them up on its own.
-    pub fn set_mesh_yaml(&mut self, manifests: &str) {
+    pub fn set_mesh_yaml(&self, manifests: &str) {
         let path = self.manifests_file();
         let partial = path.with_extension("partial");
         std::fs::write(&partial, manifests).unwrap();

@@ -11,7 +11,7 @@ use std::{
 };
 
 use weft_cluster::{Cluster, PodInfo, PodSpec};
-use weft_common::{InboundPort, Mode};
+use weft_common::InboundPort;
 use weft_e2e::{TestCluster, run_in_pod, wait_until, workspace_bin};
 
 const READY: Duration = Duration::from_secs(10);
@@ -39,9 +39,11 @@ spec: { mode: PERMISSIVE }
 /// A port the mesh never captures.
 const EXCLUDED_PORT: u16 = 9999;
 
+/// Pod `namespace/name`, labelled `app=<name>`.
 fn pod(cluster: &mut Cluster, namespace: &str, name: &str, node: &str, argv: &[&str]) -> PodInfo {
     let mut spec = PodSpec::new(name, node, argv);
     spec.namespace = namespace.to_owned();
+    spec.labels.insert("app".to_owned(), name.to_owned());
     cluster.add_pod(spec).unwrap_or_else(|err| panic!("{err}"))
 }
 
@@ -340,22 +342,43 @@ fn plaintext_banner(cluster: &Cluster, from: &str, target: &PodInfo, port: u16) 
 
 /// Sets (`Some`) or clears (`None`) the mode of one port of `pod`, as an agent's
 /// `Datapath::set_port_modes` does.
-fn set_port_mode(cluster: &TestCluster, pod: &PodInfo, port: u16, mode: Option<Mode>) {
-    let key = InboundPort::new(cluster.host_ifindex(&pod.namespace, &pod.name), port);
-    let mut map = cluster.port_modes(&pod.node);
-    match mode {
-        Some(mode) => map.insert(key, mode as u8, 0).unwrap(),
-        None => map.remove(&key).unwrap(),
+/// `default` STRICT and `open` DISABLE, with the PeerAuthentications in `overrides`.
+fn port_mode_mesh(overrides: &[(&str, &str, u16, &str)]) -> String {
+    let mut mesh = String::from(
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata: { name: default, labels: { weft.dev/mesh: enabled } }
+---
+apiVersion: v1
+kind: Namespace
+metadata: { name: open, labels: { weft.dev/mesh: enabled } }
+---
+apiVersion: weft.dev/v1alpha1
+kind: PeerAuthentication
+metadata: { name: default, namespace: open }
+spec: { mode: DISABLE }
+"#,
+    );
+    for (namespace, app, port, mode) in overrides {
+        mesh.push_str(&format!(
+            "---\napiVersion: weft.dev/v1alpha1\nkind: PeerAuthentication\nmetadata: {{ name: {app}-ports, namespace: {namespace} }}\nspec:\n  selector: {{ matchLabels: {{ app: {app} }} }}\n  portModes: [{{ port: {port}, mode: {mode} }}]\n"
+        ));
     }
+    mesh
 }
 
+/// PeerAuthentication port overrides reach the kernel through the controller and the
+/// agents: a STRICT pod's port let plaintext in, a DISABLE pod's port keep it out.
 #[test]
 fn port_modes_override_the_pods_mode_both_ways() {
     const PORTS: [u16; 2] = [9001, 9002];
     let [a, b] = PORTS;
-    let mesh =
-        "namespaces:\n  - name: default\n    mode: STRICT\n  - name: open\n    mode: DISABLE\n";
-    let mut cluster = TestCluster::with_mesh(2, mesh);
+    let set_overrides = |cluster: &TestCluster, overrides: &[(&str, &str, u16, &str)]| {
+        cluster.set_mesh_yaml(&port_mode_mesh(overrides));
+        cluster.settle();
+    };
+    let mut cluster = TestCluster::with_mesh(2, &port_mode_mesh(&[]));
     let strict = pod(
         &mut cluster,
         "default",
@@ -411,7 +434,7 @@ fn port_modes_override_the_pods_mode_both_ways() {
     }
 
     // Port b PERMISSIVE: b lets plaintext in and counts it, a still drops it.
-    set_port_mode(&cluster, &strict, b, Some(Mode::Permissive));
+    set_overrides(&cluster, &[("default", "strict", b, "PERMISSIVE")]);
     let before = cluster.counters("node1");
     let (drops_a, drops_b) = (drops(&strict, a), drops(&strict, b));
     let passes_b = passes(&strict, b);
@@ -438,7 +461,7 @@ fn port_modes_override_the_pods_mode_both_ways() {
     );
 
     // Without the override, b is the pod's again: STRICT.
-    set_port_mode(&cluster, &strict, b, None);
+    set_overrides(&cluster, &[]);
     let before = cluster.counters("node1");
     let drops_b = drops(&strict, b);
     assert_eq!(
@@ -458,7 +481,7 @@ fn port_modes_override_the_pods_mode_both_ways() {
     wait_for_more("a drop event on port b", &|| drops(&strict, b), drops_b);
 
     // The DISABLE pod enforces only where a port says STRICT, and counts nothing else.
-    set_port_mode(&cluster, &open, b, Some(Mode::Strict));
+    set_overrides(&cluster, &[("open", "open", b, "STRICT")]);
     let before = cluster.counters("node1");
     let got = try_plaintext(&open, a);
     assert!(got.is_some(), "plaintext was kept out of DISABLE port {a}");
@@ -475,7 +498,13 @@ fn port_modes_override_the_pods_mode_both_ways() {
     assert_eq!(drops(&open, a), 0, "the DISABLE port dropped a SYN");
 
     // Deleting a pod removes its port modes and only its own.
-    set_port_mode(&cluster, &strict, a, Some(Mode::Permissive));
+    set_overrides(
+        &cluster,
+        &[
+            ("open", "open", b, "STRICT"),
+            ("default", "strict", a, "PERMISSIVE"),
+        ],
+    );
     let strict_port = InboundPort::new(cluster.host_ifindex("default", "strict"), a);
     cluster.del_pod("open", "open").unwrap();
     let left: Vec<InboundPort> = cluster
