@@ -1,14 +1,20 @@
 //! Who may subscribe to a node's configuration: an agent proves which node it runs on
 //! with a bearer token. With the file source, each node has a token file of its own
-//! (`<dir>/<node>.token`); a token opens that node's stream and no other.
+//! (`<dir>/<node>.token`); a token opens that node's stream and no other. In a
+//! Kubernetes cluster the token is the agent pod's projected service account token,
+//! and the API server says which node that pod runs on ([`TokenReviewer`]).
 
 use std::path::PathBuf;
+
+use crate::source::kubernetes::TokenReviewer;
 
 /// Checks node credentials.
 #[derive(Debug)]
 pub enum NodeAuthenticator {
     /// `<dir>/<node>.token` holds node `<node>`'s token.
     TokenFiles { dir: PathBuf },
+    /// The API server reviews the token; it must be bound to a pod on the node.
+    Kubernetes(TokenReviewer),
     /// Anyone may subscribe as any node (tests and single-user machines only).
     Insecure,
 }
@@ -27,6 +33,36 @@ pub enum AuthError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "cannot review the token with the Kubernetes API: {source}; check that the \
+         controller may create tokenreviews (authentication.k8s.io), as the \
+         system:auth-delegator ClusterRole allows"
+    )]
+    TokenReview {
+        #[source]
+        source: kube::Error,
+    },
+    #[error(
+        "the Kubernetes API did not accept the token ({reason}): the agent must send its \
+         pod's projected service account token with audience {audience}"
+    )]
+    Unauthenticated { reason: String, audience: String },
+    #[error(
+        "the token authenticates {user}, not a service account: the agent must send its \
+         pod's projected service account token"
+    )]
+    NotServiceAccount { user: String },
+    #[error(
+        "the token of {user} names no node: it must be a projected, pod-bound service \
+         account token (a serviceAccountToken volume; Kubernetes 1.30 or later puts the \
+         pod's node in it)"
+    )]
+    NotPodBound { user: String },
+    #[error(
+        "the token belongs to a pod on node {token_node}, not on node {node}: the agent \
+         must subscribe as the node it runs on (spec.nodeName)"
+    )]
+    NodeMismatch { node: String, token_node: String },
 }
 
 impl NodeAuthenticator {
@@ -34,6 +70,18 @@ impl NodeAuthenticator {
     pub async fn authenticate(&self, node: &str, token: Option<&str>) -> Result<(), AuthError> {
         match self {
             NodeAuthenticator::Insecure => Ok(()),
+            NodeAuthenticator::Kubernetes(reviewer) => {
+                let token = token.ok_or(AuthError::Missing)?;
+                let token_node = reviewer.node_of(token).await?;
+                if token_node == node {
+                    Ok(())
+                } else {
+                    Err(AuthError::NodeMismatch {
+                        node: node.to_owned(),
+                        token_node,
+                    })
+                }
+            }
             NodeAuthenticator::TokenFiles { dir } => {
                 let token = token.ok_or(AuthError::Missing)?;
                 let valid_name = !node.is_empty()

@@ -3,6 +3,7 @@
 //! of objects every time it changes; the compiler takes it from there.
 
 pub mod files;
+pub mod kubernetes;
 
 use std::sync::Arc;
 

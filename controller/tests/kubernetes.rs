@@ -1,0 +1,605 @@
+//! The Kubernetes source, the status writer and the token reviewer, each run with a
+//! real kube-rs client against a fake API server that lists and watches as
+//! Kubernetes does ([`support::fake_api`]).
+
+mod support;
+
+use std::{sync::Arc, time::Duration};
+
+use serde_json::{Value, json};
+use tokio::{sync::watch, time::Instant};
+use weft_controller::{
+    auth::{AuthError, NodeAuthenticator},
+    objects::{Kind, ObjectKey, Objects},
+    source::kubernetes::{self, CONTROLLER_NAME, TokenReviewer},
+    status::{Reason, Statuses, Verdict},
+};
+
+use support::fake_api::FakeApi;
+
+/// How long anything may take before a test fails.
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Runs the Kubernetes source against `fake`; what it publishes arrives here.
+fn start_source(fake: &FakeApi) -> watch::Receiver<Arc<Objects>> {
+    let (publisher, objects) = watch::channel(Arc::new(Objects::default()));
+    tokio::spawn(kubernetes::run(fake.client(), publisher));
+    objects
+}
+
+/// Waits until the published objects pass `check`, and returns them.
+async fn wait_for(
+    objects: &mut watch::Receiver<Arc<Objects>>,
+    what: &str,
+    check: impl Fn(&Objects) -> bool,
+) -> Arc<Objects> {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let current = Arc::clone(&objects.borrow_and_update());
+        if check(&current) {
+            return current;
+        }
+        match tokio::time::timeout_at(deadline, objects.changed()).await {
+            Ok(changed) => changed.expect("the source stopped"),
+            Err(_) => panic!(
+                "timed out waiting for {what}; the source has {:?}",
+                current.counts()
+            ),
+        }
+    }
+}
+
+/// Polls `check` until it holds.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn key(namespace: &str, name: &str) -> ObjectKey {
+    ObjectKey::new(namespace, name)
+}
+
+fn namespace(name: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": { "name": name, "labels": { "weft.dev/mesh": "enabled" } },
+    })
+}
+
+fn node(name: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": { "name": name },
+        "status": { "addresses": [{ "type": "InternalIP", "address": "192.168.0.2" }] },
+    })
+}
+
+fn pod(namespace: &str, name: &str, ip: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": name, "namespace": namespace, "labels": { "app": "web" } },
+        "spec": { "nodeName": "node-a", "containers": [{ "name": "web", "image": "web" }] },
+        "status": { "phase": "Running", "podIP": ip },
+    })
+}
+
+fn service(namespace: &str, name: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": { "name": name, "namespace": namespace },
+        "spec": {
+            "clusterIP": "10.96.0.10",
+            "selector": { "app": "web" },
+            "ports": [{ "port": 80 }],
+        },
+    })
+}
+
+fn endpoint_slice(namespace: &str, name: &str, service: &str) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {
+            "name": name, "namespace": namespace,
+            "labels": { "kubernetes.io/service-name": service },
+        },
+        "addressType": "IPv4",
+        "endpoints": [{ "addresses": ["10.244.0.2"], "nodeName": "node-a" }],
+        "ports": [{ "port": 80 }],
+    })
+}
+
+fn peer_authentication(namespace: &str, name: &str, mode: &str) -> Value {
+    json!({
+        "apiVersion": "weft.dev/v1alpha1", "kind": "PeerAuthentication",
+        "metadata": { "name": name, "namespace": namespace },
+        "spec": { "mode": mode },
+    })
+}
+
+fn authorization_policy(namespace: &str, name: &str) -> Value {
+    json!({
+        "apiVersion": "weft.dev/v1alpha1", "kind": "AuthorizationPolicy",
+        "metadata": { "name": name, "namespace": namespace },
+        "spec": { "action": "ALLOW", "rules": [{ "from": [{ "namespaces": ["shop"] }] }] },
+    })
+}
+
+fn traffic_policy(namespace: &str, name: &str, service: &str) -> Value {
+    json!({
+        "apiVersion": "weft.dev/v1alpha1", "kind": "TrafficPolicy",
+        "metadata": { "name": name, "namespace": namespace },
+        "spec": { "service": service, "loadBalancer": { "algorithm": "PEAK_EWMA" } },
+    })
+}
+
+fn route(kind: &str, namespace: &str, name: &str, parent_refs: Value) -> Value {
+    json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": kind,
+        "metadata": { "name": name, "namespace": namespace },
+        "spec": {
+            "parentRefs": parent_refs,
+            "rules": [{ "backendRefs": [{ "name": "web", "port": 80 }] }],
+        },
+    })
+}
+
+fn service_parent(name: &str) -> Value {
+    json!({ "group": "", "kind": "Service", "name": name, "port": 80 })
+}
+
+#[tokio::test]
+async fn lists_every_kind_then_follows_creations_updates_and_deletions() {
+    let fake = FakeApi::start().await;
+    fake.create(namespace("shop"));
+    fake.create(node("node-a"));
+    fake.create(pod("shop", "web-1", "10.244.0.2"));
+    fake.create(service("shop", "web"));
+    fake.create(endpoint_slice("shop", "web-abcde", "web"));
+    fake.create(peer_authentication("shop", "strict", "STRICT"));
+    fake.create(authorization_policy("shop", "allow-shop"));
+    fake.create(traffic_policy("shop", "web", "web"));
+    fake.create(route(
+        "HTTPRoute",
+        "shop",
+        "web-http",
+        json!([service_parent("web")]),
+    ));
+    fake.create(route(
+        "GRPCRoute",
+        "shop",
+        "web-grpc",
+        json!([service_parent("web")]),
+    ));
+
+    let mut objects = start_source(&fake);
+    let listed = wait_for(&mut objects, "one object of every kind", |o| {
+        o.counts().values().all(|&count| count == 1)
+    })
+    .await;
+    assert_eq!(
+        listed.pods[&key("shop", "web-1")]
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.as_deref()),
+        Some("10.244.0.2")
+    );
+    assert!(
+        listed.pods[&key("shop", "web-1")]
+            .metadata
+            .managed_fields
+            .is_none()
+    );
+
+    fake.create(pod("shop", "web-2", "10.244.0.3"));
+    wait_for(&mut objects, "the pod created after the list", |o| {
+        o.pods.contains_key(&key("shop", "web-2"))
+    })
+    .await;
+
+    let mut changed = pod("shop", "web-1", "10.244.0.2");
+    changed["metadata"]["labels"]["version"] = "v2".into();
+    fake.update(changed);
+    wait_for(&mut objects, "the updated labels of web-1", |o| {
+        o.pods[&key("shop", "web-1")]
+            .metadata
+            .labels
+            .as_ref()
+            .is_some_and(|labels| labels.get("version").is_some_and(|v| v == "v2"))
+    })
+    .await;
+
+    fake.delete("Pod", "shop", "web-2");
+    fake.delete("PeerAuthentication", "shop", "strict");
+    wait_for(&mut objects, "the deletions", |o| {
+        !o.pods.contains_key(&key("shop", "web-2")) && o.peer_authentications.is_empty()
+    })
+    .await;
+    assert_eq!(fake.requests("list", "/api/v1/pods"), 1);
+    assert_eq!(fake.requests("watch", "/api/v1/pods"), 1);
+}
+
+#[tokio::test]
+async fn a_list_longer_than_a_page_arrives_whole() {
+    let fake = FakeApi::start().await;
+    for index in 0..1100 {
+        let ip = format!("10.244.{}.{}", index / 250, index % 250 + 2);
+        fake.create(pod("shop", &format!("web-{index:04}"), &ip));
+    }
+    let mut objects = start_source(&fake);
+    wait_for(&mut objects, "1100 pods", |o| o.pods.len() == 1100).await;
+    // kube-rs lists 500 at a time.
+    assert_eq!(fake.requests("list", "/api/v1/pods"), 3);
+}
+
+#[tokio::test]
+async fn bookmarks_move_the_watch_forward_without_changing_objects() {
+    let fake = FakeApi::start().await;
+    fake.set_bookmark_interval(Duration::from_millis(50));
+    fake.create(namespace("shop"));
+    fake.create(pod("shop", "web-1", "10.244.0.2"));
+    let mut objects = start_source(&fake);
+    wait_for(&mut objects, "web-1", |o| o.pods.len() == 1).await;
+
+    // A change elsewhere moves the resourceVersion past the pods'; only bookmarks
+    // tell the pod watcher about it.
+    fake.create(service("shop", "web"));
+    let sent = fake.bookmarks_sent("Pod");
+    eventually("two more pod bookmarks", || {
+        fake.bookmarks_sent("Pod") >= sent + 2
+    })
+    .await;
+    let current = Arc::clone(&objects.borrow());
+    assert_eq!(current.pods.len(), 1);
+    assert_eq!(current.namespaces.len(), 1);
+
+    // An outage, and a compaction at the newest version: a watcher that took the
+    // bookmarks resumes from there; one that ignored them would have to list again.
+    fake.hold_watches();
+    fake.compact();
+    fake.release_watches();
+    eventually("the pod watch to resume", || {
+        fake.requests("watch", "/api/v1/pods") == 2
+    })
+    .await;
+    fake.create(pod("shop", "web-2", "10.244.0.3"));
+    wait_for(&mut objects, "web-2", |o| o.pods.len() == 2).await;
+    assert_eq!(fake.requests("list", "/api/v1/pods"), 1);
+}
+
+#[tokio::test]
+async fn an_expired_watch_lists_again_and_catches_up() {
+    let fake = FakeApi::start().await;
+    fake.create(namespace("shop"));
+    fake.create(pod("shop", "web-1", "10.244.0.2"));
+    fake.create(pod("shop", "web-2", "10.244.0.3"));
+    let mut objects = start_source(&fake);
+    wait_for(&mut objects, "both pods", |o| o.pods.len() == 2).await;
+    assert_eq!(fake.requests("list", "/api/v1/pods"), 1);
+
+    // While the watch is broken, one pod goes, one comes, and the history of both
+    // events is compacted away: only a new list can tell.
+    fake.hold_watches();
+    fake.delete("Pod", "shop", "web-1");
+    fake.create(pod("shop", "web-3", "10.244.0.4"));
+    fake.compact();
+    fake.release_watches();
+
+    wait_for(&mut objects, "the state after the outage", |o| {
+        let names: Vec<&str> = o.pods.keys().map(|k| k.name.as_str()).collect();
+        names == ["web-2", "web-3"]
+    })
+    .await;
+    assert!(fake.requests("list", "/api/v1/pods") >= 2);
+
+    // And the new watch follows changes again.
+    fake.delete("Pod", "shop", "web-2");
+    wait_for(&mut objects, "web-2 gone", |o| o.pods.len() == 1).await;
+}
+
+#[tokio::test]
+async fn a_kind_without_its_crd_does_not_stop_the_others() {
+    let fake = FakeApi::start().await;
+    fake.set_installed("GRPCRoute", false);
+    fake.create(namespace("shop"));
+    fake.create(service("shop", "web"));
+    fake.create(peer_authentication("shop", "strict", "STRICT"));
+    fake.create(route(
+        "HTTPRoute",
+        "shop",
+        "web-http",
+        json!([service_parent("web")]),
+    ));
+
+    let mut objects = start_source(&fake);
+    let published = wait_for(&mut objects, "the installed kinds", |o| {
+        o.namespaces.len() == 1
+            && o.services.len() == 1
+            && o.peer_authentications.len() == 1
+            && o.http_routes.len() == 1
+    })
+    .await;
+    assert!(published.grpc_routes.is_empty());
+    assert!(fake.requests("list", "/apis/gateway.networking.k8s.io/v1/grpcroutes") >= 1);
+
+    // Installed later, the kind is picked up by the watcher's retries.
+    fake.set_installed("GRPCRoute", true);
+    fake.create(route(
+        "GRPCRoute",
+        "shop",
+        "web-grpc",
+        json!([service_parent("web")]),
+    ));
+    wait_for(&mut objects, "the GRPCRoute", |o| o.grpc_routes.len() == 1).await;
+    assert!(fake.requests("list", "/apis/gateway.networking.k8s.io/v1/grpcroutes") >= 2);
+}
+
+#[tokio::test]
+async fn an_unreadable_object_keeps_its_last_readable_version() {
+    let fake = FakeApi::start().await;
+    fake.create(peer_authentication("shop", "broken", "LOOSE"));
+    fake.create(peer_authentication("shop", "strict", "STRICT"));
+    let mut objects = start_source(&fake);
+    let listed = wait_for(&mut objects, "the readable policy", |o| {
+        o.peer_authentications.contains_key(&key("shop", "strict"))
+    })
+    .await;
+    assert_eq!(
+        listed.peer_authentications.len(),
+        1,
+        "the unreadable one is skipped"
+    );
+
+    fake.update(peer_authentication("shop", "strict", "SIDEWAYS"));
+    // Events of one kind arrive in order: once this one is in, so is the update.
+    fake.create(peer_authentication("shop", "later", "PERMISSIVE"));
+    let current = wait_for(&mut objects, "the later policy", |o| {
+        o.peer_authentications.contains_key(&key("shop", "later"))
+    })
+    .await;
+    let strict = &current.peer_authentications[&key("shop", "strict")];
+    assert_eq!(
+        serde_json::to_value(&strict.spec).unwrap()["mode"],
+        "STRICT"
+    );
+}
+
+fn accepted_condition(object: &Value) -> Option<Value> {
+    object["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Accepted")
+        .cloned()
+}
+
+#[tokio::test]
+async fn statuses_are_written_once_and_leave_other_controllers_alone() {
+    let fake = FakeApi::start().await;
+    fake.create(namespace("shop"));
+    fake.create(service("shop", "web"));
+    fake.create(peer_authentication("shop", "bad", "STRICT"));
+    fake.create(authorization_policy("shop", "allow-shop"));
+    fake.create(traffic_policy("shop", "web", "web"));
+    let theirs = json!({
+        "parentRef": { "name": "gateway" },
+        "controllerName": "example.net/gateway-controller",
+        "conditions": [{
+            "type": "Accepted", "status": "True", "reason": "Accepted", "message": "",
+            "lastTransitionTime": "2025-01-01T00:00:00Z", "observedGeneration": 1,
+        }],
+        // A field of a newer Gateway API than the controller's types know.
+        "futureField": "kept",
+    });
+    let mut http_route = route(
+        "HTTPRoute",
+        "shop",
+        "web",
+        json!([service_parent("web"), { "name": "gateway" }]),
+    );
+    http_route["status"] = json!({ "parents": [theirs] });
+    fake.create(http_route);
+
+    let mut objects = start_source(&fake);
+    wait_for(&mut objects, "the policies and the route", |o| {
+        o.peer_authentications.len() == 1 && o.http_routes.len() == 1
+    })
+    .await;
+    let (statuses, written) = watch::channel(Arc::new(Statuses::new()));
+    tokio::spawn(kubernetes::write_statuses(
+        fake.client(),
+        written,
+        objects.clone(),
+    ));
+
+    let invalid = Verdict::rejected(Reason::Invalid, "spec.mode: say why it is wrong")
+        .for_generation(Some(1));
+    let routed = Verdict::accepted(Reason::Accepted, "routes shop/web:80").for_generation(Some(1));
+    let mut verdicts = Statuses::new();
+    verdicts.insert((Kind::PeerAuthentication, key("shop", "bad")), invalid);
+    verdicts.insert((Kind::HttpRoute, key("shop", "web")), routed);
+    // Watches lag: the writes do not come back until the watches are released.
+    fake.hold_watches();
+    statuses.send_replace(Arc::new(verdicts.clone()));
+
+    let policy_status = "/apis/weft.dev/v1alpha1/namespaces/shop/peerauthentications/bad/status";
+    let route_status = "/apis/gateway.networking.k8s.io/v1/namespaces/shop/httproutes/web/status";
+    eventually("the policy's status", || {
+        fake.get("PeerAuthentication", "shop", "bad")
+            .and_then(|o| accepted_condition(&o))
+            .is_some()
+    })
+    .await;
+    let condition =
+        accepted_condition(&fake.get("PeerAuthentication", "shop", "bad").unwrap()).unwrap();
+    assert_eq!(condition["status"], "False");
+    assert_eq!(condition["reason"], "Invalid");
+    assert_eq!(condition["message"], "spec.mode: say why it is wrong");
+    assert_eq!(condition["observedGeneration"], 1);
+    let first_transition = condition["lastTransitionTime"].clone();
+    assert!(first_transition.is_string(), "{condition}");
+
+    eventually("the route's status", || {
+        fake.requests("patch", route_status) == 1
+    })
+    .await;
+    let parents = fake.get("HTTPRoute", "shop", "web").unwrap()["status"]["parents"].clone();
+    let parents = parents.as_array().unwrap();
+    assert_eq!(parents.len(), 2, "{parents:?}");
+    assert_eq!(parents[0], theirs);
+    assert_eq!(parents[1]["parentRef"], service_parent("web"));
+    assert_eq!(parents[1]["controllerName"], CONTROLLER_NAME);
+    assert_eq!(parents[1]["conditions"][0]["type"], "Accepted");
+    assert_eq!(parents[1]["conditions"][0]["status"], "True");
+    assert_eq!(parents[1]["conditions"][0]["observedGeneration"], 1);
+
+    // The same verdicts again before the writes have come back through the watch,
+    // with one more verdict whose write shows the writer got this far.
+    let allowed = Verdict::accepted(Reason::Accepted, "applies to 0 pods").for_generation(Some(1));
+    verdicts.insert(
+        (Kind::AuthorizationPolicy, key("shop", "allow-shop")),
+        allowed,
+    );
+    statuses.send_replace(Arc::new(verdicts.clone()));
+    let allow_status =
+        "/apis/weft.dev/v1alpha1/namespaces/shop/authorizationpolicies/allow-shop/status";
+    eventually("the authorization policy's status", || {
+        fake.requests("patch", allow_status) == 1
+    })
+    .await;
+    assert_eq!(fake.requests("patch", policy_status), 1);
+    assert_eq!(fake.requests("patch", route_status), 1);
+
+    // And once the controller has seen its writes.
+    fake.release_watches();
+    wait_for(&mut objects, "the written statuses", |o| {
+        let policy = &o.peer_authentications[&key("shop", "bad")];
+        let route = &o.http_routes[&key("shop", "web")];
+        policy
+            .status
+            .as_ref()
+            .is_some_and(|s| !s.conditions.is_empty())
+            && route.status.as_ref().is_some_and(|s| s.parents.len() == 2)
+    })
+    .await;
+    let balanced =
+        Verdict::accepted(Reason::Accepted, "applies to shop/web").for_generation(Some(1));
+    verdicts.insert((Kind::TrafficPolicy, key("shop", "web")), balanced);
+    statuses.send_replace(Arc::new(verdicts.clone()));
+    let traffic_status = "/apis/weft.dev/v1alpha1/namespaces/shop/trafficpolicies/web/status";
+    eventually("the traffic policy's status", || {
+        fake.requests("patch", traffic_status) == 1
+    })
+    .await;
+    assert_eq!(fake.requests("patch", policy_status), 1);
+    assert_eq!(fake.requests("patch", route_status), 1);
+
+    // A new message with the same status is written, keeping the transition time.
+    let reworded = Verdict::rejected(Reason::Invalid, "spec.mode: LOOSE is not a mode")
+        .for_generation(Some(1));
+    verdicts.insert((Kind::PeerAuthentication, key("shop", "bad")), reworded);
+    statuses.send_replace(Arc::new(verdicts));
+    eventually("the reworded status", || {
+        fake.get("PeerAuthentication", "shop", "bad")
+            .and_then(|o| accepted_condition(&o))
+            .is_some_and(|c| c["message"] == "spec.mode: LOOSE is not a mode")
+    })
+    .await;
+    let condition =
+        accepted_condition(&fake.get("PeerAuthentication", "shop", "bad").unwrap()).unwrap();
+    assert_eq!(condition["lastTransitionTime"], first_transition);
+    assert_eq!(fake.requests("patch", policy_status), 2);
+}
+
+#[tokio::test]
+async fn token_reviews_prove_which_node_an_agent_runs_on() {
+    let fake = FakeApi::start().await;
+    let agent = |extra: Value| {
+        json!({
+            "username": "system:serviceaccount:weft-system:weft-agent",
+            "uid": "c0ffee",
+            "groups": ["system:serviceaccounts"],
+            "extra": extra,
+        })
+    };
+    fake.add_token(
+        "pod-bound",
+        &["weft"],
+        agent(json!({
+            "authentication.kubernetes.io/node-name": ["node-a"],
+            "authentication.kubernetes.io/pod-name": ["weft-agent-x1"],
+        })),
+    );
+    fake.add_token("legacy", &["weft"], agent(json!({})));
+    fake.add_token(
+        "other-audience",
+        &["vault"],
+        agent(json!({
+            "authentication.kubernetes.io/node-name": ["node-a"],
+        })),
+    );
+    fake.add_token(
+        "person",
+        &["weft"],
+        json!({
+            "username": "alice",
+            "extra": { "authentication.kubernetes.io/node-name": ["node-a"] },
+        }),
+    );
+    let auth = NodeAuthenticator::Kubernetes(TokenReviewer::new(fake.client(), "weft".to_owned()));
+
+    auth.authenticate("node-a", Some("pod-bound"))
+        .await
+        .unwrap();
+    let error = auth
+        .authenticate("node-b", Some("pod-bound"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, AuthError::NodeMismatch { token_node, .. } if token_node == "node-a"),
+        "{error}"
+    );
+    let error = auth
+        .authenticate("node-a", Some("forged"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, AuthError::Unauthenticated { .. }),
+        "{error}"
+    );
+    assert!(error.to_string().contains("audience weft"), "{error}");
+    let error = auth
+        .authenticate("node-a", Some("other-audience"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, AuthError::Unauthenticated { .. }),
+        "{error}"
+    );
+    let error = auth
+        .authenticate("node-a", Some("legacy"))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, AuthError::NotPodBound { .. }), "{error}");
+    assert!(
+        error.to_string().contains("projected, pod-bound"),
+        "{error}"
+    );
+    let error = auth
+        .authenticate("node-a", Some("person"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, AuthError::NotServiceAccount { .. }),
+        "{error}"
+    );
+    assert!(matches!(
+        auth.authenticate("node-a", None).await,
+        Err(AuthError::Missing)
+    ));
+    assert_eq!(
+        fake.requests("create", "/apis/authentication.k8s.io/v1/tokenreviews"),
+        6
+    );
+}

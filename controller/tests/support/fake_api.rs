@@ -1,0 +1,934 @@
+//! A fake Kubernetes API server over plain HTTP/1.1 on loopback, close enough to the
+//! real one that kube-rs clients and watchers run against it unchanged:
+//!
+//! - per-collection storage with one global, increasing resourceVersion;
+//! - LIST (`limit`/`continue` pages, each with the list's resourceVersion);
+//! - WATCH from a resourceVersion: the events after it, periodic BOOKMARKs, and a
+//!   single `410 Expired` ERROR event when that version is older than the last
+//!   compaction (the client must then list again);
+//! - PATCH of the status subresource with a JSON merge patch (and a
+//!   `metadata.resourceVersion` precondition, as the real server checks);
+//! - TokenReviews answered from a table of tokens;
+//! - `404` for the kinds a test marks as not installed.
+//!
+//! Tests change objects directly ([`FakeApi::create`], [`FakeApi::update`],
+//! [`FakeApi::delete`]), compact the history, break and hold open watches to simulate
+//! an outage, and count the requests the client made by verb and path.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    convert::Infallible,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, watch},
+    task::JoinHandle,
+    time::Instant,
+};
+use tokio_stream::wrappers::ReceiverStream;
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// A collection the fake serves.
+#[derive(Debug)]
+struct Resource {
+    api_version: &'static str,
+    kind: &'static str,
+    plural: &'static str,
+    namespaced: bool,
+}
+
+impl Resource {
+    fn group(&self) -> &'static str {
+        self.api_version
+            .split_once('/')
+            .map_or("", |(group, _)| group)
+    }
+}
+
+const RESOURCES: &[Resource] = &[
+    Resource {
+        api_version: "v1",
+        kind: "Namespace",
+        plural: "namespaces",
+        namespaced: false,
+    },
+    Resource {
+        api_version: "v1",
+        kind: "Node",
+        plural: "nodes",
+        namespaced: false,
+    },
+    Resource {
+        api_version: "v1",
+        kind: "Pod",
+        plural: "pods",
+        namespaced: true,
+    },
+    Resource {
+        api_version: "v1",
+        kind: "Service",
+        plural: "services",
+        namespaced: true,
+    },
+    Resource {
+        api_version: "discovery.k8s.io/v1",
+        kind: "EndpointSlice",
+        plural: "endpointslices",
+        namespaced: true,
+    },
+    Resource {
+        api_version: "weft.dev/v1alpha1",
+        kind: "PeerAuthentication",
+        plural: "peerauthentications",
+        namespaced: true,
+    },
+    Resource {
+        api_version: "weft.dev/v1alpha1",
+        kind: "AuthorizationPolicy",
+        plural: "authorizationpolicies",
+        namespaced: true,
+    },
+    Resource {
+        api_version: "weft.dev/v1alpha1",
+        kind: "TrafficPolicy",
+        plural: "trafficpolicies",
+        namespaced: true,
+    },
+    Resource {
+        api_version: "gateway.networking.k8s.io/v1",
+        kind: "HTTPRoute",
+        plural: "httproutes",
+        namespaced: true,
+    },
+    Resource {
+        api_version: "gateway.networking.k8s.io/v1",
+        kind: "GRPCRoute",
+        plural: "grpcroutes",
+        namespaced: true,
+    },
+];
+
+/// The resource of `kind` (a test's mistake if there is none).
+fn resource(kind: &str) -> &'static Resource {
+    RESOURCES
+        .iter()
+        .find(|resource| resource.kind == kind)
+        .unwrap_or_else(|| panic!("the fake API server does not serve kind {kind}"))
+}
+
+/// Namespace ("" for cluster-scoped objects) and name.
+type Key = (String, String);
+
+fn key_of(object: &Value) -> Key {
+    let metadata = &object["metadata"];
+    (
+        metadata["namespace"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+        metadata["name"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+#[derive(Debug, Default)]
+struct Collection {
+    objects: BTreeMap<Key, Value>,
+    /// `(resourceVersion, type, object)`, oldest first, since the last compaction.
+    events: Vec<(u64, &'static str, Value)>,
+    /// The newest event compaction removed.
+    compacted: u64,
+}
+
+#[derive(Debug)]
+struct Token {
+    audiences: Vec<String>,
+    user: Value,
+}
+
+#[derive(Debug)]
+struct State {
+    version: u64,
+    /// Watches from before this version get `410 Gone`.
+    compacted: u64,
+    /// By kind.
+    collections: HashMap<&'static str, Collection>,
+    /// Kinds whose collections answer 404.
+    not_installed: BTreeSet<&'static str>,
+    tokens: HashMap<String, Token>,
+    /// `(verb, path)` of every request, as Kubernetes audit logs name verbs.
+    requests: Vec<(&'static str, String)>,
+    bookmark_interval: Duration,
+    /// Bookmarks sent, by kind.
+    bookmarks: HashMap<&'static str, usize>,
+    /// Open watches end when this moves.
+    epoch: u64,
+    /// New watches wait while this is set.
+    held: bool,
+}
+
+impl State {
+    /// Stores `object` (or removes it, for `DELETED`) at a new resourceVersion and
+    /// records the event; returns the object as stored.
+    fn write(&mut self, kind: &'static str, event: &'static str, mut object: Value) -> Value {
+        self.version += 1;
+        object["metadata"]["resourceVersion"] = self.version.to_string().into();
+        let collection = self.collections.entry(kind).or_default();
+        let key = key_of(&object);
+        if event == "DELETED" {
+            collection.objects.remove(&key);
+        } else {
+            collection.objects.insert(key, object.clone());
+        }
+        collection
+            .events
+            .push((self.version, event, object.clone()));
+        object
+    }
+
+    fn stored(&self, kind: &str, key: &Key) -> Option<&Value> {
+        self.collections.get(kind)?.objects.get(key)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Shared {
+    state: Arc<Mutex<State>>,
+    /// Ticks whenever the state changes.
+    changed: Arc<watch::Sender<()>>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .expect("a test thread panicked holding the fake's state")
+    }
+
+    fn notify(&self) {
+        self.changed.send_replace(());
+    }
+}
+
+/// A running fake API server; it stops when dropped.
+#[derive(Debug)]
+pub struct FakeApi {
+    shared: Shared,
+    url: String,
+    server: JoinHandle<()>,
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+impl FakeApi {
+    /// Serves on a free port of 127.0.0.1, with every kind installed and bookmarks
+    /// every second.
+    pub async fn start() -> FakeApi {
+        let _ = env_logger::builder().is_test(true).try_init();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let shared = Shared {
+            state: Arc::new(Mutex::new(State {
+                version: 100,
+                compacted: 0,
+                collections: HashMap::new(),
+                not_installed: BTreeSet::new(),
+                tokens: HashMap::new(),
+                requests: Vec::new(),
+                bookmark_interval: Duration::from_secs(1),
+                bookmarks: HashMap::new(),
+                epoch: 0,
+                held: false,
+            })),
+            changed: Arc::new(watch::channel(()).0),
+        };
+        let server = tokio::spawn({
+            let shared = shared.clone();
+            async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        let service = hyper::service::service_fn(move |request| {
+                            handle(shared.clone(), request)
+                        });
+                        // Fails when a client goes away mid-watch, which is its right.
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    });
+                }
+            }
+        });
+        FakeApi {
+            shared,
+            url,
+            server,
+        }
+    }
+
+    /// A client of this server.
+    pub fn client(&self) -> kube::Client {
+        let config = kube::Config::new(self.url.parse().unwrap());
+        kube::Client::try_from(config).unwrap()
+    }
+
+    /// Creates `object` (its `kind` says where); returns it as stored.
+    pub fn create(&self, mut object: Value) -> Value {
+        let resource = resource(object["kind"].as_str().unwrap_or_default());
+        assert_eq!(object["apiVersion"], resource.api_version, "{object}");
+        let key = key_of(&object);
+        assert_eq!(
+            !key.0.is_empty(),
+            resource.namespaced,
+            "namespace of {object}"
+        );
+        let mut state = self.shared.lock();
+        assert!(
+            !state.not_installed.contains(resource.kind),
+            "{} is not installed",
+            resource.kind
+        );
+        assert!(
+            state.stored(resource.kind, &key).is_none(),
+            "{} {key:?} exists",
+            resource.kind
+        );
+        let metadata = &mut object["metadata"];
+        metadata["uid"] = format!("uid-{}", state.version + 1).into();
+        metadata["generation"] = 1.into();
+        metadata["creationTimestamp"] = "2025-01-01T00:00:00Z".into();
+        let stored = state.write(resource.kind, "ADDED", object);
+        drop(state);
+        self.shared.notify();
+        stored
+    }
+
+    /// Replaces an object as a PUT would: the status stays, the generation moves
+    /// when the spec changes.
+    pub fn update(&self, mut object: Value) -> Value {
+        let resource = resource(object["kind"].as_str().unwrap_or_default());
+        let key = key_of(&object);
+        let mut state = self.shared.lock();
+        let old = state
+            .stored(resource.kind, &key)
+            .unwrap_or_else(|| panic!("no {} {key:?} to update", resource.kind))
+            .clone();
+        for field in ["uid", "creationTimestamp", "generation"] {
+            object["metadata"][field] = old["metadata"][field].clone();
+        }
+        if object["spec"] != old["spec"] {
+            let generation = old["metadata"]["generation"].as_i64().unwrap_or(0) + 1;
+            object["metadata"]["generation"] = generation.into();
+        }
+        match old.get("status") {
+            Some(status) => object["status"] = status.clone(),
+            None => {
+                if let Some(object) = object.as_object_mut() {
+                    object.remove("status");
+                }
+            }
+        }
+        let stored = state.write(resource.kind, "MODIFIED", object);
+        drop(state);
+        self.shared.notify();
+        stored
+    }
+
+    pub fn delete(&self, kind: &str, namespace: &str, name: &str) {
+        let resource = resource(kind);
+        let key = (namespace.to_owned(), name.to_owned());
+        let mut state = self.shared.lock();
+        let object = state
+            .stored(resource.kind, &key)
+            .unwrap_or_else(|| panic!("no {kind} {key:?} to delete"))
+            .clone();
+        state.write(resource.kind, "DELETED", object);
+        drop(state);
+        self.shared.notify();
+    }
+
+    /// The stored object.
+    pub fn get(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
+        let key = (namespace.to_owned(), name.to_owned());
+        self.shared
+            .lock()
+            .stored(resource(kind).kind, &key)
+            .cloned()
+    }
+
+    /// Forgets the history up to now: watches and list pages from before get
+    /// `410 Gone`.
+    pub fn compact(&self) {
+        let mut state = self.shared.lock();
+        let version = state.version;
+        state.compacted = version;
+        for collection in state.collections.values_mut() {
+            if let Some(&(newest, ..)) = collection.events.last() {
+                collection.compacted = collection.compacted.max(newest);
+            }
+            collection.events.clear();
+        }
+        drop(state);
+        self.shared.notify();
+    }
+
+    /// Installs or uninstalls the CRD of `kind`.
+    pub fn set_installed(&self, kind: &str, installed: bool) {
+        let kind = resource(kind).kind;
+        let mut state = self.shared.lock();
+        if installed {
+            state.not_installed.remove(kind);
+        } else {
+            state.not_installed.insert(kind);
+        }
+    }
+
+    /// Makes `token` authenticate `user` (a TokenReview `status.user`) for
+    /// `audiences`.
+    pub fn add_token(&self, token: &str, audiences: &[&str], user: Value) {
+        let audiences = audiences.iter().map(|a| (*a).to_owned()).collect();
+        self.shared
+            .lock()
+            .tokens
+            .insert(token.to_owned(), Token { audiences, user });
+    }
+
+    /// How many requests with `verb` (`list`, `watch`, `get`, `patch`, `create`) went
+    /// to `path`.
+    pub fn requests(&self, verb: &str, path: &str) -> usize {
+        self.shared
+            .lock()
+            .requests
+            .iter()
+            .filter(|(v, p)| *v == verb && p == path)
+            .count()
+    }
+
+    pub fn set_bookmark_interval(&self, interval: Duration) {
+        self.shared.lock().bookmark_interval = interval;
+    }
+
+    /// Bookmarks sent to watches of `kind` so far.
+    pub fn bookmarks_sent(&self, kind: &str) -> usize {
+        let kind = resource(kind).kind;
+        self.shared
+            .lock()
+            .bookmarks
+            .get(kind)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Ends every open watch, and keeps new watch requests waiting (no response)
+    /// until [`FakeApi::release_watches`]: an outage between client and server.
+    pub fn hold_watches(&self) {
+        let mut state = self.shared.lock();
+        state.epoch += 1;
+        state.held = true;
+        drop(state);
+        self.shared.notify();
+    }
+
+    pub fn release_watches(&self) {
+        self.shared.lock().held = false;
+        self.shared.notify();
+    }
+}
+
+/// What a request names.
+struct Target {
+    resource: &'static Resource,
+    namespace: Option<String>,
+    name: Option<String>,
+    status: bool,
+}
+
+fn target(path: &str) -> Option<Target> {
+    let (api_version, rest) = if let Some(rest) = path.strip_prefix("/api/v1") {
+        ("v1".to_owned(), rest)
+    } else {
+        let rest = path.strip_prefix("/apis/")?;
+        let mut parts = rest.splitn(3, '/');
+        let group = parts.next()?;
+        let version = parts.next()?;
+        (
+            format!("{group}/{version}"),
+            parts.next().unwrap_or_default(),
+        )
+    };
+    let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    let (namespace, segments) = match segments.as_slice() {
+        ["namespaces", namespace, rest @ ..] if !rest.is_empty() => {
+            (Some((*namespace).to_owned()), rest)
+        }
+        all => (None, all),
+    };
+    let (plural, name, status) = match segments {
+        [plural] => (*plural, None, false),
+        [plural, name] => (*plural, Some((*name).to_owned()), false),
+        [plural, name, "status"] => (*plural, Some((*name).to_owned()), true),
+        _ => return None,
+    };
+    let resource = RESOURCES
+        .iter()
+        .find(|r| r.api_version == api_version && r.plural == plural)?;
+    if namespace.is_some() && !resource.namespaced {
+        return None;
+    }
+    Some(Target {
+        resource,
+        namespace,
+        name,
+        status,
+    })
+}
+
+fn query(request: &Request<Incoming>) -> HashMap<String, String> {
+    request
+        .uri()
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+fn full(status: StatusCode, body: &Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body.to_string())).boxed())
+        .unwrap()
+}
+
+/// A `Status` object, as the API server reports failures.
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    })
+}
+
+fn failure(code: u16, reason: &str, message: &str) -> Response<Body> {
+    full(
+        StatusCode::from_u16(code).unwrap(),
+        &status(code, reason, message),
+    )
+}
+
+async fn handle(shared: Shared, request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let path = request.uri().path().to_owned();
+    let query = query(&request);
+    if request.method() == Method::POST && path == "/apis/authentication.k8s.io/v1/tokenreviews" {
+        shared.lock().requests.push(("create", path));
+        let body = request.into_body().collect().await.map(|b| b.to_bytes());
+        return Ok(token_review(&shared, body.as_deref().unwrap_or_default()));
+    }
+    let Some(target) = target(&path) else {
+        shared.lock().requests.push(("unknown", path));
+        return Ok(failure(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        ));
+    };
+    let verb = match (request.method(), &target.name, target.status) {
+        (&Method::GET, None, false) if query.get("watch").is_some_and(|w| w == "true") => "watch",
+        (&Method::GET, None, false) => "list",
+        (&Method::GET, Some(_), false) => "get",
+        (&Method::PATCH, Some(_), true) => "patch",
+        _ => {
+            shared.lock().requests.push(("unsupported", path));
+            return Ok(failure(
+                405,
+                "MethodNotAllowed",
+                "not supported by the fake",
+            ));
+        }
+    };
+    let installed = {
+        let mut state = shared.lock();
+        state.requests.push((verb, path));
+        !state.not_installed.contains(target.resource.kind)
+    };
+    if !installed {
+        return Ok(failure(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        ));
+    }
+    Ok(match verb {
+        "watch" => watch(shared, target, &query).await,
+        "list" => list(&shared, &target, &query),
+        "get" => get(&shared, &target),
+        _ => {
+            let content_type = request
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            if !content_type.starts_with("application/merge-patch+json") {
+                return Ok(failure(
+                    415,
+                    "UnsupportedMediaType",
+                    "the fake takes merge patches only",
+                ));
+            }
+            let body = request.into_body().collect().await.map(|b| b.to_bytes());
+            match serde_json::from_slice(body.as_deref().unwrap_or_default()) {
+                Ok(patch) => patch_status(&shared, &target, &patch),
+                Err(err) => failure(400, "BadRequest", &err.to_string()),
+            }
+        }
+    })
+}
+
+fn in_namespace(namespace: &Option<String>, key: &Key) -> bool {
+    namespace
+        .as_ref()
+        .is_none_or(|namespace| *namespace == key.0)
+}
+
+fn hex(text: &str) -> String {
+    text.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<String> {
+    let bytes: Option<Vec<u8>> = (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
+fn list(shared: &Shared, target: &Target, query: &HashMap<String, String>) -> Response<Body> {
+    let state = shared.lock();
+    let limit = query
+        .get("limit")
+        .and_then(|limit| limit.parse::<usize>().ok())
+        .filter(|&limit| limit > 0)
+        .unwrap_or(usize::MAX);
+    // A continue token: the list's resourceVersion and the last key it returned.
+    let (version, after) = match query.get("continue") {
+        Some(token) => {
+            let parsed = token.split_once('-').and_then(|(version, key)| {
+                let key = unhex(key)?;
+                let (namespace, name) = key.split_once('/')?;
+                Some((
+                    version.parse::<u64>().ok()?,
+                    (namespace.to_owned(), name.to_owned()),
+                ))
+            });
+            match parsed {
+                Some((version, key)) => (version, Some(key)),
+                None => return failure(400, "BadRequest", "malformed continue token"),
+            }
+        }
+        None => (state.version, None),
+    };
+    if version < state.compacted {
+        return failure(
+            410,
+            "Expired",
+            "The provided continue parameter is too old to display a consistent list result.",
+        );
+    }
+    let mut items: Vec<&Value> = Vec::new();
+    let mut more = false;
+    if let Some(collection) = state.collections.get(target.resource.kind) {
+        for (key, object) in &collection.objects {
+            if !in_namespace(&target.namespace, key) || after.as_ref().is_some_and(|a| key <= a) {
+                continue;
+            }
+            if items.len() == limit {
+                more = true;
+                break;
+            }
+            items.push(object);
+        }
+    }
+    let mut metadata = json!({ "resourceVersion": version.to_string() });
+    if more && let Some(last) = items.last() {
+        let (namespace, name) = key_of(last);
+        metadata["continue"] = format!("{version}-{}", hex(&format!("{namespace}/{name}"))).into();
+    }
+    full(
+        StatusCode::OK,
+        &json!({
+            "kind": format!("{}List", target.resource.kind),
+            "apiVersion": target.resource.api_version,
+            "metadata": metadata,
+            "items": items,
+        }),
+    )
+}
+
+fn get(shared: &Shared, target: &Target) -> Response<Body> {
+    let key = (
+        target.namespace.clone().unwrap_or_default(),
+        target.name.clone().unwrap_or_default(),
+    );
+    match shared.lock().stored(target.resource.kind, &key) {
+        Some(object) => full(StatusCode::OK, object),
+        None => not_found(target, &key.1),
+    }
+}
+
+fn not_found(target: &Target, name: &str) -> Response<Body> {
+    failure(
+        404,
+        "NotFound",
+        &format!("{} \"{name}\" not found", target.resource.plural),
+    )
+}
+
+/// RFC 7386.
+fn merge(target: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    if let Value::Object(target) = target {
+        for (key, value) in patch {
+            if value.is_null() {
+                target.remove(key);
+            } else {
+                merge(target.entry(key.clone()).or_insert(Value::Null), value);
+            }
+        }
+    }
+}
+
+fn patch_status(shared: &Shared, target: &Target, patch: &Value) -> Response<Body> {
+    let key = (
+        target.namespace.clone().unwrap_or_default(),
+        target.name.clone().unwrap_or_default(),
+    );
+    let mut state = shared.lock();
+    let Some(stored) = state.stored(target.resource.kind, &key).cloned() else {
+        return not_found(target, &key.1);
+    };
+    if let Some(version) = patch["metadata"]["resourceVersion"].as_str()
+        && stored["metadata"]["resourceVersion"] != version
+    {
+        let message = format!(
+            "Operation cannot be fulfilled on {}.{} \"{}\": the object has been modified; \
+             please apply your changes to the latest version and try again",
+            target.resource.plural,
+            target.resource.group(),
+            key.1
+        );
+        return failure(409, "Conflict", &message);
+    }
+    let mut patched = stored.clone();
+    merge(&mut patched, patch);
+    // The status subresource changes the status and nothing else.
+    if patched.get("status") == stored.get("status") {
+        return full(StatusCode::OK, &stored);
+    }
+    let mut object = stored;
+    match patched.get("status") {
+        Some(status) => object["status"] = status.clone(),
+        None => {
+            if let Some(object) = object.as_object_mut() {
+                object.remove("status");
+            }
+        }
+    }
+    let stored = state.write(target.resource.kind, "MODIFIED", object);
+    drop(state);
+    shared.notify();
+    full(StatusCode::OK, &stored)
+}
+
+fn token_review(shared: &Shared, body: &[u8]) -> Response<Body> {
+    let Ok(mut review) = serde_json::from_slice::<Value>(body) else {
+        return failure(400, "BadRequest", "not a TokenReview");
+    };
+    let token = review["spec"]["token"].as_str().unwrap_or_default();
+    let requested: Vec<String> = review["spec"]["audiences"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.as_str().map(str::to_owned))
+        .collect();
+    let state = shared.lock();
+    let status = match state.tokens.get(token) {
+        None => json!({ "user": {}, "error": "[invalid bearer token, token lookup failed]" }),
+        Some(known) => {
+            let matched: Vec<&String> = requested
+                .iter()
+                .filter(|a| known.audiences.contains(a))
+                .collect();
+            if matched.is_empty() && !requested.is_empty() {
+                json!({
+                    "user": {},
+                    "error": format!(
+                        "[invalid bearer token, token audiences {:?} is invalid for the \
+                         target audiences {:?}]",
+                        known.audiences, requested
+                    ),
+                })
+            } else {
+                json!({ "authenticated": true, "user": known.user, "audiences": matched })
+            }
+        }
+    };
+    review["status"] = status;
+    full(StatusCode::CREATED, &review)
+}
+
+fn event_line(event: &str, object: &Value) -> Bytes {
+    let mut line = json!({ "type": event, "object": object }).to_string();
+    line.push('\n');
+    Bytes::from(line)
+}
+
+fn expired(version: u64, compacted: u64) -> Bytes {
+    let message = format!("too old resource version: {version} ({compacted})");
+    event_line("ERROR", &status(410, "Expired", &message))
+}
+
+async fn watch(shared: Shared, target: Target, query: &HashMap<String, String>) -> Response<Body> {
+    let mut changed = shared.changed.subscribe();
+    while shared.lock().held {
+        if changed.changed().await.is_err() {
+            break;
+        }
+    }
+    let from = query
+        .get("resourceVersion")
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&v| v > 0);
+    let bookmarks = query
+        .get("allowWatchBookmarks")
+        .is_some_and(|b| b == "true");
+    let timeout = query
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse().ok())
+        .map_or(Duration::from_secs(1800), Duration::from_secs);
+    let (sender, receiver) = mpsc::channel::<Bytes>(64);
+    tokio::spawn(stream_watch(
+        shared, target, from, bookmarks, timeout, sender,
+    ));
+    let body = StreamBody::new(ReceiverStream::new(receiver).map(|line| Ok(Frame::data(line))));
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(BodyExt::boxed(body))
+        .unwrap()
+}
+
+async fn stream_watch(
+    shared: Shared,
+    target: Target,
+    from: Option<u64>,
+    bookmarks: bool,
+    timeout: Duration,
+    sender: mpsc::Sender<Bytes>,
+) {
+    let kind = target.resource.kind;
+    let deadline = Instant::now() + timeout;
+    let mut changed = shared.changed.subscribe();
+    let start = {
+        let state = shared.lock();
+        let next_bookmark = Instant::now() + state.bookmark_interval;
+        match from {
+            Some(version) if version < state.compacted => Err(expired(version, state.compacted)),
+            Some(version) => Ok((state.epoch, version, Vec::new(), next_bookmark)),
+            // No version: the current objects first, as ADDED events.
+            None => {
+                let added = state
+                    .collections
+                    .get(kind)
+                    .into_iter()
+                    .flat_map(|c| &c.objects)
+                    .filter(|(key, _)| in_namespace(&target.namespace, key))
+                    .map(|(_, object)| event_line("ADDED", object))
+                    .collect();
+                Ok((state.epoch, state.version, added, next_bookmark))
+            }
+        }
+    };
+    let (epoch, mut cursor, mut lines, mut next_bookmark) = match start {
+        Ok(start) => start,
+        Err(expired) => {
+            let _ = sender.send(expired).await;
+            return;
+        }
+    };
+    loop {
+        let mut done = false;
+        {
+            let mut state = shared.lock();
+            if state.epoch != epoch {
+                return;
+            }
+            let collection = state.collections.entry(kind).or_default();
+            if cursor < collection.compacted {
+                // Events this watch has not sent are gone: the client must list again.
+                lines.push(expired(cursor, collection.compacted));
+                done = true;
+            } else {
+                for (version, event, object) in &collection.events {
+                    if *version > cursor {
+                        if in_namespace(&target.namespace, &key_of(object)) {
+                            lines.push(event_line(event, object));
+                        }
+                        cursor = *version;
+                    }
+                }
+                if bookmarks && Instant::now() >= next_bookmark {
+                    cursor = state.version;
+                    let bookmark = json!({
+                        "kind": kind,
+                        "apiVersion": target.resource.api_version,
+                        "metadata": { "resourceVersion": cursor.to_string() },
+                    });
+                    lines.push(event_line("BOOKMARK", &bookmark));
+                    *state.bookmarks.entry(kind).or_default() += 1;
+                    next_bookmark = Instant::now() + state.bookmark_interval;
+                }
+            }
+        }
+        for line in lines.drain(..) {
+            if sender.send(line).await.is_err() {
+                return;
+            }
+        }
+        if done {
+            return;
+        }
+        tokio::select! {
+            _ = changed.changed() => {}
+            () = tokio::time::sleep_until(next_bookmark), if bookmarks => {}
+            () = tokio::time::sleep_until(deadline) => return,
+            () = sender.closed() => return,
+        }
+    }
+}
