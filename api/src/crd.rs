@@ -350,6 +350,19 @@ mod tests {
     #[test]
     fn deploy_crds_match_the_types() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds");
+        let generated_files: Vec<String> = super::manifests()
+            .into_iter()
+            .map(|(file, _)| file)
+            .collect();
+        for entry in
+            std::fs::read_dir(&dir).unwrap_or_else(|err| panic!("{}: {err}", dir.display()))
+        {
+            let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+            assert!(
+                generated_files.contains(&name),
+                "deploy/crds/{name} is no CRD of the types: remove it, or run `cargo xtask codegen`"
+            );
+        }
         for (file, generated) in super::manifests() {
             let path = dir.join(&file);
             let on_disk = std::fs::read_to_string(&path).unwrap_or_default();

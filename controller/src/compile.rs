@@ -187,21 +187,17 @@ fn judge(
     statuses.insert((kind, key.clone()), verdict.for_generation(meta.generation));
 }
 
-/// "applies to N pod(s)" or, for none, the `NoMatchingPods` verdict.
-fn applies_to(count: usize, scope: &str) -> Verdict {
+/// The verdict of a valid policy that selects `count` pods, described as `selected`.
+/// The message leaves the count out: pods come and go, and every new message would be
+/// a status write.
+fn applies_to(count: usize, selected: &str) -> Verdict {
     if count == 0 {
         Verdict::accepted(
             Reason::NoMatchingPods,
-            format!("{scope} matches no pod in the mesh (yet)"),
+            format!("applies to {selected}, and there are none yet"),
         )
     } else {
-        Verdict::accepted(
-            Reason::Accepted,
-            format!(
-                "applies to {count} pod{}",
-                if count == 1 { "" } else { "s" }
-            ),
-        )
+        Verdict::accepted(Reason::Accepted, format!("applies to {selected}"))
     }
 }
 

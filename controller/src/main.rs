@@ -13,7 +13,10 @@ use weft_controller::{
     auth::NodeAuthenticator,
     compile::Settings,
     pipeline::{self, Published},
-    source::files::{self, Files},
+    source::{
+        files::{self, Files},
+        kubernetes::{self, TokenReviewer},
+    },
     stream::{ConfigService, Nodes},
 };
 
@@ -57,13 +60,13 @@ struct RunArgs {
     #[arg(long, env = "WEFT_ADMIN", default_value_t = SocketAddr::from(([0, 0, 0, 0], ADMIN_PORT)))]
     admin: SocketAddr,
     /// Directory of node credentials: `<node>.token` holds the token node `<node>`'s
-    /// agent presents.
-    #[arg(
-        long,
-        env = "WEFT_NODE_TOKENS",
-        required_unless_present = "insecure_nodes"
-    )]
+    /// agent presents. Without it, and with the Kubernetes source, agents present a
+    /// pod-bound service account token checked with a TokenReview.
+    #[arg(long, env = "WEFT_NODE_TOKENS")]
     node_tokens: Option<PathBuf>,
+    /// The audience agents' service account tokens are projected for.
+    #[arg(long, env = "WEFT_TOKEN_AUDIENCE", default_value = "weft")]
+    token_audience: String,
     /// Let any agent subscribe as any node, without a credential (tests only).
     #[arg(long, env = "WEFT_INSECURE_NODES", conflicts_with = "node_tokens")]
     insecure_nodes: bool,
@@ -124,24 +127,53 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         root_namespace: args.root_namespace,
         exclude_ports: args.exclude_ports,
     };
-    let auth = Arc::new(match args.node_tokens {
-        Some(dir) => NodeAuthenticator::TokenFiles { dir },
-        None => {
-            log::warn!("--insecure-nodes: any agent may subscribe as any node");
-            NodeAuthenticator::Insecure
-        }
-    });
-
     let (objects_tx, objects_rx) = watch::channel(Arc::default());
     let (published_tx, published_rx) = watch::channel(Published::default());
     let (statuses_tx, statuses_rx) = watch::channel(Arc::default());
-    let (files_tx, files_rx) = watch::channel(Vec::new());
-    tokio::spawn(files::run(
-        Files::new(args.files.clone()),
-        objects_tx,
-        files_tx,
-        Duration::from_millis(args.file_interval_ms),
-    ));
+    let client = if args.files.is_empty() {
+        Some(
+            kube::Client::try_default()
+                .await
+                .context("cannot reach the Kubernetes API (in-cluster or KUBECONFIG); use --files to run from YAML files")?,
+        )
+    } else {
+        None
+    };
+    let auth = Arc::new(match (args.node_tokens, &client) {
+        (Some(dir), _) => NodeAuthenticator::TokenFiles { dir },
+        (None, _) if args.insecure_nodes => {
+            log::warn!("--insecure-nodes: any agent may subscribe as any node");
+            NodeAuthenticator::Insecure
+        }
+        (None, Some(client)) => NodeAuthenticator::Kubernetes(TokenReviewer::new(
+            client.clone(),
+            args.token_audience.clone(),
+        )),
+        (None, None) => anyhow::bail!(
+            "the file source needs node credentials: give --node-tokens DIR (or --insecure-nodes for tests)"
+        ),
+    });
+    let files = match &client {
+        Some(client) => {
+            tokio::spawn(kubernetes::run(client.clone(), objects_tx));
+            tokio::spawn(kubernetes::write_statuses(
+                client.clone(),
+                statuses_rx.clone(),
+                objects_rx.clone(),
+            ));
+            None
+        }
+        None => {
+            let (files_tx, files_rx) = watch::channel(Vec::new());
+            tokio::spawn(files::run(
+                Files::new(args.files.clone()),
+                objects_tx,
+                files_tx,
+                Duration::from_millis(args.file_interval_ms),
+            ));
+            Some(files_rx)
+        }
+    };
     tokio::spawn(pipeline::run(
         objects_rx.clone(),
         settings,
@@ -155,7 +187,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         published: published_rx.clone(),
         objects: objects_rx,
         statuses: statuses_rx,
-        files: Some(files_rx),
+        files,
         nodes: Arc::clone(&nodes),
     });
     let admin_listener = TcpListener::bind(args.admin)
@@ -166,16 +198,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let grpc = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {} (config stream)", args.listen))?;
-    log::info!(
-        "weft-controller {} serving the config stream on {}, status on {}; reading {}",
-        env!("CARGO_PKG_VERSION"),
-        args.listen,
-        args.admin,
+    let source = if args.files.is_empty() {
+        "the Kubernetes API".to_owned()
+    } else {
         args.files
             .iter()
             .map(|path| path.display().to_string())
             .collect::<Vec<_>>()
             .join(", ")
+    };
+    log::info!(
+        "weft-controller {} serving the config stream on {}, status on {}; reading {source}",
+        env!("CARGO_PKG_VERSION"),
+        args.listen,
+        args.admin,
     );
     let service = ConfigService::new(published_rx, auth, nodes).into_server();
     let shutdown = async {

@@ -340,8 +340,6 @@ fn plaintext_banner(cluster: &Cluster, from: &str, target: &PodInfo, port: u16) 
     (output.status.success() && line.starts_with(&target.name)).then_some(line)
 }
 
-/// Sets (`Some`) or clears (`None`) the mode of one port of `pod`, as an agent's
-/// `Datapath::set_port_modes` does.
 /// `default` STRICT and `open` DISABLE, with the PeerAuthentications in `overrides`.
 fn port_mode_mesh(overrides: &[(&str, &str, u16, &str)]) -> String {
     let mut mesh = String::from(

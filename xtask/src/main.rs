@@ -1,8 +1,9 @@
 //! weft's project tasks, run as `cargo xtask <task>`: install prerequisites, run the
-//! tests, drive the local cluster, run the demo.
+//! tests, drive the local cluster, run the demo, regenerate derived files.
 
 mod cluster;
 mod cmd;
+mod codegen;
 mod demo;
 mod setup;
 mod test;
@@ -20,6 +21,8 @@ struct Cli {
 enum Task {
     /// Install every prerequisite (Debian packages, nightly rust-src, bpf-linker, bpffs).
     Setup,
+    /// Regenerate derived files (the CRDs in deploy/crds/).
+    Codegen,
     /// Run every check CI runs: fmt, clippy, unit tests, privileged end-to-end tests.
     Test(test::Args),
     /// Bring up a local cluster with sample workloads and show what runs.
@@ -35,6 +38,7 @@ fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match Cli::parse().task {
         Task::Setup => setup::setup(),
+        Task::Codegen => codegen::run(),
         Task::Test(args) => test::run(args),
         Task::Demo(args) => demo::run(args),
         Task::Cluster { command } => cluster::run(command),

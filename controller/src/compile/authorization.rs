@@ -55,17 +55,20 @@ pub fn compile(
                     .push(workload_key.to_string());
             }
         }
-        let scope = if policy.spec.selector.is_some() {
-            "spec.selector"
-        } else {
-            "the policy (no selector)"
+        let described = match (&policy.spec.selector, mesh_wide) {
+            (Some(_), false) => "the meshed pods spec.selector matches".to_owned(),
+            (Some(_), true) => {
+                "the meshed pods spec.selector matches in every namespace".to_owned()
+            }
+            (None, false) => format!("every meshed pod of namespace {}", key.namespace),
+            (None, true) => "every meshed pod".to_owned(),
         };
         judge(
             statuses,
             Kind::AuthorizationPolicy,
             key,
             &policy.metadata,
-            applies_to(count, scope),
+            applies_to(count, &described),
         );
         for (node, workloads) in selected {
             by_node

@@ -124,7 +124,7 @@ pub fn compile(objects: &Objects, settings: &Settings, statuses: &mut Statuses) 
                 ),
             )
         } else {
-            let mut verdict = applies_to(applied.len(), "spec.selector");
+            let mut verdict = applies_to(applied.len(), "the meshed pods spec.selector matches");
             if !lost.is_empty() {
                 verdict.message.push_str(&format!(
                     "; pods {} follow an older PeerAuthentication that also selects them",

@@ -1,0 +1,399 @@
+//! The control plane end to end, on a 2-node local cluster: weft-controller reads the
+//! test's manifests (and the cluster's nodes and pods) from files and streams every
+//! agent its view. A policy changed while traffic flows reaches every agent without
+//! a failed request; the agents keep serving, and restart, while the controller is
+//! away and resync when it returns; an invalid policy or file is reported and changes
+//! nothing.
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use weft_cluster::{Cluster, PodInfo, PodSpec};
+use weft_e2e::{TestCluster, wait_until, workspace_bin};
+
+const READY: Duration = Duration::from_secs(10);
+const SERVICE_URL: &str = "http://10.96.0.10/";
+
+/// The default namespace meshed with `mode`, the echo service, and `extra` manifests.
+fn manifests(mode: &str, extra: &str) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata: {{ name: default, labels: {{ weft.dev/mesh: enabled }} }}
+---
+apiVersion: v1
+kind: Service
+metadata: {{ name: echo, namespace: default }}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {{ app: echo }}
+  ports: [{{ name: http, port: 80, targetPort: 8080 }}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: PeerAuthentication
+metadata: {{ name: default, namespace: default }}
+spec: {{ mode: {mode} }}
+{extra}"#
+    )
+}
+
+/// echo-0 on node0 and echo-1 on node1 behind the echo service, a meshed client on
+/// node0, and an unmeshed pod on node0 to try plaintext from.
+fn mesh(mode: &str) -> (TestCluster, Vec<PodInfo>) {
+    let mut cluster = TestCluster::with_mesh(2, &manifests(mode, ""));
+    let echo = workspace_bin("weft-echo").display().to_string();
+    let replicas = [("echo-0", "node0"), ("echo-1", "node1")]
+        .map(|(name, node)| {
+            let mut spec = PodSpec::new(name, node, &[&echo]);
+            spec.labels.insert("app".into(), "echo".into());
+            spec.service_account = "echo".into();
+            cluster.add_pod(spec).unwrap_or_else(|err| panic!("{err}"))
+        })
+        .to_vec();
+    cluster
+        .add_pod(PodSpec::new("client", "node0", &[]))
+        .unwrap_or_else(|err| panic!("{err}"));
+    let mut outsider = PodSpec::new("outsider", "node0", &[]);
+    outsider.namespace = "outside".into();
+    cluster
+        .add_pod(outsider)
+        .unwrap_or_else(|err| panic!("{err}"));
+    cluster.settle();
+    wait_until("the echo service", READY, || service_answers(&cluster));
+    (cluster, replicas)
+}
+
+fn service_answers(cluster: &Cluster) -> bool {
+    cluster
+        .pod_command(
+            "default",
+            "client",
+            &["curl", "-sf", "--max-time", "3", SERVICE_URL],
+        )
+        .unwrap()
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// Whether plaintext from the unmeshed pod gets into `target` (a meshed pod on node1,
+/// so the connection crosses the node's inbound enforcement).
+fn plaintext_gets_in(cluster: &Cluster, target: &PodInfo) -> bool {
+    let url = format!("http://{}:8080/", target.ip);
+    cluster
+        .pod_command(
+            "outside",
+            "outsider",
+            &[
+                "curl",
+                "-sf",
+                "--connect-timeout",
+                "1",
+                "--max-time",
+                "2",
+                &url,
+            ],
+        )
+        .unwrap()
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// wrk from the client pod against the service for `seconds`, new connections
+/// included (`Connection: close` on half the threads' requests is not available in
+/// wrk, so it runs keep-alive; the curl loop beside it opens a connection a request).
+fn load(cluster: &Cluster, seconds: u64) -> (Child, Child) {
+    let duration = format!("{seconds}s");
+    let wrk = cluster
+        .pod_command(
+            "default",
+            "client",
+            &["wrk", "-t1", "-c4", "-d", &duration, SERVICE_URL],
+        )
+        .unwrap()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let script = format!(
+        "end=$((SECONDS+{seconds})); ok=0; failed=0; \
+         while [ $SECONDS -lt $end ]; do \
+           if curl -sf --max-time 3 -H 'Connection: close' {SERVICE_URL} >/dev/null; \
+           then ok=$((ok+1)); else failed=$((failed+1)); fi; \
+         done; echo \"$ok $failed\""
+    );
+    let curls = cluster
+        .pod_command("default", "client", &["bash", "-c", &script])
+        .unwrap()
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    (wrk, curls)
+}
+
+/// Waits for the load and panics unless every request succeeded.
+fn assert_no_failures((wrk, curls): (Child, Child)) {
+    let wrk = wrk.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&wrk.stdout);
+    assert!(wrk.status.success(), "wrk failed: {report}");
+    assert!(
+        !report.contains("Socket errors") && !report.contains("Non-2xx"),
+        "requests failed during the change: {report}"
+    );
+    let requests: u64 = report
+        .lines()
+        .find_map(|line| line.trim().split_once(" requests in ")?.0.parse().ok())
+        .unwrap_or_else(|| panic!("no request count in {report}"));
+    assert!(requests > 0, "{report}");
+    let curls = curls.wait_with_output().unwrap();
+    let counts = String::from_utf8_lossy(&curls.stdout);
+    let (ok, failed) = counts.trim().split_once(' ').unwrap();
+    assert_eq!(failed, "0", "curl loop: {ok} answered, {failed} failed");
+    assert_ne!(ok, "0", "the curl loop sent nothing");
+}
+
+fn policy(status: &serde_json::Value, kind: &str, name: &str) -> serde_json::Value {
+    status["policies"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|policy| policy["kind"] == kind && policy["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no verdict for {kind} {name} in {status:#}"))
+}
+
+#[test]
+fn a_policy_change_reaches_every_agent_while_traffic_flows() {
+    let (cluster, replicas) = mesh("STRICT");
+    let remote = &replicas[1];
+    assert!(
+        !plaintext_gets_in(&cluster, remote),
+        "plaintext got into a STRICT pod"
+    );
+
+    let traffic = load(&cluster, 6);
+    std::thread::sleep(Duration::from_secs(1));
+    let changed = Instant::now();
+    cluster.set_mesh_yaml(&manifests("PERMISSIVE", ""));
+    cluster.settle();
+    let converged = changed.elapsed();
+    eprintln!(
+        "convergence: {:.1} ms from writing the policy to every agent applying it",
+        converged.as_secs_f64() * 1000.0
+    );
+    assert!(
+        plaintext_gets_in(&cluster, remote),
+        "the PERMISSIVE policy did not reach node1's kernel"
+    );
+    let status = cluster.controller_status().unwrap();
+    for node in ["node0", "node1"] {
+        assert_eq!(status["nodes"][node]["in_sync"], true, "{status:#}");
+    }
+    assert_no_failures(traffic);
+}
+
+#[test]
+fn agents_keep_serving_without_the_controller_and_resync_when_it_returns() {
+    let (mut cluster, replicas) = mesh("STRICT");
+    cluster.stop_controller().unwrap();
+    assert!(
+        service_answers(&cluster),
+        "traffic stopped with the controller"
+    );
+
+    // An agent restarted while the controller is away serves what it had.
+    cluster.stop_agent("node1").unwrap();
+    cluster.start_agent_on("node1");
+    wait_until("the service after the restart", READY, || {
+        service_answers(&cluster)
+    });
+    let answers: std::collections::BTreeSet<String> = (0..20)
+        .map(|_| {
+            let out = cluster
+                .pod_command(
+                    "default",
+                    "client",
+                    &["curl", "-sf", "--max-time", "3", SERVICE_URL],
+                )
+                .unwrap()
+                .output()
+                .unwrap();
+            let answer: serde_json::Value =
+                serde_json::from_slice(&out.stdout).unwrap_or_else(|err| panic!("{err}: {out:?}"));
+            answer["pod"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(
+        answers.len(),
+        2,
+        "both replicas answer without a controller: {answers:?}"
+    );
+
+    // A change made while the controller is away applies once it is back.
+    cluster.set_mesh_yaml(&manifests("PERMISSIVE", ""));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !plaintext_gets_in(&cluster, &replicas[1]),
+        "the change applied with no controller to compile it"
+    );
+    cluster.run_controller();
+    cluster.settle();
+    assert!(
+        plaintext_gets_in(&cluster, &replicas[1]),
+        "the agents did not resync"
+    );
+    assert!(service_answers(&cluster));
+}
+
+#[test]
+fn invalid_policies_and_files_are_reported_and_change_nothing() {
+    let (cluster, replicas) = mesh("STRICT");
+    // Semantically invalid: port overrides without a selector. It would open the pod.
+    let invalid = r#"---
+apiVersion: weft.dev/v1alpha1
+kind: PeerAuthentication
+metadata: { name: open-everything, namespace: default }
+spec:
+  mode: DISABLE
+  portModes: [{ port: 8080, mode: DISABLE }]
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: { name: ghost, namespace: default }
+spec: { service: ghost }
+"#;
+    cluster.set_mesh_yaml(&manifests("STRICT", invalid));
+    cluster.settle();
+    let status = cluster.controller_status().unwrap();
+    let verdict = policy(&status, "PeerAuthentication", "open-everything");
+    assert_eq!(verdict["accepted"], false, "{verdict:#}");
+    assert_eq!(verdict["reason"], "Invalid");
+    assert!(
+        verdict["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("spec.portModes: "),
+        "{verdict:#}"
+    );
+    let ghost = policy(&status, "TrafficPolicy", "ghost");
+    assert_eq!(
+        (&ghost["accepted"], &ghost["reason"]),
+        (
+            &serde_json::json!(false),
+            &serde_json::json!("ServiceNotFound")
+        )
+    );
+    assert!(
+        !plaintext_gets_in(&cluster, &replicas[1]),
+        "the invalid policy applied"
+    );
+
+    // A file that does not parse keeps its last good content, and says where.
+    let path = cluster.manifests_file();
+    cluster.set_mesh_yaml(&manifests("LOOSE", ""));
+    cluster.settle();
+    let status = cluster.controller_status().unwrap();
+    let file = status["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|file| file["path"] == path.display().to_string())
+        .unwrap_or_else(|| panic!("{} not in {status:#}", path.display()));
+    let error = file["error"].as_str().unwrap_or_else(|| panic!("{file:#}"));
+    assert!(
+        error.contains("PeerAuthentication default/default") && error.contains("LOOSE"),
+        "{error}"
+    );
+    assert!(error.contains("test.yaml:"), "{error}");
+    assert!(
+        !plaintext_gets_in(&cluster, &replicas[1]),
+        "the broken file changed the mode"
+    );
+    assert!(service_answers(&cluster));
+    // The invalid policy's verdict is still there: the last good content applies.
+    let status = cluster.controller_status().unwrap();
+    assert_eq!(
+        policy(&status, "PeerAuthentication", "open-everything")["reason"],
+        "Invalid"
+    );
+}
+
+/// An agent whose credential is not its node's is refused, and says why.
+#[test]
+fn an_agent_without_its_nodes_token_is_refused() {
+    let (cluster, _) = mesh("STRICT");
+    let node = cluster.topology().node("node1").unwrap().clone();
+    let wrong_token = cluster.topology().node_tokens.join("node0.token");
+    let controller = format!("http://{}:15010", cluster.topology().controller_address);
+    let state = tempfile::tempdir().unwrap();
+    // A second agent process for node1 with node0's token, on ports of its own would
+    // collide with the running agent; the subscription fails before any port opens.
+    let argv = [
+        workspace_bin("weft-agent").display().to_string(),
+        "run".into(),
+        "--node".into(),
+        "node1".into(),
+        "--bpffs".into(),
+        state.path().join("bpffs").display().to_string(),
+        "--pod-cgroup".into(),
+        node.pods_cgroup.display().to_string(),
+        "--capture-address".into(),
+        node.pod_gateway.to_string(),
+        "--cni-socket".into(),
+        state.path().join("cni.sock").display().to_string(),
+        "--state-dir".into(),
+        state.path().display().to_string(),
+        "--controller".into(),
+        controller,
+        "--controller-token-file".into(),
+        wrong_token.display().to_string(),
+        "--trust-bundle".into(),
+        cluster.topology().trust_bundle.display().to_string(),
+        "--certs".into(),
+        node.certs.display().to_string(),
+    ];
+    let agent = cluster
+        .node_command("node1", &argv)
+        .unwrap()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    wait_until("the refusal in the controller's metrics", READY, || {
+        let status = cluster.controller_status().unwrap();
+        status["nodes"]["node1"]["streams"] == 1
+            && metric(&cluster, "weft_controller_subscriptions_refused_total") >= 1.0
+    });
+    let _ = Command::new("kill").arg(agent.id().to_string()).status();
+    let output = agent.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        log.contains("refused the subscription") && log.contains("not node node1's"),
+        "after {:?}: {log}",
+        started.elapsed()
+    );
+}
+
+fn metric(cluster: &Cluster, name: &str) -> f64 {
+    let url = format!(
+        "http://{}:15014/metrics",
+        cluster.topology().controller_address
+    );
+    let output = cluster
+        .fabric_command(&["curl", "-sf", "--max-time", "2", &url])
+        .unwrap()
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|line| line.starts_with(name))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
