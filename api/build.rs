@@ -6,6 +6,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Ordered maps encode deterministically, so equal views get equal versions.
         tonic_prost_build::configure()
             .btree_map(".")
+            // Resource bodies are shared by every node's view: reference-counted.
+            .bytes(".weft.config.v1.Resource.body")
             .compile_protos(&["proto/weft/config/v1/config.proto"], &["proto"])?;
     }
     Ok(())

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, transport::Endpoint};
 use weft_api::config::v1::{
-    Ack, AgentMessage, ConfigUpdate, Hello, Nack, agent_message::Message,
+    Ack, AgentMessage, ConfigUpdate, Hello, MAX_UPDATE_BYTES, Nack, agent_message::Message,
     config_discovery_client::ConfigDiscoveryClient,
 };
 
@@ -233,6 +233,7 @@ async fn session(
         request.metadata_mut().insert("authorization", value);
     }
     let mut updates = ConfigDiscoveryClient::new(channel)
+        .max_decoding_message_size(MAX_UPDATE_BYTES)
         .subscribe(request)
         .await
         .map_err(SessionError::Refused)?

@@ -21,6 +21,10 @@ pub mod config {
         #![allow(missing_debug_implementations, clippy::all)]
         tonic::include_proto!("weft.config.v1");
 
+        /// The largest update an agent takes (tonic's default of 4 MiB is less than
+        /// the snapshot of a cluster with 100,000 endpoints).
+        pub const MAX_UPDATE_BYTES: usize = 512 << 20;
+
         /// A message the stream carries as a resource, and the kind that names it.
         pub trait Kind: prost::Message + Default {
             /// The message's full protobuf name, e.g. `weft.config.v1.Workload`.

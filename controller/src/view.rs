@@ -105,77 +105,68 @@ impl NodeView {
         }
     }
 
-    /// Every resource of the view; a key in both parts is the node's own.
-    fn merged(&self) -> BTreeMap<&Key, &Bytes> {
-        self.shared
-            .resources
-            .iter()
-            .chain(self.local.resources.iter())
-            .collect()
-    }
-
     /// The whole view as a snapshot update.
     pub fn snapshot(&self) -> ConfigUpdate {
         ConfigUpdate {
             version: self.version.clone(),
             snapshot: true,
             upserts: self
-                .merged()
-                .into_iter()
+                .shared
+                .resources
+                .iter()
+                .chain(self.local.resources.iter())
                 .map(|(key, body)| resource(key, body))
                 .collect(),
             removals: Vec::new(),
         }
     }
 
-    /// What turns `before` into this view, as a delta update.
+    /// What turns `before` into this view, as a delta update. The two parts are
+    /// compared on their own (the compiler never puts a kind in both), and a part that
+    /// is the same allocation is not compared at all.
     pub fn delta_from(&self, before: &NodeView) -> ConfigUpdate {
-        let mut upserts = Vec::new();
-        let mut removals = Vec::new();
-        // Shared parts are usually the same allocation, or differ in a few resources.
-        let (old, new) = (before.merged(), self.merged());
-        let same_shared = Arc::ptr_eq(&before.shared, &self.shared);
-        let mut old_iter = old.iter().peekable();
-        let mut new_iter = new.iter().peekable();
-        loop {
-            match (old_iter.peek(), new_iter.peek()) {
-                (None, None) => break,
-                (Some((old_key, _)), None) => {
-                    removals.push(resource_key(old_key));
-                    old_iter.next();
-                }
-                (None, Some((new_key, new_body))) => {
-                    upserts.push(resource(new_key, new_body));
-                    new_iter.next();
-                }
-                (Some((old_key, old_body)), Some((new_key, new_body))) => {
-                    match old_key.cmp(new_key) {
-                        std::cmp::Ordering::Less => {
-                            removals.push(resource_key(old_key));
-                            old_iter.next();
-                        }
-                        std::cmp::Ordering::Greater => {
-                            upserts.push(resource(new_key, new_body));
-                            new_iter.next();
-                        }
-                        std::cmp::Ordering::Equal => {
-                            let unchanged = (same_shared && std::ptr::eq(*old_body, *new_body))
-                                || old_body == new_body;
-                            if !unchanged {
-                                upserts.push(resource(new_key, new_body));
-                            }
-                            old_iter.next();
-                            new_iter.next();
-                        }
-                    }
-                }
-            }
-        }
-        ConfigUpdate {
+        let mut update = ConfigUpdate {
             version: self.version.clone(),
             snapshot: false,
-            upserts,
-            removals,
+            upserts: Vec::new(),
+            removals: Vec::new(),
+        };
+        for (old, new) in [(&before.shared, &self.shared), (&before.local, &self.local)] {
+            if !Arc::ptr_eq(old, new) {
+                diff(old, new, &mut update);
+            }
+        }
+        update
+    }
+}
+
+/// Adds to `update` what turns `old` into `new`: one walk over both sorted sets.
+fn diff(old: &ResourceSet, new: &ResourceSet, update: &mut ConfigUpdate) {
+    let mut old_iter = old.resources.iter().peekable();
+    let mut new_iter = new.resources.iter().peekable();
+    loop {
+        let order = match (old_iter.peek(), new_iter.peek()) {
+            (None, None) => break,
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some((old_key, _)), Some((new_key, _))) => old_key.cmp(new_key),
+        };
+        match order {
+            std::cmp::Ordering::Less => {
+                let (key, _) = old_iter.next().expect("peeked");
+                update.removals.push(resource_key(key));
+            }
+            std::cmp::Ordering::Greater => {
+                let (key, body) = new_iter.next().expect("peeked");
+                update.upserts.push(resource(key, body));
+            }
+            std::cmp::Ordering::Equal => {
+                let (_, old_body) = old_iter.next().expect("peeked");
+                let (key, new_body) = new_iter.next().expect("peeked");
+                if old_body != new_body {
+                    update.upserts.push(resource(key, new_body));
+                }
+            }
         }
     }
 }
@@ -190,7 +181,7 @@ fn resource_key(key: &Key) -> ResourceKey {
 fn resource(key: &Key, body: &Bytes) -> Resource {
     Resource {
         key: Some(resource_key(key)),
-        body: body.to_vec(),
+        body: body.clone(),
     }
 }
 

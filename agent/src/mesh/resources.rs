@@ -4,6 +4,8 @@
 
 use std::collections::BTreeMap;
 
+use bytes::Bytes;
+
 use weft_api::config::v1::{self as proto, ConfigUpdate, Kind, PeerMode as WireMode};
 
 use super::{MeshConfig, MeshNamespace, Node, PeerMode, Service, ServicePort, Workload};
@@ -11,7 +13,7 @@ use super::{MeshConfig, MeshNamespace, Node, PeerMode, Service, ServicePort, Wor
 /// The resources a controller sent, by kind and name, as encoded on the wire.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Resources {
-    resources: BTreeMap<(String, String), Vec<u8>>,
+    resources: BTreeMap<(String, String), Bytes>,
 }
 
 impl Resources {
@@ -69,7 +71,7 @@ impl Resources {
             .range((M::KIND.to_owned(), String::new())..)
             .take_while(|((kind, _), _)| kind == M::KIND)
             .map(|((kind, name), body)| {
-                M::decode(body.as_slice())
+                M::decode(body.as_ref())
                     .map(|message| (name.clone(), message))
                     .map_err(|err| format!("{kind} {name}: {err}"))
             })
@@ -226,7 +228,7 @@ mod tests {
                 kind: M::KIND.to_owned(),
                 name: name.to_owned(),
             }),
-            body: message.encode_to_vec(),
+            body: message.encode_to_vec().into(),
         }
     }
 
@@ -364,14 +366,14 @@ mod tests {
                 kind: "weft.config.v9.Teleporter".into(),
                 name: "x".into(),
             }),
-            body: vec![],
+            body: Bytes::new(),
         });
         resources.apply(&update).unwrap();
         assert!(resources.mesh().unwrap_err().contains("does not know"));
 
         let mut resources = Resources::default();
         let mut update = snapshot();
-        update.upserts[1].body = vec![0xff, 0xff, 0xff];
+        update.upserts[1].body = Bytes::from_static(&[0xff, 0xff, 0xff]);
         resources.apply(&update).unwrap();
         assert!(
             resources

@@ -1,15 +1,8 @@
-//! The compiler on small clusters written as the YAML a user would apply, and on a
-//! large generated one.
+//! The compiler on small clusters written as the YAML a user would apply. (The large
+//! cluster is in `tests/stream.rs`, compiled and streamed.)
 
 use std::{path::Path, sync::Arc};
 
-use k8s_openapi::{
-    api::{
-        core::v1::{Namespace, Pod, PodSpec, PodStatus, Service, ServicePort, ServiceSpec},
-        discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
-    },
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
 use weft_api::config::v1 as proto;
 
 use super::*;
@@ -477,126 +470,5 @@ fn endpoint_changes_change_only_what_they_touch() {
         compile(&objects, &settings()).view("node0").version,
         after.view("node0").version,
         "the same objects give the same version"
-    );
-}
-
-/// 10,000 services, 100,000 endpoints, 50 nodes: compiles, and every node's view
-/// holds every service and workload. Time and memory are the benchmark's business.
-#[test]
-fn compiles_a_large_cluster() {
-    const NODES: usize = 50;
-    const SERVICES: usize = 10_000;
-    const PODS_PER_SERVICE: usize = 10;
-    let mut objects = Objects::default();
-    for namespace in 0..10 {
-        let mut meta = ObjectMeta {
-            name: Some(format!("ns{namespace}")),
-            ..Default::default()
-        };
-        meta.labels = Some([("weft.dev/mesh".to_owned(), "enabled".to_owned())].into());
-        objects.upsert(Object::Namespace(Arc::new(Namespace {
-            metadata: meta,
-            ..Default::default()
-        })));
-    }
-    for index in 0..SERVICES {
-        let namespace = format!("ns{}", index % 10);
-        let name = format!("svc{index}");
-        let mut addresses = Vec::new();
-        for replica in 0..PODS_PER_SERVICE {
-            let pod = index * PODS_PER_SERVICE + replica;
-            let ip = format!("10.{}.{}.{}", pod >> 16, (pod >> 8) & 255, pod & 255);
-            objects.upsert(Object::Pod(Arc::new(Pod {
-                metadata: ObjectMeta {
-                    name: Some(format!("{name}-{replica}")),
-                    namespace: Some(namespace.clone()),
-                    labels: Some([("app".to_owned(), name.clone())].into()),
-                    ..Default::default()
-                },
-                spec: Some(PodSpec {
-                    node_name: Some(format!("node{}", pod % NODES)),
-                    ..Default::default()
-                }),
-                status: Some(PodStatus {
-                    phase: Some("Running".into()),
-                    pod_ip: Some(ip.clone()),
-                    ..Default::default()
-                }),
-            })));
-            addresses.push(ip);
-        }
-        objects.upsert(Object::Service(Arc::new(Service {
-            metadata: ObjectMeta {
-                name: Some(name.clone()),
-                namespace: Some(namespace.clone()),
-                ..Default::default()
-            },
-            spec: Some(ServiceSpec {
-                cluster_ip: Some(format!("10.96.{}.{}", index >> 8, index & 255)),
-                ports: Some(vec![ServicePort {
-                    port: 80,
-                    ..Default::default()
-                }]),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })));
-        objects.upsert(Object::EndpointSlice(Arc::new(EndpointSlice {
-            metadata: ObjectMeta {
-                name: Some(format!("{name}-slice")),
-                namespace: Some(namespace),
-                labels: Some([("kubernetes.io/service-name".to_owned(), name)].into()),
-                ..Default::default()
-            },
-            address_type: "IPv4".into(),
-            endpoints: addresses
-                .into_iter()
-                .map(|ip| Endpoint {
-                    addresses: vec![ip],
-                    ..Default::default()
-                })
-                .collect(),
-            ports: Some(vec![EndpointPort {
-                port: Some(80),
-                ..Default::default()
-            }]),
-        })));
-    }
-    for node in 0..NODES {
-        objects.upsert(Object::Node(Arc::new(k8s_openapi::api::core::v1::Node {
-            metadata: ObjectMeta {
-                name: Some(format!("node{node}")),
-                ..Default::default()
-            },
-            status: Some(k8s_openapi::api::core::v1::NodeStatus {
-                addresses: Some(vec![k8s_openapi::api::core::v1::NodeAddress {
-                    type_: "InternalIP".into(),
-                    address: format!("10.250.0.{node}"),
-                }]),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })));
-    }
-
-    let compiled = compile(&objects, &settings());
-    let services = compiled.shared.all::<proto::Service>();
-    assert_eq!(services.len(), SERVICES);
-    assert_eq!(
-        services.values().map(|s| s.endpoints.len()).sum::<usize>(),
-        SERVICES * PODS_PER_SERVICE
-    );
-    assert_eq!(compiled.local.len(), NODES);
-    for node in 0..NODES {
-        let view = compiled.view(&format!("node{node}"));
-        assert!(
-            Arc::ptr_eq(&view.shared, &compiled.shared),
-            "views share one encoding"
-        );
-    }
-    let snapshot = compiled.view("node7").snapshot();
-    assert_eq!(
-        snapshot.upserts.len(),
-        1 + NODES + 10 + SERVICES * PODS_PER_SERVICE + SERVICES
     );
 }
