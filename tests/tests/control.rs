@@ -397,3 +397,45 @@ fn metric(cluster: &Cluster, name: &str) -> f64 {
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// A pod annotated `weft.dev/mesh=disabled` in a meshed namespace is left alone: no
+/// enforcement on its way in, and as a service endpoint it is reached directly.
+#[test]
+fn a_pod_annotated_out_of_the_mesh_is_left_alone() {
+    let (mut cluster, _) = mesh("STRICT");
+    let echo = workspace_bin("weft-echo").display().to_string();
+    let mut legacy = PodSpec::new("legacy", "node1", &[&echo]);
+    legacy.labels.insert("app".into(), "echo".into());
+    legacy
+        .annotations
+        .insert("weft.dev/mesh".into(), "disabled".into());
+    let legacy = cluster.add_pod(legacy).unwrap();
+    cluster.settle();
+    wait_until("plaintext into the opted-out pod", READY, || {
+        plaintext_gets_in(&cluster, &legacy)
+    });
+    let status = cluster.controller_status().unwrap();
+    assert_eq!(status["nodes"]["node1"]["in_sync"], true);
+    // Round robin over three endpoints: some of 12 requests reach the opted-out pod.
+    let mut reached_legacy = 0;
+    for _ in 0..12 {
+        let out = cluster
+            .pod_command(
+                "default",
+                "client",
+                &["curl", "-sf", "--max-time", "3", SERVICE_URL],
+            )
+            .unwrap()
+            .output()
+            .unwrap();
+        let answer: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|err| panic!("{err}: {out:?}"));
+        if answer["pod"] == "legacy" {
+            reached_legacy += 1;
+        }
+    }
+    assert!(
+        reached_legacy > 0,
+        "the service never reached its opted-out endpoint"
+    );
+}
