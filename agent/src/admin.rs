@@ -3,19 +3,16 @@
 //! `GET /config_dump`, `GET /certs`, `POST /logging?filter=<env_logger filter>`.
 
 use std::{
-    convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::UNIX_EPOCH,
 };
 
-use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
-use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use http::{Method, Request, StatusCode};
+use hyper::body::Incoming;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
+use weft_api::endpoints::{self, Reply, json, prometheus, text};
 
 use crate::{
     datapath::{Pins, pinned},
@@ -45,32 +42,13 @@ pub struct Admin {
     pub subscription: Option<Arc<Current<subscription::Status>>>,
 }
 
-type Reply = Response<Full<Bytes>>;
 /// An endpoint set: the function answering every request on one port.
 type Route = fn(&Admin, &Request<Incoming>) -> Reply;
 
 impl Admin {
     /// Serves `route` on `listener` until the task is dropped.
-    pub async fn serve(
-        self: Arc<Self>,
-        listener: TcpListener,
-        route: fn(&Admin, &Request<Incoming>) -> Reply,
-    ) {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let admin = Arc::clone(&self);
-            tokio::spawn(async move {
-                let service = service_fn(move |request: Request<Incoming>| {
-                    let reply = route(&admin, &request);
-                    async move { Ok::<_, Infallible>(reply) }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, route: Route) {
+        endpoints::serve(listener, move |request| route(&self, request)).await;
     }
 
     /// `GET /metrics`: the Prometheus text format, kernel counters refreshed first.
@@ -100,12 +78,7 @@ impl Admin {
             metrics::gauge!("weft_certificate_expiry_seconds", "identity" => cert.identity.to_string())
                 .set(expiry);
         }
-        let mut reply = text(StatusCode::OK, &self.metrics.render());
-        reply.headers_mut().insert(
-            header::CONTENT_TYPE,
-            http::HeaderValue::from_static("text/plain; version=0.0.4"),
-        );
-        reply
+        prometheus(self.metrics.render())
     }
 
     /// `GET /healthz/ready`: the port only opens once programs are attached and the
@@ -183,22 +156,6 @@ fn unix(time: std::time::SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs()
-}
-
-fn text(status: StatusCode, body: &str) -> Reply {
-    let mut reply = Response::new(Full::new(Bytes::from(body.to_owned())));
-    *reply.status_mut() = status;
-    reply
-}
-
-fn json<T: serde::Serialize>(value: &T) -> Reply {
-    let body = serde_json::to_vec_pretty(value).unwrap_or_default();
-    let mut reply = Response::new(Full::new(Bytes::from(body)));
-    reply.headers_mut().insert(
-        header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
-    reply
 }
 
 /// The addresses the three servers bind.

@@ -5,12 +5,15 @@
 //! - [`crd`]: weft's custom resources, whose CRDs are generated from these types
 //!   (feature `crd`);
 //! - [`enroll`]: the CNI plugin <-> agent enrollment protocol;
+//! - `endpoints`: the small HTTP servers of agent and controller (feature `endpoints`);
 //! - [`digest`]: the content digest both ends use to name configuration versions.
 #![forbid(unsafe_code)]
 
 #[cfg(feature = "crd")]
 pub mod crd;
 pub mod digest;
+#[cfg(feature = "endpoints")]
+pub mod endpoints;
 pub mod enroll;
 
 /// The configuration stream between controller and agents.

@@ -2,16 +2,14 @@
 //! `GET /status` (JSON: generation, objects, files, every node's sync state, every
 //! policy's verdict) and `GET /healthz/ready` (ready once the first generation is out).
 
-use std::{collections::BTreeMap, convert::Infallible, sync::Arc};
+use std::{collections::BTreeMap, sync::Arc};
 
-use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
-use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use http::{Method, Request, StatusCode};
+use hyper::body::Incoming;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use tokio::{net::TcpListener, sync::watch};
+use weft_api::endpoints::{self, Reply, json, prometheus, text};
 
 use crate::{
     objects::Objects,
@@ -58,26 +56,10 @@ pub struct PolicyReport {
     pub verdict: Verdict,
 }
 
-type Reply = Response<Full<Bytes>>;
-
 impl Admin {
     /// Serves the endpoints on `listener` until the task is dropped.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let admin = Arc::clone(&self);
-            tokio::spawn(async move {
-                let service = service_fn(move |request: Request<Incoming>| {
-                    let reply = admin.answer(&request);
-                    async move { Ok::<_, Infallible>(reply) }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
+        endpoints::serve(listener, move |request| self.answer(request)).await;
     }
 
     fn answer(&self, request: &Request<Incoming>) -> Reply {
@@ -90,12 +72,7 @@ impl Admin {
                     metrics::gauge!("weft_controller_objects", "kind" => kind.name())
                         .set(count as f64);
                 }
-                let mut reply = text(StatusCode::OK, &self.metrics.render());
-                reply.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    http::HeaderValue::from_static("text/plain; version=0.0.4"),
-                );
-                reply
+                prometheus(self.metrics.render())
             }
             "/status" => json(&self.report()),
             "/healthz/ready" => {
@@ -142,20 +119,4 @@ impl Admin {
                 .collect(),
         }
     }
-}
-
-fn text(status: StatusCode, body: &str) -> Reply {
-    let mut reply = Response::new(Full::new(Bytes::from(body.to_owned())));
-    *reply.status_mut() = status;
-    reply
-}
-
-fn json<T: Serialize>(value: &T) -> Reply {
-    let body = serde_json::to_vec_pretty(value).unwrap_or_default();
-    let mut reply = Response::new(Full::new(Bytes::from(body)));
-    reply.headers_mut().insert(
-        header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
-    reply
 }

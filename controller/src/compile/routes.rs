@@ -144,6 +144,19 @@ struct Reference<'a> {
     port: Option<i32>,
 }
 
+/// The [`Reference`] of a parentRef or backendRef, of whichever route kind's type.
+macro_rules! reference {
+    ($item:expr) => {
+        Reference {
+            group: $item.group.as_deref(),
+            kind: $item.kind.as_deref(),
+            name: &$item.name,
+            namespace: $item.namespace.as_deref(),
+            port: $item.port,
+        }
+    };
+}
+
 impl Reference<'_> {
     fn is_service(&self, default_kind: &str) -> bool {
         matches!(self.group, None | Some("" | "core"))
@@ -287,13 +300,7 @@ fn from_http(
         .parent_refs
         .iter()
         .flatten()
-        .map(|parent| Reference {
-            group: parent.group.as_deref(),
-            kind: parent.kind.as_deref(),
-            name: &parent.name,
-            namespace: parent.namespace.as_deref(),
-            port: parent.port,
-        })
+        .map(|parent| reference!(parent))
         .collect();
     let rules = route
         .spec
@@ -301,24 +308,12 @@ fn from_http(
         .iter()
         .flatten()
         .map(|rule| {
-            let backends: Vec<Reference> = rule
+            let (backends, weights) = rule
                 .backend_refs
                 .iter()
                 .flatten()
-                .map(|backend| Reference {
-                    group: backend.group.as_deref(),
-                    kind: backend.kind.as_deref(),
-                    name: &backend.name,
-                    namespace: backend.namespace.as_deref(),
-                    port: backend.port,
-                })
-                .collect();
-            let weights = rule
-                .backend_refs
-                .iter()
-                .flatten()
-                .map(|backend| backend.weight.unwrap_or(1))
-                .collect();
+                .map(|backend| (reference!(backend), backend.weight.unwrap_or(1)))
+                .unzip();
             let compiled = (|| {
                 let matches = match rule.matches.as_deref() {
                     None | Some([]) => vec![everything()],
@@ -444,13 +439,7 @@ fn from_grpc(
         .parent_refs
         .iter()
         .flatten()
-        .map(|parent| Reference {
-            group: parent.group.as_deref(),
-            kind: parent.kind.as_deref(),
-            name: &parent.name,
-            namespace: parent.namespace.as_deref(),
-            port: parent.port,
-        })
+        .map(|parent| reference!(parent))
         .collect();
     let rules = route
         .spec
@@ -458,24 +447,12 @@ fn from_grpc(
         .iter()
         .flatten()
         .map(|rule| {
-            let backends: Vec<Reference> = rule
+            let (backends, weights) = rule
                 .backend_refs
                 .iter()
                 .flatten()
-                .map(|backend| Reference {
-                    group: backend.group.as_deref(),
-                    kind: backend.kind.as_deref(),
-                    name: &backend.name,
-                    namespace: backend.namespace.as_deref(),
-                    port: backend.port,
-                })
-                .collect();
-            let weights = rule
-                .backend_refs
-                .iter()
-                .flatten()
-                .map(|backend| backend.weight.unwrap_or(1))
-                .collect();
+                .map(|backend| (reference!(backend), backend.weight.unwrap_or(1)))
+                .unzip();
             let compiled = if rule
                 .filters
                 .as_ref()
