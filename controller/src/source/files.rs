@@ -224,7 +224,7 @@ impl Files {
     /// Rereads the files that changed since the last call; `true` if what applies
     /// (or an error) changed.
     pub fn refresh(&mut self) -> bool {
-        let now = scan(&self.paths);
+        let mut now = scan(&self.paths);
         if now == self.seen {
             return false;
         }
@@ -240,6 +240,7 @@ impl Files {
             self.loaded.remove(&path);
             changed = true;
         }
+        let mut unread = Vec::new();
         for (path, stamp) in &now {
             if self.seen.get(path) == Some(stamp) {
                 continue;
@@ -248,8 +249,10 @@ impl Files {
             let text = match std::fs::read(path) {
                 Ok(bytes) => bytes,
                 Err(err) => {
-                    // Gone between the scan and the read: the next scan sees it.
-                    log::debug!("cannot read {}: {err}", path.display());
+                    // Gone or unreadable between the scan and the read: not seen, so
+                    // the next scan tries again.
+                    log::warn!("cannot read {}: {err}", path.display());
+                    unread.push(path.clone());
                     continue;
                 }
             };
@@ -285,6 +288,9 @@ impl Files {
                     loaded.error = Some((error, digest));
                 }
             }
+        }
+        for path in unread {
+            now.remove(&path);
         }
         self.seen = now;
         changed
