@@ -6,7 +6,8 @@
 //!   (feature `crd`);
 //! - [`enroll`]: the CNI plugin <-> agent enrollment protocol;
 //! - `endpoints`: the small HTTP servers of agent and controller (feature `endpoints`);
-//! - [`digest`]: the content digest both ends use to name configuration versions.
+//! - [`digest`]: the content digest both ends use to name configuration versions;
+//! - [`manifests`]: which files a set of manifest paths holds.
 #![forbid(unsafe_code)]
 
 #[cfg(feature = "crd")]
@@ -15,6 +16,7 @@ pub mod digest;
 #[cfg(feature = "endpoints")]
 pub mod endpoints;
 pub mod enroll;
+pub mod manifests;
 
 /// The configuration stream between controller and agents.
 #[cfg(feature = "config")]

@@ -482,25 +482,9 @@ impl Cluster {
     /// JSON files under the user's manifests.
     fn mesh_files(&self) -> Vec<PathBuf> {
         let mut files = vec![self.topology.objects.clone()];
-        let mut pending: Vec<PathBuf> = self.topology.manifests.clone().unwrap_or_default();
-        while let Some(path) = pending.pop() {
-            if path.is_dir() {
-                for entry in fs::read_dir(&path).into_iter().flatten().flatten() {
-                    if !entry.file_name().to_string_lossy().starts_with('.') {
-                        let child = entry.path();
-                        let manifest = child.is_dir()
-                            || child
-                                .extension()
-                                .is_some_and(|ext| ext == "yaml" || ext == "yml" || ext == "json");
-                        if manifest {
-                            pending.push(child);
-                        }
-                    }
-                }
-            } else {
-                files.push(path);
-            }
-        }
+        files.extend(weft_api::manifests::files(
+            self.topology.manifests.as_deref().unwrap_or_default(),
+        ));
         files
     }
 

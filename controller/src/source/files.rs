@@ -2,7 +2,7 @@
 //! use, the local cluster and tests.
 //!
 //! Each path is a file or a directory (read recursively; hidden entries skipped) of
-//! `*.yaml`, `*.yml` and `*.json` files, each holding one or more documents (`---`),
+//! `*.yaml`, `*.yml` and `*.json` files (`weft_api::manifests`), each holding one or more documents (`---`),
 //! each an object or a `List`. Kinds the controller does not read are skipped. Files
 //! are checked for changes every interval; a file that no longer parses is reported
 //! (file, line, object, field) and its last good version keeps applying, so a typo
@@ -164,35 +164,15 @@ fn parse_object(mut value: serde_json::Value) -> Result<Option<Object>, String> 
 /// it), modification time and length.
 type Stamp = (u64, Option<SystemTime>, u64);
 
-/// The files under `paths`, sorted, with their stamps.
+/// The manifest files under `paths` with their stamps.
 fn scan(paths: &[PathBuf]) -> BTreeMap<PathBuf, Stamp> {
-    let mut found = BTreeMap::new();
-    let mut pending: Vec<PathBuf> = paths.to_vec();
-    while let Some(path) = pending.pop() {
-        let Ok(meta) = std::fs::metadata(&path) else {
-            continue;
-        };
-        if meta.is_dir() {
-            if let Ok(entries) = std::fs::read_dir(&path) {
-                for entry in entries.flatten() {
-                    let hidden = entry.file_name().to_string_lossy().starts_with('.');
-                    if !hidden {
-                        pending.push(entry.path());
-                    }
-                }
-            }
-        } else {
-            let manifest = path
-                .extension()
-                .and_then(|ext| ext.to_str())
-                .is_some_and(|ext| matches!(ext, "yaml" | "yml" | "json"));
-            // A path named explicitly is read whatever its extension.
-            if manifest || paths.contains(&path) {
-                found.insert(path, (meta.ino(), meta.modified().ok(), meta.len()));
-            }
-        }
-    }
-    found
+    weft_api::manifests::files(paths)
+        .into_iter()
+        .filter_map(|path| {
+            let meta = std::fs::metadata(&path).ok()?;
+            Some((path, (meta.ino(), meta.modified().ok(), meta.len())))
+        })
+        .collect()
 }
 
 /// The files of the source and what each holds.
