@@ -263,19 +263,15 @@ async fn session(
                     log::info!("applied configuration {version} from the controller");
                     save_cache(&settings.cache, &resources.snapshot(&version));
                     *serving = Some(version.clone());
+                    let applied_at = SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0.0, |since| since.as_secs_f64());
                     update(status, |status| {
                         status.version = Some(version.clone());
                         status.resources = resources.counts();
-                        status.applied_at = SystemTime::now()
-                            .duration_since(UNIX_EPOCH)
-                            .ok()
-                            .map(|since| since.as_secs_f64());
+                        status.applied_at = Some(applied_at);
                     });
-                    metrics::gauge!("weft_config_applied_timestamp_seconds").set(
-                        SystemTime::now()
-                            .duration_since(UNIX_EPOCH)
-                            .map_or(0.0, |d| d.as_secs_f64()),
-                    );
+                    metrics::gauge!("weft_config_applied_timestamp_seconds").set(applied_at);
                 }
                 metrics::counter!("weft_config_updates_total", "result" => "applied").increment(1);
                 Message::Ack(Ack { version })
