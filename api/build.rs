@@ -8,7 +8,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .btree_map(".")
             // Resource bodies are shared by every node's view: reference-counted.
             .bytes(".weft.config.v1.Resource.body")
-            .compile_protos(&["proto/weft/config/v1/config.proto"], &["proto"])?;
+            .compile_protos(
+                &[
+                    "proto/weft/config/v1/config.proto",
+                    "proto/weft/ca/v1/ca.proto",
+                ],
+                &["proto"],
+            )?;
     }
     Ok(())
 }

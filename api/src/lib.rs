@@ -2,6 +2,7 @@
 //!
 //! - [`config::v1`]: the agent <-> controller configuration stream and the resources it
 //!   carries, generated from `proto/` by tonic (feature `config`);
+//! - [`ca::v1`]: the mesh certificate authority's signing service (feature `config`);
 //! - [`crd`]: weft's custom resources, whose CRDs are generated from these types
 //!   (feature `crd`);
 //! - [`enroll`]: the CNI plugin <-> agent enrollment protocol;
@@ -55,6 +56,17 @@ pub mod config {
             AuthorizationPolicy,
             TrafficPolicy,
             ServiceRoutes,
+            TrustBundle,
         );
+    }
+}
+
+/// The mesh certificate authority's signing service.
+#[cfg(feature = "config")]
+pub mod ca {
+    /// Version 1 of the signing service.
+    pub mod v1 {
+        #![allow(missing_debug_implementations, clippy::all)]
+        tonic::include_proto!("weft.ca.v1");
     }
 }

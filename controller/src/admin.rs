@@ -12,6 +12,7 @@ use tokio::{net::TcpListener, sync::watch};
 use weft_api::endpoints::{self, Reply, json, prometheus, text};
 
 use crate::{
+    ca::runtime::CaStatus,
     objects::Objects,
     pipeline::Published,
     source::files::FileStatus,
@@ -32,6 +33,8 @@ pub struct Admin {
     /// The file source's files; `None` with the Kubernetes source.
     pub files: Option<watch::Receiver<Vec<FileStatus>>>,
     pub nodes: Arc<Nodes>,
+    /// The CA, once its runtime reported.
+    pub ca: watch::Receiver<Option<CaStatus>>,
 }
 
 /// The `/status` document.
@@ -44,6 +47,7 @@ pub struct StatusReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub files: Option<Vec<FileStatus>>,
     pub nodes: BTreeMap<String, NodeStatus>,
+    pub ca: Option<CaStatus>,
     pub policies: Vec<PolicyReport>,
 }
 
@@ -106,6 +110,7 @@ impl Admin {
                 .collect(),
             files: self.files.as_ref().map(|files| files.borrow().clone()),
             nodes: self.nodes.snapshot(),
+            ca: self.ca.borrow().clone(),
             policies: self
                 .statuses
                 .borrow()

@@ -117,6 +117,15 @@ impl NodeAuthenticator {
     }
 }
 
+/// The token of an `authorization: Bearer <token>` header, if there is one.
+pub fn bearer_token(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
+    metadata
+        .get("authorization")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::to_owned)
+}
+
 /// Compares without leaking where the first difference is.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0, |acc, (x, y)| acc | (x ^ y)) == 0

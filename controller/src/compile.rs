@@ -2,7 +2,7 @@
 //! for every policy and route. Pure: no I/O, no clock, the same objects always give
 //! the same views (and so the same versions).
 //!
-//! What a node gets: the mesh settings, every node's HBONE address, every meshed
+//! What a node gets: the mesh settings, the trust bundle, every node's HBONE address, every meshed
 //! namespace and workload (any pod may be a destination), every meshed service with
 //! its ready endpoints, traffic policies and routes (clients apply them) — all shared by
 //! every node — and, for itself only, the authorization policies that select its
@@ -21,7 +21,7 @@ use std::{
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use weft_api::{
-    config::v1::{MeshSettings, Node},
+    config::v1::{MeshSettings, Node, TrustBundle},
     crd::WorkloadSelector,
 };
 
@@ -73,8 +73,8 @@ impl Compiled {
     }
 }
 
-/// Compiles `objects` into every node's view.
-pub fn compile(objects: &Objects, settings: &Settings) -> Compiled {
+/// Compiles `objects` into every node's view, with the mesh CA's `trust` bundle.
+pub fn compile(objects: &Objects, settings: &Settings, trust: &TrustBundle) -> Compiled {
     let mut statuses = Statuses::new();
     let mut shared = ResourceSet::default();
     let mut local: BTreeMap<String, ResourceSet> = BTreeMap::new();
@@ -90,6 +90,9 @@ pub fn compile(objects: &Objects, settings: &Settings) -> Compiled {
                 .collect(),
         },
     );
+    if !trust.anchors.is_empty() {
+        shared.insert("mesh", trust);
+    }
     for (key, node) in &objects.nodes {
         if let Some(address) = node_address(node) {
             shared.insert(

@@ -1,6 +1,7 @@
 //! `weft-controller`: watches the cluster (or a directory of its YAML objects),
-//! compiles each node's view and streams it to the agents; `weft-controller crds`
-//! writes weft's CustomResourceDefinitions.
+//! compiles each node's view and streams it to the agents, and signs their workload
+//! certificates; `weft-controller crds` writes weft's CustomResourceDefinitions and
+//! `weft-controller ca rotate` replaces the mesh root.
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -11,6 +12,12 @@ use tokio::{net::TcpListener, sync::watch};
 use weft_controller::{
     admin::{ADMIN_PORT, Admin},
     auth::NodeAuthenticator,
+    ca::{
+        Authority,
+        runtime::{self, Runtime},
+        service::CaService,
+        store::Store,
+    },
     compile::Settings,
     pipeline::{self, Published},
     source::{
@@ -40,6 +47,62 @@ enum Command {
         #[arg(long, default_value = "deploy/crds")]
         out: PathBuf,
     },
+    /// Manage the mesh certificate authority.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Replace weft's self-signed root with a new one. The running controller trusts
+    /// both at once, signs with the new root once every agent trusts it, and drops the
+    /// old one when the overlap ends; agents renew their certificates before then.
+    Rotate {
+        #[command(flatten)]
+        store: CaStoreArgs,
+        /// How long the old root stays trusted (e.g. `24h`, `90m`); make it longer than
+        /// the certificate lifetime.
+        #[arg(long, value_parser = parse_duration, default_value = "48h")]
+        overlap: Duration,
+    },
+}
+
+#[derive(Clone, Debug, clap::Args)]
+struct CaStoreArgs {
+    /// Keep the CA in this directory (tls.crt, tls.key, ca.crt, as a cert-manager CA
+    /// Secret holds them) instead of a Kubernetes Secret; needed with --files. Put your
+    /// own intermediate there to sign with it; without one, a root is created.
+    #[arg(long, env = "WEFT_CA_DIR")]
+    ca_dir: Option<PathBuf>,
+    /// The Secret that keeps the CA, with the Kubernetes source.
+    #[arg(long, env = "WEFT_CA_SECRET", default_value = "weft-ca")]
+    ca_secret: String,
+    /// The namespace of that Secret (the controller's own).
+    #[arg(long, env = "WEFT_CA_NAMESPACE", default_value = "weft-system")]
+    ca_namespace: String,
+}
+
+impl CaStoreArgs {
+    async fn store(&self) -> anyhow::Result<Store> {
+        Ok(match &self.ca_dir {
+            Some(dir) => Store::Dir(dir.clone()),
+            None => Store::Secret {
+                client: kube::Client::try_default().await.context(
+                    "cannot reach the Kubernetes API to keep the CA in a Secret; give --ca-dir DIR to keep it in files",
+                )?,
+                namespace: self.ca_namespace.clone(),
+                name: self.ca_secret.clone(),
+            },
+        })
+    }
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    weft_api::crd::parse_duration(text)
+        .filter(|duration| !duration.is_zero())
+        .ok_or_else(|| format!("{text:?} is not a duration such as 24h, 90m or 30s"))
 }
 
 #[derive(Debug, clap::Args)]
@@ -83,6 +146,16 @@ struct RunArgs {
         value_delimiter = ','
     )]
     exclude_ports: Vec<u16>,
+    #[command(flatten)]
+    ca: CaStoreArgs,
+    /// How long the workload certificates the CA issues are valid; agents renew them
+    /// at half-life.
+    #[arg(long, env = "WEFT_CERT_TTL", value_parser = parse_duration, default_value = "24h")]
+    cert_ttl: Duration,
+    /// The longest a new root waits for every connected agent to trust it before it
+    /// signs anyway.
+    #[arg(long, env = "WEFT_ROOT_PROPAGATION_GRACE", value_parser = parse_duration, default_value = "5m")]
+    root_propagation_grace: Duration,
     /// How often the files are checked for changes, in milliseconds.
     #[arg(long, env = "WEFT_FILE_INTERVAL_MS", default_value_t = 200)]
     file_interval_ms: u64,
@@ -112,7 +185,33 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Ca {
+            command: CaCommand::Rotate { store, overlap },
+        } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the runtime")?
+            .block_on(rotate(store, overlap)),
     }
+}
+
+/// Writes a new root into the store; the running controller takes it from there.
+async fn rotate(args: CaStoreArgs, overlap: Duration) -> anyhow::Result<()> {
+    let store = args.store().await?;
+    let (material, revision) = store
+        .read()
+        .await?
+        .with_context(|| format!("the {store} holds no CA yet; start the controller first"))?;
+    let rotated = Authority::rotate(&material, std::time::SystemTime::now(), overlap)?;
+    store.replace(&rotated, revision).await?;
+    let new_root = Authority::load(&rotated, std::time::SystemTime::now())?
+        .signing_root()
+        .subject
+        .clone();
+    println!(
+        "rotated the mesh root in the {store}: new root {new_root}; the old one stays trusted for {overlap:?}"
+    );
+    Ok(())
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -123,7 +222,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("cannot install the metrics recorder")?;
     describe_metrics();
     let settings = Settings {
-        trust_domain: args.trust_domain,
+        trust_domain: args.trust_domain.clone(),
         root_namespace: args.root_namespace,
         exclude_ports: args.exclude_ports,
     };
@@ -174,21 +273,54 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             Some(files_rx)
         }
     };
+    if client.is_none() && args.ca.ca_dir.is_none() {
+        anyhow::bail!("the file source keeps the mesh CA in files: give --ca-dir DIR");
+    }
+    let ca_store = args.ca.store().await?;
+    let material = runtime::load_or_create(&ca_store).await?;
+    let authority = Arc::new(
+        Authority::load(&material, std::time::SystemTime::now())
+            .with_context(|| format!("the CA in the {ca_store} cannot be used"))?,
+    );
+    log::info!(
+        "mesh CA from the {ca_store}: signing under {}",
+        authority.signing_root().subject
+    );
+    let (trust_tx, trust_rx) = watch::channel(Arc::new(authority.trust_bundle(true)));
+    let (ca_state_tx, ca_state_rx) = watch::channel(Arc::new(runtime::CaState {
+        authority,
+        propagated: true,
+    }));
+    let (ca_status_tx, ca_status_rx) = watch::channel(None);
     tokio::spawn(pipeline::run(
         objects_rx.clone(),
+        trust_rx,
         settings,
         published_tx,
         statuses_tx,
     ));
 
     let nodes = Arc::new(Nodes::default());
+    tokio::spawn(
+        Runtime {
+            store: ca_store,
+            published: published_rx.clone(),
+            nodes: Arc::clone(&nodes),
+            trust: trust_tx,
+            state: ca_state_tx,
+            status: ca_status_tx,
+            grace: args.root_propagation_grace,
+        }
+        .run(material),
+    );
     let admin = Arc::new(Admin {
         metrics,
         published: published_rx.clone(),
-        objects: objects_rx,
+        objects: objects_rx.clone(),
         statuses: statuses_rx,
         files,
         nodes: Arc::clone(&nodes),
+        ca: ca_status_rx,
     });
     let admin_listener = TcpListener::bind(args.admin)
         .await
@@ -213,6 +345,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         args.listen,
         args.admin,
     );
+    let ca = CaService {
+        state: ca_state_rx,
+        objects: objects_rx.clone(),
+        auth: Arc::clone(&auth),
+        trust_domain: args.trust_domain,
+        ttl: args.cert_ttl,
+    }
+    .into_server();
     let service = ConfigService::new(published_rx, auth, nodes).into_server();
     let shutdown = async {
         let mut terminate =
@@ -228,6 +368,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .http2_keepalive_interval(Some(Duration::from_secs(15)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(service)
+        .add_service(ca)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(grpc),
             shutdown,
@@ -269,6 +410,14 @@ fn describe_metrics() {
     describe_counter!(
         "weft_controller_config_rejections_total",
         "Versions an agent rejected, by node"
+    );
+    describe_counter!(
+        "weft_controller_certificates_issued_total",
+        "Workload certificates the CA signed"
+    );
+    describe_counter!(
+        "weft_controller_certificate_refusals_total",
+        "Certificate requests refused, by reason (unauthenticated, invalid_request, foreign_identity)"
     );
     describe_counter!(
         "weft_controller_subscriptions_refused_total",

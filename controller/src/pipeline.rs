@@ -1,10 +1,11 @@
-//! From a source's objects to what the stream sends: every time the objects change,
-//! compile them (off the async threads) and publish the result as a new generation,
+//! From a source's objects to what the stream sends: every time the objects (or the
+//! CA's trust bundle) change, compile them (off the async threads) and publish the result as a new generation,
 //! with the verdicts for the status writers.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use tokio::sync::watch;
+use weft_api::config::v1::TrustBundle;
 
 use crate::{
     compile::{Compiled, Settings, compile},
@@ -20,30 +21,50 @@ pub struct Published {
     pub compiled: Arc<Compiled>,
     /// What the compiled objects were read from (see [`Objects::sources`]).
     pub sources: BTreeMap<String, String>,
+    /// The trust bundle the views hold.
+    pub trust: Arc<TrustBundle>,
 }
 
 /// Changes that arrive within this window are compiled together.
 const SETTLE: Duration = Duration::from_millis(20);
 
-/// Compiles `objects` whenever it changes, until it closes.
+/// Compiles `objects` whenever it or `trust` changes, until `objects` closes. Nothing is
+/// compiled before the source delivered its first objects.
 pub async fn run(
     mut objects: watch::Receiver<Arc<Objects>>,
+    mut trust: watch::Receiver<Arc<TrustBundle>>,
     settings: Settings,
     published: watch::Sender<Published>,
     statuses: watch::Sender<Arc<Statuses>>,
 ) {
     let settings = Arc::new(settings);
     let mut generation = 0;
+    let mut have_objects = false;
     loop {
-        if objects.changed().await.is_err() {
-            return;
+        tokio::select! {
+            changed = objects.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                have_objects = true;
+            }
+            // A closed trust channel (no CA) leaves only the objects to wait for.
+            Ok(()) = trust.changed() => {}
+        }
+        if !have_objects {
+            continue;
         }
         tokio::time::sleep(SETTLE).await;
         let current = Arc::clone(&objects.borrow_and_update());
+        let bundle = Arc::clone(&trust.borrow_and_update());
         let settings = Arc::clone(&settings);
         let sources = current.sources.clone();
         let started = std::time::Instant::now();
-        let compiled = match tokio::task::spawn_blocking(move || compile(&current, &settings)).await
+        let compile_bundle = Arc::clone(&bundle);
+        let compiled = match tokio::task::spawn_blocking(move || {
+            compile(&current, &settings, &compile_bundle)
+        })
+        .await
         {
             Ok(compiled) => compiled,
             Err(err) => {
@@ -67,6 +88,7 @@ pub async fn run(
             generation,
             compiled: Arc::new(compiled),
             sources,
+            trust: bundle,
         });
     }
 }

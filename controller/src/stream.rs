@@ -22,7 +22,11 @@ use weft_api::config::v1::{
     config_discovery_server::{ConfigDiscovery, ConfigDiscoveryServer},
 };
 
-use crate::{auth::NodeAuthenticator, pipeline::Published, view::NodeView};
+use crate::{
+    auth::{NodeAuthenticator, bearer_token},
+    pipeline::Published,
+    view::NodeView,
+};
 
 /// How long an agent may take to say hello after opening the stream.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -69,6 +73,21 @@ pub struct Nodes(Mutex<BTreeMap<String, NodeStatus>>);
 impl Nodes {
     pub fn snapshot(&self) -> BTreeMap<String, NodeStatus> {
         self.0.lock().expect("node status lock").clone()
+    }
+
+    /// Whether every node with a stream open has acknowledged a view of `generation`
+    /// or later.
+    pub fn all_acked(&self, generation: u64) -> bool {
+        self.0
+            .lock()
+            .expect("node status lock")
+            .values()
+            .filter(|status| status.streams > 0)
+            .all(|status| {
+                status
+                    .acked_generation
+                    .is_some_and(|acked| acked >= generation)
+            })
     }
 
     fn update(&self, node: &str, change: impl FnOnce(&mut NodeStatus)) {
@@ -124,12 +143,7 @@ impl ConfigDiscovery for ConfigService {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let token = request
-            .metadata()
-            .get("authorization")
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .map(str::to_owned);
+        let token = bearer_token(request.metadata());
         let peer = request
             .remote_addr()
             .map_or_else(|| "unknown".to_owned(), |addr| addr.to_string());

@@ -105,7 +105,7 @@ async fn a_large_cluster_compiles_and_streams_to_every_node() {
     let mut objects = large::cluster(NODES, SERVICES, PODS_PER_SERVICE);
     let settings = Settings::default();
     let started = Instant::now();
-    let compiled = compile(&objects, &settings);
+    let compiled = compile(&objects, &settings, &Default::default());
     eprintln!(
         "compile: {SERVICES} services, {} endpoints, {NODES} nodes in {:.0} ms; {} shared resources, {:.1} MiB encoded",
         SERVICES * PODS_PER_SERVICE,
@@ -123,6 +123,7 @@ async fn a_large_cluster_compiles_and_streams_to_every_node() {
         generation: 1,
         compiled: Arc::new(compiled),
         sources: Default::default(),
+        trust: Default::default(),
     });
     let nodes = Arc::new(Nodes::default());
     let service = ConfigService::new(
@@ -178,8 +179,9 @@ async fn a_large_cluster_compiles_and_streams_to_every_node() {
     let started = Instant::now();
     published.send_replace(Published {
         generation: 2,
-        compiled: Arc::new(compile(&objects, &settings)),
+        compiled: Arc::new(compile(&objects, &settings, &Default::default())),
         sources: Default::default(),
+        trust: Default::default(),
     });
     for agent in &mut agents {
         let delta = agent.next().await;

@@ -121,7 +121,7 @@ endpoints:
 
 #[test]
 fn membership_follows_the_namespace_label_and_the_opt_out_annotation() {
-    let compiled = compile(&objects(CLUSTER), &settings());
+    let compiled = compile(&objects(CLUSTER), &settings(), &TrustBundle::default());
     let namespaces = compiled.shared.all::<proto::Namespace>();
     assert_eq!(namespaces.keys().collect::<Vec<_>>(), ["shop"]);
     assert_eq!(namespaces["shop"].mode, proto::PeerMode::Strict as i32);
@@ -153,7 +153,7 @@ fn membership_follows_the_namespace_label_and_the_opt_out_annotation() {
 
 #[test]
 fn services_carry_ready_endpoints_and_tcp_ports() {
-    let compiled = compile(&objects(CLUSTER), &settings());
+    let compiled = compile(&objects(CLUSTER), &settings(), &TrustBundle::default());
     let services = compiled.shared.all::<proto::Service>();
     assert_eq!(
         services.keys().collect::<Vec<_>>(),
@@ -199,7 +199,11 @@ kind: PeerAuthentication
 metadata: { name: broken, namespace: shop }
 spec: { mode: DISABLE, portModes: [{ port: 80, mode: PERMISSIVE }] }
 "#;
-    let compiled = compile(&objects(&format!("{CLUSTER}{policies}")), &settings());
+    let compiled = compile(
+        &objects(&format!("{CLUSTER}{policies}")),
+        &settings(),
+        &TrustBundle::default(),
+    );
     let namespaces = compiled.shared.all::<proto::Namespace>();
     assert_eq!(
         namespaces["shop"].mode,
@@ -269,7 +273,11 @@ metadata: { name: typo, namespace: shop }
 spec:
   rules: [{ from: [{ principals: ["shop/sa/default"] }] }]
 "#;
-    let compiled = compile(&objects(&format!("{CLUSTER}{policies}")), &settings());
+    let compiled = compile(
+        &objects(&format!("{CLUSTER}{policies}")),
+        &settings(),
+        &TrustBundle::default(),
+    );
     let node0 = compiled.view("node0");
     let policies0 = node0.local.all::<proto::AuthorizationPolicy>();
     assert_eq!(
@@ -338,7 +346,11 @@ kind: TrafficPolicy
 metadata: { name: ghost, namespace: shop }
 spec: { service: ghost }
 "#;
-    let compiled = compile(&objects(&format!("{CLUSTER}{policies}")), &settings());
+    let compiled = compile(
+        &objects(&format!("{CLUSTER}{policies}")),
+        &settings(),
+        &TrustBundle::default(),
+    );
     let policy = compiled
         .shared
         .get::<proto::TrafficPolicy>("shop/web")
@@ -404,7 +416,11 @@ spec:
   parentRefs: [{ name: public-gateway }]
   rules: [{ backendRefs: [{ name: web, port: 80 }] }]
 "#;
-    let compiled = compile(&objects(&format!("{CLUSTER}{routes}")), &settings());
+    let compiled = compile(
+        &objects(&format!("{CLUSTER}{routes}")),
+        &settings(),
+        &TrustBundle::default(),
+    );
     let at_80 = compiled
         .shared
         .get::<proto::ServiceRoutes>("shop/web:80")
@@ -452,12 +468,12 @@ spec:
 #[test]
 fn endpoint_changes_change_only_what_they_touch() {
     let mut objects = objects(CLUSTER);
-    let before = compile(&objects, &settings());
+    let before = compile(&objects, &settings(), &TrustBundle::default());
     let slice_key = ObjectKey::new("shop", "web-abc");
     let mut slice = objects.endpoint_slices[&slice_key].as_ref().clone();
     slice.endpoints.truncate(1);
     objects.upsert(Object::EndpointSlice(Arc::new(slice)));
-    let after = compile(&objects, &settings());
+    let after = compile(&objects, &settings(), &TrustBundle::default());
     let delta = after.view("node0").delta_from(&before.view("node0"));
     let changed: Vec<&str> = delta
         .upserts
@@ -467,7 +483,9 @@ fn endpoint_changes_change_only_what_they_touch() {
     assert_eq!(changed, ["shop/web"]);
     assert!(delta.removals.is_empty());
     assert_eq!(
-        compile(&objects, &settings()).view("node0").version,
+        compile(&objects, &settings(), &TrustBundle::default())
+            .view("node0")
+            .version,
         after.view("node0").version,
         "the same objects give the same version"
     );
