@@ -585,6 +585,49 @@ fn handshake_error(error: TlsError) -> RustlsError {
     RustlsError::Other(OtherError(Arc::new(error)))
 }
 
+/// The `weft_hbone_failures_total` reason of a failed TLS handshake, from the error
+/// tokio-rustls returned (which carries the rustls error inside):
+///
+/// - `certificate_expired`, `certificate_not_yet_valid`: the peer's certificate is
+///   outside its validity period (by this node's clock);
+/// - `certificate_untrusted`: the peer's certificate was refused for another reason:
+///   it does not chain to the trust bundle, a bad signature, a wrong key usage, …;
+/// - `wrong_identity`: weft's SPIFFE check refused the peer (see [`handshake_error`]):
+///   not the workload expected, or no usable SPIFFE ID;
+/// - `certificate_rejected_by_peer`: the peer sent an alert saying it refused *our*
+///   certificate (expired, unknown CA, revoked, …);
+/// - `tls_handshake`: anything else, including errors that carry no rustls error.
+pub fn handshake_failure_reason(error: &io::Error) -> &'static str {
+    use rustls::{AlertDescription as Alert, CertificateError as Cert};
+    let is_weft_verdict = |other: &OtherError| other.0.downcast_ref::<TlsError>().is_some();
+    match error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<RustlsError>())
+    {
+        Some(RustlsError::InvalidCertificate(error)) => match error {
+            Cert::Expired | Cert::ExpiredContext { .. } => "certificate_expired",
+            Cert::NotValidYet | Cert::NotValidYetContext { .. } => "certificate_not_yet_valid",
+            Cert::Other(other) if is_weft_verdict(other) => "wrong_identity",
+            _ => "certificate_untrusted",
+        },
+        Some(RustlsError::Other(other)) if is_weft_verdict(other) => "wrong_identity",
+        Some(RustlsError::AlertReceived(
+            Alert::BadCertificate
+            | Alert::UnsupportedCertificate
+            | Alert::CertificateRevoked
+            | Alert::CertificateExpired
+            | Alert::CertificateUnknown
+            | Alert::UnknownCA
+            | Alert::AccessDenied
+            | Alert::CertificateRequired
+            | Alert::CertificateUnobtainable
+            | Alert::BadCertificateStatusResponse
+            | Alert::BadCertificateHashValue,
+        )) => "certificate_rejected_by_peer",
+        _ => "tls_handshake",
+    }
+}
+
 /// Picks the server certificate by TLS server name ([`Identity::sni`]).
 #[derive(Debug)]
 struct CertBySni(HashMap<String, Arc<CertifiedKey>>);
@@ -1433,5 +1476,208 @@ mod tests {
             service_account: "cart".into(),
         };
         assert!(matches!(server_name(&broken), Err(TlsError::ServerName(_))));
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    /// A leaf of `ca` made from `params`, ready to present. Made by hand:
+    /// [`CertStore::load`] refuses a certificate that is not valid now.
+    fn presented(ca: &TestCa, params: CertificateParams) -> Arc<CertifiedKey> {
+        let key = KeyPair::generate().expect("leaf key");
+        let cert = CertificateDer::from_pem_slice(ca.sign(&key, params).as_bytes()).expect("PEM");
+        let key = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).expect("PEM");
+        let provider = aws_lc_rs::default_provider();
+        Arc::new(CertifiedKey::from_der(vec![cert], key, &provider).expect("certified key"))
+    }
+
+    /// The parameters of a workload leaf for `uri`, valid from `not_before` to `not_after`.
+    fn valid(uri: &str, not_before: SystemTime, not_after: SystemTime) -> CertificateParams {
+        let mut params = leaf_params(&[uri]);
+        params.not_before = not_before.into();
+        params.not_after = not_after.into();
+        params
+    }
+
+    fn roots(ca: &TestCa) -> Arc<RootCertStore> {
+        let mut roots = RootCertStore::empty();
+        let root = CertificateDer::from_pem_slice(ca.pem.as_bytes()).expect("PEM");
+        roots.add(root).expect("trust anchor");
+        Arc::new(roots)
+    }
+
+    /// A client configuration as [`CertStore::client_config`] builds it for a server B
+    /// certified by `ca`, presenting `key` whatever it is.
+    fn client_presenting(key: Arc<CertifiedKey>, ca: &TestCa) -> Arc<ClientConfig> {
+        let provider = Arc::new(aws_lc_rs::default_provider());
+        let verifier = SpiffeServerVerifier {
+            roots: roots(ca),
+            algorithms: provider.signature_verification_algorithms,
+            expected: id(B),
+        };
+        let mut config = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&TLS13])
+            .expect("TLS 1.3")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_cert_resolver(Arc::new(ClientCert(key)));
+        config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        Arc::new(config)
+    }
+
+    /// A server configuration as [`CertStore::load`] builds it for clients certified by
+    /// `ca`, presenting `key` whatever it is for B's server name.
+    fn server_presenting(key: Arc<CertifiedKey>, ca: &TestCa) -> Arc<ServerConfig> {
+        let provider = Arc::new(aws_lc_rs::default_provider());
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca), provider.clone())
+            .build()
+            .expect("client verifier");
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&TLS13])
+            .expect("TLS 1.3")
+            .with_client_cert_verifier(Arc::new(SpiffeClientVerifier(verifier)))
+            .with_cert_resolver(Arc::new(CertBySni(HashMap::from([(id(B).sni(), key)]))));
+        config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        Arc::new(config)
+    }
+
+    #[tokio::test]
+    async fn a_refused_client_certificate_is_counted_with_its_reason() {
+        let dir = TempDir::new();
+        let ca = TestCa::new("mesh CA");
+        let rogue = TestCa::new("rogue CA");
+        let server_node = load(&node(&dir, "server", &ca, &[B]));
+        let now = SystemTime::now();
+        // (what the client presents, the server's reason, the client's reason)
+        let cases = [
+            (
+                presented(&ca, valid(A, now - 2 * HOUR, now - HOUR)),
+                "certificate_expired",
+                "certificate_rejected_by_peer",
+            ),
+            (
+                presented(&ca, valid(A, now + HOUR, now + 2 * HOUR)),
+                "certificate_not_yet_valid",
+                "certificate_rejected_by_peer",
+            ),
+            (
+                presented(&rogue, valid(A, now - HOUR, now + HOUR)),
+                "certificate_untrusted",
+                "certificate_rejected_by_peer",
+            ),
+            // A valid certificate without a SPIFFE ID: weft's own check refuses it, and
+            // rustls tells the client only handshake_failure.
+            (
+                presented(&ca, leaf_params(&["https://example.com/"])),
+                "wrong_identity",
+                "tls_handshake",
+            ),
+        ];
+        for (key, server_reason, client_reason) in cases {
+            let config = client_presenting(key, &ca);
+            let name = server_name(&id(B)).expect("server name");
+            let (client, server) = handshake(config, server_node.server_config(), name).await;
+            let error = server.expect_err("the server must refuse the client");
+            assert_eq!(handshake_failure_reason(&error), server_reason, "{error}");
+            let error = client_failed(client).await;
+            assert_eq!(handshake_failure_reason(&error), client_reason, "{error}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_server_certificate_is_counted_with_its_reason() {
+        let dir = TempDir::new();
+        let ca = TestCa::new("mesh CA");
+        let rogue = TestCa::new("rogue CA");
+        let client_node = load(&node(&dir, "client", &ca, &[A]));
+        let config = client_node.client_config(&id(A), &id(B)).expect("config");
+        let now = SystemTime::now();
+        // (what the server presents for B, the client's reason, the server's reason)
+        let cases = [
+            (
+                presented(&ca, valid(B, now - 2 * HOUR, now - HOUR)),
+                "certificate_expired",
+                "certificate_rejected_by_peer",
+            ),
+            (
+                presented(&ca, valid(B, now + HOUR, now + 2 * HOUR)),
+                "certificate_not_yet_valid",
+                "certificate_rejected_by_peer",
+            ),
+            (
+                presented(&rogue, valid(B, now - HOUR, now + HOUR)),
+                "certificate_untrusted",
+                "certificate_rejected_by_peer",
+            ),
+            // A valid certificate of another workload: weft's SPIFFE check refuses it,
+            // and rustls tells the server only handshake_failure.
+            (
+                presented(&ca, valid(C, now - HOUR, now + HOUR)),
+                "wrong_identity",
+                "tls_handshake",
+            ),
+        ];
+        for (key, client_reason, server_reason) in cases {
+            let name = server_name(&id(B)).expect("server name");
+            let (client, server) =
+                handshake(config.clone(), server_presenting(key, &ca), name).await;
+            let error = client.expect_err("the client must refuse the server");
+            assert_eq!(handshake_failure_reason(&error), client_reason, "{error}");
+            let error = server.expect_err("the server must see the handshake fail");
+            assert_eq!(handshake_failure_reason(&error), server_reason, "{error}");
+        }
+    }
+
+    #[test]
+    fn other_handshake_failures_keep_the_generic_reason() {
+        use rustls::{AlertDescription, CertificateError};
+
+        let reason = |error: RustlsError| {
+            handshake_failure_reason(&io::Error::new(io::ErrorKind::InvalidData, error))
+        };
+        let foreign = || OtherError(Arc::new(io::Error::other("not weft's")));
+        let wrong_peer = || {
+            OtherError(Arc::new(TlsError::WrongPeer {
+                expected: Box::new(id(B)),
+                presented: Box::new(id(C)),
+            }))
+        };
+        let at = |secs| UnixTime::since_unix_epoch(Duration::from_secs(secs));
+        let expired = CertificateError::ExpiredContext {
+            time: at(2),
+            not_after: at(1),
+        };
+        let cases = [
+            (expired.into(), "certificate_expired"),
+            (CertificateError::Revoked.into(), "certificate_untrusted"),
+            (
+                CertificateError::Other(foreign()).into(),
+                "certificate_untrusted",
+            ),
+            (
+                CertificateError::Other(wrong_peer()).into(),
+                "wrong_identity",
+            ),
+            (RustlsError::Other(wrong_peer()), "wrong_identity"),
+            (RustlsError::Other(foreign()), "tls_handshake"),
+            (RustlsError::NoCertificatesPresented, "tls_handshake"),
+            (
+                RustlsError::AlertReceived(AlertDescription::UnknownCA),
+                "certificate_rejected_by_peer",
+            ),
+            (
+                RustlsError::AlertReceived(AlertDescription::HandshakeFailure),
+                "tls_handshake",
+            ),
+            (RustlsError::DecryptError, "tls_handshake"),
+        ];
+        for (error, expected) in cases {
+            let text = error.to_string();
+            assert_eq!(reason(error), expected, "{text}");
+        }
+        // Errors without a rustls error inside: the peer hung up, or sent no TLS at all.
+        let reset = io::Error::from(io::ErrorKind::ConnectionReset);
+        assert_eq!(handshake_failure_reason(&reset), "tls_handshake");
+        let eof = io::Error::new(io::ErrorKind::UnexpectedEof, "tls handshake eof");
+        assert_eq!(handshake_failure_reason(&eof), "tls_handshake");
     }
 }

@@ -47,8 +47,9 @@ async fn connection(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
     let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(err)) => {
-            log::info!("TLS handshake with {peer} failed: {err}");
-            metrics::hbone_failure("inbound", "tls_handshake");
+            let reason = tls::handshake_failure_reason(&err);
+            log::info!("TLS handshake with {peer} failed ({reason}): {err}");
+            metrics::hbone_failure("inbound", reason);
             return;
         }
         Err(_) => {

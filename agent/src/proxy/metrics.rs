@@ -184,7 +184,10 @@ pub fn describe() {
     );
     describe_counter!(
         "weft_hbone_failures_total",
-        "Failed HBONE handshakes and tunnels, by direction and reason"
+        "Failed HBONE handshakes and tunnels, by direction and reason; a TLS handshake \
+         failed on a certificate counts as certificate_expired, certificate_not_yet_valid, \
+         certificate_untrusted, wrong_identity (not the expected SPIFFE ID) or \
+         certificate_rejected_by_peer (the peer refused ours)"
     );
     describe_counter!(
         "weft_ebpf_events_total",
@@ -214,7 +217,11 @@ pub fn refused(direction: &'static str, reason: &'static str) {
         .increment(1);
 }
 
-/// A failed HBONE handshake or tunnel, by reason.
+/// A failed HBONE handshake or tunnel, by reason. A TLS handshake that failed on a
+/// certificate counts as [`crate::tls::handshake_failure_reason`] says
+/// (`certificate_expired`, `certificate_not_yet_valid`, `certificate_untrusted`,
+/// `wrong_identity`, `certificate_rejected_by_peer`); any other TLS failure as
+/// `tls_handshake` inbound, as `dial` (like a failure to connect) outbound.
 pub fn hbone_failure(direction: &'static str, reason: &'static str) {
     counter!("weft_hbone_failures_total", "direction" => direction, "reason" => reason)
         .increment(1);

@@ -21,6 +21,7 @@ use tokio_rustls::TlsConnector;
 
 use super::{
     CONNECT_TIMEOUT, HBONE_PORT, PoolKey, Proxy, connect_marked,
+    hbone::HboneError,
     metrics::{self, Connection, Outcome, Peer, Reporter},
 };
 use crate::{
@@ -154,8 +155,12 @@ async fn handle(proxy: &Arc<Proxy>, mut client: TcpStream, peer: SocketAddr) {
                     .await
                     .map_err(|err| format!("copy: {err}")),
                 Err(err) => {
-                    metrics::hbone_failure("outbound", err.reason());
-                    Err(format!("HBONE to {agent} for {}: {err}", route.target))
+                    let reason = failure_reason(&err);
+                    metrics::hbone_failure("outbound", reason);
+                    Err(format!(
+                        "HBONE to {agent} for {} failed ({reason}): {err}",
+                        route.target
+                    ))
                 }
             }
         }
@@ -279,7 +284,7 @@ async fn tunnel(
     agent: SocketAddr,
     target: SocketAddr,
     client: SocketAddr,
-) -> Result<super::hbone::Tunnel, super::hbone::HboneError> {
+) -> Result<super::hbone::Tunnel, HboneError> {
     let key = PoolKey {
         source: source.clone(),
         destination: destination.clone(),
@@ -301,6 +306,26 @@ async fn tunnel(
         TlsConnector::from(config).connect(name, tcp).await
     };
     proxy.pool.connect(&key, dial, request).await
+}
+
+/// The `weft_hbone_failures_total` reason of a failed tunnel: when the TLS handshake
+/// with the peer agent failed on a certificate, which problem
+/// ([`tls::handshake_failure_reason`]); otherwise the HBONE error's own reason (`dial`
+/// for any other failure to connect, TLS included).
+///
+/// Two cases keep the generic reason. The peer's refusal of *our* certificate: in TLS
+/// 1.3 the client's handshake completes before the server checks the client
+/// certificate, so the alert arrives during the HTTP/2 handshake, whose error keeps
+/// only its text (`handshake`). And callers that waited for another caller's dial to
+/// the same peer: they get the reason the pool recorded (`dial`).
+fn failure_reason(err: &HboneError) -> &'static str {
+    match err {
+        HboneError::Dial(io) => match tls::handshake_failure_reason(io) {
+            "tls_handshake" => err.reason(),
+            certificate => certificate,
+        },
+        _ => err.reason(),
+    }
 }
 
 /// The CONNECT request, with the headers Istio's HBONE peers send: `Forwarded` (the
@@ -484,6 +509,28 @@ services:
             Some("unknown_destination")
         );
         assert_eq!(reason(client, addr("10.96.0.11:80")), Some("no_endpoints"));
+    }
+
+    #[test]
+    fn failed_dials_name_the_certificate_problem() {
+        use std::io::{Error, ErrorKind};
+
+        use rustls::{CertificateError, Error as RustlsError};
+
+        let tls = |error: RustlsError| HboneError::Dial(Error::new(ErrorKind::InvalidData, error));
+        assert_eq!(
+            failure_reason(&tls(CertificateError::Expired.into())),
+            "certificate_expired"
+        );
+        assert_eq!(
+            failure_reason(&tls(CertificateError::UnknownIssuer.into())),
+            "certificate_untrusted"
+        );
+        // Other TLS failures, and failures to connect at all, stay `dial`.
+        assert_eq!(failure_reason(&tls(RustlsError::DecryptError)), "dial");
+        let refused = HboneError::Dial(Error::from(ErrorKind::ConnectionRefused));
+        assert_eq!(failure_reason(&refused), "dial");
+        assert_eq!(failure_reason(&HboneError::Closed), "closed");
     }
 
     #[test]
