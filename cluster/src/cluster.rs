@@ -19,7 +19,7 @@ use std::{
 };
 
 use crate::{
-    ClusterError, Layout, NodeInfo, NodeProcess, PodInfo, Topology, ca, cni, host,
+    ClusterError, Layout, NodeInfo, NodeProcess, PodInfo, Topology, cni, host,
     layout::validate_dns_label, objects,
 };
 
@@ -28,6 +28,8 @@ const CONTROLLER_ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 254);
 /// The controller's config stream and status ports.
 const CONTROLLER_GRPC_PORT: u16 = 15010;
 const CONTROLLER_ADMIN_PORT: u16 = 15014;
+/// The agent's admin endpoint, on the node's localhost.
+const AGENT_ADMIN_PORT: u16 = 15000;
 
 /// Upper bound on nodes: each owns a /24 of 10.244.0.0/16 and a fabric address.
 pub const MAX_NODES: usize = 64;
@@ -112,11 +114,12 @@ impl Cluster {
             cni_bin_dir: None,
             manifests: None,
             exclude_ports: Vec::new(),
+            controller_args: Vec::new(),
             objects: layout.state_dir().join("objects.json"),
             controller_address: CONTROLLER_ADDRESS,
             controller: None,
             node_tokens: layout.state_dir().join("control-plane").join("tokens"),
-            trust_bundle: layout.state_dir().join("ca").join("ca.crt"),
+            ca_dir: layout.ca_dir(),
             nodes: (0..nodes)
                 .map(|index| {
                     let node = format!("node{index}");
@@ -132,7 +135,6 @@ impl Cluster {
                         agent_socket: layout.node_state(&node).join("cni.sock"),
                         agent_state_dir: layout.node_state(&node).join("agent"),
                         flow_log: layout.node_state(&node).join("flows.jsonl"),
-                        certs: layout.node_state(&node).join("certs"),
                         agent: None,
                         name: node,
                     }
@@ -287,9 +289,6 @@ impl Cluster {
         };
         let node = node.clone();
         let cni_bin_dir = self.topology.cni_bin_dir.clone();
-        // The pod's identity has its certificate before the runtime asks the agent to
-        // enroll it.
-        self.issue_certificate(&pod)?;
         let started = wire_pod(&node, &pod)
             .and_then(|()| match &cni_bin_dir {
                 Some(dir) => cni::invoke(dir, "ADD", &node, &pod),
@@ -327,9 +326,9 @@ impl Cluster {
     /// Gives the cluster a mesh: `manifests` are the user's Kubernetes YAML files or
     /// directories (meshed namespaces, services, weft's policies, routes), which the
     /// controller reads beside the cluster's own objects and rereads when they change;
-    /// connections to `exclude_ports` are never captured. Creates the cluster's CA and
-    /// node tokens on first use and issues every pod's identity. A running controller
-    /// takes new ports when it restarts.
+    /// connections to `exclude_ports` are never captured. Creates the node tokens on
+    /// first use; the controller creates the mesh CA in [`Topology::ca_dir`] on its
+    /// first start. A running controller takes new ports when it restarts.
     pub fn set_mesh(
         &mut self,
         manifests: Vec<PathBuf>,
@@ -341,7 +340,6 @@ impl Cluster {
             .iter()
             .map(|path| fs::canonicalize(path).map_err(ClusterError::io(path)))
             .collect::<Result<Vec<_>, _>>()?;
-        self.ca()?;
         host::create_dir(&self.topology.node_tokens)?;
         for node in self.topology.node_names() {
             let token = self.topology.node_tokens.join(format!("{node}.token"));
@@ -351,16 +349,14 @@ impl Cluster {
         }
         self.topology.manifests = Some(manifests);
         self.topology.exclude_ports = exclude_ports;
-        for pod in self.topology.pods.clone() {
-            self.issue_certificate(&pod)?;
-        }
         self.write_objects()?;
         self.save()
     }
 
     /// Waits until the controller has compiled the current content of every file it
     /// reads (the cluster's objects and the user's manifests) and every running agent
-    /// has applied the result.
+    /// has applied the result and holds a certificate from the mesh CA for every
+    /// identity of its meshed pods.
     pub fn wait_for_mesh(&self, timeout: Duration) -> Result<(), ClusterError> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -411,7 +407,6 @@ impl Cluster {
             .iter()
             .filter(|node| node.agent.is_some())
         {
-            self.certificates_loaded(node)?;
             let state = &status["nodes"][&node.name];
             let acked = state["acked_generation"].as_u64().unwrap_or(0);
             if state["in_sync"] != true || acked < generation {
@@ -420,34 +415,34 @@ impl Cluster {
                     node.name
                 ));
             }
+            self.certificates_loaded(node)?;
         }
         Ok(())
     }
 
-    /// `Ok` once `node`'s agent has loaded the certificate of every identity of the
-    /// node's pods (it rereads its certificate directory on its own schedule).
+    /// `Ok` once `node`'s agent holds a certificate for the identity of every pod of
+    /// the node that its configuration (already the current one) meshes; it asks the
+    /// mesh CA for them on its own schedule.
     fn certificates_loaded(&self, node: &NodeInfo) -> Result<(), String> {
-        let output = self
-            .node_command(
-                &node.name,
-                &[
-                    "curl",
-                    "-sf",
-                    "--max-time",
-                    "1",
-                    "http://127.0.0.1:15000/certs",
-                ],
-            )
-            .map_err(|err| err.to_string())?
-            .output()
-            .map_err(|err| format!("curl: {err}"))?;
-        let loaded: Vec<serde_json::Value> =
-            serde_json::from_slice(&output.stdout).unwrap_or_default();
+        let dump = self.agent_admin(&node.name, "/config_dump")?;
+        let meshed = |pod: &PodInfo| {
+            dump["mesh"]["workloads"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|workload| {
+                    workload["namespace"] == pod.namespace.as_str()
+                        && workload["name"] == pod.name.as_str()
+                        && workload["optedOut"] != true
+                })
+        };
+        let loaded = self.agent_admin(&node.name, "/certs")?;
+        let loaded = loaded.as_array().map(Vec::as_slice).unwrap_or_default();
         for pod in self
             .topology
             .pods
             .iter()
-            .filter(|pod| pod.node == node.name)
+            .filter(|pod| pod.node == node.name && meshed(pod))
         {
             let identity = identity(pod);
             if !loaded
@@ -461,6 +456,19 @@ impl Cluster {
             }
         }
         Ok(())
+    }
+
+    /// A `GET` of `path` on `node`'s agent admin endpoint (`127.0.0.1:15000` in the
+    /// node's namespace: `/certs`, `/config_dump`), as JSON.
+    pub fn agent_admin(&self, node: &str, path: &str) -> Result<serde_json::Value, String> {
+        let url = format!("http://127.0.0.1:{AGENT_ADMIN_PORT}{path}");
+        let output = self
+            .node_command(node, &["curl", "-sf", "--max-time", "1", &url])
+            .map_err(|err| err.to_string())?
+            .output()
+            .map_err(|err| format!("curl: {err}"))?;
+        serde_json::from_slice(&output.stdout)
+            .map_err(|_| format!("the agent on {node} to answer on {url}"))
     }
 
     /// The controller's `/status`, as JSON.
@@ -499,27 +507,6 @@ impl Cluster {
             .expect("JSON values serialise");
         fs::write(&partial, text).map_err(ClusterError::io(&partial))?;
         fs::rename(&partial, path).map_err(ClusterError::io(path))
-    }
-
-    /// The cluster's certificate authority, created on first use.
-    fn ca(&self) -> Result<ca::LocalCa, ClusterError> {
-        ca::LocalCa::create_or_load(&self.layout.state_dir().join("ca"), objects::TRUST_DOMAIN)
-    }
-
-    /// Issues the certificate of `pod`'s identity to its node, unless it has one.
-    fn issue_certificate(&self, pod: &PodInfo) -> Result<(), ClusterError> {
-        if self.topology.manifests.is_none() {
-            return Ok(());
-        }
-        let node = self.node(&pod.node)?;
-        let stem = format!("{}.{}", pod.namespace, pod.service_account);
-        if node.certs.join(format!("{stem}.crt")).exists() {
-            return Ok(());
-        }
-        host::create_dir(&node.certs)?;
-        self.ca()?
-            .issue(&identity(pod), &node.certs, &stem, ca::Validity::days(1))?;
-        Ok(())
     }
 
     /// Stops a pod's processes and removes its namespace, veth pair and cgroup.
@@ -608,6 +595,8 @@ impl Cluster {
             format!("{address}:{CONTROLLER_ADMIN_PORT}"),
             "--node-tokens".to_owned(),
             self.topology.node_tokens.display().to_string(),
+            "--ca-dir".to_owned(),
+            self.topology.ca_dir.display().to_string(),
             "--trust-domain".to_owned(),
             objects::TRUST_DOMAIN.to_owned(),
             "--file-interval-ms".to_owned(),
@@ -623,6 +612,7 @@ impl Cluster {
             argv.push("--exclude-port".to_owned());
             argv.push(port.to_string());
         }
+        argv.extend(self.topology.controller_args.iter().cloned());
         let log = self.layout.node_log("control-plane", "controller");
         let pid = spawn_logged(self.fabric_command(&argv)?, &argv, &log)?;
         let process = NodeProcess {
@@ -643,6 +633,15 @@ impl Cluster {
         self.topology.controller = Some(process.clone());
         self.save()?;
         Ok(process)
+    }
+
+    /// Sets extra arguments of `weft-controller run` (such as `--cert-ttl 10s`), kept in
+    /// the topology; the controller gets them from its next start on.
+    pub fn set_controller_args(&mut self, args: Vec<String>) -> Result<(), ClusterError> {
+        let _lock = self.lock()?;
+        self.refresh()?;
+        self.topology.controller_args = args;
+        self.save()
     }
 
     /// Stops the controller (SIGTERM, then SIGKILL after 5 s). The agents keep serving
@@ -700,8 +699,9 @@ impl Cluster {
         self.save()
     }
 
-    /// Starts `weft-agent` (the binary at `agent_bin`) on `node` with the cluster's
-    /// mesh configuration and certificates, and waits until it serves its CNI socket.
+    /// Starts `weft-agent` (the binary at `agent_bin`) on `node`, subscribed to the
+    /// controller (which streams its configuration and signs its pods' certificates),
+    /// and waits until it serves its CNI socket.
     pub fn start_agent(
         &mut self,
         node: &str,
@@ -714,7 +714,6 @@ impl Cluster {
             return Err(ClusterError::NoMesh(self.topology.name.clone()));
         }
         let info = self.node(node)?.clone();
-        host::create_dir(&info.certs)?;
         let controller = format!(
             "http://{}:{CONTROLLER_GRPC_PORT}",
             self.topology.controller_address
@@ -739,10 +738,6 @@ impl Cluster {
             controller.as_ref(),
             "--controller-token-file".as_ref(),
             token.as_os_str(),
-            "--trust-bundle".as_ref(),
-            self.topology.trust_bundle.as_os_str(),
-            "--certs".as_ref(),
-            info.certs.as_os_str(),
             "--flow-log".as_ref(),
             info.flow_log.as_os_str(),
             // Kernel programs' own log records, at debug level, into the agent's log.

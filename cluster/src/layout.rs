@@ -64,6 +64,11 @@ impl Layout {
         self.state_dir().join(node)
     }
 
+    /// The mesh CA's directory, which the controller keeps (`--ca-dir`).
+    pub fn ca_dir(&self) -> PathBuf {
+        self.state_dir().join("ca")
+    }
+
     /// Prefix of every network namespace of this cluster.
     pub fn netns_prefix(&self) -> String {
         format!("weft-{}-", self.cluster)

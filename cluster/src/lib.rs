@@ -12,7 +12,6 @@
 //! of another.
 #![forbid(unsafe_code)]
 
-pub mod ca;
 mod cluster;
 pub mod cni;
 mod error;

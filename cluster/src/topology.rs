@@ -26,6 +26,10 @@ pub struct Topology {
     /// Destination ports never captured (the controller's `--exclude-port`).
     #[serde(default)]
     pub exclude_ports: Vec<u16>,
+    /// Extra arguments of `weft-controller run`, such as `--cert-ttl 10s`; the
+    /// controller gets them every time it starts.
+    #[serde(default)]
+    pub controller_args: Vec<String>,
     /// The cluster's own objects (nodes and pods), as the controller reads them.
     pub objects: PathBuf,
     /// The controller's address on the fabric: config stream on 15010, `/status` and
@@ -35,8 +39,10 @@ pub struct Topology {
     pub controller: Option<NodeProcess>,
     /// Each node's token for the controller: `<dir>/<node>.token`.
     pub node_tokens: PathBuf,
-    /// The root certificate of the cluster's CA (the agents' trust bundle).
-    pub trust_bundle: PathBuf,
+    /// The mesh CA's directory (the controller's `--ca-dir`: `tls.crt`, `tls.key`,
+    /// `ca.crt`, `previous-*` during a rotation), created by the controller on its first
+    /// start.
+    pub ca_dir: PathBuf,
     pub nodes: Vec<NodeInfo>,
     pub pods: Vec<PodInfo>,
 }
@@ -64,8 +70,6 @@ pub struct NodeInfo {
     pub agent_state_dir: PathBuf,
     /// Where the node agent writes flow events (JSON lines).
     pub flow_log: PathBuf,
-    /// The certificates of the identities of the node's pods.
-    pub certs: PathBuf,
     /// The node's agent, while one runs.
     pub agent: Option<NodeProcess>,
 }

@@ -1,18 +1,29 @@
 //! Support for weft's privileged end-to-end tests: unique names, clusters that remove
-//! themselves (also when a test panics), and running commands inside pods.
+//! themselves (also when a test panics), running commands inside pods, reading
+//! metrics, and client certificates from the mesh CA (or a rogue one) for tests that
+//! play a misbehaving peer.
 //!
 //! The tests themselves are in `tests/`. They need root and run under
 //! `cargo xtask test`, which builds the workspace binaries they start first.
 
 use std::{
+    collections::BTreeMap,
     ffi::OsStr,
-    ops::{Deref, DerefMut},
-    path::PathBuf,
+    fs,
+    ops::{Deref, DerefMut, Range},
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
     process::Output,
     sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, SystemTime},
 };
 
 use aya::maps::{HashMap, Map, MapData};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+    string::Ia5String,
+};
 use weft_cluster::Cluster;
 use weft_common::{InboundPort, names};
 
@@ -52,10 +63,32 @@ impl TestCluster {
 
     /// [`Self::with_mesh`], with destination ports the mesh never captures.
     pub fn with_mesh_excluding(nodes: usize, manifests: &str, exclude_ports: &[u16]) -> Self {
+        Self::mesh(nodes, manifests, exclude_ports, &[])
+    }
+
+    /// [`Self::with_mesh`], with extra arguments of `weft-controller run` (such as
+    /// `--cert-ttl 10s`), which it also gets when a test restarts it.
+    pub fn with_mesh_and_controller_args(
+        nodes: usize,
+        manifests: &str,
+        controller_args: &[&str],
+    ) -> Self {
+        Self::mesh(nodes, manifests, &[], controller_args)
+    }
+
+    fn mesh(
+        nodes: usize,
+        manifests: &str,
+        exclude_ports: &[u16],
+        controller_args: &[&str],
+    ) -> Self {
         let mut cluster = Self::up(nodes);
         let path = cluster.manifests_file();
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, manifests).unwrap();
+        cluster
+            .set_controller_args(controller_args.iter().map(|&arg| arg.to_owned()).collect())
+            .unwrap_or_else(|err| panic!("{err}"));
         cluster
             .set_mesh(vec![path], exclude_ports.to_vec())
             .unwrap_or_else(|err| panic!("{err}"));
@@ -243,4 +276,194 @@ pub fn leftovers(name: &str) -> Vec<String> {
         }
     }
     found
+}
+
+/// Node `node`'s agent metrics (`GET :15020/metrics`, Prometheus text).
+pub fn agent_metrics(cluster: &Cluster, node: &str) -> String {
+    let ip = cluster.topology().node(node).expect("the node exists").ip;
+    scrape(cluster, Some(node), &format!("http://{ip}:15020/metrics"))
+}
+
+/// The controller's metrics (`GET :15014/metrics`, Prometheus text).
+pub fn controller_metrics(cluster: &Cluster) -> String {
+    let address = cluster.topology().controller_address;
+    scrape(cluster, None, &format!("http://{address}:15014/metrics"))
+}
+
+/// `GET url` from node `node` (`None`: the fabric), panicking unless it answers.
+fn scrape(cluster: &Cluster, node: Option<&str>, url: &str) -> String {
+    let argv = ["curl", "-sf", "--max-time", "3", url];
+    let command = match node {
+        Some(node) => cluster.node_command(node, &argv),
+        None => cluster.fabric_command(&argv),
+    };
+    let out = command
+        .unwrap_or_else(|err| panic!("{err}"))
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run curl: {err}"));
+    assert!(out.status.success(), "GET {url}: {out:?}");
+    String::from_utf8(out.stdout).expect("metrics are UTF-8")
+}
+
+/// Every sample of metric `name` in Prometheus text: its labels and value.
+pub fn samples(text: &str, name: &str) -> Vec<(BTreeMap<String, String>, f64)> {
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            let (labels, value) = match rest.strip_prefix('{') {
+                Some(rest) => rest.split_once("} ")?,
+                None => ("", rest.strip_prefix(' ')?),
+            };
+            let labels = labels
+                .split("\",")
+                .filter_map(|pair| {
+                    let (key, value) = pair.split_once("=\"")?;
+                    Some((key.to_owned(), value.trim_end_matches('"').to_owned()))
+                })
+                .collect();
+            Some((labels, value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The value of the first sample of `name` whose labels include every `labels` pair.
+pub fn series(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples(text, name)
+        .into_iter()
+        .find(|(found, _)| {
+            labels
+                .iter()
+                .all(|(key, value)| found.get(*key).map(String::as_str) == Some(*value))
+        })
+        .map(|(_, value)| value)
+}
+
+/// A certificate authority for test clients that play a peer the mesh's agents do not
+/// expect: the mesh CA itself, read from the controller's CA directory, to issue
+/// certificates the agents would never ask for (expired, not yet valid, any identity),
+/// or a rogue CA nobody in the mesh trusts. Certificates are shaped like the mesh
+/// CA's: the SPIFFE ID as the only SAN, not a CA, for TLS client and server use.
+#[derive(Debug)]
+pub struct TestCa {
+    issuer: Issuer<'static, KeyPair>,
+    /// PEM certificates sent after the leaf: those of `tls.crt` that are not roots.
+    intermediates: String,
+    /// PEM roots the CA's certificates lead to (`ca.crt`).
+    roots: String,
+}
+
+impl TestCa {
+    /// The mesh CA kept in `ca_dir` (the controller's `--ca-dir`: `tls.crt`, `tls.key`,
+    /// `ca.crt`); it signs with the key the controller signs with now.
+    pub fn mesh(ca_dir: &Path) -> TestCa {
+        let read = |name: &str| {
+            let path = ca_dir.join(name);
+            fs::read_to_string(&path)
+                .unwrap_or_else(|err| panic!("cannot read the mesh CA's {}: {err}", path.display()))
+        };
+        let (signing, key, roots) = (read("tls.crt"), read("tls.key"), read("ca.crt"));
+        let key = KeyPair::from_pem(&key).unwrap_or_else(|err| panic!("tls.key: {err}"));
+        let issuer =
+            Issuer::from_ca_cert_pem(&signing, key).unwrap_or_else(|err| panic!("tls.crt: {err}"));
+        let root_blocks = pem_certificates(&roots);
+        let intermediates = pem_certificates(&signing)
+            .into_iter()
+            .filter(|block| !root_blocks.contains(block))
+            .collect();
+        TestCa {
+            issuer,
+            intermediates,
+            roots,
+        }
+    }
+
+    /// A self-signed root no agent trusts.
+    pub fn rogue() -> TestCa {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("a P-256 key");
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "weft test rogue CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let root = params.self_signed(&key).expect("a self-signed root");
+        TestCa {
+            issuer: Issuer::new(params, key),
+            intermediates: String::new(),
+            roots: root.pem(),
+        }
+    }
+
+    /// The roots (PEM) this CA's certificates lead to.
+    pub fn roots_pem(&self) -> &str {
+        &self.roots
+    }
+
+    /// Issues a certificate for `spiffe_id`, valid over `validity`, and writes
+    /// `dir/<stem>.crt` (the leaf, then any intermediates) and `dir/<stem>.key` (its
+    /// PKCS#8 key, mode 0600). Returns their paths.
+    pub fn issue(
+        &self,
+        spiffe_id: &str,
+        validity: Range<SystemTime>,
+        dir: &Path,
+        stem: &str,
+    ) -> (PathBuf, PathBuf) {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        let uri = Ia5String::try_from(spiffe_id).unwrap_or_else(|err| panic!("{spiffe_id}: {err}"));
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let serial: u64 = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
+        params.serial_number = Some(SerialNumber::from(serial));
+        params.not_before = validity.start.into();
+        params.not_after = validity.end.into();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("a P-256 key");
+        let leaf = params
+            .signed_by(&key, &self.issuer)
+            .unwrap_or_else(|err| panic!("cannot sign {spiffe_id}: {err}"));
+        fs::create_dir_all(dir).unwrap_or_else(|err| panic!("{}: {err}", dir.display()));
+        let cert_path = dir.join(format!("{stem}.crt"));
+        let key_path = dir.join(format!("{stem}.key"));
+        fs::write(&cert_path, leaf.pem() + &self.intermediates)
+            .unwrap_or_else(|err| panic!("{}: {err}", cert_path.display()));
+        let _ = fs::remove_file(&key_path);
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&key_path)
+            .and_then(|mut file| {
+                std::io::Write::write_all(&mut file, key.serialize_pem().as_bytes())
+            })
+            .unwrap_or_else(|err| panic!("{}: {err}", key_path.display()));
+        (cert_path, key_path)
+    }
+}
+
+/// The validity of a certificate that is valid now: from an hour ago for a day.
+pub fn valid_now() -> Range<SystemTime> {
+    let now = SystemTime::now();
+    now - Duration::from_secs(3600)..now + Duration::from_secs(86_400)
+}
+
+/// The PEM certificate blocks of `text`, each with its END line and a newline.
+fn pem_certificates(text: &str) -> Vec<String> {
+    const END: &str = "-----END CERTIFICATE-----";
+    text.split_inclusive(END)
+        .filter_map(|part| {
+            let start = part.find("-----BEGIN CERTIFICATE-----")?;
+            part.ends_with(END).then(|| format!("{}\n", &part[start..]))
+        })
+        .collect()
 }

@@ -11,7 +11,7 @@ use std::{
 };
 
 use weft_cluster::{Cluster, PodInfo, PodSpec};
-use weft_e2e::{TestCluster, wait_until, workspace_bin};
+use weft_e2e::{TestCluster, controller_metrics, samples, wait_until, workspace_bin};
 
 const READY: Duration = Duration::from_secs(10);
 const SERVICE_URL: &str = "http://10.96.0.10/";
@@ -345,10 +345,6 @@ fn an_agent_without_its_nodes_token_is_refused() {
         controller,
         "--controller-token-file".into(),
         wrong_token.display().to_string(),
-        "--trust-bundle".into(),
-        cluster.topology().trust_bundle.display().to_string(),
-        "--certs".into(),
-        node.certs.display().to_string(),
     ];
     let log_path = state.path().join("agent.log");
     let log = std::fs::File::create(&log_path).unwrap();
@@ -375,20 +371,11 @@ fn an_agent_without_its_nodes_token_is_refused() {
     let _ = agent.wait();
 }
 
+/// The sum of every sample of the controller's metric `name`.
 fn metric(cluster: &Cluster, name: &str) -> f64 {
-    let url = format!(
-        "http://{}:15014/metrics",
-        cluster.topology().controller_address
-    );
-    let output = cluster
-        .fabric_command(&["curl", "-sf", "--max-time", "2", &url])
-        .unwrap()
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter(|line| line.starts_with(name))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+    samples(&controller_metrics(cluster), name)
+        .into_iter()
+        .map(|(_, value)| value)
         .sum()
 }
 

@@ -11,8 +11,11 @@ use std::{
     time::Duration,
 };
 
-use weft_cluster::{Cluster, PodInfo, PodSpec, ca, objects::TRUST_DOMAIN};
-use weft_e2e::{TestCluster, run_in_pod, unique_name, wait_until, workspace_bin};
+use weft_cluster::{Cluster, PodInfo, PodSpec, objects::TRUST_DOMAIN};
+use weft_e2e::{
+    TestCa, TestCluster, agent_metrics as metrics, run_in_pod, series, unique_name, valid_now,
+    wait_until, workspace_bin,
+};
 
 const READY: Duration = Duration::from_secs(10);
 const SERVICE: &str = "10.96.0.10";
@@ -85,30 +88,6 @@ fn echo_mesh() -> (TestCluster, Vec<PodInfo>) {
             .success()
     });
     (cluster, replicas)
-}
-
-fn metrics(cluster: &Cluster, node: &str) -> String {
-    let ip = cluster.topology().node(node).unwrap().ip;
-    let url = format!("http://{ip}:15020/metrics");
-    let out = cluster
-        .node_command(node, &["curl", "-sf", "--max-time", "3", &url])
-        .unwrap()
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "GET {url}: {out:?}");
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// The value of the first series of `name` whose labels include every `labels` pair.
-fn series(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|line| line.starts_with(name) && line[name.len()..].starts_with('{'))
-        .find(|line| {
-            labels
-                .iter()
-                .all(|(key, value)| line.contains(&format!("{key}=\"{value}\"")))
-        })
-        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
 }
 
 #[test]
@@ -464,29 +443,19 @@ fn bytes_between_nodes_are_tls_on_the_wire() {
 fn misdirected_and_hostile_peers_are_refused() {
     let (cluster, replicas) = echo_mesh();
     let state = cluster.topology().state_dir.clone();
-    // Client certificates issued by the cluster's CA, and by a CA nobody trusts.
+    // Client certificates issued by the mesh CA, and by a CA nobody trusts.
     let certs = state.join("test-client");
-    let ca = ca::LocalCa::create_or_load(&state.join("ca"), TRUST_DOMAIN).unwrap();
-    ca.issue(&identity("client"), &certs, "client", ca::Validity::days(1))
-        .unwrap();
+    let ca = TestCa::mesh(&cluster.topology().ca_dir);
+    ca.issue(&identity("client"), valid_now(), &certs, "client");
     let rogue_certs = state.join("test-rogue");
-    let rogue = ca::LocalCa::create_or_load(&state.join("rogue-ca"), TRUST_DOMAIN).unwrap();
-    rogue
-        .issue(
-            &identity("client"),
-            &rogue_certs,
-            "client",
-            ca::Validity::days(1),
-        )
-        .unwrap();
+    let rogue = TestCa::rogue();
+    rogue.issue(&identity("client"), valid_now(), &rogue_certs, "client");
 
     let node1 = cluster.topology().node("node1").unwrap().ip;
     let agent = format!("{node1}:15008");
     // The rogue client trusts the real servers (and its own CA, to load its certificate).
     let both = state.join("both-roots.crt");
-    let roots = [ca.trust_bundle(), rogue.trust_bundle()]
-        .map(|path| std::fs::read_to_string(path).unwrap());
-    std::fs::write(&both, roots.concat()).unwrap();
+    std::fs::write(&both, [ca.roots_pem(), rogue.roots_pem()].concat()).unwrap();
     let hbone = |certs: &Path, sni: &str, expected: &str, target: String| -> String {
         let bin = workspace_bin("weft-test-hbone").display().to_string();
         let bundle = both.display().to_string();

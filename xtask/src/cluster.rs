@@ -25,6 +25,10 @@ pub enum Command {
         /// A destination port the mesh never captures (repeatable).
         #[arg(long = "exclude-port")]
         exclude_ports: Vec<u16>,
+        /// An extra argument of `weft-controller run`, kept for its restarts
+        /// (repeatable, e.g. `--controller-arg=--cert-ttl=1h`).
+        #[arg(long = "controller-arg", allow_hyphen_values = true)]
+        controller_args: Vec<String>,
     },
     /// Start or stop a node's agent.
     Agent {
@@ -154,8 +158,10 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             nodes,
             mesh,
             exclude_ports,
+            controller_args,
         } => {
             let mut cluster = Cluster::up(&name, nodes)?;
+            cluster.set_controller_args(controller_args)?;
             if !mesh.is_empty() {
                 set_mesh(&mut cluster, mesh, exclude_ports)?;
                 for node in cluster.topology().node_names() {
