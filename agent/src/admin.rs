@@ -5,7 +5,7 @@
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex},
-    time::UNIX_EPOCH,
+    time::{SystemTime, UNIX_EPOCH},
 };
 
 use http::{Method, Request, StatusCode};
@@ -75,8 +75,15 @@ impl Admin {
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default()
                 .as_secs_f64();
-            metrics::gauge!("weft_certificate_expiry_seconds", "identity" => cert.identity.to_string())
+            let identity = cert.identity.to_string();
+            let left = cert
+                .not_after
+                .duration_since(SystemTime::now())
+                .unwrap_or_default()
+                .as_secs_f64();
+            metrics::gauge!("weft_certificate_expiry_seconds", "identity" => identity.clone())
                 .set(expiry);
+            metrics::gauge!("weft_certificate_ttl_seconds", "identity" => identity).set(left);
         }
         prometheus(self.metrics.render())
     }
@@ -121,6 +128,8 @@ impl Admin {
                             "serial": cert.serial,
                             "not_before": unix(cert.not_before),
                             "not_after": unix(cert.not_after),
+                            "issuer": cert.issuer,
+                            "root": cert.root,
                         })
                     })
                     .collect();

@@ -4,10 +4,13 @@
 //! step with the mesh ([`datapath`]), enrolls the pods the CNI plugin reports ([`cni`],
 //! [`node`]), reads the mesh configuration ([`mesh`], from a file or streamed by the
 //! controller: [`subscription`]) and carries the captured traffic
-//! ([`proxy`]) in mutual TLS between nodes ([`tls`], [`identity`]), reporting on its
+//! ([`proxy`]) in mutual TLS between nodes ([`tls`], [`identity`]) with certificates the
+//! controller's CA issues ([`certificates`]), reporting on its
 //! small HTTP endpoints ([`admin`]). See ARCHITECTURE.md.
 
 pub mod admin;
+pub mod backoff;
+pub mod certificates;
 pub mod cni;
 pub mod datapath;
 pub mod identity;

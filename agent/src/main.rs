@@ -23,6 +23,7 @@ use tokio::{
 };
 use weft_agent::{
     admin::{self, Admin},
+    certificates::{self, Manager},
     cni,
     datapath::{CaptureTarget, Datapath, Pins, flows::Flow, pinned::OriginalDestinations},
     logging,
@@ -98,13 +99,25 @@ struct RunArgs {
     /// Write flow events as JSON lines to this file instead of the log.
     #[arg(long, env = "WEFT_FLOW_LOG")]
     flow_log: Option<PathBuf>,
-    /// PEM file of the mesh's trust anchors (root certificates).
-    #[arg(long, env = "WEFT_TRUST_BUNDLE")]
-    trust_bundle: PathBuf,
-    /// Directory of workload certificates: `<name>.crt` (chain, leaf first) and
-    /// `<name>.key` pairs, one per identity running on this node (reloaded on change).
-    #[arg(long, env = "WEFT_CERTS")]
-    certs: PathBuf,
+    /// Without a controller: the PEM file of the mesh's trust anchors (root
+    /// certificates). With one, the trust bundle comes with the configuration.
+    #[arg(
+        long,
+        env = "WEFT_TRUST_BUNDLE",
+        conflicts_with = "controller",
+        required_unless_present = "controller"
+    )]
+    trust_bundle: Option<PathBuf>,
+    /// Without a controller: the directory of workload certificates, `<name>.crt`
+    /// (chain, leaf first) and `<name>.key` pairs, one per identity running on this
+    /// node (reloaded on change). With one, the controller's CA issues them.
+    #[arg(
+        long,
+        env = "WEFT_CERTS",
+        conflicts_with = "controller",
+        required_unless_present = "controller"
+    )]
+    certs: Option<PathBuf>,
     /// Data-plane worker threads.
     #[arg(long, env = "WEFT_WORKERS", default_value_t = 2)]
     workers: usize,
@@ -228,6 +241,7 @@ async fn control(args: RunArgs, started: std::sync::mpsc::Sender<anyhow::Result<
         node,
         listener,
         offers,
+        certificates,
     } = match start(&args).await {
         Ok(parts) => parts,
         Err(err) => {
@@ -272,21 +286,32 @@ async fn control(args: RunArgs, started: std::sync::mpsc::Sender<anyhow::Result<
         ));
     }
     let certs = Arc::clone(&admin.certs);
-    let (bundle, certs_dir) = (args.trust_bundle.clone(), args.certs.clone());
-    tokio::spawn(reload::on_change(
-        args.certs.clone(),
-        RELOAD_INTERVAL,
-        move |_| match CertStore::load(&bundle, &certs_dir) {
-            Ok(store) => {
-                log::info!(
-                    "reloaded {} workload certificate(s)",
-                    store.identities().len()
-                );
-                certs.replace(store);
-            }
-            Err(err) => log::error!("{err}; keeping the certificates loaded before"),
-        },
-    ));
+    match (certificates, args.trust_bundle.clone(), args.certs.clone()) {
+        (Some(manager), _, _) => {
+            tokio::spawn(forget_superseded_connections(
+                Arc::clone(&certs),
+                Arc::clone(&proxy),
+            ));
+            tokio::spawn(manager.run(certs));
+        }
+        (None, Some(bundle), Some(certs_dir)) => {
+            tokio::spawn(reload::on_change(
+                certs_dir.clone(),
+                RELOAD_INTERVAL,
+                move |_| match CertStore::load(&bundle, &certs_dir) {
+                    Ok(store) => {
+                        log::info!(
+                            "reloaded {} workload certificate(s)",
+                            store.identities().len()
+                        );
+                        certs.replace(store);
+                    }
+                    Err(err) => log::error!("{err}; keeping the certificates loaded before"),
+                },
+            ));
+        }
+        _ => {}
+    }
     let _ = started.send(Ok(proxy));
     cni::serve(listener, node).await;
 }
@@ -299,6 +324,8 @@ struct Started {
     listener: tokio::net::UnixListener,
     /// Versions from the controller, with `--controller`.
     offers: Option<mpsc::Receiver<Offer>>,
+    /// The certificates from the controller's CA, with `--controller`.
+    certificates: Option<Manager>,
 }
 
 /// Loads everything the agent needs before it may say it is ready. With a controller
@@ -367,10 +394,21 @@ async fn start(args: &RunArgs) -> anyhow::Result<Started> {
         (None, None) => MeshConfig::default(),
     };
     let mesh = Arc::new(Current::new(mesh));
-    let certs = Arc::new(Current::new(CertStore::load(
-        &args.trust_bundle,
-        &args.certs,
-    )?));
+    let (store, certificates) = match (&args.controller, &args.trust_bundle, &args.certs) {
+        (Some(controller), _, _) => {
+            let settings = certificates::Settings {
+                controller: controller.clone(),
+                node: args.node.clone(),
+                token_file: args.controller_token_file.clone(),
+                cache_dir: args.state_dir.join("certs"),
+            };
+            let (manager, store) = Manager::start(settings, Arc::clone(&mesh)).await?;
+            (store, Some(manager))
+        }
+        (None, Some(bundle), Some(dir)) => (CertStore::load(bundle, dir)?, None),
+        _ => anyhow::bail!("give --controller, or --trust-bundle and --certs"),
+    };
+    let certs = Arc::new(Current::new(store));
     let target = CaptureTarget {
         ipv4: args.capture_address,
         ipv6: args.capture_address_v6,
@@ -409,7 +447,20 @@ async fn start(args: &RunArgs) -> anyhow::Result<Started> {
         node,
         listener,
         offers,
+        certificates,
     })
+}
+
+/// Drops pooled HBONE connections made with a certificate the node no longer holds,
+/// so that renewed certificates are used from now on.
+async fn forget_superseded_connections(certs: Arc<Current<CertStore>>, proxy: Arc<Proxy>) {
+    let mut replaced = certs.subscribe();
+    while replaced.changed().await.is_ok() {
+        let store = certs.get();
+        proxy
+            .pool
+            .retain(|key| store.serial(&key.source) == Some(key.certificate.as_str()));
+    }
 }
 
 /// Applies each version the controller sends and answers whether it took.

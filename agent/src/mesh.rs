@@ -70,6 +70,21 @@ pub struct MeshConfig {
     pub services: Vec<Service>,
     #[serde(default)]
     pub exclude_ports: Vec<u16>,
+    /// The mesh CA's roots, streamed by the controller. A configuration file has none:
+    /// with one, the agent reads its bundle from `--trust-bundle`.
+    #[serde(skip)]
+    pub trust_anchors: Vec<TrustAnchor>,
+}
+
+/// A root the mesh trusts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrustAnchor {
+    /// The root certificate, DER.
+    pub certificate: Vec<u8>,
+    /// The CA issues certificates under this root now.
+    pub signing: bool,
+    /// When a rotated-out root stops being trusted.
+    pub retire_at: Option<std::time::SystemTime>,
 }
 
 impl Default for MeshConfig {
@@ -82,6 +97,7 @@ impl Default for MeshConfig {
             workloads: Vec::new(),
             services: Vec::new(),
             exclude_ports: Vec::new(),
+            trust_anchors: Vec::new(),
         }
     }
 }

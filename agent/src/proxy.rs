@@ -35,6 +35,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PoolKey {
     pub source: Identity,
+    /// The serial of the source's certificate: a renewed certificate opens new
+    /// connections, and those made with the old one serve until they close.
+    pub certificate: String,
     pub destination: Identity,
     pub agent: SocketAddr,
 }

@@ -7,22 +7,43 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use tokio::sync::watch;
+
 /// The current version of a value, replaced as a whole; readers keep the `Arc` they got
-/// for as long as they need a consistent view.
-#[derive(Debug, Default)]
-pub struct Current<T>(RwLock<Arc<T>>);
+/// for as long as they need a consistent view, and may [`Current::subscribe`] to hear
+/// of replacements.
+#[derive(Debug)]
+pub struct Current<T> {
+    value: RwLock<Arc<T>>,
+    replaced: watch::Sender<()>,
+}
+
+impl<T: Default> Default for Current<T> {
+    fn default() -> Self {
+        Self::new(T::default())
+    }
+}
 
 impl<T> Current<T> {
     pub fn new(value: T) -> Self {
-        Self(RwLock::new(Arc::new(value)))
+        Self {
+            value: RwLock::new(Arc::new(value)),
+            replaced: watch::Sender::new(()),
+        }
     }
 
     pub fn get(&self) -> Arc<T> {
-        Arc::clone(&self.0.read().expect("a reader panicked"))
+        Arc::clone(&self.value.read().expect("a reader panicked"))
     }
 
     pub fn replace(&self, value: T) {
-        *self.0.write().expect("a writer panicked") = Arc::new(value);
+        *self.value.write().expect("a writer panicked") = Arc::new(value);
+        self.replaced.send_replace(());
+    }
+
+    /// A receiver that sees a change after every [`Current::replace`].
+    pub fn subscribe(&self) -> watch::Receiver<()> {
+        self.replaced.subscribe()
     }
 }
 

@@ -21,6 +21,7 @@ use weft_api::config::v1::{
 };
 
 use crate::{
+    backoff::Backoff,
     mesh::{MeshConfig, resources::Resources},
     reload::Current,
 };
@@ -194,13 +195,8 @@ async fn session(
         endpoint: settings.controller.clone(),
         source,
     };
-    let channel = Endpoint::from_shared(settings.controller.clone())
+    let channel = endpoint(&settings.controller)
         .map_err(connect_error)?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(15))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true)
         .connect()
         .await
         .map_err(connect_error)?;
@@ -217,21 +213,7 @@ async fn session(
         .await
         .map_err(|_| SessionError::Local("the request stream closed".to_owned()))?;
     let mut request = Request::new(ReceiverStream::new(receiver));
-    if let Some(path) = &settings.token_file {
-        let token = std::fs::read_to_string(path).map_err(|err| {
-            SessionError::Local(format!(
-                "cannot read the node token {}: {err}",
-                path.display()
-            ))
-        })?;
-        let value = format!("Bearer {}", token.trim()).parse().map_err(|_| {
-            SessionError::Local(format!(
-                "the node token in {} is not a valid header value",
-                path.display()
-            ))
-        })?;
-        request.metadata_mut().insert("authorization", value);
-    }
+    authorize(&mut request, settings.token_file.as_deref()).map_err(SessionError::Local)?;
     let mut updates = ConfigDiscoveryClient::new(channel)
         .max_decoding_message_size(MAX_UPDATE_BYTES)
         .subscribe(request)
@@ -337,47 +319,30 @@ fn save_cache(path: &Path, snapshot: &ConfigUpdate) {
     }
 }
 
-/// Exponential backoff with jitter: 0.5 s doubling up to 30 s.
-#[derive(Debug, Default)]
-struct Backoff {
-    failures: u32,
+/// The controller's gRPC endpoint at `url`, with the agent's timeouts and keep-alives.
+pub fn endpoint(url: &str) -> Result<Endpoint, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(url.to_owned())?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(15))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true))
 }
 
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(500);
-    const MAX: Duration = Duration::from_secs(30);
-
-    fn next_delay(&mut self) -> Duration {
-        let base = Self::FIRST
-            .saturating_mul(1 << self.failures.min(6))
-            .min(Self::MAX);
-        self.failures = self.failures.saturating_add(1);
-        // Up to 25% jitter, so agents that lost the controller together do not return
-        // together.
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |since| since.subsec_nanos());
-        base + base.mul_f64(f64::from(nanos % 1000) / 4000.0)
-    }
-
-    fn reset(&mut self) {
-        self.failures = 0;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_to_its_cap_and_resets() {
-        let mut backoff = Backoff::default();
-        let first = backoff.next_delay();
-        assert!(first >= Backoff::FIRST && first <= Backoff::FIRST.mul_f64(1.25));
-        let delays: Vec<Duration> = (0..10).map(|_| backoff.next_delay()).collect();
-        assert!(delays.iter().all(|d| *d <= Backoff::MAX.mul_f64(1.25)));
-        assert!(*delays.last().unwrap() >= Backoff::MAX);
-        backoff.reset();
-        assert!(backoff.next_delay() <= Backoff::FIRST.mul_f64(1.25));
-    }
+/// Adds the node's credential, read from `token_file` now (so it can be rotated), to
+/// a request to the controller.
+pub fn authorize<T>(request: &mut Request<T>, token_file: Option<&Path>) -> Result<(), String> {
+    let Some(path) = token_file else {
+        return Ok(());
+    };
+    let token = std::fs::read_to_string(path)
+        .map_err(|err| format!("cannot read the node token {}: {err}", path.display()))?;
+    let value = format!("Bearer {}", token.trim()).parse().map_err(|_| {
+        format!(
+            "the node token in {} is not a valid header value",
+            path.display()
+        )
+    })?;
+    request.metadata_mut().insert("authorization", value);
+    Ok(())
 }

@@ -10,8 +10,9 @@
 //! requires the server's SPIFFE ID to be exactly the one it expected, and the server
 //! learns who the client is with [`peer_identity`], for policy.
 //!
-//! Until the identity issue lands, certificates come from files ([`CertStore::load`]):
-//! a PEM trust bundle and a directory of `<name>.crt` (chain, leaf first) + `<name>.key`
+//! With a controller, the certificates are the ones its CA issued and the trust anchors
+//! are streamed with the configuration ([`CertStore::issued`]; see `certificates`).
+//! Without one, they come from files ([`CertStore::load`]): a PEM trust bundle and a directory of `<name>.crt` (chain, leaf first) + `<name>.key`
 //! pairs. Each leaf names its workload in its only `spiffe://` URI SAN, must chain to the
 //! bundle now and must allow both `serverAuth` and `clientAuth`, since a workload's
 //! certificate serves both ends of a tunnel. One crypto provider is used throughout,
@@ -134,6 +135,20 @@ pub enum TlsError {
         #[source]
         source: Box<TlsError>,
     },
+    #[error(
+        "certificate #{index} of the controller's trust bundle cannot be a trust anchor: {source}"
+    )]
+    StreamedAnchor {
+        index: usize,
+        #[source]
+        source: RustlsError,
+    },
+    #[error("the certificate the CA issued for {identity}: {source}")]
+    Issued {
+        identity: Box<Identity>,
+        #[source]
+        source: Box<TlsError>,
+    },
     #[error("the certificate cannot be parsed: {0}")]
     BadCertificate(String),
     #[error(
@@ -180,8 +195,22 @@ pub struct CertInfo {
     pub not_after: SystemTime,
     /// The serial number in lowercase hex, without leading zeros or separators.
     pub serial: String,
-    /// The `.crt` file it was loaded from.
-    pub cert_file: PathBuf,
+    /// The issuer's distinguished name.
+    pub issuer: String,
+    /// The root it leads to (its subject), when the CA said so.
+    pub root: Option<String>,
+    /// The `.crt` file it was loaded from; none for a certificate the CA issued.
+    pub cert_file: Option<PathBuf>,
+}
+
+/// A workload certificate the mesh CA issued, with the key the agent made for it.
+#[derive(Debug)]
+pub struct IssuedCert {
+    /// Leaf first, without the root.
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    /// The root the chain leads to.
+    pub root: CertificateDer<'static>,
 }
 
 /// The mesh trust anchors and this node's workload certificates, and the TLS
@@ -230,7 +259,7 @@ impl CertStore {
             if let Some(first) = certs.get(&loaded.info.identity) {
                 return Err(TlsError::Duplicate {
                     identity: loaded.info.identity,
-                    first: first.info.cert_file.clone(),
+                    first: first.info.cert_file.clone().unwrap_or_default(),
                     second: cert_file,
                 });
             }
@@ -248,7 +277,86 @@ impl CertStore {
                 certs_dir.display()
             );
         }
+        CertStore::assemble(provider, roots, client_verifier, certs)
+    }
 
+    /// The store of certificates the mesh CA issued, trusting `anchors` (DER roots).
+    /// Each chain must lead to one of them now; one that does not (or whose key does
+    /// not fit) fails the whole build with an error naming its identity.
+    pub fn issued(
+        anchors: &[CertificateDer<'static>],
+        issued: &[&IssuedCert],
+    ) -> Result<CertStore, TlsError> {
+        let provider = Arc::new(aws_lc_rs::default_provider());
+        let mut roots = RootCertStore::empty();
+        for (index, anchor) in anchors.iter().enumerate() {
+            roots
+                .add(anchor.clone())
+                .map_err(|source| TlsError::StreamedAnchor {
+                    index: index + 1,
+                    source,
+                })?;
+        }
+        let roots = Arc::new(roots);
+        let client_verifier =
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone()).build()?;
+        let now = UnixTime::now();
+        let mut certs = BTreeMap::new();
+        for cert in issued {
+            let (leaf, intermediates) = cert
+                .chain
+                .split_first()
+                .ok_or(TlsError::NoPeerCertificate)?;
+            let facts = parse_leaf(leaf)?;
+            let identity = facts.identity.clone();
+            let in_cert = |source: TlsError| TlsError::Issued {
+                identity: Box::new(identity.clone()),
+                source: Box::new(source),
+            };
+            let untrusted = |source| {
+                in_cert(TlsError::BadCertificate(format!(
+                    "it does not lead to the streamed trust bundle: {source}"
+                )))
+            };
+            let webpki_leaf = ParsedCertificate::try_from(leaf).map_err(untrusted)?;
+            verify_server_cert_signed_by_trust_anchor(
+                &webpki_leaf,
+                &roots,
+                intermediates,
+                now,
+                provider.signature_verification_algorithms.all,
+            )
+            .map_err(untrusted)?;
+            let key = CertifiedKey::from_der(cert.chain.clone(), cert.key.clone_key(), &provider)
+                .map_err(|source| in_cert(TlsError::Config(source)))?;
+            let root = parse_certificate(&cert.root)
+                .map(|root| root.subject().to_string())
+                .ok();
+            certs.insert(
+                identity,
+                LoadedCert {
+                    key: Arc::new(key),
+                    info: CertInfo {
+                        identity: facts.identity,
+                        not_before: facts.not_before,
+                        not_after: facts.not_after,
+                        serial: facts.serial,
+                        issuer: facts.issuer,
+                        root,
+                        cert_file: None,
+                    },
+                },
+            );
+        }
+        CertStore::assemble(provider, roots, client_verifier, certs)
+    }
+
+    fn assemble(
+        provider: Arc<CryptoProvider>,
+        roots: Arc<RootCertStore>,
+        client_verifier: Arc<dyn ClientCertVerifier>,
+        certs: BTreeMap<Identity, LoadedCert>,
+    ) -> Result<CertStore, TlsError> {
         let by_sni = certs
             .iter()
             .map(|(identity, cert)| (identity.sni(), cert.key.clone()))
@@ -267,6 +375,13 @@ impl CertStore {
             server_config: Arc::new(server_config),
             client_configs: Mutex::default(),
         })
+    }
+
+    /// The serial number of the certificate held for `identity`.
+    pub fn serial(&self, identity: &Identity) -> Option<&str> {
+        self.certs
+            .get(identity)
+            .map(|cert| cert.info.serial.as_str())
     }
 
     /// The certificates held, ordered by identity.
@@ -513,28 +628,45 @@ fn load_pair(
             not_before: parsed.not_before,
             not_after: parsed.not_after,
             serial: parsed.serial,
-            cert_file: cert_file.to_owned(),
+            issuer: parsed.issuer,
+            root: None,
+            cert_file: Some(cert_file.to_owned()),
         },
     })
 }
 
 /// What weft reads from a leaf certificate.
-struct LeafFacts {
-    identity: Identity,
-    not_before: SystemTime,
-    not_after: SystemTime,
-    serial: String,
+#[derive(Debug)]
+pub struct LeafFacts {
+    pub identity: Identity,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    /// Lowercase hex, without leading zeros.
+    pub serial: String,
+    /// The issuer's distinguished name.
+    pub issuer: String,
+}
+
+/// The facts of the leaf (first) certificate of `chain`.
+pub fn leaf_facts(chain: &[CertificateDer<'_>]) -> Result<LeafFacts, TlsError> {
+    parse_leaf(chain.first().ok_or(TlsError::NoPeerCertificate)?)
+}
+
+fn parse_certificate<'a>(der: &'a CertificateDer<'_>) -> Result<X509Certificate<'a>, TlsError> {
+    x509_parser::parse_x509_certificate(der)
+        .map(|(_, cert)| cert)
+        .map_err(|err| TlsError::BadCertificate(err.to_string()))
 }
 
 fn parse_leaf(der: &CertificateDer<'_>) -> Result<LeafFacts, TlsError> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der)
-        .map_err(|err| TlsError::BadCertificate(err.to_string()))?;
+    let cert = parse_certificate(der)?;
     let validity = cert.validity();
     Ok(LeafFacts {
         identity: spiffe_id(&cert)?,
         not_before: system_time(validity.not_before.timestamp())?,
         not_after: system_time(validity.not_after.timestamp())?,
         serial: cert.tbs_certificate.serial.to_str_radix(16),
+        issuer: cert.issuer().to_string(),
     })
 }
 
@@ -986,7 +1118,10 @@ mod tests {
                     .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
                 "{info:?}"
             );
-            assert!(info.cert_file.starts_with(&files.1), "{info:?}");
+            assert!(
+                info.cert_file.as_ref().unwrap().starts_with(&files.1),
+                "{info:?}"
+            );
         }
         assert_ne!(infos[0].serial, infos[1].serial);
     }

@@ -2,13 +2,18 @@
 //! (`weft.config.v1`), kept up to date by snapshots and deltas, and turned into the
 //! same [`MeshConfig`] the file gives.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    time::{Duration, UNIX_EPOCH},
+};
 
 use bytes::Bytes;
 
 use weft_api::config::v1::{self as proto, ConfigUpdate, Kind, PeerMode as WireMode};
 
-use super::{MeshConfig, MeshNamespace, Node, PeerMode, Service, ServicePort, Workload};
+use super::{
+    MeshConfig, MeshNamespace, Node, PeerMode, Service, ServicePort, TrustAnchor, Workload,
+};
 
 /// The resources a controller sent, by kind and name, as encoded on the wire.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -111,6 +116,20 @@ impl Resources {
                 .collect::<Result<_, _>>()?,
             ..MeshConfig::default()
         };
+        for (_, bundle) in self.decode::<proto::TrustBundle>()? {
+            config.trust_anchors = bundle
+                .anchors
+                .into_iter()
+                .map(|anchor| TrustAnchor {
+                    certificate: anchor.certificate,
+                    signing: anchor.signing,
+                    retire_at: u64::try_from(anchor.retire_at)
+                        .ok()
+                        .filter(|&secs| secs > 0)
+                        .map(|secs| UNIX_EPOCH + Duration::from_secs(secs)),
+                })
+                .collect();
+        }
         for (name, node) in self.decode::<proto::Node>()? {
             config.nodes.push(Node {
                 address: node
@@ -245,6 +264,23 @@ mod tests {
                     },
                 ),
                 resource(
+                    "mesh",
+                    &proto::TrustBundle {
+                        anchors: vec![
+                            proto::TrustAnchor {
+                                certificate: b"new root".to_vec(),
+                                signing: true,
+                                retire_at: 0,
+                            },
+                            proto::TrustAnchor {
+                                certificate: b"old root".to_vec(),
+                                signing: false,
+                                retire_at: 1_900_000_000,
+                            },
+                        ],
+                    },
+                ),
+                resource(
                     "node0",
                     &proto::Node {
                         name: "node0".into(),
@@ -313,6 +349,21 @@ mod tests {
         let mesh = resources.mesh().unwrap();
         assert_eq!(mesh.trust_domain, "example.org");
         assert_eq!(mesh.exclude_ports, [22]);
+        assert_eq!(
+            mesh.trust_anchors,
+            [
+                TrustAnchor {
+                    certificate: b"new root".to_vec(),
+                    signing: true,
+                    retire_at: None,
+                },
+                TrustAnchor {
+                    certificate: b"old root".to_vec(),
+                    signing: false,
+                    retire_at: Some(UNIX_EPOCH + Duration::from_secs(1_900_000_000)),
+                },
+            ]
+        );
         assert_eq!(mesh.mode_of("shop"), Some(PeerMode::Permissive));
         assert_eq!(mesh.workloads.len(), 1, "a pod without an address waits");
         let (pod_mode, ports) = mesh.pod_modes("shop", "web").unwrap();
@@ -373,7 +424,7 @@ mod tests {
 
         let mut resources = Resources::default();
         let mut update = snapshot();
-        update.upserts[1].body = Bytes::from_static(&[0xff, 0xff, 0xff]);
+        update.upserts[2].body = Bytes::from_static(&[0xff, 0xff, 0xff]);
         resources.apply(&update).unwrap();
         assert!(
             resources

@@ -526,6 +526,12 @@ where
         }
     }
 
+    /// Forgets every connection whose key `keep` refuses. Tunnels open on it carry on;
+    /// the connection closes when the last of them ends.
+    pub fn retain(&self, keep: impl Fn(&K) -> bool) {
+        self.inner.lock().retain(|key, _| keep(key));
+    }
+
     /// Live pooled connections (for a gauge).
     pub fn connections(&self) -> usize {
         self.inner.lock().values().filter(|s| s.is_live()).count()

@@ -206,6 +206,18 @@ pub fn describe() {
         "When each workload certificate expires, in Unix seconds"
     );
     describe_gauge!(
+        "weft_certificate_ttl_seconds",
+        "Seconds until each workload certificate expires"
+    );
+    describe_counter!(
+        "weft_certificate_requests_total",
+        "Certificate requests to the mesh CA, by result (issued, failed)"
+    );
+    describe_counter!(
+        "weft_certificate_failures_total",
+        "Failed certificate requests, by reason (unreachable, refused, invalid_response, local)"
+    );
+    describe_gauge!(
         "weft_config_revision",
         "Revision of the mesh configuration the agent applies"
     );

@@ -285,13 +285,14 @@ async fn tunnel(
     target: SocketAddr,
     client: SocketAddr,
 ) -> Result<super::hbone::Tunnel, HboneError> {
+    let certs = proxy.certs.get();
     let key = PoolKey {
         source: source.clone(),
+        certificate: certs.serial(source).unwrap_or_default().to_owned(),
         destination: destination.clone(),
         agent,
     };
     let request = connect_request(&proxy.mesh.get(), source, target, client);
-    let certs = proxy.certs.get();
     let dial = || async move {
         let config = certs
             .client_config(source, destination)
