@@ -4,7 +4,7 @@
 //! and untrusted client certificates and counts why; short-lived certificates renew
 //! under load without a failed request; and a root rotation with an overlap keeps
 //! traffic flowing between workloads whose certificates lead to the old and the new
-//! root.
+//! root; and the CA refuses a node an identity none of its pods runs as.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -627,6 +627,7 @@ fn root_rotation_keeps_old_and_new_roots_talking() {
         ca["propagating"] == false && signing_root(&ca) != old_root
     });
     let new_root = signing_root(&ca);
+    eprintln!("the new root signs {:?} after the rotation", rotated_at.elapsed());
     let anchors = anchor_subjects(&ca);
     assert!(
         anchors.contains(&old_root) && anchors.contains(&new_root),
@@ -671,6 +672,10 @@ fn root_rotation_keeps_old_and_new_roots_talking() {
         Some(old_root.as_str()),
         "the client renewed before it talked to the new workload; the step proved nothing"
     );
+    eprintln!(
+        "the client on the old root reached the workload on the new root {:?} after the rotation",
+        rotated_at.elapsed()
+    );
 
     // Before the overlap ends, every certificate leads to the new root...
     wait_until("every certificate to lead to the new root", OVERLAP, || {
@@ -683,6 +688,10 @@ fn root_rotation_keeps_old_and_new_roots_talking() {
     assert!(
         unix_now() < retire_at,
         "certificates moved to the new root only after the old one retired"
+    );
+    eprintln!(
+        "every certificate leads to the new root {:?} after the rotation",
+        rotated_at.elapsed()
     );
     // ...and when it ends, the old root is gone.
     let retired = Duration::from_secs(retire_at.saturating_sub(unix_now())) + READY;
@@ -703,4 +712,104 @@ fn root_rotation_keeps_old_and_new_roots_talking() {
         rotated_at.elapsed()
     );
     assert!(requests > 20, "the curl loop hardly ran: {requests}");
+}
+
+/// A `weft.ca.v1.CertificateAuthority/Sign` call made by hand, as node `node` with its
+/// own token, asking for `spiffe_id`: gRPC over h2c with curl from the node. Returns
+/// the response headers (a refusal's `grpc-status` is among them) and body.
+fn sign_as(cluster: &Cluster, node: &str, spiffe_id: &str) -> (String, Vec<u8>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(spiffe_id.try_into().unwrap())];
+    let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+    // SignRequest { node = 1, csr = 2 }: two length-delimited fields, in a gRPC frame.
+    let mut message = Vec::new();
+    for (tag, value) in [(0x0a, node.as_bytes()), (0x12, csr.as_bytes())] {
+        message.push(tag);
+        let mut len = value.len();
+        while len >= 0x80 {
+            message.push((len as u8 & 0x7f) | 0x80);
+            len >>= 7;
+        }
+        message.push(len as u8);
+        message.extend_from_slice(value);
+    }
+    let mut frame = vec![0];
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&message);
+    let dir = cluster.topology().state_dir.join("test-sign");
+    std::fs::create_dir_all(&dir).unwrap();
+    let request = dir.join("request");
+    let body = dir.join("body");
+    std::fs::write(&request, frame).unwrap();
+    let token_file = cluster.topology().node_tokens.join(format!("{node}.token"));
+    let token = std::fs::read_to_string(token_file).unwrap();
+    let url = format!(
+        "http://{}:15010/weft.ca.v1.CertificateAuthority/Sign",
+        cluster.topology().controller_address
+    );
+    let authorization = format!("authorization: Bearer {}", token.trim());
+    let data = format!("@{}", request.display());
+    let body_path = body.display().to_string();
+    let out = cluster
+        .node_command(
+            node,
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                "--http2-prior-knowledge",
+                "-D",
+                "-",
+                "-o",
+                &body_path,
+                "-H",
+                "content-type: application/grpc",
+                "-H",
+                "te: trailers",
+                "-H",
+                &authorization,
+                "--data-binary",
+                &data,
+                &url,
+            ],
+        )
+        .unwrap()
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "the Sign call failed: {out:?}");
+    (
+        String::from_utf8_lossy(&out.stdout).to_ascii_lowercase(),
+        std::fs::read(&body).unwrap_or_default(),
+    )
+}
+
+fn refusals(cluster: &Cluster, reason: &str) -> f64 {
+    series(
+        &controller_metrics(cluster),
+        "weft_controller_certificate_refusals_total",
+        &[("reason", reason)],
+    )
+    .unwrap_or(0.0)
+}
+
+#[test]
+fn a_node_is_refused_an_identity_it_does_not_host() {
+    let cluster = two_nodes(&[]);
+    // node0 runs the client, node1 runs echo.
+    let refused_before = refusals(&cluster, "foreign_identity");
+    let (headers, _) = sign_as(&cluster, "node0", &identity("echo"));
+    assert!(
+        headers.contains("grpc-status: 7"),
+        "node0 got echo's identity signed (expected PERMISSION_DENIED): {headers}"
+    );
+    assert_eq!(refusals(&cluster, "foreign_identity"), refused_before + 1.0);
+    // The control: the same call for an identity node0 runs is signed.
+    let (headers, body) = sign_as(&cluster, "node0", &identity("client"));
+    assert!(
+        String::from_utf8_lossy(&body).contains("-----BEGIN CERTIFICATE-----"),
+        "node0 did not get its own identity signed: {headers}"
+    );
+    assert_eq!(refusals(&cluster, "foreign_identity"), refused_before + 1.0);
 }

@@ -276,8 +276,8 @@ fn show(name: &str) -> anyhow::Result<()> {
     eprintln!(
         "\nEvery replica answered; the traffic to node1 crossed in mutual TLS (HBONE), that to\n\
          echo-0 stayed on node0, and the agents run the configuration the controller compiled\n\
-         from {MESH}, with certificates the controller's CA issued to them. Not there yet:\n\
-         enforcement of authorization and traffic policies, L7 routing."
+         from {MESH}, on certificates from the controller's CA.\n\
+         Not there yet: enforcement of authorization and traffic policies, L7 routing."
     );
     Ok(())
 }
