@@ -2,9 +2,9 @@
 //! clients: the controller is the mesh CA and the agents get every certificate from it
 //! (no certificate or key file is handed to them); HBONE refuses expired, not yet valid
 //! and untrusted client certificates and counts why; short-lived certificates renew
-//! under load without a failed request; and a root rotation with an overlap keeps
-//! traffic flowing between workloads whose certificates lead to the old and the new
-//! root; and the CA refuses a node an identity none of its pods runs as.
+//! under load without a failed request; a root rotation with an overlap keeps traffic
+//! flowing between workloads whose certificates lead to the old and the new root; and
+//! the CA refuses a node an identity none of its pods runs as.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -627,7 +627,10 @@ fn root_rotation_keeps_old_and_new_roots_talking() {
         ca["propagating"] == false && signing_root(&ca) != old_root
     });
     let new_root = signing_root(&ca);
-    eprintln!("the new root signs {:?} after the rotation", rotated_at.elapsed());
+    eprintln!(
+        "the new root signs {:?} after the rotation",
+        rotated_at.elapsed()
+    );
     let anchors = anchor_subjects(&ca);
     assert!(
         anchors.contains(&old_root) && anchors.contains(&new_root),
