@@ -35,17 +35,15 @@ use crate::{
     identity::Identity,
     mesh::{MeshConfig, TrustAnchor},
     reload::Current,
-    subscription::{authorize, endpoint},
+    controller::Controller,
     tls::{self, CertStore, IssuedCert},
 };
 
 /// Where to ask, as whom, and where to cache.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    /// The controller's gRPC address, `http://host:15010`.
-    pub controller: String,
+    pub controller: Arc<Controller>,
     pub node: String,
-    pub token_file: Option<PathBuf>,
     /// Where issued certificates and their keys are kept across restarts.
     pub cache_dir: PathBuf,
 }
@@ -159,7 +157,7 @@ pub struct Manager {
 impl std::fmt::Debug for Manager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Manager")
-            .field("controller", &self.settings.controller)
+            .field("controller", &self.settings.controller.url())
             .field("held", &self.held.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
@@ -178,8 +176,7 @@ impl Manager {
         settings: Settings,
         mesh: Arc<Current<MeshConfig>>,
     ) -> anyhow::Result<(Manager, CertStore)> {
-        let client =
-            CertificateAuthorityClient::new(endpoint(&settings.controller)?.connect_lazy());
+        let client = CertificateAuthorityClient::new(settings.controller.channel());
         let held = load_cache(&settings.cache_dir);
         let mut manager = Manager {
             settings,
@@ -306,7 +303,10 @@ impl Manager {
             csr,
         });
         request.set_timeout(REQUEST_TIMEOUT);
-        authorize(&mut request, self.settings.token_file.as_deref()).map_err(Failure::Local)?;
+        self.settings
+            .controller
+            .authorize(&mut request)
+            .map_err(Failure::Local)?;
         let response = self
             .client
             .sign(request)
@@ -316,7 +316,7 @@ impl Manager {
                     Failure::Refused(status.message().to_owned())
                 }
                 _ => Failure::Unreachable {
-                    controller: self.settings.controller.clone(),
+                    controller: self.settings.controller.url().to_owned(),
                     message: status.message().to_owned(),
                 },
             })?;
@@ -595,11 +595,12 @@ mod tests {
         mesh
     }
 
-    fn settings(controller: String, cache: &Path) -> Settings {
+    fn settings(url: String, cache: &Path) -> Settings {
+        let identity = Identity::parse("spiffe://cluster.local/ns/weft-system/sa/weft-controller");
+        let controller = Controller::new(url, None, identity.unwrap(), None).unwrap();
         Settings {
-            controller,
+            controller: Arc::new(controller),
             node: "node0".into(),
-            token_file: None,
             cache_dir: cache.to_owned(),
         }
     }
