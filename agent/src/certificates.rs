@@ -32,10 +32,10 @@ use weft_api::ca::v1::{SignRequest, certificate_authority_client::CertificateAut
 
 use crate::{
     backoff::Backoff,
+    controller::Controller,
     identity::Identity,
     mesh::{MeshConfig, TrustAnchor},
     reload::Current,
-    controller::Controller,
     tls::{self, CertStore, IssuedCert},
 };
 

@@ -22,11 +22,7 @@ use tonic::{
     transport::{Channel, Endpoint, Uri},
 };
 
-use crate::{
-    identity::Identity,
-    mesh::TrustAnchor,
-    tls,
-};
+use crate::{identity::Identity, mesh::TrustAnchor, tls};
 
 /// The controller, as this agent reaches it.
 #[derive(Debug)]
@@ -106,7 +102,9 @@ impl Controller {
 
     /// A channel, connected now.
     pub async fn connect(self: &Arc<Self>) -> Result<Channel, tonic::transport::Error> {
-        self.endpoint().connect_with_connector(self.connector()).await
+        self.endpoint()
+            .connect_with_connector(self.connector())
+            .await
     }
 
     fn endpoint(&self) -> Endpoint {
@@ -144,9 +142,15 @@ impl Controller {
             return Ok(TokioIo::new(Either::Left(tcp)));
         };
         let mut anchors = read_bundle(bundle)?;
-        anchors.extend(self.streamed.read().expect("a writer panicked").iter().cloned());
-        let config = tls::controller_client_config(&anchors, &self.identity)
-            .map_err(io::Error::other)?;
+        anchors.extend(
+            self.streamed
+                .read()
+                .expect("a writer panicked")
+                .iter()
+                .cloned(),
+        );
+        let config =
+            tls::controller_client_config(&anchors, &self.identity).map_err(io::Error::other)?;
         let name = tls::server_name(&self.identity).map_err(io::Error::other)?;
         let stream = TlsConnector::from(config).connect(name, tcp).await?;
         Ok(TokioIo::new(Either::Right(stream)))

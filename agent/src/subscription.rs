@@ -245,7 +245,9 @@ async fn session(
             Ok(mesh) => {
                 // The controller's current roots, whether or not this node takes the
                 // rest: they check the controller from the next connection on.
-                settings.controller.set_streamed_anchors(&mesh.trust_anchors);
+                settings
+                    .controller
+                    .set_streamed_anchors(&mesh.trust_anchors);
                 offer(offers, &version, mesh).await
             }
         };

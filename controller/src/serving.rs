@@ -93,7 +93,9 @@ impl ServingCert {
             wait = match self.renew(&current) {
                 Ok(()) => LIFETIME / 2,
                 Err(err) => {
-                    log::error!("cannot renew the controller's own certificate: {err}; trying again in 10 s");
+                    log::error!(
+                        "cannot renew the controller's own certificate: {err}; trying again in 10 s"
+                    );
                     Duration::from_secs(10)
                 }
             };
@@ -104,9 +106,8 @@ impl ServingCert {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(Ia5String::try_from(
-            self.spiffe_id.as_str(),
-        )?)];
+        params.subject_alt_names =
+            vec![SanType::URI(Ia5String::try_from(self.spiffe_id.as_str())?)];
         let csr = params.serialize_request(&key)?.pem()?;
         let issued = state
             .authority
@@ -194,7 +195,11 @@ impl AsyncRead for Tls {
 }
 
 impl AsyncWrite for Tls {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
     }
 

@@ -684,12 +684,18 @@ async fn the_ca_secret_is_replaced_only_at_the_revision_that_was_read() {
     let created = runtime::load_or_create(&store).await.unwrap();
     let (material, revision) = store.read().await.unwrap().expect("the CA's Secret");
     assert_eq!(material, created);
-    assert!(revision.is_some());
+    assert!(revision.resource_version().is_some());
 
     // Creating it again stores nothing.
     let other = Authority::generate_root(SystemTime::now()).unwrap();
     assert!(!store.create(&other).await.unwrap());
     assert_eq!(ca_secret(&fake).1, created);
+
+    // Someone labels it; a rotation keeps the label.
+    let (mut secret, _) = ca_secret(&fake);
+    secret["metadata"]["labels"]["team"] = json!("platform");
+    fake.update(secret);
+    let (material, revision) = store.read().await.unwrap().expect("the CA's Secret");
 
     // A rotation replaces it at the revision it read.
     let now = SystemTime::now();
@@ -700,6 +706,7 @@ async fn the_ca_secret_is_replaced_only_at_the_revision_that_was_read() {
     assert_eq!(stored, rotated);
     assert_ne!(new_revision, revision);
     assert_eq!(ca_secret(&fake).0["type"], "kubernetes.io/tls");
+    assert_eq!(ca_secret(&fake).0["metadata"]["labels"]["team"], "platform");
     let authority = Authority::load(&stored, now).unwrap();
     assert_eq!(
         authority.anchors().len(),
@@ -711,15 +718,25 @@ async fn the_ca_secret_is_replaced_only_at_the_revision_that_was_read() {
     // naming the Secret, and changes nothing.
     let stale = Authority::rotate(&material, now, overlap).unwrap();
     let error = store.replace(&stale, revision).await.unwrap_err();
-    assert!(
-        matches!(
-            &error,
-            StoreError::Kube { source, .. }
-                if matches!(&**source, kube::Error::Api(status) if status.is_conflict())
-        ),
-        "{error:?}"
-    );
+    assert!(matches!(&error, StoreError::Conflict { .. }), "{error:?}");
     assert!(error.to_string().contains("weft-system/weft-ca"), "{error}");
     assert_eq!(ca_secret(&fake).1, rotated);
     assert_eq!(fake.requests("update", CA_SECRET), 2);
+}
+
+#[tokio::test]
+async fn an_empty_ca_secret_is_filled() {
+    let fake = FakeApi::start().await;
+    fake.create(json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": { "name": "weft-ca", "namespace": "weft-system", "labels": { "chart": "weft" } },
+        "type": "kubernetes.io/tls",
+    }));
+    let store = ca_store(&fake);
+    let material = runtime::load_or_create(&store).await.unwrap();
+    let (secret, stored) = ca_secret(&fake);
+    assert_eq!(stored, material);
+    assert!(Authority::load(&stored, SystemTime::now()).is_ok());
+    assert_eq!(secret["metadata"]["labels"]["chart"], "weft");
 }
