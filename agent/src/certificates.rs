@@ -231,6 +231,9 @@ impl Manager {
             .retain(|identity, held| wanted.contains(identity) && held.not_after > now);
         self.failing.retain(|identity, _| wanted.contains(identity));
         let mut next = now + MAX_SLEEP;
+        // Once the CA cannot be reached, the other identities wait for the next round
+        // instead of each timing out in turn.
+        let mut unreachable = None;
         for identity in &wanted {
             let due = match self.held.get_mut(identity) {
                 Some(held) => held.renew_at(&mesh.trust_anchors, now),
@@ -242,7 +245,17 @@ impl Manager {
                 next = next.min(at);
                 continue;
             }
-            match self.request(identity).await {
+            let result = match &unreachable {
+                Some(message) => Err(Failure::Unreachable {
+                    controller: self.settings.controller.url().to_owned(),
+                    message: String::clone(message),
+                }),
+                None => self.request(identity).await,
+            };
+            if let Err(Failure::Unreachable { message, .. }) = &result {
+                unreachable = Some(message.clone());
+            }
+            match result {
                 Ok(held) => {
                     metrics::counter!("weft_certificate_requests_total", "result" => "issued")
                         .increment(1);
@@ -732,5 +745,29 @@ mod tests {
 
         // Its root is gone from the bundle: renew now.
         assert_eq!(held.renew_at(&[other], now), now);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_ca_leaves_every_identity_waiting_for_a_retry() {
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let controller = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let cache = tempfile::tempdir().unwrap();
+        let ca = FakeCa::new(Duration::from_secs(60));
+        let config = Arc::new(Current::new(mesh(
+            vec![ca.anchor(true, None)],
+            &["cart", "pay"],
+        )));
+        let (manager, store) = Manager::start(settings(controller, cache.path()), config)
+            .await
+            .unwrap();
+        assert!(store.identities().is_empty());
+        assert_eq!(manager.failing.len(), 2, "both wait for a retry");
+        assert!(
+            manager
+                .failing
+                .values()
+                .all(|(_, at)| *at > SystemTime::now() - Duration::from_secs(1))
+        );
     }
 }
