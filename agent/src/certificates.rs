@@ -32,20 +32,18 @@ use weft_api::ca::v1::{SignRequest, certificate_authority_client::CertificateAut
 
 use crate::{
     backoff::Backoff,
+    controller::Controller,
     identity::Identity,
     mesh::{MeshConfig, TrustAnchor},
     reload::Current,
-    subscription::{authorize, endpoint},
     tls::{self, CertStore, IssuedCert},
 };
 
 /// Where to ask, as whom, and where to cache.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    /// The controller's gRPC address, `http://host:15010`.
-    pub controller: String,
+    pub controller: Arc<Controller>,
     pub node: String,
-    pub token_file: Option<PathBuf>,
     /// Where issued certificates and their keys are kept across restarts.
     pub cache_dir: PathBuf,
 }
@@ -159,7 +157,7 @@ pub struct Manager {
 impl std::fmt::Debug for Manager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Manager")
-            .field("controller", &self.settings.controller)
+            .field("controller", &self.settings.controller.url())
             .field("held", &self.held.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
@@ -178,8 +176,7 @@ impl Manager {
         settings: Settings,
         mesh: Arc<Current<MeshConfig>>,
     ) -> anyhow::Result<(Manager, CertStore)> {
-        let client =
-            CertificateAuthorityClient::new(endpoint(&settings.controller)?.connect_lazy());
+        let client = CertificateAuthorityClient::new(settings.controller.channel());
         let held = load_cache(&settings.cache_dir);
         let mut manager = Manager {
             settings,
@@ -234,6 +231,9 @@ impl Manager {
             .retain(|identity, held| wanted.contains(identity) && held.not_after > now);
         self.failing.retain(|identity, _| wanted.contains(identity));
         let mut next = now + MAX_SLEEP;
+        // Once the CA cannot be reached, the other identities wait for the next round
+        // instead of each timing out in turn.
+        let mut unreachable = None;
         for identity in &wanted {
             let due = match self.held.get_mut(identity) {
                 Some(held) => held.renew_at(&mesh.trust_anchors, now),
@@ -245,7 +245,17 @@ impl Manager {
                 next = next.min(at);
                 continue;
             }
-            match self.request(identity).await {
+            let result = match &unreachable {
+                Some(message) => Err(Failure::Unreachable {
+                    controller: self.settings.controller.url().to_owned(),
+                    message: String::clone(message),
+                }),
+                None => self.request(identity).await,
+            };
+            if let Err(Failure::Unreachable { message, .. }) = &result {
+                unreachable = Some(message.clone());
+            }
+            match result {
                 Ok(held) => {
                     metrics::counter!("weft_certificate_requests_total", "result" => "issued")
                         .increment(1);
@@ -306,7 +316,10 @@ impl Manager {
             csr,
         });
         request.set_timeout(REQUEST_TIMEOUT);
-        authorize(&mut request, self.settings.token_file.as_deref()).map_err(Failure::Local)?;
+        self.settings
+            .controller
+            .authorize(&mut request)
+            .map_err(Failure::Local)?;
         let response = self
             .client
             .sign(request)
@@ -316,7 +329,7 @@ impl Manager {
                     Failure::Refused(status.message().to_owned())
                 }
                 _ => Failure::Unreachable {
-                    controller: self.settings.controller.clone(),
+                    controller: self.settings.controller.url().to_owned(),
                     message: status.message().to_owned(),
                 },
             })?;
@@ -595,11 +608,12 @@ mod tests {
         mesh
     }
 
-    fn settings(controller: String, cache: &Path) -> Settings {
+    fn settings(url: String, cache: &Path) -> Settings {
+        let identity = Identity::parse("spiffe://cluster.local/ns/weft-system/sa/weft-controller");
+        let controller = Controller::new(url, None, identity.unwrap(), None).unwrap();
         Settings {
-            controller,
+            controller: Arc::new(controller),
             node: "node0".into(),
-            token_file: None,
             cache_dir: cache.to_owned(),
         }
     }
@@ -731,5 +745,29 @@ mod tests {
 
         // Its root is gone from the bundle: renew now.
         assert_eq!(held.renew_at(&[other], now), now);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_ca_leaves_every_identity_waiting_for_a_retry() {
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let controller = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let cache = tempfile::tempdir().unwrap();
+        let ca = FakeCa::new(Duration::from_secs(60));
+        let config = Arc::new(Current::new(mesh(
+            vec![ca.anchor(true, None)],
+            &["cart", "pay"],
+        )));
+        let (manager, store) = Manager::start(settings(controller, cache.path()), config)
+            .await
+            .unwrap();
+        assert!(store.identities().is_empty());
+        assert_eq!(manager.failing.len(), 2, "both wait for a retry");
+        assert!(
+            manager
+                .failing
+                .values()
+                .all(|(_, at)| *at > SystemTime::now() - Duration::from_secs(1))
+        );
     }
 }

@@ -12,6 +12,7 @@ pub mod admin;
 pub mod backoff;
 pub mod certificates;
 pub mod cni;
+pub mod controller;
 pub mod datapath;
 pub mod identity;
 pub mod logging;

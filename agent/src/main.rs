@@ -25,7 +25,9 @@ use weft_agent::{
     admin::{self, Admin},
     certificates::{self, Manager},
     cni,
+    controller::Controller,
     datapath::{CaptureTarget, Datapath, Pins, flows::Flow, pinned::OriginalDestinations},
+    identity::Identity,
     logging,
     mesh::MeshConfig,
     node::Node,
@@ -88,14 +90,26 @@ struct RunArgs {
     /// controller.
     #[arg(long, env = "WEFT_MESH_CONFIG", conflicts_with = "controller")]
     mesh_config: Option<PathBuf>,
-    /// Take the mesh configuration from the controller's stream at this address
-    /// (`http://host:15010`). The last version applied is cached in the state
+    /// Take the mesh configuration and the workload certificates from the controller
+    /// at this address (`https://host:15010`; `http://` only in tests). The last version applied is cached in the state
     /// directory and served at once after a restart, even with the controller away.
     #[arg(long, env = "WEFT_CONTROLLER")]
     controller: Option<String>,
     /// The file holding this node's token for the controller.
     #[arg(long, env = "WEFT_CONTROLLER_TOKEN_FILE", requires = "controller")]
     controller_token_file: Option<PathBuf>,
+    /// PEM roots that check an `https://` controller (the mesh CA's `ca.crt`), reread
+    /// at every connect; the trust bundle the controller streams is trusted too.
+    #[arg(long, env = "WEFT_CONTROLLER_CA", requires = "controller")]
+    controller_ca: Option<PathBuf>,
+    /// The SPIFFE ID the controller must present.
+    #[arg(
+        long,
+        env = "WEFT_CONTROLLER_IDENTITY",
+        value_parser = Identity::parse,
+        default_value = "spiffe://cluster.local/ns/weft-system/sa/weft-controller"
+    )]
+    controller_identity: Identity,
     /// Write flow events as JSON lines to this file instead of the log.
     #[arg(long, env = "WEFT_FLOW_LOG")]
     flow_log: Option<PathBuf>,
@@ -344,7 +358,20 @@ async fn start(args: &RunArgs) -> anyhow::Result<Started> {
     let mut first_offer = None;
     let mut offers = None;
     let mut subscription = None;
-    let mesh = match (&args.mesh_config, &args.controller) {
+    let controller = args
+        .controller
+        .clone()
+        .map(|url| {
+            Controller::new(
+                url,
+                args.controller_ca.clone(),
+                args.controller_identity.clone(),
+                args.controller_token_file.clone(),
+            )
+            .map(Arc::new)
+        })
+        .transpose()?;
+    let mesh = match (&args.mesh_config, &controller) {
         (Some(path), _) => MeshConfig::load(path)?,
         (None, Some(controller)) => {
             std::fs::create_dir_all(&args.state_dir).with_context(|| {
@@ -354,9 +381,8 @@ async fn start(args: &RunArgs) -> anyhow::Result<Started> {
                 )
             })?;
             let settings = subscription::Settings {
-                controller: controller.clone(),
+                controller: Arc::clone(controller),
                 node: args.node.clone(),
-                token_file: args.controller_token_file.clone(),
                 cache: args.state_dir.join("config.pb"),
             };
             let cached = subscription::load_cache(&settings.cache);
@@ -379,7 +405,10 @@ async fn start(args: &RunArgs) -> anyhow::Result<Started> {
             let mesh = match initial {
                 Some(mesh) => mesh,
                 None => {
-                    log::info!("waiting for the first configuration from {controller}");
+                    log::info!(
+                        "waiting for the first configuration from {}",
+                        controller.url()
+                    );
                     let offer = receiver
                         .recv()
                         .await
@@ -394,12 +423,11 @@ async fn start(args: &RunArgs) -> anyhow::Result<Started> {
         (None, None) => MeshConfig::default(),
     };
     let mesh = Arc::new(Current::new(mesh));
-    let (store, certificates) = match (&args.controller, &args.trust_bundle, &args.certs) {
+    let (store, certificates) = match (&controller, &args.trust_bundle, &args.certs) {
         (Some(controller), _, _) => {
             let settings = certificates::Settings {
-                controller: controller.clone(),
+                controller: Arc::clone(controller),
                 node: args.node.clone(),
-                token_file: args.controller_token_file.clone(),
                 cache_dir: args.state_dir.join("certs"),
             };
             let (manager, store) = Manager::start(settings, Arc::clone(&mesh)).await?;

@@ -7,14 +7,14 @@
 use std::{
     path::{Path, PathBuf},
     sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{SystemTime, UNIX_EPOCH},
 };
 
 use prost::Message as _;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, transport::Endpoint};
+use tonic::Request;
 use weft_api::config::v1::{
     Ack, AgentMessage, ConfigUpdate, Hello, MAX_UPDATE_BYTES, Nack, agent_message::Message,
     config_discovery_client::ConfigDiscoveryClient,
@@ -22,6 +22,7 @@ use weft_api::config::v1::{
 
 use crate::{
     backoff::Backoff,
+    controller::Controller,
     mesh::{MeshConfig, resources::Resources},
     reload::Current,
 };
@@ -29,11 +30,8 @@ use crate::{
 /// Where and as whom to subscribe.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    /// The controller's gRPC address, `http://host:15010`.
-    pub controller: String,
+    pub controller: Arc<Controller>,
     pub node: String,
-    /// A file holding the node's token (read at every connect, so it can be rotated).
-    pub token_file: Option<PathBuf>,
     /// Where the last applied version is kept.
     pub cache: PathBuf,
 }
@@ -141,11 +139,16 @@ pub async fn run(
     status: Arc<Current<Status>>,
 ) {
     let (mut serving, mut resources) = match cached {
-        Some(cached) => (Some(cached.version), cached.resources),
+        Some(cached) => {
+            settings
+                .controller
+                .set_streamed_anchors(&cached.mesh.trust_anchors);
+            (Some(cached.version), cached.resources)
+        }
         None => (None, Resources::default()),
     };
     status.replace(Status {
-        controller: settings.controller.clone(),
+        controller: settings.controller.url().to_owned(),
         version: serving.clone(),
         resources: resources.counts(),
         ..Status::default()
@@ -191,15 +194,14 @@ async fn session(
     status: &Current<Status>,
     backoff: &mut Backoff,
 ) -> Result<(), SessionError> {
-    let connect_error = |source| SessionError::Connect {
-        endpoint: settings.controller.clone(),
-        source,
-    };
-    let channel = endpoint(&settings.controller)
-        .map_err(connect_error)?
+    let channel = settings
+        .controller
         .connect()
         .await
-        .map_err(connect_error)?;
+        .map_err(|source| SessionError::Connect {
+            endpoint: settings.controller.url().to_owned(),
+            source,
+        })?;
     let (outgoing, receiver) = mpsc::channel(8);
     let hello = AgentMessage {
         message: Some(Message::Hello(Hello {
@@ -213,7 +215,10 @@ async fn session(
         .await
         .map_err(|_| SessionError::Local("the request stream closed".to_owned()))?;
     let mut request = Request::new(ReceiverStream::new(receiver));
-    authorize(&mut request, settings.token_file.as_deref()).map_err(SessionError::Local)?;
+    settings
+        .controller
+        .authorize(&mut request)
+        .map_err(SessionError::Local)?;
     let mut updates = ConfigDiscoveryClient::new(channel)
         .max_decoding_message_size(MAX_UPDATE_BYTES)
         .subscribe(request)
@@ -222,7 +227,7 @@ async fn session(
         .into_inner();
     log::info!(
         "subscribed to {} as node {}",
-        settings.controller,
+        settings.controller.url(),
         settings.node
     );
     metrics::gauge!("weft_controller_connected").set(1.0);
@@ -237,7 +242,14 @@ async fn session(
         let outcome = match resources.apply(&config).and_then(|()| resources.mesh()) {
             Err(reason) => Err(reason),
             Ok(_) if serving.as_deref() == Some(version.as_str()) => Ok(()),
-            Ok(mesh) => offer(offers, &version, mesh).await,
+            Ok(mesh) => {
+                // The controller's current roots, whether or not this node takes the
+                // rest: they check the controller from the next connection on.
+                settings
+                    .controller
+                    .set_streamed_anchors(&mesh.trust_anchors);
+                offer(offers, &version, mesh).await
+            }
         };
         let reply = match outcome {
             Ok(()) => {
@@ -317,32 +329,4 @@ fn save_cache(path: &Path, snapshot: &ConfigUpdate) {
             path.display()
         );
     }
-}
-
-/// The controller's gRPC endpoint at `url`, with the agent's timeouts and keep-alives.
-pub fn endpoint(url: &str) -> Result<Endpoint, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(url.to_owned())?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(15))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true))
-}
-
-/// Adds the node's credential, read from `token_file` now (so it can be rotated), to
-/// a request to the controller.
-pub fn authorize<T>(request: &mut Request<T>, token_file: Option<&Path>) -> Result<(), String> {
-    let Some(path) = token_file else {
-        return Ok(());
-    };
-    let token = std::fs::read_to_string(path)
-        .map_err(|err| format!("cannot read the node token {}: {err}", path.display()))?;
-    let value = format!("Bearer {}", token.trim()).parse().map_err(|_| {
-        format!(
-            "the node token in {} is not a valid header value",
-            path.display()
-        )
-    })?;
-    request.metadata_mut().insert("authorization", value);
-    Ok(())
 }

@@ -462,6 +462,38 @@ impl fmt::Debug for CertStore {
     }
 }
 
+/// The configuration for reaching the controller: TLS 1.3, ALPN `h2`, no client
+/// certificate (the node proves itself with its token), and a server check that
+/// accepts only a chain to `anchors` whose leaf is exactly `controller`.
+pub fn controller_client_config(
+    anchors: &[CertificateDer<'static>],
+    controller: &Identity,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = Arc::new(aws_lc_rs::default_provider());
+    let mut roots = RootCertStore::empty();
+    for (index, anchor) in anchors.iter().enumerate() {
+        roots
+            .add(anchor.clone())
+            .map_err(|source| TlsError::StreamedAnchor {
+                index: index + 1,
+                source,
+            })?;
+    }
+    let verifier = SpiffeServerVerifier {
+        roots: Arc::new(roots),
+        algorithms: provider.signature_verification_algorithms,
+        expected: controller.clone(),
+    };
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&TLS13])
+        .map_err(TlsError::Config)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// The SPIFFE identity of a peer, from the leaf (first) certificate of the chain it
 /// presented, e.g. `ServerConnection::peer_certificates()` after the handshake.
 pub fn peer_identity(certs: &[CertificateDer<'_>]) -> Result<Identity, TlsError> {

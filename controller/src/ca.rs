@@ -192,7 +192,11 @@ impl Authority {
             });
         }
         let mut rotated = Authority::generate_root(now)?;
-        let retire = unix_seconds(now + overlap);
+        // Two rotations within a second must not share a name.
+        let mut retire = unix_seconds(now + overlap);
+        while material.contains_key(&format!("{PREVIOUS_PREFIX}{retire}.crt")) {
+            retire += 1;
+        }
         rotated.insert(
             format!("{PREVIOUS_PREFIX}{retire}.crt"),
             material[SIGNING_CERT].clone(),

@@ -4,7 +4,8 @@
 //! of the same YAML objects) into [`objects::Objects`], compiles them into each node's
 //! view ([`compile`], [`view`]) with a verdict for every policy ([`status`]), and
 //! streams every agent its view over `weft.config.v1.ConfigDiscovery` ([`stream`]). It
-//! is also the mesh's certificate authority ([`ca`]).
+//! is also the mesh's certificate authority ([`ca`]), and serves agents over TLS with a
+//! certificate of its own ([`serving`]).
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -13,6 +14,7 @@ pub mod ca;
 pub mod compile;
 pub mod objects;
 pub mod pipeline;
+pub mod serving;
 pub mod source;
 pub mod status;
 pub mod stream;

@@ -20,6 +20,7 @@ use weft_controller::{
     },
     compile::Settings,
     pipeline::{self, Published},
+    serving::{self, ServingCert},
     source::{
         files::{self, Files},
         kubernetes::{self, TokenReviewer},
@@ -130,6 +131,10 @@ struct RunArgs {
     /// The audience agents' service account tokens are projected for.
     #[arg(long, env = "WEFT_TOKEN_AUDIENCE", default_value = "weft")]
     token_audience: String,
+    /// Serve agents without TLS (tests only: node tokens then cross the network in
+    /// the clear).
+    #[arg(long, env = "WEFT_PLAINTEXT")]
+    plaintext: bool,
     /// Let any agent subscribe as any node, without a credential (tests only).
     #[arg(long, env = "WEFT_INSECURE_NODES", conflicts_with = "node_tokens")]
     insecure_nodes: bool,
@@ -346,14 +351,26 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         args.admin,
     );
     let ca = CaService {
-        state: ca_state_rx,
+        state: ca_state_rx.clone(),
         objects: objects_rx.clone(),
         auth: Arc::clone(&auth),
-        trust_domain: args.trust_domain,
+        trust_domain: args.trust_domain.clone(),
         ttl: args.cert_ttl,
     }
     .into_server();
     let service = ConfigService::new(published_rx, auth, nodes).into_server();
+    let serving = if args.plaintext {
+        log::warn!("--plaintext: agents' node tokens cross the network in the clear");
+        None
+    } else {
+        let identity = format!(
+            "spiffe://{}/ns/{}/sa/weft-controller",
+            args.trust_domain, args.ca.ca_namespace
+        );
+        let cert = ServingCert::new(identity, &ca_state_rx.borrow())?;
+        tokio::spawn(Arc::clone(&cert).keep_renewed(ca_state_rx.clone()));
+        Some(cert.server_config())
+    };
     let shutdown = async {
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -364,17 +381,27 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         log::info!("stopping");
     };
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(15)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(service)
-        .add_service(ca)
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc),
-            shutdown,
-        )
-        .await
-        .context("the config stream server failed")
+        .add_service(ca);
+    match serving {
+        Some(config) => {
+            router
+                .serve_with_incoming_shutdown(serving::incoming(grpc, config), shutdown)
+                .await
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(grpc),
+                    shutdown,
+                )
+                .await
+        }
+    }
+    .context("the config stream server failed")
 }
 
 fn describe_metrics() {

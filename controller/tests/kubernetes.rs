@@ -1,15 +1,24 @@
-//! The Kubernetes source, the status writer and the token reviewer, each run with a
-//! real kube-rs client against a fake API server that lists and watches as
-//! Kubernetes does ([`support::fake_api`]).
+//! The Kubernetes source, the status writer, the token reviewer and the CA's Secret
+//! store, each run with a real kube-rs client against a fake API server that lists,
+//! watches and writes as Kubernetes does ([`support::fake_api`]).
 
 mod support;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::BTreeSet,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
+use k8s_openapi::{ByteString, api::core::v1::Secret};
 use serde_json::{Value, json};
 use tokio::{sync::watch, time::Instant};
 use weft_controller::{
     auth::{AuthError, NodeAuthenticator},
+    ca::{
+        Authority, Material, runtime,
+        store::{Store, StoreError},
+    },
     objects::{Kind, ObjectKey, Objects},
     source::kubernetes::{self, CONTROLLER_NAME, TokenReviewer},
     status::{Reason, Statuses, Verdict},
@@ -602,4 +611,132 @@ async fn token_reviews_prove_which_node_an_agent_runs_on() {
         fake.requests("create", "/apis/authentication.k8s.io/v1/tokenreviews"),
         6
     );
+}
+
+/// The CA's Secret, `weft-system/weft-ca`, in `fake`.
+fn ca_store(fake: &FakeApi) -> Store {
+    Store::Secret {
+        client: fake.client(),
+        namespace: "weft-system".to_owned(),
+        name: "weft-ca".to_owned(),
+    }
+}
+
+const CA_SECRETS: &str = "/api/v1/namespaces/weft-system/secrets";
+const CA_SECRET: &str = "/api/v1/namespaces/weft-system/secrets/weft-ca";
+
+/// The CA's Secret as the fake stores it, and the material it holds.
+fn ca_secret(fake: &FakeApi) -> (Value, Material) {
+    let stored = fake
+        .get("Secret", "weft-system", "weft-ca")
+        .expect("the CA's Secret exists");
+    let secret: Secret = serde_json::from_value(stored.clone()).expect("a Secret");
+    let material = secret
+        .data
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(key, ByteString(value))| (key, value))
+        .collect();
+    (stored, material)
+}
+
+#[tokio::test]
+async fn the_ca_secret_is_created_once_then_read() {
+    let fake = FakeApi::start().await;
+    let store = ca_store(&fake);
+
+    let created = runtime::load_or_create(&store).await.unwrap();
+    let (secret, stored) = ca_secret(&fake);
+    assert_eq!(secret["type"], "kubernetes.io/tls");
+    let names: BTreeSet<&str> = stored.keys().map(String::as_str).collect();
+    assert_eq!(names, BTreeSet::from(["ca.crt", "tls.crt", "tls.key"]));
+    assert_eq!(stored, created);
+    let authority = Authority::load(&created, SystemTime::now()).unwrap();
+    assert!(authority.signing_root().subject.contains("weft mesh root"));
+    assert_eq!(fake.requests("create", CA_SECRETS), 1);
+
+    // A restarted controller reads what the first one created, and writes nothing.
+    let read = runtime::load_or_create(&store).await.unwrap();
+    assert_eq!(read, created);
+    assert_eq!(fake.requests("get", CA_SECRET), 2);
+    assert_eq!(fake.requests("create", CA_SECRETS), 1);
+    assert_eq!(fake.requests("update", CA_SECRET), 0);
+    assert_eq!(ca_secret(&fake).0, secret);
+}
+
+#[tokio::test]
+async fn controllers_starting_together_use_the_same_root() {
+    // Usually both find no Secret and both create one; the second is told it exists
+    // and reads the first's. Whichever way they interleave, there is one root.
+    let fake = FakeApi::start().await;
+    let (one, two) = (ca_store(&fake), ca_store(&fake));
+    let (first, second) =
+        tokio::join!(runtime::load_or_create(&one), runtime::load_or_create(&two));
+    let (first, second) = (first.unwrap(), second.unwrap());
+    assert_eq!(first, second);
+    assert_eq!(ca_secret(&fake).1, first);
+}
+
+#[tokio::test]
+async fn the_ca_secret_is_replaced_only_at_the_revision_that_was_read() {
+    let fake = FakeApi::start().await;
+    let store = ca_store(&fake);
+    let created = runtime::load_or_create(&store).await.unwrap();
+    let (material, revision) = store.read().await.unwrap().expect("the CA's Secret");
+    assert_eq!(material, created);
+    assert!(revision.resource_version().is_some());
+
+    // Creating it again stores nothing.
+    let other = Authority::generate_root(SystemTime::now()).unwrap();
+    assert!(!store.create(&other).await.unwrap());
+    assert_eq!(ca_secret(&fake).1, created);
+
+    // Someone labels it; a rotation keeps the label.
+    let (mut secret, _) = ca_secret(&fake);
+    secret["metadata"]["labels"]["team"] = json!("platform");
+    fake.update(secret);
+    let (material, revision) = store.read().await.unwrap().expect("the CA's Secret");
+
+    // A rotation replaces it at the revision it read.
+    let now = SystemTime::now();
+    let overlap = Duration::from_secs(3600);
+    let rotated = Authority::rotate(&material, now, overlap).unwrap();
+    store.replace(&rotated, revision.clone()).await.unwrap();
+    let (stored, new_revision) = store.read().await.unwrap().expect("the CA's Secret");
+    assert_eq!(stored, rotated);
+    assert_ne!(new_revision, revision);
+    assert_eq!(ca_secret(&fake).0["type"], "kubernetes.io/tls");
+    assert_eq!(ca_secret(&fake).0["metadata"]["labels"]["team"], "platform");
+    let authority = Authority::load(&stored, now).unwrap();
+    assert_eq!(
+        authority.anchors().len(),
+        2,
+        "the old root is still trusted"
+    );
+
+    // A second rotation from the same read (another operator's, say) is refused,
+    // naming the Secret, and changes nothing.
+    let stale = Authority::rotate(&material, now, overlap).unwrap();
+    let error = store.replace(&stale, revision).await.unwrap_err();
+    assert!(matches!(&error, StoreError::Conflict { .. }), "{error:?}");
+    assert!(error.to_string().contains("weft-system/weft-ca"), "{error}");
+    assert_eq!(ca_secret(&fake).1, rotated);
+    assert_eq!(fake.requests("update", CA_SECRET), 2);
+}
+
+#[tokio::test]
+async fn an_empty_ca_secret_is_filled() {
+    let fake = FakeApi::start().await;
+    fake.create(json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": { "name": "weft-ca", "namespace": "weft-system", "labels": { "chart": "weft" } },
+        "type": "kubernetes.io/tls",
+    }));
+    let store = ca_store(&fake);
+    let material = runtime::load_or_create(&store).await.unwrap();
+    let (secret, stored) = ca_secret(&fake);
+    assert_eq!(stored, material);
+    assert!(Authority::load(&stored, SystemTime::now()).is_ok());
+    assert_eq!(secret["metadata"]["labels"]["chart"], "weft");
 }

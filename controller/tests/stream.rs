@@ -4,6 +4,8 @@
 //! and the controller's status follows their acknowledgements. Times and memory are
 //! printed for the record; thresholds belong in the benchmark.
 
+#[path = "support/grpc.rs"]
+mod grpc;
 #[path = "support/large.rs"]
 mod large;
 
@@ -14,6 +16,7 @@ use std::{
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::{StreamExt as _, wrappers::ReceiverStream};
+use tonic::service::Routes;
 use weft_api::config::v1::{
     Ack, AgentMessage, ConfigUpdate, Hello, MAX_UPDATE_BYTES, Nack, agent_message::Message,
     config_discovery_client::ConfigDiscoveryClient,
@@ -132,13 +135,7 @@ async fn a_large_cluster_compiles_and_streams_to_every_node() {
         Arc::clone(&nodes),
     )
     .into_server();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let address = grpc::serve(Routes::new(service)).await;
 
     // Every node subscribes and gets its whole view.
     let started = Instant::now();

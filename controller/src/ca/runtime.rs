@@ -16,7 +16,11 @@ use serde::Serialize;
 use tokio::sync::watch;
 use weft_api::config::v1::TrustBundle;
 
-use super::{Authority, Material, store::Store, unix_seconds};
+use super::{
+    Authority, Material,
+    store::{Store, StoreError},
+    unix_seconds,
+};
 use crate::{pipeline::Published, stream::Nodes};
 
 /// What signing uses now.
@@ -47,22 +51,36 @@ pub struct AnchorStatus {
     pub retire_at: Option<u64>,
 }
 
-/// Reads the CA from `store`, creating a self-signed root when there is none.
+/// Reads the CA from `store`, creating a self-signed root when there is none (or the
+/// store is empty).
 pub async fn load_or_create(store: &Store) -> anyhow::Result<Material> {
     use anyhow::Context as _;
-    if let Some((material, _)) = store.read().await? {
-        return Ok(material);
-    }
-    let material = Authority::generate_root(SystemTime::now())?;
-    if store.create(&material).await? {
+    let stored = store.read().await?;
+    let created = match stored {
+        Some((material, _)) if !material.is_empty() => return Ok(material),
+        Some((_, revision)) => {
+            let material = Authority::generate_root(SystemTime::now())?;
+            match store.replace(&material, revision).await {
+                Ok(()) => Some(material),
+                Err(StoreError::Conflict { .. }) => None,
+                Err(err) => return Err(err.into()),
+            }
+        }
+        None => {
+            let material = Authority::generate_root(SystemTime::now())?;
+            store.create(&material).await?.then_some(material)
+        }
+    };
+    if let Some(material) = created {
         log::info!("created a self-signed mesh root in the {store}");
         return Ok(material);
     }
-    // Another controller created one first: use that.
+    // Another controller stored one first: use that.
     let (material, _) = store
         .read()
         .await?
-        .with_context(|| format!("the {store} was created and is gone again"))?;
+        .filter(|(material, _)| !material.is_empty())
+        .with_context(|| format!("the {store} was filled and is empty again"))?;
     Ok(material)
 }
 

@@ -45,6 +45,10 @@ impl std::fmt::Display for Store {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    #[error(
+        "the CA Secret {namespace}/{name} exists already or changed since it was read (another controller, a rotation or an edit); read it and try again"
+    )]
+    Conflict { namespace: String, name: String },
     #[error("cannot {action} {path}: {source}")]
     Io {
         action: &'static str,
@@ -65,9 +69,18 @@ pub enum StoreError {
     },
 }
 
-/// A stored version of the material: the Secret's resourceVersion (none for a
-/// directory), for replacing it only if nobody changed it since.
-pub type Revision = Option<String>;
+/// What was read, for replacing it only if nobody changed it since: the Secret as read
+/// (whose resourceVersion is the precondition, and whose type, labels and annotations
+/// a replacement keeps); nothing for a directory.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Revision(Option<Box<Secret>>);
+
+impl Revision {
+    /// The Secret's resourceVersion.
+    pub fn resource_version(&self) -> Option<&str> {
+        self.0.as_ref()?.metadata.resource_version.as_deref()
+    }
+}
 
 impl Store {
     /// How often a running controller looks for a rotation.
@@ -78,10 +91,13 @@ impl Store {
         }
     }
 
-    /// The material, or `None` when there is none yet.
+    /// The material, or `None` when there is none yet. A Secret without data (one a
+    /// chart created empty, say) is empty material.
     pub async fn read(&self) -> Result<Option<(Material, Revision)>, StoreError> {
         match self {
-            Store::Dir(dir) => read_dir(dir).map(|found| found.map(|material| (material, None))),
+            Store::Dir(dir) => {
+                read_dir(dir).map(|found| found.map(|material| (material, Revision::default())))
+            }
             Store::Secret {
                 client,
                 namespace,
@@ -94,11 +110,12 @@ impl Store {
                 Ok(secret.map(|secret| {
                     let material = secret
                         .data
+                        .clone()
                         .unwrap_or_default()
                         .into_iter()
                         .map(|(key, ByteString(value))| (key, value))
                         .collect();
-                    (material, secret.metadata.resource_version)
+                    (material, Revision(Some(Box::new(secret))))
                 }))
             }
         }
@@ -114,26 +131,25 @@ impl Store {
                 }
                 write_dir(dir, material).map(|()| true)
             }
-            Store::Secret { .. } => match self.put(material, None).await {
+            Store::Secret { .. } => match self.put(material, Revision::default()).await {
                 Ok(()) => Ok(true),
-                Err(StoreError::Kube { source, .. }) if matches!(&*source, kube::Error::Api(response) if response.code == 409) => {
-                    Ok(false)
-                }
+                Err(StoreError::Conflict { .. }) => Ok(false),
                 Err(err) => Err(err),
             },
         }
     }
 
-    /// Replaces the material stored at `revision`.
+    /// Replaces the material read at `revision`; a Secret someone changed since is a
+    /// [`StoreError::Conflict`].
     pub async fn replace(&self, material: &Material, revision: Revision) -> Result<(), StoreError> {
         match self {
             Store::Dir(dir) => write_dir(dir, material),
-            Store::Secret { .. } => self.put(material, Some(revision.unwrap_or_default())).await,
+            Store::Secret { .. } => self.put(material, revision).await,
         }
     }
 
-    /// Creates (`revision` none) or replaces the Secret.
-    async fn put(&self, material: &Material, revision: Option<String>) -> Result<(), StoreError> {
+    /// Creates the Secret (no revision) or replaces the one read.
+    async fn put(&self, material: &Material, revision: Revision) -> Result<(), StoreError> {
         let Store::Secret {
             client,
             namespace,
@@ -143,33 +159,39 @@ impl Store {
             unreachable!("only Secrets are put");
         };
         let api = Api::<Secret>::namespaced(client.clone(), namespace);
-        let mut secret = Secret {
-            type_: Some("kubernetes.io/tls".to_owned()),
-            data: Some(
-                material
-                    .iter()
-                    .map(|(key, value)| (key.clone(), ByteString(value.clone())))
-                    .collect(),
-            ),
-            ..Secret::default()
-        };
-        secret.metadata.name = Some(name.clone());
-        secret.metadata.namespace = Some(namespace.clone());
-        secret.metadata.labels = Some(
-            [("app.kubernetes.io/part-of".to_owned(), "weft".to_owned())]
-                .into_iter()
-                .collect(),
-        );
-        let result = match revision {
-            None => api.create(&PostParams::default(), &secret).await,
-            Some(revision) => {
-                secret.metadata.resource_version = Some(revision);
+        let data = material
+            .iter()
+            .map(|(key, value)| (key.clone(), ByteString(value.clone())))
+            .collect();
+        let result = match revision.0 {
+            None => {
+                let mut secret = Secret {
+                    type_: Some("kubernetes.io/tls".to_owned()),
+                    data: Some(data),
+                    ..Secret::default()
+                };
+                secret.metadata.name = Some(name.clone());
+                secret.metadata.namespace = Some(namespace.clone());
+                secret.metadata.labels = Some(
+                    [("app.kubernetes.io/part-of".to_owned(), "weft".to_owned())]
+                        .into_iter()
+                        .collect(),
+                );
+                api.create(&PostParams::default(), &secret).await
+            }
+            Some(mut secret) => {
+                secret.data = Some(data);
+                secret.string_data = None;
                 api.replace(name, &PostParams::default(), &secret).await
             }
         };
-        result
-            .map(drop)
-            .map_err(|source| self.kube_error("write", source))
+        result.map(drop).map_err(|source| match source {
+            kube::Error::Api(response) if response.code == 409 => StoreError::Conflict {
+                namespace: namespace.clone(),
+                name: name.clone(),
+            },
+            source => self.kube_error("write", source),
+        })
     }
 
     fn kube_error(&self, action: &'static str, source: kube::Error) -> StoreError {
@@ -301,7 +323,7 @@ mod tests {
         let mut second = first.clone();
         second.retain(|name, _| !name.starts_with("previous-"));
         second.insert("tls.crt".to_owned(), b"new".to_vec());
-        store.replace(&second, None).await.unwrap();
+        store.replace(&second, Revision::default()).await.unwrap();
         assert_eq!(store.read().await.unwrap().unwrap().0, second);
         assert!(dir.path().join("ca").join("unrelated").exists());
     }

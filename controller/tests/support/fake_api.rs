@@ -6,12 +6,20 @@
 //! - WATCH from a resourceVersion: the events after it, periodic BOOKMARKs, and a
 //!   single `410 Expired` ERROR event when that version is older than the last
 //!   compaction (the client must then list again);
+//! - GET of one object, `404 NotFound` when there is none;
+//! - POST (create): `409 AlreadyExists` when the name is taken, a new resourceVersion
+//!   otherwise;
+//! - PUT (replace): `404 NotFound` when there is nothing to replace, `409 Conflict`
+//!   when the body's `metadata.resourceVersion` is not the stored one (none or empty
+//!   replaces unconditionally, as the real server allows for these kinds);
 //! - PATCH of the status subresource with a JSON merge patch (and a
 //!   `metadata.resourceVersion` precondition, as the real server checks);
 //! - TokenReviews answered from a table of tokens;
 //! - `404` for the kinds a test marks as not installed.
 //!
-//! Tests change objects directly ([`FakeApi::create`], [`FakeApi::update`],
+//! Creates and replaces take the same path whether a client sends them or a test
+//! calls [`FakeApi::create`] or [`FakeApi::update`] (which panic where the server
+//! would answer with an error). Tests change objects directly (those two and
 //! [`FakeApi::delete`]), compact the history, break and hold open watches to simulate
 //! an outage, and count the requests the client made by verb and path.
 
@@ -49,10 +57,13 @@ struct Resource {
 }
 
 impl Resource {
-    fn group(&self) -> &'static str {
-        self.api_version
-            .split_once('/')
-            .map_or("", |(group, _)| group)
+    /// The name the server's messages give the collection: `secrets`,
+    /// `httproutes.gateway.networking.k8s.io`.
+    fn qualified(&self) -> String {
+        match self.api_version.split_once('/') {
+            Some((group, _)) => format!("{}.{group}", self.plural),
+            None => self.plural.to_owned(),
+        }
     }
 }
 
@@ -73,6 +84,12 @@ const RESOURCES: &[Resource] = &[
         api_version: "v1",
         kind: "Pod",
         plural: "pods",
+        namespaced: true,
+    },
+    Resource {
+        api_version: "v1",
+        kind: "Secret",
+        plural: "secrets",
         namespaced: true,
     },
     Resource {
@@ -199,6 +216,54 @@ impl State {
     fn stored(&self, kind: &str, key: &Key) -> Option<&Value> {
         self.collections.get(kind)?.objects.get(key)
     }
+
+    /// Stores a new object as a create does; `Err` holds the `Status` the server
+    /// answers.
+    fn create(&mut self, resource: &'static Resource, mut object: Value) -> Result<Value, Value> {
+        let key = key_of(&object);
+        if self.stored(resource.kind, &key).is_some() {
+            let message = format!("{} \"{}\" already exists", resource.qualified(), key.1);
+            return Err(status(409, "AlreadyExists", &message));
+        }
+        let metadata = &mut object["metadata"];
+        metadata["uid"] = format!("uid-{}", self.version + 1).into();
+        metadata["generation"] = 1.into();
+        metadata["creationTimestamp"] = "2025-01-01T00:00:00Z".into();
+        Ok(self.write(resource.kind, "ADDED", object))
+    }
+
+    /// Replaces an object as a PUT does: only if its `metadata.resourceVersion`, when
+    /// it has one, is the stored one; the status stays, the generation moves when the
+    /// spec changes. `Err` holds the `Status` the server answers.
+    fn update(&mut self, resource: &'static Resource, mut object: Value) -> Result<Value, Value> {
+        let key = key_of(&object);
+        let Some(old) = self.stored(resource.kind, &key).cloned() else {
+            return Err(not_found(resource, &key.1));
+        };
+        if let Some(version) = object["metadata"]["resourceVersion"]
+            .as_str()
+            .filter(|version| !version.is_empty())
+            && old["metadata"]["resourceVersion"] != version
+        {
+            return Err(conflict(resource, &key.1));
+        }
+        for field in ["uid", "creationTimestamp", "generation"] {
+            object["metadata"][field] = old["metadata"][field].clone();
+        }
+        if object["spec"] != old["spec"] {
+            let generation = old["metadata"]["generation"].as_i64().unwrap_or(0) + 1;
+            object["metadata"]["generation"] = generation.into();
+        }
+        match old.get("status") {
+            Some(status) => object["status"] = status.clone(),
+            None => {
+                if let Some(object) = object.as_object_mut() {
+                    object.remove("status");
+                }
+            }
+        }
+        Ok(self.write(resource.kind, "MODIFIED", object))
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -287,7 +352,7 @@ impl FakeApi {
     }
 
     /// Creates `object` (its `kind` says where); returns it as stored.
-    pub fn create(&self, mut object: Value) -> Value {
+    pub fn create(&self, object: Value) -> Value {
         let resource = resource(object["kind"].as_str().unwrap_or_default());
         assert_eq!(object["apiVersion"], resource.api_version, "{object}");
         let key = key_of(&object);
@@ -302,47 +367,21 @@ impl FakeApi {
             "{} is not installed",
             resource.kind
         );
-        assert!(
-            state.stored(resource.kind, &key).is_none(),
-            "{} {key:?} exists",
-            resource.kind
-        );
-        let metadata = &mut object["metadata"];
-        metadata["uid"] = format!("uid-{}", state.version + 1).into();
-        metadata["generation"] = 1.into();
-        metadata["creationTimestamp"] = "2025-01-01T00:00:00Z".into();
-        let stored = state.write(resource.kind, "ADDED", object);
+        let stored = state
+            .create(resource, object)
+            .unwrap_or_else(|status| panic!("{}", status["message"]));
         drop(state);
         self.shared.notify();
         stored
     }
 
-    /// Replaces an object as a PUT would: the status stays, the generation moves
-    /// when the spec changes.
-    pub fn update(&self, mut object: Value) -> Value {
+    /// Replaces an object as a PUT would (see [`State::update`]).
+    pub fn update(&self, object: Value) -> Value {
         let resource = resource(object["kind"].as_str().unwrap_or_default());
-        let key = key_of(&object);
         let mut state = self.shared.lock();
-        let old = state
-            .stored(resource.kind, &key)
-            .unwrap_or_else(|| panic!("no {} {key:?} to update", resource.kind))
-            .clone();
-        for field in ["uid", "creationTimestamp", "generation"] {
-            object["metadata"][field] = old["metadata"][field].clone();
-        }
-        if object["spec"] != old["spec"] {
-            let generation = old["metadata"]["generation"].as_i64().unwrap_or(0) + 1;
-            object["metadata"]["generation"] = generation.into();
-        }
-        match old.get("status") {
-            Some(status) => object["status"] = status.clone(),
-            None => {
-                if let Some(object) = object.as_object_mut() {
-                    object.remove("status");
-                }
-            }
-        }
-        let stored = state.write(resource.kind, "MODIFIED", object);
+        let stored = state
+            .update(resource, object)
+            .unwrap_or_else(|status| panic!("{}", status["message"]));
         drop(state);
         self.shared.notify();
         stored
@@ -407,8 +446,8 @@ impl FakeApi {
             .insert(token.to_owned(), Token { audiences, user });
     }
 
-    /// How many requests with `verb` (`list`, `watch`, `get`, `patch`, `create`) went
-    /// to `path`.
+    /// How many requests with `verb` (`list`, `watch`, `get`, `create`, `update`,
+    /// `patch`) went to `path`.
     pub fn requests(&self, verb: &str, path: &str) -> usize {
         self.shared
             .lock()
@@ -529,11 +568,30 @@ fn status(code: u16, reason: &str, message: &str) -> Value {
     })
 }
 
+/// The response carrying `status`, with its code.
+fn reply(status: &Value) -> Response<Body> {
+    let code = status["code"]
+        .as_u64()
+        .and_then(|code| u16::try_from(code).ok());
+    full(StatusCode::from_u16(code.unwrap_or(500)).unwrap(), status)
+}
+
 fn failure(code: u16, reason: &str, message: &str) -> Response<Body> {
-    full(
-        StatusCode::from_u16(code).unwrap(),
-        &status(code, reason, message),
-    )
+    reply(&status(code, reason, message))
+}
+
+fn not_found(resource: &Resource, name: &str) -> Value {
+    let message = format!("{} \"{name}\" not found", resource.qualified());
+    status(404, "NotFound", &message)
+}
+
+fn conflict(resource: &Resource, name: &str) -> Value {
+    let message = format!(
+        "Operation cannot be fulfilled on {} \"{name}\": the object has been modified; \
+         please apply your changes to the latest version and try again",
+        resource.qualified()
+    );
+    status(409, "Conflict", &message)
 }
 
 async fn handle(shared: Shared, request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
@@ -556,6 +614,8 @@ async fn handle(shared: Shared, request: Request<Incoming>) -> Result<Response<B
         (&Method::GET, None, false) if query.get("watch").is_some_and(|w| w == "true") => "watch",
         (&Method::GET, None, false) => "list",
         (&Method::GET, Some(_), false) => "get",
+        (&Method::POST, None, false) => "create",
+        (&Method::PUT, Some(_), false) => "update",
         (&Method::PATCH, Some(_), true) => "patch",
         _ => {
             shared.lock().requests.push(("unsupported", path));
@@ -582,6 +642,13 @@ async fn handle(shared: Shared, request: Request<Incoming>) -> Result<Response<B
         "watch" => watch(shared, target, &query).await,
         "list" => list(&shared, &target, &query),
         "get" => get(&shared, &target),
+        "create" | "update" => {
+            let body = request.into_body().collect().await.map(|b| b.to_bytes());
+            match serde_json::from_slice(body.as_deref().unwrap_or_default()) {
+                Ok(object) => write_object(&shared, &target, verb, object),
+                Err(err) => failure(400, "BadRequest", &err.to_string()),
+            }
+        }
         _ => {
             let content_type = request
                 .headers()
@@ -692,16 +759,74 @@ fn get(shared: &Shared, target: &Target) -> Response<Body> {
     );
     match shared.lock().stored(target.resource.kind, &key) {
         Some(object) => full(StatusCode::OK, object),
-        None => not_found(target, &key.1),
+        None => reply(&not_found(target.resource, &key.1)),
     }
 }
 
-fn not_found(target: &Target, name: &str) -> Response<Body> {
-    failure(
-        404,
-        "NotFound",
-        &format!("{} \"{name}\" not found", target.resource.plural),
-    )
+/// A create (`verb` `create`, a POST to the collection) or a replace (`update`, a PUT
+/// to the object) from a client: the body must be of the request's kind, namespace
+/// and (for a replace) name.
+fn write_object(shared: &Shared, target: &Target, verb: &str, mut object: Value) -> Response<Body> {
+    let resource = target.resource;
+    if !object.is_object() {
+        return failure(400, "BadRequest", "the body is not an object");
+    }
+    for (field, expected) in [
+        ("apiVersion", resource.api_version),
+        ("kind", resource.kind),
+    ] {
+        match object.get(field).and_then(Value::as_str) {
+            None | Some("") => object[field] = expected.into(),
+            Some(given) if given == expected => {}
+            Some(given) => {
+                let message = format!("{field} {given} does not match the request's {expected}");
+                return failure(400, "BadRequest", &message);
+            }
+        }
+    }
+    let namespace = target.namespace.clone().unwrap_or_default();
+    match object["metadata"]["namespace"].as_str() {
+        None | Some("") if resource.namespaced => {
+            object["metadata"]["namespace"] = namespace.into();
+        }
+        None | Some("") => {}
+        Some(given) if given == namespace => {}
+        Some(_) => {
+            return failure(
+                400,
+                "BadRequest",
+                "the namespace of the provided object does not match the namespace sent on the request",
+            );
+        }
+    }
+    let name = key_of(&object).1;
+    if name.is_empty() {
+        let message = format!(
+            "{} \"\" is invalid: metadata.name: Required value: name is required",
+            resource.kind
+        );
+        return failure(422, "Invalid", &message);
+    }
+    if let Some(url_name) = target.name.as_ref().filter(|url_name| **url_name != name) {
+        let message = format!(
+            "the name of the object ({name}) does not match the name on the URL ({url_name})"
+        );
+        return failure(400, "BadRequest", &message);
+    }
+    let mut state = shared.lock();
+    let (written, code) = if verb == "create" {
+        (state.create(resource, object), StatusCode::CREATED)
+    } else {
+        (state.update(resource, object), StatusCode::OK)
+    };
+    drop(state);
+    match written {
+        Ok(stored) => {
+            shared.notify();
+            full(code, &stored)
+        }
+        Err(status) => reply(&status),
+    }
 }
 
 /// RFC 7386.
@@ -731,19 +856,12 @@ fn patch_status(shared: &Shared, target: &Target, patch: &Value) -> Response<Bod
     );
     let mut state = shared.lock();
     let Some(stored) = state.stored(target.resource.kind, &key).cloned() else {
-        return not_found(target, &key.1);
+        return reply(&not_found(target.resource, &key.1));
     };
     if let Some(version) = patch["metadata"]["resourceVersion"].as_str()
         && stored["metadata"]["resourceVersion"] != version
     {
-        let message = format!(
-            "Operation cannot be fulfilled on {}.{} \"{}\": the object has been modified; \
-             please apply your changes to the latest version and try again",
-            target.resource.plural,
-            target.resource.group(),
-            key.1
-        );
-        return failure(409, "Conflict", &message);
+        return reply(&conflict(target.resource, &key.1));
     }
     let mut patched = stored.clone();
     merge(&mut patched, patch);
