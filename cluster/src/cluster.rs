@@ -28,6 +28,9 @@ const CONTROLLER_ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 254);
 /// The controller's config stream and status ports.
 const CONTROLLER_GRPC_PORT: u16 = 15010;
 const CONTROLLER_ADMIN_PORT: u16 = 15014;
+/// The controller's namespace: its certificate for the agents is that of
+/// `spiffe://<trust domain>/ns/<this>/sa/weft-controller`.
+const CONTROL_PLANE_NAMESPACE: &str = "weft-system";
 /// The agent's admin endpoint, on the node's localhost.
 const AGENT_ADMIN_PORT: u16 = 15000;
 
@@ -597,6 +600,8 @@ impl Cluster {
             self.topology.node_tokens.display().to_string(),
             "--ca-dir".to_owned(),
             self.topology.ca_dir.display().to_string(),
+            "--ca-namespace".to_owned(),
+            CONTROL_PLANE_NAMESPACE.to_owned(),
             "--trust-domain".to_owned(),
             objects::TRUST_DOMAIN.to_owned(),
             "--file-interval-ms".to_owned(),
@@ -700,8 +705,9 @@ impl Cluster {
     }
 
     /// Starts `weft-agent` (the binary at `agent_bin`) on `node`, subscribed to the
-    /// controller (which streams its configuration and signs its pods' certificates),
-    /// and waits until it serves its CNI socket.
+    /// controller over TLS checked against the mesh CA's roots (the controller streams
+    /// its configuration and signs its pods' certificates), and waits until it serves
+    /// its CNI socket.
     pub fn start_agent(
         &mut self,
         node: &str,
@@ -715,9 +721,14 @@ impl Cluster {
         }
         let info = self.node(node)?.clone();
         let controller = format!(
-            "http://{}:{CONTROLLER_GRPC_PORT}",
+            "https://{}:{CONTROLLER_GRPC_PORT}",
             self.topology.controller_address
         );
+        let controller_identity = format!(
+            "spiffe://{}/ns/{CONTROL_PLANE_NAMESPACE}/sa/weft-controller",
+            objects::TRUST_DOMAIN
+        );
+        let controller_ca = self.topology.ca_dir.join("ca.crt");
         let token = self.topology.node_tokens.join(format!("{node}.token"));
         let argv: Vec<String> = [
             agent_bin.as_os_str(),
@@ -736,6 +747,10 @@ impl Cluster {
             info.agent_state_dir.as_os_str(),
             "--controller".as_ref(),
             controller.as_ref(),
+            "--controller-ca".as_ref(),
+            controller_ca.as_os_str(),
+            "--controller-identity".as_ref(),
+            controller_identity.as_ref(),
             "--controller-token-file".as_ref(),
             token.as_os_str(),
             "--flow-log".as_ref(),

@@ -322,11 +322,20 @@ fn an_agent_without_its_nodes_token_is_refused() {
     let (cluster, _) = mesh("STRICT");
     let node = cluster.topology().node("node1").unwrap().clone();
     let wrong_token = cluster.topology().node_tokens.join("node0.token");
-    let controller = format!("http://{}:15010", cluster.topology().controller_address);
+    // Reaching the controller as the real agents do (its address, the roots and the
+    // identity it is checked with).
+    let running = &node.agent.as_ref().expect("node1's agent runs").command;
+    let same = |flag: &str| -> [String; 2] {
+        let at = running
+            .iter()
+            .position(|arg| arg == flag)
+            .unwrap_or_else(|| panic!("node1's agent runs without {flag}: {running:?}"));
+        [flag.to_owned(), running[at + 1].clone()]
+    };
     let state = tempfile::tempdir().unwrap();
     // A second agent process for node1 with node0's token, on ports of its own would
     // collide with the running agent; the subscription fails before any port opens.
-    let argv = [
+    let mut argv = vec![
         workspace_bin("weft-agent").display().to_string(),
         "run".into(),
         "--node".into(),
@@ -341,11 +350,12 @@ fn an_agent_without_its_nodes_token_is_refused() {
         state.path().join("cni.sock").display().to_string(),
         "--state-dir".into(),
         state.path().display().to_string(),
-        "--controller".into(),
-        controller,
         "--controller-token-file".into(),
         wrong_token.display().to_string(),
     ];
+    for flag in ["--controller", "--controller-ca", "--controller-identity"] {
+        argv.extend(same(flag));
+    }
     let log_path = state.path().join("agent.log");
     let log = std::fs::File::create(&log_path).unwrap();
     let mut agent = cluster
