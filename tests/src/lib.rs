@@ -467,3 +467,70 @@ fn pem_certificates(text: &str) -> Vec<String> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_prometheus_samples() {
+        let text = "# TYPE weft_hbone_failures_total counter\n\
+            weft_hbone_failures_total{direction=\"inbound\",reason=\"certificate_expired\"} 2\n\
+            weft_hbone_failures_total_other{direction=\"inbound\"} 9\n\
+            weft_controller_certificates_issued_total 5\n";
+        let found = samples(text, "weft_hbone_failures_total");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].0["reason"], "certificate_expired");
+        assert_eq!(
+            series(
+                text,
+                "weft_hbone_failures_total",
+                &[("direction", "inbound")]
+            ),
+            Some(2.0)
+        );
+        assert_eq!(
+            series(text, "weft_controller_certificates_issued_total", &[]),
+            Some(5.0)
+        );
+        assert_eq!(
+            series(text, "weft_hbone_failures_total", &[("reason", "x")]),
+            None
+        );
+    }
+
+    #[test]
+    fn issues_from_a_ca_directory_with_the_chain_below_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = TestCa::rogue();
+        std::fs::write(dir.path().join("ca.crt"), root.roots_pem()).unwrap();
+        // An intermediate signed by the root, as a user's own CA would hand it over.
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "test intermediate");
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let intermediate = params.signed_by(&key, &root.issuer).unwrap();
+        let signing = intermediate.pem() + root.roots_pem();
+        std::fs::write(dir.path().join("tls.crt"), &signing).unwrap();
+        std::fs::write(dir.path().join("tls.key"), key.serialize_pem()).unwrap();
+
+        let ca = TestCa::mesh(dir.path());
+        let (cert, key) = ca.issue(
+            "spiffe://cluster.local/ns/default/sa/client",
+            valid_now(),
+            &dir.path().join("out"),
+            "client",
+        );
+        let chain = pem_certificates(&std::fs::read_to_string(cert).unwrap());
+        assert_eq!(chain.len(), 2, "the leaf, then the intermediate");
+        assert_eq!(chain[1], intermediate.pem());
+        let mode = std::fs::metadata(key).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+    }
+}
