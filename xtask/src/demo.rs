@@ -263,6 +263,32 @@ fn show(name: &str) -> anyhow::Result<()> {
         &synced,
     );
 
+    let signing_root = status["ca"]["signing_root"].as_str().unwrap_or("-");
+    eprintln!(
+        "\nWorkload certificates (each agent's /certs), issued by the controller's CA under\n  {signing_root}"
+    );
+    let mut certificates = Vec::new();
+    for node in cluster.topology().node_names() {
+        let certs = cluster
+            .agent_admin(&node, "/certs")
+            .map_err(|what| anyhow::anyhow!("no answer: waiting for {what}"))?;
+        for cert in certs.as_array().into_iter().flatten() {
+            let expires_in = cert["not_after"].as_u64().map_or("-".to_owned(), |at| {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |since| since.as_secs());
+                format!("{:.1} h", at.saturating_sub(now) as f64 / 3600.0)
+            });
+            certificates.push(vec![
+                node.clone(),
+                cert["identity"].as_str().unwrap_or("-").to_owned(),
+                cert["serial"].as_str().unwrap_or("-").to_owned(),
+                expires_in,
+            ]);
+        }
+    }
+    print_table(&["node", "identity", "serial", "expires in"], &certificates);
+
     let unanswered: Vec<&Vec<String>> = replicas.iter().filter(|row| row[3] == "0").collect();
     if failures > 0 || !unanswered.is_empty() {
         bail!(
