@@ -53,6 +53,11 @@ pub enum AuthError {
     )]
     NotServiceAccount { user: String },
     #[error(
+        "the token belongs to {user}, not to the agents' service account {agent}: only \
+         weft agents may subscribe or ask for certificates; check --agent-service-account"
+    )]
+    NotAgent { user: String, agent: String },
+    #[error(
         "the token of {user} names no node: it must be a projected, pod-bound service \
          account token (a serviceAccountToken volume; Kubernetes 1.30 or later puts the \
          pod's node in it)"

@@ -306,6 +306,12 @@ impl Authority {
         }
     }
 
+    /// Whether a rotated-out root is still within its overlap: after a restart, the
+    /// controller makes sure again that agents trust the new root before it signs.
+    pub fn rotating(&self) -> bool {
+        !self.previous.is_empty()
+    }
+
     /// When the next rotated-out root retires.
     pub fn next_retirement(&self) -> Option<SystemTime> {
         self.anchors.iter().filter_map(|a| a.retire_at).min()

@@ -128,6 +128,14 @@ struct RunArgs {
     /// pod-bound service account token checked with a TokenReview.
     #[arg(long, env = "WEFT_NODE_TOKENS")]
     node_tokens: Option<PathBuf>,
+    /// The agents' service account (`<namespace>/<name>`): only its tokens prove a
+    /// node, with the Kubernetes source.
+    #[arg(
+        long,
+        env = "WEFT_AGENT_SERVICE_ACCOUNT",
+        default_value = "weft-system/weft-agent"
+    )]
+    agent_service_account: String,
     /// The audience agents' service account tokens are projected for.
     #[arg(long, env = "WEFT_TOKEN_AUDIENCE", default_value = "weft")]
     token_audience: String,
@@ -252,6 +260,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         (None, Some(client)) => NodeAuthenticator::Kubernetes(TokenReviewer::new(
             client.clone(),
             args.token_audience.clone(),
+            &args.agent_service_account,
         )),
         (None, None) => anyhow::bail!(
             "the file source needs node credentials: give --node-tokens DIR (or --insecure-nodes for tests)"
@@ -291,10 +300,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         "mesh CA from the {ca_store}: signing under {}",
         authority.signing_root().subject
     );
-    let (trust_tx, trust_rx) = watch::channel(Arc::new(authority.trust_bundle(true)));
+    // Mid-rotation (after a restart), the previous root signs until agents trust the new one.
+    let propagated = !authority.rotating();
+    let (trust_tx, trust_rx) = watch::channel(Arc::new(authority.trust_bundle(propagated)));
     let (ca_state_tx, ca_state_rx) = watch::channel(Arc::new(runtime::CaState {
         authority,
-        propagated: true,
+        propagated,
     }));
     let (ca_status_tx, ca_status_rx) = watch::channel(None);
     tokio::spawn(pipeline::run(

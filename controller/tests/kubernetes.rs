@@ -556,7 +556,19 @@ async fn token_reviews_prove_which_node_an_agent_runs_on() {
             "extra": { "authentication.kubernetes.io/node-name": ["node-a"] },
         }),
     );
-    let auth = NodeAuthenticator::Kubernetes(TokenReviewer::new(fake.client(), "weft".to_owned()));
+    fake.add_token(
+        "workload",
+        &["weft"],
+        json!({
+            "username": "system:serviceaccount:shop:cart",
+            "extra": { "authentication.kubernetes.io/node-name": ["node-a"] },
+        }),
+    );
+    let auth = NodeAuthenticator::Kubernetes(TokenReviewer::new(
+        fake.client(),
+        "weft".to_owned(),
+        "weft-system/weft-agent",
+    ));
 
     auth.authenticate("node-a", Some("pod-bound"))
         .await
@@ -596,6 +608,17 @@ async fn token_reviews_prove_which_node_an_agent_runs_on() {
         "{error}"
     );
     let error = auth
+        .authenticate("node-a", Some("workload"))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, AuthError::NotAgent { .. }), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("system:serviceaccount:shop:cart"),
+        "{error}"
+    );
+    let error = auth
         .authenticate("node-a", Some("person"))
         .await
         .unwrap_err();
@@ -609,7 +632,7 @@ async fn token_reviews_prove_which_node_an_agent_runs_on() {
     ));
     assert_eq!(
         fake.requests("create", "/apis/authentication.k8s.io/v1/tokenreviews"),
-        6
+        7
     );
 }
 

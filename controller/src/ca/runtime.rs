@@ -120,7 +120,7 @@ impl Runtime {
         };
         let mut error = None;
         // After a restart mid-rotation, make sure again that agents trust the new root.
-        let mut propagation = (!authority.previous.is_empty()).then_some(Propagation {
+        let mut propagation = authority.rotating().then_some(Propagation {
             since: now,
             generation: None,
         });
@@ -149,7 +149,7 @@ impl Runtime {
                                 "new mesh root {}: trusted now, signing once every connected agent trusts it",
                                 loaded.signing_root().subject
                             );
-                            propagation = (!loaded.previous.is_empty()).then_some(Propagation {
+                            propagation = loaded.rotating().then_some(Propagation {
                                 since: now,
                                 generation: None,
                             });

@@ -723,14 +723,20 @@ fn is_service(parent: &Value) -> bool {
 pub struct TokenReviewer {
     api: Api<TokenReview>,
     audience: String,
+    /// The agents' service account, `system:serviceaccount:<namespace>:<name>`: a
+    /// token of any other (a workload's, say) proves nothing about being an agent.
+    agent: String,
 }
 
 impl TokenReviewer {
-    /// Reviews tokens that must be meant for `audience`.
-    pub fn new(client: Client, audience: String) -> Self {
+    /// Reviews tokens that must be meant for `audience` and belong to the service
+    /// account `agent` (`<namespace>/<name>`).
+    pub fn new(client: Client, audience: String, agent: &str) -> Self {
+        let (namespace, name) = agent.split_once('/').unwrap_or(("", agent));
         Self {
             api: Api::all(client),
             audience,
+            agent: format!("system:serviceaccount:{namespace}:{name}"),
         }
     }
 
@@ -771,6 +777,12 @@ impl TokenReviewer {
             .is_some_and(|(namespace, name)| !namespace.is_empty() && !name.is_empty());
         if !service_account {
             return Err(AuthError::NotServiceAccount { user: username });
+        }
+        if username != self.agent {
+            return Err(AuthError::NotAgent {
+                user: username,
+                agent: self.agent.clone(),
+            });
         }
         user.extra
             .unwrap_or_default()
