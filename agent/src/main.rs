@@ -91,8 +91,9 @@ struct RunArgs {
     #[arg(long, env = "WEFT_MESH_CONFIG", conflicts_with = "controller")]
     mesh_config: Option<PathBuf>,
     /// Take the mesh configuration and the workload certificates from the controller
-    /// at this address (`https://host:15010`; `http://` only in tests). The last version applied is cached in the state
-    /// directory and served at once after a restart, even with the controller away.
+    /// at this address (`https://host:15010`; `http://` only in tests). The last
+    /// version applied, and the certificates, are cached in the state directory and
+    /// served at once after a restart, even with the controller away.
     #[arg(long, env = "WEFT_CONTROLLER")]
     controller: Option<String>,
     /// The file holding this node's token for the controller.
