@@ -260,9 +260,12 @@ impl Manager {
                     metrics::counter!("weft_certificate_requests_total", "result" => "issued")
                         .increment(1);
                     log::info!(
-                        "the CA issued {identity} certificate {} (valid until {:?})",
+                        "the CA issued {identity} certificate {}, valid for {} s",
                         held.serial,
                         held.not_after
+                            .duration_since(SystemTime::now())
+                            .unwrap_or_default()
+                            .as_secs()
                     );
                     self.failing.remove(identity);
                     self.held.insert(identity.clone(), held);
