@@ -22,10 +22,6 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use rcgen::{
-    CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256, SanType,
-    string::Ia5String,
-};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject};
 use tonic::{Code, Request, transport::Channel};
 use weft_api::ca::v1::{SignRequest, certificate_authority_client::CertificateAuthorityClient};
@@ -302,18 +298,8 @@ impl Manager {
 
     /// Asks the CA to sign a fresh key for `identity`.
     async fn request(&mut self, identity: &Identity) -> Result<Held, Failure> {
-        let local = |what: &str, err: rcgen::Error| Failure::Local(format!("{what}: {err}"));
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
-            .map_err(|err| local("cannot generate a key", err))?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        let uri = Ia5String::try_from(identity.to_string())
-            .map_err(|err| local("the identity is not ASCII", err))?;
-        params.subject_alt_names = vec![SanType::URI(uri)];
-        let csr = params
-            .serialize_request(&key)
-            .and_then(|csr| csr.pem())
-            .map_err(|err| local("cannot write the signing request", err))?;
+        let (key, csr) = weft_api::ca::signing_request(&identity.to_string())
+            .map_err(|err| Failure::Local(format!("cannot make a signing request: {err}")))?;
         let mut request = Request::new(SignRequest {
             node: self.settings.node.clone(),
             csr,

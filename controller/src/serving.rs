@@ -12,10 +12,6 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use rcgen::{
-    CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256, SanType,
-    string::Ia5String,
-};
 use rustls::{
     ServerConfig,
     crypto::aws_lc_rs,
@@ -103,12 +99,7 @@ impl ServingCert {
     }
 
     fn renew(&self, state: &CaState) -> anyhow::Result<()> {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names =
-            vec![SanType::URI(Ia5String::try_from(self.spiffe_id.as_str())?)];
-        let csr = params.serialize_request(&key)?.pem()?;
+        let (key, csr) = weft_api::ca::signing_request(&self.spiffe_id)?;
         let issued = state
             .authority
             .sign(&csr, SystemTime::now(), LIFETIME, state.propagated, |_| {

@@ -19,13 +19,9 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData};
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
-    string::Ia5String,
-};
 use weft_cluster::Cluster;
 use weft_common::{InboundPort, names};
+use weft_controller::ca::{self, Authority};
 
 /// Panics with the way out unless the test runs as root.
 pub fn require_root() {
@@ -341,13 +337,11 @@ pub fn series(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 /// A certificate authority for test clients that play a peer the mesh's agents do not
 /// expect: the mesh CA itself, read from the controller's CA directory, to issue
 /// certificates the agents would never ask for (expired, not yet valid, any identity),
-/// or a rogue CA nobody in the mesh trusts. Certificates are shaped like the mesh
-/// CA's: the SPIFFE ID as the only SAN, not a CA, for TLS client and server use.
+/// or a rogue CA nobody in the mesh trusts. Both sign exactly as the controller does
+/// (`weft_controller::ca::Authority`).
 #[derive(Debug)]
 pub struct TestCa {
-    issuer: Issuer<'static, KeyPair>,
-    /// PEM certificates sent after the leaf: those of `tls.crt` that are not roots.
-    intermediates: String,
+    authority: Authority,
     /// PEM roots the CA's certificates lead to (`ca.crt`).
     roots: String,
 }
@@ -356,43 +350,29 @@ impl TestCa {
     /// The mesh CA kept in `ca_dir` (the controller's `--ca-dir`: `tls.crt`, `tls.key`,
     /// `ca.crt`); it signs with the key the controller signs with now.
     pub fn mesh(ca_dir: &Path) -> TestCa {
-        let read = |name: &str| {
-            let path = ca_dir.join(name);
-            fs::read_to_string(&path)
-                .unwrap_or_else(|err| panic!("cannot read the mesh CA's {}: {err}", path.display()))
-        };
-        let (signing, key, roots) = (read("tls.crt"), read("tls.key"), read("ca.crt"));
-        let key = KeyPair::from_pem(&key).unwrap_or_else(|err| panic!("tls.key: {err}"));
-        let issuer =
-            Issuer::from_ca_cert_pem(&signing, key).unwrap_or_else(|err| panic!("tls.crt: {err}"));
-        let root_blocks = pem_certificates(&roots);
-        let intermediates = pem_certificates(&signing)
+        let material = [ca::SIGNING_CERT, ca::SIGNING_KEY, ca::ROOTS]
             .into_iter()
-            .filter(|block| !root_blocks.contains(block))
+            .map(|name| {
+                let path = ca_dir.join(name);
+                let bytes = fs::read(&path).unwrap_or_else(|err| {
+                    panic!("cannot read the mesh CA's {}: {err}", path.display())
+                });
+                (name.to_owned(), bytes)
+            })
             .collect();
-        TestCa {
-            issuer,
-            intermediates,
-            roots,
-        }
+        TestCa::from_material(material)
     }
 
     /// A self-signed root no agent trusts.
     pub fn rogue() -> TestCa {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("a P-256 key");
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "weft test rogue CA");
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let root = params.self_signed(&key).expect("a self-signed root");
-        TestCa {
-            issuer: Issuer::new(params, key),
-            intermediates: String::new(),
-            roots: root.pem(),
-        }
+        TestCa::from_material(Authority::generate_root(SystemTime::now()).expect("a root"))
+    }
+
+    fn from_material(material: ca::Material) -> TestCa {
+        let authority = Authority::load(&material, SystemTime::now())
+            .unwrap_or_else(|err| panic!("the test CA: {err}"));
+        let roots = String::from_utf8_lossy(&material[ca::ROOTS]).into_owned();
+        TestCa { authority, roots }
     }
 
     /// The roots (PEM) this CA's certificates lead to.
@@ -410,32 +390,23 @@ impl TestCa {
         dir: &Path,
         stem: &str,
     ) -> (PathBuf, PathBuf) {
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        let uri = Ia5String::try_from(spiffe_id).unwrap_or_else(|err| panic!("{spiffe_id}: {err}"));
-        params.subject_alt_names = vec![SanType::URI(uri)];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        let serial: u64 = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos() as u64;
-        params.serial_number = Some(SerialNumber::from(serial));
-        params.not_before = validity.start.into();
-        params.not_after = validity.end.into();
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("a P-256 key");
-        let leaf = params
-            .signed_by(&key, &self.issuer)
-            .unwrap_or_else(|err| panic!("cannot sign {spiffe_id}: {err}"));
+        let (key, csr) = weft_api::ca::signing_request(spiffe_id)
+            .unwrap_or_else(|err| panic!("{spiffe_id}: {err}"));
+        // The CA starts certificates CLOCK_SKEW before the time it signs at.
+        let start = validity.start + ca::CLOCK_SKEW;
+        let lifetime = validity
+            .end
+            .duration_since(start)
+            .expect("a validity that ends after it starts");
+        let issued = self
+            .authority
+            .sign(&csr, start, lifetime, true, |_| Ok(()))
+            .unwrap_or_else(|err| panic!("cannot sign {spiffe_id}: {err}"))
+            .expect("the test CA signs any identity");
         fs::create_dir_all(dir).unwrap_or_else(|err| panic!("{}: {err}", dir.display()));
         let cert_path = dir.join(format!("{stem}.crt"));
         let key_path = dir.join(format!("{stem}.key"));
-        fs::write(&cert_path, leaf.pem() + &self.intermediates)
+        fs::write(&cert_path, ca::pem(&issued.chain))
             .unwrap_or_else(|err| panic!("{}: {err}", cert_path.display()));
         let _ = fs::remove_file(&key_path);
         fs::OpenOptions::new()
@@ -455,17 +426,6 @@ impl TestCa {
 pub fn valid_now() -> Range<SystemTime> {
     let now = SystemTime::now();
     now - Duration::from_secs(3600)..now + Duration::from_secs(86_400)
-}
-
-/// The PEM certificate blocks of `text`, each with its END line and a newline.
-fn pem_certificates(text: &str) -> Vec<String> {
-    const END: &str = "-----END CERTIFICATE-----";
-    text.split_inclusive(END)
-        .filter_map(|part| {
-            let start = part.find("-----BEGIN CERTIFICATE-----")?;
-            part.ends_with(END).then(|| format!("{}\n", &part[start..]))
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -496,41 +456,6 @@ mod tests {
         assert_eq!(
             series(text, "weft_hbone_failures_total", &[("reason", "x")]),
             None
-        );
-    }
-
-    #[test]
-    fn issues_from_a_ca_directory_with_the_chain_below_the_root() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = TestCa::rogue();
-        std::fs::write(dir.path().join("ca.crt"), root.roots_pem()).unwrap();
-        // An intermediate signed by the root, as a user's own CA would hand it over.
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut params = CertificateParams::default();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "test intermediate");
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-        let intermediate = params.signed_by(&key, &root.issuer).unwrap();
-        let signing = intermediate.pem() + root.roots_pem();
-        std::fs::write(dir.path().join("tls.crt"), &signing).unwrap();
-        std::fs::write(dir.path().join("tls.key"), key.serialize_pem()).unwrap();
-
-        let ca = TestCa::mesh(dir.path());
-        let (cert, key) = ca.issue(
-            "spiffe://cluster.local/ns/default/sa/client",
-            valid_now(),
-            &dir.path().join("out"),
-            "client",
-        );
-        let chain = pem_certificates(&std::fs::read_to_string(cert).unwrap());
-        assert_eq!(chain.len(), 2, "the leaf, then the intermediate");
-        assert_eq!(chain[1], intermediate.pem());
-        let mode = std::fs::metadata(key).unwrap().permissions();
-        assert_eq!(
-            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
-            0o600
         );
     }
 }

@@ -6,6 +6,7 @@
 //! flowing between workloads whose certificates lead to the old and the new root; and
 //! the CA refuses a node an identity none of its pods runs as.
 
+use prost::Message as _;
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
@@ -13,6 +14,7 @@ use std::{
     thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
+use weft_api::ca::v1::SignRequest;
 
 use weft_cluster::{Cluster, PodSpec, objects::TRUST_DOMAIN};
 use weft_e2e::{
@@ -723,22 +725,12 @@ fn root_rotation_keeps_old_and_new_roots_talking() {
 /// agent does.) Returns the response headers (a refusal's `grpc-status` is among them)
 /// and body.
 fn sign_as(cluster: &Cluster, node: &str, spiffe_id: &str) -> (String, Vec<u8>) {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::default();
-    params.subject_alt_names = vec![rcgen::SanType::URI(spiffe_id.try_into().unwrap())];
-    let csr = params.serialize_request(&key).unwrap().pem().unwrap();
-    // SignRequest { node = 1, csr = 2 }: two length-delimited fields, in a gRPC frame.
-    let mut message = Vec::new();
-    for (tag, value) in [(0x0a, node.as_bytes()), (0x12, csr.as_bytes())] {
-        message.push(tag);
-        let mut len = value.len();
-        while len >= 0x80 {
-            message.push((len as u8 & 0x7f) | 0x80);
-            len >>= 7;
-        }
-        message.push(len as u8);
-        message.extend_from_slice(value);
+    let (_, csr) = weft_api::ca::signing_request(spiffe_id).unwrap();
+    let message = SignRequest {
+        node: node.to_owned(),
+        csr,
     }
+    .encode_to_vec();
     let mut frame = vec![0];
     frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
     frame.extend_from_slice(&message);
