@@ -484,8 +484,8 @@ mod tests {
     };
 
     use rcgen::{
-        BasicConstraints, CertificateSigningRequestParams, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyUsagePurpose,
+        BasicConstraints, CertificateParams, CertificateSigningRequestParams,
+        ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
     };
     use tokio::net::TcpListener;
     use tonic::{Response, Status};
