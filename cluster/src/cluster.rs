@@ -713,6 +713,19 @@ impl Cluster {
         node: &str,
         agent_bin: &Path,
     ) -> Result<NodeProcess, ClusterError> {
+        // Kernel programs' own log records, at debug level, into the agent's log.
+        self.start_agent_with_log(node, agent_bin, "info,weft_ebpf=debug")
+    }
+
+    /// [`Self::start_agent`] with the agent's log filter (`--log`, env_logger syntax)
+    /// instead of the cluster's `info,weft_ebpf=debug`: `info` is what a production
+    /// agent runs with, which is what benchmarks measure.
+    pub fn start_agent_with_log(
+        &mut self,
+        node: &str,
+        agent_bin: &Path,
+        log_filter: &str,
+    ) -> Result<NodeProcess, ClusterError> {
         const READY: Duration = Duration::from_secs(15);
         let _lock = self.lock()?;
         self.refresh()?;
@@ -755,9 +768,8 @@ impl Cluster {
             token.as_os_str(),
             "--flow-log".as_ref(),
             info.flow_log.as_os_str(),
-            // Kernel programs' own log records, at debug level, into the agent's log.
             "--log".as_ref(),
-            "info,weft_ebpf=debug".as_ref(),
+            log_filter.as_ref(),
         ]
         .iter()
         .map(|arg| arg.to_string_lossy().into_owned())

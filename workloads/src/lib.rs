@@ -4,7 +4,9 @@
 //! every HTTP/1.1 or h2c request with a JSON description of what it saw, and [`tcp`]
 //! (`weft-tcp-echo`) echoes, swallows or greets raw TCP connections. Both report the peer
 //! address exactly as the accepted socket saw it, which is what mesh tests assert on: it
-//! shows whether the traffic was redirected, NATed or passed through untouched.
+//! shows whether the traffic was redirected, NATed or passed through untouched. One
+//! client lives here too: [`load`] (`weft-load`), the new-connection-per-request load
+//! generator of `cargo xtask bench`.
 //!
 //! The `serve` functions take an already bound listener so that tests can bind
 //! `127.0.0.1:0` and drive them in-process; [`run_server`] and [`default_pod_name`] are
@@ -13,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod echo_http;
+pub mod load;
 pub mod tcp;
 
 use std::future::Future;

@@ -1,6 +1,8 @@
 //! weft's project tasks, run as `cargo xtask <task>`: install prerequisites, run the
-//! tests, drive the local cluster, run the demo, regenerate derived files.
+//! tests, drive the local cluster, run the demo and the benchmarks, regenerate derived
+//! files.
 
+mod bench;
 mod cluster;
 mod cmd;
 mod codegen;
@@ -27,6 +29,9 @@ enum Task {
     Test(test::Args),
     /// Bring up a local cluster with sample workloads and show what runs.
     Demo(demo::Args),
+    /// Measure weft against direct TCP and a reference mTLS proxy pair (release build,
+    /// 2-node local cluster; about 12 minutes, `--quick` about 2).
+    Bench(bench::Args),
     /// Manage local clusters (network namespaces and cgroups on this machine).
     Cluster {
         #[command(subcommand)]
@@ -41,6 +46,7 @@ fn main() -> anyhow::Result<()> {
         Task::Codegen => codegen::run(),
         Task::Test(args) => test::run(args),
         Task::Demo(args) => demo::run(args),
+        Task::Bench(args) => bench::run(args),
         Task::Cluster { command } => cluster::run(command),
     }
 }

@@ -31,6 +31,11 @@ const PACKAGES: &[&str] = &[
     // looking at the wire between nodes; scraping and checking the agents' metrics
     "tcpdump",
     "prometheus",
+    // `cargo xtask bench`: the reference mTLS tunnel proxies, their certificates, the chart
+    "stunnel4",
+    "haproxy",
+    "openssl",
+    "python3-matplotlib",
 ];
 
 /// bpf-linker release the build is verified with.

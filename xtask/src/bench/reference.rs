@@ -1,0 +1,300 @@
+//! The reference a user might deploy instead of a mesh: a pair of mutual-TLS tunnel
+//! proxies from Debian, one on the client's node and one on the server's, on the same
+//! topology as weft's agents (each in its node's namespace). The client connects to its
+//! node's proxy explicitly (there is no capture), which carries the bytes to the other
+//! node's proxy in TLS 1.3 with the cipher suite weft's agents negotiate, both sides
+//! presenting a certificate of one throwaway CA (ECDSA P-256, as weft's workload
+//! certificates) and requiring the peer's.
+
+use std::{
+    fmt::Write as _,
+    net::SocketAddrV4,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::Context as _;
+
+use crate::cmd;
+
+/// The TLS 1.3 cipher suite both references are held to: the one weft's agents
+/// negotiate (rustls with aws-lc-rs offers it first and the server follows the
+/// client's order).
+pub const CIPHER_SUITE: &str = "TLS_AES_256_GCM_SHA384";
+
+/// Which tunnel proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Proxy {
+    /// stunnel4: a thread per connection, OpenSSL.
+    Stunnel,
+    /// HAProxy in TCP mode: event loop on every core, OpenSSL.
+    Haproxy,
+}
+
+impl Proxy {
+    pub fn program(self) -> &'static str {
+        match self {
+            Proxy::Stunnel => "stunnel4",
+            Proxy::Haproxy => "haproxy",
+        }
+    }
+}
+
+/// One tunnelled port: the client connects to `entry` (on its node), the client-side
+/// proxy carries it in TLS to `relay` (the server's node), and the server-side proxy
+/// connects to `upstream` (the server pod).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tunnel {
+    pub name: &'static str,
+    pub entry: SocketAddrV4,
+    pub relay: SocketAddrV4,
+    pub upstream: SocketAddrV4,
+}
+
+/// The certificates and keys both ends use, in `dir`.
+#[derive(Clone, Debug)]
+pub struct Certificates {
+    pub ca: PathBuf,
+    /// Client-side proxy: certificate, key, and both in one file (HAProxy's `crt`).
+    pub client: (PathBuf, PathBuf, PathBuf),
+    pub server: (PathBuf, PathBuf, PathBuf),
+}
+
+/// Makes a throwaway CA and a client and a server certificate under it with the
+/// `openssl` command line (ECDSA P-256, valid for two days).
+pub fn certificates(dir: &Path) -> anyhow::Result<Certificates> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = |name: &str| dir.join(name);
+    let openssl =
+        |args: &[&str]| cmd::capture(Command::new("openssl").args(args).current_dir(dir)).map(drop);
+    let key = |name: &str| {
+        openssl(&[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            name,
+        ])
+    };
+    key("ca.key")?;
+    openssl(&[
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        "ca.key",
+        "-subj",
+        "/CN=weft bench CA",
+        "-days",
+        "2",
+        "-out",
+        "ca.crt",
+    ])?;
+    for end in ["client", "server"] {
+        let (key_file, csr, crt) = (
+            format!("{end}.key"),
+            format!("{end}.csr"),
+            format!("{end}.crt"),
+        );
+        key(&key_file)?;
+        openssl(&[
+            "req",
+            "-new",
+            "-key",
+            &key_file,
+            "-subj",
+            &format!("/CN={end}"),
+            "-out",
+            &csr,
+        ])?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            &crt,
+        ])?;
+        let pem = std::fs::read_to_string(path(&crt))? + &std::fs::read_to_string(path(&key_file))?;
+        std::fs::write(path(&format!("{end}.pem")), pem)?;
+    }
+    let triple = |end: &str| {
+        (
+            path(&format!("{end}.crt")),
+            path(&format!("{end}.key")),
+            path(&format!("{end}.pem")),
+        )
+    };
+    Ok(Certificates {
+        ca: path("ca.crt"),
+        client: triple("client"),
+        server: triple("server"),
+    })
+}
+
+/// Which end of the tunnels a proxy serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// On the client's node: plaintext in, TLS out.
+    Client,
+    /// On the server's node: TLS in, plaintext out.
+    Server,
+}
+
+/// stunnel's configuration for one end. Per-connection log lines go to `log` (a file):
+/// stunnel's default, syslog, falls back to the console without a syslog daemon at about
+/// a millisecond a line, which would cap it near 140 connections a second.
+pub fn stunnel_config(end: End, tunnels: &[Tunnel], certs: &Certificates, log: &Path) -> String {
+    let (cert, key, _) = match end {
+        End::Client => &certs.client,
+        End::Server => &certs.server,
+    };
+    let mut config = format!(
+        "; generated by cargo xtask bench\n\
+         foreground = quiet\n\
+         syslog = no\n\
+         output = {}\n\
+         pid =\n\n",
+        log.display()
+    );
+    for tunnel in tunnels {
+        let (accept, connect) = match end {
+            End::Client => (tunnel.entry, tunnel.relay),
+            End::Server => (tunnel.relay, tunnel.upstream),
+        };
+        let _ = write!(
+            config,
+            "[{name}]\n\
+             client = {client}\n\
+             accept = {accept}\n\
+             connect = {connect}\n\
+             cert = {cert}\n\
+             key = {key}\n\
+             CAfile = {ca}\n\
+             verifyChain = yes\n\
+             requireCert = yes\n\
+             sslVersionMin = TLSv1.3\n\
+             sslVersionMax = TLSv1.3\n\
+             ciphersuites = {CIPHER_SUITE}\n\n",
+            name = tunnel.name,
+            client = if end == End::Client { "yes" } else { "no" },
+            cert = cert.display(),
+            key = key.display(),
+            ca = certs.ca.display(),
+        );
+    }
+    config
+}
+
+/// HAProxy's configuration for one end (TCP mode, TLS 1.3 only, mutual TLS, no logging).
+pub fn haproxy_config(end: End, tunnels: &[Tunnel], certs: &Certificates) -> String {
+    let mut config = format!(
+        "# generated by cargo xtask bench\n\
+         global\n    \
+             maxconn 8000\n    \
+             ssl-default-bind-ciphersuites {CIPHER_SUITE}\n    \
+             ssl-default-bind-options ssl-min-ver TLSv1.3\n    \
+             ssl-default-server-ciphersuites {CIPHER_SUITE}\n    \
+             ssl-default-server-options ssl-min-ver TLSv1.3\n\n\
+         defaults\n    \
+             mode tcp\n    \
+             timeout connect 5s\n    \
+             timeout client 60s\n    \
+             timeout server 60s\n\n"
+    );
+    let ca = certs.ca.display();
+    for tunnel in tunnels {
+        let name = tunnel.name;
+        let (bind, server) = match end {
+            End::Client => (
+                format!("{}", tunnel.entry),
+                format!(
+                    "{} ssl crt {} ca-file {ca} verify required",
+                    tunnel.relay,
+                    certs.client.2.display()
+                ),
+            ),
+            End::Server => (
+                format!(
+                    "{} ssl crt {} ca-file {ca} verify required",
+                    tunnel.relay,
+                    certs.server.2.display()
+                ),
+                format!("{}", tunnel.upstream),
+            ),
+        };
+        let _ = write!(
+            config,
+            "frontend {name}_in\n    bind {bind}\n    default_backend {name}_out\n\n\
+             backend {name}_out\n    server next {server}\n\n"
+        );
+    }
+    config
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture() -> (Vec<Tunnel>, Certificates) {
+        let tunnel = Tunnel {
+            name: "http",
+            entry: "10.99.0.1:17080".parse().unwrap(),
+            relay: "10.99.0.2:17443".parse().unwrap(),
+            upstream: "10.244.1.2:8080".parse().unwrap(),
+        };
+        let file = |name: &str| PathBuf::from(format!("/b/{name}"));
+        let certs = Certificates {
+            ca: file("ca.crt"),
+            client: (file("client.crt"), file("client.key"), file("client.pem")),
+            server: (file("server.crt"), file("server.key"), file("server.pem")),
+        };
+        (vec![tunnel], certs)
+    }
+
+    #[test]
+    fn stunnel_logs_to_a_file_and_pins_tls13_with_the_cipher() {
+        let (tunnels, certs) = fixture();
+        let client = stunnel_config(End::Client, &tunnels, &certs, Path::new("/b/c.log"));
+        assert!(
+            client.contains("syslog = no\noutput = /b/c.log\n"),
+            "{client}"
+        );
+        assert!(
+            client.contains("client = yes\naccept = 10.99.0.1:17080\nconnect = 10.99.0.2:17443\n")
+        );
+        assert!(client.contains("cert = /b/client.crt\n"));
+        assert!(client.contains("ciphersuites = TLS_AES_256_GCM_SHA384\n"));
+        assert!(client.contains("sslVersionMin = TLSv1.3\n"));
+        let server = stunnel_config(End::Server, &tunnels, &certs, Path::new("/b/s.log"));
+        assert!(
+            server.contains("client = no\naccept = 10.99.0.2:17443\nconnect = 10.244.1.2:8080\n")
+        );
+        assert!(server.contains("requireCert = yes\n"));
+    }
+
+    #[test]
+    fn haproxy_requires_client_certificates_on_the_server_end() {
+        let (tunnels, certs) = fixture();
+        let client = haproxy_config(End::Client, &tunnels, &certs);
+        assert!(client.contains("bind 10.99.0.1:17080\n"), "{client}");
+        assert!(client.contains(
+            "server next 10.99.0.2:17443 ssl crt /b/client.pem ca-file /b/ca.crt verify required\n"
+        ));
+        assert!(client.contains("ssl-default-server-ciphersuites TLS_AES_256_GCM_SHA384\n"));
+        let server = haproxy_config(End::Server, &tunnels, &certs);
+        assert!(server.contains(
+            "bind 10.99.0.2:17443 ssl crt /b/server.pem ca-file /b/ca.crt verify required\n"
+        ));
+        assert!(server.contains("server next 10.244.1.2:8080\n"));
+    }
+}
