@@ -328,7 +328,12 @@ pub struct Results {
     pub tests: Vec<TestId>,
     /// VmRSS of every watched process after setup, before any load, bytes.
     pub idle_rss_bytes: BTreeMap<String, u64>,
-    /// VmHWM of every watched process after the last run, bytes.
+    /// RssAnon of every watched process before any load (heap and stacks), bytes.
+    pub idle_anonymous_rss_bytes: BTreeMap<String, u64>,
+    /// VmHWM of every watched process before any load (what starting took), bytes.
+    pub idle_high_water_rss_bytes: BTreeMap<String, u64>,
+    /// VmHWM of every watched process after the last run, reset when the load
+    /// started (`clear_refs`), bytes.
     pub high_water_rss_bytes: BTreeMap<String, u64>,
     /// What each TLS path negotiated, read from its ServerHello on the wire.
     pub tls: BTreeMap<PathId, handshake::Negotiated>,
@@ -451,6 +456,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         paths: paths.clone(),
         tests: tests.clone(),
         idle_rss_bytes: measured.idle_rss,
+        idle_anonymous_rss_bytes: measured.idle_anonymous_rss,
+        idle_high_water_rss_bytes: measured.idle_high_water_rss,
         high_water_rss_bytes: measured.high_water_rss,
         tls: measured.tls,
         runs: measured.runs,
@@ -484,6 +491,11 @@ struct Started {
 pub struct Measured {
     pub runs: Vec<Run>,
     pub idle_rss: BTreeMap<String, u64>,
+    /// RssAnon before any load: heap and stacks, without the binary's pages.
+    pub idle_anonymous_rss: BTreeMap<String, u64>,
+    /// VmHWM before any load: what starting up took.
+    pub idle_high_water_rss: BTreeMap<String, u64>,
+    /// VmHWM after the last run, counted from the start of the load.
     pub high_water_rss: BTreeMap<String, u64>,
     pub tls: BTreeMap<PathId, handshake::Negotiated>,
 }
@@ -510,6 +522,21 @@ impl Bench {
             .iter()
             .filter_map(|w| Some((w.name.clone(), read_status(w.pid, "VmRSS")?)))
             .collect();
+        let idle_anonymous_rss = watched
+            .iter()
+            .filter_map(|w| Some((w.name.clone(), read_status(w.pid, "RssAnon")?)))
+            .collect();
+        let idle_high_water_rss = watched
+            .iter()
+            .filter_map(|w| Some((w.name.clone(), read_status(w.pid, "VmHWM")?)))
+            .collect();
+        // Reset the high-water marks (and nothing else): from here on they are the
+        // peak under load, not what starting up took (the agent's comes from aya
+        // parsing the kernel's BTF while it loads its programs).
+        for process in &watched {
+            let path = format!("/proc/{}/clear_refs", process.pid);
+            std::fs::write(&path, "5").with_context(|| format!("cannot reset {path}"))?;
+        }
 
         let total = settings.rounds * tests.len() * endpoints.len();
         let per_round: f64 = tests
@@ -561,6 +588,8 @@ impl Bench {
         Ok(Measured {
             runs,
             idle_rss,
+            idle_anonymous_rss,
+            idle_high_water_rss,
             high_water_rss,
             tls,
         })
@@ -685,13 +714,15 @@ impl Bench {
         let cluster = self.cluster.as_ref().expect("started");
 
         // The first connection of every TLS path is made by the checks below: capture
-        // its handshake between the nodes.
+        // its handshake between the nodes, on node0's port of the fabric bridge (the
+        // bridge device itself does not see what it forwards between its ports).
         let pcap = out.join("handshakes.pcap");
         let mut tcpdump = cluster
             .fabric_command(&[
                 "tcpdump",
                 "-i",
-                "br0",
+                "n0",
+                "--immediate-mode",
                 "-U",
                 "-s",
                 "4096",
@@ -748,7 +779,14 @@ impl Bench {
                 );
             }
         }
-        std::thread::sleep(Duration::from_millis(300));
+        // SIGINT, so that tcpdump writes out what it has.
+        let _ = Command::new("kill")
+            .args(["-INT", &tcpdump.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while tcpdump.try_wait()?.is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = tcpdump.kill();
         let _ = tcpdump.wait();
         let hellos = handshake::server_hellos(&std::fs::read(&pcap).unwrap_or_default());

@@ -304,8 +304,18 @@ pub fn summarize(measured: &Measured, paths: &[PathId], tests: &[TestId]) -> Vec
             &measured.idle_rss,
         ),
         (
+            "memory.idle-anonymous",
+            "of which anonymous (RssAnon: heap and stacks)",
+            &measured.idle_anonymous_rss,
+        ),
+        (
+            "memory.startup-high-water",
+            "RSS high-water while starting (VmHWM before any load)",
+            &measured.idle_high_water_rss,
+        ),
+        (
             "memory.high-water",
-            "RSS high-water (VmHWM after every run)",
+            "RSS high-water under load (VmHWM, reset when the load starts)",
             &measured.high_water_rss,
         ),
     ] {
@@ -452,7 +462,7 @@ pub fn markdown(results: &Results) -> String {
          Command: `{}` ({} round(s), {} in all).  \n\
          The machine was {quiet}: {:.0} % of the CPU busy in the 2 s before the cluster \
          started and {:.0} % in the 2 s after it was gone; {others} compiler, build or test \
-         process(es) running at the start or the end.",
+         process(es) running at the start or the end.  ",
         machine.cpu,
         machine.cores,
         machine.memory_gib,
