@@ -1373,9 +1373,13 @@ fn machine() -> anyhow::Result<Machine> {
             .map(|out| {
                 let text = String::from_utf8_lossy(&out.stdout).into_owned()
                     + &String::from_utf8_lossy(&out.stderr);
-                text.lines()
-                    .map(str::trim)
-                    .find(|line| !line.is_empty())
+                // The first line naming the tool (stunnel4 starts with a note about
+                // inetd mode), else the first line.
+                let name = argv[0].trim_end_matches('4').to_lowercase();
+                let lines = || text.lines().map(str::trim).filter(|line| !line.is_empty());
+                lines()
+                    .find(|line| line.to_lowercase().contains(&name))
+                    .or_else(|| lines().next())
                     .unwrap_or("")
                     .to_owned()
             })
