@@ -417,6 +417,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     weft_cluster::down(&args.name)?;
     let name = args.name.clone();
     ctrlc::set_handler(move || {
+        // Hold the lock until exit: the main thread, whose tool Ctrl-C interrupted too,
+        // must not remove the cluster at the same time.
+        let _cleanup = CLEANUP.lock();
         eprintln!("\ninterrupted: removing cluster {name}");
         let _ = weft_cluster::down(&name);
         std::process::exit(130);
@@ -470,6 +473,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Taken by whoever removes the cluster: the Ctrl-C handler or [`Bench::finish`].
+static CLEANUP: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// The cluster and the reference proxies, removed when the benchmark ends however it
 /// ends (an error, a panic; Ctrl-C has its own handler).
@@ -905,6 +911,7 @@ impl Bench {
 
     /// Stops the reference proxies and removes the cluster, unless asked to keep them.
     fn finish(&mut self) -> anyhow::Result<()> {
+        let _cleanup = CLEANUP.lock();
         if self.keep {
             if self.cluster.take().is_some() {
                 eprintln!(

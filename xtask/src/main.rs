@@ -30,7 +30,7 @@ enum Task {
     /// Bring up a local cluster with sample workloads and show what runs.
     Demo(demo::Args),
     /// Measure weft against direct TCP and a reference mTLS proxy pair (release build,
-    /// 2-node local cluster; about 12 minutes, `--quick` about 2).
+    /// 2-node local cluster; about 9 minutes, `--quick` under 2).
     Bench(bench::Args),
     /// Manage local clusters (network namespaces and cgroups on this machine).
     Cluster {
