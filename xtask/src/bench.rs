@@ -9,8 +9,8 @@
 //! the direct path's bytes in TLS 1.3 (see [`reference`]).
 //!
 //! Every test runs on every path back to back, and the whole set `rounds` times, so
-//! that a figure and its direct counterpart are measured minutes apart at most, on a
-//! machine that may be noisy. CPU time of the agents (and of the reference proxies) is
+//! that a figure and its direct counterpart are measured seconds apart, on a machine
+//! that may be noisy. CPU time of the agents (and of the reference proxies) is
 //! read from `/proc/<pid>/stat` around the measured window of each run; their memory
 //! from `/proc/<pid>/status`. Results go to `<target>/bench/<timestamp>/`
 //! (`results.md`, `results.json` with every raw sample, `chart.png`, the tools' raw
@@ -556,6 +556,12 @@ impl Bench {
             endpoints.len(),
             minutes(per_round * settings.rounds as f64)
         );
+        let runner = Runner {
+            cluster,
+            bin,
+            settings: &settings,
+            watched: &watched,
+        };
         let clock = Instant::now();
         let mut runs = Vec::with_capacity(total);
         let mut planned_left = per_round * settings.rounds as f64;
@@ -575,10 +581,7 @@ impl Bench {
                         serde_plain(&test),
                         endpoint.path.key()
                     ));
-                    let run = run_one(
-                        cluster, bin, &settings, test, endpoint, round, &watched, &raw,
-                    )
-                    .with_context(|| {
+                    let run = run_one(&runner, test, endpoint, round, &raw).with_context(|| {
                         format!("{} on path {} failed", test.label(), endpoint.path.label())
                     })?;
                     eprintln!("{}", describe(&run, endpoint.path));
@@ -971,19 +974,30 @@ spec:
   mode: STRICT
 ";
 
+/// What every run needs: the cluster, the release binaries, the settings, and the
+/// processes whose CPU and memory it reads.
+struct Runner<'a> {
+    cluster: &'a Cluster,
+    bin: &'a Path,
+    settings: &'a Settings,
+    watched: &'a [Watched],
+}
+
 /// Runs `test` once on `endpoint`, reading the watched processes' CPU time around the
-/// measured window and their memory while it runs.
-#[allow(clippy::too_many_arguments)]
+/// measured window and their memory while it runs; the tool's output goes to `raw.*`.
 fn run_one(
-    cluster: &Cluster,
-    bin: &Path,
-    settings: &Settings,
+    runner: &Runner<'_>,
     test: TestId,
     endpoint: &Endpoint,
     round: usize,
-    watched: &[Watched],
     raw: &Path,
 ) -> anyhow::Result<Run> {
+    let Runner {
+        cluster,
+        bin,
+        settings,
+        watched,
+    } = *runner;
     let stdout_path = raw.with_extension("out");
     let log_path = raw.with_extension("log");
     // h2load takes whole units: 500ms, not 0.5s.
