@@ -2,7 +2,7 @@
 
 use std::sync::RwLock;
 
-use log::{LevelFilter, Log, Metadata, Record};
+use log::{Log, Metadata, Record};
 
 /// The installed logger; `set_filter` swaps its filter.
 struct Switchable(RwLock<env_logger::Logger>);
@@ -31,13 +31,22 @@ fn build(filter: &str) -> env_logger::Logger {
 pub fn init(filter: &str) {
     let logger = LOGGER.get_or_init(|| Switchable(RwLock::new(build(filter))));
     if log::set_logger(logger).is_ok() {
-        log::set_max_level(LevelFilter::Trace);
+        set_max_level(&logger.0.read().expect("logger lock"));
     }
 }
 
 /// Replaces the filter of the installed logger.
 pub fn set_filter(filter: &str) {
     if let Some(logger) = LOGGER.get() {
-        *logger.0.write().expect("logger lock") = build(filter);
+        let built = build(filter);
+        set_max_level(&built);
+        *logger.0.write().expect("logger lock") = built;
     }
+}
+
+/// Lets the `log` macros skip, without a call or a lock, every record more verbose
+/// than the filter lets through anywhere (rustls and h2 trace on every record and
+/// frame).
+fn set_max_level(logger: &env_logger::Logger) {
+    log::set_max_level(logger.filter());
 }

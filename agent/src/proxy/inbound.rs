@@ -10,13 +10,13 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use http::StatusCode;
 use tokio::{
-    io::copy_bidirectional,
+    io::copy_bidirectional_with_sizes,
     net::{TcpListener, TcpStream},
 };
 use tokio_rustls::TlsAcceptor;
 
 use super::{
-    Proxy, connect_marked,
+    COPY_BUFFER, Proxy, connect_marked,
     hbone::{self, Incoming},
     metrics::{self, Connection, Outcome, Peer, Reporter},
 };
@@ -162,7 +162,8 @@ async fn tunnel(
         }
     };
     connection.opened();
-    let result = copy_bidirectional(&mut tunnel, &mut pod).await;
+    let result =
+        copy_bidirectional_with_sizes(&mut tunnel, &mut pod, COPY_BUFFER, COPY_BUFFER).await;
     let error = result.as_ref().err().map(ToString::to_string);
     let (received, sent) = result.unwrap_or_default();
     connection.closed(Outcome {

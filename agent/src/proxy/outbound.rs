@@ -14,13 +14,13 @@ use std::{
 
 use http::{HeaderValue, Method, Request};
 use tokio::{
-    io::copy_bidirectional,
+    io::copy_bidirectional_with_sizes,
     net::{TcpListener, TcpStream},
 };
 use tokio_rustls::TlsConnector;
 
 use super::{
-    CONNECT_TIMEOUT, HBONE_PORT, PoolKey, Proxy, connect_marked,
+    CONNECT_TIMEOUT, COPY_BUFFER, HBONE_PORT, PoolKey, Proxy, connect_marked,
     hbone::HboneError,
     metrics::{self, Connection, Outcome, Peer, Reporter},
 };
@@ -134,9 +134,11 @@ async fn handle(proxy: &Arc<Proxy>, mut client: TcpStream, peer: SocketAddr) {
     };
     let result = match &route.hop {
         Hop::Local | Hop::Passthrough => match direct(route.hop == Hop::Local).await {
-            Ok(mut server) => copy_bidirectional(&mut client, &mut server)
-                .await
-                .map_err(|err| format!("copy: {err}")),
+            Ok(mut server) => {
+                copy_bidirectional_with_sizes(&mut client, &mut server, COPY_BUFFER, COPY_BUFFER)
+                    .await
+                    .map_err(|err| format!("copy: {err}"))
+            }
             Err(err) => Err(err),
         },
         Hop::Tunnel { agent, destination } => {
@@ -151,9 +153,14 @@ async fn handle(proxy: &Arc<Proxy>, mut client: TcpStream, peer: SocketAddr) {
             )
             .await
             {
-                Ok(mut tunnel) => copy_bidirectional(&mut client, &mut tunnel)
-                    .await
-                    .map_err(|err| format!("copy: {err}")),
+                Ok(mut tunnel) => copy_bidirectional_with_sizes(
+                    &mut client,
+                    &mut tunnel,
+                    COPY_BUFFER,
+                    COPY_BUFFER,
+                )
+                .await
+                .map_err(|err| format!("copy: {err}")),
                 Err(err) => {
                     let reason = failure_reason(&err);
                     metrics::hbone_failure("outbound", reason);
