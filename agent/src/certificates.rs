@@ -15,8 +15,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    io::Write as _,
-    os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, SystemTime},
@@ -29,6 +27,7 @@ use weft_api::ca::v1::{SignRequest, certificate_authority_client::CertificateAut
 use crate::{
     backoff::Backoff,
     controller::Controller,
+    files::write_atomically,
     identity::Identity,
     mesh::{MeshConfig, TrustAnchor},
     reload::Current,
@@ -461,19 +460,6 @@ fn save_cache(dir: &Path, held: &BTreeMap<Identity, Held>) {
             dir.display()
         );
     }
-}
-
-fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let _ = fs::remove_file(&tmp);
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)?;
-    file.write_all(contents)?;
-    file.sync_all()?;
-    fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

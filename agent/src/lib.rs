@@ -14,6 +14,7 @@ pub mod certificates;
 pub mod cni;
 pub mod controller;
 pub mod datapath;
+pub mod files;
 pub mod identity;
 pub mod logging;
 pub mod mesh;

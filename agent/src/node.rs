@@ -15,6 +15,7 @@ use weft_api::enroll::{Pod, Reply, Request};
 
 use crate::{
     datapath::{Datapath, DatapathError, netns},
+    files::write_atomically,
     mesh::{MeshConfig, PeerMode},
     reload::Current,
 };
@@ -304,10 +305,8 @@ impl Node {
 
     fn save(&self, record: &Enrolled) -> Result<(), NodeError> {
         let path = self.record_path(&record.pod.container_id);
-        let partial = path.with_extension("partial");
         let json = serde_json::to_vec_pretty(record).expect("records serialise");
-        fs::write(&partial, json).map_err(store_error(&partial))?;
-        fs::rename(&partial, &path).map_err(store_error(&path))
+        write_atomically(&path, &json, 0o644).map_err(store_error(&path))
     }
 }
 

@@ -23,6 +23,7 @@ use weft_api::config::v1::{
 use crate::{
     backoff::Backoff,
     controller::Controller,
+    files::write_atomically,
     mesh::{MeshConfig, resources::Resources},
     reload::Current,
 };
@@ -320,10 +321,7 @@ fn update(status: &Current<Status>, change: impl FnOnce(&mut Status)) {
 }
 
 fn save_cache(path: &Path, snapshot: &ConfigUpdate) {
-    let partial = path.with_extension("partial");
-    let result = std::fs::write(&partial, snapshot.encode_to_vec())
-        .and_then(|()| std::fs::rename(&partial, path));
-    if let Err(err) = result {
+    if let Err(err) = write_atomically(path, &snapshot.encode_to_vec(), 0o644) {
         log::warn!(
             "cannot cache the configuration in {}: {err}; a restart will wait for the controller",
             path.display()
