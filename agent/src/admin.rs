@@ -4,7 +4,7 @@
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -18,7 +18,7 @@ use crate::{
     datapath::{Pins, pinned},
     logging,
     mesh::MeshConfig,
-    node::Node,
+    node::NodeHandle,
     proxy::Proxy,
     reload::Current,
     subscription,
@@ -36,7 +36,7 @@ pub struct Admin {
     pub pins: Pins,
     pub mesh: Arc<Current<MeshConfig>>,
     pub certs: Arc<Current<CertStore>>,
-    pub node: Arc<Mutex<Node>>,
+    pub node: NodeHandle,
     pub proxy: Arc<Proxy>,
     /// The subscription to the controller, with `--controller`.
     pub subscription: Option<Arc<Current<subscription::Status>>>,
@@ -68,6 +68,20 @@ impl Admin {
         metrics::gauge!("weft_active_connections").set(self.proxy.active() as f64);
         metrics::gauge!("weft_config_revision").set(self.mesh.get().revision as f64);
         metrics::gauge!("weft_hbone_pool_connections").set(self.proxy.pool.connections() as f64);
+        let (held, _) = self.proxy.admission.counts();
+        metrics::gauge!("weft_admission_connections", "state" => "pending")
+            .set(held.pending as f64);
+        metrics::gauge!("weft_admission_connections", "state" => "established")
+            .set(held.established as f64);
+        let limits = self.proxy.admission.limits();
+        for (limit, value) in [
+            ("total", limits.total),
+            ("pending", limits.pending),
+            ("per_source", limits.per_source),
+            ("pending_per_source", limits.pending_per_source),
+        ] {
+            metrics::gauge!("weft_admission_limit", "limit" => limit).set(value as f64);
+        }
         let certs = self.certs.get();
         for cert in certs.identities() {
             let expiry = cert
@@ -106,16 +120,12 @@ impl Admin {
     /// The admin endpoints (bound to localhost only).
     pub fn admin(&self, request: &Request<Incoming>) -> Reply {
         match (request.method(), request.uri().path()) {
-            (&Method::GET, "/config_dump") => {
-                let node = self.node.lock().expect("node lock");
-                let pods: Vec<_> = node.pods().cloned().collect();
-                json(&serde_json::json!({
-                    "mesh": *self.mesh.get(),
-                    "controller": self.subscription.as_ref().map(|status| status.get().as_ref().clone()),
-                    "pods": pods,
-                    "active_connections": self.proxy.active(),
-                }))
-            }
+            (&Method::GET, "/config_dump") => json(&serde_json::json!({
+                "mesh": *self.mesh.get(),
+                "controller": self.subscription.as_ref().map(|status| status.get().as_ref().clone()),
+                "pods": *self.node.pods(),
+                "active_connections": self.proxy.active(),
+            })),
             (&Method::GET, "/certs") => {
                 let certs: Vec<_> = self
                     .certs

@@ -1,13 +1,7 @@
 //! The Unix socket the CNI plugin talks to (protocol: `weft_api::enroll`): one
 //! request line in, one reply line out, per connection.
 
-use std::{
-    io,
-    os::unix::fs::PermissionsExt,
-    path::Path,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{io, os::unix::fs::PermissionsExt, path::Path, time::Duration};
 
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
@@ -15,7 +9,7 @@ use tokio::{
 };
 use weft_api::enroll::{Reply, Request};
 
-use crate::node::Node;
+use crate::node::NodeHandle;
 
 /// Longest request accepted; a pod description is a few hundred bytes.
 const MAX_REQUEST: u64 = 64 * 1024;
@@ -37,11 +31,11 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
 }
 
 /// Serves enrollment requests until the task is dropped.
-pub async fn serve(listener: UnixListener, node: Arc<Mutex<Node>>) {
+pub async fn serve(listener: UnixListener, node: NodeHandle) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                let node = Arc::clone(&node);
+                let node = node.clone();
                 tokio::spawn(async move {
                     if let Err(err) = answer(stream, &node).await {
                         log::warn!("enrollment connection failed: {err}");
@@ -56,7 +50,7 @@ pub async fn serve(listener: UnixListener, node: Arc<Mutex<Node>>) {
     }
 }
 
-async fn answer(stream: UnixStream, node: &Mutex<Node>) -> io::Result<()> {
+async fn answer(stream: UnixStream, node: &NodeHandle) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read.take(MAX_REQUEST));
@@ -66,7 +60,7 @@ async fn answer(stream: UnixStream, node: &Mutex<Node>) -> io::Result<()> {
         Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
             Ok(request) => {
                 log::debug!("enrollment request: {request:?}");
-                let reply = node.lock().expect("node lock").handle(request);
+                let reply = node.handle(request).await;
                 if let Reply::Error { message, .. } = &reply {
                     log::warn!("enrollment refused: {message}");
                 }

@@ -22,7 +22,7 @@ use tonic::{
     transport::{Channel, Endpoint, Uri},
 };
 
-use crate::{identity::Identity, mesh::TrustAnchor, tls};
+use crate::{identity::Identity, mesh::TrustAnchor, sync, tls};
 
 /// The controller, as this agent reaches it.
 #[derive(Debug)]
@@ -88,7 +88,7 @@ impl Controller {
 
     /// Trusts the roots of the bundle the controller streamed, from now on.
     pub fn set_streamed_anchors(&self, anchors: &[TrustAnchor]) {
-        *self.streamed.write().expect("a writer panicked") = anchors
+        *sync::write(&self.streamed) = anchors
             .iter()
             .map(|anchor| CertificateDer::from(anchor.certificate.clone()))
             .collect();
@@ -142,13 +142,7 @@ impl Controller {
             return Ok(TokioIo::new(Either::Left(tcp)));
         };
         let mut anchors = read_bundle(bundle)?;
-        anchors.extend(
-            self.streamed
-                .read()
-                .expect("a writer panicked")
-                .iter()
-                .cloned(),
-        );
+        anchors.extend(sync::read(&self.streamed).iter().cloned());
         let config =
             tls::controller_client_config(&anchors, &self.identity).map_err(io::Error::other)?;
         let name = tls::server_name(&self.identity).map_err(io::Error::other)?;

@@ -77,6 +77,15 @@ pub enum DatapathError {
         #[source]
         source: MapError,
     },
+    #[error("map {map}: {problem}; is the pinned map from another weft version?")]
+    MapLayout { map: &'static str, problem: String },
+    #[error("map {map}: {call} failed: {source}")]
+    MapCall {
+        map: &'static str,
+        call: &'static str,
+        #[source]
+        source: io::Error,
+    },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -402,36 +411,96 @@ pub mod pinned {
     use super::*;
 
     /// The original destinations the capture programs recorded, by client address.
-    /// The proxy opens its own handle so that it never waits for the enrollment side.
+    /// The proxy opens its own handle so that it never waits for the enrollment side,
+    /// and every data-plane thread uses it at once: a record is read and removed in one
+    /// system call, with no lock.
     #[derive(Debug)]
     pub struct OriginalDestinations {
-        map: HashMap<MapData, SockAddr, SockAddr>,
+        map: MapData,
     }
 
     impl OriginalDestinations {
         pub fn open(pins: &Pins) -> Result<Self, DatapathError> {
-            let data = MapData::from_pin(pins.map(names::ORIGINAL_DST))
+            let map = MapData::from_pin(pins.map(names::ORIGINAL_DST))
                 .map_err(map_error(names::ORIGINAL_DST))?;
-            let map = HashMap::try_from(aya::maps::Map::LruHashMap(data))
-                .map_err(map_error(names::ORIGINAL_DST))?;
+            let info = map.info().map_err(map_error(names::ORIGINAL_DST))?;
+            let size = size_of::<SockAddr>() as u32;
+            if (info.key_size(), info.value_size()) != (size, size) {
+                return Err(DatapathError::MapLayout {
+                    map: names::ORIGINAL_DST,
+                    problem: format!(
+                        "keys of {} and values of {} bytes, where this agent writes {size} and {size}",
+                        info.key_size(),
+                        info.value_size()
+                    ),
+                });
+            }
             Ok(Self { map })
         }
 
         /// The original destination of the connection from `client`; the record is
         /// consumed.
         pub fn take(
-            &mut self,
+            &self,
             client: std::net::SocketAddr,
         ) -> Result<Option<std::net::SocketAddr>, DatapathError> {
             let key = sock_addr(client.ip(), client.port());
-            match self.map.get(&key, 0) {
-                Ok(destination) => {
-                    remove(&mut self.map, &key, names::ORIGINAL_DST)?;
-                    Ok(Some(socket_addr(&destination)))
-                }
-                Err(MapError::KeyNotFound) => Ok(None),
-                Err(err) => Err(map_error(names::ORIGINAL_DST)(err)),
-            }
+            lookup_and_delete(self.map.fd().as_fd(), &key)
+                .map(|found| found.as_ref().map(socket_addr))
+                .map_err(|source| DatapathError::MapCall {
+                    map: names::ORIGINAL_DST,
+                    call: "BPF_MAP_LOOKUP_AND_DELETE_ELEM",
+                    source,
+                })
+        }
+    }
+
+    use std::os::fd::AsFd as _;
+
+    /// `bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM)` on a hash map whose keys and values are
+    /// both `SockAddr` (hash maps support it since Linux 5.14): the value, removed,
+    /// or `None`. aya offers it for queues and stacks only.
+    fn lookup_and_delete(
+        map: std::os::fd::BorrowedFd<'_>,
+        key: &SockAddr,
+    ) -> io::Result<Option<SockAddr>> {
+        use std::os::fd::AsRawFd as _;
+
+        /// The part of `union bpf_attr` the `BPF_MAP_*_ELEM` commands read.
+        #[repr(C)]
+        struct ElemAttr {
+            map_fd: u32,
+            _pad: u32,
+            key: u64,
+            value: u64,
+            flags: u64,
+        }
+        const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+        let mut value = SockAddr::default();
+        let attr = ElemAttr {
+            map_fd: map.as_raw_fd() as u32,
+            _pad: 0,
+            key: std::ptr::from_ref(key) as u64,
+            value: std::ptr::from_mut(&mut value) as u64,
+            flags: 0,
+        };
+        // SAFETY: `attr` is laid out as the kernel's attribute for map element
+        // commands and lives through the call; `key` and `value` point to live
+        // `SockAddr`s, the sizes `open` checked the map's keys and values have.
+        let result = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+                std::ptr::from_ref(&attr),
+                size_of::<ElemAttr>() as libc::c_uint,
+            )
+        };
+        if result == 0 {
+            return Ok(Some(value));
+        }
+        match io::Error::last_os_error() {
+            err if err.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            err => Err(err),
         }
     }
 

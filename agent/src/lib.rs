@@ -22,4 +22,5 @@ pub mod node;
 pub mod proxy;
 pub mod reload;
 pub mod subscription;
+pub mod sync;
 pub mod tls;

@@ -9,7 +9,7 @@ use std::{
     io::Write as _,
     net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Duration,
 };
 
@@ -30,7 +30,7 @@ use weft_agent::{
     identity::Identity,
     logging,
     mesh::MeshConfig,
-    node::Node,
+    node::{Node, NodeHandle},
     proxy::{self, Proxy},
     reload::{self, Current},
     subscription::{self, Offer},
@@ -133,20 +133,57 @@ struct RunArgs {
         required_unless_present = "controller"
     )]
     certs: Option<PathBuf>,
-    /// Data-plane worker threads.
-    #[arg(long, env = "WEFT_WORKERS", default_value_t = 2)]
-    workers: usize,
-    /// How long SIGTERM waits for open connections before closing them.
-    #[arg(long, env = "WEFT_DRAIN_TIMEOUT", value_parser = parse_seconds, default_value = "30")]
+    /// Data-plane worker threads (1 to 1024).
+    #[arg(
+        long,
+        env = "WEFT_WORKERS",
+        default_value_t = 2,
+        value_parser = clap::value_parser!(u16).range(1..=1024)
+    )]
+    workers: u16,
+    /// How long SIGTERM waits for open connections before closing them (seconds, or a
+    /// duration such as 2m; at most a day). New captured connections are refused
+    /// meanwhile: the listeners are closed while capture stays attached.
+    #[arg(long, env = "WEFT_DRAIN_TIMEOUT", value_parser = parse_duration, default_value = "30")]
     drain_timeout: Duration,
+    /// How long a carried TCP connection may move no byte either way before it is
+    /// closed, unless its service's TrafficPolicy sets `timeouts.idle`.
+    #[arg(long, env = "WEFT_IDLE_TIMEOUT", value_parser = parse_duration, default_value = "1h")]
+    idle_timeout: Duration,
+    /// How long a connection from a pod the mesh configuration does not name yet (just
+    /// created) waits for it, and for the pod's certificate, before it is refused.
+    #[arg(long, env = "WEFT_SOURCE_WAIT", value_parser = parse_duration, default_value = "5s")]
+    source_wait: Duration,
+    /// The open-file limit to run with; by default the soft limit is raised to the
+    /// hard one. The connection limits follow from it (see ARCHITECTURE.md).
+    #[arg(long, env = "WEFT_OPEN_FILES", value_parser = clap::value_parser!(u64).range(64..))]
+    open_files: Option<u64>,
+    /// Connections one source address may hold, pending or established (default: a
+    /// quarter of what the open-file limit allows).
+    #[arg(long, env = "WEFT_MAX_CONNECTIONS_PER_SOURCE", value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections_per_source: Option<u64>,
+    /// Connections one source address may hold before they authenticate: a TLS
+    /// handshake on 15008, a pod the configuration names on 15001 (default 256).
+    #[arg(long, env = "WEFT_MAX_PENDING_PER_SOURCE", value_parser = clap::value_parser!(u64).range(1..))]
+    max_pending_per_source: Option<u64>,
 }
 
-fn parse_seconds(text: &str) -> Result<Duration, String> {
-    text.parse::<f64>()
-        .ok()
-        .filter(|seconds| seconds.is_finite() && *seconds >= 0.0)
-        .map(Duration::from_secs_f64)
-        .ok_or_else(|| format!("{text:?} is not a number of seconds"))
+/// The longest duration a flag takes: beyond a day, a timeout is a mistake.
+const LONGEST: Duration = Duration::from_secs(24 * 3600);
+
+/// A duration flag: seconds (`30`, `0.5`) or a Gateway API duration (`1h30m`, `500ms`).
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let duration = match text.parse::<f64>() {
+        Ok(seconds) => Duration::try_from_secs_f64(seconds).ok(),
+        Err(_) => weft_api::duration::parse_duration(text),
+    };
+    match duration {
+        Some(duration) if duration <= LONGEST => Ok(duration),
+        Some(_) => Err(format!("{text:?} is longer than a day")),
+        None => Err(format!(
+            "{text:?} is not a duration: give seconds (30) or a duration such as 500ms, 5s, 1h"
+        )),
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -188,7 +225,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("the control thread ended during start-up")??;
 
     let data = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.workers)
+        .worker_threads(usize::from(args.workers))
         .thread_name("weft-data")
         .enable_all()
         .build()
@@ -209,6 +246,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 )
             }
         });
+        tokio::spawn(release_idle_connections(Arc::clone(&proxy)));
         log::info!(
             "weft-agent {} serving on node {}: outbound :{}, HBONE :{}, metrics :{}, ready :{}, admin 127.0.0.1:{}",
             env!("CARGO_PKG_VERSION"),
@@ -265,7 +303,7 @@ async fn control(args: RunArgs, started: std::sync::mpsc::Sender<anyhow::Result<
         }
     };
     if let Some(offers) = offers {
-        tokio::spawn(apply_offers(offers, Arc::clone(&node)));
+        tokio::spawn(apply_offers(offers, node.clone()));
     }
     for (address, route) in admin::addresses() {
         match TcpListener::bind(address).await {
@@ -279,26 +317,21 @@ async fn control(args: RunArgs, started: std::sync::mpsc::Sender<anyhow::Result<
         }
     }
     if let Some(path) = args.mesh_config.clone() {
-        let node = Arc::clone(&node);
-        tokio::spawn(reload::on_change(
-            path,
-            RELOAD_INTERVAL,
-            move |path| match MeshConfig::load(path) {
-                Ok(mesh) => {
-                    let mut node = node.lock().expect("node lock");
-                    if *node.mesh() == mesh {
-                        return;
-                    }
-                    match node.set_mesh(mesh) {
+        let node = node.clone();
+        tokio::spawn(reload::on_change(path, RELOAD_INTERVAL, move |path| {
+            let node = node.clone();
+            async move {
+                match MeshConfig::load(&path) {
+                    Ok(mesh) => match node.set_mesh(mesh).await {
                         Ok(()) => {
-                            log::info!("applied the mesh configuration from {}", path.display())
+                            log::info!("the mesh configuration from {} applies", path.display())
                         }
                         Err(err) => log::error!("applying {} failed: {err}", path.display()),
-                    }
+                    },
+                    Err(err) => log::error!("{err}; keeping the last good mesh configuration"),
                 }
-                Err(err) => log::error!("{err}; keeping the last good mesh configuration"),
-            },
-        ));
+            }
+        }));
     }
     let certs = Arc::clone(&admin.certs);
     match (certificates, args.trust_bundle.clone(), args.certs.clone()) {
@@ -313,15 +346,18 @@ async fn control(args: RunArgs, started: std::sync::mpsc::Sender<anyhow::Result<
             tokio::spawn(reload::on_change(
                 certs_dir.clone(),
                 RELOAD_INTERVAL,
-                move |_| match CertStore::load(&bundle, &certs_dir) {
-                    Ok(store) => {
-                        log::info!(
-                            "reloaded {} workload certificate(s)",
-                            store.identities().len()
-                        );
-                        certs.replace(store);
+                move |certs_dir| {
+                    match CertStore::load(&bundle, &certs_dir) {
+                        Ok(store) => {
+                            log::info!(
+                                "reloaded {} workload certificate(s)",
+                                store.identities().len()
+                            );
+                            certs.replace(store);
+                        }
+                        Err(err) => log::error!("{err}; keeping the certificates loaded before"),
                     }
-                    Err(err) => log::error!("{err}; keeping the certificates loaded before"),
+                    std::future::ready(())
                 },
             ));
         }
@@ -335,7 +371,7 @@ async fn control(args: RunArgs, started: std::sync::mpsc::Sender<anyhow::Result<
 struct Started {
     proxy: Arc<Proxy>,
     admin: Arc<Admin>,
-    node: Arc<Mutex<Node>>,
+    node: NodeHandle,
     listener: tokio::net::UnixListener,
     /// Versions from the controller, with `--controller`.
     offers: Option<mpsc::Receiver<Offer>>,
@@ -452,12 +488,13 @@ async fn start(args: &RunArgs) -> anyhow::Result<Started> {
     if let Some(done) = first_offer {
         let _ = done.send(node.as_ref().map(drop).map_err(ToString::to_string));
     }
-    let node = Arc::new(Mutex::new(node?));
+    let node = node?.spawn().context("cannot start the node's thread")?;
     let proxy = Arc::new(Proxy::new(
         args.node.clone(),
         Arc::clone(&mesh),
         Arc::clone(&certs),
         original_destinations,
+        proxy_settings(args)?,
     ));
     let listener = cni::bind(&args.cni_socket)
         .with_context(|| format!("cannot listen on {}", args.cni_socket.display()))?;
@@ -466,7 +503,7 @@ async fn start(args: &RunArgs) -> anyhow::Result<Started> {
         pins,
         mesh,
         certs,
-        node: Arc::clone(&node),
+        node: node.clone(),
         proxy: Arc::clone(&proxy),
         subscription,
     });
@@ -492,13 +529,46 @@ async fn forget_superseded_connections(certs: Arc<Current<CertStore>>, proxy: Ar
     }
 }
 
+/// The data path's settings from the flags, after setting the open-file limit they
+/// derive from.
+fn proxy_settings(args: &RunArgs) -> anyhow::Result<proxy::Settings> {
+    let open_files = proxy::admission::set_open_files(args.open_files)
+        .context("cannot set the open-file limit (RLIMIT_NOFILE)")?;
+    let mut settings = proxy::Settings::new(open_files);
+    settings.idle_timeout = args.idle_timeout;
+    settings.source_wait = args.source_wait;
+    let limits = &mut settings.limits;
+    if let Some(per_source) = args.max_connections_per_source {
+        limits.per_source = usize::try_from(per_source).unwrap_or(usize::MAX);
+    }
+    if let Some(pending) = args.max_pending_per_source {
+        limits.pending_per_source = usize::try_from(pending).unwrap_or(usize::MAX);
+    }
+    log::info!(
+        "open-file limit {open_files}: at most {} connections, {} of them pending; {} per source, {} of them pending",
+        limits.total,
+        limits.pending,
+        limits.per_source,
+        limits.pending_per_source
+    );
+    Ok(settings)
+}
+
+/// Forgets idle pooled HBONE connections now and then (see `hbone::Pool::release_idle`).
+async fn release_idle_connections(proxy: Arc<Proxy>) {
+    let mut ticks = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        ticks.tick().await;
+        proxy.pool.release_idle();
+    }
+}
+
 /// Applies each version the controller sends and answers whether it took.
-async fn apply_offers(mut offers: mpsc::Receiver<Offer>, node: Arc<Mutex<Node>>) {
+async fn apply_offers(mut offers: mpsc::Receiver<Offer>, node: NodeHandle) {
     while let Some(offer) = offers.recv().await {
         let result = node
-            .lock()
-            .expect("node lock")
             .set_mesh(offer.mesh)
+            .await
             .map_err(|err| format!("applying it to this node failed: {err}"));
         if let Err(reason) = &result {
             log::error!("configuration {}: {reason}", offer.version);
@@ -532,4 +602,66 @@ fn flow_sink(path: Option<&Path>) -> anyhow::Result<impl FnMut(Flow) + Send + 's
             None => log::info!(target: "weft::flow", "{json}"),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(extra: &[&str]) -> Result<RunArgs, String> {
+        let mut argv = vec![
+            "weft-agent",
+            "run",
+            "--node",
+            "n",
+            "--pod-cgroup",
+            "/sys/fs/cgroup/pods",
+            "--capture-address",
+            "10.0.0.1",
+            "--controller",
+            "https://10.0.0.2:15010",
+        ];
+        argv.extend(extra);
+        match Cli::try_parse_from(argv)
+            .map_err(|err| err.to_string())?
+            .command
+        {
+            Command::Run(args) => Ok(*args),
+            Command::Uninstall { .. } => unreachable!("run was asked for"),
+        }
+    }
+
+    #[test]
+    fn bad_numbers_are_refused_with_a_reason_not_a_panic() {
+        let refused = |extra: &[&str]| run_args(extra).unwrap_err();
+        assert!(refused(&["--workers", "0"]).contains("--workers"));
+        for bad in ["1e20", "-1", "NaN", "inf", "2d", "25h"] {
+            let message = refused(&["--drain-timeout", bad]);
+            assert!(message.contains(bad), "{bad}: {message}");
+        }
+        assert!(refused(&["--idle-timeout", "soon"]).contains("not a duration"));
+        assert!(refused(&["--open-files", "10"]).contains("--open-files"));
+    }
+
+    #[test]
+    fn durations_are_seconds_or_gateway_durations() {
+        let args = run_args(&["--drain-timeout", "0.5", "--idle-timeout", "10m"]).unwrap();
+        assert_eq!(args.drain_timeout, Duration::from_millis(500));
+        assert_eq!(args.idle_timeout, Duration::from_secs(600));
+        let defaults = run_args(&[]).unwrap();
+        assert_eq!(
+            (
+                defaults.drain_timeout,
+                defaults.idle_timeout,
+                defaults.source_wait,
+                defaults.workers
+            ),
+            (
+                Duration::from_secs(30),
+                Duration::from_secs(3600),
+                Duration::from_secs(5),
+                2
+            )
+        );
+    }
 }

@@ -27,6 +27,7 @@
 //!     vip: 10.96.0.10
 //!     ports: [{ port: 80, targetPort: 8080 }]   # targetPort defaults to port
 //!     endpoints: [10.244.0.2]                   # workload addresses
+//!     idleTimeout: 10m              # default: the agent's --idle-timeout
 //! excludePorts: [22]
 //! ```
 //!
@@ -44,6 +45,7 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use serde::{Deserialize, Serialize};
@@ -182,6 +184,45 @@ pub struct Service {
     /// mesh, any other address directly.
     #[serde(default)]
     pub endpoints: Vec<IpAddr>,
+    /// How long a connection to the service may carry nothing, either way, before the
+    /// agent closes it (the service's TrafficPolicy `timeouts.idle`); `None`: the
+    /// agent's default.
+    #[serde(
+        default,
+        rename = "idleTimeout",
+        skip_serializing_if = "Option::is_none",
+        with = "gateway_duration"
+    )]
+    pub idle_timeout: Option<Duration>,
+}
+
+/// An optional duration written as the Gateway API writes durations (`1h`, `30s`).
+mod gateway_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+    use weft_api::duration::{format_duration, parse_duration};
+
+    pub fn serialize<S: Serializer>(
+        duration: &Option<Duration>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match duration {
+            Some(duration) => serializer.serialize_str(&format_duration(*duration)),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        parse_duration(&text).map(Some).ok_or_else(|| {
+            D::Error::custom(format!(
+                "{text:?} is not a duration such as 30s, 10m or 1h30m"
+            ))
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
@@ -372,6 +413,24 @@ impl MeshConfig {
             let matched = service.ports.iter().find(|entry| entry.port == port)?;
             (service.vip == vip).then_some((service, *matched))
         })
+    }
+
+    /// The idle timeout the TrafficPolicy of service `namespace/name` sets, if any.
+    pub fn idle_timeout(&self, namespace: &str, name: &str) -> Option<Duration> {
+        self.services
+            .iter()
+            .find(|service| service.namespace == namespace && service.name == name)
+            .and_then(|service| service.idle_timeout)
+    }
+
+    /// The longest idle timeout any service sets: the destination side of a tunnel
+    /// does not know which service the client addressed, so it waits at least that
+    /// long before it gives up on a silent tunnel.
+    pub fn longest_idle_timeout(&self) -> Option<Duration> {
+        self.services
+            .iter()
+            .filter_map(|service| service.idle_timeout)
+            .max()
     }
 
     pub fn node(&self, name: &str) -> Option<&Node> {

@@ -2,15 +2,23 @@
 //! configuration, and the datapath, kept consistent with each other. Each enrolled pod
 //! is persisted (one JSON file per pod) so that a restarted agent re-attaches what it
 //! attached before and forgets pods deleted while it was away.
+//!
+//! Keeping them consistent takes blocking work (entering a pod's network namespace,
+//! walking kernel maps, syncing files), so the [`Node`] lives on a thread of its own
+//! and is driven through a [`NodeHandle`]: the control runtime, which also answers
+//! scrapes and admin requests, never waits for it, and no lock is held across that
+//! work.
 
 use std::{
     collections::BTreeMap,
     fs, io,
+    panic::AssertUnwindSafe,
     path::{Path, PathBuf},
     sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
 use weft_api::enroll::{Pod, Reply, Request};
 
 use crate::{
@@ -137,16 +145,42 @@ impl Node {
         self.sync_destinations()
     }
 
-    pub fn mesh(&self) -> Arc<MeshConfig> {
-        self.mesh.get()
+    /// Moves the node onto a thread of its own and returns the handle that drives it.
+    pub fn spawn(mut self) -> io::Result<NodeHandle> {
+        let (commands, mut received) = mpsc::channel::<Command>(64);
+        let pods = Arc::new(Current::new(self.enrolled()));
+        let published = Arc::clone(&pods);
+        std::thread::Builder::new()
+            .name("weft-node".into())
+            .spawn(move || {
+                while let Some(command) = received.blocking_recv() {
+                    // A panic is a bug; the reply is dropped (the caller reports it) and
+                    // the next command syncs the datapath with the records again.
+                    let _ = std::panic::catch_unwind(AssertUnwindSafe(|| self.run(command)));
+                    published.replace(self.enrolled());
+                }
+            })?;
+        Ok(NodeHandle { commands, pods })
     }
 
-    pub fn pods(&self) -> impl Iterator<Item = &Enrolled> {
-        self.pods.values()
+    fn run(&mut self, command: Command) {
+        match command {
+            Command::Enroll(request, reply) => {
+                let _ = reply.send(self.handle(request));
+            }
+            Command::SetMesh(mesh, reply) => {
+                let result = if *self.mesh.get() == mesh {
+                    Ok(())
+                } else {
+                    self.set_mesh(mesh).map_err(|err| err.to_string())
+                };
+                let _ = reply.send(result);
+            }
+        }
     }
 
-    pub fn datapath_mut(&mut self) -> &mut Datapath {
-        &mut self.datapath
+    fn enrolled(&self) -> Vec<Enrolled> {
+        self.pods.values().cloned().collect()
     }
 
     fn add(&mut self, pod: Pod) -> Result<bool, NodeError> {
@@ -307,6 +341,55 @@ impl Node {
         let path = self.record_path(&record.pod.container_id);
         let json = serde_json::to_vec_pretty(record).expect("records serialise");
         write_atomically(&path, &json, 0o644).map_err(store_error(&path))
+    }
+}
+
+/// What the node's thread is asked to do.
+enum Command {
+    Enroll(Request, oneshot::Sender<Reply>),
+    /// Apply a mesh configuration (nothing to do if it is the one applied).
+    SetMesh(MeshConfig, oneshot::Sender<Result<(), String>>),
+}
+
+/// Drives the [`Node`] on its thread.
+#[derive(Clone, Debug)]
+pub struct NodeHandle {
+    commands: mpsc::Sender<Command>,
+    pods: Arc<Current<Vec<Enrolled>>>,
+}
+
+impl NodeHandle {
+    /// Answers one enrollment request from the CNI plugin.
+    pub async fn handle(&self, request: Request) -> Reply {
+        let (reply, answer) = oneshot::channel();
+        match self.ask(Command::Enroll(request, reply), answer).await {
+            Ok(reply) => reply,
+            Err(message) => Reply::Error {
+                message,
+                retry: true,
+            },
+        }
+    }
+
+    /// Applies a new mesh configuration to every enrolled pod and to capture.
+    pub async fn set_mesh(&self, mesh: MeshConfig) -> Result<(), String> {
+        let (reply, answer) = oneshot::channel();
+        self.ask(Command::SetMesh(mesh, reply), answer).await?
+    }
+
+    /// The enrolled pods, as of the last command the node finished.
+    pub fn pods(&self) -> Arc<Vec<Enrolled>> {
+        self.pods.get()
+    }
+
+    async fn ask<T>(&self, command: Command, answer: oneshot::Receiver<T>) -> Result<T, String> {
+        const GONE: &str =
+            "the agent's node thread failed on this request (a bug: see the agent's log)";
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| GONE.to_owned())?;
+        answer.await.map_err(|_| GONE.to_owned())
     }
 }
 

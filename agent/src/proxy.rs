@@ -1,13 +1,16 @@
 //! The agent's proxy: outbound (connections the kernel captured from local pods) and
 //! inbound (HBONE tunnels from other nodes' agents), with the state both share.
 
+pub mod admission;
 pub mod hbone;
 mod inbound;
 pub mod metrics;
 mod outbound;
+mod relay;
 
 use std::{
     collections::HashMap,
+    future::Future,
     net::SocketAddr,
     sync::{
         Arc, Mutex,
@@ -16,23 +19,65 @@ use std::{
     time::Duration,
 };
 
-use tokio::{net::TcpStream, sync::Notify};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::Notify,
+};
 use weft_common::AGENT_MARK;
 
+use self::admission::{Admission, Limits, Permit, Refused};
 pub use self::{inbound::serve as serve_inbound, outbound::serve as serve_outbound};
 use crate::{
-    datapath::pinned::OriginalDestinations, identity::Identity, mesh::MeshConfig, reload::Current,
+    datapath::pinned::OriginalDestinations,
+    identity::Identity,
+    logging::{Throttle, held_back},
+    mesh::MeshConfig,
+    reload::Current,
+    sync,
     tls::CertStore,
 };
 
 /// The port other nodes' agents open HBONE tunnels to.
 pub const HBONE_PORT: u16 = 15008;
-/// How long a connection to a pod or a peer agent may take to establish.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// The buffer of each direction of a relayed connection. Tokio's default, 8 KiB, makes
-/// every 8 KiB a read, an HTTP/2 DATA frame, a TLS record and a write; 64 KiB cut the
-/// agents' CPU per GiB by a third in `cargo xtask bench`.
-const COPY_BUFFER: usize = 64 << 10;
+
+/// The data path's timeouts and bounds, in one place (`weft-agent run` flags).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// How long a connection to a pod or a peer agent may take to establish.
+    pub connect_timeout: Duration,
+    /// How long a carried TCP connection may move no byte either way before the agent
+    /// closes it, unless its service's TrafficPolicy says otherwise.
+    pub idle_timeout: Duration,
+    /// How long a captured connection from a pod the mesh configuration does not name
+    /// yet (it was just created) waits for the configuration, and for its certificate.
+    pub source_wait: Duration,
+    /// What the agent takes on at once.
+    pub limits: Limits,
+    pub hbone: hbone::Settings,
+}
+
+impl Settings {
+    /// The defaults, for a process that may hold `open_files` descriptors.
+    ///
+    /// - `connect_timeout` 10 s: a pod or agent that has not answered a SYN by then is
+    ///   not coming.
+    /// - `idle_timeout` 1 h, as Istio: long enough for the pooled connections of
+    ///   databases and message brokers, whose own keepalives are minutes apart, and short
+    ///   enough that connections abandoned by a vanished peer do not pile up.
+    /// - `source_wait` 5 s: the configuration names a new pod within a second of its
+    ///   creation on a healthy cluster (the controller sees the pod's address, compiles,
+    ///   streams; then the CA signs its certificate); five give a busy control plane
+    ///   room while a pod the configuration never names still fails fast.
+    pub fn new(open_files: u64) -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(3600),
+            source_wait: Duration::from_secs(5),
+            limits: Limits::for_open_files(open_files),
+            hbone: hbone::Settings::default(),
+        }
+    }
+}
 
 /// A pooled HBONE connection serves one (client identity, server identity, peer agent)
 /// triple: TLS authenticates exactly one identity on each side.
@@ -54,11 +99,12 @@ pub struct Proxy {
     pub mesh: Arc<Current<MeshConfig>>,
     pub certs: Arc<Current<CertStore>>,
     pub pool: hbone::Pool<PoolKey>,
-    pub settings: hbone::Settings,
-    original_destinations: Mutex<OriginalDestinations>,
+    pub settings: Settings,
+    pub admission: Arc<Admission>,
+    original_destinations: OriginalDestinations,
     /// Next endpoint index per service, for round-robin.
     round_robin: Mutex<HashMap<(String, String), usize>>,
-    connections: Connections,
+    connections: Arc<Connections>,
 }
 
 impl Proxy {
@@ -67,40 +113,34 @@ impl Proxy {
         mesh: Arc<Current<MeshConfig>>,
         certs: Arc<Current<CertStore>>,
         original_destinations: OriginalDestinations,
+        settings: Settings,
     ) -> Self {
-        let settings = hbone::Settings::default();
         Self {
             node,
             mesh,
             certs,
-            pool: hbone::Pool::new(settings),
+            pool: hbone::Pool::new(settings.hbone),
+            admission: Admission::new(settings.limits),
             settings,
-            original_destinations: Mutex::new(original_destinations),
+            original_destinations,
             round_robin: Mutex::new(HashMap::new()),
-            connections: Connections::default(),
+            connections: Arc::default(),
         }
     }
 
     /// Connections the proxy is carrying now, both directions.
     pub fn active(&self) -> usize {
-        self.connections.count.load(Ordering::Relaxed)
+        self.connections.active()
     }
 
     /// Waits until no connection is left or `deadline` passes; returns how many remain.
     pub async fn drain(&self, deadline: Duration) -> usize {
-        let _ = tokio::time::timeout(deadline, async {
-            while self.active() > 0 {
-                self.connections.idle.notified().await;
-            }
-        })
-        .await;
-        self.active()
+        self.connections.drain(deadline).await
     }
 
     /// Counts a connection for as long as the guard lives.
-    fn track(self: &Arc<Self>) -> Tracked {
-        self.connections.count.fetch_add(1, Ordering::Relaxed);
-        Tracked(Arc::clone(self))
+    fn track(&self) -> Tracked {
+        self.connections.track()
     }
 
     /// The next endpoint of service `namespace/name` among `endpoints` (round robin).
@@ -113,7 +153,7 @@ impl Proxy {
         if endpoints.is_empty() {
             return None;
         }
-        let mut next = self.round_robin.lock().expect("round-robin lock");
+        let mut next = sync::lock(&self.round_robin);
         let slot = next
             .entry((namespace.to_owned(), name.to_owned()))
             .or_insert(0);
@@ -123,26 +163,117 @@ impl Proxy {
     }
 }
 
+/// The connections being carried, for the drain.
 #[derive(Debug, Default)]
 struct Connections {
     count: AtomicUsize,
     idle: Notify,
 }
 
+impl Connections {
+    fn active(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    fn track(self: &Arc<Self>) -> Tracked {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        Tracked(Arc::clone(self))
+    }
+
+    async fn drain(&self, deadline: Duration) -> usize {
+        let _ = tokio::time::timeout(deadline, async {
+            loop {
+                // Registered before looking: the last connection closing between the
+                // look and the wait still wakes us (`notify_waiters` keeps no permit).
+                let idle = self.idle.notified();
+                tokio::pin!(idle);
+                idle.as_mut().enable();
+                if self.active() == 0 {
+                    break;
+                }
+                idle.await;
+            }
+        })
+        .await;
+        self.active()
+    }
+}
+
 /// Keeps a connection counted; dropping it may wake a drain.
-struct Tracked(Arc<Proxy>);
+struct Tracked(Arc<Connections>);
 
 impl Drop for Tracked {
     fn drop(&mut self) {
-        if self.0.connections.count.fetch_sub(1, Ordering::Relaxed) == 1 {
-            self.0.connections.idle.notify_waiters();
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
         }
     }
 }
 
+/// Accepts connections on `listener` until it is dropped: each one that
+/// [`Admission`] takes on goes to `handle` on a task of its own; the others are closed
+/// at once and counted (`direction` names the listener in metrics and logs).
+pub async fn accept<H, Fut>(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    direction: &'static str,
+    handle: H,
+) where
+    H: Fn(Arc<Proxy>, TcpStream, SocketAddr, Permit) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    static REFUSED: Throttle = Throttle::new();
+    static FAILED: Throttle = Throttle::new();
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => match proxy.admission.admit(peer.ip()) {
+                Ok(permit) => {
+                    tokio::spawn(handle(Arc::clone(&proxy), stream, peer, permit));
+                }
+                Err(refused) => {
+                    metrics::refused(direction, refused.reason());
+                    if let Some(count) = REFUSED.allow() {
+                        log_refusal(direction, peer, refused, &proxy.admission, count);
+                    }
+                }
+            },
+            Err(err) => {
+                // Out of descriptors or memory: the connection stays in the kernel's
+                // queue; try again shortly rather than spin.
+                metrics::refused(direction, "accept_error");
+                if let Some(count) = FAILED.allow() {
+                    log::warn!("{direction} accept failed: {err}{}", held_back(count));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+fn log_refusal(
+    direction: &str,
+    peer: SocketAddr,
+    refused: Refused,
+    admission: &Admission,
+    held: u64,
+) {
+    let (everything, _) = admission.counts();
+    let limits = admission.limits();
+    log::warn!(
+        "{direction} connection from {peer} refused: {refused} ({} pending and {} established \
+         of {} at most; {} per source, {} of them pending){}",
+        everything.pending,
+        everything.established,
+        limits.total,
+        limits.per_source,
+        limits.pending_per_source,
+        held_back(held)
+    );
+}
+
 /// Connects to `addr` from a socket carrying the agent's mark, which the inbound
 /// program lets into STRICT pods.
-async fn connect_marked(addr: SocketAddr) -> std::io::Result<TcpStream> {
+async fn connect_marked(addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
@@ -152,7 +283,47 @@ async fn connect_marked(addr: SocketAddr) -> std::io::Result<TcpStream> {
     socket.set_nonblocking(true)?;
     socket.set_tcp_nodelay(true)?;
     let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
-    tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(addr))
+    connect_within(timeout, socket.connect(addr)).await
+}
+
+/// `connect`, failing with `TimedOut` after `timeout`.
+async fn connect_within<T>(
+    timeout: Duration,
+    connect: impl Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
+    tokio::time::timeout(timeout, connect)
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::time::Instant;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_ends_when_the_last_connection_does_or_at_its_deadline() {
+        let connections = Arc::new(Connections::default());
+        assert_eq!(connections.drain(Duration::from_secs(30)).await, 0);
+
+        let (first, second) = (connections.track(), connections.track());
+        let started = Instant::now();
+        let draining = {
+            let connections = Arc::clone(&connections);
+            tokio::spawn(async move { connections.drain(Duration::from_secs(30)).await })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(first);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!draining.is_finished(), "one connection is left");
+        drop(second);
+        assert_eq!(draining.await.unwrap(), 0);
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+
+        let _stuck = connections.track();
+        let started = Instant::now();
+        assert_eq!(connections.drain(Duration::from_secs(30)).await, 1);
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
+    }
 }

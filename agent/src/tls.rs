@@ -23,7 +23,7 @@ use std::{
     fmt, fs, io,
     path::{Path, PathBuf},
     slice,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -50,7 +50,10 @@ use rustls::{
 };
 use x509_parser::{certificate::X509Certificate, extensions::GeneralName};
 
-use crate::identity::{Identity, IdentityError};
+use crate::{
+    identity::{Identity, IdentityError},
+    sync,
+};
 
 /// The one application protocol HBONE speaks over TLS.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -410,11 +413,7 @@ impl CertStore {
         source: &Identity,
         expected_server: &Identity,
     ) -> Result<Arc<ClientConfig>, TlsError> {
-        // Poisoning cannot leave the map inconsistent: it is only ever inserted into.
-        let mut cache = self
-            .client_configs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut cache = sync::lock(&self.client_configs);
         if let Some(config) = cache
             .get(source)
             .and_then(|by_server| by_server.get(expected_server))

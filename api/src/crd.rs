@@ -24,7 +24,8 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub use self::validate::{FieldError, Validate, parse_duration};
+pub use self::validate::{FieldError, Validate};
+pub use crate::duration::parse_duration;
 
 /// The API group of weft's resources.
 pub const GROUP: &str = "weft.dev";

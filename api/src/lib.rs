@@ -8,12 +8,14 @@
 //! - [`enroll`]: the CNI plugin <-> agent enrollment protocol;
 //! - `endpoints`: the small HTTP servers of agent and controller (feature `endpoints`);
 //! - [`digest`]: the content digest both ends use to name configuration versions;
+//! - [`duration`]: durations as the Gateway API writes them;
 //! - [`manifests`]: which files a set of manifest paths holds.
 #![forbid(unsafe_code)]
 
 #[cfg(feature = "crd")]
 pub mod crd;
 pub mod digest;
+pub mod duration;
 #[cfg(feature = "endpoints")]
 pub mod endpoints;
 pub mod enroll;

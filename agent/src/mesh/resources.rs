@@ -84,8 +84,9 @@ impl Resources {
     }
 
     /// The mesh configuration these resources describe, validated as a file would be.
-    /// Kinds the agent does not enforce yet (authorization and traffic policies,
-    /// routes) are accepted and counted, not applied.
+    /// Of the traffic policies, the agent applies the idle timeout; what it does not
+    /// enforce yet (the rest of them, authorization policies, routes) is accepted and
+    /// counted, not applied.
     pub fn mesh(&self) -> Result<MeshConfig, String> {
         if let Some((kind, name)) = self
             .resources
@@ -176,6 +177,17 @@ impl Resources {
                 opted_out: workload.opted_out,
             });
         }
+        let policies = self.decode::<proto::TrafficPolicy>()?;
+        let idle_timeouts: BTreeMap<(&str, &str), Duration> = policies
+            .iter()
+            .filter(|(_, policy)| policy.idle_timeout_ms > 0)
+            .map(|(_, policy)| {
+                (
+                    (policy.namespace.as_str(), policy.service.as_str()),
+                    Duration::from_millis(policy.idle_timeout_ms),
+                )
+            })
+            .collect();
         for (name, service) in self.decode::<proto::Service>()? {
             let ports: Vec<ServicePort> = service
                 .ports
@@ -199,6 +211,9 @@ impl Resources {
                         .map_err(|_| format!("Service {name}: endpoint {endpoint:?} is not an IP"))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
+            let idle_timeout = idle_timeouts
+                .get(&(service.namespace.as_str(), service.name.as_str()))
+                .copied();
             // One service entry per VIP (dual-stack services have two).
             for vip in &service.vips {
                 config.services.push(Service {
@@ -209,6 +224,7 @@ impl Resources {
                         .map_err(|_| format!("Service {name}: VIP {vip:?} is not an IP"))?,
                     ports: ports.clone(),
                     endpoints: endpoints.clone(),
+                    idle_timeout,
                 });
             }
         }
@@ -334,6 +350,9 @@ mod tests {
                     "shop/web",
                     &proto::TrafficPolicy {
                         service: "web".into(),
+                        namespace: "shop".into(),
+                        idle_timeout_ms: 3000,
+                        retries: Some(proto::Retries::default()),
                         ..Default::default()
                     },
                 ),
@@ -377,6 +396,12 @@ mod tests {
             "unlisted pods take the namespace's mode"
         );
         assert_eq!(mesh.services.len(), 2, "one entry per VIP");
+        assert_eq!(
+            mesh.idle_timeout("shop", "web"),
+            Some(Duration::from_secs(3)),
+            "the TrafficPolicy's idle timeout applies"
+        );
+        assert_eq!(mesh.longest_idle_timeout(), Some(Duration::from_secs(3)));
         assert_eq!(resources.counts()["weft.config.v1.TrafficPolicy"], 1);
 
         let delta = ConfigUpdate {

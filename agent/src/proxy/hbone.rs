@@ -10,8 +10,8 @@
 //!
 //! - [`Tunnel`]: one stream as `AsyncRead + AsyncWrite`, with HTTP/2 flow control,
 //!   half-close and resets mapped onto tokio's IO traits.
-//! - [`Pool`]: the client side; one pooled HTTP/2 connection per key, shared by many
-//!   tunnels.
+//! - [`Pool`]: the client side; pooled HTTP/2 connections per key, each shared by up
+//!   to a hundred tunnels.
 //! - [`serve`]: the server side; validates CONNECT requests and hands each one to a
 //!   handler as an [`Incoming`] that it accepts or refuses.
 
@@ -22,8 +22,8 @@ use std::hash::Hash;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -36,6 +36,8 @@ use log::{debug, warn};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::OnceCell;
 use tokio::time::{Instant, timeout, timeout_at};
+
+use crate::sync;
 
 #[cfg(test)]
 mod tests;
@@ -52,6 +54,11 @@ pub struct Settings {
     pub max_frame_size: u32,
     /// Streams (tunnels) the peer may open concurrently on one connection we serve.
     pub max_concurrent_streams: u32,
+    /// Tunnels the pool opens on one connection it dials before it dials another.
+    pub max_streams_per_connection: u32,
+    /// How long the pool keeps a connection that carries no tunnel (one per key at
+    /// most; the others go as soon as they are idle).
+    pub idle_release: Duration,
     /// Largest decoded header block we accept (SETTINGS_MAX_HEADER_LIST_SIZE).
     pub max_header_list_size: u32,
     /// Budget for each of: dialing (TCP + mTLS, done by the caller's dial function),
@@ -76,21 +83,31 @@ impl Default for Settings {
     ///   and copy buffers anyway, so bigger frames buy nothing measurable. They do cost
     ///   latency: a frame is sent whole, so a bulk tunnel's 1 MiB frame holds a small RPC
     ///   on another tunnel of the same connection ~0.8 ms at 10 Gbit/s (0.2 ms at 256 KiB).
-    /// - `max_concurrent_streams` 1000: HBONE multiplexes every tunnel between two
-    ///   nodes' workload pair on one connection; 100 (a common default) would queue
-    ///   tunnels behind long-lived ones.
+    /// - `max_concurrent_streams` 1000: what we let a peer open on one connection; our
+    ///   own pool stops at `max_streams_per_connection`, but other HBONE speakers may
+    ///   multiplex more.
+    /// - `max_streams_per_connection` 100, as ztunnel: well below what peers allow, so
+    ///   that one pod's thousand idle connections fill ten connections of their own
+    ///   instead of one the next pod of the same identity then queues behind, and so
+    ///   that busy tunnels spread over connections (each is one task, one TLS stream).
+    /// - `idle_release` 5 min: a key that was busy keeps one warm connection for the
+    ///   next burst; extra connections left over from a burst close once idle.
     /// - `max_header_list_size` 16 KiB: HBONE requests carry a handful of short headers
     ///   (forwarded, baggage, traceparent); anything bigger is abuse.
-    /// - `handshake_timeout` 10 s: long enough for a loaded node, short enough that a
-    ///   black-holed peer surfaces as an error an operator can see.
+    /// - `handshake_timeout` 3 s: a handshake between agents takes a few milliseconds
+    ///   (under 100 ms on a loaded 2-core node, see ARCHITECTURE.md); the deadline
+    ///   bounds how long an unauthenticated peer holds a slot on the server, and makes
+    ///   a black-holed peer an error an operator sees quickly.
     fn default() -> Self {
         Settings {
             stream_window: 4 * 1024 * 1024,
             connection_window: 16 * 1024 * 1024,
             max_frame_size: 256 * 1024,
             max_concurrent_streams: 1000,
+            max_streams_per_connection: 100,
+            idle_release: Duration::from_secs(300),
             max_header_list_size: 16 * 1024,
-            handshake_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(3),
         }
     }
 }
@@ -107,6 +124,8 @@ impl Settings {
             connection_window: self.connection_window.clamp(65_535, MAX_WINDOW),
             max_frame_size: self.max_frame_size.clamp(MIN_FRAME, MAX_FRAME),
             max_concurrent_streams: self.max_concurrent_streams.max(1),
+            max_streams_per_connection: self.max_streams_per_connection.max(1),
+            idle_release: self.idle_release,
             max_header_list_size: self.max_header_list_size.max(1024),
             handshake_timeout: self.handshake_timeout,
         }
@@ -243,6 +262,8 @@ pub struct Tunnel {
     pending: Bytes,
     read_eof: bool,
     write_closed: bool,
+    /// A client tunnel's place on its pooled connection, given back when it drops.
+    _lease: Option<Lease>,
 }
 
 impl Tunnel {
@@ -253,6 +274,7 @@ impl Tunnel {
             pending: Bytes::new(),
             read_eof: false,
             write_closed: false,
+            _lease: None,
         }
     }
 
@@ -400,31 +422,38 @@ impl AsyncWrite for Tunnel {
 
 // ===== client: Pool =====
 
-/// HBONE client: opens tunnels over pooled HTTP/2 connections, at most one live
-/// connection per key.
+/// HBONE client: opens tunnels over pooled HTTP/2 connections.
 ///
-/// The key (for weft: source identity, destination identity, destination address) is
-/// opaque here. A connection stays pooled until the peer closes it, it fails, or it
-/// fails a send, and is shared by all tunnels to that key (up to the peer's
-/// `max_concurrent_streams`; beyond that h2 queues new CONNECTs until a stream ends).
-/// There is no idle timeout: an unused connection lives until the peer closes it.
+/// The key (for weft: source identity and certificate, destination identity, peer
+/// agent) is opaque here. A key has as many connections as its tunnels need: a tunnel
+/// goes on the oldest connection of its key that carries fewer than
+/// `Settings::max_streams_per_connection`, or on a new one. Connections still being
+/// established count, so concurrent first connects dial once and share the outcome,
+/// success or failure. A connection stays pooled until the peer closes it, it fails,
+/// it fails a send, or [`Pool::release_idle`] finds it idle.
 pub struct Pool<K> {
     inner: Arc<PoolInner<K>>,
 }
 
 struct PoolInner<K> {
     settings: Settings,
-    slots: Mutex<HashMap<K, Arc<Slot>>>,
+    slots: Mutex<HashMap<K, Vec<Arc<Slot>>>>,
     /// Source of slot and connection ids.
     next_id: AtomicU64,
+    /// Idle times are kept as milliseconds since this instant.
+    epoch: Instant,
 }
 
-/// One connection (or connection attempt) for a key. Every connect for the key
-/// awaits the same cell, so concurrent first connects dial once and share the
-/// outcome, success or failure.
+/// One connection (or connection attempt) of a key. Every connect leased onto it
+/// awaits the same cell.
 struct Slot {
     id: u64,
     conn: OnceCell<Result<Conn, SharedFailure>>,
+    /// Tunnels open or being opened on the connection. Only raised under the pool's
+    /// lock, so a connection never gets more than its share.
+    streams: AtomicUsize,
+    /// When its last tunnel ended, in milliseconds since the pool's epoch.
+    idle_since: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -441,6 +470,32 @@ struct SharedFailure {
     message: String,
 }
 
+/// A tunnel's place on a pooled connection; dropping it frees the place.
+struct Lease {
+    slot: Arc<Slot>,
+    epoch: Instant,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let now = millis_since(self.epoch);
+        self.slot.idle_since.store(now, Ordering::Relaxed);
+        self.slot.streams.fetch_sub(1, Ordering::Release);
+    }
+}
+
+impl fmt::Debug for Lease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lease")
+            .field("slot", &self.slot.id)
+            .finish()
+    }
+}
+
+fn millis_since(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
 impl Slot {
     /// A slot that can no longer produce a usable connection.
     fn is_stale(&self) -> bool {
@@ -454,45 +509,55 @@ impl Slot {
     fn is_live(&self) -> bool {
         matches!(self.conn.get(), Some(Ok(conn)) if !conn.closed.load(Ordering::Acquire))
     }
+
+    fn holds(&self, conn_id: u64) -> bool {
+        matches!(self.conn.get(), Some(Ok(conn)) if conn.id == conn_id)
+    }
 }
 
 impl<K: Hash + Eq + Clone> PoolInner<K> {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, Arc<Slot>>> {
-        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, Vec<Arc<Slot>>>> {
+        sync::lock(&self.slots)
     }
 
-    /// The key's current slot, or a new empty one if it has none or only a stale one.
-    fn slot(&self, key: &K) -> Arc<Slot> {
+    /// A place for one tunnel of `key`: on the oldest usable connection with room, or
+    /// on a new, empty slot.
+    fn lease(&self, key: &K) -> Lease {
+        let limit = self.settings.max_streams_per_connection as usize;
         let mut slots = self.lock();
-        if let Some(slot) = slots.get(key)
-            && !slot.is_stale()
-        {
-            return slot.clone();
+        let list = slots.entry(key.clone()).or_default();
+        list.retain(|slot| !slot.is_stale());
+        let roomy = list
+            .iter()
+            .find(|slot| slot.streams.load(Ordering::Acquire) < limit);
+        let slot = match roomy {
+            Some(slot) => Arc::clone(slot),
+            None => {
+                let slot = Arc::new(Slot {
+                    id: self.next_id.fetch_add(1, Ordering::Relaxed),
+                    conn: OnceCell::new(),
+                    streams: AtomicUsize::new(0),
+                    idle_since: AtomicU64::new(millis_since(self.epoch)),
+                });
+                list.push(Arc::clone(&slot));
+                slot
+            }
+        };
+        slot.streams.fetch_add(1, Ordering::AcqRel);
+        Lease {
+            slot,
+            epoch: self.epoch,
         }
-        let slot = Arc::new(Slot {
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            conn: OnceCell::new(),
-        });
-        slots.insert(key.clone(), slot.clone());
-        slot
     }
 
-    /// Forget the key's slot if it still is `slot_id` (a newer one may have replaced it).
-    fn remove(&self, key: &K, slot_id: u64) {
+    /// Forgets the key's slots that `forget` picks.
+    fn forget(&self, key: &K, forget: impl Fn(&Slot) -> bool) {
         let mut slots = self.lock();
-        if slots.get(key).is_some_and(|slot| slot.id == slot_id) {
-            slots.remove(key);
-        }
-    }
-
-    /// Forget the key's slot if it holds connection `conn_id`. (A connection whose
-    /// establishing call was cancelled never made it into a slot; the slot it was
-    /// meant for may be in use by another caller's attempt.)
-    fn remove_conn(&self, key: &K, conn_id: u64) {
-        let mut slots = self.lock();
-        let holds = |slot: &Arc<Slot>| matches!(slot.conn.get(), Some(Ok(c)) if c.id == conn_id);
-        if slots.get(key).is_some_and(holds) {
-            slots.remove(key);
+        if let Some(list) = slots.get_mut(key) {
+            list.retain(|slot| !forget(slot));
+            if list.is_empty() {
+                slots.remove(key);
+            }
         }
     }
 }
@@ -522,6 +587,7 @@ where
                 settings: clamped,
                 slots: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
+                epoch: Instant::now(),
             }),
         }
     }
@@ -534,12 +600,43 @@ where
 
     /// Live pooled connections (for a gauge).
     pub fn connections(&self) -> usize {
-        self.inner.lock().values().filter(|s| s.is_live()).count()
+        self.inner
+            .lock()
+            .values()
+            .flatten()
+            .filter(|slot| slot.is_live())
+            .count()
     }
 
-    /// Open a tunnel to `key`'s peer: on the pooled connection if it is alive,
-    /// otherwise on a new one from `dial` (TCP + mTLS, the caller's business) followed by
-    /// the HTTP/2 handshake, each under the handshake timeout.
+    /// Forgets idle connections: of those carrying no tunnel, each key keeps the one
+    /// used last if that was within `Settings::idle_release`. A forgotten connection
+    /// closes (HTTP/2 ends it once no handle is left); the agent calls this
+    /// periodically.
+    pub fn release_idle(&self) {
+        let now = millis_since(self.inner.epoch);
+        let keep_for =
+            u64::try_from(self.inner.settings.idle_release.as_millis()).unwrap_or(u64::MAX);
+        let mut slots = self.inner.lock();
+        slots.retain(|_, list| {
+            list.retain(|slot| !slot.is_stale());
+            let idle =
+                |slot: &Arc<Slot>| slot.is_live() && slot.streams.load(Ordering::Acquire) == 0;
+            let warm = list
+                .iter()
+                .filter(|slot| idle(slot))
+                .max_by_key(|slot| slot.idle_since.load(Ordering::Relaxed))
+                .filter(|slot| {
+                    now.saturating_sub(slot.idle_since.load(Ordering::Relaxed)) < keep_for
+                })
+                .map(|slot| slot.id);
+            list.retain(|slot| !idle(slot) || Some(slot.id) == warm);
+            !list.is_empty()
+        });
+    }
+
+    /// Open a tunnel to `key`'s peer: on a pooled connection with room, otherwise on a
+    /// new one from `dial` (TCP + mTLS, the caller's business) followed by the HTTP/2
+    /// handshake, each under the handshake timeout.
     ///
     /// `request` is the CONNECT the caller built (`:authority` = destination `ip:port`,
     /// HBONE headers). If a pooled connection turns out to be dead when used (GOAWAY,
@@ -568,13 +665,17 @@ where
         let (parts, ()) = request.into_parts();
         let mut retried = false;
         loop {
-            let (slot_id, conn) = self.checkout(key, &mut dial).await?;
+            let (lease, conn) = self.checkout(key, &mut dial).await?;
             match open(&conn, Request::from_parts(parts.clone(), ())).await {
-                Ok(tunnel) => return Ok(tunnel),
+                Ok(mut tunnel) => {
+                    tunnel._lease = Some(lease);
+                    return Ok(tunnel);
+                }
                 Err(OpenError::Refused(status)) => return Err(HboneError::Refused(status)),
                 Err(OpenError::Stream(e)) => return Err(HboneError::Protocol(e)),
                 Err(OpenError::Connection(e)) => {
-                    self.inner.remove(key, slot_id);
+                    let id = lease.slot.id;
+                    self.inner.forget(key, |slot| slot.id == id);
                     // A retry needs a dial of our own: if ours was spent on this very
                     // connection, it was fresh and a second one is unlikely to fare better.
                     if retried || dial.is_none() {
@@ -587,13 +688,13 @@ where
         }
     }
 
-    /// A live connection for `key`, dialing with `dial` if there is none and no other
-    /// connect is already establishing one.
+    /// A place on a live connection for `key`, dialing with `dial` if the place is on
+    /// a connection nobody is establishing yet.
     async fn checkout<F, Fut, IO>(
         &self,
         key: &K,
         dial: &mut Option<F>,
-    ) -> Result<(u64, Conn), HboneError>
+    ) -> Result<(Lease, Conn), HboneError>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = io::Result<IO>>,
@@ -602,7 +703,8 @@ where
         // Twice at most: a connection can die between being established and being
         // checked out; after that, report it.
         for _ in 0..2 {
-            let slot = self.inner.slot(key);
+            let lease = self.inner.lease(key);
+            let slot = Arc::clone(&lease.slot);
             let mut own_error = None;
             let outcome = slot
                 .conn
@@ -630,11 +732,11 @@ where
                 .await;
             match outcome {
                 Ok(conn) if !conn.closed.load(Ordering::Acquire) => {
-                    return Ok((slot.id, conn.clone()));
+                    return Ok((lease, conn.clone()));
                 }
-                Ok(_) => self.inner.remove(key, slot.id),
+                Ok(_) => self.inner.forget(key, |other| other.id == slot.id),
                 Err(shared) => {
-                    self.inner.remove(key, slot.id);
+                    self.inner.forget(key, |other| other.id == slot.id);
                     return Err(own_error.unwrap_or_else(|| HboneError::ConcurrentFailure {
                         reason: shared.reason,
                         message: shared.message.clone(),
@@ -696,7 +798,7 @@ where
                 Err(e) => debug!("HBONE connection for {key:?} ended: {e}"),
             }
             if let Some(pool) = Weak::upgrade(&pool) {
-                pool.remove_conn(&key, id);
+                pool.forget(&key, |slot| slot.holds(id));
             }
         }
     });

@@ -1,61 +1,61 @@
 //! Inbound: HBONE tunnels from other nodes' agents (port 15008).
 //!
 //! The TLS handshake presents the certificate of the workload the client named by SNI
-//! and requires a client certificate from the mesh's trust anchors. Each CONNECT on the
-//! connection must name a meshed pod on this node running as that same workload
-//! identity — anything else is refused, so the agent is never an open relay — and is
-//! then carried to the pod on a marked connection.
+//! and requires a client certificate from the mesh's trust anchors; until it completes
+//! the connection is pending in [`super::admission`], and it must complete within the
+//! HBONE handshake timeout. Each CONNECT on the connection must name a meshed pod on
+//! this node running as that same workload identity — anything else is refused, so the
+//! agent is never an open relay — and is then carried to the pod on a marked
+//! connection.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc};
 
 use http::StatusCode;
-use tokio::{
-    io::copy_bidirectional_with_sizes,
-    net::{TcpListener, TcpStream},
-};
+use tokio::{net::TcpStream, time::Instant};
 use tokio_rustls::TlsAcceptor;
 
 use super::{
-    COPY_BUFFER, Proxy, connect_marked,
+    Proxy,
+    admission::Permit,
+    connect_marked,
     hbone::{self, Incoming},
-    metrics::{self, Connection, Outcome, Peer, Reporter},
+    metrics::{self, Connection, Peer, Reporter},
+    relay::relay,
 };
-use crate::{identity::Identity, tls};
-
-/// How long a peer may take to complete the TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::{
+    identity::Identity,
+    logging::{Throttle, held_back},
+    tls,
+};
 
 /// Accepts HBONE connections until the listener is dropped.
-pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
-    loop {
-        match listener.accept().await {
-            Ok((tcp, peer)) => {
-                let proxy = Arc::clone(&proxy);
-                tokio::spawn(async move { connection(proxy, tcp, peer).await });
-            }
-            Err(err) => {
-                log::warn!("inbound accept failed: {err}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+pub async fn serve(listener: tokio::net::TcpListener, proxy: Arc<Proxy>) {
+    super::accept(listener, proxy, "inbound", connection).await;
 }
 
-async fn connection(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
-    let _ = tcp.set_nodelay(true);
-    let acceptor = TlsAcceptor::from(proxy.certs.get().server_config());
-    let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(err)) => {
-            let reason = tls::handshake_failure_reason(&err);
-            log::info!("TLS handshake with {peer} failed ({reason}): {err}");
-            metrics::hbone_failure("inbound", reason);
-            return;
+async fn connection(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr, mut permit: Permit) {
+    static REFUSED: Throttle = Throttle::new();
+    let refused = |reason: &'static str, why: String| {
+        metrics::hbone_failure("inbound", reason);
+        if let Some(held) = REFUSED.allow() {
+            log::info!(
+                "HBONE connection from {peer} refused ({reason}): {why}{}",
+                held_back(held)
+            );
         }
+    };
+    let _ = tcp.set_nodelay(true);
+    let started = Instant::now();
+    let limit = proxy.settings.hbone.handshake_timeout;
+    let acceptor = TlsAcceptor::from(proxy.certs.get().server_config());
+    let tls = match tokio::time::timeout(limit, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(err)) => return refused(tls::handshake_failure_reason(&err), err.to_string()),
         Err(_) => {
-            log::info!("TLS handshake with {peer} timed out after {TLS_HANDSHAKE_TIMEOUT:?}");
-            metrics::hbone_failure("inbound", "tls_handshake_timeout");
-            return;
+            return refused(
+                "tls_handshake_timeout",
+                format!("no TLS handshake within {limit:?}"),
+            );
         }
     };
     let (_, session) = tls.get_ref();
@@ -74,16 +74,16 @@ async fn connection(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
     });
     let (client, server) = match (client, server) {
         (Ok(client), Some(server)) => (client, server),
-        (Err(err), _) => {
-            log::info!("HBONE peer {peer} has no usable identity: {err}");
-            metrics::hbone_failure("inbound", "peer_identity");
-            return;
-        }
+        (Err(err), _) => return refused("peer_identity", format!("no usable identity: {err}")),
         (_, None) => {
-            metrics::hbone_failure("inbound", "server_identity");
-            return;
+            return refused(
+                "server_identity",
+                "it named no identity of this node".to_owned(),
+            );
         }
     };
+    metrics::handshake(started.elapsed());
+    permit.authenticated();
     let handler = {
         let proxy = Arc::clone(&proxy);
         move |incoming: Incoming| {
@@ -93,7 +93,7 @@ async fn connection(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
             async move { tunnel(&proxy, incoming, peer, &client, &server).await }
         }
     };
-    if let Err(err) = hbone::serve(tls, &proxy.settings, handler).await {
+    if let Err(err) = hbone::serve(tls, &proxy.settings.hbone, handler).await {
         log::info!("HBONE connection from {peer} ended: {err}");
         metrics::hbone_failure("inbound", err.reason());
     }
@@ -107,28 +107,49 @@ async fn tunnel(
     client: &Identity,
     server: &Identity,
 ) {
+    static REFUSED: Throttle = Throttle::new();
+    let refuse = |incoming: Incoming, status, reason: &'static str, why: String| {
+        metrics::refused("inbound", reason);
+        if let Some(held) = REFUSED.allow() {
+            log::info!(
+                "HBONE from {peer} ({client}) to {} refused: {why}{}",
+                incoming.authority,
+                held_back(held)
+            );
+        }
+        incoming.refuse(status);
+    };
     let _tracked = proxy.track();
+    let _permit = match proxy.admission.admit_tunnel() {
+        Ok(permit) => permit,
+        Err(refused) => {
+            return refuse(
+                incoming,
+                StatusCode::SERVICE_UNAVAILABLE,
+                refused.reason(),
+                refused.to_string(),
+            );
+        }
+    };
     let target = incoming.authority;
     let mesh = proxy.mesh.get();
     let workload = mesh.workload_by_ip(target.ip()).filter(|workload| {
         workload.node.as_deref() == Some(proxy.node.as_str()) && mesh.is_meshed(workload)
     });
     let Some(workload) = workload else {
-        log::info!(
-            "HBONE from {peer} ({client}) to {target} refused: not a meshed pod on this node"
+        return refuse(
+            incoming,
+            StatusCode::UNAUTHORIZED,
+            "not_local",
+            "not a meshed pod on this node".to_owned(),
         );
-        metrics::refused("inbound", "not_local");
-        incoming.refuse(StatusCode::UNAUTHORIZED);
-        return;
     };
     if mesh.identity(workload) != *server {
-        log::info!(
-            "HBONE from {peer} ({client}) to {target} refused: the connection authenticated {server}, the pod runs as {}",
+        let why = format!(
+            "the connection authenticated {server}, the pod runs as {}",
             mesh.identity(workload)
         );
-        metrics::refused("inbound", "identity_mismatch");
-        incoming.refuse(StatusCode::UNAUTHORIZED);
-        return;
+        return refuse(incoming, StatusCode::UNAUTHORIZED, "identity_mismatch", why);
     }
     let source = forwarded_for(&incoming)
         .and_then(|ip| mesh.workload_by_ip(ip).map(|workload| (workload, ip)));
@@ -145,13 +166,16 @@ async fn tunnel(
         Peer::of(workload, Some(server), target),
     );
     connection.mutual_tls = true;
-    let mut pod = match connect_marked(target).await {
+    let mut pod = match connect_marked(target, proxy.settings.connect_timeout).await {
         Ok(pod) => pod,
         Err(err) => {
-            log::info!("HBONE from {peer} to {target}: the pod is unreachable: {err}");
-            metrics::refused("inbound", "pod_unreachable");
-            incoming.refuse(StatusCode::SERVICE_UNAVAILABLE);
-            return;
+            let why = format!("the pod is unreachable: {err}");
+            return refuse(
+                incoming,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "pod_unreachable",
+                why,
+            );
         }
     };
     let mut tunnel = match incoming.accept() {
@@ -161,16 +185,17 @@ async fn tunnel(
             return;
         }
     };
+    // The client's agent applies the service's idle timeout; this side only gives up
+    // on a tunnel after the longest any client would keep.
+    let idle = mesh
+        .longest_idle_timeout()
+        .map_or(proxy.settings.idle_timeout, |longest| {
+            longest.max(proxy.settings.idle_timeout)
+        });
+    drop(mesh);
     connection.opened();
-    let result =
-        copy_bidirectional_with_sizes(&mut tunnel, &mut pod, COPY_BUFFER, COPY_BUFFER).await;
-    let error = result.as_ref().err().map(ToString::to_string);
-    let (received, sent) = result.unwrap_or_default();
-    connection.closed(Outcome {
-        received,
-        sent,
-        error: error.as_deref(),
-    });
+    let outcome = relay(&mut tunnel, &mut pod, Some(idle)).await.into();
+    connection.closed(&outcome);
 }
 
 /// The original client address from the `Forwarded: for=` header, if well formed.

@@ -7,9 +7,10 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use metrics::{Label, counter};
+use metrics::{Label, counter, histogram};
 use serde::Serialize;
 
+use super::relay::{End, Relayed};
 use crate::{identity::Identity, mesh::Workload};
 
 /// Which side of the tunnel reports, as Istio's `reporter` label says.
@@ -60,15 +61,60 @@ pub struct Connection {
     pub started: SystemTime,
 }
 
-/// How a connection ended, for the access log.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Outcome<'a> {
+/// How a carried connection ended, for its metrics and access log.
+#[derive(Debug, Default)]
+pub struct Outcome {
     /// Bytes from the client towards the server.
     pub received: u64,
     /// Bytes from the server back to the client.
     pub sent: u64,
-    /// `None` for a connection that ended normally; otherwise what went wrong.
-    pub error: Option<&'a str>,
+    pub ending: Ending,
+}
+
+#[derive(Debug, Default)]
+pub enum Ending {
+    /// Both sides closed their halves.
+    #[default]
+    Closed,
+    /// Nothing moved either way for the idle timeout, so the agent closed it.
+    IdleTimeout,
+    /// The connection could not be carried to the end; what went wrong.
+    Failed(String),
+}
+
+impl Outcome {
+    pub fn failed(message: String) -> Self {
+        Self {
+            ending: Ending::Failed(message),
+            ..Self::default()
+        }
+    }
+
+    /// The `outcome` of the access log and `weft_connection_outcomes_total`: `ok`,
+    /// `no_response` (closed normally, but the server never sent a byte back),
+    /// `idle_timeout` or `error`.
+    pub fn word(&self) -> &'static str {
+        match self.ending {
+            Ending::Closed if self.sent == 0 => "no_response",
+            Ending::Closed => "ok",
+            Ending::IdleTimeout => "idle_timeout",
+            Ending::Failed(_) => "error",
+        }
+    }
+}
+
+impl From<Relayed> for Outcome {
+    fn from(relayed: Relayed) -> Self {
+        Self {
+            received: relayed.received,
+            sent: relayed.sent,
+            ending: match relayed.end {
+                End::Done => Ending::Closed,
+                End::IdleTimeout(_) => Ending::IdleTimeout,
+                End::Failed(err) => Ending::Failed(format!("copy: {err}")),
+            },
+        }
+    }
 }
 
 impl Connection {
@@ -133,21 +179,30 @@ impl Connection {
     }
 
     /// Counts the connection's end and bytes, and writes its access-log line.
-    pub fn closed(&self, outcome: Outcome<'_>) {
+    pub fn closed(&self, outcome: &Outcome) {
         let labels = self.labels();
         counter!("istio_tcp_connections_closed_total", labels.clone()).increment(1);
         counter!("istio_tcp_received_bytes_total", labels.clone()).increment(outcome.received);
         counter!("istio_tcp_sent_bytes_total", labels).increment(outcome.sent);
+        let direction = match self.reporter {
+            Reporter::Source => "outbound",
+            Reporter::Destination => "inbound",
+        };
+        counter!("weft_connection_outcomes_total", "direction" => direction, "outcome" => outcome.word())
+            .increment(1);
         let duration = self.started.elapsed().unwrap_or(Duration::ZERO);
-        let line = serde_json::json!({
+        let mut line = serde_json::json!({
             "start": unix_seconds(self.started),
             "duration_ms": duration.as_secs_f64() * 1000.0,
             "connection": self,
             "bytes_received": outcome.received,
             "bytes_sent": outcome.sent,
             "security": if self.mutual_tls { "mutual_tls" } else { "none" },
-            "outcome": outcome.error.unwrap_or("ok"),
+            "outcome": outcome.word(),
         });
+        if let Ending::Failed(message) = &outcome.ending {
+            line["error"] = message.as_str().into();
+        }
         log::info!(target: "weft::access", "{line}");
     }
 }
@@ -161,7 +216,7 @@ fn unix_seconds(time: SystemTime) -> f64 {
 
 /// Registers the help text of every series the agent exports.
 pub fn describe() {
-    use metrics::{describe_counter, describe_gauge};
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_counter!(
         "istio_tcp_connections_opened_total",
         "TCP connections opened (Istio standard)"
@@ -181,6 +236,37 @@ pub fn describe() {
     describe_counter!(
         "weft_connections_refused_total",
         "Connections refused before they were carried, by direction and reason"
+    );
+    describe_counter!(
+        "weft_connection_outcomes_total",
+        "Carried connections by direction and how they ended: ok, no_response (closed \
+         before the server sent a byte), idle_timeout, error"
+    );
+    describe_counter!(
+        "weft_outbound_waits_total",
+        "Captured connections from a pod the mesh configuration did not name yet that \
+         waited for it (for=workload) or for the pod's certificate (for=certificate), by \
+         result (found, timed_out)"
+    );
+    describe_histogram!(
+        "weft_outbound_wait_milliseconds",
+        metrics::Unit::Milliseconds,
+        "How long those connections waited"
+    );
+    describe_histogram!(
+        "weft_hbone_handshake_milliseconds",
+        metrics::Unit::Milliseconds,
+        "TLS handshakes of inbound HBONE connections, from accept to a verified peer"
+    );
+    describe_gauge!(
+        "weft_admission_connections",
+        "Connections (and inbound tunnels) the agent holds, by state (pending: not yet \
+         authenticated; established)"
+    );
+    describe_gauge!(
+        "weft_admission_limit",
+        "The most the agent takes on, by limit (total, pending, per_source, \
+         pending_per_source), derived from its open-file limit"
     );
     describe_counter!(
         "weft_hbone_failures_total",
@@ -221,6 +307,21 @@ pub fn describe() {
         "weft_config_revision",
         "Revision of the mesh configuration the agent applies"
     );
+}
+
+/// A captured connection waited for the mesh configuration to name its source pod
+/// (`what` = `workload`) or for that pod's certificate (`certificate`).
+pub fn waited(what: &'static str, found: bool, elapsed: Duration) {
+    let result = if found { "found" } else { "timed_out" };
+    counter!("weft_outbound_waits_total", "for" => what, "result" => result).increment(1);
+    histogram!("weft_outbound_wait_milliseconds", "for" => what)
+        .record(elapsed.as_secs_f64() * 1000.0);
+}
+
+/// How long an inbound TLS handshake took, from accept() to a verified peer.
+pub fn handshake(elapsed: Duration) {
+    histogram!("weft_hbone_handshake_milliseconds", "direction" => "inbound")
+        .record(elapsed.as_secs_f64() * 1000.0);
 }
 
 /// A connection the proxy refused before carrying it, by reason.

@@ -5,45 +5,52 @@
 //! address is that pod. An endpoint on another node is reached through an HBONE tunnel
 //! to that node's agent, in mutual TLS as the client workload; one on this node through
 //! a direct connection carrying the agent's mark.
+//!
+//! A pod is captured from the moment it is enrolled, but the mesh configuration names
+//! it only once the controller has seen its address, and its certificate comes after
+//! that: a connection from a pod the configuration does not name yet waits for it (and
+//! for the certificate a tunnel needs) up to `Settings::source_wait`, instead of being
+//! refused — a new pod's first connection is often its most important one.
 
 use std::{
     net::SocketAddr,
     sync::Arc,
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use http::{HeaderValue, Method, Request};
 use tokio::{
-    io::copy_bidirectional_with_sizes,
     net::{TcpListener, TcpStream},
+    time::Instant,
 };
 use tokio_rustls::TlsConnector;
 
 use super::{
-    CONNECT_TIMEOUT, COPY_BUFFER, HBONE_PORT, PoolKey, Proxy, connect_marked,
+    HBONE_PORT, PoolKey, Proxy,
+    admission::Permit,
+    connect_marked, connect_within,
     hbone::HboneError,
     metrics::{self, Connection, Outcome, Peer, Reporter},
+    relay::relay,
 };
 use crate::{
     identity::Identity,
+    logging::{Throttle, held_back},
     mesh::{MeshConfig, Service},
     tls,
 };
 
 /// Accepts captured connections until the listener is dropped.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
-    loop {
-        match listener.accept().await {
-            Ok((client, peer)) => {
-                let proxy = Arc::clone(&proxy);
-                tokio::spawn(async move { handle(&proxy, client, peer).await });
-            }
-            Err(err) => {
-                log::warn!("outbound accept failed: {err}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
+    super::accept(
+        listener,
+        proxy,
+        "outbound",
+        |proxy, client, peer, permit| async move {
+            handle(&proxy, client, peer, permit).await;
+        },
+    )
+    .await;
 }
 
 /// Why an outbound connection is refused before it is carried.
@@ -53,8 +60,11 @@ enum Refusal {
         "no original destination recorded for {0}: it was not captured by weft, or the record was evicted"
     )]
     UnknownOriginalDestination(SocketAddr),
-    #[error("{0} is not a workload of the mesh configuration")]
-    UnknownSource(SocketAddr),
+    #[error(
+        "{peer} is not a workload of the mesh configuration, after waiting {waited:?} for it: \
+         is the controller running, and does it see the pod?"
+    )]
+    UnknownSource { peer: SocketAddr, waited: Duration },
     #[error("{0} is neither a service nor a meshed workload of the mesh configuration")]
     UnknownDestination(SocketAddr),
     #[error("service {0} has no endpoints")]
@@ -63,6 +73,14 @@ enum Refusal {
     NoNode(String),
     #[error("node {0} is not in the mesh configuration")]
     UnknownNode(String),
+    #[error(
+        "no certificate for {identity} after waiting {waited:?} for one: is the controller's \
+         CA reachable from this node (see weft_certificate_failures_total)?"
+    )]
+    NoCertificate {
+        identity: Identity,
+        waited: Duration,
+    },
     #[error("reading the original destination failed: {0}")]
     Datapath(String),
 }
@@ -71,10 +89,11 @@ impl Refusal {
     fn reason(&self) -> &'static str {
         match self {
             Refusal::UnknownOriginalDestination(_) => "unknown_original_destination",
-            Refusal::UnknownSource(_) => "unknown_source",
+            Refusal::UnknownSource { .. } => "unknown_source",
             Refusal::UnknownDestination(_) => "unknown_destination",
             Refusal::NoEndpoints(_) => "no_endpoints",
             Refusal::NoNode(_) | Refusal::UnknownNode(_) => "unknown_node",
+            Refusal::NoCertificate { .. } => "no_certificate",
             Refusal::Datapath(_) => "datapath",
         }
     }
@@ -86,6 +105,8 @@ struct Route {
     hop: Hop,
     connection: Connection,
     source_identity: Identity,
+    /// How long the connection may carry nothing before it is closed.
+    idle_timeout: Duration,
 }
 
 /// How the bytes get to the target.
@@ -104,106 +125,144 @@ enum Hop {
     Passthrough,
 }
 
-async fn handle(proxy: &Arc<Proxy>, mut client: TcpStream, peer: SocketAddr) {
+async fn handle(proxy: &Arc<Proxy>, mut client: TcpStream, peer: SocketAddr, mut permit: Permit) {
+    static REFUSED: Throttle = Throttle::new();
+    static FAILED: Throttle = Throttle::new();
     let _tracked = proxy.track();
-    let route = match route(proxy, peer) {
+    let route = match route(proxy, peer).await {
         Ok(route) => route,
         Err(refusal) => {
-            log::warn!("outbound connection from {peer} refused: {refusal}");
             metrics::refused("outbound", refusal.reason());
+            if let Some(held) = REFUSED.allow() {
+                log::warn!(
+                    "outbound connection from {peer} refused: {refusal}{}",
+                    held_back(held)
+                );
+            }
             return;
         }
     };
-    let connection = route.connection;
-    connection.opened();
+    permit.authenticated();
+    route.connection.opened();
     let _ = client.set_nodelay(true);
-    let direct = |marked: bool| async move {
-        let connected = if marked {
-            connect_marked(route.target).await
-        } else {
-            tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(route.target))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "connect timed out",
-                    ))
-                })
-        };
-        connected.map_err(|err| format!("connect to {}: {err}", route.target))
-    };
-    let result = match &route.hop {
-        Hop::Local | Hop::Passthrough => match direct(route.hop == Hop::Local).await {
-            Ok(mut server) => {
-                copy_bidirectional_with_sizes(&mut client, &mut server, COPY_BUFFER, COPY_BUFFER)
-                    .await
-                    .map_err(|err| format!("copy: {err}"))
+    let outcome = carry(proxy, &mut client, &route, peer).await;
+    if let metrics::Ending::Failed(message) = &outcome.ending
+        && let Some(held) = FAILED.allow()
+    {
+        log::warn!(
+            "outbound {peer} -> {}: {message}{}",
+            route.target,
+            held_back(held)
+        );
+    }
+    route.connection.closed(&outcome);
+}
+
+/// Carries the client's bytes along `route` until the connection ends.
+async fn carry(proxy: &Proxy, client: &mut TcpStream, route: &Route, peer: SocketAddr) -> Outcome {
+    let idle = Some(route.idle_timeout);
+    let connect_timeout = proxy.settings.connect_timeout;
+    match &route.hop {
+        Hop::Local | Hop::Passthrough => {
+            let connected = if route.hop == Hop::Local {
+                connect_marked(route.target, connect_timeout).await
+            } else {
+                connect_within(connect_timeout, TcpStream::connect(route.target)).await
+            };
+            match connected {
+                Ok(mut server) => relay(client, &mut server, idle).await.into(),
+                Err(err) => Outcome::failed(format!("connect to {}: {err}", route.target)),
             }
-            Err(err) => Err(err),
-        },
+        }
         Hop::Tunnel { agent, destination } => {
-            let agent = *agent;
             match tunnel(
                 proxy,
                 &route.source_identity,
                 destination,
-                agent,
+                *agent,
                 route.target,
                 peer,
             )
             .await
             {
-                Ok(mut tunnel) => copy_bidirectional_with_sizes(
-                    &mut client,
-                    &mut tunnel,
-                    COPY_BUFFER,
-                    COPY_BUFFER,
-                )
-                .await
-                .map_err(|err| format!("copy: {err}")),
+                Ok(mut tunnel) => relay(client, &mut tunnel, idle).await.into(),
                 Err(err) => {
                     let reason = failure_reason(&err);
                     metrics::hbone_failure("outbound", reason);
-                    Err(format!(
+                    Outcome::failed(format!(
                         "HBONE to {agent} for {} failed ({reason}): {err}",
                         route.target
                     ))
                 }
             }
         }
-    };
-    let outcome = match &result {
-        Ok((received, sent)) => Outcome {
-            received: *received,
-            sent: *sent,
-            error: None,
-        },
-        Err(message) => {
-            log::warn!("outbound {peer} -> {}: {message}", route.target);
-            Outcome {
-                error: Some(message.as_str()),
-                ..Outcome::default()
-            }
-        }
-    };
-    connection.closed(outcome);
+    }
 }
 
-fn route(proxy: &Proxy, peer: SocketAddr) -> Result<Route, Refusal> {
+/// The route of the connection from `peer`: its original destination, then the plan
+/// for it, waiting (up to `source_wait`) for a configuration that names the source and
+/// for the certificate of the source's identity.
+async fn route(proxy: &Proxy, peer: SocketAddr) -> Result<Route, Refusal> {
     let original = proxy
         .original_destinations
-        .lock()
-        .expect("original destinations lock")
         .take(peer)
         .map_err(|err| Refusal::Datapath(err.to_string()))?
         .ok_or(Refusal::UnknownOriginalDestination(peer))?;
-    plan(&proxy.mesh.get(), &proxy.node, peer, original, |service| {
+    let waited = proxy.settings.source_wait;
+    let deadline = Instant::now() + waited;
+    let plan_now = |mesh: &MeshConfig| match plan(mesh, &proxy.node, peer, original, |service| {
         proxy.pick(&service.namespace, &service.name, &service.endpoints)
-    })
+    }) {
+        Err(Refusal::UnknownSource { .. }) => None,
+        planned => Some(planned.map(|mut route| {
+            route.idle_timeout = route
+                .connection
+                .service
+                .as_ref()
+                .and_then(|(namespace, name)| mesh.idle_timeout(namespace, name))
+                .unwrap_or(proxy.settings.idle_timeout);
+            route
+        })),
+    };
+    let route = match plan_now(&proxy.mesh.get()) {
+        Some(planned) => planned?,
+        None => {
+            let found = waiting("workload", proxy.mesh.wait_for(deadline, plan_now)).await;
+            found.unwrap_or(Err(Refusal::UnknownSource { peer, waited }))?
+        }
+    };
+    if matches!(route.hop, Hop::Tunnel { .. })
+        && proxy.certs.get().serial(&route.source_identity).is_none()
+    {
+        let has_certificate =
+            |certs: &tls::CertStore| certs.serial(&route.source_identity).map(drop);
+        let found = waiting(
+            "certificate",
+            proxy.certs.wait_for(deadline, has_certificate),
+        )
+        .await;
+        found.ok_or_else(|| Refusal::NoCertificate {
+            identity: route.source_identity.clone(),
+            waited,
+        })?;
+    }
+    Ok(route)
+}
+
+/// Awaits `wait`, counting it by `what` it waited for and whether that came.
+async fn waiting<T>(
+    what: &'static str,
+    wait: impl std::future::Future<Output = Option<T>>,
+) -> Option<T> {
+    let started = Instant::now();
+    let found = wait.await;
+    metrics::waited(what, found.is_some(), started.elapsed());
+    found
 }
 
 /// Where the connection from `peer` to `original` goes, by the mesh configuration, as
-/// seen from node `node`; `pick` chooses a service's endpoint.
+/// seen from node `node`; `pick` chooses a service's endpoint. The idle timeout is
+/// left at zero for the caller to fill.
 fn plan(
     mesh: &MeshConfig,
     node: &str,
@@ -213,7 +272,10 @@ fn plan(
 ) -> Result<Route, Refusal> {
     let source = mesh
         .workload_by_ip(peer.ip())
-        .ok_or(Refusal::UnknownSource(peer))?;
+        .ok_or(Refusal::UnknownSource {
+            peer,
+            waited: Duration::ZERO,
+        })?;
     let (target, service) = match mesh.service_at(original.ip(), original.port()) {
         Some((service, port)) => {
             let endpoint = pick(service).ok_or_else(|| {
@@ -251,6 +313,7 @@ fn plan(
             hop: Hop::Passthrough,
             connection,
             source_identity,
+            idle_timeout: Duration::ZERO,
         });
     };
     let destination_node = destination
@@ -280,6 +343,7 @@ fn plan(
         hop,
         connection,
         source_identity,
+        idle_timeout: Duration::ZERO,
     })
 }
 
@@ -300,15 +364,12 @@ async fn tunnel(
         agent,
     };
     let request = connect_request(&proxy.mesh.get(), source, target, client);
+    let connect_timeout = proxy.settings.connect_timeout;
     let dial = || async move {
         let config = certs
             .client_config(source, destination)
             .map_err(std::io::Error::other)?;
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(agent))
-            .await
-            .map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
-            })??;
+        let tcp = connect_within(connect_timeout, TcpStream::connect(agent)).await?;
         tcp.set_nodelay(true)?;
         let name = tls::server_name(destination).map_err(std::io::Error::other)?;
         TlsConnector::from(config).connect(name, tcp).await

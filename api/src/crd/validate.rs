@@ -4,7 +4,9 @@
 //! enforces the schema for Kubernetes users; the file source has no API server, so the
 //! controller checks both itself.
 
-use std::{collections::HashSet, time::Duration};
+use std::collections::HashSet;
+
+use crate::duration::parse_duration;
 
 use super::{
     AuthorizationPolicySpec, DURATION_PATTERN, Operation, PeerAuthenticationSpec, Rule, Source,
@@ -297,37 +299,6 @@ fn check_duration(field: &str, value: Option<&str>) -> Result<(), FieldError> {
     }
 }
 
-/// Parses a Gateway API duration (`1h2m3s4ms`, at most four parts of at most five
-/// digits each).
-pub fn parse_duration(text: &str) -> Option<Duration> {
-    let mut total = Duration::ZERO;
-    let mut rest = text;
-    let mut parts = 0;
-    while !rest.is_empty() {
-        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 || digits > 5 {
-            return None;
-        }
-        let number: u64 = rest[..digits].parse().ok()?;
-        rest = &rest[digits..];
-        let (unit, length) = if rest.starts_with("ms") {
-            (Duration::from_millis(1), 2)
-        } else if rest.starts_with('h') {
-            (Duration::from_secs(3600), 1)
-        } else if rest.starts_with('m') {
-            (Duration::from_secs(60), 1)
-        } else if rest.starts_with('s') {
-            (Duration::from_secs(1), 1)
-        } else {
-            return None;
-        };
-        rest = &rest[length..];
-        total += unit * u32::try_from(number).ok()?;
-        parts += 1;
-    }
-    (1..=4).contains(&parts).then_some(total)
-}
-
 fn validate_selector(field: &str, selector: &WorkloadSelector) -> Result<(), FieldError> {
     for (key, value) in &selector.match_labels {
         if key.is_empty() || key.len() > 253 {
@@ -368,16 +339,6 @@ fn validate_dns_label(field: &str, value: &str) -> Result<(), FieldError> {
 mod tests {
     use super::*;
     use crate::crd::{PeerMode, PortMode, Retries, Timeouts};
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_duration("1m30s"), Some(Duration::from_secs(90)));
-        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
-        for bad in ["", "5", "1.5s", "s", "1d", "123456s", "1s1s1s1s1s", "-1s"] {
-            assert_eq!(parse_duration(bad), None, "{bad:?}");
-        }
-    }
 
     #[test]
     fn peer_authentication_rules_name_the_field() {

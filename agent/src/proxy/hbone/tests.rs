@@ -92,12 +92,14 @@ async fn forward_to_destination(incoming: Incoming) {
     }
 }
 
-/// Echo the tunnel into itself, then end our half.
+/// Echo the tunnel into itself, then end our half; a client that drops its tunnel
+/// (a reset) ends it early.
 async fn echo_back(incoming: Incoming) {
     let tunnel = incoming.accept().unwrap();
     let (mut r, mut w) = tokio::io::split(tunnel);
-    tokio::io::copy(&mut r, &mut w).await.unwrap();
-    w.shutdown().await.unwrap();
+    if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+        w.shutdown().await.unwrap();
+    }
 }
 
 type TcpDial = Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>>;
@@ -441,16 +443,20 @@ fn connect_target_accepts_only_ip_port_authorities() {
     assert!(connect_target(&get).is_err());
 }
 
-/// Feed `bytes` to `serve` and return its verdict, which must come quickly.
+/// Feed `bytes` to `serve` and return its verdict, which must come on the garbage
+/// itself: run with a paused clock, a verdict that waited for the handshake timeout
+/// shows as time passed.
 async fn serve_raw(bytes: &[u8]) -> Result<(), HboneError> {
-    let (mut client, server, calls) = serve_pipe(Settings::default());
+    let settings = Settings::default();
+    let (mut client, server, calls) = serve_pipe(settings);
     client.write_all(bytes).await.unwrap();
-    let started = std::time::Instant::now();
-    let verdict = timeout(Duration::from_secs(2), server)
-        .await
-        .expect("serve kept going on garbage")
-        .expect("serve panicked");
-    assert!(started.elapsed() < Duration::from_secs(2));
+    let started = Instant::now();
+    let verdict = server.await.expect("serve panicked");
+    assert!(
+        started.elapsed() < settings.handshake_timeout,
+        "serve waited {:?} instead of failing on the garbage",
+        started.elapsed()
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 0);
     drop(client);
     verdict
@@ -458,7 +464,7 @@ async fn serve_raw(bytes: &[u8]) -> Result<(), HboneError> {
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn garbage_makes_serve_fail_fast_without_panicking() {
     within(async {
         let err = serve_raw(b"GET / HTTP/1.1\r\nHost: 10.0.0.1\r\n\r\n")
@@ -873,6 +879,8 @@ async fn out_of_range_settings_are_clamped_not_panics() {
             connection_window: 0,
             max_frame_size: 0,
             max_concurrent_streams: 0,
+            max_streams_per_connection: 0,
+            idle_release: Duration::ZERO,
             max_header_list_size: 0,
             handshake_timeout: Duration::from_secs(5),
         };
@@ -903,4 +911,99 @@ fn errors_tell_the_operator_what_to_check() {
     let dial = HboneError::Dial(io::ErrorKind::ConnectionRefused.into());
     assert_eq!(dial.reason(), "dial");
     assert!(dial.to_string().contains("15008"));
+}
+
+type ServerTask = JoinHandle<Result<(), HboneError>>;
+type PipeDial = Pin<Box<dyn Future<Output = io::Result<DuplexStream>> + Send>>;
+
+/// A dial for `pool.connect` that serves each new connection in memory with
+/// `echo_back`, counting dials and keeping the server tasks.
+#[derive(Clone)]
+struct PipeDialer {
+    settings: Settings,
+    dials: Arc<AtomicUsize>,
+    servers: Arc<std::sync::Mutex<Vec<ServerTask>>>,
+}
+
+impl PipeDialer {
+    fn new(settings: Settings) -> Self {
+        Self {
+            settings,
+            dials: Arc::default(),
+            servers: Arc::default(),
+        }
+    }
+
+    fn dial(&self) -> impl FnOnce() -> PipeDial {
+        let this = self.clone();
+        move || {
+            Box::pin(async move {
+                this.dials.fetch_add(1, Ordering::SeqCst);
+                let (client, server) = tokio::io::duplex(64 * 1024);
+                let settings = this.settings;
+                let task = tokio::spawn(async move { serve(server, &settings, echo_back).await });
+                this.servers.lock().unwrap().push(task);
+                Ok(client)
+            })
+        }
+    }
+
+    fn dials(&self) -> usize {
+        self.dials.load(Ordering::SeqCst)
+    }
+
+    /// Waits until the server side of the `index`th connection has ended.
+    async fn server_ended(&self, index: usize) {
+        let task = {
+            let mut servers = self.servers.lock().unwrap();
+            std::mem::replace(&mut servers[index], tokio::spawn(async { Ok(()) }))
+        };
+        task.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_connection_makes_the_pool_dial_another_and_idle_ones_are_released() {
+    within(async {
+        let settings = Settings {
+            max_streams_per_connection: 3,
+            idle_release: Duration::from_secs(10),
+            ..Settings::default()
+        };
+        let pool = Pool::new(settings);
+        let dialer = PipeDialer::new(settings);
+        let open = || pool.connect(&"peer", dialer.dial(), connect_request("10.0.0.1:80"));
+        let mut first = Vec::new();
+        for _ in 0..3 {
+            first.push(open().await.unwrap());
+        }
+        assert_eq!((dialer.dials(), pool.connections()), (1, 1));
+
+        // A fourth tunnel of the same key does not queue behind the full connection.
+        let fourth = open().await.unwrap();
+        assert_eq!((dialer.dials(), pool.connections()), (2, 2));
+        assert_eq!(exchange(fourth, b"ping".to_vec()).await, b"ping");
+        // Its place is free again, and taken without a dial.
+        drop(open().await.unwrap());
+        assert_eq!(dialer.dials(), 2);
+
+        // Idle, the second connection is the key's one warm connection: it stays.
+        pool.release_idle();
+        assert_eq!(pool.connections(), 2);
+        // Once the first is idle too and was used last, the second goes, and closes.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        drop(first);
+        pool.release_idle();
+        assert_eq!(pool.connections(), 1);
+        dialer.server_ended(1).await;
+        // The warm one goes after `idle_release` without a tunnel.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        pool.release_idle();
+        assert_eq!(pool.connections(), 0);
+        dialer.server_ended(0).await;
+        // And the next tunnel dials anew.
+        drop(open().await.unwrap());
+        assert_eq!((dialer.dials(), pool.connections()), (3, 1));
+    })
+    .await;
 }

@@ -1,0 +1,342 @@
+//! Admission: how many connections the agent takes on, from everywhere and from one
+//! source address, before they are authenticated and after, so that one host on the
+//! node network (or one pod) can neither use up the agent's file descriptors nor
+//! starve the peers it must serve.
+//!
+//! A connection is *pending* from accept() until it is authenticated — on 15008 when
+//! its TLS handshake has proven a mesh identity, on 15001 when the kernel's record and
+//! the mesh configuration have named its source — and *established* after. Each
+//! HBONE tunnel served inbound counts towards the total too (it holds a socket to the
+//! pod), but not towards its source's share: tunnels come from authenticated agents.
+//! [`decide`] is the rule; [`Admission`] keeps the counts.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, Mutex},
+};
+
+use crate::sync;
+
+/// Descriptors kept for the agent itself (maps, logs, listeners, the controller's
+/// channel, the CNI socket) outside every connection budget.
+const OWN_DESCRIPTORS: u64 = 256;
+
+/// Sets the soft open-file limit to `wanted`, or by default raises it to the hard
+/// limit (a root agent raises the hard limit too when `wanted` is above it), and
+/// returns the limit in effect.
+pub fn set_open_files(wanted: Option<u64>) -> Result<u64, nix::Error> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    let target = wanted.unwrap_or(hard);
+    if target != soft {
+        setrlimit(Resource::RLIMIT_NOFILE, target, hard.max(target))?;
+    }
+    Ok(target)
+}
+
+/// What the agent takes on at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections and inbound tunnels, everything counted.
+    pub total: usize,
+    /// Pending connections from everywhere: below `total`, so that what is left is
+    /// always there for authenticated peers.
+    pub pending: usize,
+    /// Connections from one source address, pending or established.
+    pub per_source: usize,
+    /// Pending connections from one source address.
+    pub pending_per_source: usize,
+}
+
+impl Limits {
+    /// Limits for a process that may hold `open_files` descriptors.
+    ///
+    /// A carried connection holds two (the accepted socket and the one to its
+    /// destination), so `total` is half of what is left after the agent's own.
+    /// Unauthenticated connections may take three quarters of it; one source may hold
+    /// a quarter of it, and 256 pending (a node's agent opens a handful of HBONE
+    /// connections at once, a pod rarely hundreds of connections in its first
+    /// milliseconds).
+    pub fn for_open_files(open_files: u64) -> Limits {
+        let total = usize::try_from(open_files.saturating_sub(OWN_DESCRIPTORS) / 2)
+            .unwrap_or(usize::MAX)
+            .max(4);
+        Limits {
+            total,
+            pending: total / 4 * 3,
+            per_source: total / 4,
+            pending_per_source: 256.min(total / 4),
+        }
+    }
+}
+
+/// Why a connection was not taken on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error(
+        "the source has too many connections waiting to authenticate (a host without a mesh \
+         certificate flooding the port, or a pod the mesh configuration does not name)"
+    )]
+    SourcePending,
+    #[error("the source holds its share of the agent's connections already")]
+    Source,
+    #[error(
+        "too many connections are waiting to authenticate; the rest is kept for authenticated peers"
+    )]
+    Pending,
+    #[error(
+        "the agent carries as many connections as its open-file limit allows (raise the limit, \
+         or spread the load over more nodes)"
+    )]
+    Total,
+}
+
+impl Refused {
+    /// The `weft_connections_refused_total` reason.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refused::SourcePending => "source_pending_limit",
+            Refused::Source => "source_limit",
+            Refused::Pending => "pending_limit",
+            Refused::Total => "connection_limit",
+        }
+    }
+}
+
+/// Counts of one source, or of everything.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub pending: usize,
+    pub established: usize,
+}
+
+impl Counts {
+    fn all(self) -> usize {
+        self.pending + self.established
+    }
+}
+
+/// Whether one more pending connection from a source with `source` counts fits, when
+/// the agent holds `everything`.
+pub fn decide(everything: Counts, source: Counts, limits: &Limits) -> Result<(), Refused> {
+    if everything.all() >= limits.total {
+        Err(Refused::Total)
+    } else if everything.pending >= limits.pending {
+        Err(Refused::Pending)
+    } else if source.all() >= limits.per_source {
+        Err(Refused::Source)
+    } else if source.pending >= limits.pending_per_source {
+        Err(Refused::SourcePending)
+    } else {
+        Ok(())
+    }
+}
+
+/// The counts of everything the agent carries.
+#[derive(Debug)]
+pub struct Admission {
+    limits: Limits,
+    counts: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    everything: Counts,
+    by_source: HashMap<IpAddr, Counts>,
+}
+
+impl Admission {
+    pub fn new(limits: Limits) -> Arc<Self> {
+        Arc::new(Self {
+            limits,
+            counts: Mutex::new(State::default()),
+        })
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Takes on a connection just accepted from `source`, as pending.
+    pub fn admit(self: &Arc<Self>, source: IpAddr) -> Result<Permit, Refused> {
+        let mut state = sync::lock(&self.counts);
+        let known = state.by_source.get(&source).copied().unwrap_or_default();
+        decide(state.everything, known, &self.limits)?;
+        state.everything.pending += 1;
+        state.by_source.entry(source).or_default().pending += 1;
+        Ok(Permit {
+            admission: Arc::clone(self),
+            source: Some(source),
+            pending: true,
+        })
+    }
+
+    /// Takes on an HBONE tunnel of an authenticated connection.
+    pub fn admit_tunnel(self: &Arc<Self>) -> Result<Permit, Refused> {
+        let mut state = sync::lock(&self.counts);
+        if state.everything.all() >= self.limits.total {
+            return Err(Refused::Total);
+        }
+        state.everything.established += 1;
+        Ok(Permit {
+            admission: Arc::clone(self),
+            source: None,
+            pending: false,
+        })
+    }
+
+    /// What the agent holds now: everything, and the source holding the most.
+    pub fn counts(&self) -> (Counts, Option<(IpAddr, Counts)>) {
+        let state = sync::lock(&self.counts);
+        let busiest = state
+            .by_source
+            .iter()
+            .max_by_key(|(_, counts)| counts.all())
+            .map(|(source, counts)| (*source, *counts));
+        (state.everything, busiest)
+    }
+
+    fn release(&self, source: Option<IpAddr>, pending: bool) {
+        let mut state = sync::lock(&self.counts);
+        let counts = |counts: &mut Counts| {
+            if pending {
+                counts.pending -= 1;
+            } else {
+                counts.established -= 1;
+            }
+        };
+        counts(&mut state.everything);
+        if let Some(source) = source
+            && let Some(by_source) = state.by_source.get_mut(&source)
+        {
+            counts(by_source);
+            if by_source.all() == 0 {
+                state.by_source.remove(&source);
+            }
+        }
+    }
+}
+
+/// A connection's place in the counts, given back when dropped.
+#[derive(Debug)]
+pub struct Permit {
+    admission: Arc<Admission>,
+    source: Option<IpAddr>,
+    pending: bool,
+}
+
+impl Permit {
+    /// The connection proved who it is: it is established from now on.
+    pub fn authenticated(&mut self) {
+        if !self.pending {
+            return;
+        }
+        let mut state = sync::lock(&self.admission.counts);
+        state.everything.pending -= 1;
+        state.everything.established += 1;
+        if let Some(source) = self.source
+            && let Some(counts) = state.by_source.get_mut(&source)
+        {
+            counts.pending -= 1;
+            counts.established += 1;
+        }
+        self.pending = false;
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.admission.release(self.source, self.pending);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        total: 100,
+        pending: 75,
+        per_source: 25,
+        pending_per_source: 10,
+    };
+
+    fn counts(pending: usize, established: usize) -> Counts {
+        Counts {
+            pending,
+            established,
+        }
+    }
+
+    #[test]
+    fn the_tightest_limit_decides() {
+        let cases = [
+            (counts(0, 0), counts(0, 0), Ok(())),
+            (counts(9, 50), counts(9, 15), Ok(())),
+            (counts(10, 50), counts(10, 0), Err(Refused::SourcePending)),
+            (counts(10, 50), counts(5, 20), Err(Refused::Source)),
+            (counts(75, 0), counts(0, 0), Err(Refused::Pending)),
+            // Authenticated connections may use what pending ones may not.
+            (counts(10, 80), counts(0, 0), Ok(())),
+            (counts(10, 90), counts(0, 0), Err(Refused::Total)),
+            (counts(75, 25), counts(10, 15), Err(Refused::Total)),
+        ];
+        for (everything, source, expected) in cases {
+            assert_eq!(
+                decide(everything, source, &LIMITS),
+                expected,
+                "{everything:?} {source:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn limits_follow_the_open_file_limit() {
+        let limits = Limits::for_open_files(20_000);
+        assert_eq!(limits.total, 9872);
+        assert_eq!(limits.pending, 7404);
+        assert_eq!(limits.per_source, 2468);
+        assert_eq!(limits.pending_per_source, 256);
+        let tiny = Limits::for_open_files(10);
+        assert!(
+            tiny.total >= 4 && tiny.pending >= 1 && tiny.per_source >= 1,
+            "{tiny:?}"
+        );
+        assert!(tiny.pending_per_source >= 1, "{tiny:?}");
+    }
+
+    #[test]
+    fn permits_move_from_pending_to_established_and_give_their_place_back() {
+        let admission = Admission::new(LIMITS);
+        let flooder: IpAddr = "10.99.0.254".parse().unwrap();
+        let peer: IpAddr = "10.99.0.2".parse().unwrap();
+        let mut held: Vec<Permit> = (0..10).map(|_| admission.admit(flooder).unwrap()).collect();
+        assert_eq!(
+            admission.admit(flooder).unwrap_err(),
+            Refused::SourcePending
+        );
+        // Another source is not held back by the first.
+        let mut permit = admission.admit(peer).unwrap();
+        permit.authenticated();
+        assert_eq!(admission.counts().0, counts(10, 1));
+        // Authenticated, the flooder's connections no longer count as pending ...
+        for permit in &mut held {
+            permit.authenticated();
+        }
+        let mut more: Vec<Permit> = (0..10).map(|_| admission.admit(flooder).unwrap()).collect();
+        let (everything, busiest) = admission.counts();
+        assert_eq!(everything, counts(10, 11));
+        assert_eq!(busiest, Some((flooder, counts(10, 10))));
+        // ... but still towards its share.
+        for permit in &mut more {
+            permit.authenticated();
+        }
+        let last: Vec<Permit> = (0..5).map(|_| admission.admit(flooder).unwrap()).collect();
+        assert_eq!(admission.admit(flooder).unwrap_err(), Refused::Source);
+        let tunnels: Vec<Permit> = (0..5).map(|_| admission.admit_tunnel().unwrap()).collect();
+        assert_eq!(admission.counts().0, counts(5, 26));
+        drop((held, more, last, tunnels, permit));
+        assert_eq!(admission.counts(), (Counts::default(), None));
+    }
+}
