@@ -12,6 +12,7 @@
 //! of another.
 #![forbid(unsafe_code)]
 
+mod agent;
 mod cluster;
 pub mod cni;
 mod error;
