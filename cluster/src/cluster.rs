@@ -370,6 +370,12 @@ impl Cluster {
     /// has applied the result and holds a certificate from the mesh CA for every
     /// identity of its meshed pods.
     pub fn wait_for_mesh(&self, timeout: Duration) -> Result<(), ClusterError> {
+        if self.topology.manifests.is_none() {
+            return Err(ClusterError::NoMesh(self.topology.name.clone()));
+        }
+        if self.topology.controller.is_none() {
+            return Err(ClusterError::NoController(self.topology.name.clone()));
+        }
         let deadline = Instant::now() + timeout;
         loop {
             let Err(waiting_for) = self.mesh_settled() else {

@@ -106,6 +106,10 @@ pub enum ClusterError {
     )]
     NoMesh(String),
     #[error(
+        "cluster {0} runs no controller, so its mesh cannot settle; start it with `cargo xtask cluster controller start --name {0}`"
+    )]
+    NoController(String),
+    #[error(
         "the mesh did not settle within {timeout:?}: still waiting for {waiting_for}; see the logs in {logs}"
     )]
     MeshNotApplied {

@@ -35,6 +35,15 @@ pub enum Command {
         #[arg(long = "agent-arg", allow_hyphen_values = true)]
         agent_args: Vec<String>,
     },
+    /// Wait until the mesh has settled: the controller compiled the current manifests
+    /// and every running agent applied them and holds its pods' certificates.
+    Wait {
+        #[arg(long)]
+        name: String,
+        /// Give up after this many seconds (and exit non-zero).
+        #[arg(long, value_parser = parse_seconds, default_value = "60")]
+        timeout: Duration,
+    },
     /// Start, stop or restart a node's agent.
     Agent {
         #[command(subcommand)]
@@ -214,6 +223,11 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             stop_agent(&mut cluster, &node)?;
             start_agent(&mut cluster, &node)
         }
+        Command::Wait { name, timeout } => {
+            Cluster::open(&name)?.wait_for_mesh(timeout)?;
+            eprintln!("the mesh of cluster {name} has settled");
+            Ok(())
+        }
         Command::Down { name } => {
             weft_cluster::down(&name)?;
             eprintln!("cluster {name} is gone");
@@ -331,6 +345,13 @@ fn stop_agent(cluster: &mut Cluster, node: &str) -> anyhow::Result<()> {
 fn print_topology(cluster: &Cluster) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(cluster.topology())?);
     Ok(())
+}
+
+fn parse_seconds(text: &str) -> anyhow::Result<Duration> {
+    text.parse()
+        .ok()
+        .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok())
+        .with_context(|| format!("give a number of seconds, such as 30 or 0.5, not {text:?}"))
 }
 
 fn parse_label(text: &str) -> anyhow::Result<(String, String)> {
