@@ -40,6 +40,21 @@ pub(crate) fn command_line(
     argv
 }
 
+/// The flags of [`wiring`], which extra arguments may not set.
+const WIRED: [&str; 11] = [
+    "node",
+    "bpffs",
+    "pod-cgroup",
+    "capture-address",
+    "cni-socket",
+    "state-dir",
+    "controller",
+    "controller-ca",
+    "controller-identity",
+    "controller-token-file",
+    "flow-log",
+];
+
 /// The flags that tie an agent to its node (namespace, cgroup, pins, socket, state),
 /// to the cluster's controller and to its flow log.
 fn wiring(topology: &Topology, node: &NodeInfo) -> Vec<(&'static str, String)> {
@@ -74,28 +89,17 @@ fn wiring(topology: &Topology, node: &NodeInfo) -> Vec<(&'static str, String)> {
     ]
 }
 
-/// Checks extra arguments of `weft-agent run` for `topology`'s agents: none may set
-/// a flag of the wiring, and a `--drain-timeout` must be seconds the cluster can wait
-/// for. Returns that drain timeout in milliseconds, if they set one.
-pub(crate) fn check_extra_args(
-    topology: &Topology,
-    args: &[String],
-) -> Result<Option<u64>, ClusterError> {
-    let wired: Vec<&str> = topology
-        .nodes
-        .first()
-        .map(|node| wiring(topology, node))
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(flag, _)| flag)
-        .collect();
+/// Checks extra arguments of `weft-agent run`: none may set a flag of the wiring, and
+/// a `--drain-timeout` must be seconds the cluster can wait for. Returns that drain
+/// timeout in milliseconds, if they set one.
+pub fn check_agent_args(args: &[String]) -> Result<Option<u64>, ClusterError> {
     let mut drain_timeout = None;
     for (flag, value) in flags(args) {
         let arg = match value {
-            Some(value) => format!("--{flag} {value}"),
+            Some(value) => format!("--{flag}={value}"),
             None => format!("--{flag}"),
         };
-        if wired.contains(&flag) {
+        if WIRED.contains(&flag) {
             return Err(ClusterError::AgentArg {
                 arg,
                 problem: format!(
@@ -235,6 +239,16 @@ mod tests {
     }
 
     #[test]
+    fn the_wiring_sets_the_flags_extra_arguments_may_not() {
+        let topology = topology(&[]);
+        let flags: Vec<&str> = wiring(&topology, &topology.nodes[0])
+            .into_iter()
+            .map(|(flag, _)| flag)
+            .collect();
+        assert_eq!(flags, WIRED);
+    }
+
+    #[test]
     fn extra_arguments_replace_the_drain_timeout_and_log_defaults() {
         let argv = argv(&topology(&["--drain-timeout=2.5", "--log", "debug"]));
         assert_eq!(values(&argv, "drain-timeout"), ["2.5"]);
@@ -243,8 +257,7 @@ mod tests {
 
     #[test]
     fn extra_arguments_are_checked() {
-        let topology = topology(&[]);
-        let check = |list: &[&str]| check_extra_args(&topology, &args(list));
+        let check = |list: &[&str]| check_agent_args(&args(list));
         assert_eq!(check(&["--workers=1"]).unwrap(), None);
         assert_eq!(check(&["--drain-timeout", "0.5"]).unwrap(), Some(500));
         assert_eq!(check(&["--drain-timeout=45"]).unwrap(), Some(45_000));

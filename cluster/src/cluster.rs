@@ -828,8 +828,8 @@ impl Cluster {
     pub fn set_agent_args(&mut self, args: Vec<String>) -> Result<(), ClusterError> {
         let _lock = self.lock()?;
         self.refresh()?;
-        self.topology.agent_drain_timeout_ms = agent::check_extra_args(&self.topology, &args)?
-            .unwrap_or(DEFAULT_AGENT_DRAIN_TIMEOUT_MS);
+        self.topology.agent_drain_timeout_ms =
+            agent::check_agent_args(&args)?.unwrap_or(DEFAULT_AGENT_DRAIN_TIMEOUT_MS);
         self.topology.agent_args = args;
         self.save()
     }

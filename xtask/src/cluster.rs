@@ -184,6 +184,8 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             controller_args,
             agent_args,
         } => {
+            // Before anything exists, so that a typo leaves nothing behind.
+            weft_cluster::check_agent_args(&agent_args)?;
             let mut cluster = Cluster::up(&name, nodes)?;
             cluster.set_controller_args(controller_args)?;
             cluster.set_agent_args(agent_args)?;
