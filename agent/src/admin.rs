@@ -103,18 +103,24 @@ impl Admin {
     }
 
     /// `GET /healthz/ready`: the port only opens once programs are attached and the
-    /// configuration and certificates are loaded, so answering is being ready.
+    /// configuration is loaded, so answering is being ready, as long as the agent
+    /// holds a certificate for every identity of the node's meshed pods. A node
+    /// without meshed pods needs none.
     pub fn ready(&self, request: &Request<Incoming>) -> Reply {
         if request.uri().path() != "/healthz/ready" {
             return text(StatusCode::NOT_FOUND, "try GET /healthz/ready\n");
         }
-        if self.certs.get().identities().is_empty() {
-            return text(
+        let held = self.certs.get().identities();
+        let missing = crate::certificates::local_identities(&self.mesh.get(), &self.proxy.node)
+            .into_iter()
+            .find(|identity| !held.iter().any(|cert| cert.identity == *identity));
+        match missing {
+            Some(identity) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "no workload certificates loaded\n",
-            );
+                &format!("no certificate yet for {identity}\n"),
+            ),
+            None => text(StatusCode::OK, "ready\n"),
         }
-        text(StatusCode::OK, "ready\n")
     }
 
     /// The admin endpoints (bound to localhost only).

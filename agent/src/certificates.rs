@@ -129,7 +129,7 @@ impl Held {
 }
 
 /// The identities of this node's meshed pods.
-fn local_identities(mesh: &MeshConfig, node: &str) -> BTreeSet<Identity> {
+pub(crate) fn local_identities(mesh: &MeshConfig, node: &str) -> BTreeSet<Identity> {
     mesh.workloads
         .iter()
         .filter(|workload| workload.node.as_deref() == Some(node) && !workload.opted_out)

@@ -19,20 +19,27 @@ use std::{
 };
 
 use crate::{
-    ClusterError, Layout, NodeInfo, NodeProcess, PodInfo, Topology, cni, host,
-    layout::validate_dns_label, objects,
+    ClusterError, Layout, NodeInfo, NodeProcess, PodInfo, Topology, agent, cni, host,
+    layout::validate_dns_label, objects, topology::DEFAULT_AGENT_DRAIN_TIMEOUT_MS,
 };
 
 /// The controller's address on the fabric bridge.
 const CONTROLLER_ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 254);
 /// The controller's config stream and status ports.
-const CONTROLLER_GRPC_PORT: u16 = 15010;
+pub(crate) const CONTROLLER_GRPC_PORT: u16 = 15010;
 const CONTROLLER_ADMIN_PORT: u16 = 15014;
 /// The controller's namespace: its certificate for the agents is that of
 /// `spiffe://<trust domain>/ns/<this>/sa/weft-controller`.
-const CONTROL_PLANE_NAMESPACE: &str = "weft-system";
+pub(crate) const CONTROL_PLANE_NAMESPACE: &str = "weft-system";
 /// The agent's admin endpoint, on the node's localhost.
 const AGENT_ADMIN_PORT: u16 = 15000;
+/// The agent's process name (`comm`).
+const AGENT_PROCESS: &str = "weft-agent";
+/// The agent's readiness endpoint (`/healthz/ready`), in the node's namespace.
+const AGENT_READY_PORT: u16 = 15021;
+/// How long after its drain deadline a stopping agent may take to exit before it is
+/// killed.
+const AGENT_STOP_MARGIN: Duration = Duration::from_secs(5);
 
 /// Upper bound on nodes: each owns a /24 of 10.244.0.0/16 and a fabric address.
 pub const MAX_NODES: usize = 64;
@@ -118,6 +125,8 @@ impl Cluster {
             manifests: None,
             exclude_ports: Vec::new(),
             controller_args: Vec::new(),
+            agent_args: Vec::new(),
+            agent_drain_timeout_ms: DEFAULT_AGENT_DRAIN_TIMEOUT_MS,
             objects: layout.state_dir().join("objects.json"),
             controller_address: CONTROLLER_ADDRESS,
             controller: None,
@@ -361,6 +370,12 @@ impl Cluster {
     /// has applied the result and holds a certificate from the mesh CA for every
     /// identity of its meshed pods.
     pub fn wait_for_mesh(&self, timeout: Duration) -> Result<(), ClusterError> {
+        if self.topology.manifests.is_none() {
+            return Err(ClusterError::NoMesh(self.topology.name.clone()));
+        }
+        if self.topology.controller.is_none() {
+            return Err(ClusterError::NoController(self.topology.name.clone()));
+        }
         let deadline = Instant::now() + timeout;
         loop {
             let Err(waiting_for) = self.mesh_settled() else {
@@ -706,8 +721,8 @@ impl Cluster {
 
     /// Starts `weft-agent` (the binary at `agent_bin`) on `node`, subscribed to the
     /// controller over TLS checked against the mesh CA's roots (the controller streams
-    /// its configuration and signs its pods' certificates), and waits until it serves
-    /// its CNI socket.
+    /// its configuration and signs its pods' certificates), with the cluster's extra
+    /// agent arguments, and waits until it is ready.
     pub fn start_agent(
         &mut self,
         node: &str,
@@ -719,7 +734,12 @@ impl Cluster {
 
     /// [`Self::start_agent`] with the agent's log filter (`--log`, env_logger syntax)
     /// instead of the cluster's `info,weft_ebpf=debug`: `info` is what a production
-    /// agent runs with, which is what benchmarks measure.
+    /// agent runs with, which is what benchmarks measure. An agent's own `--log` in
+    /// [`Topology::agent_args`] wins over both.
+    ///
+    /// Refuses while an agent runs on the node: a second one would take over the CNI
+    /// socket and then die on the ports the first one holds. Ready means the process
+    /// runs and answers 200 on `/healthz/ready`.
     pub fn start_agent_with_log(
         &mut self,
         node: &str,
@@ -733,49 +753,14 @@ impl Cluster {
             return Err(ClusterError::NoMesh(self.topology.name.clone()));
         }
         let info = self.node(node)?.clone();
-        let controller = format!(
-            "https://{}:{CONTROLLER_GRPC_PORT}",
-            self.topology.controller_address
-        );
-        let controller_identity = format!(
-            "spiffe://{}/ns/{CONTROL_PLANE_NAMESPACE}/sa/weft-controller",
-            objects::TRUST_DOMAIN
-        );
-        let controller_ca = self.topology.ca_dir.join("ca.crt");
-        let token = self.topology.node_tokens.join(format!("{node}.token"));
-        let argv: Vec<String> = [
-            agent_bin.as_os_str(),
-            "run".as_ref(),
-            "--node".as_ref(),
-            info.name.as_ref(),
-            "--bpffs".as_ref(),
-            info.bpffs.as_os_str(),
-            "--pod-cgroup".as_ref(),
-            info.pods_cgroup.as_os_str(),
-            "--capture-address".as_ref(),
-            info.pod_gateway.to_string().as_ref(),
-            "--cni-socket".as_ref(),
-            info.agent_socket.as_os_str(),
-            "--state-dir".as_ref(),
-            info.agent_state_dir.as_os_str(),
-            "--controller".as_ref(),
-            controller.as_ref(),
-            "--controller-ca".as_ref(),
-            controller_ca.as_os_str(),
-            "--controller-identity".as_ref(),
-            controller_identity.as_ref(),
-            "--controller-token-file".as_ref(),
-            token.as_os_str(),
-            "--flow-log".as_ref(),
-            info.flow_log.as_os_str(),
-            "--log".as_ref(),
-            log_filter.as_ref(),
-        ]
-        .iter()
-        .map(|arg| arg.to_string_lossy().into_owned())
-        .collect();
-        // Readiness is the socket appearing, so a stale one must not count.
-        host::remove_file(&info.agent_socket)?;
+        if let Some(pid) = running_agent(&info) {
+            return Err(ClusterError::AgentRunning {
+                cluster: self.topology.name.clone(),
+                node: info.name,
+                pid,
+            });
+        }
+        let argv = agent::command_line(agent_bin, &self.topology, &info, log_filter);
         let log = self.layout.node_log(node, "agent");
         let pid = spawn_logged(self.node_command(node, &argv)?, &argv, &log)?;
         let process = NodeProcess {
@@ -784,30 +769,92 @@ impl Cluster {
             log,
         };
         let deadline = Instant::now() + READY;
-        while !info.agent_socket.exists() {
-            if !host::process_running(pid) || Instant::now() > deadline {
-                return Err(ClusterError::AgentNotReady {
+        while let Err(answer) = self.agent_ready(node) {
+            if !host::process_running(pid) {
+                return Err(ClusterError::AgentExited {
                     node: node.to_owned(),
-                    socket: info.agent_socket.clone(),
-                    timeout: READY,
                     log: process.log,
                 });
             }
-            thread::sleep(Duration::from_millis(20));
+            if Instant::now() > deadline {
+                // Not left running behind the error, unknown to the topology.
+                host::stop_process(pid, AGENT_STOP_MARGIN)?;
+                return Err(ClusterError::AgentNotReady {
+                    node: node.to_owned(),
+                    timeout: READY,
+                    answer,
+                    log: process.log,
+                });
+            }
+            thread::sleep(Duration::from_millis(50));
         }
         self.node_mut(node)?.agent = Some(process.clone());
         self.save()?;
         Ok(process)
     }
 
-    /// Stops `node`'s agent (SIGTERM, then SIGKILL after 5 s). Capture and enforcement
-    /// stay attached: that is what the agent's pins are for.
+    /// `Ok` once `node`'s agent answers 200 on `/healthz/ready`, otherwise what it
+    /// answered.
+    fn agent_ready(&self, node: &str) -> Result<(), String> {
+        let url = format!("http://127.0.0.1:{AGENT_READY_PORT}/healthz/ready");
+        let output = self
+            .node_command(
+                node,
+                &[
+                    "curl",
+                    "-s",
+                    "--max-time",
+                    "1",
+                    "-w",
+                    "\n%{http_code}",
+                    &url,
+                ],
+            )
+            .map_err(|err| err.to_string())?
+            .output()
+            .map_err(|err| format!("curl: {err}"))?;
+        let answer = String::from_utf8_lossy(&output.stdout);
+        match answer.trim_end().rsplit_once('\n') {
+            Some((_, "200")) => Ok(()),
+            Some((body, code)) if code != "000" => Err(format!("{code} {}", body.trim())),
+            _ => Err("no answer".to_owned()),
+        }
+    }
+
+    /// Sets extra arguments of `weft-agent run` (such as `--workers 1`), kept in the
+    /// topology; agents get them from their next start on. They may not set what ties
+    /// an agent to its node; a `--drain-timeout` among them replaces the cluster's
+    /// (the agent's default, 30 s), and stopping an agent waits for it.
+    pub fn set_agent_args(&mut self, args: Vec<String>) -> Result<(), ClusterError> {
+        let _lock = self.lock()?;
+        self.refresh()?;
+        self.topology.agent_drain_timeout_ms =
+            agent::check_agent_args(&args)?.unwrap_or(DEFAULT_AGENT_DRAIN_TIMEOUT_MS);
+        self.topology.agent_args = args;
+        self.save()
+    }
+
+    /// The pid of the agent running on `node`, if one does (also one the topology
+    /// does not know of: left over, or started by hand in the node's system cgroup).
+    pub fn running_agent(&self, node: &str) -> Result<Option<u32>, ClusterError> {
+        Ok(running_agent(self.node(node)?))
+    }
+
+    /// Stops `node`'s agent, also one the topology does not know of (left over or
+    /// started by hand): SIGTERM, then SIGKILL only if it still runs a moment after its
+    /// drain deadline ([`Topology::agent_drain_timeout_ms`]). Meanwhile it lets open
+    /// connections finish and other changes to the cluster wait. Capture and
+    /// enforcement stay attached, so the node's meshed pods fail closed until an agent
+    /// runs again: that is what the agent's pins are for.
     pub fn stop_agent(&mut self, node: &str) -> Result<(), ClusterError> {
         let _lock = self.lock()?;
         self.refresh()?;
-        if let Some(agent) = self.node_mut(node)?.agent.take() {
-            host::stop_process(agent.pid, Duration::from_secs(5))?;
+        let grace = Duration::from_millis(self.topology.agent_drain_timeout_ms) + AGENT_STOP_MARGIN;
+        let info = self.node_mut(node)?;
+        if let Some(pid) = running_agent(info) {
+            host::stop_process(pid, grace)?;
         }
+        info.agent = None;
         self.save()
     }
 
@@ -861,6 +908,16 @@ impl Cluster {
         fs::write(&partial, json).map_err(ClusterError::io(&partial))?;
         fs::rename(&partial, &path).map_err(ClusterError::io(&path))
     }
+}
+
+/// The agent running on `node`: the one the cluster started, or else one it does not
+/// know of in the node's system cgroup.
+fn running_agent(node: &NodeInfo) -> Option<u32> {
+    node.agent
+        .as_ref()
+        .map(|agent| agent.pid)
+        .filter(|&pid| host::process_running(pid))
+        .or_else(|| host::process_named(&node.system_cgroup, AGENT_PROCESS))
 }
 
 /// The SPIFFE identity `pod` runs as.

@@ -76,14 +76,26 @@ pub enum ClusterError {
         message: String,
     },
     #[error(
-        "the agent on node {node} exited or did not open {socket} within {timeout:?}; its log is in {log}"
+        "an agent already runs on {node}, pid {pid}; stop it first (`cargo xtask cluster agent stop --name {cluster} --node {node}`) or restart it (`cargo xtask cluster agent restart --name {cluster} --node {node}`)"
+    )]
+    AgentRunning {
+        cluster: String,
+        node: String,
+        pid: u32,
+    },
+    #[error("the agent on node {node} exited during start-up; its log {log} says why")]
+    AgentExited { node: String, log: PathBuf },
+    #[error(
+        "the agent on node {node} did not report ready within {timeout:?} (GET :15021/healthz/ready: {answer}); its log is in {log}"
     )]
     AgentNotReady {
         node: String,
-        socket: PathBuf,
         timeout: std::time::Duration,
+        answer: String,
         log: PathBuf,
     },
+    #[error("invalid agent argument {arg:?}: {problem}")]
+    AgentArg { arg: String, problem: String },
     #[error("the controller exited or did not answer within {timeout:?}; its log is in {log}")]
     ControllerNotReady {
         timeout: std::time::Duration,
@@ -93,6 +105,10 @@ pub enum ClusterError {
         "cluster {0} has no mesh yet; give it one (`cluster up --mesh PATH`) before starting the controller or agents"
     )]
     NoMesh(String),
+    #[error(
+        "cluster {0} runs no controller, so its mesh cannot settle; start it with `cargo xtask cluster controller start --name {0}`"
+    )]
+    NoController(String),
     #[error(
         "the mesh did not settle within {timeout:?}: still waiting for {waiting_for}; see the logs in {logs}"
     )]

@@ -131,30 +131,38 @@ pub fn process_running(pid: u32) -> bool {
     })
 }
 
-/// Sends SIGTERM to `pid`, then SIGKILL if it still runs after `grace`.
+/// A running process named `name` (its `comm`) in cgroup `cgroup` (not below it).
+pub(crate) fn process_named(cgroup: &Path, name: &str) -> Option<u32> {
+    fs::read_to_string(cgroup.join("cgroup.procs"))
+        .ok()?
+        .split_whitespace()
+        .filter_map(|pid| pid.parse().ok())
+        .find(|&pid| {
+            fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim_end() == name)
+                && process_running(pid)
+        })
+}
+
+/// Sends SIGTERM to `pid`, then SIGKILL if it still runs after `grace`, and waits
+/// until it is gone.
 pub(crate) fn stop_process(pid: u32, grace: Duration) -> Result<(), ClusterError> {
     let pid_text = pid.to_string();
     if !process_running(pid) {
         return Ok(());
     }
     let _ = run("kill", &["-TERM", &pid_text]);
-    let deadline = Instant::now() + grace;
+    // `None`: a grace too long to end.
+    let mut deadline = Instant::now().checked_add(grace);
     while process_running(pid) {
-        if Instant::now() > deadline {
+        if deadline.is_some_and(|deadline| Instant::now() > deadline) {
+            log::warn!("process {pid} still ran {grace:?} after SIGTERM; killing it");
             let _ = run("kill", &["-KILL", &pid_text]);
-            break;
+            deadline = None;
         }
         thread::sleep(Duration::from_millis(20));
     }
     Ok(())
-}
-
-/// Removes a file, treating "already gone" as success.
-pub(crate) fn remove_file(path: &Path) -> Result<(), ClusterError> {
-    match fs::remove_file(path) {
-        Err(err) if err.kind() != ErrorKind::NotFound => Err(ClusterError::io(path)(err)),
-        _ => Ok(()),
-    }
 }
 
 /// Whether this process runs with effective uid 0.

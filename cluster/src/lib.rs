@@ -12,6 +12,7 @@
 //! of another.
 #![forbid(unsafe_code)]
 
+mod agent;
 mod cluster;
 pub mod cni;
 mod error;
@@ -20,6 +21,7 @@ mod layout;
 pub mod objects;
 mod topology;
 
+pub use agent::check_agent_args;
 pub use cluster::{Cluster, PodSpec, down};
 pub use error::ClusterError;
 pub use host::{bpffs_mounted, cgroup2_mount, is_root, process_running};

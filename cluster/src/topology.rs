@@ -30,6 +30,15 @@ pub struct Topology {
     /// controller gets them every time it starts.
     #[serde(default)]
     pub controller_args: Vec<String>,
+    /// Extra arguments of `weft-agent run`, such as `--workers 1`; every agent the
+    /// cluster starts gets them.
+    #[serde(default)]
+    pub agent_args: Vec<String>,
+    /// The agents' `--drain-timeout` in milliseconds: how long an agent lets open
+    /// connections finish after SIGTERM, and so how long stopping one may take. The
+    /// cluster passes it to every agent, unless `agent_args` set it.
+    #[serde(default = "default_agent_drain_timeout_ms")]
+    pub agent_drain_timeout_ms: u64,
     /// The cluster's own objects (nodes and pods), as the controller reads them.
     pub objects: PathBuf,
     /// The controller's address on the fabric: config stream on 15010, `/status` and
@@ -102,6 +111,13 @@ pub struct PodInfo {
     pub pid: Option<u32>,
     /// Where the command's stdout and stderr go.
     pub log: PathBuf,
+}
+
+/// The agent's own default (`weft-agent run --drain-timeout`, 30 s).
+pub(crate) const DEFAULT_AGENT_DRAIN_TIMEOUT_MS: u64 = 30_000;
+
+fn default_agent_drain_timeout_ms() -> u64 {
+    DEFAULT_AGENT_DRAIN_TIMEOUT_MS
 }
 
 impl Topology {

@@ -59,7 +59,7 @@ impl TestCluster {
 
     /// [`Self::with_mesh`], with destination ports the mesh never captures.
     pub fn with_mesh_excluding(nodes: usize, manifests: &str, exclude_ports: &[u16]) -> Self {
-        Self::mesh(nodes, manifests, exclude_ports, &[])
+        Self::mesh(nodes, manifests, exclude_ports, &[], &[])
     }
 
     /// [`Self::with_mesh`], with extra arguments of `weft-controller run` (such as
@@ -69,7 +69,14 @@ impl TestCluster {
         manifests: &str,
         controller_args: &[&str],
     ) -> Self {
-        Self::mesh(nodes, manifests, &[], controller_args)
+        Self::mesh(nodes, manifests, &[], controller_args, &[])
+    }
+
+    /// [`Self::with_mesh`], with extra arguments of `weft-agent run` (such as
+    /// `--drain-timeout=2`), which every agent the cluster starts gets, also when a
+    /// test restarts one.
+    pub fn with_mesh_and_agent_args(nodes: usize, manifests: &str, agent_args: &[&str]) -> Self {
+        Self::mesh(nodes, manifests, &[], &[], agent_args)
     }
 
     fn mesh(
@@ -77,13 +84,18 @@ impl TestCluster {
         manifests: &str,
         exclude_ports: &[u16],
         controller_args: &[&str],
+        agent_args: &[&str],
     ) -> Self {
+        let owned = |args: &[&str]| args.iter().map(|&arg| arg.to_owned()).collect();
         let mut cluster = Self::up(nodes);
         let path = cluster.manifests_file();
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, manifests).unwrap();
         cluster
-            .set_controller_args(controller_args.iter().map(|&arg| arg.to_owned()).collect())
+            .set_controller_args(owned(controller_args))
+            .unwrap_or_else(|err| panic!("{err}"));
+        cluster
+            .set_agent_args(owned(agent_args))
             .unwrap_or_else(|err| panic!("{err}"));
         cluster
             .set_mesh(vec![path], exclude_ports.to_vec())

@@ -227,12 +227,23 @@ fn agents_keep_serving_without_the_controller_and_resync_when_it_returns() {
         "both replicas answer without a controller: {answers:?}"
     );
 
-    // A change made while the controller is away applies once it is back.
+    // A change made while the controller is away applies once it is back, and not
+    // before: with both agents cut off from the controller, nothing can bring it.
+    wait_until("both agents to lose the controller", READY, || {
+        NODES
+            .iter()
+            .all(|node| subscription(&cluster, node)["connected"] == false)
+    });
+    let served = NODES.map(|node| subscription(&cluster, node)["version"].clone());
     cluster.set_mesh_yaml(&manifests("PERMISSIVE", ""));
-    std::thread::sleep(Duration::from_millis(500));
     assert!(
         !plaintext_gets_in(&cluster, &replicas[1]),
         "the change applied with no controller to compile it"
+    );
+    assert_eq!(
+        NODES.map(|node| subscription(&cluster, node)["version"].clone()),
+        served,
+        "an agent changed its configuration with no controller"
     );
     cluster.run_controller();
     cluster.settle();
@@ -240,7 +251,25 @@ fn agents_keep_serving_without_the_controller_and_resync_when_it_returns() {
         plaintext_gets_in(&cluster, &replicas[1]),
         "the agents did not resync"
     );
+    for (node, before) in NODES.iter().zip(&served) {
+        assert_ne!(
+            &subscription(&cluster, node)["version"],
+            before,
+            "{node} serves what it served before the change"
+        );
+    }
     assert!(service_answers(&cluster));
+}
+
+const NODES: [&str; 2] = ["node0", "node1"];
+
+/// Node `node`'s agent's view of its subscription to the controller (from
+/// `/config_dump`): `connected`, the `version` it serves, …
+fn subscription(cluster: &Cluster, node: &str) -> serde_json::Value {
+    let dump = cluster
+        .agent_admin(node, "/config_dump")
+        .unwrap_or_else(|err| panic!("{err}"));
+    dump["controller"].clone()
 }
 
 #[test]

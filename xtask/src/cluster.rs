@@ -1,6 +1,6 @@
 //! `cargo xtask cluster …`: the command line of the local cluster (`weft-cluster`).
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
@@ -29,8 +29,22 @@ pub enum Command {
         /// (repeatable, e.g. `--controller-arg=--cert-ttl=1h`).
         #[arg(long = "controller-arg", allow_hyphen_values = true)]
         controller_args: Vec<String>,
+        /// An extra argument of every `weft-agent run` the cluster starts (repeatable,
+        /// e.g. `--agent-arg=--drain-timeout=5`); not one that ties the agent to its
+        /// node.
+        #[arg(long = "agent-arg", allow_hyphen_values = true)]
+        agent_args: Vec<String>,
     },
-    /// Start or stop a node's agent.
+    /// Wait until the mesh has settled: the controller compiled the current manifests
+    /// and every running agent applied them and holds its pods' certificates.
+    Wait {
+        #[arg(long)]
+        name: String,
+        /// Give up after this many seconds (and exit non-zero).
+        #[arg(long, value_parser = parse_seconds, default_value = "60")]
+        timeout: Duration,
+    },
+    /// Start, stop or restart a node's agent.
     Agent {
         #[command(subcommand)]
         command: AgentCommand,
@@ -92,8 +106,17 @@ pub enum AgentCommand {
         #[arg(long)]
         mesh: Vec<PathBuf>,
     },
-    /// Stop a node's agent; capture and enforcement stay attached.
+    /// Stop a node's agent (SIGTERM; it lets open connections finish up to its drain
+    /// timeout). Capture and enforcement stay attached, so the node's meshed pods
+    /// cannot open connections through the mesh until an agent runs again.
     Stop {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        node: String,
+    },
+    /// Stop a node's agent as `stop` does, then start a new one.
+    Restart {
         #[arg(long)]
         name: String,
         #[arg(long)]
@@ -159,9 +182,13 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             mesh,
             exclude_ports,
             controller_args,
+            agent_args,
         } => {
+            // Before anything exists, so that a typo leaves nothing behind.
+            weft_cluster::check_agent_args(&agent_args)?;
             let mut cluster = Cluster::up(&name, nodes)?;
             cluster.set_controller_args(controller_args)?;
+            cluster.set_agent_args(agent_args)?;
             if !mesh.is_empty() {
                 set_mesh(&mut cluster, mesh, exclude_ports)?;
                 for node in cluster.topology().node_names() {
@@ -190,7 +217,19 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         } => Cluster::open(&name)?.stop_controller().map_err(Into::into),
         Command::Agent {
             command: AgentCommand::Stop { name, node },
-        } => Cluster::open(&name)?.stop_agent(&node).map_err(Into::into),
+        } => stop_agent(&mut Cluster::open(&name)?, &node),
+        Command::Agent {
+            command: AgentCommand::Restart { name, node },
+        } => {
+            let mut cluster = Cluster::open(&name)?;
+            stop_agent(&mut cluster, &node)?;
+            start_agent(&mut cluster, &node)
+        }
+        Command::Wait { name, timeout } => {
+            Cluster::open(&name)?.wait_for_mesh(timeout)?;
+            eprintln!("the mesh of cluster {name} has settled");
+            Ok(())
+        }
         Command::Down { name } => {
             weft_cluster::down(&name)?;
             eprintln!("cluster {name} is gone");
@@ -292,9 +331,29 @@ pub fn start_agent(cluster: &mut Cluster, node: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Stops `node`'s agent, saying first how long its drain may take.
+fn stop_agent(cluster: &mut Cluster, node: &str) -> anyhow::Result<()> {
+    let drain = Duration::from_millis(cluster.topology().agent_drain_timeout_ms);
+    match cluster.running_agent(node)? {
+        Some(pid) => eprintln!(
+            "stopping the agent on {node} (pid {pid}): open connections get up to {drain:?} to finish; new ones from the node's meshed pods are refused until an agent runs again"
+        ),
+        None => eprintln!("no agent runs on {node}"),
+    }
+    cluster.stop_agent(node)?;
+    Ok(())
+}
+
 fn print_topology(cluster: &Cluster) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(cluster.topology())?);
     Ok(())
+}
+
+fn parse_seconds(text: &str) -> anyhow::Result<Duration> {
+    text.parse()
+        .ok()
+        .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok())
+        .with_context(|| format!("give a number of seconds, such as 30 or 0.5, not {text:?}"))
 }
 
 fn parse_label(text: &str) -> anyhow::Result<(String, String)> {

@@ -3,6 +3,7 @@
 //! files.
 
 mod bench;
+mod closed_pipe;
 mod cluster;
 mod cmd;
 mod codegen;
@@ -41,12 +42,13 @@ enum Task {
 
 fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    match Cli::parse().task {
+    let task = Cli::parse().task;
+    closed_pipe::quietly(|| match task {
         Task::Setup => setup::setup(),
         Task::Codegen => codegen::run(),
         Task::Test(args) => test::run(args),
         Task::Demo(args) => demo::run(args),
         Task::Bench(args) => bench::run(args),
         Task::Cluster { command } => cluster::run(command),
-    }
+    })
 }
