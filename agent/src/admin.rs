@@ -1,6 +1,7 @@
 //! The agent's small HTTP servers, on the control runtime away from the data plane:
 //! Prometheus metrics (15020), readiness (15021), and admin on localhost (15000):
-//! `GET /config_dump`, `GET /certs`, `POST /logging?filter=<env_logger filter>`.
+//! `GET /config_dump` (the mesh model, the subscription, the streamed policies and
+//! routes, the enrolled pods), `GET /certs`, `POST /logging?filter=<env_logger filter>`.
 
 use std::{
     net::SocketAddr,
@@ -126,12 +127,16 @@ impl Admin {
     /// The admin endpoints (bound to localhost only).
     pub fn admin(&self, request: &Request<Incoming>) -> Reply {
         match (request.method(), request.uri().path()) {
-            (&Method::GET, "/config_dump") => json(&serde_json::json!({
-                "mesh": *self.mesh.get(),
-                "controller": self.subscription.as_ref().map(|status| status.get().as_ref().clone()),
-                "pods": *self.node.pods(),
-                "active_connections": self.proxy.active(),
-            })),
+            (&Method::GET, "/config_dump") => {
+                let subscription = self.subscription.as_ref().map(|status| status.get());
+                json(&serde_json::json!({
+                    "mesh": *self.mesh.get(),
+                    "controller": subscription.as_deref(),
+                    "policies": subscription.as_ref().map(|status| status.policies.as_ref()),
+                    "pods": *self.node.pods(),
+                    "active_connections": self.proxy.active(),
+                }))
+            }
             (&Method::GET, "/certs") => {
                 let certs: Vec<_> = self
                     .certs

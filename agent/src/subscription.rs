@@ -24,7 +24,10 @@ use crate::{
     backoff::Backoff,
     controller::Controller,
     files::write_atomically,
-    mesh::{MeshConfig, resources::Resources},
+    mesh::{
+        MeshConfig,
+        resources::{Resources, dump::Policies},
+    },
     reload::Current,
 };
 
@@ -54,6 +57,9 @@ pub struct Status {
     pub version: Option<String>,
     /// Resources of that version, by kind.
     pub resources: std::collections::BTreeMap<String, usize>,
+    /// The policies and routes of that version, for `/config_dump` (beside this).
+    #[serde(skip)]
+    pub policies: Arc<Policies>,
     pub last_error: Option<String>,
     /// Unix time the last version was applied.
     pub applied_at: Option<f64>,
@@ -152,6 +158,7 @@ pub async fn run(
         controller: settings.controller.url().to_owned(),
         version: serving.clone(),
         resources: resources.counts(),
+        policies: Arc::new(Policies::of(&resources)),
         ..Status::default()
     });
     let mut backoff = Backoff::default();
@@ -261,9 +268,11 @@ async fn session(
                     let applied_at = SystemTime::now()
                         .duration_since(UNIX_EPOCH)
                         .map_or(0.0, |since| since.as_secs_f64());
+                    let policies = Arc::new(Policies::of(resources));
                     update(status, |status| {
                         status.version = Some(version.clone());
                         status.resources = resources.counts();
+                        status.policies = policies;
                         status.applied_at = Some(applied_at);
                     });
                     metrics::gauge!("weft_config_applied_timestamp_seconds").set(applied_at);

@@ -7,9 +7,13 @@
 //! - [`PeerAuthentication`]: how selected pods take plaintext (STRICT, PERMISSIVE,
 //!   DISABLE), with per-port overrides.
 //! - [`AuthorizationPolicy`]: who may connect to selected pods (ALLOW/DENY by source
-//!   identity, namespace, port; HTTP method and path).
+//!   identity, namespace, port; HTTP method and path). Not enforced yet.
 //! - [`TrafficPolicy`]: how clients treat a service (balancing, timeouts, retries with a
-//!   budget, connection limits, outlier detection).
+//!   budget, connection limits, outlier detection). Of it, only `timeouts.idle` is
+//!   enforced yet.
+//!
+//! What the agents do not enforce is reported, not silently accepted: such an object
+//! gets `Accepted: False` with reason `NotEnforced`, naming the fields.
 //!
 //! Membership needs no resource: the namespace label [`MESH_LABEL`] `=`
 //! [`MESH_ENABLED`] puts a namespace's pods in the mesh, and the pod annotation
@@ -110,6 +114,9 @@ pub struct PortMode {
 
 /// Who may connect to the selected pods. DENY policies are checked first; a pod
 /// selected by any ALLOW policy takes only connections some ALLOW rule matches.
+///
+/// Not enforced yet: the agents allow and deny nothing by these policies, and each
+/// says so in its status (`Accepted: False`, reason `NotEnforced`).
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[kube(
     group = "weft.dev",
@@ -119,7 +126,7 @@ pub struct PortMode {
     status = "PolicyStatus",
     shortname = "authz",
     category = "weft",
-    doc = "Who may connect to the selected pods: ALLOW or DENY by source identity, namespace, port, HTTP method and path.",
+    doc = "Who may connect to the selected pods: ALLOW or DENY by source identity, namespace, port, HTTP method and path. Not enforced yet: the status says NotEnforced.",
     printcolumn = r#"{"name":"Action","type":"string","jsonPath":".spec.action"}"#,
     printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
@@ -193,7 +200,9 @@ pub struct Operation {
 
 // --- TrafficPolicy -----------------------------------------------------------------
 
-/// How clients in the mesh treat a service of this namespace.
+/// How clients in the mesh treat a service of this namespace. The agents enforce only
+/// `timeouts.idle` yet; a policy that sets any other field says which in its status
+/// (`Accepted: False`, reason `NotEnforced`), and its idle timeout still applies.
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[kube(
     group = "weft.dev",
@@ -203,7 +212,7 @@ pub struct Operation {
     status = "PolicyStatus",
     shortname = "tp",
     category = "weft",
-    doc = "How clients treat a service: balancing, timeouts, retries with a budget, connection limits, outlier detection.",
+    doc = "How clients treat a service: balancing, timeouts, retries with a budget, connection limits, outlier detection. Only timeouts.idle is enforced yet; the status names any other field set (NotEnforced).",
     printcolumn = r#"{"name":"Service","type":"string","jsonPath":".spec.service"}"#,
     printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
@@ -225,6 +234,7 @@ pub struct TrafficPolicySpec {
     pub outlier_detection: Option<OutlierDetection>,
 }
 
+/// How clients spread requests and connections over the endpoints. Not enforced yet.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LoadBalancer {
@@ -245,7 +255,7 @@ pub enum Algorithm {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Timeouts {
-    /// Establishing a connection to an endpoint.
+    /// Establishing a connection to an endpoint. Not enforced yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub connect: Option<String>,
@@ -253,12 +263,13 @@ pub struct Timeouts {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub idle: Option<String>,
-    /// A whole HTTP request, retries included.
+    /// A whole HTTP request, retries included. Not enforced yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub request: Option<String>,
 }
 
+/// Which failed requests clients retry, and how often. Not enforced yet.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Retries {
@@ -286,6 +297,7 @@ pub struct RetryBudget {
     pub min_per_second: u32,
 }
 
+/// Limits past which clients fail fast instead of queueing. Not enforced yet.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionLimits {
@@ -302,6 +314,7 @@ pub struct ConnectionLimits {
 
 /// Endpoints that fail `consecutiveFailures` times in a row are ejected for
 /// `baseEjectionTime` (longer each time), never more than `maxEjectionPercent` of them.
+/// Not enforced yet.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OutlierDetection {

@@ -60,6 +60,30 @@ pub mod config {
             ServiceRoutes,
             TrustBundle,
         );
+
+        /// Enum fields (an `i32` each) as JSON by their protobuf name, for the messages
+        /// `build.rs` derives `Serialize` for; a number no variant has stays a number.
+        mod names {
+            macro_rules! names {
+                ($($function:ident: $enum:ty),* $(,)?) => {$(
+                    pub(in crate::config::v1) fn $function<S: serde::Serializer>(
+                        value: &i32,
+                        serializer: S,
+                    ) -> Result<S::Ok, S::Error> {
+                        match <$enum>::try_from(*value) {
+                            Ok(known) => serializer.serialize_str(known.as_str_name()),
+                            Err(_) => serializer.serialize_i32(*value),
+                        }
+                    }
+                )*};
+            }
+
+            names!(
+                action: super::authorization_policy::Action,
+                load_balancing: super::LoadBalancing,
+                path_kind: super::route_match::PathKind,
+            );
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The config compiler: the cluster's objects in, each node's view out, and a verdict
 //! for every policy and route. Pure: no I/O, no clock, the same objects always give
-//! the same views (and so the same versions).
+//! the same views (and so the same versions). A verdict says `Accepted` only for what
+//! the agents enforce ([`enforcement`]).
 //!
 //! What a node gets: the mesh settings, the trust bundle, every node's HBONE address, every meshed
 //! namespace and workload (any pod may be a destination), every meshed service with
@@ -9,6 +10,7 @@
 //! workloads.
 
 mod authorization;
+mod enforcement;
 mod membership;
 mod routes;
 mod services;

@@ -104,7 +104,7 @@ fn log_changed_verdicts(before: &Statuses, now: &Statuses) {
             log::info!("{kind} {key}: {}: {}", verdict.reason, verdict.message);
         } else {
             log::warn!(
-                "{kind} {key} is not applied: {}: {}",
+                "{kind} {key} is not accepted: {}: {}",
                 verdict.reason,
                 verdict.message
             );

@@ -35,6 +35,9 @@ pub enum Reason {
     Conflicted,
     /// Names a Service that does not exist.
     ServiceNotFound,
+    /// Valid, but sets something the agents do not enforce yet; the message names it
+    /// and says what of the object does apply.
+    NotEnforced,
 }
 
 impl Reason {
@@ -45,6 +48,7 @@ impl Reason {
             Reason::Invalid => "Invalid",
             Reason::Conflicted => "Conflicted",
             Reason::ServiceNotFound => "ServiceNotFound",
+            Reason::NotEnforced => "NotEnforced",
         }
     }
 }

@@ -13,13 +13,16 @@ use std::{
 use k8s_openapi::{ByteString, api::core::v1::Secret};
 use serde_json::{Value, json};
 use tokio::{sync::watch, time::Instant};
+use weft_api::config::v1::TrustBundle;
 use weft_controller::{
     auth::{AuthError, NodeAuthenticator},
     ca::{
         Authority, Material, runtime,
         store::{Store, StoreError},
     },
+    compile::Settings,
     objects::{Kind, ObjectKey, Objects},
+    pipeline::{self, Published},
     source::kubernetes::{self, CONTROLLER_NAME, TokenReviewer},
     status::{Reason, Statuses, Verdict},
 };
@@ -376,7 +379,11 @@ async fn an_unreadable_object_keeps_its_last_readable_version() {
 }
 
 fn accepted_condition(object: &Value) -> Option<Value> {
-    object["status"]["conditions"]
+    accepted_in(&object["status"]["conditions"])
+}
+
+fn accepted_in(conditions: &Value) -> Option<Value> {
+    conditions
         .as_array()?
         .iter()
         .find(|c| c["type"] == "Accepted")
@@ -519,6 +526,113 @@ async fn statuses_are_written_once_and_leave_other_controllers_alone() {
         accepted_condition(&fake.get("PeerAuthentication", "shop", "bad").unwrap()).unwrap();
     assert_eq!(condition["lastTransitionTime"], first_transition);
     assert_eq!(fake.requests("patch", policy_status), 2);
+}
+
+/// The condition weft wrote into a route's `status.parents`, if any.
+fn route_condition(route: &Value) -> Option<Value> {
+    route["status"]["parents"]
+        .as_array()?
+        .iter()
+        .find(|entry| entry["controllerName"] == CONTROLLER_NAME)
+        .and_then(|entry| accepted_in(&entry["conditions"]))
+}
+
+/// From the watch through the compiler to the status subresource: what the agents do
+/// not enforce is written as `Accepted: False`, reason `NotEnforced`.
+#[tokio::test]
+async fn what_the_agents_do_not_enforce_is_written_as_not_enforced() {
+    let fake = FakeApi::start().await;
+    fake.create(namespace("shop"));
+    fake.create(node("node-a"));
+    fake.create(pod("shop", "web-1", "10.244.0.2"));
+    fake.create(service("shop", "web"));
+    fake.create(service("shop", "api"));
+    fake.create(authorization_policy("shop", "allow-shop"));
+    // PEAK_EWMA balancing and an idle timeout: the timeout applies, the rest does not.
+    let mut balanced = traffic_policy("shop", "web", "web");
+    balanced["spec"]["timeouts"] = json!({ "idle": "30s" });
+    fake.create(balanced);
+    let mut idle = traffic_policy("shop", "api", "api");
+    idle["spec"] = json!({ "service": "api", "timeouts": { "idle": "30s" } });
+    fake.create(idle);
+    fake.create(route(
+        "HTTPRoute",
+        "shop",
+        "web",
+        json!([service_parent("web")]),
+    ));
+
+    let objects = start_source(&fake);
+    let (published, _) = watch::channel(Published::default());
+    let (statuses, written) = watch::channel(Arc::new(Statuses::new()));
+    // No CA: a closed trust channel.
+    let (_, trust) = watch::channel(Arc::new(TrustBundle::default()));
+    tokio::spawn(pipeline::run(
+        objects.clone(),
+        trust,
+        Settings::default(),
+        published,
+        statuses,
+    ));
+    tokio::spawn(kubernetes::write_statuses(fake.client(), written, objects));
+
+    let condition = |kind: &str, name: &str| {
+        let object = fake.get(kind, "shop", name)?;
+        if kind == "HTTPRoute" {
+            route_condition(&object)
+        } else {
+            accepted_condition(&object)
+        }
+    };
+    let expected = [
+        (
+            "AuthorizationPolicy",
+            "allow-shop",
+            "False",
+            "NotEnforced",
+            "the agents do not enforce AuthorizationPolicy yet, so nothing of it applies: \
+             traffic to every meshed pod of namespace shop is neither allowed nor denied by it",
+        ),
+        (
+            "TrafficPolicy",
+            "web",
+            "False",
+            "NotEnforced",
+            "the agents do not enforce spec.loadBalancer yet and ignore it; \
+             spec.timeouts.idle applies to clients of Service web",
+        ),
+        (
+            "TrafficPolicy",
+            "api",
+            "True",
+            "Accepted",
+            "applies to clients of Service api",
+        ),
+        (
+            "HTTPRoute",
+            "web",
+            "False",
+            "NotEnforced",
+            "the agents do not enforce HTTPRoute yet, so nothing of it applies: traffic to \
+             Service shop/web goes to its endpoints as if the route did not exist",
+        ),
+    ];
+    for (kind, name, status, reason, message) in expected {
+        eventually(&format!("the status of {kind} shop/{name}"), || {
+            condition(kind, name).is_some()
+        })
+        .await;
+        let condition = condition(kind, name).unwrap();
+        assert_eq!(
+            (
+                &condition["status"],
+                &condition["reason"],
+                &condition["message"]
+            ),
+            (&json!(status), &json!(reason), &json!(message)),
+            "{kind} shop/{name}: {condition}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -614,3 +614,114 @@ fn sigterm_drains_open_connections() {
     let log = std::fs::read_to_string(cluster.layout().node_log("node0", "agent")).unwrap();
     assert!(log.contains("draining 1 connection(s)"), "{log}");
 }
+
+#[test]
+fn agents_dump_the_streamed_policies_and_the_controller_says_what_they_ignore() {
+    let policies = format!(
+        r#"---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {{ name: echo, namespace: default }}
+spec: {{ service: echo, timeouts: {{ idle: 30s }}, retries: {{ attempts: 2, retryOn: [5xx] }} }}
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{ name: echo-from-client, namespace: default }}
+spec:
+  selector: {{ matchLabels: {{ app: echo }} }}
+  rules: [{{ from: [{{ principals: ["{client}"] }}], to: [{{ ports: [8080] }}] }}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{ name: echo, namespace: default }}
+spec:
+  parentRefs: [{{ kind: Service, name: echo, port: 80 }}]
+  rules: [{{ backendRefs: [{{ name: echo, port: 80 }}] }}]
+"#,
+        client = identity("client")
+    );
+    let mut cluster = TestCluster::with_mesh(2, &format!("{MESH}{policies}"));
+    add(&mut cluster, "echo-0", "node1", Some("echo"), &[]);
+    cluster.settle();
+
+    let dump = |node: &str| -> serde_json::Value {
+        let dump = cluster
+            .agent_admin(node, "/config_dump")
+            .unwrap_or_else(|err| panic!("{err}"));
+        dump["policies"].clone()
+    };
+    let (node0, node1) = (dump("node0"), dump("node1"));
+    for policies in [&node0, &node1] {
+        let traffic = &policies["traffic"]["default/echo"];
+        assert_eq!(traffic["idleTimeoutMs"], 30_000, "{policies:#}");
+        assert_eq!(traffic["retries"]["attempts"], 2, "{policies:#}");
+        assert_eq!(traffic["loadBalancing"], "LOAD_BALANCING_UNSPECIFIED");
+        let rule = &policies["routes"]["default/echo:80"]["rules"][0];
+        assert_eq!(rule["route"], "HTTPRoute/default/echo", "{policies:#}");
+        assert_eq!(rule["backends"][0]["service"], "default/echo");
+    }
+    assert_eq!(
+        node0["authorization"],
+        serde_json::json!({}),
+        "no pod of node0 is selected"
+    );
+    let authorization = &node1["authorization"]["default/echo-from-client"];
+    assert_eq!(authorization["action"], "ALLOW", "{node1:#}");
+    assert_eq!(
+        authorization["workloads"],
+        serde_json::json!(["default/echo-0"])
+    );
+    assert_eq!(
+        authorization["rules"][0]["from"][0]["principals"],
+        serde_json::json!([identity("client")])
+    );
+
+    let status = cluster
+        .controller_status()
+        .unwrap_or_else(|err| panic!("{err}"));
+    let verdict = |kind: &str, name: &str| {
+        status["policies"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|policy| policy["kind"] == kind && policy["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no verdict for {kind} {name} in {status:#}"))
+    };
+    let expected = [
+        (
+            "AuthorizationPolicy",
+            "echo-from-client",
+            "the agents do not enforce AuthorizationPolicy yet, so nothing of it applies: \
+             traffic to the meshed pods spec.selector matches is neither allowed nor denied by it",
+        ),
+        (
+            "TrafficPolicy",
+            "echo",
+            "the agents do not enforce spec.retries yet and ignore it; spec.timeouts.idle \
+             applies to clients of Service echo",
+        ),
+        (
+            "HTTPRoute",
+            "echo",
+            "the agents do not enforce HTTPRoute yet, so nothing of it applies: traffic to \
+             Service default/echo goes to its endpoints as if the route did not exist",
+        ),
+    ];
+    for (kind, name, message) in expected {
+        let verdict = verdict(kind, name);
+        assert_eq!(
+            (
+                &verdict["accepted"],
+                &verdict["reason"],
+                &verdict["message"]
+            ),
+            (
+                &serde_json::json!(false),
+                &serde_json::json!("NotEnforced"),
+                &serde_json::json!(message)
+            ),
+            "{verdict:#}"
+        );
+    }
+}

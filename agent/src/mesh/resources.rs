@@ -2,6 +2,8 @@
 //! (`weft.config.v1`), kept up to date by snapshots and deltas, and turned into the
 //! same [`MeshConfig`] the file gives.
 
+pub mod dump;
+
 use std::{
     collections::BTreeMap,
     time::{Duration, UNIX_EPOCH},
@@ -257,7 +259,7 @@ mod tests {
 
     use super::*;
 
-    fn resource<M: Kind>(name: &str, message: &M) -> Resource {
+    pub(super) fn resource<M: Kind>(name: &str, message: &M) -> Resource {
         Resource {
             key: Some(ResourceKey {
                 kind: M::KIND.to_owned(),

@@ -4,6 +4,9 @@
 //! Scope: a policy without a selector covers every meshed pod of its namespace (of the
 //! mesh, in the root namespace); one with a selector, the matching pods of its
 //! namespace (of every namespace, in the root namespace).
+//!
+//! The agents do not enforce them yet ([`enforcement`]): they are compiled and sent,
+//! and their verdict says `NotEnforced`.
 
 use std::collections::BTreeMap;
 
@@ -12,7 +15,7 @@ use weft_api::{
     crd::{self, AuthorizationPolicy, Validate},
 };
 
-use super::{Settings, applies_to, judge, membership::Mesh, selects};
+use super::{Settings, applies_to, enforcement, judge, membership::Mesh, selects};
 use crate::{
     objects::{Kind, Objects},
     status::{Reason, Statuses, Verdict},
@@ -63,12 +66,22 @@ pub fn compile(
             (None, false) => format!("every meshed pod of namespace {}", key.namespace),
             (None, true) => "every meshed pod".to_owned(),
         };
+        let target = if count == 0 {
+            format!("{described} (there are none yet)")
+        } else {
+            described.clone()
+        };
         judge(
             statuses,
             Kind::AuthorizationPolicy,
             key,
             &policy.metadata,
-            applies_to(count, &described),
+            enforcement::verdict(
+                Kind::AuthorizationPolicy,
+                &policy.spec,
+                &target,
+                applies_to(count, &described),
+            ),
         );
         for (node, workloads) in selected {
             by_node

@@ -1,7 +1,8 @@
 //! HTTPRoutes and GRPCRoutes attached to Services (Gateway API's mesh profile,
 //! GAMMA): each (rule, match) becomes one entry of the parent service's routes, in
 //! Gateway API precedence order. A route with any problem applies nowhere; its
-//! status says which field.
+//! status says which field. The agents do not route by them yet ([`enforcement`]):
+//! valid routes are compiled and sent, and their verdict says `NotEnforced`.
 
 use std::collections::BTreeMap;
 
@@ -16,12 +17,13 @@ use gateway_api::{
     },
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::Serialize;
 use weft_api::{
     config::v1::{self as proto, route_match::PathKind},
     crd::parse_duration,
 };
 
-use super::{by_age, judge};
+use super::{by_age, enforcement, judge};
 use crate::{
     objects::{Kind, ObjectKey, Objects},
     status::{Reason, Statuses, Verdict},
@@ -175,6 +177,7 @@ fn assemble(
     kind: Kind,
     key: &ObjectKey,
     meta: &ObjectMeta,
+    spec: &impl Serialize,
     parents: Vec<Reference<'_>>,
     rules: Vec<RuleParts<'_>>,
     objects: &Objects,
@@ -270,15 +273,15 @@ fn assemble(
                 .iter()
                 .map(|parent| format!("{}/{}", parent.namespace, parent.service))
                 .collect();
+            let target = format!("Service {}", services.join(", "));
+            let accepted =
+                Verdict::accepted(Reason::Accepted, format!("routes requests to {target}"));
             judge(
                 statuses,
                 kind,
                 key,
                 meta,
-                Verdict::accepted(
-                    Reason::Accepted,
-                    format!("routes requests to Service {}", services.join(", ")),
-                ),
+                enforcement::verdict(kind, spec, &target, accepted),
             );
             Some(route)
         }
@@ -347,6 +350,7 @@ fn from_http(
         Kind::HttpRoute,
         key,
         &route.metadata,
+        &route.spec,
         parents,
         rules,
         objects,
@@ -478,6 +482,7 @@ fn from_grpc(
         Kind::GrpcRoute,
         key,
         &route.metadata,
+        &route.spec,
         parents,
         rules,
         objects,

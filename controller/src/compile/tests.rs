@@ -490,3 +490,213 @@ fn endpoint_changes_change_only_what_they_touch() {
         "the same objects give the same version"
     );
 }
+
+#[test]
+fn verdicts_say_accepted_only_for_what_the_agents_enforce() {
+    const NO_AUTHZ: &str =
+        "the agents do not enforce AuthorizationPolicy yet, so nothing of it applies";
+    // (object, kind, name, accepted, reason, message)
+    let cases = [
+        (
+            "kind: TrafficPolicy\nmetadata: { name: idle, namespace: shop }\nspec: { service: web, timeouts: { idle: 5s } }",
+            Kind::TrafficPolicy,
+            "idle",
+            true,
+            Reason::Accepted,
+            "applies to clients of Service web".to_owned(),
+        ),
+        (
+            "kind: TrafficPolicy\nmetadata: { name: bare, namespace: shop }\nspec: { service: web, timeouts: {}, connectionLimits: {} }",
+            Kind::TrafficPolicy,
+            "bare",
+            true,
+            Reason::Accepted,
+            "applies to clients of Service web".to_owned(),
+        ),
+        (
+            "kind: TrafficPolicy\nmetadata: { name: retries, namespace: shop }\nspec: { service: web, timeouts: { idle: 5s }, retries: { attempts: 2 } }",
+            Kind::TrafficPolicy,
+            "retries",
+            false,
+            Reason::NotEnforced,
+            "the agents do not enforce spec.retries yet and ignore it; spec.timeouts.idle applies to clients of Service web".to_owned(),
+        ),
+        (
+            "kind: TrafficPolicy\nmetadata: { name: everything, namespace: shop }\nspec:\n  service: web\n  loadBalancer: { algorithm: PEAK_EWMA }\n  timeouts: { connect: 1s, request: 2s }\n  retries: { attempts: 2 }\n  connectionLimits: { maxConnections: 10 }\n  outlierDetection: { consecutiveFailures: 5 }",
+            Kind::TrafficPolicy,
+            "everything",
+            false,
+            Reason::NotEnforced,
+            "the agents do not enforce spec.connectionLimits, spec.loadBalancer, \
+             spec.outlierDetection, spec.retries, spec.timeouts.connect, spec.timeouts.request \
+             yet and ignore them, so nothing of it applies to clients of Service web (of a \
+             TrafficPolicy they enforce spec.timeouts.idle)"
+                .to_owned(),
+        ),
+        (
+            "kind: TrafficPolicy\nmetadata: { name: typo, namespace: shop }\nspec: { service: web, timeouts: { idle: soon }, retries: { attempts: 2 } }",
+            Kind::TrafficPolicy,
+            "typo",
+            false,
+            Reason::Invalid,
+            format!(
+                "spec.timeouts.idle: \"soon\" is not a duration such as 500ms, 15s, 1m30s (pattern {})",
+                weft_api::crd::DURATION_PATTERN
+            ),
+        ),
+        (
+            "kind: TrafficPolicy\nmetadata: { name: ghost, namespace: shop }\nspec: { service: ghost, retries: { attempts: 2 } }",
+            Kind::TrafficPolicy,
+            "ghost",
+            false,
+            Reason::ServiceNotFound,
+            "spec.service: there is no Service ghost in namespace shop".to_owned(),
+        ),
+        (
+            "kind: AuthorizationPolicy\nmetadata: { name: web, namespace: shop }\nspec: { selector: { matchLabels: { app: web } } }",
+            Kind::AuthorizationPolicy,
+            "web",
+            false,
+            Reason::NotEnforced,
+            format!("{NO_AUTHZ}: traffic to the meshed pods spec.selector matches is neither allowed nor denied by it"),
+        ),
+        (
+            "kind: AuthorizationPolicy\nmetadata: { name: shop-wide, namespace: shop }\nspec: { action: DENY, rules: [{ from: [{ namespaces: [legacy] }] }] }",
+            Kind::AuthorizationPolicy,
+            "shop-wide",
+            false,
+            Reason::NotEnforced,
+            format!("{NO_AUTHZ}: traffic to every meshed pod of namespace shop is neither allowed nor denied by it"),
+        ),
+        (
+            "kind: AuthorizationPolicy\nmetadata: { name: nobody, namespace: shop }\nspec: { selector: { matchLabels: { app: nobody } } }",
+            Kind::AuthorizationPolicy,
+            "nobody",
+            false,
+            Reason::NotEnforced,
+            format!("{NO_AUTHZ}: traffic to the meshed pods spec.selector matches (there are none yet) is neither allowed nor denied by it"),
+        ),
+        (
+            "kind: AuthorizationPolicy\nmetadata: { name: typo, namespace: shop }\nspec: { rules: [{ from: [{ principals: [shop/sa/web] }] }] }",
+            Kind::AuthorizationPolicy,
+            "typo",
+            false,
+            Reason::Invalid,
+            "spec.rules[0].from[0].principals[0]: \"shop/sa/web\" is not a SPIFFE ID \
+             (spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>)"
+                .to_owned(),
+        ),
+        (
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: { name: web, namespace: shop }\nspec: { parentRefs: [{ kind: Service, name: web }], rules: [{ backendRefs: [{ name: web, port: 80 }] }] }",
+            Kind::HttpRoute,
+            "web",
+            false,
+            Reason::NotEnforced,
+            "the agents do not enforce HTTPRoute yet, so nothing of it applies: traffic to \
+             Service shop/web goes to its endpoints as if the route did not exist"
+                .to_owned(),
+        ),
+        (
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: { name: rpc, namespace: shop }\nspec: { parentRefs: [{ kind: Service, name: web }], rules: [{ backendRefs: [{ name: web, port: 80 }] }] }",
+            Kind::GrpcRoute,
+            "rpc",
+            false,
+            Reason::NotEnforced,
+            "the agents do not enforce GRPCRoute yet, so nothing of it applies: traffic to \
+             Service shop/web goes to its endpoints as if the route did not exist"
+                .to_owned(),
+        ),
+        (
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: { name: dangling, namespace: shop }\nspec: { parentRefs: [{ kind: Service, name: web }], rules: [{ backendRefs: [{ name: nowhere, port: 80 }] }] }",
+            Kind::HttpRoute,
+            "dangling",
+            false,
+            Reason::ServiceNotFound,
+            "spec.rules[0].backendRefs[0]: there is no Service nowhere in namespace shop"
+                .to_owned(),
+        ),
+        (
+            "kind: PeerAuthentication\nmetadata: { name: web, namespace: shop }\nspec: { selector: { matchLabels: { app: web } }, mode: PERMISSIVE }",
+            Kind::PeerAuthentication,
+            "web",
+            true,
+            Reason::Accepted,
+            "applies to the meshed pods spec.selector matches".to_owned(),
+        ),
+    ];
+    for (object, kind, name, accepted, reason, message) in cases {
+        let object = if object.starts_with("apiVersion") {
+            object.to_owned()
+        } else {
+            format!("apiVersion: weft.dev/v1alpha1\n{object}")
+        };
+        let compiled = compile(
+            &objects(&format!("{CLUSTER}---\n{object}\n")),
+            &settings(),
+            &TrustBundle::default(),
+        );
+        let verdict = verdict(&compiled, kind, "shop", name);
+        assert_eq!(
+            (verdict.accepted, verdict.reason, verdict.message.as_str()),
+            (accepted, reason, message.as_str()),
+            "{kind} {name}"
+        );
+    }
+}
+
+#[test]
+fn policies_the_agents_do_not_enforce_are_still_sent() {
+    let policies = r#"
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: { name: web, namespace: shop }
+spec: { service: web, timeouts: { idle: 3s }, retries: { attempts: 2 } }
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: { name: web, namespace: shop }
+spec: { selector: { matchLabels: { app: web } } }
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: web, namespace: shop }
+spec: { parentRefs: [{ kind: Service, name: web, port: 80 }], rules: [{ backendRefs: [{ name: web, port: 80 }] }] }
+"#;
+    let compiled = compile(
+        &objects(&format!("{CLUSTER}{policies}")),
+        &settings(),
+        &TrustBundle::default(),
+    );
+    for kind in [
+        Kind::TrafficPolicy,
+        Kind::AuthorizationPolicy,
+        Kind::HttpRoute,
+    ] {
+        assert_eq!(
+            verdict(&compiled, kind, "shop", "web").reason,
+            Reason::NotEnforced
+        );
+    }
+    let traffic = compiled
+        .shared
+        .get::<proto::TrafficPolicy>("shop/web")
+        .expect("the traffic policy is sent");
+    assert_eq!(
+        (traffic.idle_timeout_ms, traffic.retries.is_some()),
+        (3000, true)
+    );
+    assert!(
+        compiled
+            .shared
+            .get::<proto::ServiceRoutes>("shop/web:80")
+            .is_some()
+    );
+    assert!(
+        compiled
+            .view("node0")
+            .local
+            .get::<proto::AuthorizationPolicy>("shop/web")
+            .is_some()
+    );
+}

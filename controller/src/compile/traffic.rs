@@ -1,4 +1,5 @@
-//! TrafficPolicies: one per Service (the oldest wins), for every client.
+//! TrafficPolicies: one per Service (the oldest wins), for every client. The agents
+//! enforce only some of the fields (see [`enforcement`]).
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -7,7 +8,7 @@ use weft_api::{
     crd::{Algorithm, TrafficPolicySpec, Validate, parse_duration},
 };
 
-use super::{by_age, judge};
+use super::{by_age, enforcement, judge};
 use crate::{
     objects::{Kind, ObjectKey, Objects},
     status::{Reason, Statuses, Verdict},
@@ -49,12 +50,13 @@ pub fn compile(
                 ),
             )
         } else {
+            // Compiled and sent even when the agents ignore some of it: what they
+            // enforce applies, and the status names the rest.
             decided_by.insert(service.clone(), key.name.clone());
             by_service.insert(service.clone(), compile_policy(key, spec));
-            Verdict::accepted(
-                Reason::Accepted,
-                format!("applies to clients of Service {}", spec.service),
-            )
+            let target = format!("clients of Service {}", spec.service);
+            let accepted = Verdict::accepted(Reason::Accepted, format!("applies to {target}"));
+            enforcement::verdict(Kind::TrafficPolicy, spec, &target, accepted)
         };
         judge(
             statuses,
