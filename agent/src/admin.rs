@@ -80,6 +80,10 @@ impl Admin {
             ("pending", limits.pending),
             ("per_source", limits.per_source),
             ("pending_per_source", limits.pending_per_source),
+            (
+                "handshakes_per_source",
+                limits.handshakes_per_source as usize,
+            ),
         ] {
             metrics::gauge!("weft_admission_limit", "limit" => limit).set(value as f64);
         }

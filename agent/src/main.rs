@@ -166,6 +166,15 @@ struct RunArgs {
     /// handshake on 15008, a pod the configuration names on 15001 (default 256).
     #[arg(long, env = "WEFT_MAX_PENDING_PER_SOURCE", value_parser = clap::value_parser!(u64).range(1..))]
     max_pending_per_source: Option<u64>,
+    /// TLS handshakes one source address may start a second on the HBONE port, with
+    /// bursts of twice as many.
+    #[arg(
+        long,
+        env = "WEFT_MAX_HANDSHAKES_PER_SOURCE",
+        default_value_t = 256,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    max_handshakes_per_source: u32,
 }
 
 /// The longest duration a flag takes: beyond a day, a timeout is a mistake.
@@ -202,6 +211,11 @@ fn main() -> anyhow::Result<()> {
 /// Starts the control side on its own thread and runtime, then serves the data plane
 /// on a multi-thread runtime until SIGTERM, and drains.
 fn run(args: RunArgs) -> anyhow::Result<()> {
+    // Bound first: readiness (on the control thread) must never answer before the
+    // proxy's ports take connections, and connections a previous agent's capture
+    // sends here meanwhile wait in the accept queue instead of being refused.
+    let outbound = listen(args.outbound_port, "outbound")?;
+    let inbound = listen(proxy::HBONE_PORT, "HBONE")?;
     let (started, start_result) = std::sync::mpsc::channel();
     let control_args = args.clone();
     std::thread::Builder::new()
@@ -231,12 +245,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the data-plane runtime")?;
     data.block_on(async move {
-        let outbound = TcpListener::bind((Ipv4Addr::UNSPECIFIED, args.outbound_port))
-            .await
-            .with_context(|| format!("cannot listen on port {} (outbound)", args.outbound_port))?;
-        let inbound = TcpListener::bind((Ipv4Addr::UNSPECIFIED, proxy::HBONE_PORT))
-            .await
-            .with_context(|| format!("cannot listen on port {} (HBONE)", proxy::HBONE_PORT))?;
+        let outbound = TcpListener::from_std(outbound)?;
+        let inbound = TcpListener::from_std(inbound)?;
         let serving = tokio::spawn({
             let proxy = Arc::clone(&proxy);
             async move {
@@ -282,6 +292,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     // Dropping the runtime would wait for connections still open past the deadline.
     data.shutdown_background();
     Ok(())
+}
+
+/// A listening socket on `port` of every IPv4 address, for the data-plane runtime.
+fn listen(port: u16, what: &str) -> anyhow::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
+        .with_context(|| format!("cannot listen on port {port} ({what})"))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
 }
 
 /// The control side: starts the datapath, enrollment and proxy state, reports the
@@ -544,12 +562,15 @@ fn proxy_settings(args: &RunArgs) -> anyhow::Result<proxy::Settings> {
     if let Some(pending) = args.max_pending_per_source {
         limits.pending_per_source = usize::try_from(pending).unwrap_or(usize::MAX);
     }
+    limits.handshakes_per_source = args.max_handshakes_per_source;
     log::info!(
-        "open-file limit {open_files}: at most {} connections, {} of them pending; {} per source, {} of them pending",
+        "open-file limit {open_files}: at most {} connections, {} of them pending; {} per source, \
+         {} of them pending, {} TLS handshakes a second",
         limits.total,
         limits.pending,
         limits.per_source,
-        limits.pending_per_source
+        limits.pending_per_source,
+        limits.handshakes_per_source
     );
     Ok(settings)
 }

@@ -210,13 +210,17 @@ impl Drop for Tracked {
     }
 }
 
-/// Accepts connections on `listener` until it is dropped: each one that
-/// [`Admission`] takes on goes to `handle` on a task of its own; the others are closed
-/// at once and counted (`direction` names the listener in metrics and logs).
+/// How a listener takes on a connection from a source address.
+type Admit = fn(&Arc<Admission>, std::net::IpAddr) -> Result<Permit, Refused>;
+
+/// Accepts connections on `listener` until it is dropped: each one that `admit` takes
+/// on goes to `handle` on a task of its own; the others are closed at once and counted
+/// (`direction` names the listener in metrics and logs).
 pub async fn accept<H, Fut>(
     listener: TcpListener,
     proxy: Arc<Proxy>,
     direction: &'static str,
+    admit: Admit,
     handle: H,
 ) where
     H: Fn(Arc<Proxy>, TcpStream, SocketAddr, Permit) -> Fut,
@@ -226,7 +230,7 @@ pub async fn accept<H, Fut>(
     static FAILED: Throttle = Throttle::new();
     loop {
         match listener.accept().await {
-            Ok((stream, peer)) => match proxy.admission.admit(peer.ip()) {
+            Ok((stream, peer)) => match admit(&proxy.admission, peer.ip()) {
                 Ok(permit) => {
                     tokio::spawn(handle(Arc::clone(&proxy), stream, peer, permit));
                 }
@@ -260,13 +264,15 @@ fn log_refusal(
     let (everything, _) = admission.counts();
     let limits = admission.limits();
     log::warn!(
-        "{direction} connection from {peer} refused: {refused} ({} pending and {} established \
-         of {} at most; {} per source, {} of them pending){}",
+        "{direction} connection from {peer} refused: {refused} (the agent holds {} pending and \
+         {} established, of {} at most; a source may hold {}, {} of them pending, and start {} \
+         handshakes a second){}",
         everything.pending,
         everything.established,
         limits.total,
         limits.per_source,
         limits.pending_per_source,
+        limits.handshakes_per_source,
         held_back(held)
     );
 }

@@ -33,7 +33,9 @@ fn cluster() -> TestCluster {
     let mut server = PodSpec::new("echo-0", "node1", &[&echo]);
     server.labels.insert("app".into(), "echo".into());
     server.service_account = "echo".into();
-    cluster.add_pod(server).unwrap_or_else(|err| panic!("{err}"));
+    cluster
+        .add_pod(server)
+        .unwrap_or_else(|err| panic!("{err}"));
     cluster.settle();
     cluster
 }
@@ -64,7 +66,9 @@ fn first_request_pod(name: &str, node: &str, service_account: &str) -> PodSpec {
 /// The `(status, seconds)` the pod's first request printed, once it has.
 fn first_request(pod: &PodInfo) -> Option<(String, f64)> {
     let log = fs::read_to_string(&pod.log).ok()?;
-    let line = log.lines().find_map(|line| line.strip_prefix("first request: "))?;
+    let line = log
+        .lines()
+        .find_map(|line| line.strip_prefix("first request: "))?;
     let (status, seconds) = line.split_once(' ')?;
     Some((status.to_owned(), seconds.parse().ok()?))
 }
@@ -87,18 +91,22 @@ fn a_hundred_new_pods_in_a_row_each_get_an_answer_to_their_first_request() {
     let pods: Vec<PodInfo> = (0..100)
         .map(|index| {
             let node = if index % 2 == 0 { "node0" } else { "node1" };
-            let spec = first_request_pod(&format!("first-{index}"), node, &format!("first-{index}"));
+            let spec =
+                first_request_pod(&format!("first-{index}"), node, &format!("first-{index}"));
             cluster.add_pod(spec).unwrap_or_else(|err| panic!("{err}"))
         })
         .collect();
-    wait_until("every pod's first request to end", Duration::from_secs(120), || {
-        pods.iter().all(|pod| first_request(pod).is_some())
-    });
+    wait_until(
+        "every pod's first request to end",
+        Duration::from_secs(120),
+        || pods.iter().all(|pod| first_request(pod).is_some()),
+    );
     let failed: Vec<String> = pods
         .iter()
         .filter_map(|pod| {
             let (status, seconds) = first_request(pod).expect("every request ended");
-            (status != "200").then(|| format!("{} on {}: {status} after {seconds}s", pod.name, pod.node))
+            (status != "200")
+                .then(|| format!("{} on {}: {status} after {seconds}s", pod.name, pod.node))
         })
         .collect();
     let slowest = pods
@@ -120,7 +128,10 @@ fn a_hundred_new_pods_in_a_row_each_get_an_answer_to_their_first_request() {
         "first requests: {} of 100 answered 200 (slowest {slowest:.3} s); {waited} waited for the configuration",
         100 - failed.len()
     );
-    assert!(failed.is_empty(), "first requests without an answer: {failed:#?}");
+    assert!(
+        failed.is_empty(),
+        "first requests without an answer: {failed:#?}"
+    );
     assert_eq!(timed_out, 0.0, "no wait may have run out");
     assert!(
         waited > 0.0,
@@ -137,13 +148,17 @@ fn a_pod_the_configuration_never_names_is_refused_after_the_wait_with_the_reason
     let mut cluster = cluster();
     // Without the controller, the agents never hear of the new pod; its node's agent
     // enrolls it all the same (the namespace is meshed), so its traffic is captured.
-    cluster.stop_controller().unwrap_or_else(|err| panic!("{err}"));
+    cluster
+        .stop_controller()
+        .unwrap_or_else(|err| panic!("{err}"));
     let ghost = cluster
         .add_pod(first_request_pod("ghost", "node0", "ghost"))
         .unwrap_or_else(|err| panic!("{err}"));
-    wait_until("the ghost's request to end", Duration::from_secs(30), || {
-        first_request(&ghost).is_some()
-    });
+    wait_until(
+        "the ghost's request to end",
+        Duration::from_secs(30),
+        || first_request(&ghost).is_some(),
+    );
     let (status, seconds) = first_request(&ghost).unwrap();
     eprintln!("a pod the configuration never names: HTTP {status} after {seconds:.3} s");
     assert_eq!(status, "000", "no answer: the connection is refused");
@@ -160,10 +175,7 @@ fn a_pod_the_configuration_never_names_is_refused_after_the_wait_with_the_reason
     assert_eq!(refused, Some(1.0), "{metrics}");
     assert_eq!(waits(&cluster, "node0", "workload", "timed_out"), 1.0);
     let log = agent_log(&cluster, "node0");
-    let reason = format!(
-        "outbound connection from {}:",
-        ghost.ip
-    );
+    let reason = format!("outbound connection from {}:", ghost.ip);
     let line = log
         .lines()
         .find(|line| line.contains(&reason) && line.contains("refused"))
@@ -176,6 +188,12 @@ fn a_pod_the_configuration_never_names_is_refused_after_the_wait_with_the_reason
 }
 
 fn agent_log(cluster: &TestCluster, node: &str) -> String {
-    let agent = cluster.topology().node(node).unwrap().agent.clone().unwrap();
+    let agent = cluster
+        .topology()
+        .node(node)
+        .unwrap()
+        .agent
+        .clone()
+        .unwrap();
     fs::read_to_string(Path::new(&agent.log)).unwrap()
 }

@@ -9,12 +9,19 @@
 //! HBONE tunnel served inbound counts towards the total too (it holds a socket to the
 //! pod), but not towards its source's share: tunnels come from authenticated agents.
 //! [`decide`] is the rule; [`Admission`] keeps the counts.
+//!
+//! A TLS handshake costs the server a key exchange and a signature even when the
+//! client never had a certificate, so on the HBONE port each source may also start
+//! only so many handshakes a second ([`Bucket`]); a peer agent opens a handful of
+//! pooled connections, a flood thousands.
 
 use std::{
     collections::HashMap,
     net::IpAddr,
     sync::{Arc, Mutex},
 };
+
+use tokio::time::Instant;
 
 use crate::sync;
 
@@ -47,6 +54,9 @@ pub struct Limits {
     pub per_source: usize,
     /// Pending connections from one source address.
     pub pending_per_source: usize,
+    /// TLS handshakes one source address may start a second on the HBONE port, with
+    /// bursts of twice as many.
+    pub handshakes_per_source: u32,
 }
 
 impl Limits {
@@ -67,6 +77,7 @@ impl Limits {
             pending: total / 4 * 3,
             per_source: total / 4,
             pending_per_source: 256.min(total / 4),
+            handshakes_per_source: 256,
         }
     }
 }
@@ -81,6 +92,11 @@ pub enum Refused {
     SourcePending,
     #[error("the source holds its share of the agent's connections already")]
     Source,
+    #[error(
+        "the source starts TLS handshakes faster than any agent would (a handshake flood, or \
+         a peer that cannot keep a connection)"
+    )]
+    SourceHandshakes,
     #[error(
         "too many connections are waiting to authenticate; the rest is kept for authenticated peers"
     )]
@@ -97,6 +113,7 @@ impl Refused {
     pub fn reason(self) -> &'static str {
         match self {
             Refused::SourcePending => "source_pending_limit",
+            Refused::SourceHandshakes => "source_handshake_rate",
             Refused::Source => "source_limit",
             Refused::Pending => "pending_limit",
             Refused::Total => "connection_limit",
@@ -124,12 +141,51 @@ pub fn decide(everything: Counts, source: Counts, limits: &Limits) -> Result<(),
         Err(Refused::Total)
     } else if everything.pending >= limits.pending {
         Err(Refused::Pending)
-    } else if source.all() >= limits.per_source {
-        Err(Refused::Source)
     } else if source.pending >= limits.pending_per_source {
         Err(Refused::SourcePending)
+    } else if source.all() >= limits.per_source {
+        Err(Refused::Source)
     } else {
         Ok(())
+    }
+}
+
+/// A token bucket: `rate` tokens a second, holding at most `2 × rate`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Bucket {
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl Bucket {
+    pub fn full(rate: u32, now: Instant) -> Self {
+        Self {
+            tokens: Self::capacity(rate),
+            refilled: now,
+        }
+    }
+
+    fn capacity(rate: u32) -> f64 {
+        2.0 * f64::from(rate)
+    }
+
+    /// Takes a token if there is one.
+    pub fn take(&mut self, rate: u32, now: Instant) -> bool {
+        let earned = now.saturating_duration_since(self.refilled).as_secs_f64() * f64::from(rate);
+        self.tokens = (self.tokens + earned).min(Self::capacity(rate));
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether the bucket would be full by `now`: nothing to remember about its source.
+    fn is_full(&self, rate: u32, now: Instant) -> bool {
+        let earned = now.saturating_duration_since(self.refilled).as_secs_f64() * f64::from(rate);
+        self.tokens + earned >= Self::capacity(rate)
     }
 }
 
@@ -144,7 +200,12 @@ pub struct Admission {
 struct State {
     everything: Counts,
     by_source: HashMap<IpAddr, Counts>,
+    /// Handshake budgets of the sources that used some lately.
+    handshakes: HashMap<IpAddr, Bucket>,
 }
+
+/// Sources whose handshake budgets are remembered before full ones are forgotten.
+const REMEMBERED_BUDGETS: usize = 1024;
 
 impl Admission {
     pub fn new(limits: Limits) -> Arc<Self> {
@@ -163,13 +224,40 @@ impl Admission {
         let mut state = sync::lock(&self.counts);
         let known = state.by_source.get(&source).copied().unwrap_or_default();
         decide(state.everything, known, &self.limits)?;
+        Ok(self.count(&mut state, source))
+    }
+
+    /// [`Admission::admit`] for a connection that is about to start a TLS handshake:
+    /// also within its source's handshake rate.
+    pub fn admit_handshake(self: &Arc<Self>, source: IpAddr) -> Result<Permit, Refused> {
+        let rate = self.limits.handshakes_per_source;
+        let now = Instant::now();
+        let mut state = sync::lock(&self.counts);
+        let known = state.by_source.get(&source).copied().unwrap_or_default();
+        decide(state.everything, known, &self.limits)?;
+        if state.handshakes.len() >= REMEMBERED_BUDGETS {
+            state
+                .handshakes
+                .retain(|_, bucket| !bucket.is_full(rate, now));
+        }
+        let bucket = state
+            .handshakes
+            .entry(source)
+            .or_insert_with(|| Bucket::full(rate, now));
+        if !bucket.take(rate, now) {
+            return Err(Refused::SourceHandshakes);
+        }
+        Ok(self.count(&mut state, source))
+    }
+
+    fn count(self: &Arc<Self>, state: &mut State, source: IpAddr) -> Permit {
         state.everything.pending += 1;
         state.by_source.entry(source).or_default().pending += 1;
-        Ok(Permit {
+        Permit {
             admission: Arc::clone(self),
             source: Some(source),
             pending: true,
-        })
+        }
     }
 
     /// Takes on an HBONE tunnel of an authenticated connection.
@@ -253,6 +341,8 @@ impl Drop for Permit {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     const LIMITS: Limits = Limits {
@@ -260,6 +350,7 @@ mod tests {
         pending: 75,
         per_source: 25,
         pending_per_source: 10,
+        handshakes_per_source: 5,
     };
 
     fn counts(pending: usize, established: usize) -> Counts {
@@ -276,6 +367,8 @@ mod tests {
             (counts(9, 50), counts(9, 15), Ok(())),
             (counts(10, 50), counts(10, 0), Err(Refused::SourcePending)),
             (counts(10, 50), counts(5, 20), Err(Refused::Source)),
+            // A source that floods unauthenticated is told so, whatever its total.
+            (counts(25, 0), counts(25, 0), Err(Refused::SourcePending)),
             (counts(75, 0), counts(0, 0), Err(Refused::Pending)),
             // Authenticated connections may use what pending ones may not.
             (counts(10, 80), counts(0, 0), Ok(())),
@@ -338,5 +431,46 @@ mod tests {
         assert_eq!(admission.counts().0, counts(5, 26));
         drop((held, more, last, tunnels, permit));
         assert_eq!(admission.counts(), (Counts::default(), None));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_source_starts_only_so_many_handshakes_a_second() {
+        let admission = Admission::new(LIMITS);
+        let flooder: IpAddr = "10.99.0.254".parse().unwrap();
+        let peer: IpAddr = "10.99.0.2".parse().unwrap();
+        // A burst of twice the rate, each connection gone at once (a failed handshake).
+        for _ in 0..10 {
+            drop(admission.admit_handshake(flooder).unwrap());
+        }
+        assert_eq!(
+            admission.admit_handshake(flooder).unwrap_err(),
+            Refused::SourceHandshakes
+        );
+        // Others are not held back, nor the flooder's connections on another port.
+        drop(admission.admit_handshake(peer).unwrap());
+        drop(admission.admit(flooder).unwrap());
+        // Five a second come back.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        drop(admission.admit_handshake(flooder).unwrap());
+        drop(admission.admit_handshake(flooder).unwrap());
+        assert!(admission.admit_handshake(flooder).is_err());
+    }
+
+    #[test]
+    fn buckets_refill_at_their_rate_up_to_twice_it() {
+        let start = Instant::now();
+        let mut bucket = Bucket::full(2, start);
+        assert!((0..4).all(|_| bucket.take(2, start)));
+        assert!(!bucket.take(2, start));
+        assert!(bucket.take(2, start + Duration::from_millis(500)));
+        assert!(!bucket.take(2, start + Duration::from_millis(500)));
+        assert!(!bucket.is_full(2, start + Duration::from_secs(1)));
+        assert!(bucket.is_full(2, start + Duration::from_secs(3)));
+        let later = start + Duration::from_secs(3600);
+        assert!(
+            (0..4).all(|_| bucket.take(2, later)),
+            "no more than the capacity is kept"
+        );
+        assert!(!bucket.take(2, later));
     }
 }

@@ -16,7 +16,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::{
     Proxy,
-    admission::Permit,
+    admission::{Admission, Permit},
     connect_marked,
     hbone::{self, Incoming},
     metrics::{self, Connection, Peer, Reporter},
@@ -30,7 +30,14 @@ use crate::{
 
 /// Accepts HBONE connections until the listener is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, proxy: Arc<Proxy>) {
-    super::accept(listener, proxy, "inbound", connection).await;
+    super::accept(
+        listener,
+        proxy,
+        "inbound",
+        Admission::admit_handshake,
+        connection,
+    )
+    .await;
 }
 
 async fn connection(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr, mut permit: Permit) {

@@ -266,7 +266,8 @@ pub fn describe() {
     describe_gauge!(
         "weft_admission_limit",
         "The most the agent takes on, by limit (total, pending, per_source, \
-         pending_per_source), derived from its open-file limit"
+         pending_per_source: connections, derived from its open-file limit; \
+         handshakes_per_source: a second)"
     );
     describe_counter!(
         "weft_hbone_failures_total",

@@ -27,7 +27,7 @@ use tokio_rustls::TlsConnector;
 
 use super::{
     HBONE_PORT, PoolKey, Proxy,
-    admission::Permit,
+    admission::{Admission, Permit},
     connect_marked, connect_within,
     hbone::HboneError,
     metrics::{self, Connection, Outcome, Peer, Reporter},
@@ -46,6 +46,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
         listener,
         proxy,
         "outbound",
+        Admission::admit,
         |proxy, client, peer, permit| async move {
             handle(&proxy, client, peer, permit).await;
         },

@@ -234,7 +234,8 @@ impl Counter {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEvent {
-    /// `bpf_ktime_get_ns`: nanoseconds since boot.
+    /// `bpf_ktime_get_ns`: CLOCK_MONOTONIC nanoseconds (since boot, without the time
+    /// the machine was suspended).
     pub timestamp_ns: u64,
     /// For outbound events, the client pod's network-namespace cookie.
     pub netns_cookie: u64,

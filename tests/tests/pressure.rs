@@ -1,0 +1,535 @@
+//! The mesh under pressure a first week brings, on a 2-node local cluster with real
+//! clients: one pod's thousands of idle connections must not hold back another pod of
+//! the same service account, idle connections close at the TrafficPolicy's timeout,
+//! and a host without a certificate flooding a node's HBONE port must not cost a real
+//! client a single request.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader},
+    process::{Child, ChildStdout, Stdio},
+    time::{Duration, Instant},
+};
+
+use weft_cluster::PodSpec;
+use weft_e2e::{TestCluster, agent_metrics, series, wait_until, workspace_bin};
+
+/// `both-0` on node1 serves HTTP on 8080 (service `echo`) and TCP echo on 9000
+/// (service `tcp`): tunnels to either come from one pool of HBONE connections per
+/// client identity.
+const MESH: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: { name: default, labels: { weft.dev/mesh: enabled } }
+---
+apiVersion: v1
+kind: Service
+metadata: { name: echo, namespace: default }
+spec:
+  clusterIP: 10.96.0.10
+  selector: { app: both }
+  ports: [{ name: http, port: 80, targetPort: 8080 }]
+---
+apiVersion: v1
+kind: Service
+metadata: { name: tcp, namespace: default }
+spec:
+  clusterIP: 10.96.0.11
+  selector: { app: both }
+  ports: [{ port: 9000 }]
+"#;
+
+const IDLE_POLICY: &str = r#"
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: { name: tcp, namespace: default }
+spec:
+  service: tcp
+  timeouts: { idle: 3s }
+"#;
+
+/// Opens `count` connections to `ip:port` and sends nothing. `hold`: keeps them
+/// until killed. `watch`: reports, once all have closed (or after 60 s), how many did
+/// and the shortest and longest lifetime in seconds. `abandon`: closes its half of
+/// each at once and reports how many bytes came back in all.
+const IDLER: &str = r#"
+import json, selectors, socket, sys, time
+count, ip, port, mode = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+opened = [(socket.create_connection((ip, port)), time.monotonic()) for _ in range(count)]
+print(f"open {count}", flush=True)
+if mode == "hold":
+    while True:
+        time.sleep(3600)
+if mode == "abandon":
+    received = 0
+    for sock, _ in opened:
+        sock.shutdown(socket.SHUT_WR)
+        while chunk := sock.recv(4096):
+            received += len(chunk)
+    print(json.dumps({"received": received}), flush=True)
+    sys.exit(0)
+selector = selectors.DefaultSelector()
+for sock, started in opened:
+    selector.register(sock, selectors.EVENT_READ, started)
+lifetimes, deadline = [], time.monotonic() + 60
+while len(lifetimes) < count and time.monotonic() < deadline:
+    for key, _ in selector.select(timeout=1):
+        try:
+            data = key.fileobj.recv(1)
+        except ConnectionError:
+            data = b""
+        if not data:
+            lifetimes.append(time.monotonic() - key.data)
+            selector.unregister(key.fileobj)
+print(json.dumps({"closed": len(lifetimes), "shortest": min(lifetimes, default=0), "longest": max(lifetimes, default=0)}), flush=True)
+"#;
+
+fn cluster(agent_args: &[&str]) -> TestCluster {
+    let mut cluster = TestCluster::with_mesh_and_agent_args(2, MESH, agent_args);
+    let script = format!(
+        "{} & exec {} --mode echo",
+        workspace_bin("weft-echo").display(),
+        workspace_bin("weft-tcp-echo").display()
+    );
+    let mut both = PodSpec::new("both-0", "node1", &["sh", "-c", &script]);
+    both.labels.insert("app".into(), "both".into());
+    both.service_account = "both".into();
+    cluster.add_pod(both).unwrap_or_else(|err| panic!("{err}"));
+    for (name, node) in [("idler", "node0"), ("client", "node0")] {
+        let mut pod = PodSpec::new(name, node, &[]);
+        pod.service_account = "client".into();
+        cluster.add_pod(pod).unwrap_or_else(|err| panic!("{err}"));
+    }
+    cluster.settle();
+    let server_log = cluster
+        .topology()
+        .pod("default", "both-0")
+        .unwrap()
+        .log
+        .clone();
+    for port in [8080, 9000] {
+        let address = format!("10.244.1.2:{port}").parse().unwrap();
+        cluster
+            .wait_for_tcp(
+                "default",
+                "client",
+                address,
+                Duration::from_secs(10),
+                &server_log,
+            )
+            .unwrap_or_else(|err| panic!("{err}"));
+    }
+    cluster
+}
+
+/// Starts the idler script in pod `pod` and waits until its connections are open.
+fn idle_connections(
+    cluster: &TestCluster,
+    pod: &str,
+    count: usize,
+    mode: &str,
+) -> (Child, BufReader<ChildStdout>) {
+    let count = count.to_string();
+    let mut child = cluster
+        .pod_command(
+            "default",
+            pod,
+            &["python3", "-c", IDLER, &count, "10.96.0.11", "9000", mode],
+        )
+        .unwrap()
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(
+        line.trim(),
+        format!("open {count}"),
+        "the idler could not open its connections"
+    );
+    (child, out)
+}
+
+fn last_line(out: &mut BufReader<ChildStdout>) -> serde_json::Value {
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|err| panic!("{err}: {line:?}"))
+}
+
+fn metric(cluster: &TestCluster, node: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    series(&agent_metrics(cluster, node), name, labels).unwrap_or(0.0)
+}
+
+/// `weft-load` from pod `client`: `rate` new connections a second to the echo service
+/// for `seconds`; returns its report.
+fn load(cluster: &TestCluster, rate: u32, seconds: u32) -> serde_json::Value {
+    let out = cluster
+        .pod_command(
+            "default",
+            "client",
+            &[
+                workspace_bin("weft-load").display().to_string(),
+                "--target".into(),
+                "10.96.0.10:80".into(),
+                "--rate".into(),
+                rate.to_string(),
+                "--duration".into(),
+                seconds.to_string(),
+                "--warmup".into(),
+                "0".into(),
+                "--timeout".into(),
+                "10".into(),
+            ],
+        )
+        .unwrap()
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "weft-load: {out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn idle_connections_neither_starve_their_service_account_nor_outlive_the_idle_timeout() {
+    let cluster = cluster(&["--open-files=20000"]);
+    // 2,000 connections that send nothing, from one pod...
+    let (mut idler, _) = idle_connections(&cluster, "idler", 2000, "hold");
+    wait_until(
+        "2000 tunnels to be carried",
+        Duration::from_secs(60),
+        || {
+            metric(
+                &cluster,
+                "node0",
+                "istio_tcp_connections_opened_total",
+                &[("destination_service_name", "tcp")],
+            ) >= 2000.0
+        },
+    );
+    let pooled = metric(&cluster, "node0", "weft_hbone_pool_connections", &[]);
+    assert!(
+        pooled >= 20.0,
+        "2000 tunnels, at most 100 a connection: {pooled} connections"
+    );
+    // ... while another pod of the same service account makes 500 requests, each on a
+    // connection (a tunnel) of its own.
+    let report = load(&cluster, 100, 5);
+    eprintln!(
+        "beside 2000 idle connections of its service account: {} of {} requests answered, {pooled} pooled HBONE connections",
+        report["requests"],
+        report["requests"].as_u64().unwrap() + report["errors"].as_u64().unwrap()
+    );
+    assert_eq!(report["errors"], 0, "{}", report["first_error"]);
+    assert!(report["requests"].as_u64().unwrap() >= 490, "{report}");
+    idler.kill().unwrap();
+    let _ = idler.wait();
+
+    // With a TrafficPolicy's `timeouts.idle: 3s`, new idle connections to the service
+    // close after 3 s, not before, and are logged as such.
+    cluster.set_mesh_yaml(&format!("{MESH}{IDLE_POLICY}"));
+    cluster.settle();
+    let before = metric(
+        &cluster,
+        "node0",
+        "weft_connection_outcomes_total",
+        &[("direction", "outbound"), ("outcome", "idle_timeout")],
+    );
+    let (mut watcher, mut out) = idle_connections(&cluster, "idler", 200, "watch");
+    let closed = last_line(&mut out);
+    let _ = watcher.wait();
+    eprintln!("idle for the TrafficPolicy's 3 s: {closed}");
+    assert_eq!(closed["closed"], 200, "{closed}");
+    let shortest = closed["shortest"].as_f64().unwrap();
+    let longest = closed["longest"].as_f64().unwrap();
+    assert!(shortest >= 3.0, "closed before the idle timeout: {closed}");
+    assert!(
+        longest < 30.0,
+        "the idle timeout did not close them: {closed}"
+    );
+    let after = metric(
+        &cluster,
+        "node0",
+        "weft_connection_outcomes_total",
+        &[("direction", "outbound"), ("outcome", "idle_timeout")],
+    );
+    assert_eq!(after - before, 200.0);
+    let log = fs::read_to_string(
+        &cluster
+            .topology()
+            .node("node0")
+            .unwrap()
+            .agent
+            .as_ref()
+            .unwrap()
+            .log,
+    )
+    .unwrap();
+    let idle_lines = log
+        .lines()
+        .filter(|line| {
+            line.contains("weft::access") && line.contains("\"outcome\":\"idle_timeout\"")
+        })
+        .count();
+    assert_eq!(
+        idle_lines, 200,
+        "each idle connection's access-log line says why it ended"
+    );
+
+    // A connection the server never answered is not `ok`.
+    let before = metric(
+        &cluster,
+        "node0",
+        "weft_connection_outcomes_total",
+        &[("direction", "outbound"), ("outcome", "no_response")],
+    );
+    let (mut abandoner, mut out) = idle_connections(&cluster, "idler", 1, "abandon");
+    assert_eq!(last_line(&mut out)["received"], 0);
+    let _ = abandoner.wait();
+    wait_until(
+        "the abandoned connection's outcome",
+        Duration::from_secs(10),
+        || {
+            metric(
+                &cluster,
+                "node0",
+                "weft_connection_outcomes_total",
+                &[("direction", "outbound"), ("outcome", "no_response")],
+            ) == before + 1.0
+        },
+    );
+}
+
+/// Opens `count` connections to `target` from the fabric (a host on the node network
+/// with no certificate) and reopens each one the agent closes, sending nothing, until
+/// its stdin closes; then reports how many it opened in all.
+const FLOOD: &str = r#"
+import errno, json, selectors, socket, sys, threading
+count, ip, port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+selector, opened, stop = selectors.DefaultSelector(), 0, threading.Event()
+def open_one():
+    global opened
+    sock = socket.socket()
+    sock.setblocking(False)
+    sock.connect_ex((ip, port))
+    selector.register(sock, selectors.EVENT_READ)
+    opened += 1
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+for _ in range(count):
+    open_one()
+print("flooding", flush=True)
+while not stop.is_set():
+    for key, _ in selector.select(timeout=0.2):
+        try:
+            data = key.fileobj.recv(4096)
+        except (ConnectionError, OSError):
+            data = b""
+        if not data:
+            selector.unregister(key.fileobj)
+            key.fileobj.close()
+            open_one()
+print(json.dumps({"opened": opened}), flush=True)
+"#;
+
+/// Starts TLS handshakes with `ip:port` on `threads` threads, one after the other,
+/// naming `sni` but presenting no client certificate, until its stdin closes; then
+/// reports how many it started.
+const HANDSHAKE_FLOOD: &str = r#"
+import json, socket, ssl, sys, threading
+ip, port, sni, threads = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+context.check_hostname = False
+context.verify_mode = ssl.CERT_NONE
+context.set_alpn_protocols(["h2"])
+stop, started, lock = threading.Event(), [0], threading.Lock()
+def flood():
+    while not stop.is_set():
+        with lock:
+            started[0] += 1
+        try:
+            with socket.create_connection((ip, port), timeout=5) as sock:
+                with context.wrap_socket(sock, server_hostname=sni) as tls:
+                    tls.recv(1)
+        except (OSError, ssl.SSLError):
+            pass
+workers = [threading.Thread(target=flood, daemon=True) for _ in range(threads)]
+for worker in workers:
+    worker.start()
+print("flooding", flush=True)
+sys.stdin.read()
+stop.set()
+print(json.dumps({"handshakes": started[0]}), flush=True)
+"#;
+
+/// Clock ticks of CPU the process `pid` used so far.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Runs `argv` on the fabric with its stdin held open until `during` returns; waits
+/// for its `flooding` line first and returns its last line after.
+fn flooding<T>(
+    cluster: &TestCluster,
+    argv: &[&str],
+    during: impl FnOnce() -> T,
+) -> (T, serde_json::Value) {
+    let mut flood = cluster
+        .fabric_command(argv)
+        .unwrap()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(flood.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "flooding", "the flood did not start");
+    let result = during();
+    drop(flood.stdin.take());
+    let report = last_line(&mut out);
+    let _ = flood.wait();
+    (result, report)
+}
+
+fn open_files(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |dir| dir.count())
+}
+
+fn resident_kib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_flood_of_twice_the_descriptor_limit_from_one_host_costs_a_real_client_nothing() {
+    const OPEN_FILES: usize = 1024;
+    let cluster = cluster(&[&format!("--open-files={OPEN_FILES}")]);
+    let agent = cluster
+        .topology()
+        .node("node1")
+        .unwrap()
+        .agent
+        .clone()
+        .unwrap();
+    let rss_before = resident_kib(agent.pid);
+    let node1 = cluster.topology().node("node1").unwrap().ip.to_string();
+    let refused = |cluster: &TestCluster, reason| {
+        metric(
+            cluster,
+            "node1",
+            "weft_connections_refused_total",
+            &[("direction", "inbound"), ("reason", reason)],
+        )
+    };
+    // Silent connections, each reopened as soon as the agent closes it.
+    let flood_started = Instant::now();
+    let mut busiest = 0;
+    let (report, opened) = flooding(
+        &cluster,
+        &[
+            "python3",
+            "-c",
+            FLOOD,
+            &(2 * OPEN_FILES).to_string(),
+            &node1,
+            "15008",
+        ],
+        || {
+            wait_until("the flood to be refused", Duration::from_secs(30), || {
+                refused(&cluster, "source_pending_limit") > 0.0
+            });
+            // A real client on node0 reaches node1's pod through HBONE meanwhile.
+            std::thread::scope(|scope| {
+                let load = scope.spawn(|| load(&cluster, 50, 6));
+                while !load.is_finished() {
+                    busiest = busiest.max(open_files(agent.pid));
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                load.join().unwrap()
+            })
+        },
+    );
+    let flooded = flood_started.elapsed();
+    let rss_during = resident_kib(agent.pid);
+    let refusals = refused(&cluster, "source_pending_limit");
+    eprintln!(
+        "flood of {} connections from one host (opened {} in all, {refusals} refused for its pending limit): \
+         real client {} answered, {} failed; agent at most {busiest} of {OPEN_FILES} descriptors, RSS {rss_before} -> {rss_during} KiB",
+        2 * OPEN_FILES,
+        opened["opened"],
+        report["requests"],
+        report["errors"]
+    );
+    assert_eq!(report["errors"], 0, "{}", report["first_error"]);
+    assert!(report["requests"].as_u64().unwrap() >= 290, "{report}");
+    assert!(busiest < OPEN_FILES, "the agent held {busiest} descriptors");
+    // Refusals are counted one by one but logged at most once a second.
+    let log = fs::read_to_string(&agent.log).unwrap();
+    let logged = log
+        .lines()
+        .filter(|line| {
+            line.contains("inbound connection from 10.99.0.254") && line.contains("refused")
+        })
+        .count();
+    assert!(logged >= 1, "the refusals are logged");
+    assert!(
+        logged as f64 <= flooded.as_secs_f64() + 2.0,
+        "{logged} lines for {refusals} refusals in {flooded:?}"
+    );
+    assert!(
+        refusals > 10.0 * logged as f64,
+        "{logged} lines for {refusals} refusals"
+    );
+
+    // Handshakes that name a real identity, so that each costs the agent a key
+    // exchange and a signature before it finds no client certificate.
+    let ticks_before = cpu_ticks(agent.pid);
+    let tls_started = Instant::now();
+    let (report, started) = flooding(
+        &cluster,
+        &[
+            "python3",
+            "-c",
+            HANDSHAKE_FLOOD,
+            &node1,
+            "15008",
+            "both.default.cluster.local.spiffe.invalid",
+            "4",
+        ],
+        || load(&cluster, 50, 6),
+    );
+    let cpu =
+        (cpu_ticks(agent.pid) - ticks_before) as f64 / 100.0 / tls_started.elapsed().as_secs_f64();
+    let rate_refused = refused(&cluster, "source_handshake_rate");
+    eprintln!(
+        "TLS handshake flood from one host ({} started, {rate_refused} refused for its handshake rate): \
+         real client {} answered, {} failed; agent CPU {:.0} % of a core",
+        started["handshakes"],
+        report["requests"],
+        report["errors"],
+        cpu * 100.0
+    );
+    assert_eq!(report["errors"], 0, "{}", report["first_error"]);
+    assert!(rate_refused > 0.0, "the handshake rate was never reached");
+    let missing = metric(
+        &cluster,
+        "node1",
+        "weft_hbone_failures_total",
+        &[("direction", "inbound"), ("reason", "peer_identity")],
+    ) + metric(
+        &cluster,
+        "node1",
+        "weft_hbone_failures_total",
+        &[("direction", "inbound"), ("reason", "tls_handshake")],
+    );
+    assert!(
+        missing > 0.0,
+        "handshakes without a client certificate are counted"
+    );
+}
