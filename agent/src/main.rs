@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use metrics_exporter_prometheus::PrometheusBuilder;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
@@ -405,6 +405,15 @@ async fn start(args: &RunArgs) -> anyhow::Result<Started> {
         .set_buckets(&[
             0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0,
         ])
+        .context("invalid histogram buckets")?
+        // weft's own durations are in seconds, as Prometheus advises; Istio's keep
+        // their milliseconds.
+        .set_buckets_for_metric(
+            Matcher::Suffix("_seconds".to_owned()),
+            &[
+                0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ],
+        )
         .context("invalid histogram buckets")?
         .install_recorder()
         .context("cannot install the metrics recorder")?;

@@ -362,8 +362,8 @@ fn an_agent_without_its_nodes_token_is_refused() {
         [flag.to_owned(), running[at + 1].clone()]
     };
     let state = tempfile::tempdir().unwrap();
-    // A second agent process for node1 with node0's token, on ports of its own would
-    // collide with the running agent; the subscription fails before any port opens.
+    // A second agent process for node1 with node0's token. It runs on the fabric: on
+    // node1 it would find the real agent's ports taken before it even subscribed.
     let mut argv = vec![
         workspace_bin("weft-agent").display().to_string(),
         "run".into(),
@@ -388,7 +388,7 @@ fn an_agent_without_its_nodes_token_is_refused() {
     let log_path = state.path().join("agent.log");
     let log = std::fs::File::create(&log_path).unwrap();
     let mut agent = cluster
-        .node_command("node1", &argv)
+        .fabric_command(&argv)
         .unwrap()
         .stdout(Stdio::null())
         .stderr(log)

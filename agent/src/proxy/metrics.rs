@@ -249,13 +249,13 @@ pub fn describe() {
          result (found, timed_out)"
     );
     describe_histogram!(
-        "weft_outbound_wait_milliseconds",
-        metrics::Unit::Milliseconds,
+        "weft_outbound_wait_seconds",
+        metrics::Unit::Seconds,
         "How long those connections waited"
     );
     describe_histogram!(
-        "weft_hbone_handshake_milliseconds",
-        metrics::Unit::Milliseconds,
+        "weft_hbone_handshake_seconds",
+        metrics::Unit::Seconds,
         "TLS handshakes of inbound HBONE connections, from accept to a verified peer"
     );
     describe_gauge!(
@@ -315,14 +315,13 @@ pub fn describe() {
 pub fn waited(what: &'static str, found: bool, elapsed: Duration) {
     let result = if found { "found" } else { "timed_out" };
     counter!("weft_outbound_waits_total", "for" => what, "result" => result).increment(1);
-    histogram!("weft_outbound_wait_milliseconds", "for" => what)
-        .record(elapsed.as_secs_f64() * 1000.0);
+    histogram!("weft_outbound_wait_seconds", "for" => what).record(elapsed.as_secs_f64());
 }
 
 /// How long an inbound TLS handshake took, from accept() to a verified peer.
 pub fn handshake(elapsed: Duration) {
-    histogram!("weft_hbone_handshake_milliseconds", "direction" => "inbound")
-        .record(elapsed.as_secs_f64() * 1000.0);
+    histogram!("weft_hbone_handshake_seconds", "direction" => "inbound")
+        .record(elapsed.as_secs_f64());
 }
 
 /// A connection the proxy refused before carrying it, by reason.
