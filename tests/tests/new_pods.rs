@@ -7,7 +7,7 @@
 use std::{fs, path::Path, time::Duration};
 
 use weft_cluster::{PodInfo, PodSpec};
-use weft_e2e::{TestCluster, agent_metrics, series, wait_until, workspace_bin};
+use weft_e2e::{TestCluster, agent_metrics, samples, series, wait_until, workspace_bin};
 
 const SERVICE: &str = "10.96.0.10";
 
@@ -141,6 +141,14 @@ fn a_hundred_new_pods_in_a_row_each_get_an_answer_to_their_first_request() {
         waits(&cluster, "node0", "certificate", "found") > 0.0,
         "pods on node0 reach echo-0 on node1 in tunnels, which needed their new certificates"
     );
+    // What the HBONE handshakes of 50 new identities took on node1, for the handshake
+    // deadline's sake (ARCHITECTURE.md).
+    let metrics = agent_metrics(&cluster, "node1");
+    let buckets: Vec<String> = samples(&metrics, "weft_hbone_handshake_seconds_bucket")
+        .into_iter()
+        .map(|(labels, count)| format!("<= {} s: {count}", labels["le"]))
+        .collect();
+    eprintln!("inbound handshakes on node1: {}", buckets.join(", "));
 }
 
 #[test]

@@ -393,6 +393,20 @@ fn flooding<T>(
     (result, report)
 }
 
+/// The median latency of a `weft-load` report, in milliseconds.
+fn median_ms(report: &serde_json::Value) -> f64 {
+    let mut latencies: Vec<u64> = report["latencies_us"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|latency| latency.as_u64().unwrap())
+        .collect();
+    latencies.sort_unstable();
+    latencies
+        .get(latencies.len() / 2)
+        .map_or(f64::NAN, |us| *us as f64 / 1000.0)
+}
+
 fn open_files(pid: u32) -> usize {
     fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |dir| dir.count())
 }
@@ -418,6 +432,7 @@ fn a_flood_of_twice_the_descriptor_limit_from_one_host_costs_a_real_client_nothi
         .clone()
         .unwrap();
     let rss_before = resident_kib(agent.pid);
+    let calm = load(&cluster, 50, 3);
     let node1 = cluster.topology().node("node1").unwrap().ip.to_string();
     let refused = |cluster: &TestCluster, reason| {
         metric(
@@ -460,11 +475,14 @@ fn a_flood_of_twice_the_descriptor_limit_from_one_host_costs_a_real_client_nothi
     let refusals = refused(&cluster, "source_pending_limit");
     eprintln!(
         "flood of {} connections from one host (opened {} in all, {refusals} refused for its pending limit): \
-         real client {} answered, {} failed; agent at most {busiest} of {OPEN_FILES} descriptors, RSS {rss_before} -> {rss_during} KiB",
+         real client {} answered, {} failed, median {:.2} ms (without a flood {:.2} ms); agent at most {busiest} \
+         of {OPEN_FILES} descriptors, RSS {rss_before} -> {rss_during} KiB",
         2 * OPEN_FILES,
         opened["opened"],
         report["requests"],
-        report["errors"]
+        report["errors"],
+        median_ms(&report),
+        median_ms(&calm)
     );
     assert_eq!(report["errors"], 0, "{}", report["first_error"]);
     assert!(report["requests"].as_u64().unwrap() >= 290, "{report}");
@@ -509,11 +527,13 @@ fn a_flood_of_twice_the_descriptor_limit_from_one_host_costs_a_real_client_nothi
     let rate_refused = refused(&cluster, "source_handshake_rate");
     eprintln!(
         "TLS handshake flood from one host ({} started, {rate_refused} refused for its handshake rate): \
-         real client {} answered, {} failed; agent CPU {:.0} % of a core",
+         real client {} answered, {} failed, median {:.2} ms; agent CPU {:.0} % of a core, RSS after {} KiB",
         started["handshakes"],
         report["requests"],
         report["errors"],
-        cpu * 100.0
+        median_ms(&report),
+        cpu * 100.0,
+        resident_kib(agent.pid)
     );
     assert_eq!(report["errors"], 0, "{}", report["first_error"]);
     assert!(rate_refused > 0.0, "the handshake rate was never reached");
