@@ -19,7 +19,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData};
-use weft_cluster::Cluster;
+use weft_cluster::{Cluster, NodeProcess};
 use weft_common::{InboundPort, names};
 use weft_controller::ca::{self, Authority};
 
@@ -284,6 +284,32 @@ pub fn leftovers(name: &str) -> Vec<String> {
         }
     }
     found
+}
+
+/// Node `node`'s running agent: its pid, command and log.
+pub fn running_agent(cluster: &Cluster, node: &str) -> NodeProcess {
+    cluster
+        .topology()
+        .node(node)
+        .and_then(|info| info.agent.clone())
+        .unwrap_or_else(|| panic!("no agent runs on {node}"))
+}
+
+/// What node `node`'s agent has logged so far.
+pub fn agent_log(cluster: &Cluster, node: &str) -> String {
+    let log = running_agent(cluster, node).log;
+    fs::read_to_string(&log).unwrap_or_else(|err| panic!("{}: {err}", log.display()))
+}
+
+/// The controller's verdict on the policy or route `kind` `name`, from its `/status`.
+pub fn policy_verdict(status: &serde_json::Value, kind: &str, name: &str) -> serde_json::Value {
+    status["policies"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|policy| policy["kind"] == kind && policy["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no verdict for {kind} {name} in {status:#}"))
 }
 
 /// Node `node`'s agent metrics (`GET :15020/metrics`, Prometheus text).

@@ -15,8 +15,8 @@ use std::{
 use weft_agent::datapath::flows::format_time;
 use weft_cluster::{Cluster, ClusterError, PodInfo, PodSpec, process_running};
 use weft_e2e::{
-    TestCluster, agent_metrics, leftovers, require_root, run_in_pod, series, unique_name,
-    wait_until, workspace_bin,
+    TestCluster, agent_metrics, leftovers, require_root, run_in_pod, running_agent, series,
+    unique_name, wait_until, workspace_bin,
 };
 
 const READY: Duration = Duration::from_secs(10);
@@ -393,13 +393,7 @@ fn stopping_an_agent_drains_its_connections_and_refuses_new_ones() {
     const DRAIN: Duration = Duration::from_secs(7);
     let mut cluster = TestCluster::with_mesh_and_agent_args(1, MESH, &["--drain-timeout=7"]);
     assert_eq!(cluster.topology().agent_drain_timeout_ms, 7_000);
-    let agent = cluster
-        .topology()
-        .node("node0")
-        .unwrap()
-        .agent
-        .clone()
-        .unwrap();
+    let agent = running_agent(&cluster, "node0");
     let drain_flags: Vec<_> = agent
         .command
         .iter()
@@ -498,13 +492,7 @@ fn cluster_wait_says_what_it_waits_for_and_output_to_a_closed_pipe_ends_quietly(
     assert!(settled.status.success(), "{settled:?}");
 
     // An agent that does not answer: the wait gives up on time, names it, and fails.
-    let agent = cluster
-        .topology()
-        .node("node0")
-        .unwrap()
-        .agent
-        .clone()
-        .unwrap();
+    let agent = running_agent(&cluster, "node0");
     let signal = |signal: &str| {
         let pid = agent.pid.to_string();
         assert!(

@@ -11,7 +11,9 @@ use std::{
 };
 
 use weft_cluster::{Cluster, PodInfo, PodSpec};
-use weft_e2e::{TestCluster, controller_metrics, samples, wait_until, workspace_bin};
+use weft_e2e::{
+    TestCluster, controller_metrics, policy_verdict, samples, wait_until, workspace_bin,
+};
 
 const READY: Duration = Duration::from_secs(10);
 const SERVICE_URL: &str = "http://10.96.0.10/";
@@ -163,16 +165,6 @@ fn assert_no_failures((wrk, curls): (Child, Child)) {
     assert_ne!(ok, "0", "the curl loop sent nothing");
 }
 
-fn policy(status: &serde_json::Value, kind: &str, name: &str) -> serde_json::Value {
-    status["policies"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|policy| policy["kind"] == kind && policy["name"] == name)
-        .cloned()
-        .unwrap_or_else(|| panic!("no verdict for {kind} {name} in {status:#}"))
-}
-
 #[test]
 fn a_policy_change_reaches_every_agent_while_traffic_flows() {
     let (cluster, replicas) = mesh("STRICT");
@@ -292,7 +284,7 @@ spec: { service: ghost }
     cluster.set_mesh_yaml(&manifests("STRICT", invalid));
     cluster.settle();
     let status = cluster.controller_status().unwrap();
-    let verdict = policy(&status, "PeerAuthentication", "open-everything");
+    let verdict = policy_verdict(&status, "PeerAuthentication", "open-everything");
     assert_eq!(verdict["accepted"], false, "{verdict:#}");
     assert_eq!(verdict["reason"], "Invalid");
     assert!(
@@ -302,7 +294,7 @@ spec: { service: ghost }
             .starts_with("spec.portModes: "),
         "{verdict:#}"
     );
-    let ghost = policy(&status, "TrafficPolicy", "ghost");
+    let ghost = policy_verdict(&status, "TrafficPolicy", "ghost");
     assert_eq!(
         (&ghost["accepted"], &ghost["reason"]),
         (
@@ -340,7 +332,7 @@ spec: { service: ghost }
     // The invalid policy's verdict is still there: the last good content applies.
     let status = cluster.controller_status().unwrap();
     assert_eq!(
-        policy(&status, "PeerAuthentication", "open-everything")["reason"],
+        policy_verdict(&status, "PeerAuthentication", "open-everything")["reason"],
         "Invalid"
     );
 }

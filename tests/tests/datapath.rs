@@ -12,7 +12,7 @@ use std::{
 
 use weft_cluster::{Cluster, PodInfo, PodSpec};
 use weft_common::InboundPort;
-use weft_e2e::{TestCluster, run_in_pod, wait_until, workspace_bin};
+use weft_e2e::{TestCluster, run_in_pod, running_agent, wait_until, workspace_bin};
 
 const READY: Duration = Duration::from_secs(10);
 
@@ -239,14 +239,7 @@ fn capture_sends_mesh_traffic_through_the_agent_and_leaves_the_rest_alone() {
     );
 
     // The kernel's own log record reached the agent's log.
-    let agent_log = cluster
-        .topology()
-        .node("node0")
-        .unwrap()
-        .agent
-        .clone()
-        .unwrap()
-        .log;
+    let agent_log = running_agent(&cluster, "node0").log;
     wait_until("the kernel's aya-log record", READY, || {
         std::fs::read_to_string(&agent_log)
             .unwrap_or_default()

@@ -13,8 +13,8 @@ use std::{
 
 use weft_cluster::{Cluster, PodInfo, PodSpec, objects::TRUST_DOMAIN};
 use weft_e2e::{
-    TestCa, TestCluster, agent_metrics as metrics, run_in_pod, series, unique_name, valid_now,
-    wait_until, workspace_bin,
+    TestCa, TestCluster, agent_metrics as metrics, policy_verdict, run_in_pod, series, unique_name,
+    valid_now, wait_until, workspace_bin,
 };
 
 const READY: Duration = Duration::from_secs(10);
@@ -679,15 +679,6 @@ spec:
     let status = cluster
         .controller_status()
         .unwrap_or_else(|err| panic!("{err}"));
-    let verdict = |kind: &str, name: &str| {
-        status["policies"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|policy| policy["kind"] == kind && policy["name"] == name)
-            .cloned()
-            .unwrap_or_else(|| panic!("no verdict for {kind} {name} in {status:#}"))
-    };
     let expected = [
         (
             "AuthorizationPolicy",
@@ -709,7 +700,7 @@ spec:
         ),
     ];
     for (kind, name, message) in expected {
-        let verdict = verdict(kind, name);
+        let verdict = policy_verdict(&status, kind, name);
         assert_eq!(
             (
                 &verdict["accepted"],

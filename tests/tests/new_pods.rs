@@ -4,10 +4,10 @@
 //! service account's certificate) instead of failing; a pod the configuration never
 //! names is refused once the wait is over, with a reason that says so.
 
-use std::{fs, path::Path, time::Duration};
+use std::{fs, time::Duration};
 
 use weft_cluster::{PodInfo, PodSpec};
-use weft_e2e::{TestCluster, agent_metrics, samples, series, wait_until, workspace_bin};
+use weft_e2e::{TestCluster, agent_log, agent_metrics, samples, series, wait_until, workspace_bin};
 
 const SERVICE: &str = "10.96.0.10";
 
@@ -193,15 +193,4 @@ fn a_pod_the_configuration_never_names_is_refused_after_the_wait_with_the_reason
             && line.contains("is the controller running"),
         "{line}"
     );
-}
-
-fn agent_log(cluster: &TestCluster, node: &str) -> String {
-    let agent = cluster
-        .topology()
-        .node(node)
-        .unwrap()
-        .agent
-        .clone()
-        .unwrap();
-    fs::read_to_string(Path::new(&agent.log)).unwrap()
 }

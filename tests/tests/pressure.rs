@@ -12,7 +12,9 @@ use std::{
 };
 
 use weft_cluster::PodSpec;
-use weft_e2e::{TestCluster, agent_metrics, series, wait_until, workspace_bin};
+use weft_e2e::{
+    TestCluster, agent_log, agent_metrics, running_agent, series, wait_until, workspace_bin,
+};
 
 /// `both-0` on node1 serves HTTP on 8080 (service `echo`) and TCP echo on 9000
 /// (service `tcp`): tunnels to either come from one pool of HBONE connections per
@@ -193,6 +195,9 @@ fn load(cluster: &TestCluster, rate: u32, seconds: u32) -> serde_json::Value {
 #[test]
 fn idle_connections_neither_starve_their_service_account_nor_outlive_the_idle_timeout() {
     let cluster = cluster(&["--open-files=20000"]);
+    let agents = ["node0", "node1"].map(|node| running_agent(&cluster, node).pid);
+    let rss = || agents.map(resident_kib);
+    let rss_before = rss();
     // 2,000 connections that send nothing, from one pod...
     let (mut idler, _) = idle_connections(&cluster, "idler", 2000, "hold");
     wait_until(
@@ -222,8 +227,16 @@ fn idle_connections_neither_starve_their_service_account_nor_outlive_the_idle_ti
     );
     assert_eq!(report["errors"], 0, "{}", report["first_error"]);
     assert!(report["requests"].as_u64().unwrap() >= 490, "{report}");
+    let rss_idle = rss();
     idler.kill().unwrap();
     let _ = idler.wait();
+    wait_until("the idle connections to close", Duration::from_secs(30), || {
+        metric(&cluster, "node0", "weft_active_connections", &[]) == 0.0
+    });
+    eprintln!(
+        "agents' RSS (node0, node1): {rss_before:?} KiB before, {rss_idle:?} with 2000 idle connections, {:?} after",
+        rss()
+    );
 
     // With a TrafficPolicy's `timeouts.idle: 3s`, new idle connections to the service
     // close after 3 s, not before, and are logged as such.
@@ -254,17 +267,7 @@ fn idle_connections_neither_starve_their_service_account_nor_outlive_the_idle_ti
         &[("direction", "outbound"), ("outcome", "idle_timeout")],
     );
     assert_eq!(after - before, 200.0);
-    let log = fs::read_to_string(
-        &cluster
-            .topology()
-            .node("node0")
-            .unwrap()
-            .agent
-            .as_ref()
-            .unwrap()
-            .log,
-    )
-    .unwrap();
+    let log = agent_log(&cluster, "node0");
     let idle_lines = log
         .lines()
         .filter(|line| {
@@ -424,13 +427,7 @@ fn resident_kib(pid: u32) -> u64 {
 fn a_flood_of_twice_the_descriptor_limit_from_one_host_costs_a_real_client_nothing() {
     const OPEN_FILES: usize = 1024;
     let cluster = cluster(&[&format!("--open-files={OPEN_FILES}")]);
-    let agent = cluster
-        .topology()
-        .node("node1")
-        .unwrap()
-        .agent
-        .clone()
-        .unwrap();
+    let agent = running_agent(&cluster, "node1");
     let rss_before = resident_kib(agent.pid);
     let calm = load(&cluster, 50, 3);
     let node1 = cluster.topology().node("node1").unwrap().ip.to_string();
@@ -488,7 +485,7 @@ fn a_flood_of_twice_the_descriptor_limit_from_one_host_costs_a_real_client_nothi
     assert!(report["requests"].as_u64().unwrap() >= 290, "{report}");
     assert!(busiest < OPEN_FILES, "the agent held {busiest} descriptors");
     // Refusals are counted one by one but logged at most once a second.
-    let log = fs::read_to_string(&agent.log).unwrap();
+    let log = agent_log(&cluster, "node1");
     let logged = log
         .lines()
         .filter(|line| {
