@@ -10,7 +10,8 @@
 //! moment without capture; maps are reused from their pins, so state such as original
 //! destinations of connections in flight survives the restart.
 //!
-//! Unsafe code in the agent is confined to this module and [`netns`].
+//! Unsafe code in the agent is confined to this module, [`netns`] and `memory` (one
+//! call to the C allocator).
 
 pub mod flows;
 pub mod netns;

@@ -17,6 +17,7 @@ pub mod datapath;
 pub mod files;
 pub mod identity;
 pub mod logging;
+pub mod memory;
 pub mod mesh;
 pub mod node;
 pub mod proxy;

@@ -28,7 +28,7 @@ use weft_agent::{
     controller::Controller,
     datapath::{CaptureTarget, Datapath, Pins, flows::Flow, pinned::OriginalDestinations},
     identity::Identity,
-    logging,
+    logging, memory,
     mesh::MeshConfig,
     node::{Node, NodeHandle},
     proxy::{self, Proxy},
@@ -162,8 +162,8 @@ struct RunArgs {
     /// quarter of what the open-file limit allows).
     #[arg(long, env = "WEFT_MAX_CONNECTIONS_PER_SOURCE", value_parser = clap::value_parser!(u64).range(1..))]
     max_connections_per_source: Option<u64>,
-    /// Connections one source address may hold before they authenticate: a TLS
-    /// handshake on 15008, a pod the configuration names on 15001 (default 256).
+    /// Connections one source address may hold on the HBONE port before their TLS
+    /// handshakes prove a mesh identity (default 256).
     #[arg(long, env = "WEFT_MAX_PENDING_PER_SOURCE", value_parser = clap::value_parser!(u64).range(1..))]
     max_pending_per_source: Option<u64>,
     /// TLS handshakes one source address may start a second on the HBONE port, with
@@ -256,7 +256,6 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 )
             }
         });
-        tokio::spawn(release_idle_connections(Arc::clone(&proxy)));
         log::info!(
             "weft-agent {} serving on node {}: outbound :{}, HBONE :{}, metrics :{}, ready :{}, admin 127.0.0.1:{}",
             env!("CARGO_PKG_VERSION"),
@@ -381,6 +380,7 @@ async fn control(args: RunArgs, started: std::sync::mpsc::Sender<anyhow::Result<
         }
         _ => {}
     }
+    tokio::spawn(tidy(Arc::clone(&proxy)));
     let _ = started.send(Ok(proxy));
     cni::serve(listener, node).await;
 }
@@ -584,12 +584,20 @@ fn proxy_settings(args: &RunArgs) -> anyhow::Result<proxy::Settings> {
     Ok(settings)
 }
 
-/// Forgets idle pooled HBONE connections now and then (see `hbone::Pool::release_idle`).
-async fn release_idle_connections(proxy: Arc<Proxy>) {
+/// Every 10 s: forgets idle pooled HBONE connections (`hbone::Pool::release_idle`),
+/// and gives the memory of connections gone back to the system once the agent holds
+/// far fewer than it did (`memory::give_back`).
+async fn tidy(proxy: Arc<Proxy>) {
+    /// Connections fewer than at the peak that are worth a trim (a few megabytes).
+    const FEWER: usize = 256;
     let mut ticks = tokio::time::interval(Duration::from_secs(10));
     loop {
         ticks.tick().await;
         proxy.pool.release_idle();
+        let (peak, now) = proxy.admission.take_peak();
+        if peak >= now + FEWER {
+            memory::give_back();
+        }
     }
 }
 

@@ -230,9 +230,11 @@ fn idle_connections_neither_starve_their_service_account_nor_outlive_the_idle_ti
     let rss_idle = rss();
     idler.kill().unwrap();
     let _ = idler.wait();
-    wait_until("the idle connections to close", Duration::from_secs(30), || {
-        metric(&cluster, "node0", "weft_active_connections", &[]) == 0.0
-    });
+    wait_until(
+        "the idle connections to close",
+        Duration::from_secs(30),
+        || metric(&cluster, "node0", "weft_active_connections", &[]) == 0.0,
+    );
     eprintln!(
         "agents' RSS (node0, node1): {rss_before:?} KiB before, {rss_idle:?} with 2000 idle connections, {:?} after",
         rss()

@@ -134,14 +134,31 @@ impl Counts {
     }
 }
 
-/// Whether one more pending connection from a source with `source` counts fits, when
-/// the agent holds `everything`.
-pub fn decide(everything: Counts, source: Counts, limits: &Limits) -> Result<(), Refused> {
+/// Where a connection comes in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Door {
+    /// 15001: a local pod's connection, captured by the kernel, which vouches for its
+    /// source. Naming the source costs a map lookup, and a pod may open hundreds of
+    /// connections in its first milliseconds, so only its share and the agent's caps
+    /// apply, not a pending share of its own.
+    Captured,
+    /// 15008: a TLS handshake from anywhere on the node network.
+    Hbone,
+}
+
+/// Whether one more pending connection through `door` from a source with `source`
+/// counts fits, when the agent holds `everything`.
+pub fn decide(
+    everything: Counts,
+    source: Counts,
+    limits: &Limits,
+    door: Door,
+) -> Result<(), Refused> {
     if everything.all() >= limits.total {
         Err(Refused::Total)
     } else if everything.pending >= limits.pending {
         Err(Refused::Pending)
-    } else if source.pending >= limits.pending_per_source {
+    } else if door == Door::Hbone && source.pending >= limits.pending_per_source {
         Err(Refused::SourcePending)
     } else if source.all() >= limits.per_source {
         Err(Refused::Source)
@@ -199,6 +216,8 @@ pub struct Admission {
 #[derive(Debug, Default)]
 struct State {
     everything: Counts,
+    /// The most held at once since [`Admission::take_peak`] last looked.
+    peak: usize,
     by_source: HashMap<IpAddr, Counts>,
     /// Handshake budgets of the sources that used some lately.
     handshakes: HashMap<IpAddr, Bucket>,
@@ -219,22 +238,22 @@ impl Admission {
         self.limits
     }
 
-    /// Takes on a connection just accepted from `source`, as pending.
+    /// Takes on a captured connection just accepted from `source`, as pending.
     pub fn admit(self: &Arc<Self>, source: IpAddr) -> Result<Permit, Refused> {
         let mut state = sync::lock(&self.counts);
         let known = state.by_source.get(&source).copied().unwrap_or_default();
-        decide(state.everything, known, &self.limits)?;
+        decide(state.everything, known, &self.limits, Door::Captured)?;
         Ok(self.count(&mut state, source))
     }
 
-    /// [`Admission::admit`] for a connection that is about to start a TLS handshake:
-    /// also within its source's handshake rate.
+    /// Takes on a connection to the HBONE port just accepted from `source`, as pending:
+    /// within the source's pending share and its handshake rate too.
     pub fn admit_handshake(self: &Arc<Self>, source: IpAddr) -> Result<Permit, Refused> {
         let rate = self.limits.handshakes_per_source;
         let now = Instant::now();
         let mut state = sync::lock(&self.counts);
         let known = state.by_source.get(&source).copied().unwrap_or_default();
-        decide(state.everything, known, &self.limits)?;
+        decide(state.everything, known, &self.limits, Door::Hbone)?;
         if state.handshakes.len() >= REMEMBERED_BUDGETS {
             state
                 .handshakes
@@ -252,6 +271,7 @@ impl Admission {
 
     fn count(self: &Arc<Self>, state: &mut State, source: IpAddr) -> Permit {
         state.everything.pending += 1;
+        state.peak = state.peak.max(state.everything.all());
         state.by_source.entry(source).or_default().pending += 1;
         Permit {
             admission: Arc::clone(self),
@@ -267,6 +287,7 @@ impl Admission {
             return Err(Refused::Total);
         }
         state.everything.established += 1;
+        state.peak = state.peak.max(state.everything.all());
         Ok(Permit {
             admission: Arc::clone(self),
             source: None,
@@ -283,6 +304,14 @@ impl Admission {
             .max_by_key(|(_, counts)| counts.all())
             .map(|(source, counts)| (*source, *counts));
         (state.everything, busiest)
+    }
+
+    /// The most connections held at once since the last call, and how many are held
+    /// now (which the next call's peak starts from).
+    pub fn take_peak(&self) -> (usize, usize) {
+        let mut state = sync::lock(&self.counts);
+        let now = state.everything.all();
+        (std::mem::replace(&mut state.peak, now), now)
     }
 
     fn release(&self, source: Option<IpAddr>, pending: bool) {
@@ -363,6 +392,29 @@ mod tests {
     #[test]
     fn the_tightest_limit_decides() {
         let cases = [
+            // A pod's own burst is only held to its share.
+            (counts(10, 0), counts(10, 0), Door::Captured, Ok(())),
+            (
+                counts(25, 0),
+                counts(24, 1),
+                Door::Captured,
+                Err(Refused::Source),
+            ),
+            (
+                counts(75, 0),
+                counts(0, 0),
+                Door::Captured,
+                Err(Refused::Pending),
+            ),
+        ];
+        for (everything, source, door, expected) in cases {
+            assert_eq!(
+                decide(everything, source, &LIMITS, door),
+                expected,
+                "{everything:?} {source:?} {door:?}"
+            );
+        }
+        let cases = [
             (counts(0, 0), counts(0, 0), Ok(())),
             (counts(9, 50), counts(9, 15), Ok(())),
             (counts(10, 50), counts(10, 0), Err(Refused::SourcePending)),
@@ -377,7 +429,7 @@ mod tests {
         ];
         for (everything, source, expected) in cases {
             assert_eq!(
-                decide(everything, source, &LIMITS),
+                decide(everything, source, &LIMITS, Door::Hbone),
                 expected,
                 "{everything:?} {source:?}"
             );
@@ -401,23 +453,30 @@ mod tests {
 
     #[test]
     fn permits_move_from_pending_to_established_and_give_their_place_back() {
-        let admission = Admission::new(LIMITS);
+        let admission = Admission::new(Limits {
+            handshakes_per_source: 1000,
+            ..LIMITS
+        });
         let flooder: IpAddr = "10.99.0.254".parse().unwrap();
         let peer: IpAddr = "10.99.0.2".parse().unwrap();
-        let mut held: Vec<Permit> = (0..10).map(|_| admission.admit(flooder).unwrap()).collect();
+        let mut held: Vec<Permit> = (0..10)
+            .map(|_| admission.admit_handshake(flooder).unwrap())
+            .collect();
         assert_eq!(
-            admission.admit(flooder).unwrap_err(),
+            admission.admit_handshake(flooder).unwrap_err(),
             Refused::SourcePending
         );
         // Another source is not held back by the first.
-        let mut permit = admission.admit(peer).unwrap();
+        let mut permit = admission.admit_handshake(peer).unwrap();
         permit.authenticated();
         assert_eq!(admission.counts().0, counts(10, 1));
         // Authenticated, the flooder's connections no longer count as pending ...
         for permit in &mut held {
             permit.authenticated();
         }
-        let mut more: Vec<Permit> = (0..10).map(|_| admission.admit(flooder).unwrap()).collect();
+        let mut more: Vec<Permit> = (0..10)
+            .map(|_| admission.admit_handshake(flooder).unwrap())
+            .collect();
         let (everything, busiest) = admission.counts();
         assert_eq!(everything, counts(10, 11));
         assert_eq!(busiest, Some((flooder, counts(10, 10))));
@@ -425,12 +484,20 @@ mod tests {
         for permit in &mut more {
             permit.authenticated();
         }
-        let last: Vec<Permit> = (0..5).map(|_| admission.admit(flooder).unwrap()).collect();
-        assert_eq!(admission.admit(flooder).unwrap_err(), Refused::Source);
+        let last: Vec<Permit> = (0..5)
+            .map(|_| admission.admit_handshake(flooder).unwrap())
+            .collect();
+        assert_eq!(
+            admission.admit_handshake(flooder).unwrap_err(),
+            Refused::Source
+        );
         let tunnels: Vec<Permit> = (0..5).map(|_| admission.admit_tunnel().unwrap()).collect();
         assert_eq!(admission.counts().0, counts(5, 26));
+        assert_eq!(admission.take_peak(), (31, 31));
         drop((held, more, last, tunnels, permit));
         assert_eq!(admission.counts(), (Counts::default(), None));
+        assert_eq!(admission.take_peak(), (31, 0));
+        assert_eq!(admission.take_peak(), (0, 0));
     }
 
     #[tokio::test(start_paused = true)]
