@@ -154,8 +154,9 @@ impl Node {
             .name("weft-node".into())
             .spawn(move || {
                 while let Some(command) = received.blocking_recv() {
-                    // A panic is a bug; the reply is dropped (the caller reports it) and
-                    // the next command syncs the datapath with the records again.
+                    // A panic is a bug: its reply is dropped (the caller reports that),
+                    // the thread carries on, and the next configuration applied syncs
+                    // every pod's datapath with the records again.
                     let _ = std::panic::catch_unwind(AssertUnwindSafe(|| self.run(command)));
                     published.replace(self.enrolled());
                 }
