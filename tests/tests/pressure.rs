@@ -164,6 +164,16 @@ fn metric(cluster: &TestCluster, node: &str, name: &str, labels: &[(&str, &str)]
     series(&agent_metrics(cluster, node), name, labels).unwrap_or(0.0)
 }
 
+/// How many of node0's outbound connections ended with `outcome`.
+fn outcomes(cluster: &TestCluster, outcome: &str) -> f64 {
+    metric(
+        cluster,
+        "node0",
+        "weft_connection_outcomes_total",
+        &[("direction", "outbound"), ("outcome", outcome)],
+    )
+}
+
 /// `weft-load` from pod `client`: `rate` new connections a second to the echo service
 /// for `seconds`; returns its report.
 fn load(cluster: &TestCluster, rate: u32, seconds: u32) -> serde_json::Value {
@@ -244,12 +254,7 @@ fn idle_connections_neither_starve_their_service_account_nor_outlive_the_idle_ti
     // close after 3 s, not before, and are logged as such.
     cluster.set_mesh_yaml(&format!("{MESH}{IDLE_POLICY}"));
     cluster.settle();
-    let before = metric(
-        &cluster,
-        "node0",
-        "weft_connection_outcomes_total",
-        &[("direction", "outbound"), ("outcome", "idle_timeout")],
-    );
+    let before = outcomes(&cluster, "idle_timeout");
     let (mut watcher, mut out) = idle_connections(&cluster, "idler", 200, "watch");
     let closed = last_line(&mut out);
     let _ = watcher.wait();
@@ -262,12 +267,7 @@ fn idle_connections_neither_starve_their_service_account_nor_outlive_the_idle_ti
         longest < 30.0,
         "the idle timeout did not close them: {closed}"
     );
-    let after = metric(
-        &cluster,
-        "node0",
-        "weft_connection_outcomes_total",
-        &[("direction", "outbound"), ("outcome", "idle_timeout")],
-    );
+    let after = outcomes(&cluster, "idle_timeout");
     assert_eq!(after - before, 200.0);
     let log = agent_log(&cluster, "node0");
     let idle_lines = log
@@ -282,26 +282,14 @@ fn idle_connections_neither_starve_their_service_account_nor_outlive_the_idle_ti
     );
 
     // A connection the server never answered is not `ok`.
-    let before = metric(
-        &cluster,
-        "node0",
-        "weft_connection_outcomes_total",
-        &[("direction", "outbound"), ("outcome", "no_response")],
-    );
+    let before = outcomes(&cluster, "no_response");
     let (mut abandoner, mut out) = idle_connections(&cluster, "idler", 1, "abandon");
     assert_eq!(last_line(&mut out)["received"], 0);
     let _ = abandoner.wait();
     wait_until(
         "the abandoned connection's outcome",
         Duration::from_secs(10),
-        || {
-            metric(
-                &cluster,
-                "node0",
-                "weft_connection_outcomes_total",
-                &[("direction", "outbound"), ("outcome", "no_response")],
-            ) == before + 1.0
-        },
+        || outcomes(&cluster, "no_response") == before + 1.0,
     );
 }
 
