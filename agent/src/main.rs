@@ -7,7 +7,7 @@
 
 use std::{
     io::Write as _,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -31,7 +31,10 @@ use weft_agent::{
     logging, memory,
     mesh::MeshConfig,
     node::{Node, NodeHandle},
-    proxy::{self, Proxy},
+    proxy::{
+        self, Proxy,
+        metrics::{AccessLog, AccessLogMode},
+    },
     reload::{self, Current},
     subscription::{self, Offer},
     tls::CertStore,
@@ -175,6 +178,25 @@ struct RunArgs {
         value_parser = clap::value_parser!(u32).range(1..)
     )]
     max_handshakes_per_source: u32,
+    /// How long protocol detection waits for a client's first bytes on a port whose
+    /// protocol no appProtocol or port name declares; a silent client is carried as
+    /// TCP after it (server-speaks-first protocols wait this long once).
+    #[arg(long, env = "WEFT_DETECT_TIMEOUT", value_parser = parse_duration, default_value = "100ms")]
+    detect_timeout: Duration,
+    /// Which access-log lines to write (target `weft::access`).
+    #[arg(long, env = "WEFT_ACCESS_LOG", value_enum, default_value_t = AccessLogMode::Request)]
+    access_log: AccessLogMode,
+    /// The share of access-log lines written, 0 to 1.
+    #[arg(long, env = "WEFT_ACCESS_LOG_SAMPLING", value_parser = parse_ratio, default_value = "1")]
+    access_log_sampling: f64,
+}
+
+/// A ratio flag: a number from 0 to 1.
+fn parse_ratio(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(ratio) if (0.0..=1.0).contains(&ratio) => Ok(ratio),
+        _ => Err(format!("{text:?} is not a ratio from 0 to 1")),
+    }
 }
 
 /// The longest duration a flag takes: beyond a day, a timeout is a mistake.
@@ -245,17 +267,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the data-plane runtime")?;
     data.block_on(async move {
-        let outbound = TcpListener::from_std(outbound)?;
-        let inbound = TcpListener::from_std(inbound)?;
-        let serving = tokio::spawn({
-            let proxy = Arc::clone(&proxy);
-            async move {
-                tokio::join!(
-                    proxy::serve_outbound(outbound, Arc::clone(&proxy)),
-                    proxy::serve_inbound(inbound, proxy)
-                )
-            }
-        });
+        let mut serving = tokio::task::JoinSet::new();
+        for listener in outbound {
+            let listener = TcpListener::from_std(listener)?;
+            serving.spawn(proxy::serve_outbound(listener, Arc::clone(&proxy)));
+        }
+        for listener in inbound {
+            let listener = TcpListener::from_std(listener)?;
+            serving.spawn(proxy::serve_inbound(listener, Arc::clone(&proxy)));
+        }
         log::info!(
             "weft-agent {} serving on node {}: outbound :{}, HBONE :{}, metrics :{}, ready :{}, admin 127.0.0.1:{}",
             env!("CARGO_PKG_VERSION"),
@@ -272,7 +292,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => {}
         }
         // Stop accepting, let open connections finish, then close what is left.
-        serving.abort();
+        serving.abort_all();
         let active = proxy.active();
         if active > 0 {
             log::info!("draining {active} connection(s) for up to {:?}", args.drain_timeout);
@@ -293,12 +313,33 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A listening socket on `port` of every IPv4 address, for the data-plane runtime.
-fn listen(port: u16, what: &str) -> anyhow::Result<std::net::TcpListener> {
-    let listener = std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
+/// Listening sockets on `port` of every IPv4 address and, where the node has IPv6,
+/// every IPv6 address (a socket of its own, so IPv4 peers keep IPv4 addresses), for
+/// the data-plane runtime.
+fn listen(port: u16, what: &str) -> anyhow::Result<Vec<std::net::TcpListener>> {
+    let bind = |address: SocketAddr| -> std::io::Result<std::net::TcpListener> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(address),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        if address.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        socket.set_reuse_address(true)?;
+        socket.bind(&address.into())?;
+        socket.listen(4096)?;
+        socket.set_nonblocking(true)?;
+        Ok(socket.into())
+    };
+    let ipv4 = bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
         .with_context(|| format!("cannot listen on port {port} ({what})"))?;
-    listener.set_nonblocking(true)?;
-    Ok(listener)
+    let mut listeners = vec![ipv4];
+    match bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))) {
+        Ok(ipv6) => listeners.push(ipv6),
+        Err(err) => log::info!("not listening on IPv6 port {port} ({what}): {err}"),
+    }
+    Ok(listeners)
 }
 
 /// The control side: starts the datapath, enrollment and proxy state, reports the
@@ -415,9 +456,16 @@ async fn start(args: &RunArgs) -> anyhow::Result<Started> {
             ],
         )
         .context("invalid histogram buckets")?
+        // Istio's body sizes, by powers of ten as Istio buckets them.
+        .set_buckets_for_metric(
+            Matcher::Suffix("_bytes".to_owned()),
+            &[1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9],
+        )
+        .context("invalid histogram buckets")?
         .install_recorder()
         .context("cannot install the metrics recorder")?;
     proxy::metrics::describe();
+    proxy::describe_requests();
     subscription::describe_metrics();
     let mut first_offer = None;
     let mut offers = None;
@@ -564,6 +612,11 @@ fn proxy_settings(args: &RunArgs) -> anyhow::Result<proxy::Settings> {
     let mut settings = proxy::Settings::new(open_files);
     settings.idle_timeout = args.idle_timeout;
     settings.source_wait = args.source_wait;
+    settings.detect_timeout = args.detect_timeout;
+    settings.access_log = AccessLog {
+        mode: args.access_log,
+        sampling: args.access_log_sampling,
+    };
     let limits = &mut settings.limits;
     if let Some(per_source) = args.max_connections_per_source {
         limits.per_source = usize::try_from(per_source).unwrap_or(usize::MAX);
@@ -594,6 +647,8 @@ async fn tidy(proxy: Arc<Proxy>) {
     loop {
         ticks.tick().await;
         proxy.pool.release_idle();
+        proxy.http_pool.release_idle();
+        proxy.balancers.retain(&proxy.mesh.get().endpoint_addresses());
         let (peak, now) = proxy.admission.take_peak();
         if peak >= now + FEWER {
             memory::give_back();

@@ -43,7 +43,7 @@ pub mod resources;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -76,6 +76,80 @@ pub struct MeshConfig {
     /// with one, the agent reads its bundle from `--trust-bundle`.
     #[serde(skip)]
     pub trust_anchors: Vec<TrustAnchor>,
+    /// Lookups by address, built on first use.
+    #[serde(skip)]
+    index: Index,
+}
+
+/// The configuration's lookups of the data path, by workload IP and by service
+/// VIP:port, so that no connection or request scans the lists. Built on the first
+/// lookup: a configuration is not changed once it is published (a clone starts a new
+/// index, so a changed clone is safe).
+#[derive(Debug, Default)]
+struct Index(std::sync::OnceLock<Maps>);
+
+#[derive(Debug, Default)]
+struct Maps {
+    workloads: HashMap<IpAddr, usize>,
+    /// (VIP, port) → (service, port entry).
+    services: HashMap<(IpAddr, u16), (usize, usize)>,
+    /// (endpoint, target port) → the first (service, port entry) that leads there.
+    endpoints: HashMap<(IpAddr, u16), (usize, usize)>,
+}
+
+impl Clone for Index {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+/// Two configurations are equal by their content; the index is derived from it.
+impl PartialEq for Index {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Index {}
+
+impl Index {
+    fn maps(&self, config: &MeshConfig) -> &Maps {
+        self.0.get_or_init(|| {
+            let workloads = config
+                .workloads
+                .iter()
+                .enumerate()
+                .map(|(position, workload)| (workload.ip, position))
+                .collect();
+            let services = config
+                .services
+                .iter()
+                .enumerate()
+                .flat_map(|(service, entry)| {
+                    entry
+                        .ports
+                        .iter()
+                        .enumerate()
+                        .map(move |(port, ports)| ((entry.vip, ports.port), (service, port)))
+                })
+                .collect();
+            let mut endpoints = HashMap::new();
+            for (service, entry) in config.services.iter().enumerate() {
+                for (port, ports) in entry.ports.iter().enumerate() {
+                    for ip in &entry.endpoints {
+                        endpoints
+                            .entry((*ip, ports.target()))
+                            .or_insert((service, port));
+                    }
+                }
+            }
+            Maps {
+                workloads,
+                services,
+                endpoints,
+            }
+        })
+    }
 }
 
 /// A root the mesh trusts.
@@ -100,6 +174,7 @@ impl Default for MeshConfig {
             services: Vec::new(),
             exclude_ports: Vec::new(),
             trust_anchors: Vec::new(),
+            index: Index::default(),
         }
     }
 }
@@ -404,23 +479,46 @@ impl MeshConfig {
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
-        self.workloads.iter().find(|workload| workload.ip == ip)
+        let position = *self.index.maps(self).workloads.get(&ip.to_canonical())?;
+        self.workloads.get(position)
     }
 
     /// The service behind `vip:port`, with the port entry that matched.
-    pub fn service_at(&self, vip: IpAddr, port: u16) -> Option<(&Service, ServicePort)> {
-        self.services.iter().find_map(|service| {
-            let matched = service.ports.iter().find(|entry| entry.port == port)?;
-            (service.vip == vip).then_some((service, *matched))
-        })
+    pub fn service_at(&self, vip: IpAddr, port: u16) -> Option<(&Service, &ServicePort)> {
+        let (service, entry) = *self
+            .index
+            .maps(self)
+            .services
+            .get(&(vip.to_canonical(), port))?;
+        let service = self.services.get(service)?;
+        Some((service, service.ports.get(entry)?))
     }
 
-    /// The idle timeout the TrafficPolicy of service `namespace/name` sets, if any.
-    pub fn idle_timeout(&self, namespace: &str, name: &str) -> Option<Duration> {
+    /// A service, and its port entry, that leads to the endpoint `address` (the
+    /// destination side of a tunnel knows the pod, not the service the client chose).
+    pub fn service_of_endpoint(&self, address: SocketAddr) -> Option<(&Service, &ServicePort)> {
+        let (service, entry) = *self
+            .index
+            .maps(self)
+            .endpoints
+            .get(&(address.ip().to_canonical(), address.port()))?;
+        let service = self.services.get(service)?;
+        Some((service, service.ports.get(entry)?))
+    }
+
+    /// Every service endpoint with its target port: what balancers keep state for.
+    pub fn endpoint_addresses(&self) -> HashSet<SocketAddr> {
         self.services
             .iter()
-            .find(|service| service.namespace == namespace && service.name == name)
-            .and_then(|service| service.idle_timeout)
+            .flat_map(|service| {
+                service.ports.iter().flat_map(|port| {
+                    service
+                        .endpoints
+                        .iter()
+                        .map(|ip| SocketAddr::new(*ip, port.target()))
+                })
+            })
+            .collect()
     }
 
     /// The longest idle timeout any service sets: the destination side of a tunnel

@@ -2,18 +2,24 @@
 //! inbound (HBONE tunnels from other nodes' agents), with the state both share.
 
 pub mod admission;
+pub mod balance;
+mod connect;
+mod detect;
+mod error;
 pub mod hbone;
+mod http;
 mod inbound;
+mod logical;
 pub mod metrics;
 mod outbound;
 mod relay;
+mod tcp;
 
 use std::{
-    collections::HashMap,
     future::Future,
     net::SocketAddr,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
@@ -25,15 +31,21 @@ use tokio::{
 };
 use weft_common::AGENT_MARK;
 
-use self::admission::{Admission, Limits, Permit, Refused};
-pub use self::{inbound::serve as serve_inbound, outbound::serve as serve_outbound};
+use self::{
+    admission::{Admission, Limits, Permit, Refused},
+    balance::Balancers,
+    metrics::AccessLog,
+};
+pub use self::{
+    http::describe as describe_requests, inbound::serve as serve_inbound,
+    outbound::serve as serve_outbound,
+};
 use crate::{
     datapath::pinned::OriginalDestinations,
     identity::Identity,
     logging::{Throttle, held_back},
     mesh::MeshConfig,
     reload::Current,
-    sync,
     tls::CertStore,
 };
 
@@ -41,7 +53,7 @@ use crate::{
 pub const HBONE_PORT: u16 = 15008;
 
 /// The data path's timeouts and bounds, in one place (`weft-agent run` flags).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Settings {
     /// How long a connection to a pod or a peer agent may take to establish.
     pub connect_timeout: Duration,
@@ -51,9 +63,13 @@ pub struct Settings {
     /// How long a captured connection from a pod the mesh configuration does not name
     /// yet (it was just created) waits for the configuration, and for its certificate.
     pub source_wait: Duration,
+    /// How long protocol detection waits for a client's first bytes
+    /// ([`detect`]).
+    pub detect_timeout: Duration,
     /// What the agent takes on at once.
     pub limits: Limits,
     pub hbone: hbone::Settings,
+    pub access_log: AccessLog,
 }
 
 impl Settings {
@@ -68,13 +84,17 @@ impl Settings {
     ///   creation on a healthy cluster (the controller sees the pod's address, compiles,
     ///   streams; then the CA signs its certificate); five give a busy control plane
     ///   room while a pod the configuration never names still fails fast.
+    /// - `detect_timeout` 100 ms: an HTTP client sends its request as soon as it is
+    ///   connected; a server-speaks-first client waits this long for its greeting.
     pub fn new(open_files: u64) -> Self {
         Self {
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(3600),
             source_wait: Duration::from_secs(5),
+            detect_timeout: Duration::from_millis(100),
             limits: Limits::for_open_files(open_files),
             hbone: hbone::Settings::default(),
+            access_log: AccessLog::default(),
         }
     }
 }
@@ -99,11 +119,12 @@ pub struct Proxy {
     pub mesh: Arc<Current<MeshConfig>>,
     pub certs: Arc<Current<CertStore>>,
     pub pool: hbone::Pool<PoolKey>,
+    /// Upstream HTTP connections of the outbound side.
+    pub http_pool: http::Pool,
+    pub balancers: Balancers,
     pub settings: Settings,
     pub admission: Arc<Admission>,
     original_destinations: OriginalDestinations,
-    /// Next endpoint index per service, for round-robin.
-    round_robin: Mutex<HashMap<(String, String), usize>>,
     connections: Arc<Connections>,
 }
 
@@ -120,10 +141,11 @@ impl Proxy {
             mesh,
             certs,
             pool: hbone::Pool::new(settings.hbone),
+            http_pool: http::Pool::default(),
+            balancers: Balancers::new(),
             admission: Admission::new(settings.limits),
             settings,
             original_destinations,
-            round_robin: Mutex::new(HashMap::new()),
             connections: Arc::default(),
         }
     }
@@ -141,25 +163,6 @@ impl Proxy {
     /// Counts a connection for as long as the guard lives.
     fn track(&self) -> Tracked {
         self.connections.track()
-    }
-
-    /// The next endpoint of service `namespace/name` among `endpoints` (round robin).
-    fn pick(
-        &self,
-        namespace: &str,
-        name: &str,
-        endpoints: &[std::net::IpAddr],
-    ) -> Option<std::net::IpAddr> {
-        if endpoints.is_empty() {
-            return None;
-        }
-        let mut next = sync::lock(&self.round_robin);
-        let slot = next
-            .entry((namespace.to_owned(), name.to_owned()))
-            .or_insert(0);
-        let endpoint = endpoints[*slot % endpoints.len()];
-        *slot = slot.wrapping_add(1);
-        Some(endpoint)
     }
 }
 

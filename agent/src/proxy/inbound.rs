@@ -6,10 +6,12 @@
 //! HBONE handshake timeout. Each CONNECT on the connection must name a meshed pod on
 //! this node running as that same workload identity — anything else is refused, so the
 //! agent is never an open relay — and is then carried to the pod on a marked
-//! connection.
+//! connection: copied as TCP, or served request by request when the pod's port speaks
+//! HTTP (declared by its service, or detected from the first bytes).
 
 use std::{net::SocketAddr, sync::Arc};
 
+use bytes::Bytes;
 use http::StatusCode;
 use tokio::{net::TcpStream, time::Instant};
 use tokio_rustls::TlsAcceptor;
@@ -18,12 +20,15 @@ use super::{
     Proxy,
     admission::{Admission, Permit},
     connect_marked,
+    detect::{Detected, Rewind, detect},
     hbone::{self, Incoming},
+    http::{self, Inbound},
     metrics::{self, Connection, Peer, Reporter},
     relay::relay,
 };
 use crate::{
     identity::Identity,
+    mesh::Protocol,
     logging::{Throttle, held_back},
     tls,
 };
@@ -185,7 +190,7 @@ async fn tunnel(
             );
         }
     };
-    let mut tunnel = match incoming.accept() {
+    let tunnel = match incoming.accept() {
         Ok(tunnel) => tunnel,
         Err(err) => {
             log::info!("HBONE from {peer} to {target}: {err}");
@@ -199,10 +204,41 @@ async fn tunnel(
         .map_or(proxy.settings.idle_timeout, |longest| {
             longest.max(proxy.settings.idle_timeout)
         });
+    let (service, protocol) = match mesh.service_of_endpoint(target) {
+        Some((service, port)) => (
+            Some((service.namespace.clone(), service.name.clone())),
+            port.protocol(),
+        ),
+        None => (None, Protocol::Detect),
+    };
     drop(mesh);
-    connection.opened();
-    let outcome = relay(&mut tunnel, &mut pod, Some(idle)).await.into();
-    connection.closed(&outcome);
+    // Declared HTTP may be either version: the HTTP server tells them apart.
+    let (detected, mut tunnel) = match protocol {
+        Protocol::Tcp => (Detected::Tcp, Rewind::new(Bytes::new(), tunnel)),
+        Protocol::Http | Protocol::Http2 | Protocol::Grpc => {
+            (Detected::Http1, Rewind::new(Bytes::new(), tunnel))
+        }
+        Protocol::Detect => detect(tunnel, proxy.settings.detect_timeout).await,
+    };
+    if detected != Detected::Tcp {
+        let inbound = Inbound {
+            target,
+            client: client.clone(),
+            server: server.clone(),
+            source: connection.source,
+            destination: connection.destination,
+            service,
+        };
+        return http::serve_inbound(Arc::clone(proxy), inbound, tunnel, pod).await;
+    }
+    connection.service = service;
+    let open = connection.opened(&proxy.settings.access_log);
+    let outcome = relay(&mut tunnel, &mut pod, Some(idle), |received, sent| {
+        open.progress(received, sent);
+    })
+    .await
+    .into();
+    open.closed(&outcome);
 }
 
 /// The original client address from the `Forwarded: for=` header, if well formed.

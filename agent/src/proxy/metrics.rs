@@ -1,16 +1,20 @@
 //! Telemetry of proxied connections: Istio's standard TCP metrics (so existing
 //! dashboards and Kiali work), `weft_*` series for the proxy's own events, and one
-//! JSON access-log line per connection.
+//! JSON access-log line per connection. Request telemetry is in [`super::http`].
 
 use std::{
     net::SocketAddr,
+    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, SystemTime},
 };
 
-use metrics::{Label, counter, histogram};
+use metrics::{Counter, Label, counter, histogram};
 use serde::Serialize;
 
-use super::relay::{End, Relayed};
+use super::{
+    error::ProxyError,
+    relay::{End, Relayed},
+};
 use crate::{identity::Identity, mesh::Workload};
 
 /// Which side of the tunnel reports, as Istio's `reporter` label says.
@@ -78,14 +82,14 @@ pub enum Ending {
     Closed,
     /// Nothing moved either way for the idle timeout, so the agent closed it.
     IdleTimeout,
-    /// The connection could not be carried to the end; what went wrong.
-    Failed(String),
+    /// The connection could not be carried to the end.
+    Failed(ProxyError),
 }
 
 impl Outcome {
-    pub fn failed(message: String) -> Self {
+    pub fn failed(error: ProxyError) -> Self {
         Self {
-            ending: Ending::Failed(message),
+            ending: Ending::Failed(error),
             ..Self::default()
         }
     }
@@ -111,7 +115,7 @@ impl From<Relayed> for Outcome {
             ending: match relayed.end {
                 End::Done => Ending::Closed,
                 End::IdleTimeout(_) => Ending::IdleTimeout,
-                End::Failed(err) => Ending::Failed(format!("copy: {err}")),
+                End::Failed(err) => Ending::Failed(ProxyError::Copy(err)),
             },
         }
     }
@@ -129,7 +133,9 @@ impl Connection {
         }
     }
 
-    fn labels(&self) -> Vec<Label> {
+    /// Istio's labels of the connection's series, for `protocol` (`tcp`, `http`,
+    /// `grpc`) and `flags` (Envoy's `response_flags`, `-` for none).
+    pub fn labels(&self, protocol: &'static str, flags: &'static str) -> Vec<Label> {
         let value = |value: &Option<String>| value.clone().unwrap_or_else(|| "unknown".to_owned());
         let (service_namespace, service_name) = self
             .service
@@ -139,17 +145,8 @@ impl Connection {
             Some((namespace, name)) => format!("{name}.{namespace}.svc.cluster.local"),
             None => "unknown".to_owned(),
         };
-        let reporter = match self.reporter {
-            Reporter::Source => "source",
-            Reporter::Destination => "destination",
-        };
-        let policy = if self.mutual_tls {
-            "mutual_tls"
-        } else {
-            "none"
-        };
         vec![
-            Label::new("reporter", reporter),
+            Label::new("reporter", self.reporter.word()),
             Label::new("source_workload", value(&self.source.workload)),
             Label::new("source_workload_namespace", value(&self.source.namespace)),
             Label::new("source_principal", value(&self.source.principal)),
@@ -168,47 +165,142 @@ impl Connection {
             Label::new("destination_service_name", service_name),
             Label::new("destination_service_namespace", service_namespace),
             Label::new("destination_cluster", "Kubernetes"),
-            Label::new("request_protocol", "tcp"),
-            Label::new("response_flags", "-"),
-            Label::new("connection_security_policy", policy),
+            Label::new("request_protocol", protocol),
+            Label::new("response_flags", flags),
+            Label::new("connection_security_policy", self.security()),
         ]
     }
 
-    pub fn opened(&self) {
-        counter!("istio_tcp_connections_opened_total", self.labels()).increment(1);
+    fn security(&self) -> &'static str {
+        if self.mutual_tls { "mutual_tls" } else { "none" }
     }
 
-    /// Counts the connection's end and bytes, and writes its access-log line.
-    pub fn closed(&self, outcome: &Outcome) {
-        let labels = self.labels();
-        counter!("istio_tcp_connections_closed_total", labels.clone()).increment(1);
-        counter!("istio_tcp_received_bytes_total", labels.clone()).increment(outcome.received);
-        counter!("istio_tcp_sent_bytes_total", labels).increment(outcome.sent);
-        let direction = match self.reporter {
+    /// Counts the connection as opened; the returned handles count its bytes while it
+    /// is open and its end.
+    pub fn opened(self, log: &AccessLog) -> OpenConnection {
+        let labels = self.labels("tcp", "-");
+        counter!("istio_tcp_connections_opened_total", labels.clone()).increment(1);
+        OpenConnection {
+            closed: counter!("istio_tcp_connections_closed_total", labels.clone()),
+            received: counter!("istio_tcp_received_bytes_total", labels.clone()),
+            sent: counter!("istio_tcp_sent_bytes_total", labels),
+            reported: (AtomicU64::new(0), AtomicU64::new(0)),
+            log: log.connections(),
+            connection: self,
+        }
+    }
+}
+
+/// An open connection's series, resolved once.
+pub struct OpenConnection {
+    connection: Connection,
+    closed: Counter,
+    received: Counter,
+    sent: Counter,
+    /// Bytes already counted, each way.
+    reported: (AtomicU64, AtomicU64),
+    log: bool,
+}
+
+impl OpenConnection {
+    /// Counts the bytes carried so far (`received` and `sent` are totals), so that a
+    /// long-lived connection shows its traffic while it is open.
+    pub fn progress(&self, received: u64, sent: u64) {
+        let previous = self.reported.0.swap(received, Ordering::Relaxed);
+        self.received.increment(received.saturating_sub(previous));
+        let previous = self.reported.1.swap(sent, Ordering::Relaxed);
+        self.sent.increment(sent.saturating_sub(previous));
+    }
+
+    /// Counts the connection's end and last bytes, and writes its access-log line.
+    pub fn closed(self, outcome: &Outcome) {
+        self.progress(outcome.received, outcome.sent);
+        self.closed.increment(1);
+        let connection = &self.connection;
+        let direction = match connection.reporter {
             Reporter::Source => "outbound",
             Reporter::Destination => "inbound",
         };
         counter!("weft_connection_outcomes_total", "direction" => direction, "outcome" => outcome.word())
             .increment(1);
-        let duration = self.started.elapsed().unwrap_or(Duration::ZERO);
+        if !self.log {
+            return;
+        }
+        let duration = connection.started.elapsed().unwrap_or(Duration::ZERO);
         let mut line = serde_json::json!({
-            "start": unix_seconds(self.started),
+            "start": unix_seconds(connection.started),
             "duration_ms": duration.as_secs_f64() * 1000.0,
-            "connection": self,
+            "connection": connection,
+            "request_protocol": "tcp",
             "bytes_received": outcome.received,
             "bytes_sent": outcome.sent,
-            "security": if self.mutual_tls { "mutual_tls" } else { "none" },
+            "security": connection.security(),
             "outcome": outcome.word(),
         });
-        if let Ending::Failed(message) = &outcome.ending {
-            line["error"] = message.as_str().into();
+        if let Ending::Failed(error) = &outcome.ending {
+            line["error"] = error.to_string().into();
+            line["response_flags"] = error.response_flags().into();
         }
         log::info!(target: "weft::access", "{line}");
     }
 }
 
+impl Reporter {
+    pub fn word(self) -> &'static str {
+        match self {
+            Reporter::Source => "source",
+            Reporter::Destination => "destination",
+        }
+    }
+}
+
+/// Which access-log lines the agent writes (`--access-log`) and what share of them
+/// (`--access-log-sampling`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AccessLog {
+    pub mode: AccessLogMode,
+    /// 0 to 1: the share of lines written.
+    pub sampling: f64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum AccessLogMode {
+    /// One line per HTTP request and one per TCP connection.
+    #[default]
+    Request,
+    /// One line per connection, HTTP ones included.
+    Connection,
+    /// No access log.
+    Off,
+}
+
+impl Default for AccessLog {
+    fn default() -> Self {
+        Self {
+            mode: AccessLogMode::Request,
+            sampling: 1.0,
+        }
+    }
+}
+
+impl AccessLog {
+    fn sampled(&self) -> bool {
+        self.sampling >= 1.0 || (self.sampling > 0.0 && fastrand::f64() < self.sampling)
+    }
+
+    /// Whether this TCP connection gets a line.
+    pub fn connections(&self) -> bool {
+        self.mode != AccessLogMode::Off && self.sampled()
+    }
+
+    /// Whether this HTTP request gets a line.
+    pub fn requests(&self) -> bool {
+        self.mode == AccessLogMode::Request && self.sampled()
+    }
+}
+
 /// Seconds since the Unix epoch, with milliseconds.
-fn unix_seconds(time: SystemTime) -> f64 {
+pub fn unix_seconds(time: SystemTime) -> f64 {
     time.duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs_f64()

@@ -41,27 +41,48 @@ pub enum End {
     Failed(io::Error),
 }
 
+/// How often a relay reports the bytes it has carried so far: Istio's default TCP
+/// reporting interval.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(15);
+
 /// Copies between `client` and `server` until both directions end; with `idle`, gives
-/// up once nothing has moved for that long.
-pub async fn relay<C, S>(client: &mut C, server: &mut S, idle: Option<Duration>) -> Relayed
+/// up once nothing has moved for that long. Every [`PROGRESS_INTERVAL`] it calls
+/// `progress` with the bytes delivered so far (received, sent).
+pub async fn relay<C, S>(
+    client: &mut C,
+    server: &mut S,
+    idle: Option<Duration>,
+    mut progress: impl FnMut(u64, u64),
+) -> Relayed
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     let activity = Activity::new();
-    let mut client = Watched::new(client, &activity);
-    let mut server = Watched::new(server, &activity);
+    let (received, sent) = (AtomicU64::new(0), AtomicU64::new(0));
+    let mut client = Watched::new(client, &activity, &sent);
+    let mut server = Watched::new(server, &activity, &received);
+    let carried = || {
+        (
+            received.load(Ordering::Relaxed),
+            sent.load(Ordering::Relaxed),
+        )
+    };
     let end = {
         let copy = copy_bidirectional_with_sizes(&mut client, &mut server, BUFFER, BUFFER);
         tokio::pin!(copy);
+        let mut report = tokio::time::interval_at(Instant::now() + PROGRESS_INTERVAL, PROGRESS_INTERVAL);
         loop {
-            let Some(idle) = idle else {
-                break ended(copy.as_mut().await);
-            };
+            let idle_deadline = idle.map(|idle| activity.last() + idle);
             tokio::select! {
                 result = copy.as_mut() => break ended(result),
-                () = tokio::time::sleep_until(activity.last() + idle) => {
+                _ = report.tick() => {
+                    let (received, sent) = carried();
+                    progress(received, sent);
+                }
+                () = sleep_until_some(idle_deadline) => {
                     // Something may have moved while this timer ran: wait for the rest.
+                    let idle = idle.unwrap_or_default();
                     if activity.last() + idle <= Instant::now() {
                         break End::IdleTimeout(idle);
                     }
@@ -69,10 +90,19 @@ where
             }
         }
     };
+    let (received, sent) = carried();
     Relayed {
-        received: server.written,
-        sent: client.written,
+        received,
+        sent,
         end,
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -111,15 +141,15 @@ impl Activity {
 struct Watched<'a, T: ?Sized> {
     io: &'a mut T,
     activity: &'a Activity,
-    written: u64,
+    written: &'a AtomicU64,
 }
 
 impl<'a, T: ?Sized> Watched<'a, T> {
-    fn new(io: &'a mut T, activity: &'a Activity) -> Self {
+    fn new(io: &'a mut T, activity: &'a Activity, written: &'a AtomicU64) -> Self {
         Self {
             io,
             activity,
-            written: 0,
+            written,
         }
     }
 }
@@ -149,7 +179,7 @@ impl<T: AsyncWrite + Unpin + ?Sized> AsyncWrite for Watched<'_, T> {
         let this = self.get_mut();
         let polled = Pin::new(&mut *this.io).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = polled {
-            this.written += n as u64;
+            this.written.fetch_add(n as u64, Ordering::Relaxed);
         }
         polled
     }
@@ -177,7 +207,7 @@ mod tests {
         let (mut server_side, mut server) = duplex(1024);
         let relay =
             tokio::spawn(
-                async move { relay(&mut client_side, &mut server_side, Some(IDLE)).await },
+                async move { relay(&mut client_side, &mut server_side, Some(IDLE), |_, _| {}).await },
             );
         client.write_all(b"hello").await.unwrap();
         client.shutdown().await.unwrap();
@@ -199,7 +229,7 @@ mod tests {
         let (_client, mut client_side) = duplex(1024);
         let (mut server_side, _server) = duplex(1024);
         let started = Instant::now();
-        let relayed = relay(&mut client_side, &mut server_side, Some(IDLE)).await;
+        let relayed = relay(&mut client_side, &mut server_side, Some(IDLE), |_, _| {}).await;
         assert!(matches!(relayed.end, End::IdleTimeout(IDLE)), "{relayed:?}");
         assert_eq!(started.elapsed(), IDLE);
     }
@@ -211,7 +241,7 @@ mod tests {
         let started = Instant::now();
         let relay =
             tokio::spawn(
-                async move { relay(&mut client_side, &mut server_side, Some(IDLE)).await },
+                async move { relay(&mut client_side, &mut server_side, Some(IDLE), |_, _| {}).await },
             );
         // A byte every 2 s, alternating directions, for 10 s: never 3 s of silence.
         for round in 0..5 {
@@ -236,11 +266,37 @@ mod tests {
         let (client, mut client_side) = duplex(1024);
         let (mut server_side, server) = duplex(1024);
         let relay =
-            tokio::spawn(async move { relay(&mut client_side, &mut server_side, None).await });
+            tokio::spawn(async move { relay(&mut client_side, &mut server_side, None, |_, _| {}).await });
         tokio::time::sleep(Duration::from_secs(24 * 3600)).await;
         assert!(!relay.is_finished());
         drop((client, server));
         let relayed = relay.await.unwrap();
         assert!(matches!(relayed.end, End::Done), "{relayed:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_long_connection_reports_its_bytes_while_it_is_open() {
+        let (mut client, mut client_side) = duplex(1024);
+        let (mut server_side, mut server) = duplex(1024);
+        let (reports, reported) = std::sync::mpsc::channel();
+        let relay = tokio::spawn(async move {
+            relay(&mut client_side, &mut server_side, None, |received, sent| {
+                reports.send((received, sent)).unwrap();
+            })
+            .await
+        });
+        client.write_all(b"abc").await.unwrap();
+        let mut three = [0; 3];
+        server.read_exact(&mut three).await.unwrap();
+        tokio::time::sleep(PROGRESS_INTERVAL + Duration::from_millis(1)).await;
+        assert_eq!(reported.try_recv(), Ok((3, 0)));
+        server.write_all(b"de").await.unwrap();
+        let mut two = [0; 2];
+        client.read_exact(&mut two).await.unwrap();
+        tokio::time::sleep(PROGRESS_INTERVAL).await;
+        assert_eq!(reported.try_recv(), Ok((3, 2)));
+        drop((client, server));
+        let relayed = relay.await.unwrap();
+        assert_eq!((relayed.received, relayed.sent), (3, 2));
     }
 }

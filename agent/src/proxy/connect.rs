@@ -1,0 +1,272 @@
+//! `connect(Endpoint)`: one way to open a byte stream to a concrete endpoint, shared
+//! by the TCP copy and the HTTP client — a marked socket to a pod of this node, an
+//! HBONE tunnel (pooled, in mutual TLS as the source workload) to another node's
+//! agent, or a plain connection to an address outside the mesh.
+
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    task::{Context, Poll},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use http::{HeaderValue, Method, Request};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+use tokio_rustls::TlsConnector;
+
+use super::{
+    PoolKey, Proxy, connect_marked, connect_within,
+    error::ProxyError,
+    hbone::{HboneError, Tunnel},
+    logical::{Endpoint, Hop, Source},
+    metrics,
+};
+use crate::{identity::Identity, mesh::MeshConfig, tls};
+
+/// An open stream to an endpoint.
+#[derive(Debug)]
+pub enum Upstream {
+    Tcp(TcpStream),
+    Tunnel(Box<Tunnel>),
+}
+
+/// Opens a stream to `endpoint` for `source`. A tunnel's CONNECT carries `traceparent`
+/// (the trace of the request that needed it) or else a new trace.
+pub async fn connect(
+    proxy: &Proxy,
+    endpoint: &Endpoint,
+    source: &Source,
+    traceparent: Option<String>,
+) -> Result<Upstream, ProxyError> {
+    let timeout = proxy.settings.connect_timeout;
+    let failed = |source| ProxyError::Connect {
+        target: endpoint.address,
+        source,
+    };
+    match &endpoint.hop {
+        Hop::Local => connect_marked(endpoint.address, timeout)
+            .await
+            .map(Upstream::Tcp)
+            .map_err(failed),
+        Hop::Passthrough => {
+            let tcp = connect_within(timeout, TcpStream::connect(endpoint.address))
+                .await
+                .map_err(failed)?;
+            let _ = tcp.set_nodelay(true);
+            Ok(Upstream::Tcp(tcp))
+        }
+        Hop::Tunnel { agent, destination } => {
+            let request = connect_request(&proxy.mesh.get(), source, endpoint.address, traceparent);
+            tunnel(proxy, &source.identity, destination, *agent, request)
+                .await
+                .map(|tunnel| Upstream::Tunnel(Box::new(tunnel)))
+                .map_err(|err| {
+                    let reason = failure_reason(&err);
+                    metrics::hbone_failure("outbound", reason);
+                    ProxyError::Hbone {
+                        agent: *agent,
+                        target: endpoint.address,
+                        reason,
+                        source: err,
+                    }
+                })
+        }
+    }
+}
+
+/// Opens an HBONE tunnel through the agent at `agent`, on a pooled connection.
+async fn tunnel(
+    proxy: &Proxy,
+    source: &Identity,
+    destination: &Identity,
+    agent: SocketAddr,
+    request: Request<()>,
+) -> Result<Tunnel, HboneError> {
+    let certs = proxy.certs.get();
+    let key = PoolKey {
+        source: source.clone(),
+        certificate: certs.serial(source).unwrap_or_default().to_owned(),
+        destination: destination.clone(),
+        agent,
+    };
+    let connect_timeout = proxy.settings.connect_timeout;
+    let dial = || async move {
+        let config = certs
+            .client_config(source, destination)
+            .map_err(io::Error::other)?;
+        let tcp = connect_within(connect_timeout, TcpStream::connect(agent)).await?;
+        tcp.set_nodelay(true)?;
+        let name = tls::server_name(destination).map_err(io::Error::other)?;
+        TlsConnector::from(config).connect(name, tcp).await
+    };
+    proxy.pool.connect(&key, dial, request).await
+}
+
+/// The `weft_hbone_failures_total` reason of a failed tunnel: when the TLS handshake
+/// with the peer agent failed on a certificate, which problem
+/// ([`tls::handshake_failure_reason`]); otherwise the HBONE error's own reason (`dial`
+/// for any other failure to connect, TLS included).
+///
+/// Two cases keep the generic reason. The peer's refusal of *our* certificate: in TLS
+/// 1.3 the client's handshake completes before the server checks the client
+/// certificate, so the alert arrives during the HTTP/2 handshake, whose error keeps
+/// only its text (`handshake`). And callers that waited for another caller's dial to
+/// the same peer: they get the reason the pool recorded (`dial`).
+fn failure_reason(err: &HboneError) -> &'static str {
+    match err {
+        HboneError::Dial(io) => match tls::handshake_failure_reason(io) {
+            "tls_handshake" => err.reason(),
+            certificate => certificate,
+        },
+        _ => err.reason(),
+    }
+}
+
+/// The CONNECT request, with the headers Istio's HBONE peers send: `Forwarded` (the
+/// original client), `baggage` (the client workload) and `traceparent`.
+fn connect_request(
+    mesh: &MeshConfig,
+    source: &Source,
+    target: SocketAddr,
+    traceparent: Option<String>,
+) -> Request<()> {
+    let identity = &source.identity;
+    let workload = mesh.workload_by_ip(source.address.ip());
+    let mut baggage = format!(
+        "k8s.cluster.name=Kubernetes,k8s.namespace.name={},service.name={}",
+        identity.namespace,
+        workload
+            .and_then(|workload| workload.labels.get("app"))
+            .map_or(identity.service_account.as_str(), String::as_str)
+    );
+    if let Some(workload) = workload {
+        baggage.push_str(&format!(",k8s.pod.name={}", workload.name));
+    }
+    let mut request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(target.to_string())
+        .body(())
+        .expect("a socket address is a valid authority");
+    let headers = request.headers_mut();
+    let forwarded = match source.address.ip() {
+        std::net::IpAddr::V4(ip) => format!("for={ip}"),
+        std::net::IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
+    };
+    for (name, value) in [
+        ("forwarded", forwarded),
+        ("baggage", baggage),
+        ("traceparent", traceparent.unwrap_or_else(new_traceparent)),
+    ] {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(name, value);
+        }
+    }
+    request
+}
+
+/// A W3C `traceparent` for a new sampled trace. The ids only need to be unique, not
+/// secret: they mix the clock, the process and a counter through the standard hasher,
+/// whose keys are random per process.
+fn new_traceparent() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    static KEYS: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    let keys = KEYS.get_or_init(Default::default);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let id = |salt: u64| {
+        let mut hasher = keys.build_hasher();
+        hasher.write_u128(nanos);
+        hasher.write_u64(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        hasher.write_u64(salt);
+        hasher.finish()
+    };
+    format!("00-{:016x}{:016x}-{:016x}-01", id(1), id(2), id(3))
+}
+
+impl AsyncRead for Upstream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Tcp(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            Upstream::Tunnel(tunnel) => Pin::new(tunnel.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Upstream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Upstream::Tcp(tcp) => Pin::new(tcp).poll_write(cx, buf),
+            Upstream::Tunnel(tunnel) => Pin::new(tunnel.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Tcp(tcp) => Pin::new(tcp).poll_flush(cx),
+            Upstream::Tunnel(tunnel) => Pin::new(tunnel.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Tcp(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            Upstream::Tunnel(tunnel) => Pin::new(tunnel.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_dials_name_the_certificate_problem() {
+        use std::io::{Error, ErrorKind};
+
+        use rustls::{CertificateError, Error as RustlsError};
+
+        let tls = |error: RustlsError| HboneError::Dial(Error::new(ErrorKind::InvalidData, error));
+        assert_eq!(
+            failure_reason(&tls(CertificateError::Expired.into())),
+            "certificate_expired"
+        );
+        assert_eq!(
+            failure_reason(&tls(CertificateError::UnknownIssuer.into())),
+            "certificate_untrusted"
+        );
+        // Other TLS failures, and failures to connect at all, stay `dial`.
+        assert_eq!(failure_reason(&tls(RustlsError::DecryptError)), "dial");
+        let refused = HboneError::Dial(Error::from(ErrorKind::ConnectionRefused));
+        assert_eq!(failure_reason(&refused), "dial");
+        assert_eq!(failure_reason(&HboneError::Closed), "closed");
+    }
+
+    #[test]
+    fn traceparents_are_well_formed_and_distinct() {
+        let one = new_traceparent();
+        let two = new_traceparent();
+        assert_ne!(one, two);
+        let parts: Vec<&str> = one.split('-').collect();
+        assert_eq!(parts.len(), 4, "{one}");
+        assert_eq!(
+            (parts[0], parts[1].len(), parts[2].len(), parts[3]),
+            ("00", 32, 16, "01")
+        );
+    }
+}

@@ -1,0 +1,207 @@
+//! The data path's one error type: why a connection or a request could not be carried.
+//! Each error has a `reason()` (the label of `weft_connections_refused_total` and the
+//! access log's `error`), Envoy's `response_flags` (what Istio's dashboards read), and
+//! the HTTP status an HTTP client gets when its request fails on it.
+
+use std::{io, net::SocketAddr, time::Duration};
+
+use http::StatusCode;
+
+use super::hbone::HboneError;
+use crate::{datapath::DatapathError, identity::Identity};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(
+        "no original destination recorded for {0}: it was not captured by weft, or the record was evicted"
+    )]
+    UnknownOriginalDestination(SocketAddr),
+    #[error(
+        "{peer} is not a workload of the mesh configuration, after waiting {waited:?} for it: \
+         is the controller running, and does it see the pod?"
+    )]
+    UnknownSource { peer: SocketAddr, waited: Duration },
+    #[error("{0} is neither a service nor a meshed workload of the mesh configuration")]
+    UnknownDestination(SocketAddr),
+    #[error("service {0} has no ready endpoint (check its selector and its pods' readiness)")]
+    NoEndpoints(String),
+    #[error("workload {0} has no node in the mesh configuration")]
+    NoNode(String),
+    #[error("node {0} is not in the mesh configuration")]
+    UnknownNode(String),
+    #[error(
+        "no certificate for {identity} after waiting {waited:?} for one: is the controller's \
+         CA reachable from this node (see weft_certificate_failures_total)?"
+    )]
+    NoCertificate {
+        identity: Identity,
+        waited: Duration,
+    },
+    #[error("reading the original destination failed: {0}")]
+    Datapath(#[from] DatapathError),
+    #[error("connecting to {target} failed: {source}")]
+    Connect {
+        target: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("HBONE to {agent} for {target} failed ({reason}): {source}")]
+    Hbone {
+        agent: SocketAddr,
+        target: SocketAddr,
+        /// [`HboneError::reason`], or the certificate problem the TLS handshake hit.
+        reason: &'static str,
+        #[source]
+        source: HboneError,
+    },
+    #[error("the HTTP/{version} handshake with {target} failed: {source}")]
+    UpstreamHandshake {
+        target: SocketAddr,
+        version: &'static str,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("{target} reset or closed the request before it answered: {source}")]
+    UpstreamReset {
+        target: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("{0} closed a new connection before the request could be sent")]
+    UpstreamClosed(SocketAddr),
+    #[error("upgrading the connection ({what}) failed: {source}")]
+    Upgrade {
+        what: &'static str,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("copying bytes failed: {0}")]
+    Copy(#[source] io::Error),
+}
+
+impl ProxyError {
+    /// A short machine-readable name, for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProxyError::UnknownOriginalDestination(_) => "unknown_original_destination",
+            ProxyError::UnknownSource { .. } => "unknown_source",
+            ProxyError::UnknownDestination(_) => "unknown_destination",
+            ProxyError::NoEndpoints(_) => "no_endpoints",
+            ProxyError::NoNode(_) | ProxyError::UnknownNode(_) => "unknown_node",
+            ProxyError::NoCertificate { .. } => "no_certificate",
+            ProxyError::Datapath(_) => "datapath",
+            ProxyError::Connect { source, .. } if source.kind() == io::ErrorKind::TimedOut => {
+                "connect_timeout"
+            }
+            ProxyError::Connect { .. } => "connect",
+            ProxyError::Hbone { reason, .. } => reason,
+            ProxyError::UpstreamHandshake { .. } => "upstream_handshake",
+            ProxyError::UpstreamReset { .. } => "upstream_reset",
+            ProxyError::UpstreamClosed(_) => "upstream_closed",
+            ProxyError::Upgrade { .. } => "upgrade",
+            ProxyError::Copy(_) => "copy",
+        }
+    }
+
+    /// Envoy's `response_flags` for the failure: `NR` no route, `UH` no healthy
+    /// upstream, `UF` upstream connection failure, `UC` upstream connection
+    /// termination, `DC` downstream connection termination.
+    pub fn response_flags(&self) -> &'static str {
+        match self {
+            ProxyError::UnknownOriginalDestination(_)
+            | ProxyError::UnknownSource { .. }
+            | ProxyError::UnknownDestination(_)
+            | ProxyError::NoNode(_)
+            | ProxyError::UnknownNode(_)
+            | ProxyError::Datapath(_) => "NR",
+            ProxyError::NoEndpoints(_) => "UH",
+            ProxyError::NoCertificate { .. }
+            | ProxyError::Connect { .. }
+            | ProxyError::Hbone { .. }
+            | ProxyError::UpstreamHandshake { .. } => "UF",
+            ProxyError::UpstreamReset { .. }
+            | ProxyError::UpstreamClosed(_)
+            | ProxyError::Upgrade { .. } => "UC",
+            ProxyError::Copy(_) => "DC",
+        }
+    }
+
+    /// The status an HTTP client gets for a request that failed on this.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::Connect { source, .. } if source.kind() == io::ErrorKind::TimedOut => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            ProxyError::UnknownDestination(_) => StatusCode::NOT_FOUND,
+            ProxyError::UpstreamReset { .. }
+            | ProxyError::UpstreamClosed(_)
+            | ProxyError::Upgrade { .. } => StatusCode::BAD_GATEWAY,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The gRPC status a gRPC client gets instead (`UNAVAILABLE`, `DEADLINE_EXCEEDED`,
+    /// `UNIMPLEMENTED` for no route), as gRPC maps HTTP statuses.
+    pub fn grpc_status(&self) -> u8 {
+        match self.status() {
+            StatusCode::GATEWAY_TIMEOUT => 4,
+            StatusCode::NOT_FOUND => 12,
+            _ => 14,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_failure_has_a_reason_flags_and_a_status() {
+        let target: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let table = [
+            (
+                ProxyError::NoEndpoints("shop/web".into()),
+                ("no_endpoints", "UH", 503, 14),
+            ),
+            (
+                ProxyError::Connect {
+                    target,
+                    source: io::ErrorKind::ConnectionRefused.into(),
+                },
+                ("connect", "UF", 503, 14),
+            ),
+            (
+                ProxyError::Connect {
+                    target,
+                    source: io::ErrorKind::TimedOut.into(),
+                },
+                ("connect_timeout", "UF", 504, 4),
+            ),
+            (
+                ProxyError::UnknownDestination(target),
+                ("unknown_destination", "NR", 404, 12),
+            ),
+            (
+                ProxyError::Hbone {
+                    agent: target,
+                    target,
+                    reason: "certificate_expired",
+                    source: HboneError::Closed,
+                },
+                ("certificate_expired", "UF", 503, 14),
+            ),
+        ];
+        for (error, (reason, flags, status, grpc)) in table {
+            assert_eq!(
+                (
+                    error.reason(),
+                    error.response_flags(),
+                    error.status().as_u16(),
+                    error.grpc_status()
+                ),
+                (reason, flags, status, grpc),
+                "{error}"
+            );
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! The request layer: HTTP/1.1, HTTP/2 and gRPC proxied request by request.
+//!
+//! Outbound ([`serve_outbound`]), the client's agent serves the captured connection
+//! as an HTTP server and sends each request on its own: the service's balancer picks
+//! an endpoint per request, and the request rides a pooled upstream connection to it
+//! ([`pool`]) — in an HBONE tunnel to another node, HTTP/2 multiplexed where the
+//! backend speaks it. Inbound ([`serve_inbound`]), the destination agent serves the
+//! tunnel's stream the same way and passes each request to the pod, so that it can
+//! measure (and, later, authorize) every request. Bodies stream through; `Upgrade`
+//! (WebSocket) switches both connections to a byte copy.
+
+mod body;
+mod headers;
+mod inbound;
+mod outbound;
+pub mod pool;
+mod telemetry;
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+pub use self::{
+    inbound::{Inbound, serve as serve_inbound},
+    outbound::serve as serve_outbound,
+    pool::Pool,
+    telemetry::describe,
+};
+use self::{body::Measured, pool::Sender};
+use super::{Proxy, connect::Upstream, error::ProxyError, relay::relay};
+
+/// The body of every request and response the agent forwards or makes.
+pub type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// Serves HTTP/1.1 or HTTP/2 (told by the connection preface) on `io` until the client
+/// closes it, each request answered by `handle`.
+async fn serve<IO, H, Fut>(io: IO, handle: H) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    let handle = Arc::new(handle);
+    let service = service_fn(move |request| {
+        let handle = Arc::clone(&handle);
+        async move { Ok::<_, Infallible>(handle(request).await) }
+    });
+    auto::Builder::new(TokioExecutor::new())
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .await
+}
+
+/// A forwarded request's response, with what its measurement needs.
+struct Forwarded {
+    response: Response<Incoming>,
+    /// The HTTP/1.1 connection to give back once the response is read (not for an
+    /// upgraded one).
+    sender: Option<Sender>,
+    request_bytes: Arc<AtomicU64>,
+}
+
+/// Sends `request` to `key`'s endpoint: hop-by-hop fields removed, the target in the
+/// upstream version's form, the body counted. A request that upgrades its connection
+/// gets a connection of its own, spliced to the client's once the server agrees.
+async fn forward<F, Fut>(
+    proxy: &Arc<Proxy>,
+    pool: &Pool,
+    mut key: pool::Key,
+    dial: F,
+    mut request: Request<Incoming>,
+) -> Result<Forwarded, ProxyError>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<Upstream, ProxyError>>,
+{
+    let upgrade = headers::wants_upgrade(&request);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+    if upgrade {
+        key.version = pool::Version::Http1;
+    }
+    headers::prepare_request(&mut request, key.version, upgrade);
+    let request_bytes = Arc::new(AtomicU64::new(0));
+    let request = request.map(|body| {
+        let counted = Arc::clone(&request_bytes);
+        Measured::new(body, move |seen| {
+            counted.store(seen.bytes, Ordering::Relaxed);
+        })
+        .boxed_unsync()
+    });
+    let (mut response, sender) = pool.send(&key, dial, request, !upgrade).await?;
+    let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if let Some(client_upgrade) = client_upgrade
+        && switched
+    {
+        let server_upgrade = hyper::upgrade::on(&mut response);
+        let tracked = proxy.track();
+        let idle = proxy.settings.idle_timeout;
+        tokio::spawn(async move {
+            let _tracked = tracked;
+            if let (Ok(client), Ok(server)) = tokio::join!(client_upgrade, server_upgrade) {
+                let (mut client, mut server) = (TokioIo::new(client), TokioIo::new(server));
+                relay(&mut client, &mut server, Some(idle), |_, _| {}).await;
+            }
+        });
+    }
+    headers::strip_hop_by_hop(response.headers_mut(), switched);
+    Ok(Forwarded {
+        response,
+        sender: (!upgrade).then_some(sender),
+        request_bytes,
+    })
+}
+
+/// The answer to a request that failed on `error`: its HTTP status with the reason in
+/// the body, or for gRPC a trailers-only response with the matching gRPC status.
+fn failure(error: &ProxyError, grpc: bool) -> Response<ProxyBody> {
+    let reason = error.reason();
+    let mut response = if grpc {
+        let mut response = Response::new(empty());
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert("grpc-status", HeaderValue::from(error.grpc_status()));
+        headers.insert("grpc-message", HeaderValue::from_static(reason));
+        response
+    } else {
+        let mut response = Response::new(
+            Full::new(Bytes::from(format!("{reason}\n")))
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        );
+        *response.status_mut() = error.status();
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        response
+    };
+    response
+        .headers_mut()
+        .insert("x-weft-error", HeaderValue::from_static(reason));
+    response
+}
+
+fn empty() -> ProxyBody {
+    Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}

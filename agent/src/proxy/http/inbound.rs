@@ -1,0 +1,169 @@
+//! The destination agent: the HTTP requests inside one HBONE tunnel are served, said
+//! to come from the tunnel's authenticated client (`x-forwarded-client-cert`), passed
+//! to the pod on a connection of the tunnel's own, and measured as the destination
+//! reporter.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex, atomic::Ordering},
+};
+
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
+
+use super::{
+    Pool, ProxyBody,
+    body::{Measured, Seen},
+    failure, forward, headers, pool,
+    telemetry::{Exchange, Record, Requests},
+};
+use crate::{
+    identity::Identity,
+    logging::{Throttle, held_back},
+    proxy::{
+        Proxy, connect::Upstream, connect_marked, error::ProxyError, metrics::Peer,
+        metrics::Reporter,
+    },
+    sync,
+};
+
+/// Who is at both ends of a tunnel.
+pub struct Inbound {
+    /// The pod's address.
+    pub target: SocketAddr,
+    pub client: Identity,
+    pub server: Identity,
+    pub source: Peer,
+    pub destination: Peer,
+    pub service: Option<(String, String)>,
+}
+
+struct Tunnel {
+    proxy: Arc<Proxy>,
+    inbound: Inbound,
+    requests: Requests,
+    /// The tunnel's connections to the pod: one for HTTP/1.1, whose requests come one
+    /// at a time, and one HTTP/2 connection for all.
+    pool: Pool,
+    /// The connection made before the tunnel was accepted, used first.
+    first: Mutex<Option<TcpStream>>,
+}
+
+/// Serves the tunnel's stream as HTTP until it closes; `pod` is a connection to the
+/// pod already made.
+pub async fn serve<IO>(proxy: Arc<Proxy>, inbound: Inbound, stream: IO, pod: TcpStream)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    static FAILED: Throttle = Throttle::new();
+    let requests = Requests::new(
+        Reporter::Destination,
+        inbound.source.clone(),
+        inbound.service.clone(),
+        proxy.settings.access_log,
+    );
+    let tunnel = Arc::new(Tunnel {
+        proxy,
+        requests,
+        pool: Pool::default(),
+        first: Mutex::new(Some(pod)),
+        inbound,
+    });
+    let client = tunnel.inbound.client.clone();
+    let served = super::serve(stream, move |request| Arc::clone(&tunnel).request(request)).await;
+    if let Err(err) = served
+        && let Some(held) = FAILED.allow()
+    {
+        log::info!("inbound HTTP in a tunnel from {client} ended: {err}{}", held_back(held));
+    }
+}
+
+impl Tunnel {
+    async fn request(self: Arc<Self>, mut request: Request<Incoming>) -> Response<ProxyBody> {
+        let exchange = Exchange::of(&request, None);
+        let inbound = &self.inbound;
+        headers::forwarding_inbound(request.headers_mut(), &inbound.client, &inbound.server);
+        let version = if request.version() == http::Version::HTTP_2 {
+            pool::Version::Http2
+        } else {
+            pool::Version::Http1
+        };
+        let key = pool::Key {
+            source: None,
+            endpoint: inbound.target,
+            version,
+        };
+        let dial = || async {
+            let first = sync::lock(&self.first).take();
+            match first {
+                Some(pod) => Ok(Upstream::Tcp(pod)),
+                None => connect_marked(inbound.target, self.proxy.settings.connect_timeout)
+                    .await
+                    .map(Upstream::Tcp)
+                    .map_err(|source| ProxyError::Connect {
+                        target: inbound.target,
+                        source,
+                    }),
+            }
+        };
+        let forwarded = match forward(&self.proxy, &self.pool, key.clone(), dial, request).await {
+            Ok(forwarded) => forwarded,
+            Err(error) => return self.failed(&exchange, error),
+        };
+        let status = forwarded.response.status().as_u16();
+        let header_grpc_status = headers::grpc_status(forwarded.response.headers());
+        let this = Arc::clone(&self);
+        let done = move |seen: Seen| {
+            if seen.complete
+                && let Some(sender) = forwarded.sender
+            {
+                this.pool.check_in(key, sender);
+            }
+            this.requests.record(Record {
+                exchange: &exchange,
+                destination: Some(&this.inbound.destination),
+                mutual_tls: true,
+                status,
+                grpc_status: seen.grpc_status.or(header_grpc_status),
+                flags: if seen.complete { "-" } else { "DC" },
+                error: None,
+                request_bytes: forwarded.request_bytes.load(Ordering::Relaxed),
+                response_bytes: seen.bytes,
+            });
+        };
+        forwarded
+            .response
+            .map(|body| Measured::new(body, done).boxed_unsync())
+    }
+
+    fn failed(&self, exchange: &Exchange, error: ProxyError) -> Response<ProxyBody> {
+        static FAILED: Throttle = Throttle::new();
+        if let Some(held) = FAILED.allow() {
+            log::warn!(
+                "inbound {} {} from {}: {error}{}",
+                exchange.method,
+                exchange.path,
+                self.inbound.client,
+                held_back(held)
+            );
+        }
+        let response = failure(&error, exchange.protocol == "grpc");
+        self.requests.record(Record {
+            exchange,
+            destination: Some(&self.inbound.destination),
+            mutual_tls: true,
+            status: response.status().as_u16(),
+            grpc_status: headers::grpc_status(response.headers()),
+            flags: error.response_flags(),
+            error: Some(error.to_string()),
+            request_bytes: 0,
+            response_bytes: 0,
+        });
+        response
+    }
+}

@@ -1,0 +1,232 @@
+//! Upstream HTTP connections, pooled per (source identity, endpoint, HTTP version):
+//! one HTTP/2 connection multiplexes every request to an endpoint; HTTP/1.1
+//! connections carry one request at a time and wait idle in the pool between them.
+//!
+//! The source identity is part of the key because a connection to another node rides
+//! an HBONE tunnel authenticated as the client workload: requests of two workloads
+//! never share one. Connections to pods of this node and outside the mesh have none.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::SocketAddr,
+    sync::Mutex,
+    time::Duration,
+};
+
+use http::{Request, Response};
+use hyper::{
+    body::Incoming,
+    client::conn::{http1, http2},
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::time::Instant;
+
+use super::ProxyBody;
+use crate::{
+    identity::Identity,
+    proxy::{connect::Upstream, error::ProxyError},
+    sync,
+};
+
+/// How long an HTTP/1.1 connection may wait idle in the pool. Servers close idle
+/// keep-alive connections too (Node.js after 5 s, hyper's header timeout after 30 s);
+/// a request that finds its connection closed before it was sent is sent again on a
+/// new one, so this only bounds what the pool holds.
+const IDLE: Duration = Duration::from_secs(30);
+
+/// Idle HTTP/1.1 connections kept per key; more are closed when their response ends.
+const MAX_IDLE: usize = 64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Version {
+    Http1,
+    Http2,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Key {
+    pub source: Option<Identity>,
+    pub endpoint: SocketAddr,
+    pub version: Version,
+}
+
+#[derive(Debug, Default)]
+pub struct Pool {
+    slots: Mutex<HashMap<Key, Slot>>,
+}
+
+#[derive(Debug)]
+enum Slot {
+    Http2(http2::SendRequest<ProxyBody>),
+    Http1(Vec<(http1::SendRequest<ProxyBody>, Instant)>),
+}
+
+/// A connection checked out for one request.
+#[derive(Debug)]
+pub enum Sender {
+    Http1(http1::SendRequest<ProxyBody>),
+    Http2(http2::SendRequest<ProxyBody>),
+}
+
+impl Pool {
+    /// Sends `request` to `key`'s endpoint on a pooled connection (with `reuse`), or
+    /// on a new one `dial` opens. Returns the response and the connection, to give
+    /// back ([`Pool::check_in`]) once the response has been read.
+    pub async fn send<F, Fut>(
+        &self,
+        key: &Key,
+        dial: F,
+        mut request: Request<ProxyBody>,
+        reuse: bool,
+    ) -> Result<(Response<Incoming>, Sender), ProxyError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<Upstream, ProxyError>>,
+    {
+        // A pooled connection the server closed before our request went out gives the
+        // request back: send it again on a new connection.
+        if let Some(sender) = reuse.then(|| self.check_out(key)).flatten() {
+            match try_send(sender, request, key.endpoint).await {
+                Ok(sent) => return Ok(sent),
+                Err(Unsent::Back(again)) => request = again,
+                Err(Unsent::Failed(error)) => return Err(error),
+            }
+        }
+        let sender = self.dial(key, dial).await?;
+        match try_send(sender, request, key.endpoint).await {
+            Ok(sent) => Ok(sent),
+            Err(Unsent::Back(_)) => Err(ProxyError::UpstreamClosed(key.endpoint)),
+            Err(Unsent::Failed(error)) => Err(error),
+        }
+    }
+
+    /// Opens a connection; an HTTP/2 one is pooled at once, for every request.
+    async fn dial<F, Fut>(&self, key: &Key, dial: F) -> Result<Sender, ProxyError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<Upstream, ProxyError>>,
+    {
+        let io = TokioIo::new(dial().await?);
+        let handshake_failed = |version, source| ProxyError::UpstreamHandshake {
+            target: key.endpoint,
+            version,
+            source,
+        };
+        match key.version {
+            Version::Http1 => {
+                let (sender, connection) = http1::Builder::new()
+                    .handshake(io)
+                    .await
+                    .map_err(|err| handshake_failed("1.1", err))?;
+                tokio::spawn(async move {
+                    // Errors reach the request that was on the connection.
+                    let _ = connection.with_upgrades().await;
+                });
+                Ok(Sender::Http1(sender))
+            }
+            Version::Http2 => {
+                let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+                    .handshake(io)
+                    .await
+                    .map_err(|err| handshake_failed("2", err))?;
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+                sync::lock(&self.slots).insert(key.clone(), Slot::Http2(sender.clone()));
+                Ok(Sender::Http2(sender))
+            }
+        }
+    }
+
+    fn check_out(&self, key: &Key) -> Option<Sender> {
+        let mut slots = sync::lock(&self.slots);
+        match slots.get_mut(key)? {
+            Slot::Http2(sender) if !sender.is_closed() => Some(Sender::Http2(sender.clone())),
+            Slot::Http2(_) => {
+                slots.remove(key);
+                None
+            }
+            Slot::Http1(idle) => {
+                let now = Instant::now();
+                while let Some((sender, since)) = idle.pop() {
+                    if sender.is_ready() && now.duration_since(since) < IDLE {
+                        return Some(Sender::Http1(sender));
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    /// Gives back an HTTP/1.1 connection whose response has been read.
+    pub fn check_in(&self, key: Key, sender: Sender) {
+        let Sender::Http1(sender) = sender else {
+            return;
+        };
+        if sender.is_closed() {
+            return;
+        }
+        let mut slots = sync::lock(&self.slots);
+        let slot = slots
+            .entry(key)
+            .or_insert_with(|| Slot::Http1(Vec::new()));
+        if let Slot::Http1(idle) = slot
+            && idle.len() < MAX_IDLE
+        {
+            idle.push((sender, Instant::now()));
+        }
+    }
+
+    /// Closes idle connections past their time and forgets closed ones.
+    pub fn release_idle(&self) {
+        let now = Instant::now();
+        sync::lock(&self.slots).retain(|_, slot| match slot {
+            Slot::Http2(sender) => !sender.is_closed(),
+            Slot::Http1(idle) => {
+                idle.retain(|(sender, since)| {
+                    !sender.is_closed() && now.duration_since(*since) < IDLE
+                });
+                !idle.is_empty()
+            }
+        });
+    }
+}
+
+enum Unsent {
+    /// The connection closed before the request went out: here it is again.
+    Back(Request<ProxyBody>),
+    Failed(ProxyError),
+}
+
+async fn try_send(
+    sender: Sender,
+    request: Request<ProxyBody>,
+    target: SocketAddr,
+) -> Result<(Response<Incoming>, Sender), Unsent> {
+    let failed = |mut err: hyper::client::conn::TrySendError<Request<ProxyBody>>| match err
+        .take_message()
+    {
+        Some(request) => Unsent::Back(request),
+        None => Unsent::Failed(ProxyError::UpstreamReset {
+            target,
+            source: err.into_error(),
+        }),
+    };
+    match sender {
+        Sender::Http1(mut sender) => {
+            if sender.ready().await.is_err() {
+                return Err(Unsent::Back(request));
+            }
+            let response = sender.try_send_request(request).await.map_err(failed)?;
+            Ok((response, Sender::Http1(sender)))
+        }
+        Sender::Http2(mut sender) => {
+            if sender.ready().await.is_err() {
+                return Err(Unsent::Back(request));
+            }
+            let response = sender.try_send_request(request).await.map_err(failed)?;
+            Ok((response, Sender::Http2(sender)))
+        }
+    }
+}

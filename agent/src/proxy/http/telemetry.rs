@@ -1,0 +1,215 @@
+//! Request telemetry: Istio's standard request series (`istio_requests_total`,
+//! `istio_request_duration_milliseconds`, `istio_request_bytes`,
+//! `istio_response_bytes`) with the labels Istio's dashboards and Kiali read, and one
+//! JSON access-log line per request.
+//!
+//! Each HTTP connection resolves the handles of a label set once and reuses them: the
+//! 21 labels are built only the first time a (destination, status, gRPC status, flags)
+//! combination is seen on the connection.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::SystemTime,
+};
+
+use http::{Method, Version};
+use metrics::{Counter, Histogram, Label, counter, histogram};
+use tokio::time::Instant;
+
+use crate::{
+    proxy::metrics::{AccessLog, Connection, Peer, Reporter, unix_seconds},
+    sync,
+};
+
+/// The request telemetry of one HTTP connection.
+pub struct Requests {
+    reporter: Reporter,
+    source: Peer,
+    service: Option<(String, String)>,
+    log: AccessLog,
+    handles: Mutex<HashMap<Key, Arc<Handles>>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    destination: Option<SocketAddr>,
+    mutual_tls: bool,
+    protocol: &'static str,
+    status: u16,
+    grpc_status: Option<u16>,
+    flags: &'static str,
+}
+
+struct Handles {
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+/// A request as it arrived, for its telemetry.
+#[derive(Clone, Debug)]
+pub struct Exchange {
+    pub started: Instant,
+    pub start_time: SystemTime,
+    pub method: Method,
+    pub authority: Option<String>,
+    pub path: String,
+    pub version: Version,
+    /// `http` or `grpc`.
+    pub protocol: &'static str,
+    pub trace_id: Option<String>,
+}
+
+impl Exchange {
+    pub fn of<B>(request: &http::Request<B>, trace_id: Option<String>) -> Self {
+        Self {
+            started: Instant::now(),
+            start_time: SystemTime::now(),
+            method: request.method().clone(),
+            authority: super::headers::authority(request).map(|authority| authority.to_string()),
+            path: request
+                .uri()
+                .path_and_query()
+                .map_or_else(|| "/".to_owned(), ToString::to_string),
+            version: request.version(),
+            protocol: if super::headers::is_grpc(request.headers()) {
+                "grpc"
+            } else {
+                "http"
+            },
+            trace_id,
+        }
+    }
+}
+
+/// How a request went.
+#[derive(Debug)]
+pub struct Record<'a> {
+    pub exchange: &'a Exchange,
+    /// Who answered, if an endpoint was chosen.
+    pub destination: Option<&'a Peer>,
+    pub mutual_tls: bool,
+    pub status: u16,
+    pub grpc_status: Option<u16>,
+    /// Envoy's `response_flags`, `-` for none.
+    pub flags: &'static str,
+    pub error: Option<String>,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+}
+
+impl Requests {
+    pub fn new(
+        reporter: Reporter,
+        source: Peer,
+        service: Option<(String, String)>,
+        log: AccessLog,
+    ) -> Self {
+        Self {
+            reporter,
+            source,
+            service,
+            log,
+            handles: Mutex::default(),
+        }
+    }
+
+    pub fn record(&self, record: Record<'_>) {
+        let exchange = record.exchange;
+        let key = Key {
+            destination: record.destination.and_then(|peer| peer.address),
+            mutual_tls: record.mutual_tls,
+            protocol: exchange.protocol,
+            status: record.status,
+            grpc_status: record.grpc_status,
+            flags: record.flags,
+        };
+        let handles = self.handles(key, record.destination);
+        let elapsed = exchange.started.elapsed();
+        handles.requests.increment(1);
+        handles.duration.record(elapsed.as_secs_f64() * 1000.0);
+        handles.request_bytes.record(record.request_bytes as f64);
+        handles.response_bytes.record(record.response_bytes as f64);
+        if !self.log.requests() {
+            return;
+        }
+        let destination = record.destination.cloned().unwrap_or_default();
+        let mut line = serde_json::json!({
+            "start": unix_seconds(exchange.start_time),
+            "duration_ms": elapsed.as_secs_f64() * 1000.0,
+            "reporter": self.reporter,
+            "source": self.source,
+            "destination": destination,
+            "upstream": destination.address,
+            "service": self.service,
+            "request_protocol": exchange.protocol,
+            "http_version": format!("{:?}", exchange.version),
+            "method": exchange.method.as_str(),
+            "authority": exchange.authority,
+            "path": exchange.path,
+            "response_code": record.status,
+            "grpc_status": record.grpc_status,
+            "response_flags": record.flags,
+            "bytes_received": record.request_bytes,
+            "bytes_sent": record.response_bytes,
+            "security": if record.mutual_tls { "mutual_tls" } else { "none" },
+            "trace_id": exchange.trace_id,
+        });
+        if let Some(error) = record.error {
+            line["error"] = error.into();
+        }
+        log::info!(target: "weft::access", "{line}");
+    }
+
+    fn handles(&self, key: Key, destination: Option<&Peer>) -> Arc<Handles> {
+        let mut handles = sync::lock(&self.handles);
+        if let Some(found) = handles.get(&key) {
+            return Arc::clone(found);
+        }
+        let mut connection = Connection::new(
+            self.reporter,
+            self.source.clone(),
+            destination.cloned().unwrap_or_default(),
+        );
+        connection.service = self.service.clone();
+        connection.mutual_tls = key.mutual_tls;
+        let mut labels = connection.labels(key.protocol, key.flags);
+        labels.push(Label::new("response_code", key.status.to_string()));
+        labels.push(Label::new(
+            "grpc_response_status",
+            key.grpc_status.map_or_else(String::new, |status| status.to_string()),
+        ));
+        let resolved = Arc::new(Handles {
+            requests: counter!("istio_requests_total", labels.clone()),
+            duration: histogram!("istio_request_duration_milliseconds", labels.clone()),
+            request_bytes: histogram!("istio_request_bytes", labels.clone()),
+            response_bytes: histogram!("istio_response_bytes", labels),
+        });
+        handles.insert(key, Arc::clone(&resolved));
+        resolved
+    }
+}
+
+/// Registers the help text of the request series.
+pub fn describe() {
+    use metrics::{describe_counter, describe_histogram};
+    describe_counter!("istio_requests_total", "HTTP and gRPC requests (Istio standard)");
+    describe_histogram!(
+        "istio_request_duration_milliseconds",
+        metrics::Unit::Milliseconds,
+        "Request durations, to the end of the response (Istio standard)"
+    );
+    describe_histogram!(
+        "istio_request_bytes",
+        metrics::Unit::Bytes,
+        "Request body sizes (Istio standard)"
+    );
+    describe_histogram!(
+        "istio_response_bytes",
+        metrics::Unit::Bytes,
+        "Response body sizes (Istio standard)"
+    );
+}

@@ -1,0 +1,88 @@
+//! The L4 case, "TCP, no routes": one endpoint per connection from the service's
+//! balancer, connected with [`connect`], and the bytes copied both ways until the
+//! connection ends or idles out, counted while it is open.
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    time::Instant,
+};
+
+use super::{
+    Proxy,
+    connect::connect,
+    logical::{Destination, Logical},
+    metrics::{self, Connection, Outcome, Reporter},
+    outbound::choose,
+    relay::relay,
+};
+use crate::logging::{Throttle, held_back};
+
+/// Carries the captured connection `client` to an endpoint of `logical`.
+pub async fn carry<IO>(proxy: &Proxy, mut client: IO, logical: &Logical)
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    static REFUSED: Throttle = Throttle::new();
+    static FAILED: Throttle = Throttle::new();
+    let peer = logical.source.address;
+    let (endpoint, pick) = match choose(proxy, logical) {
+        Ok(chosen) => chosen,
+        Err(refusal) => {
+            metrics::refused("outbound", refusal.reason());
+            if let Some(held) = REFUSED.allow() {
+                log::warn!(
+                    "outbound connection from {peer} refused: {refusal}{}",
+                    held_back(held)
+                );
+            }
+            return;
+        }
+    };
+    let idle = idle_timeout(proxy, logical);
+    let mut connection = Connection::new(
+        Reporter::Source,
+        logical.source.peer.clone(),
+        endpoint.peer.clone(),
+    );
+    connection.service = logical.service();
+    connection.mutual_tls = endpoint.hop.mutual_tls();
+    let open = connection.opened(&proxy.settings.access_log);
+    let started = Instant::now();
+    let outcome = match connect(proxy, &endpoint, &logical.source, None).await {
+        Ok(mut server) => {
+            if let Some(pick) = &pick {
+                pick.observe(started.elapsed());
+            }
+            relay(&mut client, &mut server, Some(idle), |received, sent| {
+                open.progress(received, sent);
+            })
+            .await
+            .into()
+        }
+        Err(error) => Outcome::failed(error),
+    };
+    if let metrics::Ending::Failed(error) = &outcome.ending
+        && let Some(held) = FAILED.allow()
+    {
+        log::warn!(
+            "outbound {peer} -> {}: {error}{}",
+            endpoint.address,
+            held_back(held)
+        );
+    }
+    open.closed(&outcome);
+}
+
+/// How long the connection may carry nothing: its service's TrafficPolicy, or the
+/// agent's default.
+fn idle_timeout(proxy: &Proxy, logical: &Logical) -> std::time::Duration {
+    let service_timeout = match &logical.destination {
+        Destination::Service(target) => proxy
+            .mesh
+            .get()
+            .service_at(target.vip, target.port)
+            .and_then(|(service, _)| service.idle_timeout),
+        Destination::Pod(_) => None,
+    };
+    service_timeout.unwrap_or(proxy.settings.idle_timeout)
+}
