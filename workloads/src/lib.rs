@@ -232,3 +232,23 @@ pub(crate) fn error_chain(err: &(dyn StdError + 'static)) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("wrapper")]
+    struct Terse(#[source] io::Error);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer: {0}")]
+    struct Repeats(#[source] io::Error);
+
+    #[test]
+    fn error_chain_names_each_cause_once() {
+        let refused = || io::Error::new(io::ErrorKind::ConnectionRefused, "refused");
+        assert_eq!(error_chain(&Terse(refused())), "wrapper: refused");
+        assert_eq!(error_chain(&Repeats(refused())), "outer: refused");
+    }
+}
