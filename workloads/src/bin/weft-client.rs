@@ -25,7 +25,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Calls the gRPC echo service (weft.echo.v1.Echo) over one HTTP/2 connection.
+    /// Calls the gRPC echo service (weft.echo.v1.Echo); all calls but load's go over one
+    /// HTTP/2 connection.
     Grpc {
         #[command(subcommand)]
         call: GrpcCommand,
@@ -51,7 +52,7 @@ enum GrpcCommand {
     Unary(CallArgs),
     /// One call asking for COUNT replies; one line per reply, then one if it failed.
     ServerStream(CallArgs),
-    /// One call sending COUNT messages (the last asks to fail); one line for its reply.
+    /// One call sending COUNT messages (the last carries --fail-with-code); one line for its reply.
     ClientStream(CallArgs),
     /// One call sending COUNT messages in lockstep with their replies (the last asks to
     /// fail); one line per reply, then one if it failed.
