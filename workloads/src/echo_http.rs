@@ -1,25 +1,29 @@
-//! The HTTP echo server behind `weft-echo`.
+//! The echo server behind `weft-echo`.
 //!
-//! One port speaks HTTP/1.1 and h2c (HTTP/2 with prior knowledge). Every request, whatever
-//! its path, is answered with `200` and a JSON description of what the server saw: its pod
-//! name, the peer address of the accepted socket, method, path, HTTP version, host and
-//! headers. Two query parameters change that:
+//! One port speaks HTTP/1.1 and h2c (HTTP/2 with prior knowledge), and three echoes share
+//! it. Requests whose content type is `application/grpc*` go to the gRPC echo service
+//! ([`echo_grpc`](crate::echo_grpc)); requests for [`/ws`](crate::echo_ws::PATH) open a
+//! WebSocket echo ([`echo_ws`](crate::echo_ws)). Every other request, whatever its path,
+//! is answered with `200` and a JSON description of what the server saw: its pod name,
+//! the peer address of the accepted socket, method, path, HTTP version, host and headers.
+//! Three query parameters change that:
 //!
 //! - `?bytes=N` (at most [`MAX_FILLER_BYTES`]) answers with `N` bytes of filler instead of
 //!   the JSON, for throughput tests;
-//! - `?status=NNN` (200 to 599) sets the response status.
+//! - `?status=NNN` (200 to 599) sets the response status;
+//! - `?delay=MS` (at most [`MAX_DELAY_MS`], one minute) sends the response that many
+//!   milliseconds late.
 //!
-//! Every response, including `400`s for bad parameters, carries `x-weft-pod` and
-//! `x-weft-peer` headers so that tests can read them without parsing the body.
+//! Every response, gRPC ones and `400`s for bad parameters included, carries `x-weft-pod`
+//! and `x-weft-peer` headers so that tests can read them without parsing the body.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::error::Error as StdError;
-use std::fmt::Write as _;
+use std::fmt::Display;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -27,17 +31,24 @@ use http_body_util::{Either, Full};
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper::header::{CONTENT_TYPE, HOST, HeaderName, HeaderValue};
 use hyper::service::service_fn;
+use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tonic::transport::server::TcpConnectInfo;
+use tower::Service as _;
 
-use crate::{DEFAULT_DRAIN_TIMEOUT, accept_loop};
+use crate::echo_grpc::{self, EchoService, proto::echo_server::EchoServer};
+use crate::{DEFAULT_DRAIN_TIMEOUT, accept_loop, echo_ws, error_chain};
 
 /// The largest `?bytes=N` the server accepts: 64 MiB.
 pub const MAX_FILLER_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The longest delay, in milliseconds, that `?delay=MS` or a gRPC `delay_ms` may ask for.
+pub const MAX_DELAY_MS: u32 = 60_000;
 
 /// Response header carrying the pod name.
 pub const POD_HEADER: HeaderName = HeaderName::from_static("x-weft-pod");
@@ -84,6 +95,7 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
     builder.http2().timer(TokioTimer::new());
     let builder = Arc::new(builder);
     let pod = Arc::new(Pod::new(config.name));
+    let grpc = echo_grpc::server(Arc::clone(&pod));
 
     accept_loop(
         listener,
@@ -91,8 +103,14 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
         config.drain_timeout,
         move |stream, peer, closing| {
             let builder = Arc::clone(&builder);
-            let pod = Arc::clone(&pod);
-            async move { serve_connection(&builder, pod, stream, peer, closing).await }
+            let connection = Arc::new(Connection {
+                pod: Arc::clone(&pod),
+                peer,
+                local: stream.local_addr().ok(),
+                grpc: grpc.clone(),
+                upgrade: Mutex::new(None),
+            });
+            async move { serve_connection(&builder, connection, stream, closing).await }
         },
     )
     .await;
@@ -100,13 +118,13 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
 
 /// The pod name, once as text for the JSON and once as a ready header value.
 #[derive(Debug)]
-struct Pod {
-    name: String,
-    header: HeaderValue,
+pub(crate) struct Pod {
+    pub(crate) name: String,
+    pub(crate) header: HeaderValue,
 }
 
 impl Pod {
-    fn new(name: String) -> Self {
+    pub(crate) fn new(name: String) -> Self {
         // Pod names are DNS labels; anything a header cannot carry is replaced, not fatal.
         let printable: String = name
             .chars()
@@ -124,18 +142,71 @@ impl Pod {
     }
 }
 
+/// What the requests of one connection share.
+#[derive(Debug)]
+struct Connection {
+    pod: Arc<Pod>,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    grpc: EchoServer<EchoService>,
+    /// A WebSocket handshake's upgrade, run once hyper has let go of the connection.
+    upgrade: Mutex<Option<OnUpgrade>>,
+}
+
+impl Connection {
+    /// Hands `request` to the echo it is for and answers with what that echo says.
+    async fn handle(&self, mut request: Request<Incoming>) -> Response<ResponseBody> {
+        let mut response = if is_grpc(&request) {
+            // Where tonic's own server would put the peer address; the service reads it.
+            request.extensions_mut().insert(TcpConnectInfo {
+                local_addr: self.local,
+                remote_addr: Some(self.peer),
+            });
+            let Ok(response) = self.grpc.clone().call(request).await;
+            response.map(Either::Right)
+        } else if request.uri().path() == echo_ws::PATH {
+            match echo_ws::accept(&mut request) {
+                Ok((response, upgrade)) => {
+                    *self.upgrade.lock().unwrap_or_else(PoisonError::into_inner) = Some(upgrade);
+                    response.map(|()| Either::Left(Either::Left(Full::default())))
+                }
+                Err(err) => error_response(err.status(), &err),
+            }
+        } else {
+            echo(&self.pod, self.peer, request).await
+        };
+        let headers = response.headers_mut();
+        headers.insert(POD_HEADER, self.pod.header.clone());
+        if let Ok(peer) = HeaderValue::try_from(self.peer.to_string()) {
+            headers.insert(PEER_HEADER, peer);
+        }
+        response
+    }
+}
+
+/// Whether `request` is a gRPC call (`application/grpc`, `application/grpc+proto`, ...).
+fn is_grpc<B>(request: &Request<B>) -> bool {
+    request
+        .headers()
+        .get(CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"))
+}
+
 async fn serve_connection(
     builder: &auto::Builder<TokioExecutor>,
-    pod: Arc<Pod>,
+    state: Arc<Connection>,
     stream: TcpStream,
-    peer: SocketAddr,
     mut closing: watch::Receiver<bool>,
 ) {
-    let service = service_fn(move |request: Request<Incoming>| {
-        let response = respond(&pod, peer, &request);
-        async move { Ok::<_, Infallible>(response) }
-    });
-    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    let peer = state.peer;
+    let service = {
+        let state = Arc::clone(&state);
+        service_fn(move |request: Request<Incoming>| {
+            let state = Arc::clone(&state);
+            async move { Ok::<_, Infallible>(state.handle(request).await) }
+        })
+    };
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(connection);
 
     let mut closing_seen = false;
@@ -150,42 +221,55 @@ async fn serve_connection(
     };
     if let Err(err) = result {
         log::warn!("connection from {peer} failed: {}", error_chain(&*err));
+        return;
+    }
+    // The connection ends without error right after a `101`, handing over the socket.
+    let upgrade = state
+        .upgrade
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take();
+    if let Some(upgrade) = upgrade
+        && let Err(err) = echo_ws::session(&state.pod, upgrade, closing).await
+    {
+        log::warn!("WebSocket from {peer} failed: {err}");
     }
 }
 
-type ResponseBody = Either<Full<Bytes>, Filler>;
+/// The body of every response: JSON or empty, filler, or a gRPC body from tonic.
+type ResponseBody = Either<Either<Full<Bytes>, Filler>, tonic::body::Body>;
 
-/// Builds the response to one request. Never fails: bad parameters become a `400`.
-fn respond<B>(pod: &Pod, peer: SocketAddr, request: &Request<B>) -> Response<ResponseBody> {
-    let mut response = match Query::parse(request.uri().query()) {
-        Ok(query) => {
-            let mut response = match query.bytes {
-                Some(len) => {
-                    let mut response = Response::new(Either::Right(Filler { remaining: len }));
-                    response.headers_mut().insert(
-                        CONTENT_TYPE,
-                        HeaderValue::from_static("application/octet-stream"),
-                    );
-                    response
-                }
-                None => json_response(&Reply::new(pod, peer, request)),
-            };
-            if let Some(status) = query.status {
-                *response.status_mut() = status;
-            }
-            response
-        }
-        Err(err) => {
-            let mut response = json_response(&serde_json::json!({ "error": err.to_string() }));
-            *response.status_mut() = StatusCode::BAD_REQUEST;
-            response
-        }
+/// The JSON echo (or filler) for `request`, sent after the delay it asks for. Never fails:
+/// bad parameters become a `400`, at once.
+async fn echo<B>(pod: &Pod, peer: SocketAddr, request: Request<B>) -> Response<ResponseBody> {
+    let query = match Query::parse(request.uri().query()) {
+        Ok(query) => query,
+        Err(err) => return error_response(StatusCode::BAD_REQUEST, &err),
     };
-    let headers = response.headers_mut();
-    headers.insert(POD_HEADER, pod.header.clone());
-    if let Ok(peer) = HeaderValue::try_from(peer.to_string()) {
-        headers.insert(PEER_HEADER, peer);
+    let mut response = match query.bytes {
+        Some(len) => {
+            let mut response =
+                Response::new(Either::Left(Either::Right(Filler { remaining: len })));
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            response
+        }
+        None => json_response(&Reply::new(pod, peer, &request)),
+    };
+    if let Some(status) = query.status {
+        *response.status_mut() = status;
     }
+    if let Some(delay) = query.delay {
+        tokio::time::sleep(delay).await;
+    }
+    response
+}
+
+fn error_response(status: StatusCode, err: &dyn Display) -> Response<ResponseBody> {
+    let mut response = json_response(&serde_json::json!({ "error": err.to_string() }));
+    *response.status_mut() = status;
     response
 }
 
@@ -196,7 +280,7 @@ fn json_response(value: &impl Serialize) -> Response<ResponseBody> {
         b"{}".to_vec()
     });
     body.push(b'\n');
-    let mut response = Response::new(Either::Left(Full::new(Bytes::from(body))));
+    let mut response = Response::new(Either::Left(Either::Left(Full::new(Bytes::from(body)))));
     response
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -212,7 +296,7 @@ struct Reply<'a> {
     path: &'a str,
     version: &'static str,
     host: Option<&'a str>,
-    headers: BTreeMap<&'a str, String>,
+    headers: BTreeMap<String, String>,
 }
 
 impl<'a> Reply<'a> {
@@ -227,17 +311,6 @@ impl<'a> Reply<'a> {
                     .authority()
                     .map(|authority| authority.as_str())
             });
-        let mut headers: BTreeMap<&str, String> = BTreeMap::new();
-        for (name, value) in request.headers() {
-            let value = String::from_utf8_lossy(value.as_bytes());
-            headers
-                .entry(name.as_str())
-                .and_modify(|joined| {
-                    joined.push_str(", ");
-                    joined.push_str(&value);
-                })
-                .or_insert_with(|| value.into_owned());
-        }
         Self {
             pod: &pod.name,
             peer: peer.to_string(),
@@ -245,7 +318,7 @@ impl<'a> Reply<'a> {
             path: request.uri().path(),
             version: version_str(request.version()),
             host,
-            headers,
+            headers: crate::header_strings(request.headers()),
         }
     }
 }
@@ -266,6 +339,7 @@ fn version_str(version: Version) -> &'static str {
 struct Query {
     bytes: Option<u64>,
     status: Option<StatusCode>,
+    delay: Option<Duration>,
 }
 
 /// A query parameter the server cannot honour.
@@ -275,6 +349,8 @@ enum QueryError {
     Bytes(String),
     #[error("status must be a number from 200 to 599, got {0:?}")]
     Status(String),
+    #[error("delay must be a whole number of milliseconds from 0 to {MAX_DELAY_MS}, got {0:?}")]
+    Delay(String),
 }
 
 impl Query {
@@ -299,6 +375,14 @@ impl Query {
                         .and_then(|code| StatusCode::from_u16(code).ok())
                         .ok_or_else(|| QueryError::Status(value.to_owned()))?;
                     parsed.status = Some(status);
+                }
+                "delay" => {
+                    let millis = value
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|millis| *millis <= MAX_DELAY_MS)
+                        .ok_or_else(|| QueryError::Delay(value.to_owned()))?;
+                    parsed.delay = Some(Duration::from_millis(millis.into()));
                 }
                 _ => {}
             }
@@ -339,17 +423,6 @@ impl Body for Filler {
     }
 }
 
-/// `err: cause: cause`, since hyper's top-level messages alone are terse.
-fn error_chain(err: &(dyn StdError + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let _ = write!(text, ": {cause}");
-        source = cause.source();
-    }
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -358,10 +431,11 @@ mod tests {
     fn query_parses_known_parameters_and_ignores_others() {
         assert_eq!(Query::parse(None).unwrap(), Query::default());
         assert_eq!(
-            Query::parse(Some("x=1&bytes=10&status=503&flag")).unwrap(),
+            Query::parse(Some("x=1&bytes=10&status=503&flag&delay=250")).unwrap(),
             Query {
                 bytes: Some(10),
                 status: Some(StatusCode::SERVICE_UNAVAILABLE),
+                delay: Some(Duration::from_millis(250)),
             }
         );
         assert_eq!(
@@ -387,6 +461,34 @@ mod tests {
                 Err(QueryError::Status(bad.to_owned()))
             );
         }
+        for bad in ["60001", "-1", "1.5", ""] {
+            assert_eq!(
+                Query::parse(Some(&format!("delay={bad}"))),
+                Err(QueryError::Delay(bad.to_owned()))
+            );
+        }
+    }
+
+    /// On a paused clock: the response is ready exactly when the delay is over.
+    #[tokio::test(start_paused = true)]
+    async fn delay_holds_the_response_back() {
+        let pod = Pod::new("slow-0".into());
+        let peer: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        let request = || Request::get("/?delay=1500&status=202").body(()).unwrap();
+
+        let early =
+            tokio::time::timeout(Duration::from_millis(1499), echo(&pod, peer, request())).await;
+        assert!(early.is_err(), "answered before the delay was over");
+
+        let started = tokio::time::Instant::now();
+        let response = echo(&pod, peer, request()).await;
+        assert_eq!(started.elapsed(), Duration::from_millis(1500));
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+
+        let started = tokio::time::Instant::now();
+        let refused = echo(&pod, peer, Request::get("/?delay=60001").body(()).unwrap()).await;
+        assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(started.elapsed(), Duration::ZERO, "a refusal waited");
     }
 
     #[test]

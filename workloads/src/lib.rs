@@ -1,12 +1,14 @@
 //! Sample workloads that the local weft cluster runs inside pods for demos and tests.
 //!
 //! Two servers live here, each behind a thin binary: [`echo_http`] (`weft-echo`) answers
-//! every HTTP/1.1 or h2c request with a JSON description of what it saw, and [`tcp`]
+//! every HTTP/1.1 or h2c request with a JSON description of what it saw, gRPC requests
+//! on the same port with [`echo_grpc`] and WebSocket upgrades with [`echo_ws`]; [`tcp`]
 //! (`weft-tcp-echo`) echoes, swallows or greets raw TCP connections. Both report the peer
 //! address exactly as the accepted socket saw it, which is what mesh tests assert on: it
-//! shows whether the traffic was redirected, NATed or passed through untouched. One
-//! client lives here too: [`load`] (`weft-load`), the new-connection-per-request load
-//! generator of `cargo xtask bench`.
+//! shows whether the traffic was redirected, NATed or passed through untouched. Two
+//! clients live here too: [`load`] (`weft-load`), the new-connection-per-request load
+//! generator of `cargo xtask bench`, and [`client`] (`weft-client`), which drives the
+//! gRPC and WebSocket echoes and puts gRPC load on long-lived HTTP/2 connections.
 //!
 //! The `serve` functions take an already bound listener so that tests can bind
 //! `127.0.0.1:0` and drive them in-process; [`run_server`] and [`default_pod_name`] are
@@ -14,10 +16,16 @@
 
 #![forbid(unsafe_code)]
 
+pub mod client;
+pub mod echo_grpc;
 pub mod echo_http;
+pub mod echo_ws;
 pub mod load;
 pub mod tcp;
 
+use std::collections::BTreeMap;
+use std::error::Error as StdError;
+use std::fmt::Write as _;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -26,7 +34,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
-
+use hyper::HeaderMap;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -190,5 +198,57 @@ fn report_panic(joined: Result<(), tokio::task::JoinError>) {
         && err.is_panic()
     {
         log::error!("connection task panicked: {err}");
+    }
+}
+
+/// Headers as text by name, for echoing: values that are not UTF-8 are shown lossily and
+/// repeated names are joined with `", "`.
+pub(crate) fn header_strings(headers: &HeaderMap) -> BTreeMap<String, String> {
+    let mut strings: BTreeMap<String, String> = BTreeMap::new();
+    for (name, value) in headers {
+        let value = String::from_utf8_lossy(value.as_bytes());
+        strings
+            .entry(name.as_str().to_owned())
+            .and_modify(|joined| {
+                joined.push_str(", ");
+                joined.push_str(&value);
+            })
+            .or_insert_with(|| value.into_owned());
+    }
+    strings
+}
+
+/// `err: cause: cause`, since the top-level messages of hyper and tonic alone are terse.
+/// A cause whose message is already there (some errors repeat their source's) is left out.
+pub(crate) fn error_chain(err: &(dyn StdError + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let message = cause.to_string();
+        if !text.contains(&message) {
+            let _ = write!(text, ": {message}");
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("wrapper")]
+    struct Terse(#[source] io::Error);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer: {0}")]
+    struct Repeats(#[source] io::Error);
+
+    #[test]
+    fn error_chain_names_each_cause_once() {
+        let refused = || io::Error::new(io::ErrorKind::ConnectionRefused, "refused");
+        assert_eq!(error_chain(&Terse(refused())), "wrapper: refused");
+        assert_eq!(error_chain(&Repeats(refused())), "outer: refused");
     }
 }

@@ -1,29 +1,18 @@
 //! In-process tests of the HTTP echo server over HTTP/1.1 and h2c on 127.0.0.1.
 
-use std::net::SocketAddr;
+mod common;
 
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::{POD, start, start_until, within};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper::{Request, StatusCode, Version};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::{TcpListener, TcpStream};
-use weft_workloads::echo_http;
-
-const POD: &str = "echo-test-0";
-
-/// Starts a server on an ephemeral port; it runs until the test's runtime ends.
-async fn start() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(echo_http::serve(
-        listener,
-        echo_http::Config::new(POD),
-        std::future::pending(),
-    ));
-    addr
-}
+use tokio::net::TcpStream;
 
 struct Reply {
     status: StatusCode,
@@ -179,6 +168,29 @@ async fn status_query_sets_the_status() {
 }
 
 #[tokio::test]
+async fn delay_query_holds_the_response_back() {
+    let addr = start().await;
+    let started = Instant::now();
+    let reply = within("the delayed reply", get_http1(addr, "/late?delay=300")).await;
+    let waited = started.elapsed();
+
+    assert!(
+        waited >= Duration::from_millis(300),
+        "answered after {waited:?}"
+    );
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json()["path"], "/late");
+
+    let refused = get_http1(addr, "/?delay=60001").await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    let error = refused.json()["error"].as_str().unwrap().to_owned();
+    assert!(
+        error.contains("delay must be") && error.contains("60001"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
 async fn malformed_request_closes_only_that_connection() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -198,20 +210,15 @@ async fn malformed_request_closes_only_that_connection() {
 
 #[tokio::test]
 async fn serve_returns_after_shutdown() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(echo_http::serve(
-        listener,
-        echo_http::Config::new(POD),
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let (addr, server) = start_until(async {
+        let _ = stopped.await;
+    })
+    .await;
     assert_eq!(get_http1(addr, "/").await.status, StatusCode::OK);
 
     stop.send(()).unwrap();
-    tokio::time::timeout(std::time::Duration::from_secs(5), server)
+    tokio::time::timeout(Duration::from_secs(5), server)
         .await
         .expect("server did not stop within 5s of the shutdown signal")
         .unwrap();

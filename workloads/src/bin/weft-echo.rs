@@ -1,9 +1,10 @@
-//! `weft-echo`: the HTTP echo workload that demo and test pods run.
+//! `weft-echo`: the echo workload that demo and test pods run.
 //!
 //! It answers HTTP/1.1 and h2c on one port with a JSON description of each request (pod
 //! name, peer address as seen by the socket, method, path, version, host, headers); see
-//! [`weft_workloads::echo_http`] for the query parameters. It stops gracefully on SIGTERM
-//! or SIGINT.
+//! [`weft_workloads::echo_http`] for the query parameters. On the same port it serves a
+//! gRPC echo ([`weft_workloads::echo_grpc`]) and a WebSocket echo at `/ws`
+//! ([`weft_workloads::echo_ws`]). It stops gracefully on SIGTERM or SIGINT.
 
 #![forbid(unsafe_code)]
 
@@ -13,7 +14,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use weft_workloads::echo_http;
 
-/// HTTP/1.1 + h2c echo server for weft demos and tests.
+/// HTTP/1.1 + h2c echo server, with gRPC and WebSocket echoes on the same port, for weft
+/// demos and tests.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
@@ -29,7 +31,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     weft_workloads::run_server("weft-echo", args.listen, |listener, shutdown| async move {
         log::info!(
-            "weft-echo {} serving HTTP/1.1 and h2c on {} as {:?}",
+            "weft-echo {} serving HTTP/1.1, h2c, gRPC and WebSocket on {} as {:?}",
             env!("CARGO_PKG_VERSION"),
             listener.local_addr().unwrap_or(args.listen),
             args.name
