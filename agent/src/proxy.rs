@@ -7,6 +7,7 @@ mod inbound;
 pub mod metrics;
 mod outbound;
 mod relay;
+pub mod trace;
 
 use std::{
     collections::HashMap,
