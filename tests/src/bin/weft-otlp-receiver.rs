@@ -118,8 +118,8 @@ fn attributes(attributes: Vec<KeyValue>) -> serde_json::Value {
     serde_json::Value::Object(map)
 }
 
-fn value(value: AnyValue) -> serde_json::Value {
-    match value.value {
+fn value(any: AnyValue) -> serde_json::Value {
+    match any.value {
         None => serde_json::Value::Null,
         Some(Value::StringValue(text)) => text.into(),
         Some(Value::BoolValue(flag)) => flag.into(),
@@ -128,6 +128,8 @@ fn value(value: AnyValue) -> serde_json::Value {
         Some(Value::BytesValue(bytes)) => hex(&bytes).into(),
         Some(Value::ArrayValue(array)) => array.values.into_iter().map(value).collect(),
         Some(Value::KvlistValue(list)) => attributes(list.values),
+        // An index into a string table that only profiles carry.
+        Some(Value::StringValueStrindex(index)) => index.into(),
     }
 }
 
