@@ -155,8 +155,10 @@ struct Recording {
 pub struct Span {
     /// This span's context: the trace's id, its own span id, its parent's span id.
     context: TraceContext,
-    /// The context the request arrived with, if any.
-    parent: Option<TraceContext>,
+    /// What a span that is not recorded carries on to the next hop: the context the
+    /// request arrived with, if any, with this hop's sampling decision if the tracer
+    /// made one (a tracer that exports nothing leaves a deferred decision deferred).
+    carried: Option<TraceContext>,
     recording: Option<Box<Recording>>,
 }
 
@@ -235,7 +237,14 @@ impl Tracer {
         };
         Span {
             context,
-            parent: parent.cloned(),
+            carried: parent.map(|parent| match &self.queue {
+                Some(_) => TraceContext {
+                    sampled,
+                    deferred: false,
+                    ..parent.clone()
+                },
+                None => parent.clone(),
+            }),
             recording,
         }
     }
@@ -264,7 +273,8 @@ fn random_id<const N: usize>(mut random: impl FnMut() -> u128) -> [u8; N] {
 }
 
 impl Span {
-    /// This span's context: a next hop's span is its child.
+    /// This span's context: a next hop's span is its child. [`Span::propagate`]
+    /// writes it into a request only when the span is recorded.
     pub fn context(&self) -> TraceContext {
         self.context.clone()
     }
@@ -283,13 +293,8 @@ impl Span {
     pub fn propagate(&self, headers: &mut HeaderMap) {
         if self.is_recording() {
             inject(&self.context, headers);
-        } else if let Some(parent) = &self.parent {
-            let carried = TraceContext {
-                sampled: self.context.sampled,
-                deferred: false,
-                ..parent.clone()
-            };
-            inject(&carried, headers);
+        } else if let Some(carried) = &self.carried {
+            inject(carried, headers);
         }
     }
 
@@ -487,6 +492,27 @@ mod tests {
         let mut headers = HeaderMap::new();
         span.propagate(&mut headers);
         assert_eq!(extract(&headers), Some(caller));
+
+        // A deferred decision stays the next hop's to make.
+        let deferred = parent(false, true);
+        let span = tracer.start(SpanKind::Server, "GET", Some(&deferred));
+        let mut headers = HeaderMap::new();
+        span.propagate(&mut headers);
+        assert!(!headers.contains_key("x-b3-sampled"));
+        assert_eq!(extract(&headers).unwrap().span_id, deferred.span_id);
+
+        // A tracer that exports, but drew no sample, tells the next hop so.
+        let (sender, _queue) = mpsc::channel(1);
+        let exporting = Tracer {
+            sampling: 0.0,
+            queue: Some(sender),
+        };
+        let span = exporting.start(SpanKind::Server, "GET", Some(&deferred));
+        assert!(!span.is_recording());
+        let mut headers = HeaderMap::new();
+        span.propagate(&mut headers);
+        assert_eq!(headers["x-b3-sampled"], "0");
+        assert_eq!(extract(&headers).unwrap().span_id, deferred.span_id);
 
         // Outside a trace it writes nothing: the applications decide.
         let span = tracer.start(SpanKind::Server, "GET", None);
