@@ -17,10 +17,7 @@ use http::{HeaderMap, Uri};
 use metrics::counter;
 use tokio::sync::mpsc::{self, error::TrySendError};
 
-pub use self::{
-    context::{Format, TraceContext, extract, inject},
-    export::ExportError,
-};
+pub use self::context::{Format, TraceContext, extract, inject};
 
 /// How the agent traces (`weft-agent run` flags).
 #[derive(Clone, Debug, PartialEq)]
