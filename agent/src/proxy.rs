@@ -14,6 +14,7 @@ pub mod metrics;
 mod outbound;
 mod relay;
 mod tcp;
+pub mod trace;
 
 use std::{
     future::Future,
