@@ -34,6 +34,7 @@ use weft_agent::{
     proxy::{
         self, Proxy,
         metrics::{AccessLog, AccessLogMode},
+        trace::{TraceSettings, Tracer},
     },
     reload::{self, Current},
     subscription::{self, Offer},
@@ -186,6 +187,19 @@ struct RunArgs {
     /// Which access-log lines to write (target `weft::access`).
     #[arg(long, env = "WEFT_ACCESS_LOG", value_enum, default_value_t = AccessLogMode::Request)]
     access_log: AccessLogMode,
+    /// An OpenTelemetry collector (OTLP over gRPC, `http://host:4317`) to export the
+    /// spans of proxied requests to; without it no span is exported, and trace context
+    /// is still passed on.
+    #[arg(long, env = "WEFT_TRACE_ENDPOINT")]
+    trace_endpoint: Option<http::Uri>,
+    /// The share of requests that arrive outside any trace whose new trace is sampled,
+    /// 0 to 1 (a request in a trace follows its parent's decision).
+    #[arg(long, env = "WEFT_TRACE_SAMPLING", value_parser = parse_ratio, default_value = "0.01")]
+    trace_sampling: f64,
+    /// Finished spans waiting for export at most; more are dropped and counted
+    /// (weft_spans_dropped_total) rather than slow traffic down.
+    #[arg(long, env = "WEFT_TRACE_QUEUE", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    trace_queue: u64,
     /// The share of access-log lines written, 0 to 1.
     #[arg(long, env = "WEFT_ACCESS_LOG_SAMPLING", value_parser = parse_ratio, default_value = "1")]
     access_log_sampling: f64,
@@ -466,6 +480,7 @@ async fn start(args: &RunArgs) -> anyhow::Result<Started> {
         .context("cannot install the metrics recorder")?;
     proxy::metrics::describe();
     proxy::describe_requests();
+    proxy::trace::describe();
     subscription::describe_metrics();
     let mut first_offer = None;
     let mut offers = None;
@@ -570,6 +585,12 @@ async fn start(args: &RunArgs) -> anyhow::Result<Started> {
         Arc::clone(&certs),
         original_destinations,
         proxy_settings(args)?,
+        Tracer::new(TraceSettings {
+            endpoint: args.trace_endpoint.clone(),
+            sampling: args.trace_sampling,
+            queue: usize::try_from(args.trace_queue).unwrap_or(usize::MAX),
+            node: args.node.clone(),
+        })?,
     ));
     let listener = cni::bind(&args.cni_socket)
         .with_context(|| format!("cannot listen on {}", args.cni_socket.display()))?;

@@ -123,6 +123,7 @@ pub struct Proxy {
     /// Upstream HTTP connections of the outbound side.
     pub http_pool: http::Pool,
     pub balancers: Balancers,
+    pub tracer: trace::Tracer,
     pub settings: Settings,
     pub admission: Arc<Admission>,
     original_destinations: OriginalDestinations,
@@ -136,6 +137,7 @@ impl Proxy {
         certs: Arc<Current<CertStore>>,
         original_destinations: OriginalDestinations,
         settings: Settings,
+        tracer: trace::Tracer,
     ) -> Self {
         Self {
             node,
@@ -144,6 +146,7 @@ impl Proxy {
             pool: hbone::Pool::new(settings.hbone),
             http_pool: http::Pool::default(),
             balancers: Balancers::new(),
+            tracer,
             admission: Admission::new(settings.limits),
             settings,
             original_destinations,

@@ -328,7 +328,7 @@ fn balancers_follow_latency_weights_and_locality() {
     // `latency`: two fast replicas and one that answers after 150 ms.
     pod(&mut cluster, "fast-0", "node0", "latency", &[&echo]);
     pod(&mut cluster, "fast-1", "node1", "latency", &[&echo]);
-    pod(&mut cluster, "slow-2", "node1", "latency", &[&echo, "--delay", "150"]);
+    pod(&mut cluster, "slow-2", "node1", "latency", &[&echo, "--delay-ms", "150"]);
     // `weighted`: weights 1 and 3.
     for (name, weight) in [("light", "1"), ("heavy", "3")] {
         let mut spec = PodSpec::new(name, "node1", &[&echo]);

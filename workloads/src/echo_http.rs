@@ -69,6 +69,9 @@ pub struct Config {
     pub name: String,
     /// How long to wait for open connections after the shutdown signal.
     pub drain_timeout: Duration,
+    /// How long every JSON echo waits before it answers unless `?delay=` says otherwise:
+    /// a slow replica, for balancing tests.
+    pub delay: Duration,
 }
 
 impl Config {
@@ -77,6 +80,7 @@ impl Config {
         Self {
             name: name.into(),
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            delay: Duration::ZERO,
         }
     }
 }
@@ -94,7 +98,10 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
         .header_read_timeout(HEADER_READ_TIMEOUT);
     builder.http2().timer(TokioTimer::new());
     let builder = Arc::new(builder);
-    let pod = Arc::new(Pod::new(config.name));
+    let pod = Arc::new(Pod {
+        delay: config.delay,
+        ..Pod::new(config.name)
+    });
     let grpc = echo_grpc::server(Arc::clone(&pod));
 
     accept_loop(
@@ -121,6 +128,8 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
 pub(crate) struct Pod {
     pub(crate) name: String,
     pub(crate) header: HeaderValue,
+    /// How long every JSON echo waits unless its `?delay=` says otherwise.
+    pub(crate) delay: Duration,
 }
 
 impl Pod {
@@ -138,7 +147,11 @@ impl Pod {
             .collect();
         let header = HeaderValue::try_from(printable)
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        Self { name, header }
+        Self {
+            name,
+            header,
+            delay: Duration::ZERO,
+        }
     }
 }
 
@@ -261,7 +274,8 @@ async fn echo<B>(pod: &Pod, peer: SocketAddr, request: Request<B>) -> Response<R
     if let Some(status) = query.status {
         *response.status_mut() = status;
     }
-    if let Some(delay) = query.delay {
+    let delay = query.delay.unwrap_or(pod.delay);
+    if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
     response

@@ -41,8 +41,14 @@ pub use self::{
     pool::Pool,
     telemetry::describe,
 };
-use self::{body::Measured, pool::Sender};
-use super::{Proxy, connect::Upstream, error::ProxyError, relay::relay};
+use self::{body::Measured, pool::Sender, telemetry::Exchange};
+use super::{
+    Proxy,
+    connect::Upstream,
+    error::ProxyError,
+    relay::relay,
+    trace::{self, Span, SpanKind},
+};
 
 /// The body of every request and response the agent forwards or makes.
 pub type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
@@ -63,6 +69,67 @@ where
     auto::Builder::new(TokioExecutor::new())
         .serve_connection_with_upgrades(TokioIo::new(io), service)
         .await
+}
+
+/// Starts the span of `request` on this hop (`kind`), a child of the trace the request
+/// arrived in, and passes the span's context on in the request's headers. Also gives
+/// the exchange its trace id, for the access log.
+fn start_span(
+    proxy: &Proxy,
+    kind: SpanKind,
+    request: &mut Request<Incoming>,
+    exchange: &mut Exchange,
+) -> Span {
+    let parent = trace::extract(request.headers());
+    let name = match &exchange.authority {
+        Some(authority) => format!("{} {authority}", exchange.method),
+        None => exchange.method.to_string(),
+    };
+    let mut span = proxy.tracer.start(kind, name, parent.as_ref());
+    if span.is_recording() {
+        span.set("http.request.method", exchange.method.to_string());
+        span.set("url.path", exchange.path.clone());
+        span.set("url.scheme", "http");
+        if let Some(authority) = &exchange.authority {
+            span.set("server.address", authority.clone());
+        }
+        let version = match exchange.version {
+            http::Version::HTTP_2 => "2",
+            http::Version::HTTP_10 => "1.0",
+            _ => "1.1",
+        };
+        span.set("network.protocol.version", version);
+        exchange.trace_id = Some(span.context().trace_id_hex());
+    }
+    span.propagate(request.headers_mut());
+    span
+}
+
+/// Ends `span` with the request's outcome.
+fn end_span(mut span: Span, status: u16, grpc_status: Option<u16>, peer: Option<std::net::SocketAddr>) {
+    span.set("http.response.status_code", status);
+    if let Some(grpc_status) = grpc_status {
+        span.set("rpc.grpc.status_code", grpc_status);
+    }
+    if let Some(peer) = peer {
+        span.set("network.peer.address", peer.ip().to_string());
+        span.set("network.peer.port", peer.port());
+    }
+    if status >= 500 {
+        span.set_error(format!("HTTP status {status}"));
+    }
+    span.end();
+}
+
+/// The `traceparent` that carries `span` to the next hop, for an HBONE CONNECT.
+fn traceparent(span: &Span) -> Option<String> {
+    let mut headers = http::HeaderMap::new();
+    span.propagate(&mut headers);
+    headers
+        .get("traceparent")?
+        .to_str()
+        .ok()
+        .map(str::to_owned)
 }
 
 /// A forwarded request's response, with what its measurement needs.

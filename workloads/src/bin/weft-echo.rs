@@ -25,6 +25,10 @@ struct Args {
     /// Pod name to report; defaults to the host name.
     #[arg(long, env = "POD_NAME", default_value_t = weft_workloads::default_pod_name())]
     name: String,
+    /// Milliseconds every JSON echo waits before it answers, unless its `?delay=` says
+    /// otherwise: a slow replica.
+    #[arg(long, env = "WEFT_ECHO_DELAY_MS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    delay_ms: u64,
 }
 
 fn main() -> ExitCode {
@@ -36,6 +40,8 @@ fn main() -> ExitCode {
             listener.local_addr().unwrap_or(args.listen),
             args.name
         );
-        echo_http::serve(listener, echo_http::Config::new(args.name), shutdown).await;
+        let mut config = echo_http::Config::new(args.name);
+        config.delay = std::time::Duration::from_millis(args.delay_ms);
+        echo_http::serve(listener, config, shutdown).await;
     })
 }

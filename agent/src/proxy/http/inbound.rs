@@ -19,15 +19,19 @@ use tokio::{
 use super::{
     Pool, ProxyBody,
     body::{Measured, Seen},
-    failure, forward, headers, pool,
+    end_span, failure, forward, headers, pool, start_span,
     telemetry::{Exchange, Record, Requests},
 };
 use crate::{
     identity::Identity,
     logging::{Throttle, held_back},
     proxy::{
-        Proxy, connect::Upstream, connect_marked, error::ProxyError, metrics::Peer,
-        metrics::Reporter,
+        Proxy,
+        connect::Upstream,
+        connect_marked,
+        error::ProxyError,
+        metrics::{Peer, Reporter},
+        trace::{Span, SpanKind},
     },
     sync,
 };
@@ -85,7 +89,8 @@ where
 
 impl Tunnel {
     async fn request(self: Arc<Self>, mut request: Request<Incoming>) -> Response<ProxyBody> {
-        let exchange = Exchange::of(&request, None);
+        let mut exchange = Exchange::of(&request, None);
+        let span = start_span(&self.proxy, SpanKind::Server, &mut request, &mut exchange);
         let inbound = &self.inbound;
         headers::forwarding_inbound(request.headers_mut(), &inbound.client, &inbound.server);
         let version = if request.version() == http::Version::HTTP_2 {
@@ -113,7 +118,7 @@ impl Tunnel {
         };
         let forwarded = match forward(&self.proxy, &self.pool, key.clone(), dial, request).await {
             Ok(forwarded) => forwarded,
-            Err(error) => return self.failed(&exchange, error),
+            Err(error) => return self.failed(&exchange, span, error),
         };
         let status = forwarded.response.status().as_u16();
         let header_grpc_status = headers::grpc_status(forwarded.response.headers());
@@ -124,12 +129,14 @@ impl Tunnel {
             {
                 this.pool.check_in(key, sender);
             }
+            let grpc_status = seen.grpc_status.or(header_grpc_status);
+            end_span(span, status, grpc_status, Some(this.inbound.target));
             this.requests.record(Record {
                 exchange: &exchange,
                 destination: Some(&this.inbound.destination),
                 mutual_tls: true,
                 status,
-                grpc_status: seen.grpc_status.or(header_grpc_status),
+                grpc_status,
                 flags: if seen.complete { "-" } else { "DC" },
                 error: None,
                 request_bytes: forwarded.request_bytes.load(Ordering::Relaxed),
@@ -141,7 +148,7 @@ impl Tunnel {
             .map(|body| Measured::new(body, done).boxed_unsync())
     }
 
-    fn failed(&self, exchange: &Exchange, error: ProxyError) -> Response<ProxyBody> {
+    fn failed(&self, exchange: &Exchange, span: Span, error: ProxyError) -> Response<ProxyBody> {
         static FAILED: Throttle = Throttle::new();
         if let Some(held) = FAILED.allow() {
             log::warn!(
@@ -153,6 +160,12 @@ impl Tunnel {
             );
         }
         let response = failure(&error, exchange.protocol == "grpc");
+        end_span(
+            span,
+            response.status().as_u16(),
+            headers::grpc_status(response.headers()),
+            None,
+        );
         self.requests.record(Record {
             exchange,
             destination: Some(&self.inbound.destination),

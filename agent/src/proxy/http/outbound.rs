@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::{
     ProxyBody,
     body::{Measured, Seen},
-    failure, forward, headers, pool,
+    end_span, failure, forward, headers, pool, start_span, traceparent,
     telemetry::{Exchange, Record, Requests},
 };
 use crate::{
@@ -24,6 +24,7 @@ use crate::{
         logical::{Hop, Logical},
         metrics::{Peer, Reporter},
         outbound::choose,
+        trace::{Span, SpanKind},
     },
 };
 
@@ -71,10 +72,11 @@ where
 
 impl Outbound {
     async fn request(self: Arc<Self>, mut request: Request<Incoming>) -> Response<ProxyBody> {
-        let exchange = Exchange::of(&request, None);
+        let mut exchange = Exchange::of(&request, None);
+        let span = start_span(&self.proxy, SpanKind::Client, &mut request, &mut exchange);
         let (endpoint, pick) = match choose(&self.proxy, &self.logical) {
             Ok(chosen) => chosen,
-            Err(error) => return self.failed(&exchange, None, error),
+            Err(error) => return self.failed(&exchange, span, None, error),
         };
         headers::forwarding_outbound(request.headers_mut());
         let version = match self.logical.protocol {
@@ -88,11 +90,14 @@ impl Outbound {
             endpoint: endpoint.address,
             version,
         };
-        let dial = || connect(&self.proxy, &endpoint, &self.logical.source, None);
+        let carried = traceparent(&span);
+        let dial = || connect(&self.proxy, &endpoint, &self.logical.source, carried.clone());
         let forwarded =
             match forward(&self.proxy, &self.proxy.http_pool, key.clone(), dial, request).await {
                 Ok(forwarded) => forwarded,
-                Err(error) => return self.failed(&exchange, Some((&endpoint.peer, mutual_tls)), error),
+                Err(error) => {
+                    return self.failed(&exchange, span, Some((&endpoint.peer, mutual_tls)), error);
+                }
             };
         if let Some(pick) = &pick {
             pick.observe(exchange.started.elapsed());
@@ -108,12 +113,14 @@ impl Outbound {
             {
                 this.proxy.http_pool.check_in(key, sender);
             }
+            let grpc_status = seen.grpc_status.or(header_grpc_status);
+            end_span(span, status, grpc_status, Some(endpoint.address));
             let record = || Record {
                 exchange: &exchange,
                 destination: Some(&endpoint.peer),
                 mutual_tls,
                 status,
-                grpc_status: seen.grpc_status.or(header_grpc_status),
+                grpc_status,
                 flags: if seen.complete { "-" } else { "DC" },
                 error: None,
                 request_bytes: forwarded.request_bytes.load(Ordering::Relaxed),
@@ -132,6 +139,7 @@ impl Outbound {
     fn failed(
         &self,
         exchange: &Exchange,
+        span: Span,
         destination: Option<(&Peer, bool)>,
         error: ProxyError,
     ) -> Response<ProxyBody> {
@@ -146,6 +154,12 @@ impl Outbound {
             );
         }
         let response = failure(&error, exchange.protocol == "grpc");
+        end_span(
+            span,
+            response.status().as_u16(),
+            headers::grpc_status(response.headers()),
+            None,
+        );
         self.requests.record(Record {
             exchange,
             destination: destination.map(|(peer, _)| peer),

@@ -49,6 +49,13 @@ pub struct TraceContext {
 
 /// The trace context of a request: W3C `traceparent` (with `tracestate`) first, else
 /// B3's single header, else its multiple headers; `None` when none is there and valid.
+impl TraceContext {
+    /// The trace id as W3C writes it, for logs.
+    pub fn trace_id_hex(&self) -> String {
+        hex(&self.trace_id)
+    }
+}
+
 pub fn extract(headers: &HeaderMap) -> Option<TraceContext> {
     if let Some(mut context) = only(headers, &TRACEPARENT).and_then(parse_traceparent) {
         context.tracestate = tracestate(headers);
