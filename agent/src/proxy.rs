@@ -2,6 +2,7 @@
 //! inbound (HBONE tunnels from other nodes' agents), with the state both share.
 
 pub mod admission;
+pub mod balance;
 pub mod hbone;
 mod inbound;
 pub mod metrics;
