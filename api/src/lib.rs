@@ -33,6 +33,11 @@ pub mod config {
         /// the snapshot of a cluster with 100,000 endpoints).
         pub const MAX_UPDATE_BYTES: usize = 512 << 20;
 
+        /// The weight of an endpoint `Service.endpoint_weights` does not list.
+        pub const DEFAULT_ENDPOINT_WEIGHT: u32 = 1;
+        /// The largest endpoint weight.
+        pub const MAX_ENDPOINT_WEIGHT: u32 = 1000;
+
         /// A message the stream carries as a resource, and the kind that names it.
         pub trait Kind: prost::Message + Default {
             /// The message's full protobuf name, e.g. `weft.config.v1.Workload`.
