@@ -23,6 +23,7 @@ use std::{
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use weft_api::{
+    ZONE_LABEL,
     config::v1::{MeshSettings, Node, TrustBundle},
     crd::WorkloadSelector,
 };
@@ -147,9 +148,6 @@ pub fn compile(objects: &Objects, settings: &Settings, trust: &TrustBundle) -> C
         statuses,
     }
 }
-
-/// The well-known Node label naming the node's zone.
-const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 /// The address a node's agent takes HBONE on: its InternalIP, else its ExternalIP.
 fn node_address(node: &k8s_openapi::api::core::v1::Node) -> Option<String> {
