@@ -1,13 +1,14 @@
 //! The mesh as the agent knows it, read from a YAML file until the controller streams
 //! the same model: the nodes (where their agents take HBONE), which namespaces are
 //! meshed and how their pods take plaintext, the workloads of the whole cluster (pod
-//! IP, node, namespace, service account, labels), the services (VIP, ports, target
-//! ports, endpoints) and ports never captured.
+//! IP, node, namespace, service account, labels), the services (VIP, ports and their
+//! protocols, target ports, endpoints and their weights, balancing, locality) and ports
+//! never captured.
 //!
 //! ```yaml
 //! trustDomain: cluster.local        # default
 //! nodes:
-//!   - { name: node0, address: 10.99.0.1 }
+//!   - { name: node0, address: 10.99.0.1, zone: zone-a }   # zone: optional
 //! namespaces:
 //!   - name: default
 //!     mode: STRICT                  # STRICT (default) | PERMISSIVE | DISABLE
@@ -25,11 +26,20 @@
 //!   - name: echo
 //!     namespace: default
 //!     vip: 10.96.0.10
-//!     ports: [{ port: 80, targetPort: 8080 }]   # targetPort defaults to port
-//!     endpoints: [10.244.0.2]                   # workload addresses
+//!     ports:
+//!       - { port: 80, targetPort: 8080 }       # targetPort defaults to port
+//!       - { port: 81, name: grpc-api }         # name: `<protocol>[-<suffix>]` names it…
+//!       - { port: 82, appProtocol: kubernetes.io/h2c }   # …unless appProtocol does
+//!     endpoints: [10.244.0.2, 10.244.0.4]      # workload addresses
+//!     weights: { 10.244.0.4: 3 }    # 0 to 1000; default 1, 0 drains
+//!     loadBalancing: LEAST_REQUEST  # ROUND_ROBIN | RANDOM | LEAST_REQUEST | PEAK_EWMA (default)
+//!     preferClose: true             # endpoints in the client's zone first; default false
 //!     idleTimeout: 10m              # default: the agent's --idle-timeout
 //! excludePorts: [22]
 //! ```
+//!
+//! A port's [`Protocol`] comes from its `appProtocol`, else its name, as in Istio
+//! ([`ServicePort::protocol`]).
 //!
 //! Capture sends to the agent every service VIP:port and every address of a meshed
 //! workload (those in the file, and the node's enrolled pods). A workload that opted
@@ -39,6 +49,7 @@
 //! With `--controller`, the same model is assembled from the resources the controller
 //! streams ([`resources`]).
 
+mod protocol;
 pub mod resources;
 
 use std::{
@@ -49,9 +60,12 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
+use weft_api::config::v1::{DEFAULT_ENDPOINT_WEIGHT, MAX_ENDPOINT_WEIGHT};
 use weft_common::{MeshDestination, Mode, SockAddr, destination};
 
 use crate::{datapath::sock_addr, identity::Identity};
+
+pub use self::protocol::Protocol;
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -193,6 +207,9 @@ fn default_service_account() -> String {
 pub struct Node {
     pub name: String,
     pub address: IpAddr,
+    /// The node's zone (its label `topology.kubernetes.io/zone`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
@@ -269,6 +286,55 @@ pub struct Service {
         with = "gateway_duration"
     )]
     pub idle_timeout: Option<Duration>,
+    /// How clients pick an endpoint (the TrafficPolicy's `loadBalancer.algorithm`);
+    /// `None`: the agent's default ([`Service::balancing`]).
+    #[serde(
+        default,
+        rename = "loadBalancing",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub load_balancing: Option<LoadBalancing>,
+    /// Clients prefer endpoints in their own zone while it has any (the Service's
+    /// `spec.trafficDistribution: PreferClose`, or its TrafficPolicy's).
+    #[serde(
+        default,
+        rename = "preferClose",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    pub prefer_close: bool,
+    /// Endpoint weights other than 1 ([`Service::weight`]), 0 to 1000; 0 drains.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub weights: BTreeMap<IpAddr, u32>,
+}
+
+impl Service {
+    /// How clients pick one of the service's endpoints.
+    pub fn balancing(&self) -> LoadBalancing {
+        self.load_balancing.unwrap_or_default()
+    }
+
+    /// The weight of endpoint `ip`.
+    pub fn weight(&self, ip: IpAddr) -> u32 {
+        self.weights
+            .get(&ip)
+            .copied()
+            .unwrap_or(DEFAULT_ENDPOINT_WEIGHT)
+    }
+}
+
+/// How clients pick one of a service's endpoints.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum LoadBalancing {
+    /// Each endpoint in turn.
+    RoundRobin,
+    /// Any endpoint, at random.
+    Random,
+    /// The less loaded of two endpoints picked at random.
+    LeastRequest,
+    /// The faster of two endpoints picked at random (peak EWMA latency, as Linkerd).
+    #[default]
+    PeakEwma,
 }
 
 /// An optional duration written as the Gateway API writes durations (`1h`, `30s`).
@@ -300,18 +366,28 @@ mod gateway_duration {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ServicePort {
     pub port: u16,
     /// The endpoints' port; defaults to `port`.
     #[serde(default)]
     pub target_port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The port's `appProtocol` (`http`, `kubernetes.io/h2c`, `grpc`, `tcp`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
 }
 
 impl ServicePort {
     pub fn target(&self) -> u16 {
         self.target_port.unwrap_or(self.port)
+    }
+
+    /// What the port speaks: its `appProtocol` decides, else its name.
+    pub fn protocol(&self) -> Protocol {
+        Protocol::of(self.app_protocol.as_deref(), self.name.as_deref())
     }
 }
 
@@ -363,6 +439,11 @@ impl MeshConfig {
             if !nodes.insert(node.name.as_str()) {
                 return Err(format!("nodes[{index}]: {} is listed twice", node.name));
             }
+            if node.zone.as_deref() == Some("") {
+                return Err(format!(
+                    "nodes[{index}].zone: empty; leave it out for a node without one"
+                ));
+            }
         }
         let mut addresses = HashSet::new();
         for (index, workload) in self.workloads.iter().enumerate() {
@@ -406,6 +487,15 @@ impl MeshConfig {
             {
                 return Err(format!(
                     "services[{index}].ports[{position}]: port 0 is not a port"
+                ));
+            }
+            if let Some((ip, weight)) = service
+                .weights
+                .iter()
+                .find(|(_, weight)| **weight > MAX_ENDPOINT_WEIGHT)
+            {
+                return Err(format!(
+                    "services[{index}].weights[{ip}]: {weight} is more than {MAX_ENDPOINT_WEIGHT}"
                 ));
             }
         }
@@ -535,6 +625,11 @@ impl MeshConfig {
         self.nodes.iter().find(|node| node.name == name)
     }
 
+    /// The zone of node `name`, if it is known and has one.
+    pub fn zone(&self, name: &str) -> Option<&str> {
+        self.node(name)?.zone.as_deref()
+    }
+
     /// The SPIFFE identity `workload` runs as.
     pub fn identity(&self, workload: &Workload) -> Identity {
         Identity {
@@ -601,6 +696,68 @@ excludePorts: [22]
     }
 
     #[test]
+    fn services_say_how_to_balance_and_ports_what_they_speak() {
+        let text = r#"
+nodes:
+  - { name: node0, address: 10.99.0.1, zone: zone-a }
+  - { name: node1, address: 10.99.0.2 }
+services:
+  - name: echo
+    namespace: default
+    vip: 10.96.0.10
+    ports:
+      - { port: 80, targetPort: 8080 }
+      - { port: 81, name: grpc-api }
+      - { port: 82, name: http, appProtocol: kubernetes.io/h2c }
+    endpoints: [10.244.0.2, 10.244.0.4]
+    weights: { 10.244.0.4: 3 }
+    loadBalancing: LEAST_REQUEST
+    preferClose: true
+  - { name: plain, namespace: default, vip: 10.96.0.11, ports: [{ port: 80 }] }
+"#;
+        let config = MeshConfig::parse(text).unwrap_or_else(|_| panic!("parses"));
+        assert_eq!(
+            (config.zone("node0"), config.zone("node1"), config.zone("x")),
+            (Some("zone-a"), None, None)
+        );
+        let echo = &config.services[0];
+        let protocols: Vec<Protocol> = echo.ports.iter().map(ServicePort::protocol).collect();
+        assert_eq!(
+            protocols,
+            [Protocol::Detect, Protocol::Grpc, Protocol::Http2]
+        );
+        let weight = |ip: &str| echo.weight(ip.parse().unwrap());
+        assert_eq!((weight("10.244.0.2"), weight("10.244.0.4")), (1, 3));
+        assert_eq!(
+            (echo.balancing(), echo.prefer_close),
+            (LoadBalancing::LeastRequest, true)
+        );
+        let plain = &config.services[1];
+        assert_eq!(
+            (plain.balancing(), plain.prefer_close, plain.load_balancing),
+            (LoadBalancing::PeakEwma, false, None),
+            "the defaults"
+        );
+
+        // `/config_dump` shows the model as JSON; a file writes it as YAML.
+        let dump = serde_json::to_value(&config).unwrap();
+        assert_eq!(
+            dump["services"][0]["weights"],
+            serde_json::json!({ "10.244.0.4": 3 })
+        );
+        assert_eq!(dump["services"][0]["loadBalancing"], "LEAST_REQUEST");
+        assert_eq!(
+            dump["services"][0]["ports"][2]["appProtocol"],
+            "kubernetes.io/h2c"
+        );
+        let again = serde_yaml::to_string(&config).unwrap();
+        assert_eq!(
+            MeshConfig::parse(&again).unwrap_or_else(|_| panic!("{again}")),
+            config
+        );
+    }
+
+    #[test]
     fn bad_files_say_where() {
         let message = |text: &str| match MeshConfig::parse(text) {
             Ok(_) => panic!("accepted: {text}"),
@@ -621,5 +778,18 @@ excludePorts: [22]
         let port =
             message("services:\n  - { name: s, namespace: n, vip: 10.96.0.1, ports: [0] }\n");
         assert!(port.contains("services[0].ports[0]"), "{port}");
+        let weight = message(
+            "services:\n  - { name: s, namespace: n, vip: 10.96.0.1, ports: [{ port: 80 }], weights: { 10.0.0.1: 1001 } }\n",
+        );
+        assert_eq!(
+            weight,
+            "services[0].weights[10.0.0.1]: 1001 is more than 1000"
+        );
+        let zone = message("nodes:\n  - { name: a, address: 10.0.0.1, zone: \"\" }\n");
+        assert!(zone.starts_with("nodes[0].zone: empty"), "{zone}");
+        let algorithm = message(
+            "services:\n  - { name: s, namespace: n, vip: 10.96.0.1, ports: [{ port: 80 }], loadBalancing: FASTEST }\n",
+        );
+        assert!(algorithm.contains("FASTEST"), "{algorithm}");
     }
 }

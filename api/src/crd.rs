@@ -9,15 +9,16 @@
 //! - [`AuthorizationPolicy`]: who may connect to selected pods (ALLOW/DENY by source
 //!   identity, namespace, port; HTTP method and path). Not enforced yet.
 //! - [`TrafficPolicy`]: how clients treat a service (balancing, timeouts, retries with a
-//!   budget, connection limits, outlier detection). Of it, only `timeouts.idle` is
-//!   enforced yet.
+//!   budget, connection limits, outlier detection). Of it, only `loadBalancer` and
+//!   `timeouts.idle` are enforced yet.
 //!
 //! What the agents do not enforce is reported, not silently accepted: such an object
 //! gets `Accepted: False` with reason `NotEnforced`, naming the fields.
 //!
 //! Membership needs no resource: the namespace label [`MESH_LABEL`] `=`
 //! [`MESH_ENABLED`] puts a namespace's pods in the mesh, and the pod annotation
-//! [`MESH_LABEL`] `=` [`MESH_DISABLED`] keeps one pod out.
+//! [`MESH_LABEL`] `=` [`MESH_DISABLED`] keeps one pod out. The pod annotation
+//! [`WEIGHT_ANNOTATION`] gives a pod's endpoints a weight other than 1.
 
 mod validate;
 
@@ -39,6 +40,9 @@ pub const VERSION: &str = "v1alpha1";
 pub const MESH_LABEL: &str = "weft.dev/mesh";
 pub const MESH_ENABLED: &str = "enabled";
 pub const MESH_DISABLED: &str = "disabled";
+/// Pod annotation: the weight of the pod's endpoints, `0` (drained) to `1000`;
+/// without it, 1.
+pub const WEIGHT_ANNOTATION: &str = "weft.dev/weight";
 
 /// The status every weft resource reports: conditions of type `Accepted`.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
@@ -201,8 +205,9 @@ pub struct Operation {
 // --- TrafficPolicy -----------------------------------------------------------------
 
 /// How clients in the mesh treat a service of this namespace. The agents enforce only
-/// `timeouts.idle` yet; a policy that sets any other field says which in its status
-/// (`Accepted: False`, reason `NotEnforced`), and its idle timeout still applies.
+/// `loadBalancer` and `timeouts.idle` yet; a policy that sets any other field says
+/// which in its status (`Accepted: False`, reason `NotEnforced`), and what it sets of
+/// those two still applies.
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[kube(
     group = "weft.dev",
@@ -212,7 +217,7 @@ pub struct Operation {
     status = "PolicyStatus",
     shortname = "tp",
     category = "weft",
-    doc = "How clients treat a service: balancing, timeouts, retries with a budget, connection limits, outlier detection. Only timeouts.idle is enforced yet; the status names any other field set (NotEnforced).",
+    doc = "How clients treat a service: balancing, timeouts, retries with a budget, connection limits, outlier detection. Only loadBalancer and timeouts.idle are enforced yet; the status names any other field set (NotEnforced).",
     printcolumn = r#"{"name":"Service","type":"string","jsonPath":".spec.service"}"#,
     printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
@@ -234,21 +239,39 @@ pub struct TrafficPolicySpec {
     pub outlier_detection: Option<OutlierDetection>,
 }
 
-/// How clients spread requests and connections over the endpoints. Not enforced yet.
+/// How clients spread requests and connections over the endpoints.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LoadBalancer {
-    pub algorithm: Algorithm,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub algorithm: Option<Algorithm>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_distribution: Option<TrafficDistribution>,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+/// How a client picks an endpoint; unset: the agents' default, `PEAK_EWMA`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Algorithm {
-    #[default]
+    /// Each endpoint in turn.
     RoundRobin,
+    /// Any endpoint, at random.
     Random,
+    /// The less loaded of two endpoints picked at random (fewest requests in flight).
     LeastRequest,
+    /// The faster of two endpoints picked at random (peak exponentially weighted
+    /// latency, times requests in flight), as Linkerd balances.
     PeakEwma,
+}
+
+/// `PreferClose`: clients prefer endpoints in their own zone (the nodes' label
+/// `topology.kubernetes.io/zone`) while it has any, as the Service field
+/// `spec.trafficDistribution: PreferClose` asks; either one turns it on. Unset: as the
+/// Service says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+pub enum TrafficDistribution {
+    /// Endpoints of the client's zone first.
+    PreferClose,
 }
 
 /// Durations are Gateway API durations: `500ms`, `15s`, `1m30s`, `1h`.

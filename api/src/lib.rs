@@ -9,7 +9,8 @@
 //! - `endpoints`: the small HTTP servers of agent and controller (feature `endpoints`);
 //! - [`digest`]: the content digest both ends use to name configuration versions;
 //! - [`duration`]: durations as the Gateway API writes them;
-//! - [`manifests`]: which files a set of manifest paths holds.
+//! - [`manifests`]: which files a set of manifest paths holds;
+//! - [`ZONE_LABEL`]: the Node label Kubernetes names zones by.
 #![forbid(unsafe_code)]
 
 #[cfg(feature = "crd")]
@@ -20,6 +21,10 @@ pub mod duration;
 pub mod endpoints;
 pub mod enroll;
 pub mod manifests;
+
+/// Kubernetes' well-known Node label naming the node's zone: the controller reads it,
+/// the local cluster writes it.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 /// The configuration stream between controller and agents.
 #[cfg(feature = "config")]
@@ -32,6 +37,11 @@ pub mod config {
         /// The largest update an agent takes (tonic's default of 4 MiB is less than
         /// the snapshot of a cluster with 100,000 endpoints).
         pub const MAX_UPDATE_BYTES: usize = 512 << 20;
+
+        /// The weight of an endpoint `Service.endpoint_weights` does not list.
+        pub const DEFAULT_ENDPOINT_WEIGHT: u32 = 1;
+        /// The largest endpoint weight.
+        pub const MAX_ENDPOINT_WEIGHT: u32 = 1000;
 
         /// A message the stream carries as a resource, and the kind that names it.
         pub trait Kind: prost::Message + Default {

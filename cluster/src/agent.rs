@@ -168,6 +168,7 @@ mod tests {
             name: "node0".into(),
             netns: "weft-a-node0".into(),
             ip: Ipv4Addr::new(10, 99, 0, 1),
+            zone: None,
             pod_cidr: "10.244.0.0/24".into(),
             pod_gateway: Ipv4Addr::new(10, 244, 0, 1),
             cgroup: "/cg/weft-a/node0".into(),

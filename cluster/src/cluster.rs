@@ -47,6 +47,8 @@ pub const MAX_NODES: usize = 64;
 const MAX_POD_NAME: usize = 63;
 /// Longest namespace name, as in Kubernetes.
 const MAX_NAMESPACE: usize = 63;
+/// Longest zone name (a label value, as in Kubernetes).
+const MAX_ZONE: usize = 63;
 
 fn node_ip(index: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 99, 0, index as u8 + 1)
@@ -138,6 +140,7 @@ impl Cluster {
                     NodeInfo {
                         netns: layout.node_netns(&node),
                         ip: node_ip(index),
+                        zone: None,
                         pod_cidr: format!("10.244.{index}.0/24"),
                         pod_gateway: pod_gateway(index),
                         cgroup: layout.node_cgroup(&node),
@@ -361,6 +364,21 @@ impl Cluster {
         }
         self.topology.manifests = Some(manifests);
         self.topology.exclude_ports = exclude_ports;
+        self.write_objects()?;
+        self.save()
+    }
+
+    /// Puts `node` in `zone` (a DNS label such as `zone-a`), or in none: the label
+    /// `topology.kubernetes.io/zone` of its Node object, which the controller reads
+    /// (at once when the cluster has a mesh), so that clients of a service that
+    /// prefers close endpoints prefer those of their own node's zone.
+    pub fn set_zone(&mut self, node: &str, zone: Option<&str>) -> Result<(), ClusterError> {
+        if let Some(zone) = zone {
+            validate_dns_label("zone", zone, MAX_ZONE)?;
+        }
+        let _lock = self.lock()?;
+        self.refresh()?;
+        self.node_mut(node)?.zone = zone.map(str::to_owned);
         self.write_objects()?;
         self.save()
     }

@@ -1,26 +1,20 @@
 //! The Kubernetes objects the cluster itself would hold: a `Node` per node (with its
-//! fabric address, where its agent takes HBONE) and a `Pod` per pod (namespace, name,
+//! fabric address, where its agent takes HBONE, and its zone) and a `Pod` per pod (namespace, name,
 //! labels, annotations, service account, node, address, running and ready). The
 //! cluster writes them to one file that the controller reads beside the user's
 //! manifests, as a controller would watch the API server.
 
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
+use weft_api::ZONE_LABEL;
 
-use crate::Topology;
+use crate::{NodeInfo, Topology};
 
 /// The trust domain of the local cluster's identities.
 pub const TRUST_DOMAIN: &str = "cluster.local";
 
 /// The cluster's nodes and pods as a Kubernetes `List`.
 pub fn render(topology: &Topology) -> Value {
-    let nodes = topology.nodes.iter().map(|node| {
-        json!({
-            "apiVersion": "v1",
-            "kind": "Node",
-            "metadata": { "name": node.name },
-            "status": { "addresses": [{ "type": "InternalIP", "address": node.ip }] },
-        })
-    });
+    let nodes = topology.nodes.iter().map(node);
     let pods = topology.pods.iter().map(|pod| {
         json!({
             "apiVersion": "v1",
@@ -49,4 +43,62 @@ pub fn render(topology: &Topology) -> Value {
         "kind": "List",
         "items": nodes.chain(pods).collect::<Vec<_>>(),
     })
+}
+
+fn node(node: &NodeInfo) -> Value {
+    let labels: Map<String, Value> = node
+        .zone
+        .iter()
+        .map(|zone| (ZONE_LABEL.to_owned(), zone.as_str().into()))
+        .collect();
+    json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": { "name": node.name, "labels": labels },
+        "status": { "addresses": [{ "type": "InternalIP", "address": node.ip }] },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    #[test]
+    fn nodes_carry_their_zone_as_kubernetes_labels_it() {
+        let mut info = NodeInfo {
+            name: "node1".into(),
+            netns: "weft-a-node1".into(),
+            ip: Ipv4Addr::new(10, 99, 0, 2),
+            zone: None,
+            pod_cidr: "10.244.1.0/24".into(),
+            pod_gateway: Ipv4Addr::new(10, 244, 1, 1),
+            cgroup: "/cg/weft-a/node1".into(),
+            pods_cgroup: "/cg/weft-a/node1/pods".into(),
+            system_cgroup: "/cg/weft-a/node1/system".into(),
+            bpffs: "/sys/fs/bpf/weft-a/node1".into(),
+            agent_socket: "/run/weft/a/node1/cni.sock".into(),
+            agent_state_dir: "/run/weft/a/node1/agent".into(),
+            flow_log: "/run/weft/a/node1/flows.jsonl".into(),
+            agent: None,
+        };
+        assert_eq!(
+            node(&info)["metadata"],
+            json!({ "name": "node1", "labels": {} })
+        );
+        info.zone = Some("zone-b".into());
+        assert_eq!(
+            node(&info),
+            json!({
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {
+                    "name": "node1",
+                    "labels": { "topology.kubernetes.io/zone": "zone-b" },
+                },
+                "status": { "addresses": [{ "type": "InternalIP", "address": "10.99.0.2" }] },
+            })
+        );
+    }
 }

@@ -62,6 +62,10 @@ pub struct NodeInfo {
     pub netns: String,
     /// The node's address on the fabric.
     pub ip: Ipv4Addr,
+    /// The node's zone: its Node object's label `topology.kubernetes.io/zone`. None
+    /// until [`crate::Cluster::set_zone`] gives it one.
+    #[serde(default)]
+    pub zone: Option<String>,
     /// The range this node gives its pods.
     pub pod_cidr: String,
     /// The pods' default gateway: the node side of every pod's veth.

@@ -3,11 +3,11 @@
 //! the same views (and so the same versions). A verdict says `Accepted` only for what
 //! the agents enforce ([`enforcement`]).
 //!
-//! What a node gets: the mesh settings, the trust bundle, every node's HBONE address, every meshed
-//! namespace and workload (any pod may be a destination), every meshed service with
-//! its ready endpoints, traffic policies and routes (clients apply them) — all shared by
-//! every node — and, for itself only, the authorization policies that select its
-//! workloads.
+//! What a node gets: the mesh settings, the trust bundle, every node's HBONE address and
+//! zone, every meshed namespace and workload (any pod may be a destination), every
+//! meshed service with its ready endpoints and their weights, traffic policies and
+//! routes (clients apply them) — all shared by every node — and, for itself only, the
+//! authorization policies that select its workloads.
 
 mod authorization;
 mod enforcement;
@@ -23,6 +23,7 @@ use std::{
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use weft_api::{
+    ZONE_LABEL,
     config::v1::{MeshSettings, Node, TrustBundle},
     crd::WorkloadSelector,
 };
@@ -102,6 +103,13 @@ pub fn compile(objects: &Objects, settings: &Settings, trust: &TrustBundle) -> C
                 &Node {
                     name: key.name.clone(),
                     address,
+                    zone: node
+                        .metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|labels| labels.get(ZONE_LABEL))
+                        .cloned()
+                        .unwrap_or_default(),
                 },
             );
             local.entry(key.name.clone()).or_default();
@@ -115,10 +123,11 @@ pub fn compile(objects: &Objects, settings: &Settings, trust: &TrustBundle) -> C
     for (key, workload) in &mesh.workloads {
         shared.insert(key.to_string(), workload);
     }
-    for (key, service) in services::compile(objects, &mesh) {
+    let traffic = traffic::compile(objects, &mut statuses);
+    for (key, service) in services::compile(objects, &mesh, &traffic.prefer_close) {
         shared.insert(key.to_string(), &service);
     }
-    for (key, policy) in traffic::compile(objects, &mut statuses) {
+    for (key, policy) in traffic.policies {
         shared.insert(key.to_string(), &policy);
     }
     for (name, routes) in routes::compile(objects, &mut statuses) {

@@ -195,6 +195,7 @@ mod tests {
         Node {
             name: name.into(),
             address: address.into(),
+            ..Default::default()
         }
     }
 

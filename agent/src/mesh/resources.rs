@@ -11,10 +11,13 @@ use std::{
 
 use bytes::Bytes;
 
-use weft_api::config::v1::{self as proto, ConfigUpdate, Kind, PeerMode as WireMode};
+use weft_api::config::v1::{
+    self as proto, ConfigUpdate, Kind, LoadBalancing as WireBalancing, PeerMode as WireMode,
+};
 
 use super::{
-    MeshConfig, MeshNamespace, Node, PeerMode, Service, ServicePort, TrustAnchor, Workload,
+    LoadBalancing, MeshConfig, MeshNamespace, Node, PeerMode, Service, ServicePort, TrustAnchor,
+    Workload,
 };
 
 /// The resources a controller sent, by kind and name, as encoded on the wire.
@@ -86,9 +89,10 @@ impl Resources {
     }
 
     /// The mesh configuration these resources describe, validated as a file would be.
-    /// Of the traffic policies, the agent applies the idle timeout; what it does not
-    /// enforce yet (the rest of them, authorization policies, routes) is accepted and
-    /// counted, not applied.
+    /// Of the traffic policies, the agent takes the idle timeout and the balancing
+    /// algorithm (one it does not know is its default); what it does not enforce yet
+    /// (the rest of them, authorization policies, routes) is accepted and counted,
+    /// not applied.
     pub fn mesh(&self) -> Result<MeshConfig, String> {
         if let Some((kind, name)) = self
             .resources
@@ -140,6 +144,7 @@ impl Resources {
                     .parse()
                     .map_err(|_| format!("Node {name}: address {:?} is not an IP", node.address))?,
                 name: node.name,
+                zone: Some(node.zone).filter(|zone| !zone.is_empty()),
             });
         }
         for (name, namespace) in self.decode::<proto::Namespace>()? {
@@ -180,15 +185,9 @@ impl Resources {
             });
         }
         let policies = self.decode::<proto::TrafficPolicy>()?;
-        let idle_timeouts: BTreeMap<(&str, &str), Duration> = policies
+        let policies: BTreeMap<(&str, &str), &proto::TrafficPolicy> = policies
             .iter()
-            .filter(|(_, policy)| policy.idle_timeout_ms > 0)
-            .map(|(_, policy)| {
-                (
-                    (policy.namespace.as_str(), policy.service.as_str()),
-                    Duration::from_millis(policy.idle_timeout_ms),
-                )
-            })
+            .map(|(_, policy)| ((policy.namespace.as_str(), policy.service.as_str()), policy))
             .collect();
         for (name, service) in self.decode::<proto::Service>()? {
             let ports: Vec<ServicePort> = service
@@ -201,6 +200,10 @@ impl Resources {
                             &format!("Service {name}: target_port"),
                             port.target_port,
                         )?),
+                        name: Some(port.name.clone()).filter(|name| !name.is_empty()),
+                        // Older controllers sent "TCP" for a port without one.
+                        app_protocol: Some(port.app_protocol.clone())
+                            .filter(|protocol| !protocol.is_empty() && protocol != "TCP"),
                     })
                 })
                 .collect::<Result<_, String>>()?;
@@ -213,9 +216,22 @@ impl Resources {
                         .map_err(|_| format!("Service {name}: endpoint {endpoint:?} is not an IP"))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let idle_timeout = idle_timeouts
-                .get(&(service.namespace.as_str(), service.name.as_str()))
-                .copied();
+            let weights = service
+                .endpoint_weights
+                .iter()
+                .map(|(endpoint, &weight)| {
+                    let ip = endpoint.parse().map_err(|_| {
+                        format!("Service {name}: endpoint_weights: {endpoint:?} is not an IP")
+                    })?;
+                    Ok((ip, weight))
+                })
+                .collect::<Result<BTreeMap<_, _>, String>>()?;
+            let policy = policies.get(&(service.namespace.as_str(), service.name.as_str()));
+            let idle_timeout = policy
+                .map(|policy| policy.idle_timeout_ms)
+                .filter(|&millis| millis > 0)
+                .map(Duration::from_millis);
+            let load_balancing = policy.and_then(|policy| balancing(policy.load_balancing));
             // One service entry per VIP (dual-stack services have two).
             for vip in &service.vips {
                 config.services.push(Service {
@@ -227,6 +243,9 @@ impl Resources {
                     ports: ports.clone(),
                     endpoints: endpoints.clone(),
                     idle_timeout,
+                    load_balancing,
+                    prefer_close: service.prefer_close,
+                    weights: weights.clone(),
                 });
             }
         }
@@ -246,6 +265,18 @@ fn mode(wire: i32) -> Option<PeerMode> {
     }
 }
 
+/// The algorithm a policy names; `None` when it names none, or one this agent does
+/// not know (a newer controller's): the agent's default balances then.
+fn balancing(wire: i32) -> Option<LoadBalancing> {
+    match WireBalancing::try_from(wire).ok()? {
+        WireBalancing::RoundRobin => Some(LoadBalancing::RoundRobin),
+        WireBalancing::Random => Some(LoadBalancing::Random),
+        WireBalancing::LeastRequest => Some(LoadBalancing::LeastRequest),
+        WireBalancing::PeakEwma => Some(LoadBalancing::PeakEwma),
+        WireBalancing::Unspecified => None,
+    }
+}
+
 fn port_number(field: &str, port: u32) -> Result<u16, String> {
     u16::try_from(port)
         .ok()
@@ -258,6 +289,7 @@ mod tests {
     use weft_api::config::v1::{Resource, ResourceKey};
 
     use super::*;
+    use crate::mesh::Protocol;
 
     pub(super) fn resource<M: Kind>(name: &str, message: &M) -> Resource {
         Resource {
@@ -303,6 +335,7 @@ mod tests {
                     &proto::Node {
                         name: "node0".into(),
                         address: "10.99.0.1".into(),
+                        zone: "zone-a".into(),
                     },
                 ),
                 resource(
@@ -340,12 +373,29 @@ mod tests {
                         name: "web".into(),
                         namespace: "shop".into(),
                         vips: vec!["10.96.0.10".into(), "fd00::10".into()],
-                        ports: vec![proto::ServicePort {
-                            port: 80,
-                            target_port: 8080,
-                            ..Default::default()
-                        }],
+                        ports: vec![
+                            proto::ServicePort {
+                                port: 80,
+                                target_port: 8080,
+                                name: "http".into(),
+                                app_protocol: "kubernetes.io/h2c".into(),
+                            },
+                            proto::ServicePort {
+                                port: 81,
+                                target_port: 8081,
+                                name: "grpc-api".into(),
+                                // As older controllers sent a port without appProtocol.
+                                app_protocol: "TCP".into(),
+                            },
+                            proto::ServicePort {
+                                port: 82,
+                                target_port: 8082,
+                                ..Default::default()
+                            },
+                        ],
                         endpoints: vec!["10.244.0.2".into(), "10.244.9.9".into()],
+                        prefer_close: true,
+                        endpoint_weights: [("10.244.9.9".into(), 0)].into(),
                     },
                 ),
                 resource(
@@ -354,6 +404,7 @@ mod tests {
                         service: "web".into(),
                         namespace: "shop".into(),
                         idle_timeout_ms: 3000,
+                        load_balancing: WireBalancing::LeastRequest as i32,
                         retries: Some(proto::Retries::default()),
                         ..Default::default()
                     },
@@ -405,6 +456,30 @@ mod tests {
             "the TrafficPolicy's idle timeout applies"
         );
         assert_eq!(mesh.longest_idle_timeout(), Some(Duration::from_secs(3)));
+        assert_eq!(mesh.zone("node0"), Some("zone-a"));
+        let web = &mesh.services[1];
+        assert_eq!(web.vip.to_string(), "fd00::10");
+        assert_eq!(
+            (web.balancing(), web.prefer_close),
+            (LoadBalancing::LeastRequest, true),
+            "the TrafficPolicy's algorithm, the Service's locality"
+        );
+        let weight = |ip: &str| web.weight(ip.parse().unwrap());
+        assert_eq!((weight("10.244.0.2"), weight("10.244.9.9")), (1, 0));
+        let ports: Vec<_> = web
+            .ports
+            .iter()
+            .map(|port| (port.name.as_deref(), port.protocol()))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                (Some("http"), Protocol::Http2),
+                (Some("grpc-api"), Protocol::Grpc),
+                (None, Protocol::Detect)
+            ],
+            "\"TCP\" from an older controller is no appProtocol"
+        );
         assert_eq!(resources.counts()["weft.config.v1.TrafficPolicy"], 1);
 
         let delta = ConfigUpdate {
@@ -424,6 +499,30 @@ mod tests {
     }
 
     #[test]
+    fn algorithms_this_agent_does_not_know_are_its_default() {
+        let cases = [
+            (WireBalancing::Unspecified as i32, None),
+            (
+                WireBalancing::RoundRobin as i32,
+                Some(LoadBalancing::RoundRobin),
+            ),
+            (WireBalancing::Random as i32, Some(LoadBalancing::Random)),
+            (
+                WireBalancing::LeastRequest as i32,
+                Some(LoadBalancing::LeastRequest),
+            ),
+            (
+                WireBalancing::PeakEwma as i32,
+                Some(LoadBalancing::PeakEwma),
+            ),
+            (99, None),
+        ];
+        for (wire, algorithm) in cases {
+            assert_eq!(balancing(wire), algorithm, "{wire}");
+        }
+    }
+
+    #[test]
     fn bad_resources_are_named() {
         let mut resources = Resources::default();
         let mut update = snapshot();
@@ -432,6 +531,7 @@ mod tests {
             &proto::Node {
                 name: "node1".into(),
                 address: "nowhere".into(),
+                ..Default::default()
             },
         ));
         resources.apply(&update).unwrap();

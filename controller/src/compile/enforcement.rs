@@ -33,7 +33,7 @@ pub fn of(kind: Kind) -> Enforcement {
     match kind {
         Kind::TrafficPolicy => Enforcement::Fields {
             about: &["spec.service"],
-            enforced: &["spec.timeouts.idle"],
+            enforced: &["spec.loadBalancer", "spec.timeouts.idle"],
         },
         Kind::AuthorizationPolicy | Kind::HttpRoute | Kind::GrpcRoute => Enforcement::Nothing,
         Kind::Namespace

@@ -5,13 +5,20 @@
 //! from the PeerAuthentications, most specific first: one selecting the pod, else its
 //! namespace's (no selector), else the mesh's (no selector, in the root namespace),
 //! else STRICT. Where two policies decide the same thing, the older wins.
+//!
+//! A pod's annotation `weft.dev/weight` (0 to 1000) weighs its addresses as service
+//! endpoints; a value that is no such number gets the pod an `Invalid` verdict (logged,
+//! and listed in the controller's `/status`) and the default weight, 1.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Pod;
 use weft_api::{
     config::v1::{self as proto, PeerMode as WireMode},
-    crd::{self, MESH_DISABLED, MESH_ENABLED, MESH_LABEL, PeerAuthentication, Validate},
+    crd::{
+        self, MESH_DISABLED, MESH_ENABLED, MESH_LABEL, PeerAuthentication, Validate,
+        WEIGHT_ANNOTATION,
+    },
 };
 
 use super::{Settings, applies_to, by_age, judge, selects, some_names};
@@ -26,6 +33,8 @@ pub struct Mesh {
     pub namespaces: BTreeMap<String, proto::Namespace>,
     /// Meshed pods, and pods of meshed namespaces that opted out (`opted_out`).
     pub workloads: BTreeMap<ObjectKey, proto::Workload>,
+    /// Weights of those pods' addresses, where they differ from the default.
+    pub weights: BTreeMap<String, u32>,
 }
 
 impl Mesh {
@@ -73,6 +82,32 @@ pub fn compile(objects: &Objects, settings: &Settings, statuses: &mut Statuses) 
         let Some(mut workload) = workload(key, pod) else {
             continue;
         };
+        let annotation = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|annotations| annotations.get(WEIGHT_ANNOTATION));
+        match annotation.map(|value| weight(value)) {
+            Some(Ok(weight)) if weight != proto::DEFAULT_ENDPOINT_WEIGHT => {
+                for ip in &workload.ips {
+                    mesh.weights.insert(ip.clone(), weight);
+                }
+            }
+            Some(Err(problem)) => judge(
+                statuses,
+                Kind::Pod,
+                key,
+                &pod.metadata,
+                Verdict::rejected(
+                    Reason::Invalid,
+                    format!(
+                        "metadata.annotations[\"{WEIGHT_ANNOTATION}\"]: {problem}; its endpoints keep weight {}",
+                        proto::DEFAULT_ENDPOINT_WEIGHT
+                    ),
+                ),
+            ),
+            _ => {}
+        }
         workload.mode = namespace.mode;
         let mut winner = None;
         for (policy_key, policy) in &policies {
@@ -283,10 +318,51 @@ fn workload(key: &ObjectKey, pod: &Pod) -> Option<proto::Workload> {
     })
 }
 
+/// The endpoint weight an annotation value gives.
+fn weight(value: &str) -> Result<u32, String> {
+    value
+        .parse()
+        .ok()
+        .filter(|weight| *weight <= proto::MAX_ENDPOINT_WEIGHT)
+        .ok_or_else(|| {
+            format!(
+                "{value:?} is not a weight (a whole number from 0 to {})",
+                proto::MAX_ENDPOINT_WEIGHT
+            )
+        })
+}
+
 fn wire(mode: crd::PeerMode) -> WireMode {
     match mode {
         crd::PeerMode::Strict => WireMode::Strict,
         crd::PeerMode::Permissive => WireMode::Permissive,
         crd::PeerMode::Disable => WireMode::Disable,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_are_whole_numbers_up_to_1000() {
+        let cases = [
+            ("0", Some(0)),
+            ("1", Some(1)),
+            ("1000", Some(1000)),
+            ("1001", None),
+            ("-1", None),
+            ("2.5", None),
+            (" 3", None),
+            ("", None),
+            ("heavy", None),
+        ];
+        for (value, expected) in cases {
+            assert_eq!(weight(value).ok(), expected, "{value:?}");
+        }
+        assert_eq!(
+            weight("heavy").unwrap_err(),
+            "\"heavy\" is not a weight (a whole number from 0 to 1000)"
+        );
     }
 }

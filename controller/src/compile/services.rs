@@ -1,5 +1,7 @@
 //! Services of meshed namespaces: their virtual IPs, ports (named target ports
-//! resolved through the EndpointSlices, as kube-proxy does) and ready endpoints.
+//! resolved through the EndpointSlices, as kube-proxy does, with their names and
+//! appProtocols), ready endpoints and their weights, and whether clients prefer
+//! endpoints of their own zone.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -15,7 +17,17 @@ use crate::objects::{ObjectKey, Objects};
 /// The label tying an EndpointSlice to its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-pub fn compile(objects: &Objects, mesh: &Mesh) -> BTreeMap<ObjectKey, proto::Service> {
+/// The Service's `spec.trafficDistribution` values that ask for endpoints of the
+/// client's zone (`PreferSameZone` is `PreferClose`'s newer name).
+const PREFER_CLOSE: &[&str] = &["PreferClose", "PreferSameZone"];
+
+/// The services of `mesh`; those in `prefer_close` prefer close endpoints whatever
+/// their `spec.trafficDistribution` says (their TrafficPolicy asks for it).
+pub fn compile(
+    objects: &Objects,
+    mesh: &Mesh,
+    prefer_close: &BTreeSet<ObjectKey>,
+) -> BTreeMap<ObjectKey, proto::Service> {
     let mut slices: BTreeMap<ObjectKey, Vec<&EndpointSlice>> = BTreeMap::new();
     for (key, slice) in &objects.endpoint_slices {
         if let Some(service) = slice
@@ -36,16 +48,20 @@ pub fn compile(objects: &Objects, mesh: &Mesh) -> BTreeMap<ObjectKey, proto::Ser
         .filter(|(key, _)| mesh.namespaces.contains_key(&key.namespace))
         .filter_map(|(key, service)| {
             let slices = slices.get(key).map(Vec::as_slice).unwrap_or_default();
-            Some((key.clone(), compile_service(key, service, slices)?))
+            let mut compiled = compile_service(key, service, slices, &mesh.weights)?;
+            compiled.prefer_close |= prefer_close.contains(key);
+            Some((key.clone(), compiled))
         })
         .collect()
 }
 
 /// A Service with a virtual IP; headless and ExternalName services have none.
+/// `weights`: the pod addresses whose weight is not the default.
 fn compile_service(
     key: &ObjectKey,
     service: &Service,
     slices: &[&EndpointSlice],
+    weights: &BTreeMap<String, u32>,
 ) -> Option<proto::Service> {
     let spec = service.spec.as_ref()?;
     let mut vips: Vec<String> = spec.cluster_ips.clone().unwrap_or_default();
@@ -79,10 +95,11 @@ fn compile_service(
                 port: u32::try_from(port.port).ok()?,
                 target_port: u32::try_from(target_port).ok()?,
                 name,
-                protocol: port
+                app_protocol: port
                     .app_protocol
-                    .clone()
-                    .unwrap_or_else(|| "TCP".to_owned()),
+                    .as_deref()
+                    .unwrap_or_default()
+                    .to_ascii_lowercase(),
             })
         })
         .collect();
@@ -99,11 +116,20 @@ fn compile_service(
         })
         .flat_map(|endpoint| endpoint.addresses.iter().cloned())
         .collect();
+    let endpoint_weights = endpoints
+        .iter()
+        .filter_map(|ip| Some((ip.clone(), *weights.get(ip)?)))
+        .collect();
     Some(proto::Service {
         name: key.name.clone(),
         namespace: key.namespace.clone(),
         vips,
         ports,
         endpoints: endpoints.into_iter().collect(),
+        prefer_close: spec
+            .traffic_distribution
+            .as_deref()
+            .is_some_and(|distribution| PREFER_CLOSE.contains(&distribution)),
+        endpoint_weights,
     })
 }

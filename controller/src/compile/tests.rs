@@ -168,6 +168,142 @@ fn services_carry_ready_endpoints_and_tcp_ports() {
 }
 
 #[test]
+fn services_carry_port_protocols_endpoint_weights_and_locality() {
+    // Replacing objects of CLUSTER.
+    let changes = r#"
+---
+apiVersion: v1
+kind: Node
+metadata: { name: node1, labels: { topology.kubernetes.io/zone: zone-b } }
+status: { addresses: [{ type: InternalIP, address: 10.99.0.2 }] }
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-0
+  namespace: shop
+  labels: { app: web }
+  annotations: { weft.dev/weight: "0" }
+spec: { nodeName: node0, serviceAccountName: web, containers: [{ name: c, image: x }] }
+status: { phase: Running, podIP: 10.244.0.2 }
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-1
+  namespace: shop
+  labels: { app: web }
+  annotations: { weft.dev/weight: "1" }
+spec: { nodeName: node1, serviceAccountName: web, containers: [{ name: c, image: x }] }
+status: { phase: Running, podIP: 10.244.1.2 }
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: client
+  namespace: shop
+  labels: { app: client }
+  annotations: { weft.dev/weight: heavy }
+spec: { nodeName: node0, containers: [{ name: c, image: x }] }
+status: { phase: Running, podIP: 10.244.0.3 }
+---
+apiVersion: v1
+kind: Service
+metadata: { name: web, namespace: shop }
+spec:
+  clusterIP: 10.96.0.10
+  selector: { app: web }
+  trafficDistribution: PreferClose
+  ports:
+    - { name: http, port: 80, targetPort: 8080, appProtocol: Kubernetes.io/H2C }
+    - { name: grpc-api, port: 81, targetPort: 8081 }
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: { name: web-abc, namespace: shop, labels: { kubernetes.io/service-name: web } }
+addressType: IPv4
+ports: [{ name: http, port: 8080 }]
+endpoints:
+  - { addresses: [10.244.0.2] }
+  - { addresses: [10.244.1.2] }
+  - { addresses: [10.244.0.3] }
+---
+apiVersion: v1
+kind: Service
+metadata: { name: api, namespace: shop }
+spec: { clusterIP: 10.96.0.11, selector: { app: web }, ports: [{ port: 80 }] }
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: { name: api, namespace: shop }
+spec: { service: api, loadBalancer: { trafficDistribution: PreferClose } }
+---
+apiVersion: v1
+kind: Service
+metadata: { name: far, namespace: shop }
+spec: { clusterIP: 10.96.0.12, trafficDistribution: PreferSameNode, ports: [{ port: 80 }] }
+"#;
+    let compiled = compile(
+        &objects(&format!("{CLUSTER}{changes}")),
+        &settings(),
+        &TrustBundle::default(),
+    );
+    let nodes = compiled.shared.all::<proto::Node>();
+    assert_eq!(
+        (nodes["node0"].zone.as_str(), nodes["node1"].zone.as_str()),
+        ("", "zone-b")
+    );
+
+    let services = compiled.shared.all::<proto::Service>();
+    let web = &services["shop/web"];
+    let ports: Vec<(&str, &str)> = web
+        .ports
+        .iter()
+        .map(|port| (port.name.as_str(), port.app_protocol.as_str()))
+        .collect();
+    assert_eq!(
+        ports,
+        [("http", "kubernetes.io/h2c"), ("grpc-api", "")],
+        "appProtocol in lower case, none as empty"
+    );
+    assert_eq!(
+        web.endpoint_weights,
+        [("10.244.0.2".to_owned(), 0)].into(),
+        "only weights other than 1, and a bad one is 1"
+    );
+    let client = verdict(&compiled, Kind::Pod, "shop", "client");
+    assert_eq!(
+        (client.accepted, client.reason, client.message.as_str()),
+        (
+            false,
+            Reason::Invalid,
+            "metadata.annotations[\"weft.dev/weight\"]: \"heavy\" is not a weight (a whole \
+             number from 0 to 1000); its endpoints keep weight 1"
+        )
+    );
+    assert!(
+        !compiled
+            .statuses
+            .contains_key(&(Kind::Pod, ObjectKey::new("shop", "web-0"))),
+        "good pods have no verdict"
+    );
+
+    let prefer_close = |name: &str| services[&format!("shop/{name}")].prefer_close;
+    assert!(prefer_close("web"), "the Service asks");
+    assert!(prefer_close("api"), "its TrafficPolicy asks");
+    assert!(!prefer_close("far"), "PreferSameNode is not about zones");
+    let api = compiled
+        .shared
+        .get::<proto::TrafficPolicy>("shop/api")
+        .unwrap();
+    assert_eq!(
+        api.load_balancing,
+        proto::LoadBalancing::Unspecified as i32,
+        "no algorithm: the agents' default"
+    );
+}
+
+#[test]
 fn peer_authentication_from_mesh_to_namespace_to_workload() {
     let policies = r#"
 ---
@@ -527,10 +663,28 @@ fn verdicts_say_accepted_only_for_what_the_agents_enforce() {
             "everything",
             false,
             Reason::NotEnforced,
-            "the agents do not enforce spec.connectionLimits, spec.loadBalancer, \
-             spec.outlierDetection, spec.retries, spec.timeouts.connect, spec.timeouts.request \
-             yet and ignore them, so nothing of it applies to clients of Service web (of a \
-             TrafficPolicy they enforce spec.timeouts.idle)"
+            "the agents do not enforce spec.connectionLimits, spec.outlierDetection, \
+             spec.retries, spec.timeouts.connect, spec.timeouts.request yet and ignore them; \
+             spec.loadBalancer applies to clients of Service web"
+                .to_owned(),
+        ),
+        (
+            "kind: TrafficPolicy\nmetadata: { name: close, namespace: shop }\nspec: { service: web, loadBalancer: { trafficDistribution: PreferClose } }",
+            Kind::TrafficPolicy,
+            "close",
+            true,
+            Reason::Accepted,
+            "applies to clients of Service web".to_owned(),
+        ),
+        (
+            "kind: TrafficPolicy\nmetadata: { name: nothing-enforced, namespace: shop }\nspec: { service: web, retries: { attempts: 2 } }",
+            Kind::TrafficPolicy,
+            "nothing-enforced",
+            false,
+            Reason::NotEnforced,
+            "the agents do not enforce spec.retries yet and ignore it, so nothing of it \
+             applies to clients of Service web (of a TrafficPolicy they enforce \
+             spec.loadBalancer, spec.timeouts.idle)"
                 .to_owned(),
         ),
         (

@@ -1,11 +1,14 @@
 //! TrafficPolicies: one per Service (the oldest wins), for every client. The agents
 //! enforce only some of the fields (see [`enforcement`]).
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use weft_api::{
     config::v1::{self as proto, LoadBalancing},
-    crd::{Algorithm, TrafficPolicySpec, Validate, parse_duration},
+    crd::{Algorithm, TrafficDistribution, TrafficPolicySpec, Validate, parse_duration},
 };
 
 use super::{by_age, enforcement, judge};
@@ -14,12 +17,18 @@ use crate::{
     status::{Reason, Statuses, Verdict},
 };
 
-/// The compiled policies by service.
-pub fn compile(
-    objects: &Objects,
-    statuses: &mut Statuses,
-) -> BTreeMap<ObjectKey, proto::TrafficPolicy> {
-    let mut by_service: BTreeMap<ObjectKey, proto::TrafficPolicy> = BTreeMap::new();
+/// The policies that apply.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    /// The compiled policies by service.
+    pub policies: BTreeMap<ObjectKey, proto::TrafficPolicy>,
+    /// The services whose policy sets `loadBalancer.trafficDistribution: PreferClose`
+    /// (sent as the Service's `prefer_close`).
+    pub prefer_close: BTreeSet<ObjectKey>,
+}
+
+pub fn compile(objects: &Objects, statuses: &mut Statuses) -> Traffic {
+    let mut traffic = Traffic::default();
     let mut decided_by: BTreeMap<ObjectKey, String> = BTreeMap::new();
     let policies = by_age(
         objects
@@ -53,7 +62,16 @@ pub fn compile(
             // Compiled and sent even when the agents ignore some of it: what they
             // enforce applies, and the status names the rest.
             decided_by.insert(service.clone(), key.name.clone());
-            by_service.insert(service.clone(), compile_policy(key, spec));
+            let distribution = spec
+                .load_balancer
+                .as_ref()
+                .and_then(|lb| lb.traffic_distribution);
+            if distribution == Some(TrafficDistribution::PreferClose) {
+                traffic.prefer_close.insert(service.clone());
+            }
+            traffic
+                .policies
+                .insert(service.clone(), compile_policy(key, spec));
             let target = format!("clients of Service {}", spec.service);
             let accepted = Verdict::accepted(Reason::Accepted, format!("applies to {target}"));
             enforcement::verdict(Kind::TrafficPolicy, spec, &target, accepted)
@@ -66,7 +84,7 @@ pub fn compile(
             verdict,
         );
     }
-    by_service
+    traffic
 }
 
 /// Milliseconds of a duration the policy has already validated; 0 when not set.
@@ -81,7 +99,7 @@ fn compile_policy(key: &ObjectKey, spec: &TrafficPolicySpec) -> proto::TrafficPo
         service: spec.service.clone(),
         namespace: key.namespace.clone(),
         source: key.to_string(),
-        load_balancing: match spec.load_balancer.as_ref().map(|lb| lb.algorithm) {
+        load_balancing: match spec.load_balancer.as_ref().and_then(|lb| lb.algorithm) {
             None => LoadBalancing::Unspecified,
             Some(Algorithm::RoundRobin) => LoadBalancing::RoundRobin,
             Some(Algorithm::Random) => LoadBalancing::Random,
