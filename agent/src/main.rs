@@ -669,7 +669,9 @@ async fn tidy(proxy: Arc<Proxy>) {
         ticks.tick().await;
         proxy.pool.release_idle();
         proxy.http_pool.release_idle();
-        proxy.balancers.retain(&proxy.mesh.get().endpoint_addresses());
+        proxy
+            .balancers
+            .retain(&proxy.mesh.get().endpoint_addresses());
         let (peak, now) = proxy.admission.take_peak();
         if peak >= now + FEWER {
             memory::give_back();

@@ -92,7 +92,7 @@ pub struct MeshConfig {
     pub trust_anchors: Vec<TrustAnchor>,
     /// Lookups by address, built on first use.
     #[serde(skip)]
-    index: Index,
+    pub(crate) index: Index,
 }
 
 /// The configuration's lookups of the data path, by workload IP and by service
@@ -100,7 +100,7 @@ pub struct MeshConfig {
 /// lookup: a configuration is not changed once it is published (a clone starts a new
 /// index, so a changed clone is safe).
 #[derive(Debug, Default)]
-struct Index(std::sync::OnceLock<Maps>);
+pub(crate) struct Index(std::sync::OnceLock<Maps>);
 
 #[derive(Debug, Default)]
 struct Maps {

@@ -497,3 +497,121 @@ mod tests {
         );
     }
 }
+
+/// `promtool check metrics` on `text`, panicking with what it says unless it passes.
+pub fn assert_promtool_accepts(text: &str) {
+    use std::io::Write as _;
+    let mut check = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|err| panic!("cannot run promtool: {err}"));
+    check
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A real Prometheus on node0 of a cluster, scraping every node's agent each second;
+/// stopped when dropped.
+#[derive(Debug)]
+pub struct Prometheus<'a> {
+    cluster: &'a Cluster,
+    server: std::process::Child,
+}
+
+impl<'a> Prometheus<'a> {
+    /// Starts it and waits until it scrapes every agent.
+    pub fn start(cluster: &'a Cluster) -> Self {
+        let state = cluster.topology().state_dir.clone();
+        let targets: Vec<String> = cluster
+            .topology()
+            .nodes
+            .iter()
+            .map(|node| format!("'{}:15020'", node.ip))
+            .collect();
+        let config = state.join("prometheus.yml");
+        fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: weft\n    static_configs:\n      - targets: [{}]\n",
+                targets.join(", ")
+            ),
+        )
+        .unwrap();
+        let argv = [
+            "prometheus".to_owned(),
+            format!("--config.file={}", config.display()),
+            format!("--storage.tsdb.path={}", state.join("prometheus").display()),
+            "--web.listen-address=127.0.0.1:19090".to_owned(),
+        ];
+        let server = cluster
+            .node_command("node0", &argv)
+            .unwrap_or_else(|err| panic!("{err}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot start prometheus: {err}"));
+        let prometheus = Self { cluster, server };
+        let nodes = cluster.topology().nodes.len().to_string();
+        wait_until(
+            "Prometheus scraping every agent",
+            Duration::from_secs(30),
+            || prometheus.query("sum(up)")["data"]["result"][0]["value"][1] == nodes.as_str(),
+        );
+        prometheus
+    }
+
+    /// The answer to PromQL `promql` (`/api/v1/query`), or null.
+    pub fn query(&self, promql: &str) -> serde_json::Value {
+        let query = format!("query={promql}");
+        let argv = [
+            "curl",
+            "-s",
+            "--max-time",
+            "2",
+            "-G",
+            "--data-urlencode",
+            &query,
+            "http://127.0.0.1:19090/api/v1/query",
+        ];
+        let out = self
+            .cluster
+            .node_command("node0", &argv)
+            .unwrap_or_else(|err| panic!("{err}"))
+            .output()
+            .unwrap_or_else(|err| panic!("cannot run curl: {err}"));
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    }
+
+    /// Waits until `promql` has at least one series, and returns them.
+    pub fn wait_for_series(&self, promql: &str) -> Vec<serde_json::Value> {
+        let mut found = Vec::new();
+        wait_until(promql, Duration::from_secs(30), || {
+            found = self.query(promql)["data"]["result"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            !found.is_empty()
+        });
+        found
+    }
+}
+
+impl Drop for Prometheus<'_> {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}

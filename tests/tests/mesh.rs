@@ -13,8 +13,8 @@ use std::{
 
 use weft_cluster::{Cluster, PodInfo, PodSpec, objects::TRUST_DOMAIN};
 use weft_e2e::{
-    TestCa, TestCluster, agent_metrics as metrics, policy_verdict, run_in_pod, series, unique_name,
-    valid_now, wait_until, workspace_bin,
+    Prometheus, TestCa, TestCluster, agent_metrics as metrics, assert_promtool_accepts,
+    policy_verdict, run_in_pod, samples, series, unique_name, valid_now, wait_until, workspace_bin,
 };
 
 const READY: Duration = Duration::from_secs(10);
@@ -42,6 +42,15 @@ spec:
   ports: [{ port: 9000 }]
 "#;
 
+/// Service `echo` balanced round robin, so that a dozen requests reach every replica.
+const ROUND_ROBIN: &str = r#"
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: { name: echo, namespace: default }
+spec: { service: echo, loadBalancer: { algorithm: RoundRobin } }
+"#;
+
 fn identity(service_account: &str) -> String {
     format!("spiffe://{TRUST_DOMAIN}/ns/default/sa/{service_account}")
 }
@@ -60,7 +69,7 @@ fn add(cluster: &mut Cluster, name: &str, node: &str, app: Option<&str>, argv: &
 /// A 2-node mesh: echo-0 on node0, echo-1 and echo-2 on node1 behind service echo, a
 /// TCP echo behind service tcp on node1, and a client on node0.
 fn echo_mesh() -> (TestCluster, Vec<PodInfo>) {
-    let mut cluster = TestCluster::with_mesh(2, MESH);
+    let mut cluster = TestCluster::with_mesh(2, &format!("{MESH}{ROUND_ROBIN}"));
     let echo = workspace_bin("weft-echo").display().to_string();
     let tcp = workspace_bin("weft-tcp-echo").display().to_string();
     let replicas = [
@@ -153,29 +162,24 @@ fn service_traffic_reaches_every_endpoint_in_mutual_tls_between_nodes() {
             tls[0],
         ]
     };
+    // Port `http` is HTTP: every request is measured, by both agents.
+    let requests = |text: &str, labels: &[(&str, &str)]| -> f64 {
+        samples(text, "istio_requests_total")
+            .into_iter()
+            .filter(|(found, _)| {
+                labels
+                    .iter()
+                    .all(|(key, value)| found.get(*key).map(String::as_str) == Some(*value))
+            })
+            .map(|(_, value)| value)
+            .sum()
+    };
+    assert!(requests(&source, &labels("source")) >= 100.0, "{source}");
     assert!(
-        series(
-            &source,
-            "istio_tcp_connections_opened_total",
-            &labels("source")
-        )
-        .unwrap_or(0.0)
-            >= 4.0,
-        "{source}"
-    );
-    assert!(
-        series(
-            &destination,
-            "istio_tcp_connections_opened_total",
-            &[("reporter", "destination"), tls[0]]
-        )
-        .unwrap_or(0.0)
-            >= 4.0,
+        requests(&destination, &[("reporter", "destination"), tls[0]]) >= 50.0,
         "{destination}"
     );
-    assert!(
-        series(&source, "istio_tcp_received_bytes_total", &labels("source")).unwrap_or(0.0) > 0.0
-    );
+    assert!(series(&source, "istio_response_bytes_sum", &labels("source")).unwrap_or(0.0) > 0.0);
     assert!(
         series(
             &source,
@@ -186,27 +190,7 @@ fn service_traffic_reaches_every_endpoint_in_mutual_tls_between_nodes() {
             >= 12.0
     );
     for text in [&source, &destination] {
-        let mut check = Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write as _;
-        check
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-        let out = check.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "promtool check metrics: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_promtool_accepts(text);
     }
 
     // Readiness, and the admin endpoints on the node's localhost.
@@ -264,68 +248,9 @@ fn service_traffic_reaches_every_endpoint_in_mutual_tls_between_nodes() {
     assert_eq!(missing, "400");
 
     // A real Prometheus scrapes both agents and finds the series.
-    let state = cluster.topology().state_dir.clone();
-    let targets: Vec<String> = cluster
-        .topology()
-        .nodes
-        .iter()
-        .map(|node| format!("'{}:15020'", node.ip))
-        .collect();
-    let config = state.join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: weft\n    static_configs:\n      - targets: [{}]\n", targets.join(", ")),
-    )
-    .unwrap();
-    let prometheus = [
-        "prometheus".to_owned(),
-        format!("--config.file={}", config.display()),
-        format!("--storage.tsdb.path={}", state.join("prometheus").display()),
-        "--web.listen-address=127.0.0.1:19090".to_owned(),
-    ];
-    let mut server = cluster
-        .node_command("node0", &prometheus)
-        .unwrap()
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let query = |promql: &str| -> serde_json::Value {
-        let query = format!("query={promql}");
-        let argv = [
-            "curl",
-            "-s",
-            "--max-time",
-            "2",
-            "-G",
-            "--data-urlencode",
-            &query,
-            "http://127.0.0.1:19090/api/v1/query",
-        ];
-        let out = cluster
-            .node_command("node0", &argv)
-            .unwrap()
-            .output()
-            .unwrap();
-        serde_json::from_slice(&out.stdout).unwrap_or_default()
-    };
-    wait_until(
-        "Prometheus scraping both agents",
-        Duration::from_secs(30),
-        || {
-            let up = query("sum(up)");
-            up["data"]["result"][0]["value"][1] == "2"
-        },
-    );
-    let opened = query(
-        "istio_tcp_connections_opened_total{reporter=\"source\",connection_security_policy=\"mutual_tls\",destination_service_name=\"echo\"}",
-    );
-    let found = opened["data"]["result"].as_array().map_or(0, Vec::len);
-    let _ = server.kill();
-    let _ = server.wait();
-    assert!(
-        found >= 1,
-        "Prometheus has no mutual-TLS connection series: {opened}"
+    let prometheus = Prometheus::start(&cluster);
+    prometheus.wait_for_series(
+        "istio_requests_total{reporter=\"source\",connection_security_policy=\"mutual_tls\",destination_service_name=\"echo\"}",
     );
 }
 

@@ -71,7 +71,7 @@ pub async fn connect(
                         agent: *agent,
                         target: endpoint.address,
                         reason,
-                        source: err,
+                        source: Box::new(err),
                     }
                 })
         }

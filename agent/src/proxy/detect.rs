@@ -59,7 +59,10 @@ pub fn classify(prefix: &[u8]) -> Option<Detected> {
 
 /// Reads from `io` until its first bytes decide, the client is silent for `timeout`,
 /// or it closes; returns the answer with the stream rewound to its start.
-pub async fn detect<IO: AsyncRead + Unpin>(mut io: IO, timeout: Duration) -> (Detected, Rewind<IO>) {
+pub async fn detect<IO: AsyncRead + Unpin>(
+    mut io: IO,
+    timeout: Duration,
+) -> (Detected, Rewind<IO>) {
     let mut prefix = BytesMut::with_capacity(PREFACE.len());
     let detected = loop {
         let read = tokio::time::timeout(timeout, io.read_buf(&mut prefix)).await;
@@ -150,7 +153,12 @@ mod tests {
             (b"GETX", Some(Detected::Tcp)),
         ];
         for (prefix, expected) in table {
-            assert_eq!(classify(prefix), expected, "{:?}", String::from_utf8_lossy(prefix));
+            assert_eq!(
+                classify(prefix),
+                expected,
+                "{:?}",
+                String::from_utf8_lossy(prefix)
+            );
         }
     }
 

@@ -52,7 +52,7 @@ pub enum ProxyError {
         /// [`HboneError::reason`], or the certificate problem the TLS handshake hit.
         reason: &'static str,
         #[source]
-        source: HboneError,
+        source: Box<HboneError>,
     },
     #[error("the HTTP/{version} handshake with {target} failed: {source}")]
     UpstreamHandshake {
@@ -186,7 +186,7 @@ mod tests {
                     agent: target,
                     target,
                     reason: "certificate_expired",
-                    source: HboneError::Closed,
+                    source: Box::new(HboneError::Closed),
                 },
                 ("certificate_expired", "UF", 503, 14),
             ),

@@ -35,13 +35,13 @@ use hyper_util::{
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use self::{body::Measured, pool::Sender, telemetry::Exchange};
 pub use self::{
     inbound::{Inbound, serve as serve_inbound},
     outbound::serve as serve_outbound,
     pool::Pool,
     telemetry::describe,
 };
-use self::{body::Measured, pool::Sender, telemetry::Exchange};
 use super::{
     Proxy,
     connect::Upstream,
@@ -55,7 +55,10 @@ pub type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
 
 /// Serves HTTP/1.1 or HTTP/2 (told by the connection preface) on `io` until the client
 /// closes it, each request answered by `handle`.
-async fn serve<IO, H, Fut>(io: IO, handle: H) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+async fn serve<IO, H, Fut>(
+    io: IO,
+    handle: H,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
@@ -106,7 +109,12 @@ fn start_span(
 }
 
 /// Ends `span` with the request's outcome.
-fn end_span(mut span: Span, status: u16, grpc_status: Option<u16>, peer: Option<std::net::SocketAddr>) {
+fn end_span(
+    mut span: Span,
+    status: u16,
+    grpc_status: Option<u16>,
+    peer: Option<std::net::SocketAddr>,
+) {
     span.set("http.response.status_code", status);
     if let Some(grpc_status) = grpc_status {
         span.set("rpc.grpc.status_code", grpc_status);
@@ -125,11 +133,7 @@ fn end_span(mut span: Span, status: u16, grpc_status: Option<u16>, peer: Option<
 fn traceparent(span: &Span) -> Option<String> {
     let mut headers = http::HeaderMap::new();
     span.propagate(&mut headers);
-    headers
-        .get("traceparent")?
-        .to_str()
-        .ok()
-        .map(str::to_owned)
+    headers.get("traceparent")?.to_str().ok().map(str::to_owned)
 }
 
 /// A forwarded request's response, with what its measurement needs.
@@ -204,7 +208,10 @@ fn failure(error: &ProxyError, grpc: bool) -> Response<ProxyBody> {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/grpc"),
         );
-        headers.insert("grpc-status", HeaderValue::from(error.grpc_status()));
+        headers.insert(
+            "grpc-status",
+            HeaderValue::from(u16::from(error.grpc_status())),
+        );
         headers.insert("grpc-message", HeaderValue::from_static(reason));
         response
     } else {

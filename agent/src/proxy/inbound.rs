@@ -11,8 +11,8 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
+use ::http::StatusCode;
 use bytes::Bytes;
-use http::StatusCode;
 use tokio::{net::TcpStream, time::Instant};
 use tokio_rustls::TlsAcceptor;
 
@@ -28,8 +28,8 @@ use super::{
 };
 use crate::{
     identity::Identity,
-    mesh::Protocol,
     logging::{Throttle, held_back},
+    mesh::Protocol,
     tls,
 };
 

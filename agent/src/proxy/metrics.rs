@@ -172,7 +172,11 @@ impl Connection {
     }
 
     fn security(&self) -> &'static str {
-        if self.mutual_tls { "mutual_tls" } else { "none" }
+        if self.mutual_tls {
+            "mutual_tls"
+        } else {
+            "none"
+        }
     }
 
     /// Counts the connection as opened; the returned handles count its bytes while it
@@ -192,6 +196,7 @@ impl Connection {
 }
 
 /// An open connection's series, resolved once.
+#[derive(Debug)]
 pub struct OpenConnection {
     connection: Connection,
     closed: Counter,

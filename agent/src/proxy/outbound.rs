@@ -141,11 +141,13 @@ async fn waiting<T>(
 pub fn choose(proxy: &Proxy, logical: &Logical) -> Result<(Endpoint, Option<Pick>), ProxyError> {
     let mesh = proxy.mesh.get();
     match &logical.destination {
-        Destination::Pod(address) => {
-            Ok((logical::endpoint(&mesh, &proxy.node, *address, false)?, None))
-        }
+        Destination::Pod(address) => Ok((
+            logical::endpoint(&mesh, &proxy.node, *address, false)?,
+            None,
+        )),
         Destination::Service(target) => {
-            let no_endpoints = || ProxyError::NoEndpoints(format!("{}/{}", target.namespace, target.name));
+            let no_endpoints =
+                || ProxyError::NoEndpoints(format!("{}/{}", target.namespace, target.name));
             let (service, port) = mesh
                 .service_at(target.vip, target.port)
                 .ok_or_else(no_endpoints)?;
@@ -159,4 +161,3 @@ pub fn choose(proxy: &Proxy, logical: &Logical) -> Result<(Endpoint, Option<Pick
         }
     }
 }
-

@@ -71,7 +71,8 @@ where
     let end = {
         let copy = copy_bidirectional_with_sizes(&mut client, &mut server, BUFFER, BUFFER);
         tokio::pin!(copy);
-        let mut report = tokio::time::interval_at(Instant::now() + PROGRESS_INTERVAL, PROGRESS_INTERVAL);
+        let mut report =
+            tokio::time::interval_at(Instant::now() + PROGRESS_INTERVAL, PROGRESS_INTERVAL);
         loop {
             let idle_deadline = idle.map(|idle| activity.last() + idle);
             tokio::select! {
@@ -205,10 +206,9 @@ mod tests {
     async fn both_directions_are_carried_and_counted_until_both_close() {
         let (mut client, mut client_side) = duplex(1024);
         let (mut server_side, mut server) = duplex(1024);
-        let relay =
-            tokio::spawn(
-                async move { relay(&mut client_side, &mut server_side, Some(IDLE), |_, _| {}).await },
-            );
+        let relay = tokio::spawn(async move {
+            relay(&mut client_side, &mut server_side, Some(IDLE), |_, _| {}).await
+        });
         client.write_all(b"hello").await.unwrap();
         client.shutdown().await.unwrap();
         let mut request = Vec::new();
@@ -239,10 +239,9 @@ mod tests {
         let (mut client, mut client_side) = duplex(1024);
         let (mut server_side, mut server) = duplex(1024);
         let started = Instant::now();
-        let relay =
-            tokio::spawn(
-                async move { relay(&mut client_side, &mut server_side, Some(IDLE), |_, _| {}).await },
-            );
+        let relay = tokio::spawn(async move {
+            relay(&mut client_side, &mut server_side, Some(IDLE), |_, _| {}).await
+        });
         // A byte every 2 s, alternating directions, for 10 s: never 3 s of silence.
         for round in 0..5 {
             tokio::time::sleep(Duration::from_secs(2)).await;
@@ -265,8 +264,9 @@ mod tests {
     async fn without_an_idle_timeout_silence_is_kept() {
         let (client, mut client_side) = duplex(1024);
         let (mut server_side, server) = duplex(1024);
-        let relay =
-            tokio::spawn(async move { relay(&mut client_side, &mut server_side, None, |_, _| {}).await });
+        let relay = tokio::spawn(async move {
+            relay(&mut client_side, &mut server_side, None, |_, _| {}).await
+        });
         tokio::time::sleep(Duration::from_secs(24 * 3600)).await;
         assert!(!relay.is_finished());
         drop((client, server));
@@ -280,9 +280,14 @@ mod tests {
         let (mut server_side, mut server) = duplex(1024);
         let (reports, reported) = std::sync::mpsc::channel();
         let relay = tokio::spawn(async move {
-            relay(&mut client_side, &mut server_side, None, |received, sent| {
-                reports.send((received, sent)).unwrap();
-            })
+            relay(
+                &mut client_side,
+                &mut server_side,
+                None,
+                |received, sent| {
+                    reports.send((received, sent)).unwrap();
+                },
+            )
             .await
         });
         client.write_all(b"abc").await.unwrap();

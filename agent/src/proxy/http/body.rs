@@ -120,7 +120,7 @@ mod tests {
             )]))),
         ];
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let body = Measured::new(StreamBody::new(futures::stream::iter(frames)), {
+        let body = Measured::new(StreamBody::new(tokio_stream::iter(frames)), {
             let seen = Arc::clone(&seen);
             move |what| seen.lock().unwrap().push(what)
         });
@@ -140,7 +140,7 @@ mod tests {
     async fn a_body_dropped_before_its_end_is_incomplete() {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let mut body = Measured::new(
-            StreamBody::new(futures::stream::iter(vec![
+            StreamBody::new(tokio_stream::iter(vec![
                 Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"a"))),
                 Ok(Frame::data(Bytes::from_static(b"b"))),
             ])),

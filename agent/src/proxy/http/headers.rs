@@ -195,9 +195,12 @@ mod tests {
         names
     }
 
+    /// Headers given, whether the request upgrades, the names left.
+    type Case<'a> = (&'a [(&'a str, &'a str)], bool, &'a [&'a str]);
+
     #[test]
     fn hop_by_hop_fields_stay_on_their_hop() {
-        let table: [(&[(&str, &str)], bool, &[&str]); 4] = [
+        let table: [Case; 4] = [
             (
                 &[
                     ("connection", "keep-alive, x-secret"),
@@ -239,7 +242,10 @@ mod tests {
             *request.headers_mut() = headers(pairs);
             request
         };
-        let both = [("connection", "keep-alive, Upgrade"), ("upgrade", "websocket")];
+        let both = [
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+        ];
         assert!(wants_upgrade(&request(Version::HTTP_11, &both)));
         assert!(!wants_upgrade(&request(Version::HTTP_2, &both)));
         assert!(!wants_upgrade(&request(
@@ -293,7 +299,10 @@ mod tests {
 
     #[test]
     fn grpc_is_told_by_its_content_type_and_status() {
-        assert!(is_grpc(&headers(&[("content-type", "application/grpc+proto")])));
+        assert!(is_grpc(&headers(&[(
+            "content-type",
+            "application/grpc+proto"
+        )])));
         assert!(!is_grpc(&headers(&[("content-type", "application/json")])));
         assert_eq!(grpc_status(&headers(&[("grpc-status", "14")])), Some(14));
         assert_eq!(grpc_status(&headers(&[("grpc-status", "x")])), None);

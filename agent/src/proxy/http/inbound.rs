@@ -83,7 +83,10 @@ where
     if let Err(err) = served
         && let Some(held) = FAILED.allow()
     {
-        log::info!("inbound HTTP in a tunnel from {client} ended: {err}{}", held_back(held));
+        log::info!(
+            "inbound HTTP in a tunnel from {client} ended: {err}{}",
+            held_back(held)
+        );
     }
 }
 

@@ -11,8 +11,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::{
     ProxyBody,
     body::{Measured, Seen},
-    end_span, failure, forward, headers, pool, start_span, traceparent,
+    end_span, failure, forward, headers, pool, start_span,
     telemetry::{Exchange, Record, Requests},
+    traceparent,
 };
 use crate::{
     logging::{Throttle, held_back},
@@ -66,7 +67,10 @@ where
     if let Err(err) = served
         && let Some(held) = FAILED.allow()
     {
-        log::info!("outbound HTTP connection from {peer} ended: {err}{}", held_back(held));
+        log::info!(
+            "outbound HTTP connection from {peer} ended: {err}{}",
+            held_back(held)
+        );
     }
 }
 
@@ -91,14 +95,28 @@ impl Outbound {
             version,
         };
         let carried = traceparent(&span);
-        let dial = || connect(&self.proxy, &endpoint, &self.logical.source, carried.clone());
-        let forwarded =
-            match forward(&self.proxy, &self.proxy.http_pool, key.clone(), dial, request).await {
-                Ok(forwarded) => forwarded,
-                Err(error) => {
-                    return self.failed(&exchange, span, Some((&endpoint.peer, mutual_tls)), error);
-                }
-            };
+        let dial = || {
+            connect(
+                &self.proxy,
+                &endpoint,
+                &self.logical.source,
+                carried.clone(),
+            )
+        };
+        let forwarded = match forward(
+            &self.proxy,
+            &self.proxy.http_pool,
+            key.clone(),
+            dial,
+            request,
+        )
+        .await
+        {
+            Ok(forwarded) => forwarded,
+            Err(error) => {
+                return self.failed(&exchange, span, Some((&endpoint.peer, mutual_tls)), error);
+            }
+        };
         if let Some(pick) = &pick {
             pick.observe(exchange.started.elapsed());
         }

@@ -6,13 +6,7 @@
 //! an HBONE tunnel authenticated as the client workload: requests of two workloads
 //! never share one. Connections to pods of this node and outside the mesh have none.
 
-use std::{
-    collections::HashMap,
-    future::Future,
-    net::SocketAddr,
-    sync::Mutex,
-    time::Duration,
-};
+use std::{collections::HashMap, future::Future, net::SocketAddr, sync::Mutex, time::Duration};
 
 use http::{Request, Response};
 use hyper::{
@@ -168,9 +162,7 @@ impl Pool {
             return;
         }
         let mut slots = sync::lock(&self.slots);
-        let slot = slots
-            .entry(key)
-            .or_insert_with(|| Slot::Http1(Vec::new()));
+        let slot = slots.entry(key).or_insert_with(|| Slot::Http1(Vec::new()));
         if let Slot::Http1(idle) = slot
             && idle.len() < MAX_IDLE
         {
@@ -204,15 +196,14 @@ async fn try_send(
     request: Request<ProxyBody>,
     target: SocketAddr,
 ) -> Result<(Response<Incoming>, Sender), Unsent> {
-    let failed = |mut err: hyper::client::conn::TrySendError<Request<ProxyBody>>| match err
-        .take_message()
-    {
-        Some(request) => Unsent::Back(request),
-        None => Unsent::Failed(ProxyError::UpstreamReset {
-            target,
-            source: err.into_error(),
-        }),
-    };
+    let failed =
+        |mut err: hyper::client::conn::TrySendError<Request<ProxyBody>>| match err.take_message() {
+            Some(request) => Unsent::Back(request),
+            None => Unsent::Failed(ProxyError::UpstreamReset {
+                target,
+                source: err.into_error(),
+            }),
+        };
     match sender {
         Sender::Http1(mut sender) => {
             if sender.ready().await.is_err() {

@@ -180,7 +180,8 @@ impl Requests {
         labels.push(Label::new("response_code", key.status.to_string()));
         labels.push(Label::new(
             "grpc_response_status",
-            key.grpc_status.map_or_else(String::new, |status| status.to_string()),
+            key.grpc_status
+                .map_or_else(String::new, |status| status.to_string()),
         ));
         let resolved = Arc::new(Handles {
             requests: counter!("istio_requests_total", labels.clone()),
@@ -196,7 +197,10 @@ impl Requests {
 /// Registers the help text of the request series.
 pub fn describe() {
     use metrics::{describe_counter, describe_histogram};
-    describe_counter!("istio_requests_total", "HTTP and gRPC requests (Istio standard)");
+    describe_counter!(
+        "istio_requests_total",
+        "HTTP and gRPC requests (Istio standard)"
+    );
     describe_histogram!(
         "istio_request_duration_milliseconds",
         metrics::Unit::Milliseconds,
