@@ -498,7 +498,13 @@ mod tests {
     }
 }
 
-/// `promtool check metrics` on `text`, panicking with what it says unless it passes.
+/// Istio's request-duration series keeps the name Istio's dashboards read, in
+/// milliseconds, which promtool's lint prefers in seconds: the one finding tolerated.
+const ISTIO_MILLISECONDS: &str =
+    "istio_request_duration_milliseconds use base unit \"seconds\" instead of \"milliseconds\"";
+
+/// `promtool check metrics` on `text`, panicking with what it says unless it passes
+/// (but for the lint of Istio's standard duration name).
 pub fn assert_promtool_accepts(text: &str) {
     use std::io::Write as _;
     let mut check = std::process::Command::new("promtool")
@@ -515,11 +521,18 @@ pub fn assert_promtool_accepts(text: &str) {
         .write_all(text.as_bytes())
         .unwrap();
     let out = check.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}{}",
+    let said = format!(
+        "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+    let only_istio_names = said
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .all(|line| line.contains(ISTIO_MILLISECONDS));
+    assert!(
+        out.status.success() || only_istio_names,
+        "promtool check metrics: {said}"
     );
 }
 

@@ -41,7 +41,7 @@ spec:
 apiVersion: weft.dev/v1alpha1
 kind: TrafficPolicy
 metadata: { name: echo, namespace: default }
-spec: { service: echo, loadBalancer: { algorithm: RoundRobin } }
+spec: { service: echo, loadBalancer: { algorithm: ROUND_ROBIN } }
 ---
 apiVersion: v1
 kind: Service
@@ -62,7 +62,7 @@ spec:
 apiVersion: weft.dev/v1alpha1
 kind: TrafficPolicy
 metadata: { name: weighted, namespace: default }
-spec: { service: weighted, loadBalancer: { algorithm: RoundRobin } }
+spec: { service: weighted, loadBalancer: { algorithm: ROUND_ROBIN } }
 ---
 apiVersion: v1
 kind: Service
@@ -142,36 +142,30 @@ fn weft_client() -> String {
     workspace_bin("weft-client").display().to_string()
 }
 
-/// Waits until `url` answers 200 from the client pod.
-fn wait_for(cluster: &Cluster, url: &str) {
-    wait_until(url, READY, || {
-        cluster
-            .pod_command(
-                "default",
-                "client",
-                &["curl", "-sf", "--max-time", "2", url],
-            )
-            .unwrap()
-            .output()
-            .unwrap()
-            .status
-            .success()
+/// Waits until every replica behind `vip` answers: a dozen requests from the client
+/// pod, all answered by an echo (pods start their servers after the configuration
+/// names them).
+fn wait_for(cluster: &Cluster, vip: &str) {
+    wait_until(vip, READY, || {
+        let counts = many(cluster, vip, 12);
+        !counts.is_empty() && counts.keys().all(|pod| !pod.starts_with("error"))
     });
 }
 
-/// The pods that answered, one per JSON line of `stdout`, counted.
+/// The pods that answered, one per JSON line of `stdout`, counted; a line that is no
+/// echo (an agent's error) counts as `error: <line>`.
 fn answers(stdout: &[u8]) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
     for line in String::from_utf8_lossy(stdout)
         .lines()
         .filter(|l| !l.trim().is_empty())
     {
-        let answer: serde_json::Value =
-            serde_json::from_str(line).unwrap_or_else(|err| panic!("{err}: {line}"));
-        let pod = answer["pod"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no pod: {line}"));
-        *counts.entry(pod.to_owned()).or_default() += 1;
+        let answer: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+        let key = match answer["pod"].as_str() {
+            Some(pod) => pod.to_owned(),
+            None => format!("error: {line}"),
+        };
+        *counts.entry(key).or_default() += 1;
     }
     counts
 }
@@ -196,7 +190,12 @@ fn many(cluster: &Cluster, vip: &str, count: usize) -> BTreeMap<String, usize> {
     let url = format!("http://{vip}/");
     let mut argv = vec!["curl", "-s", "--max-time", "60", "-w", "\n"];
     argv.extend(std::iter::repeat_n(url.as_str(), count));
-    answers(&run_in_pod(cluster, "client", &argv).stdout)
+    let out = cluster
+        .pod_command("default", "client", &argv)
+        .unwrap()
+        .output()
+        .unwrap();
+    answers(&out.stdout)
 }
 
 fn assert_even(counts: &BTreeMap<String, usize>, replicas: usize, total: usize, what: &str) {
@@ -224,7 +223,7 @@ fn echo_cluster(agent_args: &[&str]) -> TestCluster {
     }
     client(&mut cluster);
     cluster.settle();
-    wait_for(&cluster, &format!("http://{ECHO}/"));
+    wait_for(&cluster, ECHO);
     cluster
 }
 
@@ -241,11 +240,6 @@ fn one_keep_alive_or_http2_connection_spreads_its_requests_over_every_replica() 
         // Port 8000 declares nothing: detection finds HTTP/1.1 and balances it too.
         assert_even(&answers(&out.stdout), 3, 30, &url);
     }
-    let opened = samples(
-        &metrics(&cluster, "node0"),
-        "weft_connection_outcomes_total",
-    );
-    assert!(!opened.is_empty(), "connections were counted");
 
     // h2load: one HTTP/2 connection (prior knowledge), 60 requests.
     let before = requests_by_workload(&cluster, "echo");
@@ -376,7 +370,7 @@ fn balancers_follow_latency_weights_and_locality() {
     client(&mut cluster);
     cluster.settle();
     for vip in ["10.96.0.21", "10.96.0.22", "10.96.0.23"] {
-        wait_for(&cluster, &format!("http://{vip}/"));
+        wait_for(&cluster, vip);
     }
 
     // Peak EWMA: the slow replica gets few of the requests once it has been measured.
@@ -431,11 +425,15 @@ fn detection_never_holds_up_a_server_that_speaks_first_nor_a_client_that_is_not_
     // bound of each agent (100 ms), far from a hang or Linkerd's 10 s.
     let mut greeting = String::new();
     wait_until("the greeter's greeting", READY, || {
-        let out = run_in_pod(
-            &cluster,
-            "client",
-            &["python3", "-c", SILENT_CLIENT, "10.96.0.24", "3306"],
-        );
+        let out = cluster
+            .pod_command(
+                "default",
+                "client",
+                &["python3", "-c", SILENT_CLIENT, "10.96.0.24", "3306"],
+            )
+            .unwrap()
+            .output()
+            .unwrap();
         greeting = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         greeting.starts_with("220 weft greeter|")
     });
@@ -487,7 +485,7 @@ fn request_metrics_from_both_agents_reach_prometheus_and_spans_reach_a_collector
             .unwrap_or_else(|err| panic!("{err}"));
         cluster.start_agent_on(node);
     }
-    wait_for(&cluster, &format!("http://{ECHO}/"));
+    wait_for(&cluster, ECHO);
 
     // Traffic: successes, a 503 the server chose, and a traced request.
     for path in ["/", "/?status=503", "/?status=503", "/"] {

@@ -48,7 +48,7 @@ const ROUND_ROBIN: &str = r#"
 apiVersion: weft.dev/v1alpha1
 kind: TrafficPolicy
 metadata: { name: echo, namespace: default }
-spec: { service: echo, loadBalancer: { algorithm: RoundRobin } }
+spec: { service: echo, loadBalancer: { algorithm: ROUND_ROBIN } }
 "#;
 
 fn identity(service_account: &str) -> String {
