@@ -34,6 +34,12 @@ spec:
   selector: {{ app: echo }}
   ports: [{{ name: http, port: 80, targetPort: 8080 }}]
 ---
+# Round robin, so that a few requests reach every replica.
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {{ name: echo-balancing, namespace: default }}
+spec: {{ service: echo, loadBalancer: {{ algorithm: ROUND_ROBIN }} }}
+---
 apiVersion: weft.dev/v1alpha1
 kind: PeerAuthentication
 metadata: {{ name: default, namespace: default }}

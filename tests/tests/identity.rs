@@ -225,7 +225,7 @@ fn the_controller_issues_every_workload_certificate_and_traffic_flows_on_them() 
     );
     let opened = series(
         &agent_metrics(&cluster, "node0"),
-        "istio_tcp_connections_opened_total",
+        "istio_requests_total",
         &[
             ("reporter", "source"),
             ("connection_security_policy", "mutual_tls"),

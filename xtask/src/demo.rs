@@ -2,10 +2,11 @@
 //!
 //! An echo service with three replicas across both nodes, a client pod on the first
 //! node, a weft agent on each node. The client sends plain HTTP to the service's
-//! virtual IP; the kernel hands each connection to its node's agent, which picks a
-//! replica and carries the bytes to the other node in an mTLS HBONE tunnel. The
-//! summary shows who answered, which identities the agents authenticated, the bytes,
-//! the latency and the kernel's counters.
+//! virtual IP, fifty requests on each keep-alive connection; the kernel hands each
+//! connection to its node's agent, which balances every request on its own (so one
+//! connection reaches every replica) and carries those for the other node in an mTLS
+//! HBONE tunnel. The summary shows who answered, the request metrics both agents
+//! report, which identities they authenticated, the latency and the kernel's counters.
 
 use std::{collections::BTreeMap, process::Stdio, time::Duration};
 
@@ -110,7 +111,7 @@ fn show(name: &str) -> anyhow::Result<()> {
     print_nodes_and_pods(&cluster);
 
     eprintln!(
-        "\n==> {REQUESTS} requests from pod client ({}) to service echo at {SERVICE}, a new connection each",
+        "\n==> {REQUESTS} requests from pod client ({}) to service echo at {SERVICE}, {BATCH} on each keep-alive connection",
         client.ip
     );
     let url = format!("http://{SERVICE}/");
@@ -118,16 +119,7 @@ fn show(name: &str) -> anyhow::Result<()> {
     let mut latencies = Vec::with_capacity(REQUESTS);
     let mut failures = 0;
     for batch in 0..REQUESTS / BATCH {
-        let mut argv = vec![
-            "curl",
-            "-s",
-            "--max-time",
-            "5",
-            "-H",
-            "Connection: close",
-            "-w",
-            "\t%{time_total}\n",
-        ];
+        let mut argv = vec!["curl", "-s", "--max-time", "5", "-w", "\t%{time_total}\n"];
         argv.extend(std::iter::repeat_n(url.as_str(), BATCH));
         let out = cluster
             .pod_command("default", "client", &argv)?
@@ -162,7 +154,7 @@ fn show(name: &str) -> anyhow::Result<()> {
         );
     }
 
-    eprintln!("\nAnswers per replica");
+    eprintln!("\nAnswers per replica (each request balanced on its own)");
     let replicas: Vec<Vec<String>> = cluster
         .topology()
         .pods
@@ -187,21 +179,26 @@ fn show(name: &str) -> anyhow::Result<()> {
             .unwrap_or(f64::NAN)
     };
     eprintln!(
-        "\nLatency (curl, connect + request + response): p50 {:.2} ms, p99 {:.2} ms over {} requests; {failures} failed",
+        "\nLatency (curl, request + response): p50 {:.2} ms, p99 {:.2} ms over {} requests; {failures} failed",
         percentile(0.50),
         percentile(0.99),
         latencies.len()
     );
 
+    eprintln!("\nRequest metrics (istio_requests_total on each agent's /metrics)");
+    print_table(
+        &["node", "reporter", "destination", "code", "requests"],
+        &request_metrics(&cluster)?,
+    );
     let tunnels = access_log_summary(&cluster)?;
-    eprintln!("\nConnections the agents carried (from their access logs)");
+    eprintln!("\nRequests the agents carried (from their access logs)");
     print_table(
         &[
             "reporter",
             "source identity",
             "destination identity",
             "security",
-            "connections",
+            "requests",
             "bytes",
         ],
         &tunnels,
@@ -359,7 +356,11 @@ fn access_log_summary(cluster: &Cluster) -> anyhow::Result<Vec<Vec<String>>> {
                 continue;
             };
             let text = |value: &serde_json::Value| value.as_str().unwrap_or("unknown").to_owned();
-            let connection = &entry["connection"];
+            // A TCP connection's line nests who was at its ends; a request's does not.
+            let connection = match &entry["connection"] {
+                serde_json::Value::Null => &entry,
+                connection => connection,
+            };
             let key = (
                 text(&connection["reporter"]),
                 text(&connection["source"]["principal"]),
@@ -388,6 +389,43 @@ fn access_log_summary(cluster: &Cluster) -> anyhow::Result<Vec<Vec<String>>> {
             },
         )
         .collect())
+}
+
+/// `istio_requests_total` of every agent, a row per (reporter, destination workload,
+/// response code).
+fn request_metrics(cluster: &Cluster) -> anyhow::Result<Vec<Vec<String>>> {
+    let mut rows = Vec::new();
+    for node in cluster.topology().node_names() {
+        let ip = cluster.topology().node(&node).context("node")?.ip;
+        let url = format!("http://{ip}:15020/metrics");
+        let metrics = cluster
+            .node_command(&node, &["curl", "-s", "--max-time", "3", &url])?
+            .output()
+            .context("cannot run curl")?;
+        for line in String::from_utf8_lossy(&metrics.stdout).lines() {
+            let Some(rest) = line.strip_prefix("istio_requests_total{") else {
+                continue;
+            };
+            let Some((labels, value)) = rest.rsplit_once("} ") else {
+                continue;
+            };
+            let label = |name: &str| {
+                labels
+                    .split(',')
+                    .find_map(|pair| pair.strip_prefix(&format!("{name}=\"")))
+                    .map_or("?", |value| value.trim_end_matches('"'))
+                    .to_owned()
+            };
+            rows.push(vec![
+                node.clone(),
+                label("reporter"),
+                label("destination_workload"),
+                label("response_code"),
+                value.trim().to_owned(),
+            ]);
+        }
+    }
+    Ok(rows)
 }
 
 /// Prints `rows` under `headers` to stderr, each column as wide as its widest cell.
