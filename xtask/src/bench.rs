@@ -8,6 +8,18 @@
 //! TLS); and the references, *stunnel* and *HAProxy* pairs on the nodes carrying
 //! the direct path's bytes in TLS 1.3 (see [`reference`]).
 //!
+//! Tests ([`TestId`]): iperf3 with 1, 4 and 8 streams; HTTP/1.1 keep-alive (h2load
+//! `--h1`) and a new connection per request (weft-load), each at a fixed 1,000
+//! requests/s (latency) and at saturation; HTTP/2 with prior knowledge, 10 connections
+//! × 10 streams (h2load `-c 10 -m 10`), and unary gRPC calls over 10 connections
+//! (`weft-client grpc load`), likewise. The servers are `weft-echo` (HTTP/1.1, h2c and
+//! gRPC on one port, `?bytes=N` for the body's size) and iperf3, reached at their pod
+//! addresses, never through a Service: no `appProtocol` or port name declares their
+//! ports, so weft detects each connection's protocol from its first bytes and serves
+//! the HTTP and gRPC tests per request (L7) and carries iperf3 as TCP (L4); each run
+//! records the requests the client's agent counted, which shows the layer it took
+//! ([`Layer`]).
+//!
 //! Every test runs on every path back to back, and the whole set `rounds` times, so
 //! that a figure and its direct counterpart are measured seconds apart, on a machine
 //! that may be noisy. CPU time of the agents (and of the reference proxies) is
@@ -40,7 +52,7 @@ use reference::{Certificates, End, Proxy, Tunnel};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A smoke run of about two minutes: one round of short runs. The figures are rough.
+    /// A smoke run of about three minutes: one round of short runs. The figures are rough.
     #[arg(long)]
     quick: bool,
     /// Rounds of the whole test set (default 3; 1 with --quick). Figures are medians over
@@ -135,7 +147,8 @@ impl PathId {
     }
 }
 
-/// One measurement.
+/// One measurement. The test's protocol decides which of weft's paths carries it (see
+/// [`TestId::layer`]).
 #[derive(
     Clone,
     Copy,
@@ -157,17 +170,29 @@ pub enum TestId {
     /// iperf3, eight parallel streams.
     Iperf8,
     /// h2load, HTTP/1.1 keep-alive, 1 KB responses at a fixed 1,000 requests/s.
+    #[value(alias = "http1-rate")]
     KeepaliveRate,
     /// h2load, HTTP/1.1 keep-alive, 1 KB responses, 2 clients as fast as they go.
+    #[value(alias = "http1-saturation")]
     KeepaliveSaturation,
     /// weft-load, a new connection per request, 1 KB responses at a fixed 1,000/s.
     NewconnRate,
     /// weft-load, a new connection per request, 2 clients as fast as they go.
     NewconnSaturation,
+    /// h2load, HTTP/2 with prior knowledge, 10 connections × 10 streams, 1 KB responses
+    /// at a fixed 1,000 requests/s.
+    Http2Rate,
+    /// h2load, HTTP/2 with prior knowledge, 10 connections × 10 streams, 1 KB responses,
+    /// as fast as they go.
+    Http2Saturation,
+    /// weft-client, unary gRPC calls over 10 connections at a fixed 1,000 calls/s.
+    GrpcRate,
+    /// weft-client, unary gRPC calls over 10 connections, 50 callers as fast as they go.
+    GrpcSaturation,
 }
 
 impl TestId {
-    pub const ALL: [TestId; 7] = [
+    pub const ALL: [TestId; 11] = [
         TestId::Iperf1,
         TestId::Iperf4,
         TestId::Iperf8,
@@ -175,6 +200,10 @@ impl TestId {
         TestId::KeepaliveSaturation,
         TestId::NewconnRate,
         TestId::NewconnSaturation,
+        TestId::Http2Rate,
+        TestId::Http2Saturation,
+        TestId::GrpcRate,
+        TestId::GrpcSaturation,
     ];
 
     pub fn label(self) -> &'static str {
@@ -182,12 +211,53 @@ impl TestId {
             TestId::Iperf1 => "iperf3 1 stream",
             TestId::Iperf4 => "iperf3 4 streams",
             TestId::Iperf8 => "iperf3 8 streams",
-            TestId::KeepaliveRate => "keep-alive 1k rps",
-            TestId::KeepaliveSaturation => "keep-alive saturation",
+            TestId::KeepaliveRate => "HTTP/1.1 keep-alive 1k rps",
+            TestId::KeepaliveSaturation => "HTTP/1.1 keep-alive saturation",
             TestId::NewconnRate => "new connection 1k rps",
             TestId::NewconnSaturation => "new connection saturation",
+            TestId::Http2Rate => "HTTP/2 1k rps",
+            TestId::Http2Saturation => "HTTP/2 saturation",
+            TestId::GrpcRate => "gRPC unary 1k rps",
+            TestId::GrpcSaturation => "gRPC unary saturation",
         }
     }
+
+    /// Which of weft's paths carries the test, on the weft paths. The servers are
+    /// reached at their pod addresses, on a port no Service declares, so each client
+    /// agent's connection is told by its first bytes ([`Layer`]).
+    pub fn layer(self) -> Layer {
+        match self {
+            TestId::Iperf1 | TestId::Iperf4 | TestId::Iperf8 => Layer::L4,
+            _ => Layer::L7,
+        }
+    }
+
+    /// A fixed-rate test (latency at 1,000 a second), else a saturation one.
+    fn fixed_rate(self) -> bool {
+        matches!(
+            self,
+            TestId::KeepaliveRate | TestId::NewconnRate | TestId::Http2Rate | TestId::GrpcRate
+        )
+    }
+}
+
+/// The layer a weft path serves a test at.
+///
+/// Every server is addressed by its pod IP, not a Service VIP, so no `appProtocol` or
+/// port name declares what port 8080 or 5201 speaks and the agents detect it from the
+/// first bytes the client sends (`agent/src/proxy/detect.rs`), on the client's node
+/// and again on the server's: an HTTP/1.1 request line or the HTTP/2 preface is served
+/// per request (L7: HTTP/1.1, h2c and gRPC over it), anything else is carried as TCP
+/// (L4). iperf3 opens every connection with its 37-character cookie of lower-case
+/// letters and digits, which no HTTP method nor the preface starts with, so it is
+/// told TCP on its first byte. Each run records the requests the client's agent
+/// counted (`Run::agent_requests`), so the report shows the layer each test took.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Layer {
+    /// TCP, copied byte for byte (in HBONE between nodes).
+    L4,
+    /// HTTP, served and balanced per request.
+    L7,
 }
 
 /// The fixed request rate of the latency tests.
@@ -196,6 +266,12 @@ const RATE: u32 = 1000;
 const RATE_CONNECTIONS: u32 = 10;
 /// Concurrent clients of the saturation tests.
 const SATURATION_CLIENTS: usize = 2;
+/// HTTP/2 connections of the `http2-*` and `grpc-*` tests, and the streams h2load keeps
+/// open on each (`-m`).
+const H2_CONNECTIONS: u32 = 10;
+const H2_STREAMS: u32 = 10;
+/// Callers of `grpc-saturation`, spread over its connections.
+const GRPC_CALLERS: u32 = 50;
 /// What every HTTP request asks for: 1 KB of body.
 const REQUEST_PATH: &str = "/?bytes=1024";
 const HTTP_PORT: u16 = 8080;
@@ -248,10 +324,11 @@ impl Settings {
             TestId::Iperf1 | TestId::Iperf4 | TestId::Iperf8 => {
                 f64::from(self.iperf_seconds + self.iperf_omit_seconds) + 0.3
             }
-            TestId::KeepaliveRate | TestId::NewconnRate => self.warmup_seconds + self.rate_seconds,
-            TestId::KeepaliveSaturation | TestId::NewconnSaturation => {
-                self.warmup_seconds + self.saturation_seconds
-            }
+            // weft-client has no warm-up: its connections open before the clock starts.
+            TestId::GrpcRate => self.rate_seconds,
+            TestId::GrpcSaturation => self.saturation_seconds,
+            test if test.fixed_rate() => self.warmup_seconds + self.rate_seconds,
+            _ => self.warmup_seconds + self.saturation_seconds,
         }
     }
 }
@@ -293,6 +370,10 @@ pub struct Run {
     pub peak_rss_bytes: BTreeMap<String, u64>,
     /// Seconds between the CPU readings.
     pub window_seconds: f64,
+    /// On the weft paths, the HTTP requests the client's agent (node0's) served during
+    /// the run as the client's side: none for a test weft carried at L4, about every
+    /// request for one it served at L7 (see [`Layer`]).
+    pub agent_requests: Option<u64>,
     pub result: Outcome,
 }
 
@@ -312,6 +393,18 @@ pub enum Outcome {
         rate: f64,
         /// Every answered request's latency, microseconds.
         latencies_us: Vec<u32>,
+    },
+    /// A tool that reports percentiles, not samples (`weft-client grpc load`).
+    Percentiles {
+        /// Calls answered with OK.
+        requests: u64,
+        errors: u64,
+        first_error: Option<String>,
+        seconds: f64,
+        /// Calls answered per second.
+        rate: f64,
+        p50_us: Option<u32>,
+        p99_us: Option<u32>,
     },
 }
 
@@ -519,7 +612,7 @@ impl Bench {
             endpoints,
             watched,
             tls,
-        } = self.start(bin, out, paths)?;
+        } = self.start(bin, out, paths, tests)?;
         let cluster = self.cluster.as_ref().expect("started");
 
         eprintln!("==> idle: reading the proxies' memory before any load");
@@ -570,7 +663,7 @@ impl Bench {
                 for endpoint in &endpoints {
                     let index = runs.len() + 1;
                     eprint!(
-                        "  [{index:>3}/{total} {} elapsed, ~{} left] round {round} · {:<25} · {:<15} ",
+                        "  [{index:>3}/{total} {} elapsed, ~{} left] round {round} · {:<30} · {:<15} ",
                         minutes(clock.elapsed().as_secs_f64()),
                         minutes(planned_left),
                         test.label(),
@@ -605,8 +698,14 @@ impl Bench {
     }
 
     /// Brings the cluster up with its pods, agents and reference proxies, and checks
-    /// that every path answers.
-    fn start(&mut self, bin: &Path, out: &Path, paths: &[PathId]) -> anyhow::Result<Started> {
+    /// that every path answers (in HTTP/2 and gRPC too when `tests` need them).
+    fn start(
+        &mut self,
+        bin: &Path,
+        out: &Path,
+        paths: &[PathId],
+        tests: &[TestId],
+    ) -> anyhow::Result<Started> {
         eprintln!(
             "==> starting cluster {}: 2 nodes, the controller, a weft agent on each node (log level info)",
             self.name
@@ -786,6 +885,53 @@ impl Bench {
                     output.status,
                     String::from_utf8_lossy(&output.stderr).trim()
                 );
+            }
+            let mut checks: Vec<(&str, Vec<String>)> = Vec::new();
+            if tests
+                .iter()
+                .any(|test| matches!(test, TestId::Http2Rate | TestId::Http2Saturation))
+            {
+                checks.push((
+                    "GET over HTTP/2 with prior knowledge",
+                    ["curl", "-sf", "--http2-prior-knowledge", "--max-time", "5"]
+                        .into_iter()
+                        .map(str::to_owned)
+                        .chain(["-o", "/dev/null", &url].map(str::to_owned))
+                        .collect(),
+                ));
+            }
+            if tests
+                .iter()
+                .any(|test| matches!(test, TestId::GrpcRate | TestId::GrpcSaturation))
+            {
+                checks.push((
+                    "a unary gRPC call",
+                    vec![
+                        bin.join("weft-client").display().to_string(),
+                        "grpc".into(),
+                        "unary".into(),
+                        "--target".into(),
+                        format!("http://{}", endpoint.http),
+                        "--timeout".into(),
+                        "5".into(),
+                    ],
+                ));
+            }
+            for (what, argv) in checks {
+                let output = cluster
+                    .pod_command(endpoint.client_namespace, "client", &argv)?
+                    .output()
+                    .with_context(|| format!("cannot run {}", argv[0]))?;
+                if !output.status.success() {
+                    bail!(
+                        "path {}: {what} to {} failed ({}): {}{}",
+                        endpoint.path.label(),
+                        endpoint.http,
+                        output.status,
+                        String::from_utf8_lossy(&output.stdout).trim(),
+                        String::from_utf8_lossy(&output.stderr).trim()
+                    );
+                }
             }
         }
         // SIGINT, so that tcpdump writes out what it has.
@@ -1046,6 +1192,46 @@ fn run_one(
             argv.push(format!("http://{}{REQUEST_PATH}", endpoint.http));
             (argv, settings.warmup_seconds)
         }
+        TestId::Http2Rate | TestId::Http2Saturation => {
+            // Without --h1 (nor TLS to negotiate with), h2load speaks HTTP/2 with prior
+            // knowledge (h2c); --rps is per connection.
+            let mut argv: Vec<String> = vec![
+                "h2load".into(),
+                "--threads=1".into(),
+                format!("--clients={H2_CONNECTIONS}"),
+                format!("--max-concurrent-streams={H2_STREAMS}"),
+                format!("--duration={}", seconds(settings_seconds(settings, test))),
+                format!("--warm-up-time={}", seconds(settings.warmup_seconds)),
+                format!("--log-file={}", log_path.display()),
+            ];
+            if test == TestId::Http2Rate {
+                argv.push(format!("--rps={}", RATE / H2_CONNECTIONS));
+            }
+            argv.push(format!("http://{}{REQUEST_PATH}", endpoint.http));
+            (argv, settings.warmup_seconds)
+        }
+        TestId::GrpcRate | TestId::GrpcSaturation => {
+            // weft-echo serves weft.echo.v1.Echo on its HTTP port. The connections open
+            // before the calls start: there is no warm-up, the measured window is the
+            // tool's whole run.
+            let mut argv: Vec<String> = vec![
+                bin.join("weft-client").display().to_string(),
+                "grpc".into(),
+                "load".into(),
+                "--target".into(),
+                format!("http://{}", endpoint.http),
+                "--connections".into(),
+                H2_CONNECTIONS.to_string(),
+                "--duration".into(),
+                settings_seconds(settings, test).to_string(),
+            ];
+            if test == TestId::GrpcRate {
+                argv.extend(["--rate".into(), RATE.to_string()]);
+            } else {
+                argv.extend(["--concurrency".into(), GRPC_CALLERS.to_string()]);
+            }
+            (argv, 0.0)
+        }
         TestId::NewconnRate | TestId::NewconnSaturation => {
             let mut argv: Vec<String> = vec![
                 bin.join("weft-load").display().to_string(),
@@ -1067,6 +1253,18 @@ fn run_one(
         }
     };
 
+    // The client's agent counts the HTTP requests it serves: read before and after the
+    // run, outside its measured window.
+    let client_agent = (endpoint.path.proxies() == Some(Role::Agent)).then(|| {
+        let node0 = &cluster.topology().nodes[0];
+        (node0.name.clone(), node0.ip)
+    });
+    let served = || {
+        client_agent
+            .as_ref()
+            .and_then(|(node, ip)| agent_requests(cluster, node, *ip))
+    };
+    let served_before = served();
     let stdout = File::create(&stdout_path)
         .with_context(|| format!("cannot create {}", stdout_path.display()))?;
     let stderr = File::create(raw.with_extension("err"))?;
@@ -1100,6 +1298,9 @@ fn run_one(
         std::thread::sleep(Duration::from_millis(50));
     };
     let after = (Instant::now(), cpu_snapshot(watched));
+    let agent_requests = served_before
+        .zip(served())
+        .map(|(before, after)| after.saturating_sub(before));
     let stdout = std::fs::read_to_string(&stdout_path).unwrap_or_default();
     if !status.success() && !matches!(test, TestId::Iperf1 | TestId::Iperf4 | TestId::Iperf8) {
         let stderr = std::fs::read_to_string(raw.with_extension("err")).unwrap_or_default();
@@ -1127,8 +1328,19 @@ fn run_one(
 
     let result = match test {
         TestId::Iperf1 | TestId::Iperf4 | TestId::Iperf8 => Outcome::Iperf(parse::iperf(&stdout)?),
-        TestId::KeepaliveRate | TestId::KeepaliveSaturation => {
+        TestId::KeepaliveRate
+        | TestId::KeepaliveSaturation
+        | TestId::Http2Rate
+        | TestId::Http2Saturation => {
             let summary = parse::h2load_summary(&stdout)?;
+            let expected = match test {
+                TestId::KeepaliveRate | TestId::KeepaliveSaturation => "http/1.1",
+                _ => "h2c",
+            };
+            // h2load names the protocol of its first connection on stdout.
+            if let Some(spoken) = summary.protocol.as_deref().filter(|p| *p != expected) {
+                bail!("h2load spoke {spoken} instead of {expected}");
+            }
             let log = std::fs::read_to_string(&log_path)
                 .with_context(|| format!("h2load wrote no log at {}", log_path.display()))?;
             let requests = parse::h2load_log(&log)?;
@@ -1146,6 +1358,18 @@ fn run_one(
                 seconds,
                 rate: latencies_us.len() as f64 / seconds,
                 latencies_us,
+            }
+        }
+        TestId::GrpcRate | TestId::GrpcSaturation => {
+            let report = parse::weft_client_load(&stdout)?;
+            Outcome::Percentiles {
+                requests: report.requests,
+                errors: report.errors,
+                first_error: report.first_error,
+                seconds: settings_seconds(settings, test),
+                rate: report.rps,
+                p50_us: report.p50_us,
+                p99_us: report.p99_us,
             }
         }
         TestId::NewconnRate | TestId::NewconnSaturation => {
@@ -1167,14 +1391,16 @@ fn run_one(
         cpu_seconds,
         peak_rss_bytes: peak,
         window_seconds: (after.0 - before.0).as_secs_f64(),
+        agent_requests,
         result,
     })
 }
 
 fn settings_seconds(settings: &Settings, test: TestId) -> f64 {
-    match test {
-        TestId::KeepaliveRate | TestId::NewconnRate => settings.rate_seconds,
-        _ => settings.saturation_seconds,
+    if test.fixed_rate() {
+        settings.rate_seconds
+    } else {
+        settings.saturation_seconds
     }
 }
 
@@ -1191,8 +1417,13 @@ fn describe(run: &Run, path: PathId) -> String {
     } else {
         String::new()
     };
+    let layer = match run.agent_requests {
+        Some(0) => ", weft L4".to_owned(),
+        Some(requests) => format!(", weft L7 ({requests} requests)"),
+        None => String::new(),
+    };
     match &run.result {
-        Outcome::Iperf(iperf) => format!("{:6.2} Gbit/s{cpu}", iperf.bits_per_second / 1e9),
+        Outcome::Iperf(iperf) => format!("{:6.2} Gbit/s{cpu}{layer}", iperf.bits_per_second / 1e9),
         Outcome::Requests {
             rate,
             errors,
@@ -1208,12 +1439,47 @@ fn describe(run: &Run, path: PathId) -> String {
                 String::new()
             };
             format!(
-                "{rate:7.0} req/s, p50 {} µs, p99 {} µs{errors}{cpu}",
+                "{rate:7.0} req/s, p50 {} µs, p99 {} µs{errors}{cpu}{layer}",
                 p(50.0),
                 p(99.0)
             )
         }
+        Outcome::Percentiles {
+            rate,
+            errors,
+            p50_us,
+            p99_us,
+            ..
+        } => {
+            let errors = if *errors > 0 {
+                format!(", {errors} errors")
+            } else {
+                String::new()
+            };
+            format!(
+                "{rate:7.0} req/s, p50 {} µs, p99 {} µs{errors}{cpu}{layer}",
+                p50_us.unwrap_or(0),
+                p99_us.unwrap_or(0)
+            )
+        }
     }
+}
+
+/// HTTP requests the agent on `node` (at `ip`) served as the client's side so far,
+/// from its metrics (`:15020/metrics`); `None` when they cannot be read.
+fn agent_requests(cluster: &Cluster, node: &str, ip: std::net::Ipv4Addr) -> Option<u64> {
+    let url = format!("http://{ip}:15020/metrics");
+    let output = cluster
+        .node_command(node, &["curl", "-sf", "--max-time", "3", &url])
+        .ok()?
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    output
+        .status
+        .success()
+        .then(|| parse::source_requests(&String::from_utf8_lossy(&output.stdout)))
 }
 
 /// User plus system clock ticks of every watched process, in order (0 when gone).
@@ -1451,21 +1717,44 @@ mod tests {
     }
 
     #[test]
+    fn tests_are_named_on_the_command_line() {
+        use clap::ValueEnum as _;
+        for (name, test) in [
+            ("keepalive-rate", TestId::KeepaliveRate),
+            ("http1-rate", TestId::KeepaliveRate),
+            ("http1-saturation", TestId::KeepaliveSaturation),
+            ("http2-rate", TestId::Http2Rate),
+            ("http2-saturation", TestId::Http2Saturation),
+            ("grpc-rate", TestId::GrpcRate),
+            ("grpc-saturation", TestId::GrpcSaturation),
+        ] {
+            assert_eq!(TestId::from_str(name, false), Ok(test), "{name}");
+        }
+        // Only iperf3 is carried at L4; every HTTP and gRPC test goes through weft's L7.
+        for test in TestId::ALL {
+            let l4 = matches!(test, TestId::Iperf1 | TestId::Iperf4 | TestId::Iperf8);
+            assert_eq!(test.layer() == Layer::L4, l4, "{test:?}");
+        }
+    }
+
+    #[test]
     fn quick_runs_are_short() {
         let quick = Settings::new(true, None);
         let per_round: f64 =
             TestId::ALL.iter().map(|&t| quick.estimate(t)).sum::<f64>() * PathId::ALL.len() as f64;
-        assert!(per_round < 120.0, "a quick run measures for {per_round} s");
+        assert!(per_round < 180.0, "a quick run measures for {per_round} s");
         let full = Settings::new(false, None);
         let total: f64 = TestId::ALL.iter().map(|&t| full.estimate(t)).sum::<f64>()
             * PathId::ALL.len() as f64
             * full.rounds as f64;
-        assert!(total < 12.0 * 60.0, "a full run measures for {total} s");
+        assert!(total < 16.0 * 60.0, "a full run measures for {total} s");
     }
 
     #[test]
     fn names_runs_by_their_serde_names() {
         assert_eq!(serde_plain(&TestId::KeepaliveRate), "keepalive-rate");
+        assert_eq!(serde_plain(&TestId::Http2Saturation), "http2-saturation");
+        assert_eq!(serde_plain(&TestId::GrpcRate), "grpc-rate");
         assert_eq!(serde_plain(&PathId::WeftSameNode), "weft-same-node");
         assert_eq!(minutes(125.4), "2:05");
     }

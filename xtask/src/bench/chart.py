@@ -83,6 +83,24 @@ def main(source, target):
             True,
         ),
         (
+            "HTTP/2 (10 conn × 10 streams) and gRPC (10 conn, 50 callers): saturation (per second)",
+            [
+                ("HTTP/2 req/s", "rate.http2-saturation"),
+                ("gRPC calls/s", "rate.grpc-saturation"),
+            ],
+            False,
+        ),
+        (
+            "HTTP/2 and gRPC, 1k rps: latency (µs, log)",
+            [
+                ("HTTP/2 p50", "latency.http2-rate.p50"),
+                ("HTTP/2 p99", "latency.http2-rate.p99"),
+                ("gRPC p50", "latency.grpc-rate.p50"),
+                ("gRPC p99", "latency.grpc-rate.p99"),
+            ],
+            True,
+        ),
+        (
             "Proxy CPU per GiB, both ends (s, lower is better)",
             [
                 ("1 stream", "cpu.per-gib.iperf1"),
@@ -97,6 +115,8 @@ def main(source, target):
                 ("keep-alive sat.", "cpu.per-1k.keepalive-saturation"),
                 ("new conn 1k rps", "cpu.per-1k.newconn-rate"),
                 ("new conn sat.", "cpu.per-1k.newconn-saturation"),
+                ("HTTP/2 sat.", "cpu.per-1k.http2-saturation"),
+                ("gRPC sat.", "cpu.per-1k.grpc-saturation"),
             ],
             True,
         ),
@@ -111,7 +131,9 @@ def main(source, target):
         ),
     ]
 
-    fig, axes = plt.subplots(2, 4, figsize=(22, 10))
+    fig, axes = plt.subplots(3, 4, figsize=(22, 15))
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
     for ax, (title, groups, log) in zip(axes.flat, panels):
         groups = [(label, rows[key]) for label, key in groups if key in rows]
         if not groups:

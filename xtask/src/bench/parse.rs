@@ -1,5 +1,6 @@
 //! Reading what the measuring tools print (iperf3's JSON, h2load's summary and
-//! per-request log, weft-load's JSON) and what `/proc` says about a process, and
+//! per-request log for HTTP/1.1 and HTTP/2, weft-load's JSON, `weft-client grpc load`'s
+//! JSON line), what an agent's metrics count, and what `/proc` says about a process, and
 //! percentiles of latency samples. Pure functions, so each has a unit test.
 
 use anyhow::{Context as _, bail};
@@ -55,9 +56,12 @@ pub fn iperf(json: &str) -> anyhow::Result<Iperf> {
     })
 }
 
-/// The counts of an h2load run, from its summary on stdout.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// The counts of an h2load run, from its summary on stdout. HTTP/1.1 (`--h1`) and
+/// HTTP/2 runs print the same summary; only the application protocol differs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct H2loadSummary {
+    /// What h2load spoke: `http/1.1`, or `h2c` for HTTP/2 with prior knowledge.
+    pub protocol: Option<String>,
     /// Requests a second over the measured time, as h2load computes it.
     pub requests_per_second: f64,
     pub succeeded: u64,
@@ -68,13 +72,15 @@ pub struct H2loadSummary {
     pub not_2xx: u64,
 }
 
-/// Reads h2load's summary: the `finished in …`, `requests: …` and `status codes: …`
-/// lines.
+/// Reads h2load's summary: the `Application protocol: …`, `finished in …`,
+/// `requests: …` and `status codes: …` lines.
 pub fn h2load_summary(stdout: &str) -> anyhow::Result<H2loadSummary> {
     let mut summary = H2loadSummary::default();
     let mut seen = (false, false);
     for line in stdout.lines() {
-        if let Some(rest) = line.strip_prefix("finished in ") {
+        if let Some(protocol) = line.strip_prefix("Application protocol: ") {
+            summary.protocol = Some(protocol.trim().to_owned());
+        } else if let Some(rest) = line.strip_prefix("finished in ") {
             // finished in 6.00s, 999.83 req/s, 1.09MB/s
             let rate = rest
                 .split(", ")
@@ -162,6 +168,51 @@ pub struct Load {
 /// Reads weft-load's JSON report.
 pub fn weft_load(json: &str) -> anyhow::Result<Load> {
     serde_json::from_str(json.trim()).context("weft-load printed something unreadable")
+}
+
+/// What `weft-client grpc load` prints (`weft_workloads::client::LoadReport`): one JSON
+/// line, with the percentiles of the run but not its samples.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct GrpcLoad {
+    /// Calls answered with OK.
+    pub requests: u64,
+    /// Calls that failed, or (at a fixed rate) were not started because too many were in
+    /// flight.
+    pub errors: u64,
+    /// Calls answered a second over the run's duration.
+    pub rps: f64,
+    pub p50_us: Option<u32>,
+    pub p99_us: Option<u32>,
+    pub first_error: Option<String>,
+}
+
+/// Reads `weft-client grpc load`'s JSON line (the last non-empty line of its stdout).
+pub fn weft_client_load(stdout: &str) -> anyhow::Result<GrpcLoad> {
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|line| !line.trim().is_empty())
+        .context("weft-client printed nothing")?;
+    serde_json::from_str(line.trim())
+        .with_context(|| format!("weft-client printed something unreadable: {line:?}"))
+}
+
+/// HTTP requests an agent served as the client's side (`istio_requests_total` with
+/// `reporter="source"`, summed over every series) in its Prometheus text: more of them
+/// after a run than before means the run went through weft's L7 (per-request) path.
+pub fn source_requests(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("istio_requests_total{"))
+        .filter_map(|rest| rest.split_once("} "))
+        .filter(|(labels, _)| {
+            labels
+                .split(',')
+                .any(|label| label == "reporter=\"source\"")
+        })
+        .filter_map(|(_, value)| value.trim().parse::<f64>().ok())
+        .map(|value| value as u64)
+        .sum()
 }
 
 /// The `p`-th percentile (0 < p ≤ 100) of `sorted` by nearest rank; `None` when empty.
@@ -291,6 +342,7 @@ time for request:       98us      3.41ms       171us        77us    96.12%
         assert_eq!(
             summary,
             H2loadSummary {
+                protocol: Some("http/1.1".to_owned()),
                 requests_per_second: 999.83,
                 succeeded: 5990,
                 failed: 9,
@@ -301,6 +353,61 @@ time for request:       98us      3.41ms       171us        77us    96.12%
         );
         let refused = "starting benchmark...\nclient could not connect to host\n";
         assert!(h2load_summary(refused).is_err());
+    }
+
+    /// `h2load -c 10 -m 10 --threads=1 --duration=3000ms --warm-up-time=1000ms
+    /// --log-file=… http://…/?bytes=1024`: HTTP/2 with prior knowledge.
+    const H2LOAD_H2C: &str = "starting benchmark...
+spawning thread #0: 10 total client(s). Timing-based test with 1s of warm-up time and 3s of main duration for measurements.
+Warm-up started for thread #0.
+progress: 10% of clients started
+progress: 20% of clients started
+progress: 30% of clients started
+progress: 40% of clients started
+progress: 50% of clients started
+progress: 60% of clients started
+progress: 70% of clients started
+progress: 80% of clients started
+progress: 90% of clients started
+progress: 100% of clients started
+Warm-up phase is over for thread #0.
+Main benchmark duration is started for thread #0.
+Application protocol: h2c
+Main benchmark duration is over for thread #0. Stopping all clients.
+Stopped all clients for thread #0
+
+finished in 4.01s, 21534.67 req/s, 23.38MB/s
+requests: 64604 total, 64704 started, 64604 done, 64604 succeeded, 0 failed, 0 errored, 0 timeout
+status codes: 64604 2xx, 0 3xx, 0 4xx, 0 5xx
+traffic: 70.15MB (73556862) total, 946.84KB (969566) headers (space savings 95.01%), 63.09MB (66154496) data
+                     min         max         mean         sd        +/- sd
+time for request:      212us     13.80ms      4.61ms      1.02ms    74.81%
+time for connect:      298us       972us       610us       214us    60.00%
+time to 1st byte:     1.97ms      3.05ms      2.49ms       379us    60.00%
+req/s           :    2142.21     2165.86     2153.45        8.02    60.00%
+";
+
+    #[test]
+    fn reads_h2load_http2_summary() {
+        let summary = h2load_summary(H2LOAD_H2C).unwrap();
+        assert_eq!(
+            summary,
+            H2loadSummary {
+                protocol: Some("h2c".to_owned()),
+                requests_per_second: 21534.67,
+                succeeded: 64604,
+                failed: 0,
+                errored: 0,
+                timeout: 0,
+                not_2xx: 0,
+            }
+        );
+        // The `req/s` statistics line of the table is not the summary's rate.
+        assert!(
+            !H2LOAD_H2C
+                .lines()
+                .any(|line| line.starts_with("finished in 2"))
+        );
     }
 
     #[test]
@@ -328,6 +435,42 @@ time for request:       98us      3.41ms       171us        77us    96.12%
         assert_eq!(report.latencies_us, vec![120, 95, 4000]);
         assert_eq!(report.span_seconds, 2.5);
         assert!(weft_load("Error: connection refused").is_err());
+    }
+
+    #[test]
+    fn reads_weft_client_load_line() {
+        let json = r#"{"requests":29876,"errors":0,"rps":9958.67,"p50_us":4712,"p99_us":9120,"first_error":null}"#;
+        let report = weft_client_load(&format!("{json}\n")).unwrap();
+        assert_eq!(
+            report,
+            GrpcLoad {
+                requests: 29876,
+                errors: 0,
+                rps: 9958.67,
+                p50_us: Some(4712),
+                p99_us: Some(9120),
+                first_error: None,
+            }
+        );
+        let failed = r#"{"requests":0,"errors":1000,"rps":0.0,"p50_us":null,"p99_us":null,"first_error":"status: Unavailable, message: \"error trying to connect\""}"#;
+        let report = weft_client_load(failed).unwrap();
+        assert_eq!((report.requests, report.p50_us), (0, None));
+        assert!(report.first_error.unwrap().contains("Unavailable"));
+        assert!(weft_client_load("").is_err());
+        assert!(weft_client_load("weft-client: cannot connect").is_err());
+    }
+
+    #[test]
+    fn counts_requests_the_client_side_served() {
+        let metrics = "\
+# TYPE istio_requests_total counter
+istio_requests_total{reporter=\"source\",source_workload=\"client\",request_protocol=\"http\",response_code=\"200\"} 6000
+istio_requests_total{reporter=\"source\",source_workload=\"client\",request_protocol=\"grpc\",response_code=\"200\"} 12
+istio_requests_total{reporter=\"destination\",source_workload=\"client\",request_protocol=\"http\",response_code=\"200\"} 6000
+istio_tcp_connections_opened_total{reporter=\"source\",request_protocol=\"tcp\"} 9
+";
+        assert_eq!(source_requests(metrics), 6012);
+        assert_eq!(source_requests("# no requests yet\n"), 0);
     }
 
     #[test]

@@ -124,7 +124,7 @@ pub fn summarize(measured: &Measured, paths: &[PathId], tests: &[TestId]) -> Vec
         );
         per_round(&mut row, test, &|run| match &run.result {
             Outcome::Iperf(iperf) => Some(iperf.bits_per_second / 1e9),
-            Outcome::Requests { .. } => None,
+            Outcome::Requests { .. } | Outcome::Percentiles { .. } => None,
         });
         rows.push(row);
     }
@@ -132,8 +132,12 @@ pub fn summarize(measured: &Measured, paths: &[PathId], tests: &[TestId]) -> Vec
     for test in [
         TestId::KeepaliveRate,
         TestId::NewconnRate,
+        TestId::Http2Rate,
+        TestId::GrpcRate,
         TestId::KeepaliveSaturation,
         TestId::NewconnSaturation,
+        TestId::Http2Saturation,
+        TestId::GrpcSaturation,
     ] {
         if !tests.contains(&test) {
             continue;
@@ -146,12 +150,28 @@ pub fn summarize(measured: &Measured, paths: &[PathId], tests: &[TestId]) -> Vec
             TestId::NewconnRate => {
                 "Latency, a new connection per request, 1 KB responses, 1,000 requests/s (weft-load; connect to last byte)"
             }
+            TestId::Http2Rate => {
+                "Latency, HTTP/2 (h2c), 10 connections × 10 streams, 1 KB responses, 1,000 requests/s (h2load)"
+            }
+            TestId::GrpcRate => {
+                "Latency, gRPC unary calls, 10 connections, 1,000 calls/s (weft-client; percentiles are medians over rounds)"
+            }
             TestId::KeepaliveSaturation => "Saturation, HTTP/1.1 keep-alive, 2 clients (h2load)",
+            TestId::Http2Saturation => {
+                "Saturation, HTTP/2 (h2c), 10 connections × 10 streams, 1 KB responses (h2load)"
+            }
+            TestId::GrpcSaturation => {
+                "Saturation, gRPC unary calls, 10 connections, 50 callers (weft-client; percentiles are medians over rounds)"
+            }
             _ => "Saturation, a new connection per request, 2 clients (weft-load)",
         };
         let (label, unit) = match test {
-            TestId::KeepaliveSaturation => ("requests per second", "req/s"),
+            TestId::KeepaliveSaturation | TestId::Http2Saturation => {
+                ("requests per second", "req/s")
+            }
+            TestId::GrpcSaturation => ("calls per second", "calls/s"),
             TestId::NewconnSaturation => ("new connections per second", "conn/s"),
+            TestId::GrpcRate => ("answered per second (1,000 offered)", "calls/s"),
             // Below 1,000 when the path could not keep up and requests queued.
             _ => ("answered per second (1,000 offered)", "req/s"),
         };
@@ -163,7 +183,7 @@ pub fn summarize(measured: &Measured, paths: &[PathId], tests: &[TestId]) -> Vec
             true,
         );
         per_round(&mut row, test, &|run| match &run.result {
-            Outcome::Requests { rate, .. } => Some(*rate),
+            Outcome::Requests { rate, .. } | Outcome::Percentiles { rate, .. } => Some(*rate),
             Outcome::Iperf(_) => None,
         });
         rows.push(row);
@@ -171,21 +191,50 @@ pub fn summarize(measured: &Measured, paths: &[PathId], tests: &[TestId]) -> Vec
         let mut errors: BTreeMap<PathId, f64> = BTreeMap::new();
         for &path in paths {
             for run in runs_of(test, path) {
-                if let Outcome::Requests {
-                    latencies_us,
-                    errors: failed,
-                    ..
-                } = &run.result
-                {
-                    pooled.entry(path).or_default().extend(latencies_us);
-                    *errors.entry(path).or_default() += *failed as f64;
+                match &run.result {
+                    Outcome::Requests {
+                        latencies_us,
+                        errors: failed,
+                        ..
+                    } => {
+                        pooled.entry(path).or_default().extend(latencies_us);
+                        *errors.entry(path).or_default() += *failed as f64;
+                    }
+                    Outcome::Percentiles { errors: failed, .. } => {
+                        *errors.entry(path).or_default() += *failed as f64;
+                    }
+                    Outcome::Iperf(_) => {}
                 }
             }
         }
         for samples in pooled.values_mut() {
             samples.sort_unstable();
         }
+        if matches!(test, TestId::GrpcRate | TestId::GrpcSaturation) {
+            // weft-client reports each run's percentiles, not its samples: the median
+            // over rounds of each.
+            for (label, percentile) in [("p50", 50), ("p99", 99)] {
+                let mut row = Row::new(
+                    format!("latency.{name}.{label}"),
+                    section,
+                    format!("latency {label}"),
+                    "µs",
+                    true,
+                );
+                per_round(&mut row, test, &|run| match &run.result {
+                    Outcome::Percentiles { p50_us, p99_us, .. } => {
+                        let value = if percentile == 50 { p50_us } else { p99_us };
+                        value.map(f64::from)
+                    }
+                    _ => None,
+                });
+                rows.push(row);
+            }
+        }
         for (percentile, label) in [(50.0, "p50"), (90.0, "p90"), (99.0, "p99"), (99.9, "p99.9")] {
+            if pooled.is_empty() {
+                break;
+            }
             let mut row = Row::new(
                 format!("latency.{name}.{label}"),
                 section,
@@ -253,6 +302,19 @@ pub fn summarize(measured: &Measured, paths: &[PathId], tests: &[TestId]) -> Vec
             TestId::NewconnSaturation,
             "CPU seconds per 1k connections, saturation",
         ),
+        (
+            TestId::Http2Rate,
+            "CPU seconds per 1k requests, HTTP/2, 1k rps",
+        ),
+        (
+            TestId::Http2Saturation,
+            "CPU seconds per 1k requests, HTTP/2, saturation",
+        ),
+        (TestId::GrpcRate, "CPU seconds per 1k calls, gRPC, 1k rps"),
+        (
+            TestId::GrpcSaturation,
+            "CPU seconds per 1k calls, gRPC, saturation",
+        ),
     ] {
         if !tests.contains(&test) {
             continue;
@@ -265,7 +327,9 @@ pub fn summarize(measured: &Measured, paths: &[PathId], tests: &[TestId]) -> Vec
             false,
         );
         per_round(&mut row, test, &|run| match &run.result {
-            Outcome::Requests { requests, .. } if run.path != PathId::Direct && *requests > 0 => {
+            Outcome::Requests { requests, .. } | Outcome::Percentiles { requests, .. }
+                if run.path != PathId::Direct && *requests > 0 =>
+            {
                 Some(proxy_cpu(run) / (*requests as f64 / 1000.0))
             }
             _ => None,
@@ -285,6 +349,30 @@ pub fn summarize(measured: &Measured, paths: &[PathId], tests: &[TestId]) -> Vec
                 .then(|| proxy_cpu(run) / run.window_seconds)
         });
         rows.push(row);
+    }
+
+    // Which of weft's paths each test took: the HTTP requests the client's agent served
+    // (none at L4). Only rows for the weft paths, and only when they ran.
+    let layer = "weft's path per test: HTTP requests the client's agent served (all rounds; 0 = L4, carried as TCP)";
+    for &test in tests {
+        let mut row = Row::new(
+            format!("layer.{}", super::serde_plain(&test)),
+            layer,
+            format!("{} (expected {:?})", test.label(), test.layer()),
+            "requests",
+            false,
+        );
+        for &path in paths {
+            let counts: Vec<u64> = runs_of(test, path)
+                .filter_map(|run| run.agent_requests)
+                .collect();
+            if !counts.is_empty() {
+                row.values.insert(path, counts.iter().sum::<u64>() as f64);
+            }
+        }
+        if !row.values.is_empty() {
+            rows.push(row);
+        }
     }
 
     let memory = "Proxy memory, the larger of the two ends";
@@ -685,6 +773,111 @@ mod tests {
             format!("# Benchmarks\n\nintro\n\n{BEGIN}\nnew table\n{END}\n\n## Findings\n")
         );
         assert!(replace_generated("no markers", "x").is_err());
+    }
+
+    #[test]
+    fn http2_and_grpc_rows_with_their_ratio_and_layer() {
+        let run = |test, path, result, agent_requests| Run {
+            test,
+            path,
+            round: 1,
+            cpu_seconds: BTreeMap::from([("agent node0".to_owned(), 0.5)]),
+            peak_rss_bytes: BTreeMap::new(),
+            window_seconds: 3.0,
+            agent_requests,
+            result,
+        };
+        let h2 = |rate: f64, latency: u32| Outcome::Requests {
+            requests: (rate * 3.0) as u64,
+            errors: 0,
+            first_error: None,
+            seconds: 3.0,
+            rate,
+            latencies_us: vec![latency; 10],
+        };
+        let grpc = |rate: f64, p50, p99| Outcome::Percentiles {
+            requests: (rate * 3.0) as u64,
+            errors: 0,
+            first_error: None,
+            seconds: 3.0,
+            rate,
+            p50_us: Some(p50),
+            p99_us: Some(p99),
+        };
+        let measured = Measured {
+            runs: vec![
+                run(
+                    TestId::Http2Saturation,
+                    PathId::Direct,
+                    h2(40_000.0, 200),
+                    None,
+                ),
+                run(
+                    TestId::Http2Saturation,
+                    PathId::Weft,
+                    h2(10_000.0, 800),
+                    Some(30_000),
+                ),
+                run(
+                    TestId::GrpcSaturation,
+                    PathId::Direct,
+                    grpc(20_000.0, 2000, 5000),
+                    None,
+                ),
+                run(
+                    TestId::GrpcSaturation,
+                    PathId::Weft,
+                    grpc(5_000.0, 9000, 20_000),
+                    Some(15_000),
+                ),
+            ],
+            idle_rss: BTreeMap::new(),
+            idle_anonymous_rss: BTreeMap::new(),
+            idle_high_water_rss: BTreeMap::new(),
+            high_water_rss: BTreeMap::new(),
+            tls: BTreeMap::new(),
+        };
+        let tests = [TestId::Http2Saturation, TestId::GrpcSaturation];
+        let rows = summarize(&measured, &[PathId::Direct, PathId::Weft], &tests);
+        let row = |id: &str| {
+            rows.iter()
+                .find(|row| row.id == id)
+                .unwrap_or_else(|| panic!("no row {id}"))
+        };
+        assert_eq!(
+            row("rate.http2-saturation").ratio_of(PathId::Weft),
+            Some(0.25)
+        );
+        assert_eq!(
+            row("latency.http2-saturation.p99").get(PathId::Weft),
+            Some(800.0)
+        );
+        assert_eq!(
+            row("rate.grpc-saturation").ratio_of(PathId::Weft),
+            Some(0.25)
+        );
+        assert_eq!(
+            row("latency.grpc-saturation.p50").ratio_of(PathId::Weft),
+            Some(4.5)
+        );
+        assert_eq!(
+            row("latency.grpc-saturation.p99").get(PathId::Direct),
+            Some(5000.0)
+        );
+        assert!(
+            rows.iter()
+                .all(|row| row.id != "latency.grpc-saturation.p90"),
+            "weft-client reports no p90"
+        );
+        let cpu = row("cpu.per-1k.grpc-saturation").get(PathId::Weft).unwrap();
+        assert!((cpu - 0.5 / 15.0).abs() < 1e-9, "{cpu}");
+        let layer = row("layer.grpc-saturation");
+        assert_eq!(layer.get(PathId::Weft), Some(15_000.0));
+        assert_eq!(
+            layer.get(PathId::Direct),
+            None,
+            "no agent on the direct path"
+        );
     }
 
     #[test]
