@@ -55,18 +55,6 @@ impl Protocol {
             None => name.and_then(declared).unwrap_or(Protocol::Detect),
         }
     }
-
-    /// The `request_protocol` metrics label: `None` for [`Protocol::Detect`], which is
-    /// labelled by what detection finds.
-    pub fn label(self) -> Option<&'static str> {
-        match self {
-            Protocol::Detect => None,
-            Protocol::Http => Some("http"),
-            Protocol::Http2 => Some("http2"),
-            Protocol::Grpc => Some("grpc"),
-            Protocol::Tcp => Some("tcp"),
-        }
-    }
 }
 
 /// The protocol `<protocol>` or `<protocol>-<suffix>` names, if the agent knows it.
@@ -140,21 +128,5 @@ mod tests {
                 "appProtocol {app_protocol:?}, name {name:?}"
             );
         }
-    }
-
-    #[test]
-    fn labels_name_what_metrics_can_say() {
-        let labels = [
-            Protocol::Detect,
-            Protocol::Http,
-            Protocol::Http2,
-            Protocol::Grpc,
-            Protocol::Tcp,
-        ]
-        .map(Protocol::label);
-        assert_eq!(
-            labels,
-            [None, Some("http"), Some("http2"), Some("grpc"), Some("tcp")]
-        );
     }
 }

@@ -8,7 +8,6 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     task::{Context, Poll},
-    time::{SystemTime, UNIX_EPOCH},
 };
 
 use http::{HeaderValue, Method, Request};
@@ -23,7 +22,7 @@ use super::{
     error::ProxyError,
     hbone::{HboneError, Tunnel},
     logical::{Endpoint, Hop, Source},
-    metrics,
+    metrics, trace,
 };
 use crate::{identity::Identity, mesh::MeshConfig, tls};
 
@@ -159,36 +158,16 @@ fn connect_request(
     for (name, value) in [
         ("forwarded", forwarded),
         ("baggage", baggage),
-        ("traceparent", traceparent.unwrap_or_else(new_traceparent)),
+        (
+            "traceparent",
+            traceparent.unwrap_or_else(trace::new_traceparent),
+        ),
     ] {
         if let Ok(value) = HeaderValue::from_str(&value) {
             headers.insert(name, value);
         }
     }
     request
-}
-
-/// A W3C `traceparent` for a new sampled trace. The ids only need to be unique, not
-/// secret: they mix the clock, the process and a counter through the standard hasher,
-/// whose keys are random per process.
-fn new_traceparent() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    static KEYS: std::sync::OnceLock<std::collections::hash_map::RandomState> =
-        std::sync::OnceLock::new();
-    let keys = KEYS.get_or_init(Default::default);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos();
-    let id = |salt: u64| {
-        let mut hasher = keys.build_hasher();
-        hasher.write_u128(nanos);
-        hasher.write_u64(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-        hasher.write_u64(salt);
-        hasher.finish()
-    };
-    format!("00-{:016x}{:016x}-{:016x}-01", id(1), id(2), id(3))
 }
 
 impl AsyncRead for Upstream {
@@ -255,18 +234,5 @@ mod tests {
         let refused = HboneError::Dial(Error::from(ErrorKind::ConnectionRefused));
         assert_eq!(failure_reason(&refused), "dial");
         assert_eq!(failure_reason(&HboneError::Closed), "closed");
-    }
-
-    #[test]
-    fn traceparents_are_well_formed_and_distinct() {
-        let one = new_traceparent();
-        let two = new_traceparent();
-        assert_ne!(one, two);
-        let parts: Vec<&str> = one.split('-').collect();
-        assert_eq!(parts.len(), 4, "{one}");
-        assert_eq!(
-            (parts[0], parts[1].len(), parts[2].len(), parts[3]),
-            ("00", 32, 16, "01")
-        );
     }
 }

@@ -113,11 +113,11 @@ pub fn logical(
 /// How `service`'s endpoints are balanced.
 pub fn policy(service: &Service) -> Policy {
     Policy {
-        algorithm: match service.load_balancing {
-            None | Some(LoadBalancing::PeakEwma) => Algorithm::PeakEwma,
-            Some(LoadBalancing::LeastRequest) => Algorithm::LeastRequest,
-            Some(LoadBalancing::RoundRobin) => Algorithm::RoundRobin,
-            Some(LoadBalancing::Random) => Algorithm::Random,
+        algorithm: match service.balancing() {
+            LoadBalancing::PeakEwma => Algorithm::PeakEwma,
+            LoadBalancing::LeastRequest => Algorithm::LeastRequest,
+            LoadBalancing::RoundRobin => Algorithm::RoundRobin,
+            LoadBalancing::Random => Algorithm::Random,
         },
         prefer_close: service.prefer_close,
     }
@@ -131,7 +131,7 @@ pub fn candidates(
     service: &Service,
     target_port: u16,
 ) -> Vec<Candidate> {
-    let zone = mesh.node(node).and_then(|node| node.zone.as_deref());
+    let zone = mesh.zone(node);
     service
         .endpoints
         .iter()
@@ -141,12 +141,7 @@ pub fn candidates(
                 .and_then(|workload| workload.node.as_deref());
             let locality = match endpoint_node {
                 Some(name) if name == node => Locality::SameNode,
-                Some(name)
-                    if zone.is_some()
-                        && mesh.node(name).and_then(|node| node.zone.as_deref()) == zone =>
-                {
-                    Locality::SameZone
-                }
+                Some(name) if zone.is_some() && mesh.zone(name) == zone => Locality::SameZone,
                 _ => Locality::Elsewhere,
             };
             Candidate {

@@ -247,6 +247,27 @@ impl Tracer {
     }
 }
 
+/// The `traceparent` of a new sampled trace, for an HBONE CONNECT that no traced
+/// request opened (a TCP connection's tunnel), as Istio's HBONE peers send one.
+pub fn new_traceparent() -> String {
+    let context = TraceContext {
+        trace_id: random_id(|| fastrand::u128(..)),
+        span_id: random_id(|| fastrand::u128(..)),
+        parent_span_id: None,
+        sampled: true,
+        deferred: false,
+        tracestate: None,
+        format: Format::default(),
+    };
+    let mut headers = HeaderMap::new();
+    inject(&context, &mut headers);
+    headers
+        .get("traceparent")
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned)
+        .unwrap_or_default()
+}
+
 /// Whether a span is sampled: as its parent decided, else by `draw()` (uniform in
 /// `[0, 1)`) against `ratio`.
 fn sample(parent: Option<&TraceContext>, ratio: f64, draw: impl FnOnce() -> f64) -> bool {
@@ -458,6 +479,16 @@ mod tests {
         assert_ne!(one.trace_id, two.trace_id);
         assert_ne!(one.span_id, two.span_id);
         assert!(one.trace_id.iter().any(|byte| *byte != 0));
+    }
+
+    #[test]
+    fn a_new_traceparent_starts_a_sampled_trace_of_its_own() {
+        let (one, two) = (new_traceparent(), new_traceparent());
+        assert_ne!(one, two);
+        let mut headers = HeaderMap::new();
+        headers.insert("traceparent", one.parse().unwrap());
+        let context = extract(&headers).unwrap_or_else(|| panic!("{one} is well formed"));
+        assert!(context.sampled && context.parent_span_id.is_none(), "{one}");
     }
 
     #[test]

@@ -92,7 +92,7 @@ where
 
 impl Tunnel {
     async fn request(self: Arc<Self>, mut request: Request<Incoming>) -> Response<ProxyBody> {
-        let mut exchange = Exchange::of(&request, None);
+        let mut exchange = Exchange::of(&request);
         let span = start_span(&self.proxy, SpanKind::Server, &mut request, &mut exchange);
         let inbound = &self.inbound;
         headers::forwarding_inbound(request.headers_mut(), &inbound.client, &inbound.server);

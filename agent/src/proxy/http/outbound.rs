@@ -76,7 +76,7 @@ where
 
 impl Outbound {
     async fn request(self: Arc<Self>, mut request: Request<Incoming>) -> Response<ProxyBody> {
-        let mut exchange = Exchange::of(&request, None);
+        let mut exchange = Exchange::of(&request);
         let span = start_span(&self.proxy, SpanKind::Client, &mut request, &mut exchange);
         let (endpoint, pick) = match choose(&self.proxy, &self.logical) {
             Ok(chosen) => chosen,

@@ -221,3 +221,89 @@ async fn try_send(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::{BodyExt, Empty, Full};
+    use hyper::service::service_fn;
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// An HTTP/1.1 server on loopback that answers every request; with `close`, it
+    /// closes each connection after its first answer.
+    async fn server(close: bool) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let answer = service_fn(|_| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                            bytes::Bytes::from_static(b"ok"),
+                        )))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(!close)
+                        .serve_connection(TokioIo::new(tcp), answer)
+                        .await;
+                });
+            }
+        });
+        address
+    }
+
+    fn request() -> Request<ProxyBody> {
+        Request::get("/")
+            .header("host", "test")
+            .body(
+                Empty::new()
+                    .map_err(|never: std::convert::Infallible| match never {})
+                    .boxed_unsync(),
+            )
+            .unwrap()
+    }
+
+    /// Sends `count` requests one after the other, giving each connection back once
+    /// its answer is read; returns how many connections were dialed.
+    async fn dials_for(count: usize, close: bool) -> usize {
+        let address = server(close).await;
+        let pool = Pool::default();
+        let key = Key {
+            source: None,
+            endpoint: address,
+            version: Version::Http1,
+        };
+        let dials = AtomicUsize::new(0);
+        let dial = || async {
+            dials.fetch_add(1, Ordering::Relaxed);
+            TcpStream::connect(address)
+                .await
+                .map(Upstream::Tcp)
+                .map_err(|source| ProxyError::Connect {
+                    target: address,
+                    source,
+                })
+        };
+        for _ in 0..count {
+            let (response, sender) = pool.send(&key, dial, request(), true).await.unwrap();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, "ok");
+            pool.check_in(key.clone(), sender);
+        }
+        dials.into_inner()
+    }
+
+    #[tokio::test]
+    async fn http1_connections_are_reused_and_a_closed_one_is_replaced() {
+        assert_eq!(dials_for(5, false).await, 1, "one keep-alive connection");
+        assert_eq!(
+            dials_for(5, true).await,
+            5,
+            "a connection the server closed is never used again, and no request fails"
+        );
+    }
+}

@@ -64,7 +64,8 @@ pub struct Exchange {
 }
 
 impl Exchange {
-    pub fn of<B>(request: &http::Request<B>, trace_id: Option<String>) -> Self {
+    /// The exchange of `request`; its trace id comes with its span.
+    pub fn of<B>(request: &http::Request<B>) -> Self {
         Self {
             started: Instant::now(),
             start_time: SystemTime::now(),
@@ -80,7 +81,7 @@ impl Exchange {
             } else {
                 "http"
             },
-            trace_id,
+            trace_id: None,
         }
     }
 }
