@@ -35,7 +35,11 @@ use hyper_util::{
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use self::{body::Measured, pool::Sender, telemetry::Exchange};
+use self::{
+    body::Measured,
+    pool::Sender,
+    telemetry::{Answer, Exchange, Record, Requests},
+};
 pub use self::{
     inbound::{Inbound, serve as serve_inbound},
     outbound::serve as serve_outbound,
@@ -46,19 +50,19 @@ use super::{
     Proxy,
     connect::Upstream,
     error::ProxyError,
+    metrics::Peer,
     relay::relay,
     trace::{self, Span, SpanKind},
 };
+use crate::logging::{Throttle, held_back};
 
 /// The body of every request and response the agent forwards or makes.
 pub type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
 
 /// Serves HTTP/1.1 or HTTP/2 (told by the connection preface) on `io` until the client
-/// closes it, each request answered by `handle`.
-async fn serve<IO, H, Fut>(
-    io: IO,
-    handle: H,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+/// closes it, each request answered by `handle`; a connection that ends in an error is
+/// logged (at most once a second) as `what`.
+async fn serve<IO, H, Fut>(io: IO, what: &str, handle: H)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
@@ -69,9 +73,15 @@ where
         let handle = Arc::clone(&handle);
         async move { Ok::<_, Infallible>(handle(request).await) }
     });
-    auto::Builder::new(TokioExecutor::new())
+    static FAILED: Throttle = Throttle::new();
+    let served = auto::Builder::new(TokioExecutor::new())
         .serve_connection_with_upgrades(TokioIo::new(io), service)
-        .await
+        .await;
+    if let Err(err) = served
+        && let Some(held) = FAILED.allow()
+    {
+        log::info!("{what} ended: {err}{}", held_back(held));
+    }
 }
 
 /// Starts the span of `request` on this hop (`kind`), a child of the trace the request
@@ -195,6 +205,78 @@ where
         sender: (!upgrade).then_some(sender),
         request_bytes,
     })
+}
+
+/// The response of a forwarded request, measured: when its body ends (or is dropped),
+/// the span ends and `done` gets the connection to give back (if the response was read
+/// to its end) and the answer.
+fn measured(
+    forwarded: Forwarded,
+    span: Span,
+    exchange: Exchange,
+    upstream: std::net::SocketAddr,
+    done: impl FnOnce(Option<Sender>, &Exchange, Answer) + Send + 'static,
+) -> Response<ProxyBody> {
+    let Forwarded {
+        response,
+        sender,
+        request_bytes,
+    } = forwarded;
+    let status = response.status().as_u16();
+    let header_grpc_status = headers::grpc_status(response.headers());
+    response.map(|body| {
+        Measured::new(body, move |seen| {
+            let grpc_status = seen.grpc_status.or(header_grpc_status);
+            end_span(span, status, grpc_status, Some(upstream));
+            let answer = Answer {
+                status,
+                grpc_status,
+                flags: if seen.complete { "-" } else { "DC" },
+                request_bytes: request_bytes.load(Ordering::Relaxed),
+                response_bytes: seen.bytes,
+            };
+            done(sender.filter(|_| seen.complete), &exchange, answer);
+        })
+        .boxed_unsync()
+    })
+}
+
+/// Answers a request that failed on `error` (see [`failure`]), and ends its span, logs
+/// (at most once a second) and measures it. `client` names the caller in the log.
+fn failed(
+    requests: &Requests,
+    client: &dyn std::fmt::Display,
+    exchange: &Exchange,
+    span: Span,
+    destination: Option<(&Peer, bool)>,
+    error: ProxyError,
+) -> Response<ProxyBody> {
+    static FAILED: Throttle = Throttle::new();
+    if let Some(held) = FAILED.allow() {
+        log::warn!(
+            "{} {} from {client} failed: {error}{}",
+            exchange.method,
+            exchange.path,
+            held_back(held)
+        );
+    }
+    let response = failure(&error, exchange.protocol == "grpc");
+    let answer = Answer {
+        status: response.status().as_u16(),
+        grpc_status: headers::grpc_status(response.headers()),
+        flags: error.response_flags(),
+        request_bytes: 0,
+        response_bytes: 0,
+    };
+    end_span(span, answer.status, answer.grpc_status, None);
+    requests.record(Record {
+        exchange,
+        destination: destination.map(|(peer, _)| peer),
+        mutual_tls: destination.is_some_and(|(_, mutual_tls)| mutual_tls),
+        answer,
+        error: Some(error.to_string()),
+    });
+    response
 }
 
 /// The answer to a request that failed on `error`: its HTTP status with the reason in

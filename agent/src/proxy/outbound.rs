@@ -50,20 +50,10 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
 }
 
 async fn handle(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr, mut permit: Permit) {
-    static REFUSED: Throttle = Throttle::new();
     let _tracked = proxy.track();
     let logical = match route(&proxy, peer).await {
         Ok(logical) => logical,
-        Err(refusal) => {
-            metrics::refused("outbound", refusal.reason());
-            if let Some(held) = REFUSED.allow() {
-                log::warn!(
-                    "outbound connection from {peer} refused: {refusal}{}",
-                    held_back(held)
-                );
-            }
-            return;
-        }
+        Err(refusal) => return refused(peer, &refusal),
     };
     permit.authenticated();
     let _ = client.set_nodelay(true);
@@ -81,6 +71,19 @@ async fn handle(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr, mut perm
                 }
             }
         }
+    }
+}
+
+/// Counts and logs (at most once a second) a captured connection refused before it
+/// was carried.
+pub fn refused(peer: SocketAddr, refusal: &ProxyError) {
+    static REFUSED: Throttle = Throttle::new();
+    metrics::refused("outbound", refusal.reason());
+    if let Some(held) = REFUSED.allow() {
+        log::warn!(
+            "outbound connection from {peer} refused: {refusal}{}",
+            held_back(held)
+        );
     }
 }
 

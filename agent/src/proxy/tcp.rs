@@ -12,7 +12,7 @@ use super::{
     connect::connect,
     logical::{Destination, Logical},
     metrics::{self, Connection, Outcome, Reporter},
-    outbound::choose,
+    outbound::{choose, refused},
     relay::relay,
 };
 use crate::logging::{Throttle, held_back};
@@ -22,21 +22,11 @@ pub async fn carry<IO>(proxy: &Proxy, mut client: IO, logical: &Logical)
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
-    static REFUSED: Throttle = Throttle::new();
     static FAILED: Throttle = Throttle::new();
     let peer = logical.source.address;
     let (endpoint, pick) = match choose(proxy, logical) {
         Ok(chosen) => chosen,
-        Err(refusal) => {
-            metrics::refused("outbound", refusal.reason());
-            if let Some(held) = REFUSED.allow() {
-                log::warn!(
-                    "outbound connection from {peer} refused: {refusal}{}",
-                    held_back(held)
-                );
-            }
-            return;
-        }
+        Err(refusal) => return refused(peer, &refusal),
     };
     let idle = idle_timeout(proxy, logical);
     let mut connection = Connection::new(

@@ -5,11 +5,10 @@
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, Mutex, atomic::Ordering},
+    sync::{Arc, Mutex},
 };
 
 use http::{Request, Response};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -17,14 +16,11 @@ use tokio::{
 };
 
 use super::{
-    Pool, ProxyBody,
-    body::{Measured, Seen},
-    end_span, failure, forward, headers, pool, start_span,
+    Pool, ProxyBody, forward, headers, pool, start_span,
     telemetry::{Exchange, Record, Requests},
 };
 use crate::{
     identity::Identity,
-    logging::{Throttle, held_back},
     proxy::{
         Proxy,
         connect::Upstream,
@@ -64,7 +60,7 @@ pub async fn serve<IO>(proxy: Arc<Proxy>, inbound: Inbound, stream: IO, pod: Tcp
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    static FAILED: Throttle = Throttle::new();
+    let what = format!("inbound HTTP in a tunnel from {}", inbound.client);
     let requests = Requests::new(
         Reporter::Destination,
         inbound.source.clone(),
@@ -78,16 +74,10 @@ where
         first: Mutex::new(Some(pod)),
         inbound,
     });
-    let client = tunnel.inbound.client.clone();
-    let served = super::serve(stream, move |request| Arc::clone(&tunnel).request(request)).await;
-    if let Err(err) = served
-        && let Some(held) = FAILED.allow()
-    {
-        log::info!(
-            "inbound HTTP in a tunnel from {client} ended: {err}{}",
-            held_back(held)
-        );
-    }
+    super::serve(stream, &what, move |request| {
+        Arc::clone(&tunnel).request(request)
+    })
+    .await;
 }
 
 impl Tunnel {
@@ -123,63 +113,31 @@ impl Tunnel {
             Ok(forwarded) => forwarded,
             Err(error) => return self.failed(&exchange, span, error),
         };
-        let status = forwarded.response.status().as_u16();
-        let header_grpc_status = headers::grpc_status(forwarded.response.headers());
         let this = Arc::clone(&self);
-        let done = move |seen: Seen| {
-            if seen.complete
-                && let Some(sender) = forwarded.sender
-            {
-                this.pool.check_in(key, sender);
-            }
-            let grpc_status = seen.grpc_status.or(header_grpc_status);
-            end_span(span, status, grpc_status, Some(this.inbound.target));
-            this.requests.record(Record {
-                exchange: &exchange,
-                destination: Some(&this.inbound.destination),
-                mutual_tls: true,
-                status,
-                grpc_status,
-                flags: if seen.complete { "-" } else { "DC" },
-                error: None,
-                request_bytes: forwarded.request_bytes.load(Ordering::Relaxed),
-                response_bytes: seen.bytes,
-            });
-        };
-        forwarded
-            .response
-            .map(|body| Measured::new(body, done).boxed_unsync())
+        let upstream = inbound.target;
+        super::measured(
+            forwarded,
+            span,
+            exchange,
+            upstream,
+            move |sender, exchange, answer| {
+                if let Some(sender) = sender {
+                    this.pool.check_in(key, sender);
+                }
+                this.requests.record(Record {
+                    exchange,
+                    destination: Some(&this.inbound.destination),
+                    mutual_tls: true,
+                    answer,
+                    error: None,
+                });
+            },
+        )
     }
 
     fn failed(&self, exchange: &Exchange, span: Span, error: ProxyError) -> Response<ProxyBody> {
-        static FAILED: Throttle = Throttle::new();
-        if let Some(held) = FAILED.allow() {
-            log::warn!(
-                "inbound {} {} from {}: {error}{}",
-                exchange.method,
-                exchange.path,
-                self.inbound.client,
-                held_back(held)
-            );
-        }
-        let response = failure(&error, exchange.protocol == "grpc");
-        end_span(
-            span,
-            response.status().as_u16(),
-            headers::grpc_status(response.headers()),
-            None,
-        );
-        self.requests.record(Record {
-            exchange,
-            destination: Some(&self.inbound.destination),
-            mutual_tls: true,
-            status: response.status().as_u16(),
-            grpc_status: headers::grpc_status(response.headers()),
-            flags: error.response_flags(),
-            error: Some(error.to_string()),
-            request_bytes: 0,
-            response_bytes: 0,
-        });
-        response
+        let destination = Some((&self.inbound.destination, true));
+        let client = &self.inbound.client;
+        super::failed(&self.requests, client, exchange, span, destination, error)
     }
 }

@@ -1,22 +1,18 @@
 //! The client's agent: each request of a captured HTTP connection is balanced on its
 //! own over the service's endpoints and sent on a pooled upstream connection.
 
-use std::sync::{Arc, atomic::Ordering};
+use std::sync::Arc;
 
 use http::{Request, Response};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{
-    ProxyBody,
-    body::{Measured, Seen},
-    end_span, failure, forward, headers, pool, start_span,
+    ProxyBody, forward, headers, pool, start_span,
     telemetry::{Exchange, Record, Requests},
     traceparent,
 };
 use crate::{
-    logging::{Throttle, held_back},
     mesh::Protocol,
     proxy::{
         Proxy,
@@ -44,8 +40,7 @@ pub async fn serve<IO>(proxy: Arc<Proxy>, logical: Logical, client: IO)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    static FAILED: Throttle = Throttle::new();
-    let peer = logical.source.address;
+    let what = format!("outbound HTTP connection from {}", logical.source.address);
     let requests = |reporter| {
         Requests::new(
             reporter,
@@ -60,18 +55,10 @@ where
         proxy: Arc::clone(&proxy),
         logical,
     });
-    let served = super::serve(client, move |request| {
+    super::serve(client, &what, move |request| {
         Arc::clone(&outbound).request(request)
     })
     .await;
-    if let Err(err) = served
-        && let Some(held) = FAILED.allow()
-    {
-        log::info!(
-            "outbound HTTP connection from {peer} ended: {err}{}",
-            held_back(held)
-        );
-    }
 }
 
 impl Outbound {
@@ -120,38 +107,32 @@ impl Outbound {
         if let Some(pick) = &pick {
             pick.observe(exchange.started.elapsed());
         }
-        let status = forwarded.response.status().as_u16();
-        let header_grpc_status = headers::grpc_status(forwarded.response.headers());
         let local = endpoint.hop == Hop::Local;
+        let upstream = endpoint.address;
         let this = Arc::clone(&self);
-        let done = move |seen: Seen| {
-            drop(pick);
-            if seen.complete
-                && let Some(sender) = forwarded.sender
-            {
-                this.proxy.http_pool.check_in(key, sender);
-            }
-            let grpc_status = seen.grpc_status.or(header_grpc_status);
-            end_span(span, status, grpc_status, Some(endpoint.address));
-            let record = || Record {
-                exchange: &exchange,
-                destination: Some(&endpoint.peer),
-                mutual_tls,
-                status,
-                grpc_status,
-                flags: if seen.complete { "-" } else { "DC" },
-                error: None,
-                request_bytes: forwarded.request_bytes.load(Ordering::Relaxed),
-                response_bytes: seen.bytes,
-            };
-            this.requests.record(record());
-            if local {
-                this.local.record(record());
-            }
-        };
-        forwarded
-            .response
-            .map(|body| Measured::new(body, done).boxed_unsync())
+        super::measured(
+            forwarded,
+            span,
+            exchange,
+            upstream,
+            move |sender, exchange, answer| {
+                drop(pick);
+                if let Some(sender) = sender {
+                    this.proxy.http_pool.check_in(key, sender);
+                }
+                let record = || Record {
+                    exchange,
+                    destination: Some(&endpoint.peer),
+                    mutual_tls,
+                    answer,
+                    error: None,
+                };
+                this.requests.record(record());
+                if local {
+                    this.local.record(record());
+                }
+            },
+        )
     }
 
     fn failed(
@@ -161,34 +142,7 @@ impl Outbound {
         destination: Option<(&Peer, bool)>,
         error: ProxyError,
     ) -> Response<ProxyBody> {
-        static FAILED: Throttle = Throttle::new();
-        if let Some(held) = FAILED.allow() {
-            log::warn!(
-                "outbound {} {} from {}: {error}{}",
-                exchange.method,
-                exchange.path,
-                self.logical.source.address,
-                held_back(held)
-            );
-        }
-        let response = failure(&error, exchange.protocol == "grpc");
-        end_span(
-            span,
-            response.status().as_u16(),
-            headers::grpc_status(response.headers()),
-            None,
-        );
-        self.requests.record(Record {
-            exchange,
-            destination: destination.map(|(peer, _)| peer),
-            mutual_tls: destination.is_some_and(|(_, mutual_tls)| mutual_tls),
-            status: response.status().as_u16(),
-            grpc_status: headers::grpc_status(response.headers()),
-            flags: error.response_flags(),
-            error: Some(error.to_string()),
-            request_bytes: 0,
-            response_bytes: 0,
-        });
-        response
+        let client = self.logical.source.address;
+        super::failed(&self.requests, &client, exchange, span, destination, error)
     }
 }

@@ -93,11 +93,17 @@ pub struct Record<'a> {
     /// Who answered, if an endpoint was chosen.
     pub destination: Option<&'a Peer>,
     pub mutual_tls: bool,
+    pub answer: Answer,
+    pub error: Option<String>,
+}
+
+/// What came back.
+#[derive(Clone, Copy, Debug)]
+pub struct Answer {
     pub status: u16,
     pub grpc_status: Option<u16>,
     /// Envoy's `response_flags`, `-` for none.
     pub flags: &'static str,
-    pub error: Option<String>,
     pub request_bytes: u64,
     pub response_bytes: u64,
 }
@@ -119,21 +125,21 @@ impl Requests {
     }
 
     pub fn record(&self, record: Record<'_>) {
-        let exchange = record.exchange;
+        let (exchange, answer) = (record.exchange, record.answer);
         let key = Key {
             destination: record.destination.and_then(|peer| peer.address),
             mutual_tls: record.mutual_tls,
             protocol: exchange.protocol,
-            status: record.status,
-            grpc_status: record.grpc_status,
-            flags: record.flags,
+            status: answer.status,
+            grpc_status: answer.grpc_status,
+            flags: answer.flags,
         };
         let handles = self.handles(key, record.destination);
         let elapsed = exchange.started.elapsed();
         handles.requests.increment(1);
         handles.duration.record(elapsed.as_secs_f64() * 1000.0);
-        handles.request_bytes.record(record.request_bytes as f64);
-        handles.response_bytes.record(record.response_bytes as f64);
+        handles.request_bytes.record(answer.request_bytes as f64);
+        handles.response_bytes.record(answer.response_bytes as f64);
         if !self.log.requests() {
             return;
         }
@@ -151,11 +157,11 @@ impl Requests {
             "method": exchange.method.as_str(),
             "authority": exchange.authority,
             "path": exchange.path,
-            "response_code": record.status,
-            "grpc_status": record.grpc_status,
-            "response_flags": record.flags,
-            "bytes_received": record.request_bytes,
-            "bytes_sent": record.response_bytes,
+            "response_code": answer.status,
+            "grpc_status": answer.grpc_status,
+            "response_flags": answer.flags,
+            "bytes_received": answer.request_bytes,
+            "bytes_sent": answer.response_bytes,
             "security": if record.mutual_tls { "mutual_tls" } else { "none" },
             "trace_id": exchange.trace_id,
         });
