@@ -41,7 +41,7 @@ spec:
 apiVersion: weft.dev/v1alpha1
 kind: TrafficPolicy
 metadata: { name: echo, namespace: default }
-spec: { service: echo, loadBalancer: { algorithm: ROUND_ROBIN } }
+spec: { service: echo, loadBalancer: { algorithm: ROUND_ROBIN }, timeouts: { idle: 2s } }
 ---
 apiVersion: v1
 kind: Service
@@ -111,6 +111,20 @@ started = time.monotonic()
 connection = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)
 greeting = connection.makefile("rb").readline().decode().strip()
 print(f"{greeting}|{time.monotonic() - started:.3f}")
+"#;
+
+/// Sends one HTTP/1.1 request on a keep-alive connection, reads the answer, then waits
+/// for the connection to close and prints how long it stayed open after the answer.
+const IDLE_CLIENT: &str = r#"
+import socket, sys, time
+connection = socket.create_connection((sys.argv[1], 80), timeout=25)
+connection.sendall(b"GET / HTTP/1.1\r\nHost: echo\r\n\r\n")
+answer = connection.recv(65536)
+assert answer.startswith(b"HTTP/1.1 200"), answer
+answered = time.monotonic()
+while connection.recv(65536):
+    pass
+print(f"{time.monotonic() - answered:.3f}")
 "#;
 
 /// Sends one line that is not HTTP and prints what comes back.
@@ -261,6 +275,15 @@ fn one_keep_alive_or_http2_connection_spreads_its_requests_over_every_replica() 
         .filter(|(_, delta)| *delta > 0)
         .collect();
     assert_even(&served, 3, 60, "h2load -c1");
+
+    // The service's idle timeout (2 s) closes a keep-alive connection that sends no
+    // new request; the echo server itself would wait 30 s.
+    let out = run_in_pod(&cluster, "client", &["python3", "-c", IDLE_CLIENT, ECHO]);
+    let open: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert!(
+        (1.5..20.0).contains(&open),
+        "closed {open} s after the answer"
+    );
 }
 
 #[test]

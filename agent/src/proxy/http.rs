@@ -23,6 +23,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -30,7 +31,7 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -61,8 +62,9 @@ pub type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
 
 /// Serves HTTP/1.1 or HTTP/2 (told by the connection preface) on `io` until the client
 /// closes it, each request answered by `handle`; a connection that ends in an error is
-/// logged (at most once a second) as `what`.
-async fn serve<IO, H, Fut>(io: IO, what: &str, handle: H)
+/// logged (at most once a second) as `what`. An HTTP/1.1 client that sends no new
+/// request for `idle` is disconnected.
+async fn serve<IO, H, Fut>(io: IO, what: &str, idle: Duration, handle: H)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
@@ -74,7 +76,14 @@ where
         async move { Ok::<_, Infallible>(handle(request).await) }
     });
     static FAILED: Throttle = Throttle::new();
-    let served = auto::Builder::new(TokioExecutor::new())
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper's header timeout runs from the moment it waits for a request's head, so
+    // between requests too: the keep-alive idle timeout.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(idle);
+    let served = builder
         .serve_connection_with_upgrades(TokioIo::new(io), service)
         .await;
     if let Err(err) = served

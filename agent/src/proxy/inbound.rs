@@ -229,7 +229,7 @@ async fn tunnel(
             destination: connection.destination,
             service,
         };
-        return http::serve_inbound(Arc::clone(proxy), inbound, tunnel, pod).await;
+        return http::serve_inbound(Arc::clone(proxy), inbound, tunnel, pod, idle).await;
     }
     connection.service = service;
     let open = connection.opened(&proxy.settings.access_log);

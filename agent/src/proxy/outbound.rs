@@ -12,7 +12,7 @@
 //! for the certificate a tunnel needs) up to `Settings::source_wait`, instead of being
 //! refused — a new pod's first connection is often its most important one.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -72,6 +72,21 @@ async fn handle(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr, mut perm
             }
         }
     }
+}
+
+/// How long a connection to `logical` may carry nothing (a TCP connection: no byte
+/// either way; an HTTP/1.1 one: no new request): its service's TrafficPolicy
+/// `timeouts.idle`, or the agent's default.
+pub fn idle_timeout(proxy: &Proxy, logical: &Logical) -> Duration {
+    let service_timeout = match &logical.destination {
+        Destination::Service(target) => proxy
+            .mesh
+            .get()
+            .service_at(target.vip, target.port)
+            .and_then(|(service, _)| service.idle_timeout),
+        Destination::Pod(_) => None,
+    };
+    service_timeout.unwrap_or(proxy.settings.idle_timeout)
 }
 
 /// Counts and logs (at most once a second) a captured connection refused before it

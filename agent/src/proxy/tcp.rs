@@ -10,9 +10,9 @@ use tokio::{
 use super::{
     Proxy,
     connect::connect,
-    logical::{Destination, Logical},
+    logical::Logical,
     metrics::{self, Connection, Outcome, Reporter},
-    outbound::{choose, refused},
+    outbound::{self, choose, refused},
     relay::relay,
 };
 use crate::logging::{Throttle, held_back};
@@ -28,7 +28,7 @@ where
         Ok(chosen) => chosen,
         Err(refusal) => return refused(peer, &refusal),
     };
-    let idle = idle_timeout(proxy, logical);
+    let idle = outbound::idle_timeout(proxy, logical);
     let mut connection = Connection::new(
         Reporter::Source,
         logical.source.peer.clone(),
@@ -61,18 +61,4 @@ where
         );
     }
     open.closed(&outcome);
-}
-
-/// How long the connection may carry nothing: its service's TrafficPolicy, or the
-/// agent's default.
-fn idle_timeout(proxy: &Proxy, logical: &Logical) -> std::time::Duration {
-    let service_timeout = match &logical.destination {
-        Destination::Service(target) => proxy
-            .mesh
-            .get()
-            .service_at(target.vip, target.port)
-            .and_then(|(service, _)| service.idle_timeout),
-        Destination::Pod(_) => None,
-    };
-    service_timeout.unwrap_or(proxy.settings.idle_timeout)
 }

@@ -6,6 +6,7 @@
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use http::{Request, Response};
@@ -54,10 +55,15 @@ struct Tunnel {
     first: Mutex<Option<TcpStream>>,
 }
 
-/// Serves the tunnel's stream as HTTP until it closes; `pod` is a connection to the
-/// pod already made.
-pub async fn serve<IO>(proxy: Arc<Proxy>, inbound: Inbound, stream: IO, pod: TcpStream)
-where
+/// Serves the tunnel's stream as HTTP until it closes, or carries no new request for
+/// `idle`; `pod` is a connection to the pod already made.
+pub async fn serve<IO>(
+    proxy: Arc<Proxy>,
+    inbound: Inbound,
+    stream: IO,
+    pod: TcpStream,
+    idle: Duration,
+) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let what = format!("inbound HTTP in a tunnel from {}", inbound.client);
@@ -74,7 +80,7 @@ where
         first: Mutex::new(Some(pod)),
         inbound,
     });
-    super::serve(stream, &what, move |request| {
+    super::serve(stream, &what, idle, move |request| {
         Arc::clone(&tunnel).request(request)
     })
     .await;

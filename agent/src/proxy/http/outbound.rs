@@ -20,7 +20,7 @@ use crate::{
         error::ProxyError,
         logical::{Hop, Logical},
         metrics::{Peer, Reporter},
-        outbound::choose,
+        outbound::{choose, idle_timeout},
         trace::{Span, SpanKind},
     },
 };
@@ -41,6 +41,7 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let what = format!("outbound HTTP connection from {}", logical.source.address);
+    let idle = idle_timeout(&proxy, &logical);
     let requests = |reporter| {
         Requests::new(
             reporter,
@@ -55,7 +56,7 @@ where
         proxy: Arc::clone(&proxy),
         logical,
     });
-    super::serve(client, &what, move |request| {
+    super::serve(client, &what, idle, move |request| {
         Arc::clone(&outbound).request(request)
     })
     .await;
