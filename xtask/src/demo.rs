@@ -300,7 +300,9 @@ fn show(name: &str) -> anyhow::Result<()> {
         "\nEvery replica answered; the traffic to node1 crossed in mutual TLS (HBONE), that to\n\
          echo-0 stayed on node0, and the agents run the configuration the controller compiled\n\
          from {MESH}, on certificates from the controller's CA.\n\
-         Not there yet: enforcement of authorization and traffic policies, L7 routing."
+         Each request was balanced on its own (peak EWMA favours the replica on the client's\n\
+         node) and measured by both agents.\n\
+         Not there yet: authorization policies, HTTP routes, retries and circuit breaking."
     );
     Ok(())
 }
