@@ -9,6 +9,7 @@ const DUMPED: &[&str] = &[
     ".weft.config.v1.AuthorizationRule",
     ".weft.config.v1.AuthorizationSource",
     ".weft.config.v1.AuthorizationOperation",
+    ".weft.config.v1.AuthorizationCondition",
     ".weft.config.v1.TrafficPolicy",
     ".weft.config.v1.Retries",
     ".weft.config.v1.ConnectionLimits",

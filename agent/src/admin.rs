@@ -1,7 +1,9 @@
 //! The agent's small HTTP servers, on the control runtime away from the data plane:
 //! Prometheus metrics (15020), readiness (15021), and admin on localhost (15000):
 //! `GET /config_dump` (the mesh model, the subscription, the streamed policies and
-//! routes, the enrolled pods), `GET /certs`, `POST /logging?filter=<env_logger filter>`.
+//! routes, the enrolled pods), `GET /certs`, `GET /authorization/explain?…` (why a
+//! caller is allowed or denied; see [`weft_api::authz::query`]),
+//! `POST /logging?filter=<env_logger filter>`.
 
 use std::{
     net::SocketAddr,
@@ -13,14 +15,17 @@ use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
-use weft_api::endpoints::{self, Reply, json, prometheus, text};
+use weft_api::{
+    authz::query::{self, Query},
+    endpoints::{self, Reply, json, prometheus, text},
+};
 
 use crate::{
     datapath::{Pins, pinned},
     logging,
     mesh::MeshConfig,
     node::NodeHandle,
-    proxy::Proxy,
+    proxy::{Proxy, authorize::NodeDirectory},
     reload::Current,
     subscription,
     tls::CertStore,
@@ -160,6 +165,18 @@ impl Admin {
                     .collect();
                 json(&certs)
             }
+            (&Method::GET, "/authorization/explain") => {
+                let mesh = self.mesh.get();
+                let directory = NodeDirectory {
+                    mesh: &mesh,
+                    node: &self.proxy.node,
+                };
+                let query = request.uri().query().unwrap_or_default();
+                match Query::parse(query).and_then(|query| query::answer(&directory, &query)) {
+                    Ok(answer) => json(&answer),
+                    Err(problem) => text(StatusCode::BAD_REQUEST, &format!("{problem}\n")),
+                }
+            }
             (&Method::POST, "/logging") => {
                 let filter = request.uri().query().and_then(|query| {
                     query
@@ -180,7 +197,8 @@ impl Admin {
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "endpoints: GET /config_dump, GET /certs, POST /logging?filter=...\n",
+                "endpoints: GET /config_dump, GET /certs, GET /authorization/explain?..., \
+                 POST /logging?filter=...\n",
             ),
         }
     }

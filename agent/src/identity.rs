@@ -108,6 +108,15 @@ impl Identity {
     }
 
     /// The TLS server name (SNI) that asks a weft agent for this workload's certificate:
+    /// The SPIFFE ID without `spiffe://`, as authorization policies (and Istio) write
+    /// principals.
+    pub fn principal(&self) -> String {
+        format!(
+            "{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
+    }
+
     /// `<service-account>.<namespace>.<trust-domain>.spiffe.invalid`.
     ///
     /// The service account and the namespace are single DNS labels, so the name maps

@@ -36,6 +36,14 @@
 //!     preferClose: true             # endpoints in the client's zone first; default false
 //!     idleTimeout: 10m              # default: the agent's --idle-timeout
 //! excludePorts: [22]
+//! authorizationPolicies:            # compiled: the workloads each selects, resolved
+//!   - name: allow-frontend
+//!     namespace: default
+//!     action: ALLOW                 # ALLOW | DENY | AUDIT; dryRun: true evaluates only
+//!     workloads: [default/echo-0]
+//!     rules:
+//!       - from: [{ principals: [cluster.local/ns/default/sa/frontend] }]
+//!         to: [{ methods: [GET], paths: ["/public*"] }]
 //! ```
 //!
 //! A port's [`Protocol`] comes from its `appProtocol`, else its name, as in Istio
@@ -49,7 +57,6 @@
 //! With `--controller`, the same model is assembled from the resources the controller
 //! streams ([`resources`]).
 
-mod protocol;
 pub mod resources;
 
 use std::{
@@ -60,12 +67,15 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use weft_api::config::v1::{DEFAULT_ENDPOINT_WEIGHT, MAX_ENDPOINT_WEIGHT};
+use weft_api::{
+    authz,
+    config::v1::{DEFAULT_ENDPOINT_WEIGHT, MAX_ENDPOINT_WEIGHT},
+};
 use weft_common::{MeshDestination, Mode, SockAddr, destination};
 
 use crate::{datapath::sock_addr, identity::Identity};
 
-pub use self::protocol::Protocol;
+pub use weft_api::protocol::Protocol;
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -86,6 +96,9 @@ pub struct MeshConfig {
     pub services: Vec<Service>,
     #[serde(default)]
     pub exclude_ports: Vec<u16>,
+    /// The AuthorizationPolicies that select workloads of this node, compiled.
+    #[serde(default)]
+    pub authorization_policies: Vec<authz::Policy>,
     /// The mesh CA's roots, streamed by the controller. A configuration file has none:
     /// with one, the agent reads its bundle from `--trust-bundle`.
     #[serde(skip)]
@@ -109,6 +122,8 @@ struct Maps {
     services: HashMap<(IpAddr, u16), (usize, usize)>,
     /// (endpoint, target port) → the first (service, port entry) that leads there.
     endpoints: HashMap<(IpAddr, u16), (usize, usize)>,
+    /// Workload address → the authorization policies that select it.
+    policies: HashMap<IpAddr, Vec<usize>>,
 }
 
 impl Clone for Index {
@@ -157,10 +172,29 @@ impl Index {
                     }
                 }
             }
+            let addresses: HashMap<String, IpAddr> = config
+                .workloads
+                .iter()
+                .map(|workload| {
+                    (
+                        format!("{}/{}", workload.namespace, workload.name),
+                        workload.ip,
+                    )
+                })
+                .collect();
+            let mut policies: HashMap<IpAddr, Vec<usize>> = HashMap::new();
+            for (index, policy) in config.authorization_policies.iter().enumerate() {
+                for workload in &policy.workloads {
+                    if let Some(ip) = addresses.get(workload) {
+                        policies.entry(*ip).or_default().push(index);
+                    }
+                }
+            }
             Maps {
                 workloads,
                 services,
                 endpoints,
+                policies,
             }
         })
     }
@@ -187,6 +221,7 @@ impl Default for MeshConfig {
             workloads: Vec::new(),
             services: Vec::new(),
             exclude_ports: Vec::new(),
+            authorization_policies: Vec::new(),
             trust_anchors: Vec::new(),
             index: Index::default(),
         }
@@ -236,6 +271,35 @@ impl From<PeerMode> for Mode {
             PeerMode::Strict => Mode::Strict,
             PeerMode::Permissive => Mode::Permissive,
             PeerMode::Disable => Mode::Disable,
+        }
+    }
+}
+
+/// Which plaintext connections into a pod its authorization policies deny whatever
+/// their source: such connections need an identity plaintext cannot have, so the
+/// kernel drops them even where the pod is PERMISSIVE. Plaintext is judged as TCP
+/// (the kernel sees no request). Policies that name source addresses make no port
+/// denied here: the kernel cannot tell sources apart, and lets PERMISSIVE plaintext in.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct PlaintextPolicy {
+    /// Plaintext to a port no policy names is denied.
+    #[serde(default)]
+    pub denied: bool,
+    /// The ports policies name, and whether plaintext to each is denied.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<u16, bool>,
+}
+
+impl PlaintextPolicy {
+    /// The kernel's mode of `port` (`None`: of the pod) whose PeerAuthentication mode
+    /// is `mode`.
+    pub fn kernel_mode(&self, mode: PeerMode, port: Option<u16>) -> Mode {
+        let denied = port
+            .and_then(|port| self.ports.get(&port).copied())
+            .unwrap_or(self.denied);
+        match mode {
+            PeerMode::Permissive if denied => Mode::Deny,
+            mode => mode.into(),
         }
     }
 }
@@ -541,6 +605,40 @@ impl MeshConfig {
         }
     }
 
+    /// What pod `namespace/name`'s authorization policies say of plaintext.
+    pub fn plaintext_policy(&self, namespace: &str, name: &str) -> PlaintextPolicy {
+        let Some(workload) = self
+            .workloads
+            .iter()
+            .find(|workload| workload.namespace == namespace && workload.name == name)
+        else {
+            return PlaintextPolicy::default();
+        };
+        let policies = self.policies_for(workload.ip);
+        let enforced = policies.clone().filter(|policy| !policy.dry_run);
+        if enforced.clone().next().is_none()
+            || enforced.clone().any(authz::Policy::names_source_addresses)
+        {
+            return PlaintextPolicy::default();
+        }
+        let denied = |port: u16| {
+            let target = authz::Target {
+                ip: workload.ip,
+                port,
+            };
+            let plaintext = authz::Caller::default();
+            authz::evaluate(policies.clone(), &plaintext, target, authz::Traffic::Tcp).denied()
+        };
+        PlaintextPolicy {
+            // No policy names port 0: it stands for every port none names.
+            denied: denied(0),
+            ports: enforced
+                .flat_map(authz::Policy::named_ports)
+                .map(|port| (port, denied(port)))
+                .collect(),
+        }
+    }
+
     /// What capture sends to the agent: every service VIP:port, and every address of a
     /// meshed workload — those in the file and `local_pods`, the node's enrolled pods.
     pub fn destinations(
@@ -594,6 +692,20 @@ impl MeshConfig {
             .get(&(address.ip().to_canonical(), address.port()))?;
         let service = self.services.get(service)?;
         Some((service, service.ports.get(entry)?))
+    }
+
+    /// The authorization policies that select the workload at `ip`.
+    pub fn policies_for(&self, ip: IpAddr) -> impl Iterator<Item = &authz::Policy> + Clone {
+        let selecting = self
+            .index
+            .maps(self)
+            .policies
+            .get(&ip.to_canonical())
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        selecting
+            .iter()
+            .map(|&index| &self.authorization_policies[index])
     }
 
     /// Every service endpoint with its target port: what balancers keep state for.
@@ -791,5 +903,65 @@ services:
             "services:\n  - { name: s, namespace: n, vip: 10.96.0.1, ports: [{ port: 80 }], loadBalancing: FASTEST }\n",
         );
         assert!(algorithm.contains("FASTEST"), "{algorithm}");
+    }
+
+    #[test]
+    fn plaintext_is_denied_in_the_kernel_where_only_identities_are_let_in() {
+        let config = |policies: &str| -> MeshConfig {
+            serde_yaml::from_str(&format!(
+                "namespaces: [{{ name: shop, mode: PERMISSIVE }}]\n\
+                 workloads: [{{ name: api, namespace: shop, ip: 10.244.1.2 }}]\n\
+                 authorizationPolicies: {policies}"
+            ))
+            .unwrap()
+        };
+        let plaintext = |policies: &str| config(policies).plaintext_policy("shop", "api");
+        let allow_shop = "[{ name: a, namespace: shop, workloads: [shop/api], \
+                          rules: [{ from: [{ namespaces: [shop] }] }] }]";
+        assert_eq!(
+            plaintext(allow_shop),
+            PlaintextPolicy {
+                denied: true,
+                ports: BTreeMap::new()
+            }
+        );
+        let deny_anonymous_on_9000 = "[{ name: d, namespace: shop, action: DENY, \
+            workloads: [shop/api], rules: [{ from: [{ notPrincipals: ['*'] }], to: [{ ports: [9000] }] }] }]";
+        assert_eq!(
+            plaintext(deny_anonymous_on_9000),
+            PlaintextPolicy {
+                denied: false,
+                ports: [(9000, true)].into()
+            }
+        );
+        // Source addresses decide: the kernel cannot, so nothing is denied there.
+        let by_address = "[{ name: a, namespace: shop, workloads: [shop/api], \
+                          rules: [{ from: [{ ipBlocks: [10.0.0.0/8] }] }] }]";
+        assert_eq!(plaintext(by_address), PlaintextPolicy::default());
+        let dry_run = "[{ name: a, namespace: shop, dryRun: true, workloads: [shop/api] }]";
+        assert_eq!(plaintext(dry_run), PlaintextPolicy::default());
+        assert_eq!(plaintext("[]"), PlaintextPolicy::default());
+
+        let policy = plaintext(deny_anonymous_on_9000);
+        assert_eq!(
+            policy.kernel_mode(PeerMode::Permissive, Some(9000)),
+            Mode::Deny
+        );
+        assert_eq!(
+            policy.kernel_mode(PeerMode::Permissive, Some(80)),
+            Mode::Permissive
+        );
+        assert_eq!(
+            policy.kernel_mode(PeerMode::Permissive, None),
+            Mode::Permissive
+        );
+        assert_eq!(
+            policy.kernel_mode(PeerMode::Strict, Some(9000)),
+            Mode::Strict
+        );
+        assert_eq!(
+            policy.kernel_mode(PeerMode::Disable, Some(9000)),
+            Mode::Disable
+        );
     }
 }

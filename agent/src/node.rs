@@ -24,7 +24,7 @@ use weft_api::enroll::{Pod, Reply, Request};
 use crate::{
     datapath::{Datapath, DatapathError, netns},
     files::write_atomically,
-    mesh::{MeshConfig, PeerMode},
+    mesh::{MeshConfig, PeerMode, PlaintextPolicy},
     reload::Current,
 };
 
@@ -69,6 +69,9 @@ pub struct Attachment {
     /// Ports whose mode differs from the pod's.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub port_modes: BTreeMap<u16, PeerMode>,
+    /// What the pod's authorization policies say of plaintext.
+    #[serde(default)]
+    pub plaintext: PlaintextPolicy,
 }
 
 #[derive(Debug)]
@@ -170,10 +173,10 @@ impl Node {
                 let _ = reply.send(self.handle(request));
             }
             Command::SetMesh(mesh, reply) => {
-                let result = if *self.mesh.get() == mesh {
+                let result = if *self.mesh.get() == *mesh {
                     Ok(())
                 } else {
-                    self.set_mesh(mesh).map_err(|err| err.to_string())
+                    self.set_mesh(*mesh).map_err(|err| err.to_string())
                 };
                 let _ = reply.send(result);
             }
@@ -228,10 +231,10 @@ impl Node {
     /// attached pod keeps its attachment unless `reattach` asks for this agent's.
     fn sync(&mut self, id: &str, reattach: bool) -> Result<(), NodeError> {
         let record = self.pods[id].clone();
-        let wanted = self
-            .mesh
-            .get()
-            .pod_modes(&record.pod.namespace, &record.pod.name);
+        let mesh = self.mesh.get();
+        let wanted = mesh.pod_modes(&record.pod.namespace, &record.pod.name);
+        let plaintext = mesh.plaintext_policy(&record.pod.namespace, &record.pod.name);
+        drop(mesh);
         let attachment = match wanted {
             None => {
                 if let Some(old) = &record.attachment {
@@ -261,22 +264,31 @@ impl Node {
                     .filter(|old| !reattach && (old.netns_cookie, old.ifindex) == current);
                 let ifindex = match kept {
                     Some(old) => {
-                        self.datapath
-                            .set_inbound(old.ifindex, mode.into(), probe_source)?;
+                        self.datapath.set_inbound(
+                            old.ifindex,
+                            plaintext.kernel_mode(mode, None),
+                            probe_source,
+                        )?;
                         old.ifindex
                     }
                     None => self.datapath.enroll(
                         netns_cookie,
                         &record.pod.host_interface,
-                        mode.into(),
+                        plaintext.kernel_mode(mode, None),
                         probe_source,
                     )?,
                 };
                 // The map is walked to replace a pod's entries: only when they change.
-                if kept.is_none_or(|old| old.port_modes != port_modes) {
+                if kept.is_none_or(|old| {
+                    (&old.port_modes, &old.plaintext) != (&port_modes, &plaintext)
+                }) {
                     let kernel_modes = port_modes
-                        .iter()
-                        .map(|(&port, &mode)| (port, mode.into()))
+                        .keys()
+                        .chain(plaintext.ports.keys())
+                        .map(|&port| {
+                            let mode = port_modes.get(&port).copied().unwrap_or(mode);
+                            (port, plaintext.kernel_mode(mode, Some(port)))
+                        })
                         .collect();
                     self.datapath.set_port_modes(ifindex, &kernel_modes)?;
                 }
@@ -293,6 +305,7 @@ impl Node {
                     ifindex,
                     mode,
                     port_modes,
+                    plaintext,
                 })
             }
         };
@@ -349,7 +362,7 @@ impl Node {
 enum Command {
     Enroll(Request, oneshot::Sender<Reply>),
     /// Apply a mesh configuration (nothing to do if it is the one applied).
-    SetMesh(MeshConfig, oneshot::Sender<Result<(), String>>),
+    SetMesh(Box<MeshConfig>, oneshot::Sender<Result<(), String>>),
 }
 
 /// Drives the [`Node`] on its thread.
@@ -375,7 +388,7 @@ impl NodeHandle {
     /// Applies a new mesh configuration to every enrolled pod and to capture.
     pub async fn set_mesh(&self, mesh: MeshConfig) -> Result<(), String> {
         let (reply, answer) = oneshot::channel();
-        self.ask(Command::SetMesh(mesh, reply), answer).await?
+        self.ask(Command::SetMesh(Box::new(mesh), reply), answer).await?
     }
 
     /// The enrolled pods, as of the last command the node finished.

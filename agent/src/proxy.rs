@@ -2,6 +2,7 @@
 //! inbound (HBONE tunnels from other nodes' agents), with the state both share.
 
 pub mod admission;
+pub mod authorize;
 pub mod balance;
 mod connect;
 mod detect;

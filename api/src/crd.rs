@@ -6,8 +6,9 @@
 //!
 //! - [`PeerAuthentication`]: how selected pods take plaintext (STRICT, PERMISSIVE,
 //!   DISABLE), with per-port overrides.
-//! - [`AuthorizationPolicy`]: who may connect to selected pods (ALLOW/DENY by source
-//!   identity, namespace, port; HTTP method and path). Not enforced yet.
+//! - [`AuthorizationPolicy`]: who may reach selected pods (ALLOW/DENY/AUDIT by source
+//!   identity, namespace, service account, IP block, port; HTTP host, method, path and
+//!   headers), with a dry-run mode.
 //! - [`TrafficPolicy`]: how clients treat a service (balancing, timeouts, retries with a
 //!   budget, connection limits, outlier detection). Of it, only `loadBalancer` and
 //!   `timeouts.idle` are enforced yet.
@@ -30,6 +31,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use self::validate::{FieldError, Validate};
+
+/// Istio's annotation that puts an AuthorizationPolicy in dry-run mode, as `spec.dryRun`
+/// does.
+pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
 pub use crate::duration::parse_duration;
 
 /// The API group of weft's resources.
@@ -116,11 +121,16 @@ pub struct PortMode {
 
 // --- AuthorizationPolicy -----------------------------------------------------------
 
-/// Who may connect to the selected pods. DENY policies are checked first; a pod
-/// selected by any ALLOW policy takes only connections some ALLOW rule matches.
+/// Who may reach the selected pods, decided by the destination's agent for every
+/// connection and, on ports that speak HTTP, for every request. Istio's evaluation
+/// order: a request any DENY rule matches is denied; else, if any ALLOW policy selects
+/// the pod, a request no ALLOW rule matches is denied; else it is allowed. AUDIT
+/// policies decide nothing: their matches are logged and counted. A `dryRun` policy
+/// is evaluated, logged and counted as if enforced, and enforced never.
 ///
-/// Not enforced yet: the agents allow and deny nothing by these policies, and each
-/// says so in its status (`Accepted: False`, reason `NotEnforced`).
+/// Rules with HTTP conditions (`hosts`, `methods`, `paths`, `request.headers`) on
+/// traffic the mesh carries as TCP: a DENY rule's HTTP conditions are taken as met (it
+/// denies the whole connection), an ALLOW rule never matches, as in Istio.
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[kube(
     group = "weft.dev",
@@ -130,8 +140,9 @@ pub struct PortMode {
     status = "PolicyStatus",
     shortname = "authz",
     category = "weft",
-    doc = "Who may connect to the selected pods: ALLOW or DENY by source identity, namespace, port, HTTP method and path. Not enforced yet: the status says NotEnforced.",
+    doc = "Who may reach the selected pods: ALLOW, DENY or AUDIT by source identity, namespace, service account, IP block, port, and for HTTP host, method, path and headers. DENY first; then, if any ALLOW policy selects a pod, only what an ALLOW rule matches. Enforced by the destination's agent on every connection and request.",
     printcolumn = r#"{"name":"Action","type":"string","jsonPath":".spec.action"}"#,
+    printcolumn = r#"{"name":"Dry-run","type":"boolean","jsonPath":".spec.dryRun"}"#,
     printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -143,8 +154,15 @@ pub struct AuthorizationPolicySpec {
     pub selector: Option<WorkloadSelector>,
     #[serde(default)]
     pub action: Action,
-    /// A connection matching any rule matches the policy. No rules: an ALLOW policy
-    /// allows nothing, a DENY policy denies nothing.
+    /// Evaluate, log and count the policy's decisions (`result` `dry_run_allowed` or
+    /// `dry_run_denied`), but never enforce them. Istio sets this with the annotation
+    /// `istio.io/dry-run: "true"`, which weft reads too.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
+    /// A connection or request matching any rule matches the policy. No rules: an
+    /// ALLOW policy allows nothing (it denies everything no other ALLOW policy allows),
+    /// a DENY or AUDIT policy matches nothing; one empty rule (`rules: [{}]`) matches
+    /// everything.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256))]
     pub rules: Vec<Rule>,
@@ -153,13 +171,18 @@ pub struct AuthorizationPolicySpec {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Action {
+    /// Take what a rule matches; once any ALLOW policy selects a pod, it takes nothing
+    /// else.
     #[default]
     Allow,
+    /// Refuse what a rule matches, before any ALLOW policy is looked at.
     Deny,
+    /// Log and count what a rule matches; allow and deny nothing.
+    Audit,
 }
 
-/// Matches when some source matches (or none is listed) and some operation matches
-/// (or none is listed).
+/// Matches when some source matches (or none is listed), some operation matches (or
+/// none is listed) and every condition holds.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Rule {
@@ -167,39 +190,87 @@ pub struct Rule {
     pub from: Vec<Source>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub to: Vec<Operation>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub when: Vec<RuleCondition>,
 }
 
-/// Where a connection comes from. Every list given must match. Principals are SPIFFE
-/// IDs (`spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`) and may end
-/// with `*`; namespaces may start or end with `*`.
+/// Where a connection comes from. Every field given must match (a `not` field: must
+/// not match); within a field, any entry. Principals, namespaces and service accounts
+/// come from the caller's verified certificate (or, on the same node, from the kernel's
+/// record of the calling pod): plaintext has none, so it matches no `principals`,
+/// `namespaces` or `serviceAccounts` entry and every `not` entry of them.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Source {
+    /// SPIFFE IDs, with or without `spiffe://` (`cluster.local/ns/<namespace>/sa/<account>`
+    /// as Istio writes them); `*` alone is any authenticated caller, and an entry may
+    /// start or end with `*`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub principals: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_principals: Vec<String>,
+    /// The caller's namespace; an entry may start or end with `*`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub namespaces: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_namespaces: Vec<String>,
+    /// The caller's service account, `<namespace>/<account>`, or `<account>` of the
+    /// policy's namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_accounts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_service_accounts: Vec<String>,
+    /// The calling pod's address: an IP or a CIDR block (`10.244.0.0/16`). Across
+    /// nodes it is the address the caller's agent reports, accepted only when that
+    /// address belongs to a pod running as the caller's verified identity.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_blocks: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_ip_blocks: Vec<String>,
 }
 
-/// What a connection or request asks for. Every list given must match.
+/// What a connection or request asks for. Every field given must match (a `not` field:
+/// must not match); within a field, any entry. Hosts, methods and paths are HTTP
+/// conditions (see the policy's note on TCP traffic).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Operation {
-    /// The pod's ports.
+    /// The request's host (`:authority` or `Host`), case-insensitive, with or without
+    /// its port; an entry may start or end with `*`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_hosts: Vec<String>,
+    /// The pod's ports (the container port, not the Service's).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<u16>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_ports: Vec<u16>,
-    /// HTTP methods (HTTP traffic only).
+    /// HTTP methods (a gRPC call is a `POST`); `*` matches any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub methods: Vec<String>,
-    /// HTTP paths, exact or with a leading or trailing `*` (HTTP traffic only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_methods: Vec<String>,
+    /// Request paths without the query, exact or with a leading or trailing `*`
+    /// (`/api/*`, `*.png`); a gRPC method is `/<package>.<Service>/<Method>`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_paths: Vec<String>,
+}
+
+/// A condition on an attribute of the connection or request: its value matches one of
+/// `values` (if given) and none of `notValues`. Keys: `request.headers[<name>]` (HTTP),
+/// `source.ip`, `source.namespace`, `source.principal`, `destination.ip`,
+/// `destination.port`. Values may start or end with `*` (IPs take CIDR blocks).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RuleCondition {
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_values: Vec<String>,
 }
 
 // --- TrafficPolicy -----------------------------------------------------------------

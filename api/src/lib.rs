@@ -3,6 +3,7 @@
 //! - [`config::v1`]: the agent <-> controller configuration stream and the resources it
 //!   carries, generated from `proto/` by tonic (feature `config`);
 //! - [`ca::v1`]: the mesh certificate authority's signing service (feature `config`);
+//! - [`authz`]: authorization policies as the agents enforce them, and their evaluator;
 //! - [`crd`]: weft's custom resources, whose CRDs are generated from these types
 //!   (feature `crd`);
 //! - [`enroll`]: the CNI plugin <-> agent enrollment protocol;
@@ -10,9 +11,11 @@
 //! - [`digest`]: the content digest both ends use to name configuration versions;
 //! - [`duration`]: durations as the Gateway API writes them;
 //! - [`manifests`]: which files a set of manifest paths holds;
+//! - [`protocol`]: which protocol a service port speaks, as Istio decides it;
 //! - [`ZONE_LABEL`]: the Node label Kubernetes names zones by.
 #![forbid(unsafe_code)]
 
+pub mod authz;
 #[cfg(feature = "crd")]
 pub mod crd;
 pub mod digest;
@@ -21,6 +24,7 @@ pub mod duration;
 pub mod endpoints;
 pub mod enroll;
 pub mod manifests;
+pub mod protocol;
 
 /// Kubernetes' well-known Node label naming the node's zone: the controller reads it,
 /// the local cluster writes it.

@@ -509,8 +509,13 @@ impl Cluster {
 
     /// The controller's `/status`, as JSON.
     pub fn controller_status(&self) -> Result<serde_json::Value, String> {
+        self.controller_admin("/status")
+    }
+
+    /// What the controller's endpoint `path` (with its query) answers, as JSON.
+    pub fn controller_admin(&self, path: &str) -> Result<serde_json::Value, String> {
         let url = format!(
-            "http://{}:{CONTROLLER_ADMIN_PORT}/status",
+            "http://{}:{CONTROLLER_ADMIN_PORT}{path}",
             self.topology.controller_address
         );
         let output = self

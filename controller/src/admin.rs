@@ -1,6 +1,8 @@
 //! The controller's HTTP endpoints (port 15014): `GET /metrics` (Prometheus),
 //! `GET /status` (JSON: generation, objects, files, every node's sync state, every
-//! policy's verdict) and `GET /healthz/ready` (ready once the first generation is out).
+//! policy's verdict), `GET /healthz/ready` (ready once the first generation is out) and
+//! `GET /authorization/explain?…` (why a caller is allowed or denied, over every
+//! node's compiled policies; see [`weft_api::authz::query`]).
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -9,10 +11,14 @@ use hyper::body::Incoming;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use tokio::{net::TcpListener, sync::watch};
-use weft_api::endpoints::{self, Reply, json, prometheus, text};
+use weft_api::{
+    authz::query::{self, Query},
+    endpoints::{self, Reply, json, prometheus, text},
+};
 
 use crate::{
     ca::runtime::CaStatus,
+    explain::ClusterDirectory,
     objects::Objects,
     pipeline::Published,
     source::files::FileStatus,
@@ -79,6 +85,15 @@ impl Admin {
                 prometheus(self.metrics.render())
             }
             "/status" => json(&self.report()),
+            "/authorization/explain" => {
+                let compiled = std::sync::Arc::clone(&self.published.borrow().compiled);
+                let directory = ClusterDirectory::new(&compiled);
+                let query = request.uri().query().unwrap_or_default();
+                match Query::parse(query).and_then(|query| query::answer(&directory, &query)) {
+                    Ok(answer) => json(&answer),
+                    Err(problem) => text(StatusCode::BAD_REQUEST, &format!("{problem}\n")),
+                }
+            }
             "/healthz/ready" => {
                 if self.published.borrow().generation > 0 {
                     text(StatusCode::OK, "ready\n")
@@ -91,7 +106,8 @@ impl Admin {
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "endpoints: GET /metrics, GET /status, GET /healthz/ready\n",
+                "endpoints: GET /metrics, GET /status, GET /healthz/ready, \
+                 GET /authorization/explain?...\n",
             ),
         }
     }

@@ -124,8 +124,9 @@ pub fn compile(objects: &Objects, settings: &Settings, trust: &TrustBundle) -> C
         shared.insert(key.to_string(), workload);
     }
     let traffic = traffic::compile(objects, &mut statuses);
-    for (key, service) in services::compile(objects, &mesh, &traffic.prefer_close) {
-        shared.insert(key.to_string(), &service);
+    let services = services::compile(objects, &mesh, &traffic.prefer_close);
+    for (key, service) in &services {
+        shared.insert(key.to_string(), service);
     }
     for (key, policy) in traffic.policies {
         shared.insert(key.to_string(), &policy);
@@ -133,7 +134,9 @@ pub fn compile(objects: &Objects, settings: &Settings, trust: &TrustBundle) -> C
     for (name, routes) in routes::compile(objects, &mut statuses) {
         shared.insert(name, &routes);
     }
-    for (node, policies) in authorization::compile(objects, settings, &mesh, &mut statuses) {
+    for (node, policies) in
+        authorization::compile(objects, settings, &mesh, &services, &mut statuses)
+    {
         let set = local.entry(node).or_default();
         for policy in policies {
             set.insert(format!("{}/{}", policy.namespace, policy.name), &policy);

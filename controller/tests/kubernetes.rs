@@ -589,10 +589,9 @@ async fn what_the_agents_do_not_enforce_is_written_as_not_enforced() {
         (
             "AuthorizationPolicy",
             "allow-shop",
-            "False",
-            "NotEnforced",
-            "the agents do not enforce AuthorizationPolicy yet, so nothing of it applies: \
-             traffic to every meshed pod of namespace shop is neither allowed nor denied by it",
+            "True",
+            "Accepted",
+            "applies to every meshed pod of namespace shop",
         ),
         (
             "TrafficPolicy",

@@ -492,6 +492,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(out.join("raw"))
         .with_context(|| format!("cannot create {}", out.display()))?;
     eprintln!("==> results go to {}", out.display());
+    authorization_cost(&out)?;
 
     let busy_at_start = busy_processes();
     let load_average_at_start = load_average();
@@ -1522,6 +1523,26 @@ fn build_release() -> anyhow::Result<()> {
         command.args(["--package", package]);
     }
     cmd::run(&mut command)
+}
+
+/// What authorization adds per connection and per request with 100 policies of 10
+/// rules selecting the destination (`api/benches/authz.rs`, an optimised build): kept
+/// as `authz.txt` and shown.
+fn authorization_cost(out: &Path) -> anyhow::Result<()> {
+    eprintln!("==> authorization cost (100 policies x 10 rules, nanoseconds per decision)");
+    let mut command = cmd::cargo();
+    command.args([
+        "bench",
+        "--quiet",
+        "--package",
+        "weft-api",
+        "--bench",
+        "authz",
+    ]);
+    let figures = cmd::capture(&mut command)?;
+    eprintln!("{}", figures.trim_end());
+    std::fs::write(out.join("authz.txt"), &figures)
+        .with_context(|| format!("cannot write {}", out.join("authz.txt").display()))
 }
 
 /// The cargo target directory this xtask was built into (`<target>/<profile>/xtask`).

@@ -50,6 +50,7 @@ impl Flow {
                 reason::EXCLUDED_PORT => "excluded_port",
                 reason::STRICT_PLAINTEXT => "strict_plaintext",
                 reason::PERMISSIVE_PLAINTEXT => "permissive_plaintext",
+                reason::POLICY_PLAINTEXT => "policy_plaintext",
                 _ => "unknown",
             },
             source: socket_addr(&event.source),

@@ -11,8 +11,11 @@ use std::{
 
 use bytes::Bytes;
 
-use weft_api::config::v1::{
-    self as proto, ConfigUpdate, Kind, LoadBalancing as WireBalancing, PeerMode as WireMode,
+use weft_api::{
+    authz,
+    config::v1::{
+        self as proto, ConfigUpdate, Kind, LoadBalancing as WireBalancing, PeerMode as WireMode,
+    },
 };
 
 use super::{
@@ -91,8 +94,9 @@ impl Resources {
     /// The mesh configuration these resources describe, validated as a file would be.
     /// Of the traffic policies, the agent takes the idle timeout and the balancing
     /// algorithm (one it does not know is its default); what it does not enforce yet
-    /// (the rest of them, authorization policies, routes) is accepted and counted,
-    /// not applied.
+    /// (the rest of them, routes) is accepted and counted, not applied. An
+    /// authorization policy it cannot read makes the whole version invalid: enforcing
+    /// the others without it could let in what it denies.
     pub fn mesh(&self) -> Result<MeshConfig, String> {
         if let Some((kind, name)) = self
             .resources
@@ -248,6 +252,12 @@ impl Resources {
                     weights: weights.clone(),
                 });
             }
+        }
+        for (name, policy) in self.decode::<proto::AuthorizationPolicy>()? {
+            config.authorization_policies.push(
+                authz::Policy::try_from(&policy)
+                    .map_err(|problem| format!("AuthorizationPolicy {name}: {problem}"))?,
+            );
         }
         config
             .validate()

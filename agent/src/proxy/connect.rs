@@ -10,7 +10,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use http::{HeaderValue, Method, Request};
+use http::{HeaderValue, Method, Request, StatusCode};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
@@ -64,6 +64,15 @@ pub async fn connect(
                 .await
                 .map(|tunnel| Upstream::Tunnel(Box::new(tunnel)))
                 .map_err(|err| {
+                    if let HboneError::Refused(StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) =
+                        err
+                    {
+                        // A denial, not a failure of the tunnel or of the upstream.
+                        return ProxyError::DeniedByDestination {
+                            agent: *agent,
+                            target: endpoint.address,
+                        };
+                    }
                     let reason = failure_reason(&err);
                     metrics::hbone_failure("outbound", reason);
                     ProxyError::Hbone {

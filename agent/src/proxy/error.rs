@@ -77,6 +77,18 @@ pub enum ProxyError {
     },
     #[error("copying bytes failed: {0}")]
     Copy(#[source] io::Error),
+    #[error("denied by authorization policy ({by})")]
+    Denied { by: String },
+    #[error(
+        "the agent at {agent} denied the tunnel to {target}: an authorization policy of the \
+         destination refuses this caller (its agent's /authorization/explain says which)"
+    )]
+    DeniedByDestination {
+        agent: SocketAddr,
+        target: SocketAddr,
+    },
+    #[error("closed: the authorization policy changed and now denies it ({by})")]
+    Revoked { by: String },
 }
 
 impl ProxyError {
@@ -100,12 +112,17 @@ impl ProxyError {
             ProxyError::UpstreamClosed(_) => "upstream_closed",
             ProxyError::Upgrade { .. } => "upgrade",
             ProxyError::Copy(_) => "copy",
+            ProxyError::Denied { .. } | ProxyError::DeniedByDestination { .. } => {
+                "authorization_denied"
+            }
+            ProxyError::Revoked { .. } => "authorization_revoked",
         }
     }
 
     /// Envoy's `response_flags` for the failure: `NR` no route, `UH` no healthy
     /// upstream, `UF` upstream connection failure, `UC` upstream connection
-    /// termination, `DC` downstream connection termination.
+    /// termination, `DC` downstream connection termination; and `RBAC`, denied by an
+    /// authorization policy (Envoy sets no flag there, only its response details).
     pub fn response_flags(&self) -> &'static str {
         match self {
             ProxyError::UnknownOriginalDestination(_)
@@ -123,6 +140,9 @@ impl ProxyError {
             | ProxyError::UpstreamClosed(_)
             | ProxyError::Upgrade { .. } => "UC",
             ProxyError::Copy(_) => "DC",
+            ProxyError::Denied { .. }
+            | ProxyError::DeniedByDestination { .. }
+            | ProxyError::Revoked { .. } => "RBAC",
         }
     }
 
@@ -133,6 +153,9 @@ impl ProxyError {
                 StatusCode::GATEWAY_TIMEOUT
             }
             ProxyError::UnknownDestination(_) => StatusCode::NOT_FOUND,
+            ProxyError::Denied { .. }
+            | ProxyError::DeniedByDestination { .. }
+            | ProxyError::Revoked { .. } => StatusCode::FORBIDDEN,
             ProxyError::UpstreamReset { .. }
             | ProxyError::UpstreamClosed(_)
             | ProxyError::Upgrade { .. } => StatusCode::BAD_GATEWAY,
@@ -141,10 +164,11 @@ impl ProxyError {
     }
 
     /// The gRPC status a gRPC client gets instead (`UNAVAILABLE`, `DEADLINE_EXCEEDED`,
-    /// `UNIMPLEMENTED` for no route), as gRPC maps HTTP statuses.
+    /// `UNIMPLEMENTED` for no route, `PERMISSION_DENIED`), as gRPC maps HTTP statuses.
     pub fn grpc_status(&self) -> u8 {
         match self.status() {
             StatusCode::GATEWAY_TIMEOUT => 4,
+            StatusCode::FORBIDDEN => 7,
             StatusCode::NOT_FOUND => 12,
             _ => 14,
         }
@@ -189,6 +213,19 @@ mod tests {
                     source: Box::new(HboneError::Closed),
                 },
                 ("certificate_expired", "UF", 503, 14),
+            ),
+            (
+                ProxyError::Denied {
+                    by: "shop/deny-admin".into(),
+                },
+                ("authorization_denied", "RBAC", 403, 7),
+            ),
+            (
+                ProxyError::DeniedByDestination {
+                    agent: target,
+                    target,
+                },
+                ("authorization_denied", "RBAC", 403, 7),
             ),
         ];
         for (error, (reason, flags, status, grpc)) in table {

@@ -8,6 +8,11 @@
 //! agent is never an open relay — and is then carried to the pod on a marked
 //! connection: copied as TCP, or served request by request when the pod's port speaks
 //! HTTP (declared by its service, or detected from the first bytes).
+//!
+//! Authorization: the pod's policies decide the tunnel before it is accepted (a denial
+//! is answered 401, as ztunnel answers), decide again once detection finds TCP, and
+//! close a TCP tunnel when a new configuration denies it; HTTP requests are decided
+//! one by one ([`http::serve_inbound`]).
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -15,15 +20,18 @@ use ::http::StatusCode;
 use bytes::Bytes;
 use tokio::{net::TcpStream, time::Instant};
 use tokio_rustls::TlsAcceptor;
+use weft_api::authz::Traffic;
 
 use super::{
     Proxy,
     admission::{Admission, Permit},
+    authorize::{self, Caller, Direction},
     connect_marked,
     detect::{Detected, Rewind, detect},
+    error::ProxyError,
     hbone::{self, Incoming},
     http::{self, Inbound},
-    metrics::{self, Connection, Peer, Reporter},
+    metrics::{self, Connection, Outcome, Peer, Reporter},
     relay::relay,
 };
 use crate::{
@@ -163,8 +171,14 @@ async fn tunnel(
         );
         return refuse(incoming, StatusCode::UNAUTHORIZED, "identity_mismatch", why);
     }
-    let source = forwarded_for(&incoming)
-        .and_then(|ip| mesh.workload_by_ip(ip).map(|workload| (workload, ip)));
+    // The client's agent names the calling pod; believed only for a pod that runs as
+    // the identity the client's certificate proves.
+    let source = forwarded_for(&incoming).and_then(|ip| {
+        mesh.workload_by_ip(ip)
+            .filter(|workload| mesh.identity(workload) == *client)
+            .map(|workload| (workload, ip))
+    });
+    let caller = Caller::authenticated(client, source.map(|(_, ip)| ip));
     let source_peer = match source {
         Some((workload, ip)) => Peer::of(workload, Some(client), SocketAddr::new(ip, 0)),
         None => Peer {
@@ -172,6 +186,28 @@ async fn tunnel(
             ..Peer::default()
         },
     };
+    let (service, protocol) = match mesh.service_of_endpoint(target) {
+        Some((service, port)) => (
+            Some((service.namespace.clone(), service.name.clone())),
+            port.protocol(),
+        ),
+        None => (None, Protocol::Detect),
+    };
+    // HTTP conditions cannot decide before the protocol is known, or before a request.
+    let traffic = match protocol {
+        Protocol::Tcp => Traffic::Tcp,
+        _ => Traffic::Unknown,
+    };
+    if let Err(denied) = authorize::connection(&mesh, Direction::Inbound, &caller, target, traffic)
+    {
+        let why = format!("denied by authorization policy ({})", denied.by);
+        return refuse(
+            incoming,
+            StatusCode::UNAUTHORIZED,
+            "authorization_denied",
+            why,
+        );
+    }
     let mut connection = Connection::new(
         Reporter::Destination,
         source_peer,
@@ -204,13 +240,6 @@ async fn tunnel(
         .map_or(proxy.settings.idle_timeout, |longest| {
             longest.max(proxy.settings.idle_timeout)
         });
-    let (service, protocol) = match mesh.service_of_endpoint(target) {
-        Some((service, port)) => (
-            Some((service.namespace.clone(), service.name.clone())),
-            port.protocol(),
-        ),
-        None => (None, Protocol::Detect),
-    };
     drop(mesh);
     // Declared HTTP may be either version: the HTTP server tells them apart.
     let (detected, mut tunnel) = match protocol {
@@ -225,6 +254,7 @@ async fn tunnel(
             target,
             client: client.clone(),
             server: server.clone(),
+            caller,
             source: connection.source,
             destination: connection.destination,
             service,
@@ -233,11 +263,26 @@ async fn tunnel(
     }
     connection.service = service;
     let open = connection.opened(&proxy.settings.access_log);
-    let outcome = relay(&mut tunnel, &mut pod, Some(idle), |received, sent| {
-        open.progress(received, sent);
-    })
-    .await
-    .into();
+    let outcome = if protocol == Protocol::Detect
+        && let Err(denied) = authorize::connection(
+            &proxy.mesh.get(),
+            Direction::Inbound,
+            &caller,
+            target,
+            Traffic::Tcp,
+        ) {
+        // Detected as TCP, where a DENY rule's HTTP conditions count as met.
+        Outcome::failed(ProxyError::Denied { by: denied.by })
+    } else {
+        tokio::select! {
+            relayed = relay(&mut tunnel, &mut pod, Some(idle), |received, sent| {
+                open.progress(received, sent);
+            }) => relayed.into(),
+            by = authorize::revoked(proxy, Direction::Inbound, &caller, target) => {
+                Outcome::failed(ProxyError::Revoked { by })
+            }
+        }
+    };
     open.closed(&outcome);
 }
 

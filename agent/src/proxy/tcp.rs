@@ -1,16 +1,21 @@
 //! The L4 case, "TCP, no routes": one endpoint per connection from the service's
 //! balancer, connected with [`connect`], and the bytes copied both ways until the
-//! connection ends or idles out, counted while it is open.
+//! connection ends or idles out, counted while it is open. A connection to a pod of
+//! this node is authorized here by that pod's policies, before and while it is open.
 
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     time::Instant,
 };
 
+use weft_api::authz::Traffic;
+
 use super::{
     Proxy,
+    authorize::{self, Caller, Direction},
     connect::connect,
-    logical::Logical,
+    error::ProxyError,
+    logical::{Hop, Logical},
     metrics::{self, Connection, Outcome, Reporter},
     outbound::{self, choose, refused},
     relay::relay,
@@ -28,6 +33,19 @@ where
         Ok(chosen) => chosen,
         Err(refusal) => return refused(peer, &refusal),
     };
+    let local = endpoint.hop == Hop::Local;
+    let caller = Caller::authenticated(&logical.source.identity, Some(peer.ip()));
+    if local
+        && let Err(denied) = authorize::connection(
+            &proxy.mesh.get(),
+            Direction::Local,
+            &caller,
+            endpoint.address,
+            Traffic::Tcp,
+        )
+    {
+        return refused(peer, &ProxyError::Denied { by: denied.by });
+    }
     let idle = outbound::idle_timeout(proxy, logical);
     let mut connection = Connection::new(
         Reporter::Source,
@@ -43,11 +61,19 @@ where
             if let Some(pick) = &pick {
                 pick.observe(started.elapsed());
             }
-            relay(&mut client, &mut server, Some(idle), |received, sent| {
+            let relayed = relay(&mut client, &mut server, Some(idle), |received, sent| {
                 open.progress(received, sent);
-            })
-            .await
-            .into()
+            });
+            if local {
+                let revoked =
+                    authorize::revoked(proxy, Direction::Local, &caller, endpoint.address);
+                tokio::select! {
+                    relayed = relayed => relayed.into(),
+                    by = revoked => Outcome::failed(ProxyError::Revoked { by }),
+                }
+            } else {
+                relayed.await.into()
+            }
         }
         Err(error) => Outcome::failed(error),
     };

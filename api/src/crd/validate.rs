@@ -9,9 +9,10 @@ use std::collections::HashSet;
 use crate::duration::parse_duration;
 
 use super::{
-    AuthorizationPolicySpec, DURATION_PATTERN, Operation, PeerAuthenticationSpec, Rule, Source,
-    TrafficPolicySpec, WorkloadSelector,
+    Action, AuthorizationPolicySpec, DURATION_PATTERN, Operation, PeerAuthenticationSpec, Rule,
+    Source, TrafficPolicySpec, WorkloadSelector,
 };
+use crate::authz;
 
 /// A field that breaks a rule: where (`spec.rules[0].from[1].principals[2]`) and why.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -66,131 +67,164 @@ impl Validate for PeerAuthenticationSpec {
 
 impl Validate for AuthorizationPolicySpec {
     fn validate(&self) -> Result<(), FieldError> {
+        self.compile("default", "", false).map(drop)
+    }
+}
+
+impl AuthorizationPolicySpec {
+    /// The policy `namespace/name` as the agents enforce it, selecting no workload yet;
+    /// `dry_run` also when Istio's annotation asks for it. The error names the field.
+    pub fn compile(
+        &self,
+        namespace: &str,
+        name: &str,
+        dry_run: bool,
+    ) -> Result<authz::Policy, FieldError> {
         if let Some(selector) = &self.selector {
             validate_selector("spec.selector", selector)?;
         }
         if self.rules.len() > 256 {
             return Err(invalid("spec.rules", "at most 256 rules"));
         }
-        for (index, rule) in self.rules.iter().enumerate() {
-            validate_rule(&format!("spec.rules[{index}]"), rule)?;
-        }
-        Ok(())
+        let rules = self
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(index, rule)| compile_rule(&format!("spec.rules[{index}]"), rule, namespace))
+            .collect::<Result<_, _>>()?;
+        Ok(authz::Policy {
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+            action: match self.action {
+                Action::Allow => authz::Action::Allow,
+                Action::Deny => authz::Action::Deny,
+                Action::Audit => authz::Action::Audit,
+            },
+            dry_run: self.dry_run || dry_run,
+            workloads: Vec::new(),
+            rules,
+        })
     }
 }
 
-fn validate_rule(field: &str, rule: &Rule) -> Result<(), FieldError> {
-    for (index, source) in rule.from.iter().enumerate() {
-        validate_source(&format!("{field}.from[{index}]"), source)?;
-    }
-    for (index, operation) in rule.to.iter().enumerate() {
-        validate_operation(&format!("{field}.to[{index}]"), operation)?;
-    }
-    Ok(())
+/// `parse` applied to each entry of the list at `field`; the error names the entry.
+fn each<T, U>(
+    field: &str,
+    entries: &[T],
+    parse: impl Fn(&T) -> Result<U, String>,
+) -> Result<Vec<U>, FieldError> {
+    entries
+        .iter()
+        .enumerate()
+        .map(|(index, entry)| {
+            parse(entry).map_err(|problem| invalid(format!("{field}[{index}]"), problem))
+        })
+        .collect()
 }
 
-fn validate_source(field: &str, source: &Source) -> Result<(), FieldError> {
-    for (name, principals) in [
-        ("principals", &source.principals),
-        ("notPrincipals", &source.not_principals),
-    ] {
-        for (index, principal) in principals.iter().enumerate() {
-            validate_principal(principal)
-                .map_err(|problem| invalid(format!("{field}.{name}[{index}]"), problem))?;
-        }
-    }
-    for (name, namespaces) in [
-        ("namespaces", &source.namespaces),
-        ("notNamespaces", &source.not_namespaces),
-    ] {
-        for (index, namespace) in namespaces.iter().enumerate() {
-            validate_pattern(namespace)
-                .map_err(|problem| invalid(format!("{field}.{name}[{index}]"), problem))?;
-        }
-    }
-    Ok(())
+fn compile_rule(field: &str, rule: &Rule, namespace: &str) -> Result<authz::Rule, FieldError> {
+    let from = rule
+        .from
+        .iter()
+        .enumerate()
+        .map(|(index, source)| compile_source(&format!("{field}.from[{index}]"), source, namespace))
+        .collect::<Result<_, _>>()?;
+    let to = rule
+        .to
+        .iter()
+        .enumerate()
+        .map(|(index, operation)| compile_operation(&format!("{field}.to[{index}]"), operation))
+        .collect::<Result<_, _>>()?;
+    let when = rule
+        .when
+        .iter()
+        .enumerate()
+        .map(|(index, condition)| {
+            authz::Condition::parse(&condition.key, &condition.values, &condition.not_values)
+                .map_err(|problem| invalid(format!("{field}.when[{index}]"), problem))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(authz::Rule { from, to, when })
 }
 
-/// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`, `*`, or a prefix of
-/// one ending in `*`.
-fn validate_principal(principal: &str) -> Result<(), String> {
-    validate_pattern(principal)?;
-    if principal == "*" {
-        return Ok(());
-    }
-    let Some(rest) = principal.strip_prefix("spiffe://") else {
-        return Err(format!(
-            "{principal:?} is not a SPIFFE ID (spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>)"
-        ));
+fn compile_source(
+    field: &str,
+    source: &Source,
+    namespace: &str,
+) -> Result<authz::Source, FieldError> {
+    let principals = |name, entries: &[String]| {
+        each(&format!("{field}.{name}"), entries, |entry| {
+            authz::principal(entry)
+        })
     };
-    if rest.ends_with('*') {
-        return Ok(());
-    }
-    let parts: Vec<&str> = rest.split('/').collect();
-    match parts.as_slice() {
-        [domain, "ns", namespace, "sa", account]
-            if !domain.is_empty() && !namespace.is_empty() && !account.is_empty() =>
-        {
-            Ok(())
-        }
-        _ => Err(format!(
-            "{principal:?} is not a SPIFFE ID (spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>)"
-        )),
-    }
+    let patterns =
+        |name, entries: &[String]| each(&format!("{field}.{name}"), entries, |entry| entry.parse());
+    let accounts = |name, entries: &[String]| {
+        each(&format!("{field}.{name}"), entries, |entry| {
+            authz::service_account(entry, namespace)
+        })
+    };
+    let blocks =
+        |name, entries: &[String]| each(&format!("{field}.{name}"), entries, |entry| entry.parse());
+    Ok(authz::Source {
+        principals: principals("principals", &source.principals)?,
+        not_principals: principals("notPrincipals", &source.not_principals)?,
+        namespaces: patterns("namespaces", &source.namespaces)?,
+        not_namespaces: patterns("notNamespaces", &source.not_namespaces)?,
+        service_accounts: accounts("serviceAccounts", &source.service_accounts)?,
+        not_service_accounts: accounts("notServiceAccounts", &source.not_service_accounts)?,
+        ip_blocks: blocks("ipBlocks", &source.ip_blocks)?,
+        not_ip_blocks: blocks("notIpBlocks", &source.not_ip_blocks)?,
+    })
 }
 
-/// Non-empty, with `*` only as the whole value, its first or its last character.
-fn validate_pattern(value: &str) -> Result<(), String> {
-    if value.is_empty() {
-        return Err("empty; use \"*\" for any".to_owned());
-    }
-    let inner = value
-        .strip_prefix('*')
-        .or_else(|| value.strip_suffix('*'))
-        .unwrap_or(value);
-    if inner.contains('*') {
-        return Err(format!(
-            "{value:?}: '*' may only be the first or the last character"
-        ));
-    }
-    Ok(())
-}
-
-fn validate_operation(field: &str, operation: &Operation) -> Result<(), FieldError> {
-    for (name, ports) in [
-        ("ports", &operation.ports),
-        ("notPorts", &operation.not_ports),
-    ] {
-        if let Some(index) = ports.iter().position(|port| *port == 0) {
-            return Err(invalid(
-                format!("{field}.{name}[{index}]"),
-                "0 is not a port",
-            ));
-        }
-    }
-    for (index, method) in operation.methods.iter().enumerate() {
-        let token = !method.is_empty()
-            && method
-                .bytes()
-                .all(|byte| byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte));
-        if !token {
-            return Err(invalid(
-                format!("{field}.methods[{index}]"),
-                format!("{method:?} is not an HTTP method"),
-            ));
-        }
-    }
-    for (index, path) in operation.paths.iter().enumerate() {
-        validate_pattern(path)
-            .map_err(|problem| invalid(format!("{field}.paths[{index}]"), problem))?;
-        if !path.starts_with(['/', '*']) {
-            return Err(invalid(
-                format!("{field}.paths[{index}]"),
-                format!("{path:?} must start with '/' (or '*')"),
-            ));
-        }
-    }
-    Ok(())
+fn compile_operation(field: &str, operation: &Operation) -> Result<authz::Operation, FieldError> {
+    let ports = |name, entries: &[u16]| {
+        each(&format!("{field}.{name}"), entries, |&port| {
+            if port == 0 {
+                Err("0 is not a port".to_owned())
+            } else {
+                Ok(port)
+            }
+        })
+    };
+    let methods = |name, entries: &[String]| {
+        each(&format!("{field}.{name}"), entries, |method| {
+            let token = !method.is_empty()
+                && method
+                    .bytes()
+                    .all(|byte| byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte));
+            if token {
+                method.parse()
+            } else {
+                Err(format!("{method:?} is not an HTTP method"))
+            }
+        })
+    };
+    let paths = |name, entries: &[String]| {
+        each(&format!("{field}.{name}"), entries, |path| {
+            if path.starts_with(['/', '*']) {
+                path.parse()
+            } else {
+                Err(format!("{path:?} must start with '/' (or '*')"))
+            }
+        })
+    };
+    let hosts = |name, entries: &[String]| {
+        each(&format!("{field}.{name}"), entries, |host| {
+            host.parse().map(authz::Pattern::lowercase)
+        })
+    };
+    Ok(authz::Operation {
+        hosts: hosts("hosts", &operation.hosts)?,
+        not_hosts: hosts("notHosts", &operation.not_hosts)?,
+        ports: ports("ports", &operation.ports)?,
+        not_ports: ports("notPorts", &operation.not_ports)?,
+        methods: methods("methods", &operation.methods)?,
+        not_methods: methods("notMethods", &operation.not_methods)?,
+        paths: paths("paths", &operation.paths)?,
+        not_paths: paths("notPaths", &operation.not_paths)?,
+    })
 }
 
 impl Validate for TrafficPolicySpec {
@@ -372,6 +406,7 @@ mod tests {
                 Rule {
                     from: vec![source],
                     to: vec![operation],
+                    when: Vec::new(),
                 },
             ],
             ..Default::default()
@@ -381,6 +416,7 @@ mod tests {
                 principals: vec![
                     "spiffe://cluster.local/ns/a/sa/b".into(),
                     "spiffe://cluster.local/ns/a/*".into(),
+                    "cluster.local/ns/c/sa/d".into(),
                     "*".into(),
                 ],
                 namespaces: vec!["prod-*".into()],
@@ -398,7 +434,7 @@ mod tests {
         let error = |spec: AuthorizationPolicySpec| spec.validate().unwrap_err().to_string();
         let not_spiffe = error(policy(
             Source {
-                principals: vec!["cluster.local/ns/a/sa/b".into()],
+                principals: vec!["spiffe://cluster.local/a/b".into()],
                 ..Default::default()
             },
             Operation::default(),

@@ -35,8 +35,9 @@ pub fn of(kind: Kind) -> Enforcement {
             about: &["spec.service"],
             enforced: &["spec.loadBalancer", "spec.timeouts.idle"],
         },
-        Kind::AuthorizationPolicy | Kind::HttpRoute | Kind::GrpcRoute => Enforcement::Nothing,
-        Kind::Namespace
+        Kind::HttpRoute | Kind::GrpcRoute => Enforcement::Nothing,
+        Kind::AuthorizationPolicy
+        | Kind::Namespace
         | Kind::Node
         | Kind::Pod
         | Kind::Service
@@ -93,9 +94,6 @@ pub fn verdict(kind: Kind, spec: &impl Serialize, target: &str, enforced: Verdic
 /// What an object of `kind` the agents ignore leaves as it was.
 fn ignored_kind(kind: Kind, target: &str) -> String {
     match kind {
-        Kind::AuthorizationPolicy => {
-            format!("traffic to {target} is neither allowed nor denied by it")
-        }
         Kind::HttpRoute | Kind::GrpcRoute => {
             format!("traffic to {target} goes to its endpoints as if the route did not exist")
         }

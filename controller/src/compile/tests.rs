@@ -398,7 +398,10 @@ spec:
 ---
 apiVersion: weft.dev/v1alpha1
 kind: AuthorizationPolicy
-metadata: { name: deny-legacy, namespace: weft-system }
+metadata:
+  name: deny-legacy
+  namespace: weft-system
+  annotations: { istio.io/dry-run: "true" }
 spec:
   action: DENY
   rules: [{ from: [{ namespaces: [legacy] }] }]
@@ -444,6 +447,16 @@ spec:
     );
     let rule = &policies0["shop/web-from-client"].rules[0];
     assert_eq!(rule.to[0].ports, [8080]);
+    assert_eq!(
+        rule.from[0].principals,
+        ["cluster.local/ns/shop/sa/default"],
+        "principals travel as Istio writes them"
+    );
+    assert!(!policies0["shop/web-from-client"].dry_run);
+    assert!(
+        policies0["weft-system/deny-legacy"].dry_run,
+        "Istio's dry-run annotation"
+    );
     let typo = verdict(&compiled, Kind::AuthorizationPolicy, "shop", "typo");
     assert!(
         !typo.accepted
@@ -629,8 +642,6 @@ fn endpoint_changes_change_only_what_they_touch() {
 
 #[test]
 fn verdicts_say_accepted_only_for_what_the_agents_enforce() {
-    const NO_AUTHZ: &str =
-        "the agents do not enforce AuthorizationPolicy yet, so nothing of it applies";
     // (object, kind, name, accepted, reason, message)
     let cases = [
         (
@@ -710,25 +721,37 @@ fn verdicts_say_accepted_only_for_what_the_agents_enforce() {
             "kind: AuthorizationPolicy\nmetadata: { name: web, namespace: shop }\nspec: { selector: { matchLabels: { app: web } } }",
             Kind::AuthorizationPolicy,
             "web",
-            false,
-            Reason::NotEnforced,
-            format!("{NO_AUTHZ}: traffic to the meshed pods spec.selector matches is neither allowed nor denied by it"),
+            true,
+            Reason::Accepted,
+            "applies to the meshed pods spec.selector matches".to_owned(),
         ),
         (
             "kind: AuthorizationPolicy\nmetadata: { name: shop-wide, namespace: shop }\nspec: { action: DENY, rules: [{ from: [{ namespaces: [legacy] }] }] }",
             Kind::AuthorizationPolicy,
             "shop-wide",
-            false,
-            Reason::NotEnforced,
-            format!("{NO_AUTHZ}: traffic to every meshed pod of namespace shop is neither allowed nor denied by it"),
+            true,
+            Reason::Accepted,
+            "applies to every meshed pod of namespace shop".to_owned(),
         ),
         (
             "kind: AuthorizationPolicy\nmetadata: { name: nobody, namespace: shop }\nspec: { selector: { matchLabels: { app: nobody } } }",
             Kind::AuthorizationPolicy,
             "nobody",
+            true,
+            Reason::NoMatchingPods,
+            "applies to the meshed pods spec.selector matches, and there are none yet".to_owned(),
+        ),
+        (
+            "kind: AuthorizationPolicy\nmetadata: { name: by-address, namespace: shop }\nspec: { selector: { matchLabels: { app: web } }, rules: [{ from: [{ ipBlocks: [10.0.0.0/8] }] }] }\n---\napiVersion: weft.dev/v1alpha1\nkind: PeerAuthentication\nmetadata: { name: open, namespace: shop }\nspec: { mode: PERMISSIVE }",
+            Kind::AuthorizationPolicy,
+            "by-address",
             false,
             Reason::NotEnforced,
-            format!("{NO_AUTHZ}: traffic to the meshed pods spec.selector matches (there are none yet) is neither allowed nor denied by it"),
+            "plaintext into PERMISSIVE pods or ports (shop/web-0, shop/web-1) is let in \
+             unchecked: the kernel decides plaintext by port alone, and the rules name source \
+             addresses (ipBlocks, notIpBlocks or source.ip); it applies to all mesh traffic \
+             to the meshed pods spec.selector matches"
+                .to_owned(),
         ),
         (
             "kind: AuthorizationPolicy\nmetadata: { name: typo, namespace: shop }\nspec: { rules: [{ from: [{ principals: [shop/sa/web] }] }] }",
@@ -737,7 +760,7 @@ fn verdicts_say_accepted_only_for_what_the_agents_enforce() {
             false,
             Reason::Invalid,
             "spec.rules[0].from[0].principals[0]: \"shop/sa/web\" is not a SPIFFE ID \
-             (spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>)"
+             (<trust-domain>/ns/<namespace>/sa/<service-account>, optionally with spiffe://)"
                 .to_owned(),
         ),
         (
@@ -822,11 +845,7 @@ spec: { parentRefs: [{ kind: Service, name: web, port: 80 }], rules: [{ backendR
         &settings(),
         &TrustBundle::default(),
     );
-    for kind in [
-        Kind::TrafficPolicy,
-        Kind::AuthorizationPolicy,
-        Kind::HttpRoute,
-    ] {
+    for kind in [Kind::TrafficPolicy, Kind::HttpRoute] {
         assert_eq!(
             verdict(&compiled, kind, "shop", "web").reason,
             Reason::NotEnforced

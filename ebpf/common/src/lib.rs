@@ -87,6 +87,10 @@ pub enum Mode {
     Permissive = 2,
     /// No inbound enforcement.
     Disable = 3,
+    /// PERMISSIVE, but the pod's authorization policies deny every plaintext
+    /// connection to the port (they ask for an identity plaintext cannot have): dropped
+    /// as STRICT drops, counted apart.
+    Deny = 4,
 }
 
 /// Value of [`names::MESHED_NETNS`] (key: the pod's network-namespace cookie).
@@ -192,11 +196,13 @@ pub enum Counter {
     FlowEventsLost = 9,
     /// The capture program saw a meshed pod before the agent configured capture.
     CaptureNotConfigured = 10,
+    /// A new plaintext connection that authorization policies deny was dropped.
+    InboundDroppedPolicy = 11,
 }
 
 impl Counter {
     /// Every counter, in map-index order.
-    pub const ALL: [Counter; 11] = [
+    pub const ALL: [Counter; 12] = [
         Counter::Redirected,
         Counter::PassedNotMeshDestination,
         Counter::PassedExcludedPort,
@@ -208,6 +214,7 @@ impl Counter {
         Counter::InboundFromNode,
         Counter::FlowEventsLost,
         Counter::CaptureNotConfigured,
+        Counter::InboundDroppedPolicy,
     ];
     /// Number of slots the counter map must have.
     pub const SLOTS: u32 = Self::ALL.len() as u32;
@@ -226,6 +233,7 @@ impl Counter {
             Counter::InboundFromNode => "inbound_from_node",
             Counter::FlowEventsLost => "flow_events_lost",
             Counter::CaptureNotConfigured => "capture_not_configured",
+            Counter::InboundDroppedPolicy => "inbound_dropped_policy",
         }
     }
 }
@@ -269,6 +277,8 @@ pub mod reason {
     pub const STRICT_PLAINTEXT: u8 = 4;
     /// Inbound: plaintext into a PERMISSIVE pod (PASS).
     pub const PERMISSIVE_PLAINTEXT: u8 = 5;
+    /// Inbound: plaintext the pod's authorization policies deny (DROP).
+    pub const POLICY_PLAINTEXT: u8 = 6;
 }
 
 // The kernel and user space must agree on these sizes; a change here is a change of

@@ -5,8 +5,9 @@
 //! destination port's when the port has one of its own (`WEFT_INBOUND_PORT_MODES`),
 //! the pod's otherwise. It gets in when it carries the agent's socket mark, or when the
 //! node itself sent it from the pod's gateway address (health probes); otherwise STRICT
-//! drops it and PERMISSIVE lets it in and counts it as plaintext. DISABLE leaves it
-//! alone. Every other packet passes.
+//! drops it, DENY (PERMISSIVE where authorization policies deny all plaintext) drops
+//! it and counts it apart, and PERMISSIVE lets it in and counts it as plaintext.
+//! DISABLE leaves it alone. Every other packet passes.
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -89,6 +90,13 @@ fn try_classify(ctx: &TcContext) -> Result<i32, ()> {
             ctx,
             "drop plaintext SYN to STRICT port {}", segment.destination.port
         );
+        return Ok(TC_ACT_SHOT as i32);
+    }
+    if mode == Mode::Deny as u8 {
+        count(Counter::InboundDroppedPolicy);
+        event.verdict = flow::DROP;
+        event.reason = reason::POLICY_PLAINTEXT;
+        report(event);
         return Ok(TC_ACT_SHOT as i32);
     }
     count(Counter::InboundPlaintext);

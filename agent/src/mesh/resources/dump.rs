@@ -84,7 +84,9 @@ mod tests {
                             ports: vec![8080],
                             ..Default::default()
                         }],
+                        when: Vec::new(),
                     }],
+                    dry_run: false,
                 },
             ),
             resource(

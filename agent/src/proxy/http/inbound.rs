@@ -1,7 +1,8 @@
-//! The destination agent: the HTTP requests inside one HBONE tunnel are served, said
-//! to come from the tunnel's authenticated client (`x-forwarded-client-cert`), passed
-//! to the pod on a connection of the tunnel's own, and measured as the destination
-//! reporter.
+//! The destination agent: the HTTP requests inside one HBONE tunnel are served, each
+//! authorized by the pod's policies (a denied one is answered 403, a gRPC call
+//! `PERMISSION_DENIED`), said to come from the tunnel's authenticated client
+//! (`x-forwarded-client-cert`), passed to the pod on a connection of the tunnel's own,
+//! and measured as the destination reporter.
 
 use std::{
     net::SocketAddr,
@@ -24,6 +25,7 @@ use crate::{
     identity::Identity,
     proxy::{
         Proxy,
+        authorize::{self, Caller, Direction},
         connect::Upstream,
         connect_marked,
         error::ProxyError,
@@ -39,6 +41,8 @@ pub struct Inbound {
     pub target: SocketAddr,
     pub client: Identity,
     pub server: Identity,
+    /// The client as authorization policies see it.
+    pub caller: Caller,
     pub source: Peer,
     pub destination: Peer,
     pub service: Option<(String, String)>,
@@ -91,6 +95,19 @@ impl Tunnel {
         let mut exchange = Exchange::of(&request);
         let span = start_span(&self.proxy, SpanKind::Server, &mut request, &mut exchange);
         let inbound = &self.inbound;
+        let mesh = self.proxy.mesh.get();
+        let decision = authorize::request(
+            &mesh,
+            Direction::Inbound,
+            &inbound.caller,
+            inbound.target,
+            &request,
+        );
+        drop(mesh);
+        if let Err(denied) = decision {
+            let error = ProxyError::Denied { by: denied.by };
+            return self.failed(&exchange, span, error);
+        }
         headers::forwarding_inbound(request.headers_mut(), &inbound.client, &inbound.server);
         let version = if request.version() == http::Version::HTTP_2 {
             pool::Version::Http2

@@ -1,5 +1,6 @@
 //! The client's agent: each request of a captured HTTP connection is balanced on its
-//! own over the service's endpoints and sent on a pooled upstream connection.
+//! own over the service's endpoints and sent on a pooled upstream connection; one to a
+//! pod of this node is first authorized here by that pod's policies.
 
 use std::sync::Arc;
 
@@ -16,6 +17,7 @@ use crate::{
     mesh::Protocol,
     proxy::{
         Proxy,
+        authorize::{self, Caller, Direction},
         connect::connect,
         error::ProxyError,
         logical::{Hop, Logical},
@@ -31,8 +33,9 @@ struct Outbound {
     logical: Logical,
     requests: Requests,
     /// Requests to a pod of this node never reach a destination agent: this agent
-    /// reports them for that side too.
+    /// reports them for that side too, and authorizes them by the pod's policies.
     local: Requests,
+    caller: Caller,
 }
 
 /// Serves the captured connection `client` as HTTP until it closes.
@@ -53,6 +56,7 @@ where
     let outbound = Arc::new(Outbound {
         requests: requests(Reporter::Source),
         local: requests(Reporter::Destination),
+        caller: Caller::authenticated(&logical.source.identity, Some(logical.source.address.ip())),
         proxy: Arc::clone(&proxy),
         logical,
     });
@@ -70,6 +74,22 @@ impl Outbound {
             Ok(chosen) => chosen,
             Err(error) => return self.failed(&exchange, span, None, error),
         };
+        let local = endpoint.hop == Hop::Local;
+        if local {
+            let mesh = self.proxy.mesh.get();
+            let decision = authorize::request(
+                &mesh,
+                Direction::Local,
+                &self.caller,
+                endpoint.address,
+                &request,
+            );
+            drop(mesh);
+            if let Err(denied) = decision {
+                let error = ProxyError::Denied { by: denied.by };
+                return self.failed(&exchange, span, Some((&endpoint.peer, false)), error);
+            }
+        }
         headers::forwarding_outbound(request.headers_mut());
         let version = match self.logical.protocol {
             Protocol::Http2 | Protocol::Grpc => pool::Version::Http2,
@@ -108,7 +128,6 @@ impl Outbound {
         if let Some(pick) = &pick {
             pick.observe(exchange.started.elapsed());
         }
-        let local = endpoint.hop == Hop::Local;
         let upstream = endpoint.address;
         let this = Arc::clone(&self);
         super::measured(
