@@ -388,7 +388,8 @@ impl NodeHandle {
     /// Applies a new mesh configuration to every enrolled pod and to capture.
     pub async fn set_mesh(&self, mesh: MeshConfig) -> Result<(), String> {
         let (reply, answer) = oneshot::channel();
-        self.ask(Command::SetMesh(Box::new(mesh), reply), answer).await?
+        self.ask(Command::SetMesh(Box::new(mesh), reply), answer)
+            .await?
     }
 
     /// The enrolled pods, as of the last command the node finished.
