@@ -596,21 +596,25 @@ spec:
         authorization["workloads"],
         serde_json::json!(["default/echo-0"])
     );
+    // Principals travel as Istio writes them, without the scheme.
     assert_eq!(
         authorization["rules"][0]["from"][0]["principals"],
-        serde_json::json!([identity("client")])
+        serde_json::json!([identity("client").trim_start_matches("spiffe://")])
     );
 
     let status = cluster
         .controller_status()
         .unwrap_or_else(|err| panic!("{err}"));
-    let expected = [
+    let enforced = policy_verdict(&status, "AuthorizationPolicy", "echo-from-client");
+    assert_eq!(
+        (&enforced["accepted"], &enforced["message"]),
         (
-            "AuthorizationPolicy",
-            "echo-from-client",
-            "the agents do not enforce AuthorizationPolicy yet, so nothing of it applies: \
-             traffic to the meshed pods spec.selector matches is neither allowed nor denied by it",
+            &serde_json::json!(true),
+            &serde_json::json!("applies to the meshed pods spec.selector matches")
         ),
+        "{enforced:#}"
+    );
+    let expected = [
         (
             "TrafficPolicy",
             "echo",
