@@ -78,6 +78,11 @@ pub struct Args {
     /// Name of the benchmark's cluster.
     #[arg(long, default_value = "bench")]
     name: String,
+    /// Select the weft paths' pods with this many AuthorizationPolicies of 10 rules
+    /// each, only the very last rule admitting the client: what authorization costs a
+    /// connection and a request at its worst (default none).
+    #[arg(long, default_value_t = 0)]
+    authorization_policies: usize,
 }
 
 /// A way from the client pod to a server.
@@ -289,10 +294,12 @@ struct Settings {
     saturation_seconds: f64,
     /// Seconds of load before a request run's measurement starts.
     warmup_seconds: f64,
+    /// AuthorizationPolicies selecting the weft paths' pods (`--authorization-policies`).
+    authorization_policies: usize,
 }
 
 impl Settings {
-    fn new(quick: bool, rounds: Option<usize>) -> Self {
+    fn new(quick: bool, rounds: Option<usize>, authorization_policies: usize) -> Self {
         let base = if quick {
             Settings {
                 rounds: 1,
@@ -301,6 +308,7 @@ impl Settings {
                 rate_seconds: 2.0,
                 saturation_seconds: 2.0,
                 warmup_seconds: 0.5,
+                authorization_policies,
             }
         } else {
             Settings {
@@ -310,6 +318,7 @@ impl Settings {
                 rate_seconds: 6.0,
                 saturation_seconds: 3.0,
                 warmup_seconds: 1.0,
+                authorization_policies,
             }
         };
         Settings {
@@ -462,7 +471,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let started_at = Instant::now();
-    let settings = Settings::new(args.quick, args.rounds);
+    let settings = Settings::new(args.quick, args.rounds, args.authorization_policies);
     let paths: Vec<PathId> = if args.paths.is_empty() {
         PathId::ALL.to_vec()
     } else {
@@ -613,7 +622,7 @@ impl Bench {
             endpoints,
             watched,
             tls,
-        } = self.start(bin, out, paths, tests)?;
+        } = self.start(bin, out, paths, tests, settings.authorization_policies)?;
         let cluster = self.cluster.as_ref().expect("started");
 
         eprintln!("==> idle: reading the proxies' memory before any load");
@@ -706,6 +715,7 @@ impl Bench {
         out: &Path,
         paths: &[PathId],
         tests: &[TestId],
+        authorization_policies: usize,
     ) -> anyhow::Result<Started> {
         eprintln!(
             "==> starting cluster {}: 2 nodes, the controller, a weft agent on each node (log level info)",
@@ -713,7 +723,8 @@ impl Bench {
         );
         let cluster = self.cluster.insert(Cluster::up(&self.name, 2)?);
         let manifests = out.join("mesh.yaml");
-        std::fs::write(&manifests, MESH)
+        let mesh = format!("{MESH}{}", worst_case_policies(authorization_policies));
+        std::fs::write(&manifests, mesh)
             .with_context(|| format!("cannot write {}", manifests.display()))?;
         cluster.set_mesh(vec![manifests], Vec::new())?;
         cluster.start_controller(&bin.join("weft-controller"))?;
@@ -1120,6 +1131,32 @@ metadata:
 spec:
   mode: STRICT
 ";
+
+/// `count` ALLOW policies of 10 rules selecting every pod of the meshed namespace, of
+/// which only the last rule of the last policy admits the client: every decision
+/// checks every rule.
+fn worst_case_policies(count: usize) -> String {
+    (0..count)
+        .map(|policy| {
+            let rules: Vec<String> = (0..10)
+                .map(|rule| {
+                    let source = if policy + 1 == count && rule == 9 {
+                        format!("principals: [cluster.local/ns/{MESHED}/sa/client]")
+                    } else {
+                        format!("namespaces: [team-{policy}-{rule}]")
+                    };
+                    format!("{{ from: [{{ {source} }}], to: [{{ ports: [{HTTP_PORT}, {IPERF_PORT}] }}] }}")
+                })
+                .collect();
+            format!(
+                "---\napiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+                 metadata: {{ name: worst-case-{policy}, namespace: {MESHED} }}\n\
+                 spec: {{ rules: [{}] }}\n",
+                rules.join(", ")
+            )
+        })
+        .collect()
+}
 
 /// What every run needs: the cluster, the release binaries, the settings, and the
 /// processes whose CPU and memory it reads.
@@ -1760,11 +1797,11 @@ mod tests {
 
     #[test]
     fn quick_runs_are_short() {
-        let quick = Settings::new(true, None);
+        let quick = Settings::new(true, None, 0);
         let per_round: f64 =
             TestId::ALL.iter().map(|&t| quick.estimate(t)).sum::<f64>() * PathId::ALL.len() as f64;
         assert!(per_round < 180.0, "a quick run measures for {per_round} s");
-        let full = Settings::new(false, None);
+        let full = Settings::new(false, None, 0);
         let total: f64 = TestId::ALL.iter().map(|&t| full.estimate(t)).sum::<f64>()
             * PathId::ALL.len() as f64
             * full.rounds as f64;
