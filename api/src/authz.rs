@@ -517,6 +517,22 @@ impl fmt::Display for IpBlock {
     }
 }
 
+/// `parse` applied to each entry of the list `field`; the error is the entry's path
+/// (`field[index]`) and what is wrong with it.
+pub(crate) fn parse_each<T, U>(
+    field: &str,
+    entries: &[T],
+    parse: impl Fn(&T) -> Result<U, String>,
+) -> Result<Vec<U>, (String, String)> {
+    entries
+        .iter()
+        .enumerate()
+        .map(|(index, entry)| {
+            parse(entry).map_err(|problem| (format!("{field}[{index}]"), problem))
+        })
+        .collect()
+}
+
 /// The types above that read and write themselves as strings.
 macro_rules! as_string {
     ($($ty:ty),*) => {$(

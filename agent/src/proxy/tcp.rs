@@ -33,13 +33,14 @@ where
         Ok(chosen) => chosen,
         Err(refusal) => return refused(peer, &refusal),
     };
-    let local = endpoint.hop == Hop::Local;
-    let caller = Caller::authenticated(&logical.source.identity, Some(peer.ip()));
-    if local
+    // A pod of this node: this agent decides for it, as its own would for a tunnel.
+    let local = (endpoint.hop == Hop::Local)
+        .then(|| Caller::authenticated(&logical.source.identity, Some(peer.ip())));
+    if let Some(caller) = &local
         && let Err(denied) = authorize::connection(
             &proxy.mesh.get(),
             Direction::Local,
-            &caller,
+            caller,
             endpoint.address,
             Traffic::Tcp,
         )
@@ -64,9 +65,8 @@ where
             let relayed = relay(&mut client, &mut server, Some(idle), |received, sent| {
                 open.progress(received, sent);
             });
-            if local {
-                let revoked =
-                    authorize::revoked(proxy, Direction::Local, &caller, endpoint.address);
+            if let Some(caller) = &local {
+                let revoked = authorize::revoked(proxy, Direction::Local, caller, endpoint.address);
                 tokio::select! {
                     relayed = relayed => relayed.into(),
                     by = revoked => Outcome::failed(ProxyError::Revoked { by }),

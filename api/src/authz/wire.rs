@@ -160,9 +160,6 @@ fn each<T, U>(
     entries: &[T],
     read: impl Fn(&T) -> Result<U, String>,
 ) -> Result<Vec<U>, String> {
-    entries
-        .iter()
-        .enumerate()
-        .map(|(index, entry)| read(entry).map_err(|err| format!("{field}[{index}]: {err}")))
-        .collect()
+    super::parse_each(field, entries, read)
+        .map_err(|(entry, problem)| format!("{entry}: {problem}"))
 }

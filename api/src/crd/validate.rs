@@ -113,13 +113,7 @@ fn each<T, U>(
     entries: &[T],
     parse: impl Fn(&T) -> Result<U, String>,
 ) -> Result<Vec<U>, FieldError> {
-    entries
-        .iter()
-        .enumerate()
-        .map(|(index, entry)| {
-            parse(entry).map_err(|problem| invalid(format!("{field}[{index}]"), problem))
-        })
-        .collect()
+    authz::parse_each(field, entries, parse).map_err(|(entry, problem)| invalid(entry, problem))
 }
 
 fn compile_rule(field: &str, rule: &Rule, namespace: &str) -> Result<authz::Rule, FieldError> {
