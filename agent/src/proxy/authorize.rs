@@ -37,11 +37,12 @@ impl Direction {
     }
 }
 
-/// The caller of a connection, resolved once for its life.
+/// The caller of a connection, resolved once for its life. The agent only ever decides
+/// for authenticated callers: plaintext is judged in the kernel (`PlaintextPolicy`).
 #[derive(Clone, Debug)]
 pub struct Caller {
     /// The SPIFFE ID without `spiffe://`, as policies match it.
-    principal: Option<String>,
+    principal: String,
     ip: Option<IpAddr>,
 }
 
@@ -50,14 +51,14 @@ impl Caller {
     /// this node), from `ip` when that is known and trusted.
     pub fn authenticated(identity: &Identity, ip: Option<IpAddr>) -> Self {
         Self {
-            principal: Some(identity.principal()),
+            principal: identity.principal(),
             ip,
         }
     }
 
     fn view(&self) -> authz::Caller<'_> {
         authz::Caller {
-            principal: self.principal.as_deref(),
+            principal: Some(&self.principal),
             ip: self.ip,
         }
     }
@@ -65,10 +66,7 @@ impl Caller {
 
 impl fmt::Display for Caller {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.principal {
-            Some(principal) => write!(f, "spiffe://{principal}")?,
-            None => f.write_str("plaintext")?,
-        }
+        write!(f, "spiffe://{}", self.principal)?;
         match self.ip {
             Some(ip) => write!(f, " ({ip})"),
             None => Ok(()),
