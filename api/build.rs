@@ -3,7 +3,7 @@
 
 /// The messages the agent's `/config_dump` shows (the policies and routes and what
 /// they hold), as JSON with proto3's lowerCamelCase field names. (prost gives the
-/// enums nested in them the derive too; nothing serialises those directly.)
+/// enums and oneofs nested in them the derive too.)
 const DUMPED: &[&str] = &[
     ".weft.config.v1.AuthorizationPolicy",
     ".weft.config.v1.AuthorizationRule",
@@ -19,6 +19,12 @@ const DUMPED: &[&str] = &[
     ".weft.config.v1.RouteMatch",
     ".weft.config.v1.HeaderMatch",
     ".weft.config.v1.WeightedBackend",
+    ".weft.config.v1.RouteFilter",
+    ".weft.config.v1.HeaderModifier",
+    ".weft.config.v1.Redirect",
+    ".weft.config.v1.Rewrite",
+    ".weft.config.v1.PathModifier",
+    ".weft.config.v1.Mirror",
 ];
 
 /// Their enum fields (an `i32` in Rust), shown by name: (field, the function in

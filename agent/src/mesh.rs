@@ -70,6 +70,7 @@ use serde::{Deserialize, Serialize};
 use weft_api::{
     authz,
     config::v1::{DEFAULT_ENDPOINT_WEIGHT, MAX_ENDPOINT_WEIGHT},
+    routes,
 };
 use weft_common::{MeshDestination, Mode, SockAddr, destination};
 
@@ -99,6 +100,10 @@ pub struct MeshConfig {
     /// The AuthorizationPolicies that select workloads of this node, compiled.
     #[serde(default)]
     pub authorization_policies: Vec<authz::Policy>,
+    /// The HTTPRoutes and GRPCRoutes of each service port, by `<namespace>/<service>:<port>`,
+    /// streamed by the controller (a configuration file has none).
+    #[serde(skip)]
+    pub routes: BTreeMap<String, routes::ServiceRoutes>,
     /// The mesh CA's roots, streamed by the controller. A configuration file has none:
     /// with one, the agent reads its bundle from `--trust-bundle`.
     #[serde(skip)]
@@ -124,6 +129,8 @@ struct Maps {
     endpoints: HashMap<(IpAddr, u16), (usize, usize)>,
     /// Workload address → the authorization policies that select it.
     policies: HashMap<IpAddr, Vec<usize>>,
+    /// (namespace, name) → the service's first entry: where a route's backend goes.
+    named: HashMap<(String, String), usize>,
 }
 
 impl Clone for Index {
@@ -190,11 +197,18 @@ impl Index {
                     }
                 }
             }
+            let mut named = HashMap::new();
+            for (index, service) in config.services.iter().enumerate() {
+                named
+                    .entry((service.namespace.clone(), service.name.clone()))
+                    .or_insert(index);
+            }
             Maps {
                 workloads,
                 services,
                 endpoints,
                 policies,
+                named,
             }
         })
     }
@@ -222,6 +236,7 @@ impl Default for MeshConfig {
             services: Vec::new(),
             exclude_ports: Vec::new(),
             authorization_policies: Vec::new(),
+            routes: BTreeMap::new(),
             trust_anchors: Vec::new(),
             index: Index::default(),
         }
@@ -680,6 +695,28 @@ impl MeshConfig {
             .get(&(vip.to_canonical(), port))?;
         let service = self.services.get(service)?;
         Some((service, service.ports.get(entry)?))
+    }
+
+    /// The service `namespace/name`, with its port entry for `port`.
+    pub fn service_named(
+        &self,
+        namespace: &str,
+        name: &str,
+        port: u16,
+    ) -> Option<(&Service, &ServicePort)> {
+        let index = *self
+            .index
+            .maps(self)
+            .named
+            .get(&(namespace.to_owned(), name.to_owned()))?;
+        let service = self.services.get(index)?;
+        Some((service, service.ports.iter().find(|p| p.port == port)?))
+    }
+
+    /// The routes of the service port `key` (`<namespace>/<service>:<port>`), if any
+    /// route is attached to it.
+    pub fn routes_of(&self, key: &str) -> Option<&routes::ServiceRoutes> {
+        self.routes.get(key)
     }
 
     /// A service, and its port entry, that leads to the endpoint `address` (the

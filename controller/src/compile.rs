@@ -131,7 +131,7 @@ pub fn compile(objects: &Objects, settings: &Settings, trust: &TrustBundle) -> C
     for (key, policy) in traffic.policies {
         shared.insert(key.to_string(), &policy);
     }
-    for (name, routes) in routes::compile(objects, &mut statuses) {
+    for (name, routes) in routes::compile(objects, &services, &mut statuses) {
         shared.insert(name, &routes);
     }
     for (node, policies) in

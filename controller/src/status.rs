@@ -21,6 +21,17 @@ pub struct Verdict {
     /// The object's `metadata.generation` the verdict is about.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub generation: Option<i64>,
+    /// A route's references (the Gateway API's `ResolvedRefs` condition).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub references: Option<References>,
+}
+
+/// Whether every reference of a route resolves; if not, the first that does not.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct References {
+    pub resolved: bool,
+    pub reason: Reason,
+    pub message: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -38,6 +49,18 @@ pub enum Reason {
     /// Valid, but sets something the agents do not enforce yet; the message names it
     /// and says what of the object does apply.
     NotEnforced,
+    /// A route's parent Service (or its port) does not exist (Gateway API).
+    NoMatchingParent,
+    /// A route sets a value or field weft does not support (Gateway API).
+    UnsupportedValue,
+    /// Every reference of a route resolves (Gateway API, `ResolvedRefs`).
+    ResolvedRefs,
+    /// A route's backend Service does not exist (Gateway API, `ResolvedRefs`).
+    BackendNotFound,
+    /// A route's backend is in another namespace, and no ReferenceGrant permits it.
+    RefNotPermitted,
+    /// A route's backend is not a Service.
+    InvalidKind,
 }
 
 impl Reason {
@@ -49,6 +72,12 @@ impl Reason {
             Reason::Conflicted => "Conflicted",
             Reason::ServiceNotFound => "ServiceNotFound",
             Reason::NotEnforced => "NotEnforced",
+            Reason::NoMatchingParent => "NoMatchingParent",
+            Reason::UnsupportedValue => "UnsupportedValue",
+            Reason::ResolvedRefs => "ResolvedRefs",
+            Reason::BackendNotFound => "BackendNotFound",
+            Reason::RefNotPermitted => "RefNotPermitted",
+            Reason::InvalidKind => "InvalidKind",
         }
     }
 }
@@ -66,6 +95,7 @@ impl Verdict {
             reason,
             message: message.into(),
             generation: None,
+            references: None,
         }
     }
 
@@ -75,7 +105,14 @@ impl Verdict {
             reason,
             message: message.into(),
             generation: None,
+            references: None,
         }
+    }
+
+    /// With a route's `ResolvedRefs` outcome.
+    pub fn with_references(mut self, references: References) -> Self {
+        self.references = Some(references);
+        self
     }
 
     pub fn for_generation(mut self, generation: Option<i64>) -> Self {
@@ -100,10 +137,31 @@ impl Verdict {
             last_transition_time,
         }
     }
+
+    /// The `ResolvedRefs` condition of a route, if the verdict has one. `previous` keeps
+    /// its transition time as for [`Verdict::condition`].
+    pub fn references_condition(&self, previous: Option<&Condition>) -> Option<Condition> {
+        let references = self.references.as_ref()?;
+        let status = if references.resolved { "True" } else { "False" };
+        let last_transition_time = previous
+            .filter(|previous| previous.status == status)
+            .map(|previous| previous.last_transition_time.clone())
+            .unwrap_or_else(|| Time(Timestamp::now()));
+        Some(Condition {
+            type_: RESOLVED_REFS.to_owned(),
+            status: status.to_owned(),
+            reason: references.reason.as_str().to_owned(),
+            message: references.message.clone(),
+            observed_generation: self.generation,
+            last_transition_time,
+        })
+    }
 }
 
 /// The condition type every weft resource reports.
 pub const ACCEPTED: &str = "Accepted";
+/// The condition type a route reports about its references, beside [`ACCEPTED`].
+pub const RESOLVED_REFS: &str = "ResolvedRefs";
 
 /// Verdicts by object.
 pub type Statuses = BTreeMap<(Kind, ObjectKey), Verdict>;

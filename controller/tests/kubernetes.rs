@@ -538,7 +538,8 @@ fn route_condition(route: &Value) -> Option<Value> {
 }
 
 /// From the watch through the compiler to the status subresource: what the agents do
-/// not enforce is written as `Accepted: False`, reason `NotEnforced`.
+/// not enforce is written as `Accepted: False`, reason `NotEnforced`; what they do, as
+/// `Accepted` (and, for a route, `ResolvedRefs`).
 #[tokio::test]
 async fn what_the_agents_do_not_enforce_is_written_as_not_enforced() {
     let fake = FakeApi::start().await;
@@ -611,10 +612,9 @@ async fn what_the_agents_do_not_enforce_is_written_as_not_enforced() {
         (
             "HTTPRoute",
             "web",
-            "False",
-            "NotEnforced",
-            "the agents do not enforce HTTPRoute yet, so nothing of it applies: traffic to \
-             Service shop/web goes to its endpoints as if the route did not exist",
+            "True",
+            "Accepted",
+            "routes requests to Service shop/web for every client",
         ),
     ];
     for (kind, name, status, reason, message) in expected {
@@ -633,6 +633,25 @@ async fn what_the_agents_do_not_enforce_is_written_as_not_enforced() {
             "{kind} shop/{name}: {condition}"
         );
     }
+    // A route also says whether its references resolve (the Gateway API's ResolvedRefs).
+    let route = fake.get("HTTPRoute", "shop", "web").unwrap();
+    let ours = route["status"]["parents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|entry| entry["controllerName"] == CONTROLLER_NAME)
+        .unwrap();
+    let resolved = ours["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|condition| condition["type"] == "ResolvedRefs")
+        .unwrap_or_else(|| panic!("no ResolvedRefs condition: {route}"));
+    assert_eq!(
+        (&resolved["status"], &resolved["reason"]),
+        (&json!("True"), &json!("ResolvedRefs")),
+        "{resolved}"
+    );
 }
 
 #[tokio::test]

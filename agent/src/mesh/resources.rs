@@ -94,9 +94,10 @@ impl Resources {
     /// The mesh configuration these resources describe, validated as a file would be.
     /// Of the traffic policies, the agent takes the idle timeout and the balancing
     /// algorithm (one it does not know is its default); what it does not enforce yet
-    /// (the rest of them, routes) is accepted and counted, not applied. An
-    /// authorization policy it cannot read makes the whole version invalid: enforcing
-    /// the others without it could let in what it denies.
+    /// (the rest of them) is accepted and counted, not applied. An authorization
+    /// policy or a route it cannot read makes the whole version invalid: enforcing the
+    /// others without it could let in what it denies, or send requests where the
+    /// route does not.
     pub fn mesh(&self) -> Result<MeshConfig, String> {
         if let Some((kind, name)) = self
             .resources
@@ -252,6 +253,11 @@ impl Resources {
                     weights: weights.clone(),
                 });
             }
+        }
+        for (name, routes) in self.decode::<proto::ServiceRoutes>()? {
+            let routes = weft_api::routes::ServiceRoutes::try_from(&routes)
+                .map_err(|problem| format!("ServiceRoutes {name}: {problem}"))?;
+            config.routes.insert(name, routes);
         }
         for (name, policy) in self.decode::<proto::AuthorizationPolicy>()? {
             config.authorization_policies.push(

@@ -89,6 +89,23 @@ pub enum ProxyError {
     },
     #[error("closed: the authorization policy changed and now denies it ({by})")]
     Revoked { by: String },
+    #[error(
+        "no rule of the routes attached to {service} matches the request (a routed service \
+         answers only what its HTTPRoutes or GRPCRoutes match)"
+    )]
+    NoRoute { service: String },
+    #[error(
+        "rule {rule} of {route} chose a backend that does not resolve (its status says \
+         ResolvedRefs False), or it has no backend with a weight"
+    )]
+    NoBackend { route: String, rule: String },
+    #[error("the backend {backend} of a route is not a service of the mesh configuration")]
+    UnknownBackend { backend: String },
+    #[error("no response within the route's {which} timeout of {timeout:?}")]
+    RouteTimeout {
+        which: &'static str,
+        timeout: Duration,
+    },
 }
 
 impl ProxyError {
@@ -116,6 +133,9 @@ impl ProxyError {
                 "authorization_denied"
             }
             ProxyError::Revoked { .. } => "authorization_revoked",
+            ProxyError::NoRoute { .. } => "route_not_found",
+            ProxyError::NoBackend { .. } | ProxyError::UnknownBackend { .. } => "backend_not_found",
+            ProxyError::RouteTimeout { .. } => "route_timeout",
         }
     }
 
@@ -126,6 +146,9 @@ impl ProxyError {
     pub fn response_flags(&self) -> &'static str {
         match self {
             ProxyError::UnknownOriginalDestination(_)
+            | ProxyError::NoRoute { .. }
+            | ProxyError::NoBackend { .. }
+            | ProxyError::UnknownBackend { .. }
             | ProxyError::UnknownSource { .. }
             | ProxyError::UnknownDestination(_)
             | ProxyError::NoNode(_)
@@ -143,6 +166,7 @@ impl ProxyError {
             ProxyError::Denied { .. }
             | ProxyError::DeniedByDestination { .. }
             | ProxyError::Revoked { .. } => "RBAC",
+            ProxyError::RouteTimeout { .. } => "UT",
         }
     }
 
@@ -152,7 +176,11 @@ impl ProxyError {
             ProxyError::Connect { source, .. } if source.kind() == io::ErrorKind::TimedOut => {
                 StatusCode::GATEWAY_TIMEOUT
             }
-            ProxyError::UnknownDestination(_) => StatusCode::NOT_FOUND,
+            ProxyError::UnknownDestination(_) | ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ProxyError::NoBackend { .. } | ProxyError::UnknownBackend { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+            ProxyError::RouteTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Denied { .. }
             | ProxyError::DeniedByDestination { .. }
             | ProxyError::Revoked { .. } => StatusCode::FORBIDDEN,
@@ -170,6 +198,7 @@ impl ProxyError {
             StatusCode::GATEWAY_TIMEOUT => 4,
             StatusCode::FORBIDDEN => 7,
             StatusCode::NOT_FOUND => 12,
+            StatusCode::INTERNAL_SERVER_ERROR => 13,
             _ => 14,
         }
     }
@@ -226,6 +255,26 @@ mod tests {
                     target,
                 },
                 ("authorization_denied", "RBAC", 403, 7),
+            ),
+            (
+                ProxyError::NoRoute {
+                    service: "shop/web:80".into(),
+                },
+                ("route_not_found", "NR", 404, 12),
+            ),
+            (
+                ProxyError::NoBackend {
+                    route: "HTTPRoute/shop/web".into(),
+                    rule: "0".into(),
+                },
+                ("backend_not_found", "NR", 500, 13),
+            ),
+            (
+                ProxyError::RouteTimeout {
+                    which: "request",
+                    timeout: Duration::from_millis(100),
+                },
+                ("route_timeout", "UT", 504, 4),
             ),
         ];
         for (error, (reason, flags, status, grpc)) in table {

@@ -14,6 +14,7 @@ mod headers;
 mod inbound;
 mod outbound;
 pub mod pool;
+mod route;
 mod telemetry;
 
 use std::{
@@ -286,6 +287,25 @@ fn failed(
         error: Some(error.to_string()),
     });
     response
+}
+
+/// Ends the span of, logs and measures a request the agent answered itself with
+/// `status` (a route's redirect).
+fn answered(requests: &Requests, exchange: &Exchange, span: Span, status: u16) {
+    end_span(span, status, None, None);
+    requests.record(Record {
+        exchange,
+        destination: None,
+        mutual_tls: false,
+        answer: Answer {
+            status,
+            grpc_status: None,
+            flags: "-",
+            request_bytes: 0,
+            response_bytes: 0,
+        },
+        error: None,
+    });
 }
 
 /// The answer to a request that failed on `error`: its HTTP status with the reason in

@@ -31,9 +31,10 @@ use super::{
 };
 use crate::{
     logging::{Throttle, held_back},
-    mesh::{MeshConfig, Protocol},
+    mesh::{MeshConfig, Protocol, Service, ServicePort},
     tls,
 };
+use weft_api::routes::BackendRef;
 
 /// Accepts captured connections until the listener is dropped.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
@@ -164,18 +165,44 @@ pub fn choose(proxy: &Proxy, logical: &Logical) -> Result<(Endpoint, Option<Pick
             None,
         )),
         Destination::Service(target) => {
-            let no_endpoints =
-                || ProxyError::NoEndpoints(format!("{}/{}", target.namespace, target.name));
-            let (service, port) = mesh
-                .service_at(target.vip, target.port)
-                .ok_or_else(no_endpoints)?;
-            let candidates = logical::candidates(&mesh, &proxy.node, service, port.target());
-            let pick = proxy
-                .balancers
-                .pick(&target.key, logical::policy(service), &candidates)
-                .ok_or_else(no_endpoints)?;
-            let endpoint = logical::endpoint(&mesh, &proxy.node, pick.address(), true)?;
-            Ok((endpoint, Some(pick)))
+            let (service, port) = mesh.service_at(target.vip, target.port).ok_or_else(|| {
+                ProxyError::NoEndpoints(format!("{}/{}", target.namespace, target.name))
+            })?;
+            pick(proxy, &mesh, &target.key, service, port)
         }
     }
+}
+
+/// The endpoint a request routed to `backend` goes to, chosen by that service's
+/// balancer.
+pub fn choose_backend(
+    proxy: &Proxy,
+    backend: &BackendRef,
+) -> Result<(Endpoint, Option<Pick>), ProxyError> {
+    let mesh = proxy.mesh.get();
+    let (service, port) = mesh
+        .service_named(&backend.namespace, &backend.service, backend.port)
+        .ok_or_else(|| ProxyError::UnknownBackend {
+            backend: backend.to_string(),
+        })?;
+    pick(proxy, &mesh, &backend.to_string(), service, port)
+}
+
+/// One of `service`'s endpoints on `port`, by its balancer (`key`).
+fn pick(
+    proxy: &Proxy,
+    mesh: &MeshConfig,
+    key: &str,
+    service: &Service,
+    port: &ServicePort,
+) -> Result<(Endpoint, Option<Pick>), ProxyError> {
+    let no_endpoints =
+        || ProxyError::NoEndpoints(format!("{}/{}", service.namespace, service.name));
+    let candidates = logical::candidates(mesh, &proxy.node, service, port.target());
+    let pick = proxy
+        .balancers
+        .pick(key, logical::policy(service), &candidates)
+        .ok_or_else(no_endpoints)?;
+    let endpoint = logical::endpoint(mesh, &proxy.node, pick.address(), true)?;
+    Ok((endpoint, Some(pick)))
 }

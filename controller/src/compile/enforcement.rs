@@ -17,8 +17,6 @@ use crate::{
 pub enum Enforcement {
     /// Everything such an object says.
     Everything,
-    /// Nothing: such objects are compiled and streamed, and ignored.
-    Nothing,
     /// The fields in `enforced` (paths such as `spec.timeouts.idle`, with whatever is
     /// below them); those in `about` name what the object is for and are checked by
     /// the compiler. Other fields are ignored.
@@ -35,8 +33,9 @@ pub fn of(kind: Kind) -> Enforcement {
             about: &["spec.service"],
             enforced: &["spec.loadBalancer", "spec.timeouts.idle"],
         },
-        Kind::HttpRoute | Kind::GrpcRoute => Enforcement::Nothing,
         Kind::AuthorizationPolicy
+        | Kind::HttpRoute
+        | Kind::GrpcRoute
         | Kind::Namespace
         | Kind::Node
         | Kind::Pod
@@ -52,13 +51,6 @@ pub fn of(kind: Kind) -> Enforcement {
 pub fn verdict(kind: Kind, spec: &impl Serialize, target: &str, enforced: Verdict) -> Verdict {
     match of(kind) {
         Enforcement::Everything => enforced,
-        Enforcement::Nothing => Verdict::rejected(
-            Reason::NotEnforced,
-            format!(
-                "the agents do not enforce {kind} yet, so nothing of it applies: {}",
-                ignored_kind(kind, target)
-            ),
-        ),
         Enforcement::Fields {
             about,
             enforced: paths,
@@ -88,16 +80,6 @@ pub fn verdict(kind: Kind, spec: &impl Serialize, target: &str, enforced: Verdic
             };
             Verdict::rejected(Reason::NotEnforced, message)
         }
-    }
-}
-
-/// What an object of `kind` the agents ignore leaves as it was.
-fn ignored_kind(kind: Kind, target: &str) -> String {
-    match kind {
-        Kind::HttpRoute | Kind::GrpcRoute => {
-            format!("traffic to {target} goes to its endpoints as if the route did not exist")
-        }
-        _ => format!("{target} is as if it did not exist"),
     }
 }
 

@@ -1,535 +1,731 @@
-//! HTTPRoutes and GRPCRoutes attached to Services (Gateway API's mesh profile,
-//! GAMMA): each (rule, match) becomes one entry of the parent service's routes, in
-//! Gateway API precedence order. A route with any problem applies nowhere; its
-//! status says which field. The agents do not route by them yet ([`enforcement`]):
-//! valid routes are compiled and sent, and their verdict says `NotEnforced`.
+//! HTTPRoutes and GRPCRoutes attached to Services (the Gateway API's mesh profile,
+//! GAMMA), compiled into the agents' one route model ([`weft_api::routes`]).
+//!
+//! Both kinds are read through one written form ([`written`]): their specs share every
+//! field but the matches, so one compiler serves both. Each rule lands in the routes
+//! of every service port its route's parents name (a parent without a port: every
+//! port), ordered by the Gateway API's precedence, equal matches by route age. A route
+//! in another namespace than its parent Service is a consumer route: it applies to
+//! that namespace's clients only.
+//!
+//! Status follows the Gateway API: `Accepted` (false with `NoMatchingParent` or
+//! `UnsupportedValue`, naming the field, when the route applies nowhere) and
+//! `ResolvedRefs` (false with `BackendNotFound`, `RefNotPermitted` or `InvalidKind`
+//! when a backend does not resolve; the route still applies, and that backend's share
+//! of requests is answered 500).
 
-use std::collections::BTreeMap;
+mod written;
 
-use gateway_api::{
-    grpcroutes::{
-        GrpcRoute, GrpcRouteRulesMatches, GrpcRouteRulesMatchesHeadersType,
-        GrpcRouteRulesMatchesMethodType,
-    },
-    httproutes::{
-        HttpRoute, HttpRouteRulesFilters, HttpRouteRulesMatches, HttpRouteRulesMatchesHeadersType,
-        HttpRouteRulesMatchesPathType, HttpRouteRulesMatchesQueryParamsType,
-    },
-};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use serde::Serialize;
+use std::{collections::BTreeMap, time::Duration};
+
+use serde_json::Value;
 use weft_api::{
-    config::v1::{self as proto, route_match::PathKind},
+    config::v1 as proto,
     crd::parse_duration,
+    routes::{
+        Backend, BackendRef, Filters, HeaderModifier, Match, PathMatch, PathModifier, Pattern,
+        Precedence, Redirect, Rewrite, Rule, ServiceRoutes, Timeouts, ValueMatch, ValueMatchKind,
+    },
 };
 
-use super::{by_age, enforcement, judge};
+use self::written::{Filter, NameValue, Reference, WrittenPath, WrittenRule, WrittenSpec};
+use super::{by_age, judge};
 use crate::{
     objects::{Kind, ObjectKey, Objects},
-    status::{Reason, Statuses, Verdict},
+    status::{Reason, References, Statuses, Verdict},
 };
 
 /// The compiled routes by `<namespace>/<service>:<port>`.
 pub fn compile(
     objects: &Objects,
+    services: &BTreeMap<ObjectKey, proto::Service>,
     statuses: &mut Statuses,
 ) -> BTreeMap<String, proto::ServiceRoutes> {
-    let mut routes: Vec<Route> = Vec::new();
-    for (key, route) in by_age(
-        objects.http_routes.iter().map(|(k, r)| (k, r.as_ref())),
-        |r| &r.metadata,
-    ) {
-        if let Some(route) = from_http(key, route, objects, statuses) {
-            routes.push(route);
-        }
+    let mut candidates = Vec::new();
+    for (key, route) in &objects.http_routes {
+        candidates.push(Candidate::new(
+            Kind::HttpRoute,
+            key,
+            &route.metadata,
+            &route.spec,
+        ));
     }
-    for (key, route) in by_age(
-        objects.grpc_routes.iter().map(|(k, r)| (k, r.as_ref())),
-        |r| &r.metadata,
-    ) {
-        if let Some(route) = from_grpc(key, route, objects, statuses) {
-            routes.push(route);
-        }
+    for (key, route) in &objects.grpc_routes {
+        candidates.push(Candidate::new(
+            Kind::GrpcRoute,
+            key,
+            &route.metadata,
+            &route.spec,
+        ));
     }
+    let candidates: Vec<(ObjectKey, Candidate)> = candidates
+        .into_iter()
+        .map(|candidate| (candidate.key.clone(), candidate))
+        .collect();
 
-    // Stable sort: equal precedence keeps route age, then rule and match order.
-    let mut entries: Vec<(&Parent, Precedence, proto::RouteRule)> = Vec::new();
-    for route in &routes {
-        for parent in &route.parents {
-            for rule in &route.rules {
-                for matched in &rule.matches {
-                    entries.push((
-                        parent,
-                        Precedence::of(matched),
-                        proto::RouteRule {
-                            route: route.name.clone(),
+    let mut entries: Vec<(String, Precedence, Rule)> = Vec::new();
+    for (_, candidate) in by_age(candidates.iter().map(|(k, c)| (k, c)), |c| c.meta) {
+        let Some(spec) = &candidate.spec else {
+            judge(
+                statuses,
+                candidate.kind,
+                candidate.key,
+                candidate.meta,
+                Verdict::rejected(Reason::UnsupportedValue, "spec: not a route weft can read"),
+            );
+            continue;
+        };
+        if !spec.parent_refs.iter().any(Reference::is_service) {
+            // Attached to Gateways only: another controller's business.
+            continue;
+        }
+        match compile_route(candidate, spec, services) {
+            Ok((compiled, verdict)) => {
+                judge(
+                    statuses,
+                    candidate.kind,
+                    candidate.key,
+                    candidate.meta,
+                    verdict,
+                );
+                for (parent, rule) in compiled {
+                    for matched in &rule.matches {
+                        let single = Rule {
                             matches: vec![matched.clone()],
-                            backends: rule.backends.clone(),
-                            timeout_ms: rule.timeout_ms,
-                            set_headers: rule.set_headers.clone(),
-                        },
-                    ));
+                            ..rule.clone()
+                        };
+                        entries.push((parent.clone(), Precedence::of(matched), single));
+                    }
                 }
+            }
+            Err(verdict) => {
+                judge(
+                    statuses,
+                    candidate.kind,
+                    candidate.key,
+                    candidate.meta,
+                    verdict,
+                );
             }
         }
     }
+    // Stable: equal precedence keeps route age, then rule and match order.
     entries.sort_by_key(|entry| std::cmp::Reverse(entry.1));
 
-    let mut compiled: BTreeMap<String, proto::ServiceRoutes> = BTreeMap::new();
+    let mut compiled: BTreeMap<String, ServiceRoutes> = BTreeMap::new();
     for (parent, _, rule) in entries {
-        let name = format!("{}/{}:{}", parent.namespace, parent.service, parent.port);
+        let (service, port) = parent
+            .rsplit_once(':')
+            .expect("parents are <service>:<port>");
+        let (namespace, name) = service.split_once('/').expect("services are <ns>/<name>");
         compiled
-            .entry(name)
-            .or_insert_with(|| proto::ServiceRoutes {
-                service: parent.service.clone(),
-                namespace: parent.namespace.clone(),
-                port: parent.port,
+            .entry(parent.clone())
+            .or_insert_with(|| ServiceRoutes {
+                namespace: namespace.to_owned(),
+                service: name.to_owned(),
+                port: port.parse().unwrap_or_default(),
                 rules: Vec::new(),
             })
             .rules
             .push(rule);
     }
     compiled
+        .into_iter()
+        .map(|(name, routes)| (name, proto::ServiceRoutes::from(&routes)))
+        .collect()
 }
 
-/// A route reduced to what both kinds share, once it has passed every check.
-struct Route {
-    /// `<Kind>/<namespace>/<name>`.
-    name: String,
-    parents: Vec<Parent>,
-    rules: Vec<Rule>,
-}
-
-struct Parent {
-    namespace: String,
-    service: String,
-    /// 0: every port of the service.
-    port: u32,
-}
-
-struct Rule {
-    matches: Vec<proto::RouteMatch>,
-    backends: Vec<proto::WeightedBackend>,
-    timeout_ms: u64,
-    set_headers: BTreeMap<String, String>,
-}
-
-/// Gateway API precedence, greatest first: exact path, longer path, a method, more
-/// header matches, more query parameter matches.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct Precedence {
-    exact: bool,
-    path_length: usize,
-    method: bool,
-    headers: usize,
-    query_params: usize,
-}
-
-impl Precedence {
-    fn of(matched: &proto::RouteMatch) -> Self {
-        Self {
-            exact: matched.path_kind == PathKind::Exact as i32,
-            path_length: matched.path.len(),
-            method: !matched.method.is_empty(),
-            headers: matched.headers.len(),
-            query_params: matched.query_params.len(),
-        }
-    }
-}
-
-/// A reference in a route, as both kinds spell it.
-struct Reference<'a> {
-    group: Option<&'a str>,
-    kind: Option<&'a str>,
-    name: &'a str,
-    namespace: Option<&'a str>,
-    port: Option<i32>,
-}
-
-/// The [`Reference`] of a parentRef or backendRef, of whichever route kind's type.
-macro_rules! reference {
-    ($item:expr) => {
-        Reference {
-            group: $item.group.as_deref(),
-            kind: $item.kind.as_deref(),
-            name: &$item.name,
-            namespace: $item.namespace.as_deref(),
-            port: $item.port,
-        }
-    };
-}
-
-impl Reference<'_> {
-    fn is_service(&self, default_kind: &str) -> bool {
-        matches!(self.group, None | Some("" | "core"))
-            && self.kind.unwrap_or(default_kind) == "Service"
-    }
-}
-
-/// A rule's backends, their weights, and the rest of the rule (or what is wrong with
-/// it, as a field path below the rule).
-type RuleParts<'a> = (Vec<Reference<'a>>, Vec<i32>, Result<Rule, String>);
-
-/// Checks the parents and backends shared by both kinds and assembles the route.
-/// `None` (with the verdict recorded) for a route that is not ours or has a problem.
-#[allow(clippy::too_many_arguments)]
-fn assemble(
+/// A route of either kind, read into the written form they share.
+struct Candidate<'a> {
     kind: Kind,
-    key: &ObjectKey,
-    meta: &ObjectMeta,
-    spec: &impl Serialize,
-    parents: Vec<Reference<'_>>,
-    rules: Vec<RuleParts<'_>>,
-    objects: &Objects,
-    statuses: &mut Statuses,
-) -> Option<Route> {
-    let service_parents: Vec<(usize, &Reference)> = parents
-        .iter()
-        .enumerate()
-        .filter(|(_, parent)| parent.is_service("Gateway"))
-        .collect();
-    if service_parents.is_empty() {
-        // Attached to Gateways only: another controller's business.
-        return None;
-    }
-    let outcome = (|| -> Result<Route, Verdict> {
-        let mut compiled_parents = Vec::new();
-        for (index, parent) in service_parents {
-            let namespace = parent.namespace.unwrap_or(&key.namespace);
-            if !objects
-                .services
-                .contains_key(&ObjectKey::new(namespace, parent.name))
-            {
-                return Err(Verdict::rejected(
-                    Reason::ServiceNotFound,
-                    format!(
-                        "spec.parentRefs[{index}]: there is no Service {} in namespace {namespace}",
-                        parent.name
-                    ),
-                ));
-            }
-            compiled_parents.push(Parent {
-                namespace: namespace.to_owned(),
-                service: parent.name.to_owned(),
-                port: parent
-                    .port
-                    .and_then(|port| u32::try_from(port).ok())
-                    .unwrap_or(0),
-            });
-        }
-        let mut compiled_rules = Vec::new();
-        for (rule_index, (backends, weights, rule)) in rules.into_iter().enumerate() {
-            let mut rule = rule.map_err(|problem| {
-                Verdict::rejected(
-                    Reason::Invalid,
-                    format!("spec.rules[{rule_index}].{problem}"),
-                )
-            })?;
-            for (index, (backend, weight)) in backends.iter().zip(weights).enumerate() {
-                let field = format!("spec.rules[{rule_index}].backendRefs[{index}]");
-                if !backend.is_service("Service") {
-                    return Err(Verdict::rejected(
-                        Reason::Invalid,
-                        format!("{field}: only Services can be backends in the mesh"),
-                    ));
-                }
-                let namespace = backend.namespace.unwrap_or(&key.namespace);
-                if !objects
-                    .services
-                    .contains_key(&ObjectKey::new(namespace, backend.name))
-                {
-                    return Err(Verdict::rejected(
-                        Reason::ServiceNotFound,
-                        format!(
-                            "{field}: there is no Service {} in namespace {namespace}",
-                            backend.name
-                        ),
-                    ));
-                }
-                let Some(port) = backend.port.and_then(|port| u32::try_from(port).ok()) else {
-                    return Err(Verdict::rejected(
-                        Reason::Invalid,
-                        format!("{field}.port: a Service backend needs a port"),
-                    ));
-                };
-                rule.backends.push(proto::WeightedBackend {
-                    service: format!("{namespace}/{}", backend.name),
-                    port,
-                    weight: u32::try_from(weight).unwrap_or(0),
-                });
-            }
-            compiled_rules.push(rule);
-        }
-        Ok(Route {
-            name: format!("{kind}/{key}"),
-            parents: compiled_parents,
-            rules: compiled_rules,
-        })
-    })();
-    match outcome {
-        Ok(route) => {
-            let services: Vec<String> = route
-                .parents
-                .iter()
-                .map(|parent| format!("{}/{}", parent.namespace, parent.service))
-                .collect();
-            let target = format!("Service {}", services.join(", "));
-            let accepted =
-                Verdict::accepted(Reason::Accepted, format!("routes requests to {target}"));
-            judge(
-                statuses,
-                kind,
-                key,
-                meta,
-                enforcement::verdict(kind, spec, &target, accepted),
-            );
-            Some(route)
-        }
-        Err(verdict) => {
-            judge(statuses, kind, key, meta, verdict);
-            None
+    key: &'a ObjectKey,
+    meta: &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    /// `None`: the spec does not read as a route (cannot happen with typed objects).
+    spec: Option<WrittenSpec>,
+}
+
+impl<'a> Candidate<'a> {
+    fn new(
+        kind: Kind,
+        key: &'a ObjectKey,
+        meta: &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+        spec: &impl serde::Serialize,
+    ) -> Self {
+        let spec = serde_json::to_value(spec)
+            .ok()
+            .and_then(|value| serde_json::from_value(value).ok());
+        Self {
+            kind,
+            key,
+            meta,
+            spec,
         }
     }
 }
 
-fn from_http(
-    key: &ObjectKey,
-    route: &HttpRoute,
-    objects: &Objects,
-    statuses: &mut Statuses,
-) -> Option<Route> {
-    let parents = route
-        .spec
-        .parent_refs
-        .iter()
-        .flatten()
-        .map(|parent| reference!(parent))
-        .collect();
-    let rules = route
-        .spec
-        .rules
-        .iter()
-        .flatten()
-        .map(|rule| {
-            let (backends, weights) = rule
-                .backend_refs
-                .iter()
-                .flatten()
-                .map(|backend| (reference!(backend), backend.weight.unwrap_or(1)))
-                .unzip();
-            let compiled = (|| {
-                let matches = match rule.matches.as_deref() {
-                    None | Some([]) => vec![everything()],
-                    Some(matches) => matches
-                        .iter()
-                        .enumerate()
-                        .map(|(index, matched)| {
-                            http_match(matched)
-                                .map_err(|problem| format!("matches[{index}]{problem}"))
-                        })
-                        .collect::<Result<_, _>>()?,
-                };
-                let timeout_ms = match rule.timeouts.as_ref().and_then(|t| t.request.as_deref()) {
-                    None => 0,
-                    Some(text) => parse_duration(text)
-                        .ok_or_else(|| format!("timeouts.request: {text:?} is not a duration"))?
-                        .as_millis() as u64,
-                };
-                let set_headers = http_filters(rule.filters.as_deref().unwrap_or_default())?;
-                Ok(Rule {
-                    matches,
-                    backends: Vec::new(),
-                    timeout_ms,
-                    set_headers,
-                })
-            })();
-            (backends, weights, compiled)
-        })
-        .collect();
-    assemble(
-        Kind::HttpRoute,
-        key,
-        &route.metadata,
-        &route.spec,
-        parents,
-        rules,
-        objects,
-        statuses,
-    )
+/// Why a route applies nowhere: the reason and the message naming the field.
+type Refusal = (Reason, String);
+
+fn refuse(reason: Reason, message: String) -> Verdict {
+    Verdict::rejected(reason, message)
 }
 
-/// The match of a rule without matches: every request.
-fn everything() -> proto::RouteMatch {
-    proto::RouteMatch {
-        path_kind: PathKind::Prefix as i32,
-        path: "/".to_owned(),
-        ..Default::default()
+/// The route's rules by parent (`<namespace>/<service>:<port>`), and its verdict.
+fn compile_route(
+    candidate: &Candidate,
+    spec: &WrittenSpec,
+    services: &BTreeMap<ObjectKey, proto::Service>,
+) -> Result<(Vec<(String, Rule)>, Verdict), Verdict> {
+    let namespace = &candidate.key.namespace;
+    if let Some(field) = spec.unknown.keys().next() {
+        return Err(refuse(
+            Reason::UnsupportedValue,
+            format!("spec.{field}: weft does not support it"),
+        ));
     }
-}
-
-fn http_match(matched: &HttpRouteRulesMatches) -> Result<proto::RouteMatch, String> {
-    let mut compiled = everything();
-    if let Some(path) = &matched.path {
-        compiled.path_kind = match path.r#type {
-            Some(HttpRouteRulesMatchesPathType::Exact) => PathKind::Exact,
-            Some(HttpRouteRulesMatchesPathType::RegularExpression) => PathKind::Regex,
-            Some(HttpRouteRulesMatchesPathType::PathPrefix) | None => PathKind::Prefix,
-        } as i32;
-        compiled.path = path.value.clone().unwrap_or_else(|| "/".to_owned());
-        if compiled.path_kind != PathKind::Regex as i32 && !compiled.path.starts_with('/') {
-            return Err(format!(
-                ".path.value: {:?} must start with '/'",
-                compiled.path
+    if !spec.hostnames.is_empty() {
+        return Err(refuse(
+            Reason::UnsupportedValue,
+            "spec.hostnames: a mesh route applies by the Service's address, not by host names; \
+             remove them (or route a Gateway with them)"
+                .to_owned(),
+        ));
+    }
+    // Parents: each Service port the route applies to.
+    let mut parents: Vec<String> = Vec::new();
+    let mut parent_services: Vec<ObjectKey> = Vec::new();
+    let mut consumer = None;
+    for (index, parent) in spec.parent_refs.iter().enumerate() {
+        if !parent.is_service() {
+            continue;
+        }
+        let field = format!("spec.parentRefs[{index}]");
+        let parent_namespace = parent.namespace.as_deref().unwrap_or(namespace);
+        let key = ObjectKey::new(parent_namespace, &parent.name);
+        let Some(service) = services.get(&key) else {
+            return Err(refuse(
+                Reason::NoMatchingParent,
+                format!("{field}: there is no Service {key}"),
+            ));
+        };
+        if parent.section_name.is_some() {
+            return Err(refuse(
+                Reason::UnsupportedValue,
+                format!("{field}.sectionName: a Service parent is chosen by port, not section"),
             ));
         }
+        let ports: Vec<u32> = match parent.port {
+            None => service.ports.iter().map(|port| port.port).collect(),
+            Some(port)
+                if service
+                    .ports
+                    .iter()
+                    .any(|p| i64::from(p.port) == i64::from(port)) =>
+            {
+                vec![port as u32]
+            }
+            Some(port) => {
+                return Err(refuse(
+                    Reason::NoMatchingParent,
+                    format!("{field}.port: Service {key} has no port {port}"),
+                ));
+            }
+        };
+        if parent_namespace != namespace {
+            consumer = Some(namespace.clone());
+        }
+        parents.extend(ports.iter().map(|port| format!("{key}:{port}")));
+        parent_services.push(key);
     }
-    if let Some(method) = &matched.method {
-        compiled.method = serde_json::to_value(method)
-            .ok()
-            .and_then(|value| value.as_str().map(str::to_owned))
-            .unwrap_or_default();
+
+    let mut resolution = Resolution::default();
+    let context = Context {
+        kind: candidate.kind,
+        namespace,
+        parents: &parent_services,
+        services,
+    };
+    let mut rules = Vec::new();
+    for (index, rule) in spec.rules.iter().enumerate() {
+        let field = format!("spec.rules[{index}]");
+        let compiled = compile_rule(&context, rule, &field, &mut resolution)
+            .map_err(|(reason, problem)| refuse(reason, format!("{field}.{problem}")))?;
+        rules.push(Rule {
+            route: format!("{}/{}", candidate.kind, candidate.key),
+            name: rule.name.clone().unwrap_or_else(|| index.to_string()),
+            consumer_namespace: consumer.clone(),
+            ..compiled
+        });
     }
-    compiled.headers = matched
-        .headers
+    if rules.is_empty() {
+        // No rules: the Gateway API's default, one rule for every request and no
+        // backend, so that requests are answered 500.
+        rules.push(Rule {
+            route: format!("{}/{}", candidate.kind, candidate.key),
+            name: "0".to_owned(),
+            consumer_namespace: consumer.clone(),
+            matches: vec![Match::default()],
+            ..Rule::default()
+        });
+    }
+    let targets: Vec<String> = parent_services.iter().map(ToString::to_string).collect();
+    let clients = match &consumer {
+        Some(namespace) => format!("for clients in namespace {namespace} (a consumer route)"),
+        None => "for every client".to_owned(),
+    };
+    let verdict = Verdict::accepted(
+        Reason::Accepted,
+        format!(
+            "routes requests to Service {} {clients}",
+            targets.join(", ")
+        ),
+    )
+    .with_references(resolution.finish());
+    let compiled = parents
         .iter()
-        .flatten()
-        .map(|header| proto::HeaderMatch {
-            name: header.name.to_ascii_lowercase(),
-            value: header.value.clone(),
-            regex: header.r#type == Some(HttpRouteRulesMatchesHeadersType::RegularExpression),
-        })
+        .flat_map(|parent| rules.iter().map(move |rule| (parent.clone(), rule.clone())))
         .collect();
-    compiled.query_params = matched
-        .query_params
-        .iter()
-        .flatten()
-        .map(|param| proto::HeaderMatch {
-            name: param.name.clone(),
-            value: param.value.clone(),
-            regex: param.r#type == Some(HttpRouteRulesMatchesQueryParamsType::RegularExpression),
-        })
-        .collect();
+    Ok((compiled, verdict))
+}
+
+/// What compiling a rule needs to know about its route.
+struct Context<'a> {
+    kind: Kind,
+    namespace: &'a str,
+    /// The route's parent Services: always valid backends, in any namespace.
+    parents: &'a [ObjectKey],
+    services: &'a BTreeMap<ObjectKey, proto::Service>,
+}
+
+/// The first reference that did not resolve.
+#[derive(Default)]
+struct Resolution {
+    problem: Option<(Reason, String)>,
+}
+
+impl Resolution {
+    fn record(&mut self, reason: Reason, message: String) {
+        self.problem.get_or_insert((reason, message));
+    }
+
+    fn finish(self) -> References {
+        match self.problem {
+            None => References {
+                resolved: true,
+                reason: Reason::ResolvedRefs,
+                message: "every backend resolves".to_owned(),
+            },
+            Some((reason, message)) => References {
+                resolved: false,
+                reason,
+                message,
+            },
+        }
+    }
+}
+
+/// The rule at `rule_field`; a refusal's field is written below it.
+fn compile_rule(
+    context: &Context,
+    rule: &WrittenRule,
+    rule_field: &str,
+    resolution: &mut Resolution,
+) -> Result<Rule, Refusal> {
+    if let Some(field) = rule.unknown.keys().next() {
+        return Err((
+            Reason::UnsupportedValue,
+            format!("{field}: weft does not support it"),
+        ));
+    }
+    let matches = if rule.matches.is_empty() {
+        vec![Match::default()]
+    } else {
+        rule.matches
+            .iter()
+            .enumerate()
+            .map(|(index, matched)| {
+                let compiled = match context.kind {
+                    Kind::GrpcRoute => grpc_match(matched),
+                    _ => http_match(matched),
+                };
+                compiled.map_err(|problem| {
+                    (
+                        Reason::UnsupportedValue,
+                        format!("matches[{index}].{problem}"),
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?
+    };
+    let filters = compile_filters(&rule.filters).map_err(|(r, p)| (r, format!("filters{p}")))?;
+    let mut backends = Vec::new();
+    for (index, backend) in rule.backend_refs.iter().enumerate() {
+        let field = format!("backendRefs[{index}]");
+        let weight = backend.weight.unwrap_or(1);
+        let weight = u32::try_from(weight).map_err(|_| {
+            (
+                Reason::UnsupportedValue,
+                format!("{field}.weight: {weight} is negative"),
+            )
+        })?;
+        let backend_filters = compile_filters(&backend.filters)
+            .map_err(|(r, p)| (r, format!("{field}.filters{p}")))?;
+        if backend_filters.redirect.is_some() {
+            return Err((
+                Reason::UnsupportedValue,
+                format!("{field}.filters: a redirect belongs to the rule, not to one backend"),
+            ));
+        }
+        let target = resolve(context, backend, rule_field, &field, weight, resolution)?;
+        backends.push(Backend {
+            target,
+            weight,
+            filters: backend_filters,
+        });
+    }
+    let timeouts = rule
+        .timeouts
+        .as_ref()
+        .map_or(Ok(Timeouts::default()), |timeouts| {
+            Ok(Timeouts {
+                request: duration(timeouts.request.as_deref(), "timeouts.request")?,
+                backend_request: duration(
+                    timeouts.backend_request.as_deref(),
+                    "timeouts.backendRequest",
+                )?,
+            })
+        })?;
+    if let (Some(request), Some(backend)) = (timeouts.request, timeouts.backend_request)
+        && backend > request
+    {
+        return Err((
+            Reason::UnsupportedValue,
+            "timeouts.backendRequest: longer than timeouts.request".to_owned(),
+        ));
+    }
+    Ok(Rule {
+        matches,
+        filters,
+        backends,
+        timeouts,
+        ..Rule::default()
+    })
+}
+
+/// A Gateway API duration; `0s` (or none) means no timeout.
+fn duration(text: Option<&str>, field: &str) -> Result<Option<Duration>, Refusal> {
+    let Some(text) = text else {
+        return Ok(None);
+    };
+    let parsed = parse_duration(text).ok_or_else(|| {
+        (
+            Reason::UnsupportedValue,
+            format!("{field}: {text:?} is not a duration"),
+        )
+    })?;
+    Ok(Some(parsed).filter(|duration| !duration.is_zero()))
+}
+
+/// The service port backend `field` of the rule at `rule_field` names, or `None`
+/// (recorded in `resolution`) when it does not resolve. A weight-0 backend that does
+/// not resolve is never sent anything and is not reported.
+fn resolve(
+    context: &Context,
+    reference: &Reference,
+    rule_field: &str,
+    field: &str,
+    weight: u32,
+    resolution: &mut Resolution,
+) -> Result<Option<BackendRef>, Refusal> {
+    let namespace = reference.namespace.as_deref().unwrap_or(context.namespace);
+    let key = ObjectKey::new(namespace, &reference.name);
+    let mut unresolved = |reason, message: String| {
+        if weight > 0 {
+            resolution.record(reason, format!("{rule_field}.{field}: {message}"));
+        }
+        Ok(None)
+    };
+    if !reference.is_backend_service() {
+        return unresolved(
+            Reason::InvalidKind,
+            format!(
+                "{} is not a Service; only Services can be backends in the mesh",
+                reference.name
+            ),
+        );
+    }
+    if namespace != context.namespace && !context.parents.contains(&key) {
+        return unresolved(
+            Reason::RefNotPermitted,
+            format!(
+                "Service {key} is in another namespace; weft permits only the route's parent \
+                 Services there (ReferenceGrants are not read yet)"
+            ),
+        );
+    }
+    if !context.services.contains_key(&key) {
+        return unresolved(
+            Reason::BackendNotFound,
+            format!("there is no Service {key}"),
+        );
+    }
+    let Some(port) = reference
+        .port
+        .and_then(|port| u16::try_from(port).ok())
+        .filter(|&p| p > 0)
+    else {
+        return Err((
+            Reason::UnsupportedValue,
+            format!("{field}.port: a Service backend needs a port"),
+        ));
+    };
+    Ok(Some(BackendRef {
+        namespace: namespace.to_owned(),
+        service: reference.name.clone(),
+        port,
+    }))
+}
+
+/// The filters of a rule or backend. The problem is written below `filters`.
+fn compile_filters(written: &[Filter]) -> Result<Filters, Refusal> {
+    let mut compiled = Filters::default();
+    for (index, filter) in written.iter().enumerate() {
+        let field = format!("[{index}]");
+        let unsupported = |what: &str| (Reason::UnsupportedValue, format!("{field}: {what}"));
+        let twice = || unsupported(&format!("a second {} filter", filter.kind));
+        match filter.kind.as_str() {
+            "RequestHeaderModifier" => {
+                let modifier = filter.request_header_modifier.as_ref().ok_or_else(|| {
+                    unsupported("RequestHeaderModifier without requestHeaderModifier")
+                })?;
+                if compiled
+                    .request_headers
+                    .replace(header_modifier(modifier))
+                    .is_some()
+                {
+                    return Err(twice());
+                }
+            }
+            "ResponseHeaderModifier" => {
+                let modifier = filter.response_header_modifier.as_ref().ok_or_else(|| {
+                    unsupported("ResponseHeaderModifier without responseHeaderModifier")
+                })?;
+                if compiled
+                    .response_headers
+                    .replace(header_modifier(modifier))
+                    .is_some()
+                {
+                    return Err(twice());
+                }
+            }
+            "RequestRedirect" => {
+                let redirect = filter
+                    .request_redirect
+                    .as_ref()
+                    .ok_or_else(|| unsupported("RequestRedirect without requestRedirect"))?;
+                let port = match redirect.port {
+                    None => None,
+                    Some(port) => Some(
+                        u16::try_from(port)
+                            .ok()
+                            .filter(|&p| p > 0)
+                            .ok_or_else(|| unsupported(&format!("requestRedirect.port {port}")))?,
+                    ),
+                };
+                let status = match redirect.status_code {
+                    None => 302,
+                    Some(code @ (301 | 302 | 303 | 307 | 308)) => code as u16,
+                    Some(code) => {
+                        return Err(unsupported(&format!(
+                            "requestRedirect.statusCode {code}: use 301, 302, 303, 307 or 308"
+                        )));
+                    }
+                };
+                let path = path_modifier(redirect.path.as_ref())
+                    .map_err(|problem| unsupported(&format!("requestRedirect.path: {problem}")))?;
+                if compiled
+                    .redirect
+                    .replace(Redirect {
+                        scheme: redirect.scheme.clone(),
+                        hostname: redirect.hostname.clone(),
+                        port,
+                        path,
+                        status,
+                    })
+                    .is_some()
+                {
+                    return Err(twice());
+                }
+            }
+            "URLRewrite" => {
+                let rewrite = filter
+                    .url_rewrite
+                    .as_ref()
+                    .ok_or_else(|| unsupported("URLRewrite without urlRewrite"))?;
+                let path = path_modifier(rewrite.path.as_ref())
+                    .map_err(|problem| unsupported(&format!("urlRewrite.path: {problem}")))?;
+                if compiled
+                    .rewrite
+                    .replace(Rewrite {
+                        hostname: rewrite.hostname.clone(),
+                        path,
+                    })
+                    .is_some()
+                {
+                    return Err(twice());
+                }
+            }
+            "RequestMirror" => {
+                return Err(unsupported(
+                    "RequestMirror: the agents do not mirror requests yet; remove the filter",
+                ));
+            }
+            other => {
+                return Err(unsupported(&format!(
+                    "{other} filters are not supported by weft (RequestHeaderModifier, \
+                     ResponseHeaderModifier, RequestRedirect and URLRewrite are)"
+                )));
+            }
+        }
+    }
+    if compiled.redirect.is_some() && compiled.rewrite.is_some() {
+        return Err((
+            Reason::UnsupportedValue,
+            ": a redirect and a URL rewrite cannot share a rule".to_owned(),
+        ));
+    }
     Ok(compiled)
 }
 
-/// The headers a rule's filters set; other filters are refused, not ignored.
-fn http_filters(filters: &[HttpRouteRulesFilters]) -> Result<BTreeMap<String, String>, String> {
-    let mut set = BTreeMap::new();
-    for (index, filter) in filters.iter().enumerate() {
-        let modifier = filter
-            .request_header_modifier
-            .as_ref()
-            .filter(|modifier| modifier.add.is_none() && modifier.remove.is_none());
-        let Some(modifier) = modifier else {
-            return Err(format!(
-                "filters[{index}]: weft supports only RequestHeaderModifier with `set` so far"
-            ));
+fn header_modifier(written: &written::Modifier) -> HeaderModifier {
+    let pairs = |entries: &[NameValue]| {
+        entries
+            .iter()
+            .map(|entry| (entry.name.to_ascii_lowercase(), entry.value.clone()))
+            .collect()
+    };
+    HeaderModifier {
+        set: pairs(&written.set),
+        add: pairs(&written.add),
+        remove: written
+            .remove
+            .iter()
+            .map(|name| name.to_ascii_lowercase())
+            .collect(),
+    }
+}
+
+fn path_modifier(written: Option<&WrittenPath>) -> Result<Option<PathModifier>, String> {
+    let Some(path) = written else {
+        return Ok(None);
+    };
+    match path.kind.as_str() {
+        "ReplaceFullPath" => Ok(Some(PathModifier::ReplaceFullPath(
+            path.replace_full_path
+                .clone()
+                .unwrap_or_else(|| "/".to_owned()),
+        ))),
+        "ReplacePrefixMatch" => Ok(Some(PathModifier::ReplacePrefixMatch(
+            path.replace_prefix_match
+                .clone()
+                .unwrap_or_else(|| "/".to_owned()),
+        ))),
+        other => Err(format!(
+            "type {other:?} is not ReplaceFullPath or ReplacePrefixMatch"
+        )),
+    }
+}
+
+fn value_matches(
+    entries: &[written::ValueMatch],
+    field: &str,
+    lower_case: bool,
+) -> Result<Vec<ValueMatch>, String> {
+    entries
+        .iter()
+        .enumerate()
+        .map(|(index, entry)| {
+            let value = match entry.kind.as_deref() {
+                None | Some("Exact") => ValueMatchKind::Exact(entry.value.clone()),
+                Some("RegularExpression") => ValueMatchKind::RegularExpression(
+                    Pattern::new(&entry.value)
+                        .map_err(|err| format!("{field}[{index}].value: {err}"))?,
+                ),
+                Some(other) => {
+                    return Err(format!("{field}[{index}].type: {other:?} is not supported"));
+                }
+            };
+            let name = if lower_case {
+                entry.name.to_ascii_lowercase()
+            } else {
+                entry.name.clone()
+            };
+            Ok(ValueMatch { name, value })
+        })
+        .collect()
+}
+
+fn http_match(written: &Value) -> Result<Match, String> {
+    let matched: written::HttpMatch =
+        serde_json::from_value(written.clone()).map_err(|err| format!(": {err}"))?;
+    let mut compiled = Match::default();
+    if let Some(path) = &matched.path {
+        let value = path.value.clone().unwrap_or_else(|| "/".to_owned());
+        compiled.path = match path.kind.as_deref() {
+            Some("Exact") => PathMatch::Exact(value),
+            Some("PathPrefix") | None => PathMatch::Prefix(value),
+            Some("RegularExpression") => PathMatch::RegularExpression(
+                Pattern::new(&value).map_err(|err| format!("path.value: {err}"))?,
+            ),
+            Some(other) => return Err(format!("path.type: {other:?} is not supported")),
         };
-        for header in modifier.set.iter().flatten() {
-            set.insert(header.name.to_ascii_lowercase(), header.value.clone());
+        if let PathMatch::Exact(value) | PathMatch::Prefix(value) = &compiled.path
+            && !value.starts_with('/')
+        {
+            return Err(format!("path.value: {value:?} must start with '/'"));
         }
     }
-    Ok(set)
+    compiled.method = matched.method;
+    compiled.headers = value_matches(&matched.headers, "headers", true)?;
+    compiled.query_params = value_matches(&matched.query_params, "queryParams", false)?;
+    Ok(compiled)
 }
 
-fn from_grpc(
-    key: &ObjectKey,
-    route: &GrpcRoute,
-    objects: &Objects,
-    statuses: &mut Statuses,
-) -> Option<Route> {
-    let parents = route
-        .spec
-        .parent_refs
-        .iter()
-        .flatten()
-        .map(|parent| reference!(parent))
-        .collect();
-    let rules = route
-        .spec
-        .rules
-        .iter()
-        .flatten()
-        .map(|rule| {
-            let (backends, weights) = rule
-                .backend_refs
-                .iter()
-                .flatten()
-                .map(|backend| (reference!(backend), backend.weight.unwrap_or(1)))
-                .unzip();
-            let compiled = if rule
-                .filters
-                .as_ref()
-                .is_some_and(|filters| !filters.is_empty())
-            {
-                Err("filters: weft supports no GRPCRoute filters so far".to_owned())
-            } else {
-                let matches = match rule.matches.as_deref() {
-                    None | Some([]) => vec![everything()],
-                    Some(matches) => matches.iter().map(grpc_match).collect(),
-                };
-                Ok(Rule {
-                    matches,
-                    backends: Vec::new(),
-                    timeout_ms: 0,
-                    set_headers: BTreeMap::new(),
-                })
-            };
-            (backends, weights, compiled)
-        })
-        .collect();
-    assemble(
-        Kind::GrpcRoute,
-        key,
-        &route.metadata,
-        &route.spec,
-        parents,
-        rules,
-        objects,
-        statuses,
-    )
-}
-
-/// A gRPC method match as the HTTP/2 path it is: `/<service>/<method>`.
-fn grpc_match(matched: &GrpcRouteRulesMatches) -> proto::RouteMatch {
-    let mut compiled = everything();
+/// A gRPC method match as the HTTP/2 path it names: `/<service>/<method>`.
+fn grpc_match(written: &Value) -> Result<Match, String> {
+    let matched: written::GrpcMatch =
+        serde_json::from_value(written.clone()).map_err(|err| format!(": {err}"))?;
+    let mut compiled = Match::default();
     if let Some(method) = &matched.method {
         let service = method.service.as_deref();
         let name = method.method.as_deref();
-        let regex = method.r#type == Some(GrpcRouteRulesMatchesMethodType::RegularExpression);
-        let (kind, path) = match (regex, service, name) {
-            (false, Some(service), Some(name)) => (PathKind::Exact, format!("/{service}/{name}")),
-            (false, Some(service), None) => (PathKind::Prefix, format!("/{service}/")),
-            (false, None, Some(name)) => (PathKind::Regex, format!("/[^/]+/{}", escape(name))),
-            (true, service, name) => (
-                PathKind::Regex,
-                format!(
-                    "/{}/{}",
+        compiled.path = match (method.kind.as_deref(), service, name) {
+            (None | Some("Exact"), Some(service), Some(name)) => {
+                PathMatch::Exact(format!("/{service}/{name}"))
+            }
+            (None | Some("Exact"), Some(service), None) => PathMatch::Prefix(format!("/{service}")),
+            (None | Some("Exact"), None, Some(name)) => PathMatch::RegularExpression(
+                Pattern::new(&format!("/[^/]+/{}", regex_escape(name)))
+                    .map_err(|err| format!("method.method: {err}"))?,
+            ),
+            (Some("RegularExpression"), service, name) => PathMatch::RegularExpression(
+                Pattern::new(&format!(
+                    "/(?:{})/(?:{})",
                     service.unwrap_or("[^/]+"),
                     name.unwrap_or("[^/]+")
-                ),
+                ))
+                .map_err(|err| format!("method: {err}"))?,
             ),
-            (false, None, None) => (PathKind::Prefix, "/".to_owned()),
+            (None | Some("Exact"), None, None) => PathMatch::Prefix("/".to_owned()),
+            (Some(other), _, _) => return Err(format!("method.type: {other:?} is not supported")),
         };
-        compiled.path_kind = kind as i32;
-        compiled.path = path;
     }
-    compiled.method = "POST".to_owned();
-    compiled.headers = matched
-        .headers
-        .iter()
-        .flatten()
-        .map(|header| proto::HeaderMatch {
-            name: header.name.to_ascii_lowercase(),
-            value: header.value.clone(),
-            regex: header.r#type == Some(GrpcRouteRulesMatchesHeadersType::RegularExpression),
-        })
-        .collect();
-    compiled
+    compiled.headers = value_matches(&matched.headers, "headers", true)?;
+    Ok(compiled)
 }
 
 /// `text` with regular-expression metacharacters escaped.
-fn escape(text: &str) -> String {
+fn regex_escape(text: &str) -> String {
     let mut escaped = String::with_capacity(text.len());
     for character in text.chars() {
         if "\\.+*?()|[]{}^$".contains(character) {

@@ -519,7 +519,7 @@ spec: { service: ghost }
 }
 
 #[test]
-fn routes_attach_to_services_in_precedence_order() {
+fn routes_attach_to_service_ports_in_precedence_order_with_gateway_api_status() {
     let routes = r#"
 ---
 apiVersion: v1
@@ -533,18 +533,22 @@ metadata: { name: split, namespace: shop, creationTimestamp: "2026-01-01T00:00:0
 spec:
   parentRefs: [{ group: "", kind: Service, name: web, port: 80 }]
   rules:
-    - backendRefs:
+    - name: canary
+      backendRefs:
         - { name: web, port: 80, weight: 90 }
         - { name: web-canary, port: 80, weight: 10 }
+        - { name: gone, port: 80, weight: 0 }
     - matches:
         - path: { type: Exact, value: /admin }
         - headers: [{ name: X-Canary, value: "yes" }]
-      backendRefs: [{ name: web-canary, port: 80 }]
-      timeouts: { request: 2s }
+      filters:
+        - type: RequestRedirect
+          requestRedirect: { scheme: https, statusCode: 301 }
+      timeouts: { request: 2s, backendRequest: 1s }
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: GRPCRoute
-metadata: { name: rpc, namespace: shop }
+metadata: { name: rpc, namespace: shop, creationTimestamp: "2026-01-02T00:00:00Z" }
 spec:
   parentRefs: [{ kind: Service, name: web }]
   rules:
@@ -553,10 +557,17 @@ spec:
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
-metadata: { name: dangling, namespace: shop }
+metadata: { name: dangling, namespace: shop, creationTimestamp: "2026-01-03T00:00:00Z" }
 spec:
-  parentRefs: [{ kind: Service, name: web }]
-  rules: [{ backendRefs: [{ name: nowhere, port: 80 }] }]
+  parentRefs: [{ kind: Service, name: web, port: 80 }]
+  rules: [{ matches: [{ path: { value: /dangling } }], backendRefs: [{ name: nowhere, port: 80 }] }]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: web, namespace: legacy }
+spec:
+  parentRefs: [{ kind: Service, name: web, namespace: shop }]
+  rules: [{ backendRefs: [{ name: web, namespace: shop, port: 80 }] }]
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
@@ -570,41 +581,102 @@ spec:
         &settings(),
         &TrustBundle::default(),
     );
-    let at_80 = compiled
-        .shared
-        .get::<proto::ServiceRoutes>("shop/web:80")
-        .unwrap();
-    let order: Vec<(&str, &str)> = at_80
+    let at = |key: &str| {
+        let wire = compiled.shared.get::<proto::ServiceRoutes>(key).unwrap();
+        weft_api::routes::ServiceRoutes::try_from(&wire).unwrap()
+    };
+    let at_80 = at("shop/web:80");
+    let order: Vec<(&str, &str, Option<&str>)> = at_80
         .rules
         .iter()
-        .map(|rule| (rule.matches[0].path.as_str(), rule.route.as_str()))
+        .map(|rule| {
+            (
+                rule.route.as_str(),
+                rule.name.as_str(),
+                rule.consumer_namespace.as_deref(),
+            )
+        })
         .collect();
     assert_eq!(
         order,
         [
-            ("/admin", "HTTPRoute/shop/split"),
-            ("/", "HTTPRoute/shop/split"),
-            ("/", "HTTPRoute/shop/split"),
+            ("GRPCRoute/shop/rpc", "0", None),
+            ("HTTPRoute/shop/split", "1", None),
+            ("HTTPRoute/shop/dangling", "0", None),
+            ("HTTPRoute/shop/split", "1", None),
+            // No creation time sorts first: older than the others.
+            ("HTTPRoute/legacy/web", "0", Some("legacy")),
+            ("HTTPRoute/shop/split", "canary", None),
         ],
-        "exact before prefix; the header match before the bare prefix"
+        "exact paths, then the longest prefix, then more headers, then age"
     );
-    assert_eq!(at_80.rules[1].matches[0].headers[0].name, "x-canary");
-    assert_eq!(at_80.rules[0].timeout_ms, 2000);
-    let weights: Vec<u32> = at_80.rules[2].backends.iter().map(|b| b.weight).collect();
-    assert_eq!(weights, [90, 10]);
-    let grpc = compiled
-        .shared
-        .get::<proto::ServiceRoutes>("shop/web:0")
-        .unwrap();
-    assert_eq!(grpc.rules[0].matches[0].path, "/shop.Cart/Add");
-
-    let dangling = verdict(&compiled, Kind::HttpRoute, "shop", "dangling");
-    assert_eq!(dangling.reason, Reason::ServiceNotFound);
+    assert_eq!(at_80.rules[3].matches[0].headers[0].name, "x-canary");
+    let redirect = at_80.rules[1].filters.redirect.as_ref().unwrap();
+    assert_eq!(
+        (redirect.scheme.as_deref(), redirect.status),
+        (Some("https"), 301)
+    );
+    assert_eq!(
+        at_80.rules[1].timeouts.backend_request,
+        Some(std::time::Duration::from_secs(1))
+    );
+    let backends: Vec<(Option<String>, u32)> = at_80.rules[5]
+        .backends
+        .iter()
+        .map(|b| (b.target.as_ref().map(|t| t.service.clone()), b.weight))
+        .collect();
+    assert_eq!(
+        backends,
+        [
+            (Some("web".into()), 90),
+            (Some("web-canary".into()), 10),
+            (None, 0)
+        ]
+    );
+    // A parent without a port means every port of the service the mesh carries: the
+    // UDP port is not one.
     assert!(
-        dangling
-            .message
-            .starts_with("spec.rules[0].backendRefs[0]: "),
-        "{dangling:?}"
+        compiled
+            .shared
+            .get::<proto::ServiceRoutes>("shop/web:53")
+            .is_none()
+    );
+
+    let status =
+        |namespace: &str, name: &str, kind: Kind| verdict(&compiled, kind, namespace, name);
+    let split = status("shop", "split", Kind::HttpRoute);
+    assert!(split.accepted, "{split:?}");
+    let references = split.references.as_ref().unwrap();
+    assert!(
+        references.resolved,
+        "a weight-0 backend that does not resolve is no problem"
+    );
+    let dangling = status("shop", "dangling", Kind::HttpRoute);
+    assert!(
+        dangling.accepted,
+        "a missing backend fails only its share: {dangling:?}"
+    );
+    let references = dangling.references.as_ref().unwrap();
+    assert_eq!(
+        (
+            references.resolved,
+            references.reason,
+            references.message.as_str()
+        ),
+        (
+            false,
+            Reason::BackendNotFound,
+            "spec.rules[0].backendRefs[0]: there is no Service shop/nowhere"
+        )
+    );
+    let consumer = status("legacy", "web", Kind::HttpRoute);
+    assert_eq!(
+        consumer.message,
+        "routes requests to Service shop/web for clients in namespace legacy (a consumer route)"
+    );
+    assert_eq!(
+        consumer.references.as_ref().unwrap().reason,
+        Reason::ResolvedRefs
     );
     assert!(
         !compiled
@@ -612,6 +684,69 @@ spec:
             .contains_key(&(Kind::HttpRoute, ObjectKey::new("shop", "north-south"))),
         "routes of Gateways are another controller's"
     );
+}
+
+#[test]
+fn routes_weft_cannot_honour_are_refused_naming_the_field() {
+    let route = |spec: &str| {
+        format!(
+            "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{ name: bad, namespace: shop }}\nspec: {spec}\n"
+        )
+    };
+    let cases = [
+        (
+            "{ parentRefs: [{ kind: Service, name: nowhere }] }",
+            Reason::NoMatchingParent,
+            "spec.parentRefs[0]: there is no Service shop/nowhere",
+        ),
+        (
+            "{ parentRefs: [{ kind: Service, name: web, port: 81 }] }",
+            Reason::NoMatchingParent,
+            "spec.parentRefs[0].port: Service shop/web has no port 81",
+        ),
+        (
+            "{ parentRefs: [{ kind: Service, name: web }], hostnames: [web.example] }",
+            Reason::UnsupportedValue,
+            "spec.hostnames: a mesh route applies by the Service's address, not by host names; \
+             remove them (or route a Gateway with them)",
+        ),
+        (
+            "{ parentRefs: [{ kind: Service, name: web }], rules: [{ filters: [{ type: RequestMirror, requestMirror: { backendRef: { name: web, port: 80 } } }] }] }",
+            Reason::UnsupportedValue,
+            "spec.rules[0].filters[0]: RequestMirror: the agents do not mirror requests yet; \
+             remove the filter",
+        ),
+        (
+            "{ parentRefs: [{ kind: Service, name: web }], rules: [{ matches: [{ path: { type: RegularExpression, value: '(' } }] }] }",
+            Reason::UnsupportedValue,
+            "spec.rules[0].matches[0].path.value: \"(\" is not a regular expression (unclosed group)",
+        ),
+        (
+            "{ parentRefs: [{ kind: Service, name: web }], rules: [{ timeouts: { request: 1s, backendRequest: 2s } }] }",
+            Reason::UnsupportedValue,
+            "spec.rules[0].timeouts.backendRequest: longer than timeouts.request",
+        ),
+    ];
+    for (spec, reason, message) in cases {
+        let compiled = compile(
+            &objects(&format!("{CLUSTER}{}", route(spec))),
+            &settings(),
+            &TrustBundle::default(),
+        );
+        let verdict = verdict(&compiled, Kind::HttpRoute, "shop", "bad");
+        assert_eq!(
+            (verdict.accepted, verdict.reason, verdict.message.as_str()),
+            (false, reason, message),
+            "{spec}"
+        );
+        assert!(
+            compiled
+                .shared
+                .get::<proto::ServiceRoutes>("shop/web:80")
+                .is_none(),
+            "a refused route applies nowhere: {spec}"
+        );
+    }
 }
 
 #[test]
@@ -767,30 +902,25 @@ fn verdicts_say_accepted_only_for_what_the_agents_enforce() {
             "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: { name: web, namespace: shop }\nspec: { parentRefs: [{ kind: Service, name: web }], rules: [{ backendRefs: [{ name: web, port: 80 }] }] }",
             Kind::HttpRoute,
             "web",
-            false,
-            Reason::NotEnforced,
-            "the agents do not enforce HTTPRoute yet, so nothing of it applies: traffic to \
-             Service shop/web goes to its endpoints as if the route did not exist"
-                .to_owned(),
+            true,
+            Reason::Accepted,
+            "routes requests to Service shop/web for every client".to_owned(),
         ),
         (
             "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: { name: rpc, namespace: shop }\nspec: { parentRefs: [{ kind: Service, name: web }], rules: [{ backendRefs: [{ name: web, port: 80 }] }] }",
             Kind::GrpcRoute,
             "rpc",
-            false,
-            Reason::NotEnforced,
-            "the agents do not enforce GRPCRoute yet, so nothing of it applies: traffic to \
-             Service shop/web goes to its endpoints as if the route did not exist"
-                .to_owned(),
+            true,
+            Reason::Accepted,
+            "routes requests to Service shop/web for every client".to_owned(),
         ),
         (
             "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: { name: dangling, namespace: shop }\nspec: { parentRefs: [{ kind: Service, name: web }], rules: [{ backendRefs: [{ name: nowhere, port: 80 }] }] }",
             Kind::HttpRoute,
             "dangling",
-            false,
-            Reason::ServiceNotFound,
-            "spec.rules[0].backendRefs[0]: there is no Service nowhere in namespace shop"
-                .to_owned(),
+            true,
+            Reason::Accepted,
+            "routes requests to Service shop/web for every client".to_owned(),
         ),
         (
             "kind: PeerAuthentication\nmetadata: { name: web, namespace: shop }\nspec: { selector: { matchLabels: { app: web } }, mode: PERMISSIVE }",
@@ -845,12 +975,10 @@ spec: { parentRefs: [{ kind: Service, name: web, port: 80 }], rules: [{ backendR
         &settings(),
         &TrustBundle::default(),
     );
-    for kind in [Kind::TrafficPolicy, Kind::HttpRoute] {
-        assert_eq!(
-            verdict(&compiled, kind, "shop", "web").reason,
-            Reason::NotEnforced
-        );
-    }
+    assert_eq!(
+        verdict(&compiled, Kind::TrafficPolicy, "shop", "web").reason,
+        Reason::NotEnforced
+    );
     let traffic = compiled
         .shared
         .get::<proto::TrafficPolicy>("shop/web")

@@ -45,7 +45,7 @@ use super::Publisher;
 use crate::{
     auth::AuthError,
     objects::{Kind, Object, ObjectKey, Objects},
-    status::{ACCEPTED, Statuses, Verdict},
+    status::{ACCEPTED, RESOLVED_REFS, Statuses, Verdict},
 };
 
 /// How long a burst of events may go unpublished.
@@ -679,27 +679,35 @@ fn route_status(parent_refs: &Value, parents: &Value, verdict: &Verdict) -> Opti
         .unwrap_or_default()
         .into_iter()
         .partition(|entry| entry["controllerName"] == CONTROLLER_NAME);
-    let previous = |parent: &Value| -> Option<Condition> {
+    let previous = |parent: &Value, kind: &str| -> Option<Condition> {
         let entry = ours.iter().find(|entry| entry["parentRef"] == *parent)?;
         let conditions: Vec<Condition> =
             serde_json::from_value(entry["conditions"].clone()).ok()?;
-        accepted(&conditions).cloned()
+        conditions
+            .into_iter()
+            .find(|condition| condition.type_ == kind)
     };
-    let desired = verdict.condition(None);
+    let conditions = |parent: &Value| -> Vec<Condition> {
+        let accepted = verdict.condition(previous(parent, ACCEPTED).as_ref());
+        let references = verdict.references_condition(previous(parent, RESOLVED_REFS).as_ref());
+        std::iter::once(accepted).chain(references).collect()
+    };
     let unchanged = ours.len() == services.len()
         && services.iter().all(|parent| {
-            previous(parent).is_some_and(|current| same_condition(&current, &desired))
+            conditions(parent).iter().all(|desired| {
+                previous(parent, &desired.type_)
+                    .is_some_and(|current| same_condition(&current, desired))
+            })
         });
     if unchanged {
         return None;
     }
     let mut entries = others;
     for parent in &services {
-        let condition = verdict.condition(previous(parent).as_ref());
         entries.push(json!({
             "parentRef": parent,
             "controllerName": CONTROLLER_NAME,
-            "conditions": [condition],
+            "conditions": conditions(parent),
         }));
     }
     Some(json!({ "parents": entries }))

@@ -122,9 +122,18 @@ mod tests {
                             service: "shop/web-canary".into(),
                             port: 80,
                             weight: 10,
+                            filters: Vec::new(),
                         }],
                         timeout_ms: 2000,
-                        set_headers: [("x-canary".to_owned(), "yes".to_owned())].into(),
+                        filters: vec![proto::RouteFilter {
+                            filter: Some(proto::route_filter::Filter::RequestHeaders(
+                                proto::HeaderModifier {
+                                    set: [("x-canary".to_owned(), "yes".to_owned())].into(),
+                                    ..Default::default()
+                                },
+                            )),
+                        }],
+                        ..Default::default()
                     }],
                 },
             ),
@@ -161,7 +170,10 @@ mod tests {
         assert_eq!(rule["matches"][0]["path"], "/admin");
         assert_eq!(rule["backends"][0]["weight"], 10);
         assert_eq!(rule["timeoutMs"], 2000);
-        assert_eq!(rule["setHeaders"], json!({ "x-canary": "yes" }));
+        assert_eq!(
+            rule["filters"][0]["filter"]["requestHeaders"]["set"],
+            json!({ "x-canary": "yes" })
+        );
 
         let kinds: BTreeSet<&str> = dump
             .as_object()

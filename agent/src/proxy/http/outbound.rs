@@ -2,14 +2,18 @@
 //! own over the service's endpoints and sent on a pooled upstream connection; one to a
 //! pod of this node is first authorized here by that pod's policies.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use weft_api::routes::{HeaderModifier, Timeouts};
+
 use super::{
-    ProxyBody, forward, headers, pool, start_span,
+    ProxyBody, forward, headers, pool,
+    route::{self, Routed, RuleName, Target},
+    start_span,
     telemetry::{Exchange, Record, Requests},
     traceparent,
 };
@@ -20,9 +24,9 @@ use crate::{
         authorize::{self, Caller, Direction},
         connect::connect,
         error::ProxyError,
-        logical::{Hop, Logical},
+        logical::{Destination, Hop, Logical},
         metrics::{Peer, Reporter},
-        outbound::{choose, idle_timeout},
+        outbound::{choose, choose_backend, idle_timeout},
         trace::{Span, SpanKind},
     },
 };
@@ -70,7 +74,28 @@ impl Outbound {
     async fn request(self: Arc<Self>, mut request: Request<Incoming>) -> Response<ProxyBody> {
         let mut exchange = Exchange::of(&request);
         let span = start_span(&self.proxy, SpanKind::Client, &mut request, &mut exchange);
-        let (endpoint, pick) = match choose(&self.proxy, &self.logical) {
+        let routed = match self.route(&mut request) {
+            Ok(routed) => routed,
+            Err(error) => {
+                if let ProxyError::NoBackend { route, rule } = &error {
+                    exchange.route = Some(RuleName {
+                        route: route.clone(),
+                        rule: rule.clone(),
+                    });
+                }
+                return self.failed(&exchange, span, None, error);
+            }
+        };
+        exchange.route = routed.as_ref().map(|routed| routed.name.clone());
+        let chosen = match routed.as_ref().map(|routed| &routed.target) {
+            None => choose(&self.proxy, &self.logical),
+            Some(Target::Backend(backend)) => choose_backend(&self.proxy, backend),
+            Some(Target::Redirect { status, location }) => {
+                let response_headers = routed.as_ref().map(|r| r.response_headers.as_slice());
+                return self.redirect(&exchange, span, *status, location, response_headers);
+            }
+        };
+        let (endpoint, pick) = match chosen {
             Ok(chosen) => chosen,
             Err(error) => return self.failed(&exchange, span, None, error),
         };
@@ -111,20 +136,31 @@ impl Outbound {
                 carried.clone(),
             )
         };
-        let forwarded = match forward(
+        let forwarding = forward(
             &self.proxy,
             &self.proxy.http_pool,
             key.clone(),
             dial,
             request,
-        )
-        .await
-        {
+        );
+        let deadline = routed
+            .as_ref()
+            .and_then(|routed| deadline(&routed.timeouts, exchange.started.elapsed()));
+        let outcome = match deadline {
+            None => forwarding.await,
+            Some((which, timeout, left)) => tokio::time::timeout(left, forwarding)
+                .await
+                .unwrap_or(Err(ProxyError::RouteTimeout { which, timeout })),
+        };
+        let mut forwarded = match outcome {
             Ok(forwarded) => forwarded,
             Err(error) => {
                 return self.failed(&exchange, span, Some((&endpoint.peer, mutual_tls)), error);
             }
         };
+        for modifier in routed.iter().flat_map(|routed| &routed.response_headers) {
+            route::modify(forwarded.response.headers_mut(), modifier);
+        }
         if let Some(pick) = &pick {
             pick.observe(exchange.started.elapsed());
         }
@@ -164,5 +200,66 @@ impl Outbound {
     ) -> Response<ProxyBody> {
         let client = self.logical.source.address;
         super::failed(&self.requests, &client, exchange, span, destination, error)
+    }
+
+    /// The routes of the service the client addressed decide `request`: `None` when it
+    /// has none that apply to this client.
+    fn route(&self, request: &mut Request<Incoming>) -> Result<Option<Routed>, ProxyError> {
+        let Destination::Service(target) = &self.logical.destination else {
+            return Ok(None);
+        };
+        let mesh = self.proxy.mesh.get();
+        let namespace = self
+            .logical
+            .source
+            .peer
+            .namespace
+            .as_deref()
+            .unwrap_or_default();
+        let Some(routes) = mesh
+            .routes_of(&target.key)
+            .filter(|routes| routes.applies_to(namespace))
+        else {
+            return Ok(None);
+        };
+        route::route(routes, namespace, request, |total| fastrand::u64(..total)).map(Some)
+    }
+
+    /// Answers a request a rule redirects, and measures it.
+    fn redirect(
+        &self,
+        exchange: &Exchange,
+        span: Span,
+        status: u16,
+        location: &str,
+        response_headers: Option<&[HeaderModifier]>,
+    ) -> Response<ProxyBody> {
+        let mut response = Response::new(super::empty());
+        *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::FOUND);
+        if let Ok(location) = HeaderValue::from_str(location) {
+            response.headers_mut().insert(header::LOCATION, location);
+        }
+        for modifier in response_headers.into_iter().flatten() {
+            route::modify(response.headers_mut(), modifier);
+        }
+        super::answered(&self.requests, exchange, span, status);
+        response
+    }
+}
+
+/// How long the forwarded request may take before the route's timeouts answer 504: the
+/// nearer of `timeouts.request` (counted from the request's start, `elapsed` ago) and
+/// `timeouts.backendRequest`, with which one it is and its configured length.
+fn deadline(timeouts: &Timeouts, elapsed: Duration) -> Option<(&'static str, Duration, Duration)> {
+    let request = timeouts
+        .request
+        .map(|timeout| ("request", timeout, timeout.saturating_sub(elapsed)));
+    let backend = timeouts
+        .backend_request
+        .map(|timeout| ("backendRequest", timeout, timeout));
+    match (request, backend) {
+        (Some(request), Some(backend)) if backend.2 < request.2 => Some(backend),
+        (Some(request), _) => Some(request),
+        (None, backend) => backend,
     }
 }

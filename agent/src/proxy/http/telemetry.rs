@@ -18,6 +18,7 @@ use http::{Method, Version};
 use metrics::{Counter, Histogram, Label, counter, histogram};
 use tokio::time::Instant;
 
+use super::route::RuleName;
 use crate::{
     proxy::metrics::{AccessLog, Connection, Peer, Reporter, unix_seconds},
     sync,
@@ -61,6 +62,8 @@ pub struct Exchange {
     /// `http` or `grpc`.
     pub protocol: &'static str,
     pub trace_id: Option<String>,
+    /// The route rule that decided the request, if a route is attached to its service.
+    pub route: Option<RuleName>,
 }
 
 impl Exchange {
@@ -82,6 +85,7 @@ impl Exchange {
                 "http"
             },
             trace_id: None,
+            route: None,
         }
     }
 }
@@ -140,6 +144,15 @@ impl Requests {
         handles.duration.record(elapsed.as_secs_f64() * 1000.0);
         handles.request_bytes.record(answer.request_bytes as f64);
         handles.response_bytes.record(answer.response_bytes as f64);
+        if let Some(route) = &exchange.route {
+            counter!(
+                "weft_route_requests_total",
+                "route" => route.route.clone(),
+                "rule" => route.rule.clone(),
+                "response_code" => answer.status.to_string(),
+            )
+            .increment(1);
+        }
         if !self.log.requests() {
             return;
         }
@@ -165,6 +178,10 @@ impl Requests {
             "security": if record.mutual_tls { "mutual_tls" } else { "none" },
             "trace_id": exchange.trace_id,
         });
+        if let Some(route) = &exchange.route {
+            line["route"] = route.route.clone().into();
+            line["rule"] = route.rule.clone().into();
+        }
         if let Some(error) = record.error {
             line["error"] = error.into();
         }
@@ -207,6 +224,10 @@ pub fn describe() {
     describe_counter!(
         "istio_requests_total",
         "HTTP and gRPC requests (Istio standard)"
+    );
+    describe_counter!(
+        "weft_route_requests_total",
+        "Requests decided by an HTTPRoute or GRPCRoute rule, by route, rule and response code"
     );
     describe_histogram!(
         "istio_request_duration_milliseconds",

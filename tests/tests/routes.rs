@@ -1,0 +1,681 @@
+//! Gateway API routing in the mesh (GAMMA), on a 2-node local cluster with curl as the
+//! client: the cases of the Gateway API's mesh conformance tests (v1.6.1, see
+//! `docs/gamma-conformance.md` for the list and what each checks), written in our own
+//! code with the same resources and expectations, plus the checks upstream leaves out
+//! (the rewritten path, the redirect `Location`) and extended features it does not
+//! cover (response header modifier, hostname rewrite, method matching, timeouts, a
+//! backend that does not exist, weight changes under load).
+//!
+//! One cluster serves every case: the resources of each upstream test are applied in
+//! turn, as the upstream suite applies its manifests, and each case is polled until it
+//! holds (the configuration takes a moment to reach the agents), then checked again.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use weft_cluster::{Cluster, PodSpec};
+use weft_e2e::{TestCluster, agent_metrics, samples, wait_until, workspace_bin};
+
+const NS: &str = "gamma";
+const CONSUMER: &str = "gamma-consumer";
+const ECHO: &str = "10.96.1.10";
+const ECHO_V1: &str = "10.96.1.11";
+const ECHO_V2: &str = "10.96.1.12";
+const CONVERGE: Duration = Duration::from_secs(30);
+
+/// Request headers a case sends.
+type Headers<'a> = &'a [(&'a str, &'a str)];
+
+/// The upstream suite's base resources: `echo` selects both versions, `echo-v1` and
+/// `echo-v2` one each; every service has an HTTP port 80 and an `http-alt` port 8080.
+const BASE: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: { name: gamma, labels: { weft.dev/mesh: enabled } }
+---
+apiVersion: v1
+kind: Namespace
+metadata: { name: gamma-consumer, labels: { weft.dev/mesh: enabled } }
+---
+apiVersion: v1
+kind: Service
+metadata: { name: echo, namespace: gamma }
+spec:
+  clusterIP: 10.96.1.10
+  selector: { app: echo }
+  ports: [{ name: http, port: 80, targetPort: 8080, appProtocol: http }, { name: http-alt, port: 8080, appProtocol: http }]
+---
+apiVersion: v1
+kind: Service
+metadata: { name: echo-v1, namespace: gamma }
+spec:
+  clusterIP: 10.96.1.11
+  selector: { app: echo, version: v1 }
+  ports: [{ name: http, port: 80, targetPort: 8080, appProtocol: http }, { name: http-alt, port: 8080, appProtocol: http }]
+---
+apiVersion: v1
+kind: Service
+metadata: { name: echo-v2, namespace: gamma }
+spec:
+  clusterIP: 10.96.1.12
+  selector: { app: echo, version: v2 }
+  ports: [{ name: http, port: 80, targetPort: 8080, appProtocol: http }, { name: http-alt, port: 8080, appProtocol: http }]
+"#;
+
+/// What one request got.
+#[derive(Debug, Default)]
+struct Answer {
+    status: u16,
+    /// Response headers, names in lower case.
+    headers: BTreeMap<String, String>,
+    /// The echo's JSON (`pod`, `path`, `host`, `headers`), if an echo answered.
+    echo: serde_json::Value,
+}
+
+impl Answer {
+    fn pod(&self) -> &str {
+        self.echo["pod"].as_str().unwrap_or_default()
+    }
+
+    fn backend_header(&self, name: &str) -> Option<&str> {
+        self.echo["headers"][name].as_str()
+    }
+}
+
+struct Mesh {
+    cluster: TestCluster,
+}
+
+impl Mesh {
+    fn up() -> Self {
+        let mut cluster = TestCluster::with_mesh(2, BASE);
+        let echo = workspace_bin("weft-echo").display().to_string();
+        for (name, version, node) in [("echo-v1", "v1", "node1"), ("echo-v2", "v2", "node1")] {
+            let mut spec = PodSpec::new(name, node, &[&echo]);
+            spec.namespace = NS.into();
+            spec.labels.insert("app".into(), "echo".into());
+            spec.labels.insert("version".into(), version.into());
+            spec.service_account = "echo".into();
+            add(&mut cluster, spec);
+        }
+        for (name, namespace) in [("client", NS), ("consumer", CONSUMER)] {
+            let mut spec = PodSpec::new(name, "node0", &[]);
+            spec.namespace = namespace.into();
+            spec.service_account = "client".into();
+            add(&mut cluster, spec);
+        }
+        cluster.settle();
+        let mesh = Self { cluster };
+        mesh.eventually("both versions answer", || {
+            let pods: Vec<String> = (0..8)
+                .map(|_| mesh.get(NS, "client", ECHO, "/", &[]).pod().to_owned())
+                .collect();
+            pods.iter().any(|p| p == "echo-v1") && pods.iter().any(|p| p == "echo-v2")
+        });
+        mesh
+    }
+
+    /// Applies the base resources and `routes`, replacing earlier routes.
+    fn routes(&self, routes: &str) {
+        self.cluster.set_mesh_yaml(&format!("{BASE}---\n{routes}"));
+        self.cluster.settle();
+    }
+
+    /// One request from pod `pod` of `namespace` to `address` (a host[:port]) with
+    /// `path` and `headers`; redirects are not followed.
+    fn get(
+        &self,
+        namespace: &str,
+        pod: &str,
+        address: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Answer {
+        self.request(namespace, pod, "GET", address, path, headers)
+    }
+
+    fn request(
+        &self,
+        namespace: &str,
+        pod: &str,
+        method: &str,
+        address: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Answer {
+        let url = format!("http://{address}{path}");
+        let mut argv = vec![
+            "curl".to_owned(),
+            "-s".into(),
+            "-i".into(),
+            "--max-time".into(),
+            "10".into(),
+            "-X".into(),
+            method.into(),
+        ];
+        for (name, value) in headers {
+            argv.push("-H".into());
+            argv.push(format!("{name}: {value}"));
+        }
+        argv.push(url);
+        let output = self
+            .cluster
+            .pod_command(namespace, pod, &argv)
+            .unwrap()
+            .output()
+            .unwrap();
+        parse(&String::from_utf8_lossy(&output.stdout))
+    }
+
+    /// Polls `holds` until it is true, then requires it twice more in a row (as the
+    /// upstream suite requires three consecutive successes).
+    fn eventually(&self, what: &str, mut holds: impl FnMut() -> bool) {
+        let mut streak = 0;
+        wait_until(what, CONVERGE, || {
+            if holds() {
+                streak += 1;
+            } else {
+                streak = 0;
+            }
+            streak >= 3
+        });
+    }
+}
+
+fn add(cluster: &mut Cluster, spec: PodSpec) {
+    cluster.add_pod(spec).unwrap_or_else(|err| panic!("{err}"));
+}
+
+/// `curl -i` output: the status line, headers, then the body.
+fn parse(output: &str) -> Answer {
+    let (head, body) = output.split_once("\r\n\r\n").unwrap_or((output, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
+    Answer {
+        status,
+        headers,
+        echo: serde_json::from_str(body.trim()).unwrap_or_default(),
+    }
+}
+
+fn route(name: &str, namespace: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{ name: {name}, namespace: {namespace} }}\nspec:\n{spec}\n---\n"
+    )
+}
+
+#[test]
+fn gamma_mesh_conformance_cases_hold_on_the_local_cluster() {
+    let mesh = Mesh::up();
+
+    // MeshBasic: no route, the service answers.
+    assert_eq!(mesh.get(NS, "client", ECHO, "/", &[]).status, 200);
+
+    // MeshPorts: a parent port limits the route to that port; no port means every port.
+    mesh.routes(&format!(
+        "{}{}",
+        route(
+            "mesh-split-v1",
+            NS,
+            "  parentRefs: [{ group: \"\", kind: Service, name: echo-v1, port: 80 }]\n  rules:\n    - filters: [{ type: ResponseHeaderModifier, responseHeaderModifier: { set: [{ name: X-Header-Set, value: v1 }] } }]\n      backendRefs: [{ name: echo-v1, port: 80 }]"
+        ),
+        route(
+            "mesh-split-v2",
+            NS,
+            "  parentRefs: [{ group: \"\", kind: Service, name: echo-v2 }]\n  rules:\n    - filters: [{ type: ResponseHeaderModifier, responseHeaderModifier: { set: [{ name: X-Header-Set, value: v2 }] } }]\n      backendRefs: [{ name: echo-v2, port: 80 }]"
+        ),
+    ));
+    let header = |address: &str| {
+        let answer = mesh.get(NS, "client", address, "/", &[]);
+        (
+            answer.status,
+            answer.headers.get("x-header-set").cloned(),
+            answer.pod().to_owned(),
+        )
+    };
+    mesh.eventually("MeshPorts: the explicit port", || {
+        header(ECHO_V1) == (200, Some("v1".into()), "echo-v1".into())
+    });
+    assert_eq!(
+        header(&format!("{ECHO_V1}:8080")),
+        (200, None, "echo-v1".into()),
+        "MeshPorts: another port"
+    );
+    assert_eq!(
+        header(ECHO_V2),
+        (200, Some("v2".into()), "echo-v2".into()),
+        "MeshPorts: no port"
+    );
+    assert_eq!(
+        header(&format!("{ECHO_V2}:8080")),
+        (200, Some("v2".into()), "echo-v2".into()),
+        "MeshPorts: no port, port 8080"
+    );
+
+    // MeshFrontend and MeshFrontendHostname: a route applies to the service's address,
+    // not to the pod's, and not by the Host header.
+    let v2_pod = mesh
+        .cluster
+        .topology()
+        .pods
+        .iter()
+        .find(|p| p.name == "echo-v2")
+        .unwrap()
+        .ip;
+    assert_eq!(
+        header(&format!("{v2_pod}:8080")),
+        (200, None, "echo-v2".into()),
+        "MeshFrontend: pod IP"
+    );
+    let with_host = |address: &str, host: &str| {
+        let answer = mesh.get(NS, "client", address, "/", &[("Host", host)]);
+        (
+            answer.headers.get("x-header-set").cloned(),
+            answer.pod().to_owned(),
+        )
+    };
+    assert_eq!(
+        with_host(ECHO_V2, "echo-v1"),
+        (Some("v2".into()), "echo-v2".into())
+    );
+    assert_eq!(
+        with_host(&format!("{ECHO_V1}:8080"), "echo-v2"),
+        (None, "echo-v1".into())
+    );
+
+    // MeshConsumerRoute: a route in the client's namespace for a service elsewhere
+    // applies to that namespace's clients only.
+    mesh.routes(&route(
+        "mesh-echo-add-header",
+        CONSUMER,
+        "  parentRefs: [{ group: \"\", kind: Service, name: echo-v1, namespace: gamma }]\n  rules:\n    - filters: [{ type: ResponseHeaderModifier, responseHeaderModifier: { set: [{ name: X-Header-Set, value: set }] } }]\n      backendRefs: [{ name: echo-v1, namespace: gamma, port: 80 }]",
+    ));
+    mesh.eventually("MeshConsumerRoute: the consumer's client", || {
+        let answer = mesh.get(CONSUMER, "consumer", ECHO_V1, "/", &[]);
+        answer.headers.get("x-header-set").map(String::as_str) == Some("set")
+    });
+    let producer = mesh.get(NS, "client", ECHO_V1, "/", &[]);
+    assert_eq!(
+        (producer.status, producer.headers.get("x-header-set")),
+        (200, None)
+    );
+
+    // MeshTrafficSplit, MeshHTTPRouteMatching and the named-rule case: paths, headers
+    // and precedence; a request no rule matches is answered 404.
+    mesh.routes(&route(
+        "mesh-matching",
+        NS,
+        "  parentRefs: [{ group: \"\", kind: Service, name: echo, port: 80 }]\n  rules:\n    - name: named-rule\n      matches: [{ path: { type: PathPrefix, value: / } }, { headers: [{ name: version, value: one }] }]\n      backendRefs: [{ name: echo-v1, port: 8080 }]\n    - matches: [{ path: { type: PathPrefix, value: /v2 } }, { headers: [{ name: version, value: two }] }]\n      backendRefs: [{ name: echo-v2, port: 8080 }]\n    - matches: [{ path: { type: Exact, value: /exact } , method: POST }]\n      backendRefs: [{ name: echo-v2, port: 8080 }]",
+    ));
+    let cases: [(&str, &str, Headers, &str); 11] = [
+        ("GET", "/", &[], "echo-v1"),
+        ("GET", "/example", &[], "echo-v1"),
+        ("GET", "/", &[("version", "one")], "echo-v1"),
+        ("GET", "/v2", &[], "echo-v2"),
+        ("GET", "/v2/example", &[], "echo-v2"),
+        ("GET", "/", &[("version", "two")], "echo-v2"),
+        ("GET", "/v2/", &[], "echo-v2"),
+        ("GET", "/v2example", &[], "echo-v1"),
+        ("GET", "/foo/v2/example", &[], "echo-v1"),
+        ("POST", "/exact", &[], "echo-v2"),
+        ("GET", "/exact", &[], "echo-v1"),
+    ];
+    mesh.eventually("MeshHTTPRouteMatching", || {
+        mesh.get(NS, "client", ECHO, "/v2", &[]).pod() == "echo-v2"
+    });
+    for (method, path, headers, pod) in cases {
+        let answer = mesh.request(NS, "client", method, ECHO, path, headers);
+        assert_eq!(
+            (answer.status, answer.pod()),
+            (200, pod),
+            "{method} {path} {headers:?}"
+        );
+    }
+
+    // MeshHTTPRouteQueryParamMatching: query parameters, ANDed within a match; no
+    // match is a 404, not the service.
+    mesh.routes(&route(
+        "mesh-query-param-matching",
+        NS,
+        "  parentRefs: [{ group: \"\", kind: Service, name: echo, port: 80 }]\n  rules:\n    - { matches: [{ queryParams: [{ name: animal, value: whale }] }], backendRefs: [{ name: echo-v1, port: 8080 }] }\n    - { matches: [{ queryParams: [{ name: animal, value: dolphin }] }], backendRefs: [{ name: echo-v2, port: 8080 }] }\n    - { matches: [{ path: { type: PathPrefix, value: /path1 }, queryParams: [{ name: animal, value: whale }] }], backendRefs: [{ name: echo-v1, port: 8080 }] }\n    - { matches: [{ headers: [{ name: version, value: one }], queryParams: [{ name: animal, value: whale }] }], backendRefs: [{ name: echo-v2, port: 8080 }] }\n    - { matches: [{ path: { type: PathPrefix, value: /path3 }, queryParams: [{ name: animal, value: shark }] }, { path: { type: PathPrefix, value: /path4 }, headers: [{ name: version, value: three }], queryParams: [{ name: animal, value: kraken }] }], backendRefs: [{ name: echo-v1, port: 8080 }] }\n    - { matches: [{ path: { type: PathPrefix, value: /path5 } }], backendRefs: [{ name: echo-v1, port: 8080 }] }\n    - { matches: [{ queryParams: [{ name: animal, value: hydra }] }], backendRefs: [{ name: echo-v2, port: 8080 }] }",
+    ));
+    mesh.eventually("MeshHTTPRouteQueryParamMatching", || {
+        mesh.get(NS, "client", ECHO, "/?animal=dolphin", &[]).pod() == "echo-v2"
+    });
+    let cases: [(&str, Headers, u16, &str); 15] = [
+        ("/?animal=whale", &[], 200, "echo-v1"),
+        ("/?animal=dolphin", &[], 200, "echo-v2"),
+        ("/?animal=whale&otherparam=irrelevant", &[], 200, "echo-v1"),
+        ("/?animal=dolphin&color=yellow", &[], 200, "echo-v2"),
+        ("/?color=blue", &[], 404, ""),
+        ("/?animal=dog", &[], 404, ""),
+        ("/?animal=whaledolphin", &[], 404, ""),
+        ("/", &[], 404, ""),
+        ("/path1?animal=whale", &[], 200, "echo-v1"),
+        ("/?animal=whale", &[("version", "one")], 200, "echo-v2"),
+        ("/path3?animal=shark", &[], 200, "echo-v1"),
+        (
+            "/path4?animal=kraken",
+            &[("version", "three")],
+            200,
+            "echo-v1",
+        ),
+        ("/?animal=shark", &[], 404, ""),
+        ("/path4?animal=kraken", &[], 404, ""),
+        ("/path5?animal=hydra", &[], 200, "echo-v1"),
+    ];
+    for (path, headers, status, pod) in cases {
+        let answer = mesh.get(NS, "client", ECHO, path, headers);
+        assert_eq!(
+            (answer.status, answer.pod()),
+            (status, pod),
+            "{path} {headers:?}"
+        );
+    }
+
+    // MeshHTTPRouteRequestHeaderModifier (rule level) and its backend-level variant,
+    // MeshHTTPRouteRewritePath with the path checked, and a hostname rewrite.
+    let modifier = "requestHeaderModifier: { set: [{ name: X-Header-Set, value: set-overwrites-values }], add: [{ name: X-Header-Add, value: add-appends-values }], remove: [X-Header-Remove] }";
+    mesh.routes(&route(
+        "mesh-request-header-modifier",
+        NS,
+        &format!(
+            "  parentRefs: [{{ group: \"\", kind: Service, name: echo, port: 80 }}]\n  rules:\n    - matches: [{{ path: {{ value: /rule }} }}]\n      filters: [{{ type: RequestHeaderModifier, {modifier} }}]\n      backendRefs: [{{ name: echo-v1, port: 8080 }}]\n    - matches: [{{ path: {{ value: /backend }} }}]\n      backendRefs: [{{ name: echo-v1, port: 8080, filters: [{{ type: RequestHeaderModifier, {modifier} }}] }}]\n    - matches: [{{ path: {{ value: /prefix/one }} }}]\n      filters: [{{ type: URLRewrite, urlRewrite: {{ path: {{ type: ReplacePrefixMatch, replacePrefixMatch: /one }} }} }}]\n      backendRefs: [{{ name: echo-v1, port: 8080 }}]\n    - matches: [{{ path: {{ value: /strip-prefix }} }}]\n      filters: [{{ type: URLRewrite, urlRewrite: {{ hostname: rewritten.example, path: {{ type: ReplacePrefixMatch, replacePrefixMatch: / }} }} }}]\n      backendRefs: [{{ name: echo-v1, port: 8080 }}]\n    - matches: [{{ path: {{ value: /full/one }} }}]\n      filters: [{{ type: URLRewrite, urlRewrite: {{ path: {{ type: ReplaceFullPath, replaceFullPath: /one }} }} }}]\n      backendRefs: [{{ name: echo-v1, port: 8080 }}]"
+        ),
+    ));
+    mesh.eventually("MeshHTTPRouteRequestHeaderModifier", || {
+        mesh.get(NS, "client", ECHO, "/rule", &[])
+            .backend_header("x-header-set")
+            == Some("set-overwrites-values")
+    });
+    for path in ["/rule", "/backend"] {
+        let answer = mesh.get(
+            NS,
+            "client",
+            ECHO,
+            path,
+            &[
+                ("X-Header-Set", "some-other-value"),
+                ("X-Header-Add", "some-other-value"),
+                ("X-Header-Remove", "remove-me"),
+                ("Some-Other-Header", "val"),
+            ],
+        );
+        assert_eq!(answer.pod(), "echo-v1", "{path}");
+        assert_eq!(
+            answer.backend_header("x-header-set"),
+            Some("set-overwrites-values"),
+            "{path}"
+        );
+        assert_eq!(
+            answer.backend_header("x-header-add"),
+            Some("some-other-value, add-appends-values"),
+            "{path}"
+        );
+        assert_eq!(answer.backend_header("x-header-remove"), None, "{path}");
+        assert_eq!(
+            answer.backend_header("some-other-header"),
+            Some("val"),
+            "{path}"
+        );
+    }
+    for (path, rewritten) in [
+        ("/prefix/one/two", "/one/two"),
+        ("/strip-prefix/three", "/three"),
+        ("/strip-prefix", "/"),
+        ("/full/one/two", "/one"),
+    ] {
+        let answer = mesh.get(NS, "client", ECHO, path, &[]);
+        assert_eq!(
+            (answer.status, answer.echo["path"].as_str()),
+            (200, Some(rewritten)),
+            "{path}"
+        );
+    }
+    let answer = mesh.get(NS, "client", ECHO, "/strip-prefix/x", &[]);
+    assert_eq!(
+        answer.echo["host"], "rewritten.example",
+        "{:?}",
+        answer.echo
+    );
+
+    // The redirect family: path, port, scheme, host and status; Location checked.
+    mesh.routes(&route(
+        "mesh-redirect",
+        NS,
+        "  parentRefs: [{ group: \"\", kind: Service, name: echo, port: 80 }]\n  rules:\n    - { matches: [{ path: { value: /original-prefix } }], filters: [{ type: RequestRedirect, requestRedirect: { path: { type: ReplacePrefixMatch, replacePrefixMatch: /replacement-prefix } } }] }\n    - { matches: [{ path: { value: /full } }], filters: [{ type: RequestRedirect, requestRedirect: { path: { type: ReplaceFullPath, replaceFullPath: /full-path-replacement } } }] }\n    - { matches: [{ path: { value: /path-and-host } }], filters: [{ type: RequestRedirect, requestRedirect: { hostname: example.org, path: { type: ReplacePrefixMatch, replacePrefixMatch: /replacement-prefix } } }] }\n    - { matches: [{ path: { value: /full-path-and-status } }], filters: [{ type: RequestRedirect, requestRedirect: { statusCode: 301, path: { type: ReplaceFullPath, replaceFullPath: /replacement-full } } }] }\n    - { matches: [{ path: { value: /port-and-host } }], filters: [{ type: RequestRedirect, requestRedirect: { hostname: example.org, port: 8083 } }] }\n    - { matches: [{ path: { value: /port } }], filters: [{ type: RequestRedirect, requestRedirect: { port: 8083 } }] }\n    - { matches: [{ path: { value: /scheme-and-host } }], filters: [{ type: RequestRedirect, requestRedirect: { scheme: https, hostname: example.org } }] }\n    - { matches: [{ path: { value: /scheme } }], filters: [{ type: RequestRedirect, requestRedirect: { scheme: https, statusCode: 301 } }] }\n    - { matches: [{ path: { value: /host-and-status } }], filters: [{ type: RequestRedirect, requestRedirect: { hostname: example.org, statusCode: 301 } }] }\n    - { matches: [{ path: { value: /see-other } }], filters: [{ type: RequestRedirect, requestRedirect: { statusCode: 303 } }] }\n    - { matches: [{ path: { value: /temporary } }], filters: [{ type: RequestRedirect, requestRedirect: { statusCode: 307 } }] }\n    - { matches: [{ path: { value: /permanent } }], filters: [{ type: RequestRedirect, requestRedirect: { statusCode: 308 } }] }",
+    ));
+    mesh.eventually("the redirects", || {
+        mesh.get(NS, "client", ECHO, "/port", &[("Host", "echo")])
+            .status
+            == 302
+    });
+    let cases = [
+        (
+            "/original-prefix/lemon",
+            302,
+            "http://echo/replacement-prefix/lemon",
+        ),
+        (
+            "/full/path/original",
+            302,
+            "http://echo/full-path-replacement",
+        ),
+        (
+            "/path-and-host",
+            302,
+            "http://example.org/replacement-prefix",
+        ),
+        ("/full-path-and-status", 301, "http://echo/replacement-full"),
+        ("/port", 302, "http://echo:8083/port"),
+        (
+            "/port-and-host",
+            302,
+            "http://example.org:8083/port-and-host",
+        ),
+        ("/scheme", 301, "https://echo/scheme"),
+        (
+            "/scheme-and-host",
+            302,
+            "https://example.org/scheme-and-host",
+        ),
+        (
+            "/host-and-status",
+            301,
+            "http://example.org/host-and-status",
+        ),
+        ("/see-other", 303, "http://echo/see-other"),
+        ("/temporary", 307, "http://echo/temporary"),
+        ("/permanent", 308, "http://echo/permanent"),
+    ];
+    for (path, status, location) in cases {
+        let answer = mesh.get(NS, "client", ECHO, path, &[("Host", "echo")]);
+        assert_eq!(
+            (
+                answer.status,
+                answer.headers.get("location").map(String::as_str)
+            ),
+            (status, Some(location)),
+            "{path}"
+        );
+    }
+
+    // MeshHTTPRouteWeight: 70/30 over 500 requests of one connection, within 5% each.
+    mesh.routes(&route(
+        "mesh-weighted-backends",
+        NS,
+        "  parentRefs: [{ group: \"\", kind: Service, name: echo, port: 80 }]\n  rules:\n    - backendRefs: [{ name: echo-v1, port: 8080, weight: 70 }, { name: echo-v2, port: 8080, weight: 30 }]",
+    ));
+    mesh.eventually("MeshHTTPRouteWeight", || {
+        mesh.get(NS, "client", ECHO, "/", &[]).status == 200
+    });
+    let within = |counts: &BTreeMap<String, usize>, expected: &[(&str, f64)]| {
+        let total: usize = counts.values().sum();
+        expected.iter().all(|(pod, share)| {
+            let got = *counts.get(*pod).unwrap_or(&0) as f64 / total as f64;
+            (got - share).abs() <= 0.05
+        }) && counts
+            .keys()
+            .all(|pod| expected.iter().any(|(p, _)| p == pod))
+    };
+    let mut attempts = Vec::new();
+    while attempts.len() < 3 {
+        let counts = batch(&mesh, 500);
+        let fine = within(&counts, &[("echo-v1", 0.7), ("echo-v2", 0.3)]);
+        attempts.push(counts);
+        if fine {
+            break;
+        }
+    }
+    assert!(
+        within(
+            attempts.last().unwrap(),
+            &[("echo-v1", 0.7), ("echo-v2", 0.3)]
+        ),
+        "70/30 not within 5% in 3 batches: {attempts:?}"
+    );
+
+    // A backend that does not exist answers 500 for its share, and the route's status
+    // says so; timeouts answer 504.
+    mesh.routes(&route(
+        "mesh-missing-and-slow",
+        NS,
+        "  parentRefs: [{ group: \"\", kind: Service, name: echo, port: 80 }]\n  rules:\n    - matches: [{ path: { value: /missing } }]\n      backendRefs: [{ name: echo-v3, port: 8080 }]\n    - matches: [{ path: { value: /half } }]\n      backendRefs: [{ name: echo-v1, port: 8080 }, { name: echo-v3, port: 8080 }]\n    - matches: [{ path: { value: /slow } }]\n      timeouts: { request: 300ms }\n      backendRefs: [{ name: echo-v1, port: 8080 }]",
+    ));
+    mesh.eventually("the missing backend", || {
+        mesh.get(NS, "client", ECHO, "/missing", &[]).status == 500
+    });
+    let statuses: Vec<u16> = (0..40)
+        .map(|_| mesh.get(NS, "client", ECHO, "/half", &[]).status)
+        .collect();
+    assert!(
+        statuses.iter().all(|s| matches!(s, 200 | 500)),
+        "{statuses:?}"
+    );
+    let failed = statuses.iter().filter(|&&s| s == 500).count();
+    assert!(
+        (5..=35).contains(&failed),
+        "about half of 40 answered 500: {statuses:?}"
+    );
+    let status = mesh.cluster.controller_status().unwrap();
+    let verdict = weft_e2e::policy_verdict(&status, "HTTPRoute", "mesh-missing-and-slow");
+    assert_eq!(verdict["accepted"], true, "{verdict}");
+    assert_eq!(
+        verdict["references"]["reason"], "BackendNotFound",
+        "{verdict}"
+    );
+    let slow = mesh.get(NS, "client", ECHO, "/slow?delay=3000", &[]);
+    assert_eq!(slow.status, 504, "{slow:?}");
+    assert_eq!(
+        mesh.get(NS, "client", ECHO, "/slow?delay=10", &[]).status,
+        200
+    );
+
+    // Metrics name the route and rule.
+    let counted: f64 = samples(
+        &agent_metrics(&mesh.cluster, "node0"),
+        "weft_route_requests_total",
+    )
+    .into_iter()
+    .filter(|(labels, _)| {
+        labels.get("route").map(String::as_str) == Some("HTTPRoute/gamma/mesh-missing-and-slow")
+            && labels.get("rule").map(String::as_str) == Some("2")
+            && labels.get("response_code").map(String::as_str) == Some("504")
+    })
+    .map(|(_, value)| value)
+    .sum();
+    assert!(
+        counted >= 1.0,
+        "the timed-out request is counted by route and rule"
+    );
+}
+
+/// `count` requests on one keep-alive connection from the client: answers by pod.
+fn batch(mesh: &Mesh, count: usize) -> BTreeMap<String, usize> {
+    let url = format!("http://{ECHO}/");
+    let mut argv = vec!["curl", "-s", "--max-time", "60", "-w", "\n"];
+    argv.extend(std::iter::repeat_n(url.as_str(), count));
+    let output = mesh
+        .cluster
+        .pod_command(NS, "client", &argv)
+        .unwrap()
+        .output()
+        .unwrap();
+    let mut counts = BTreeMap::new();
+    for line in String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+    {
+        let answer: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+        let pod = answer["pod"].as_str().unwrap_or("error").to_owned();
+        *counts.entry(pod).or_default() += 1;
+    }
+    counts
+}
+
+/// Shifting a canary's weights while load runs loses no request, and each step's
+/// observed split converges to its weights.
+#[test]
+fn canary_weight_steps_under_load_lose_no_request() {
+    let mesh = Mesh::up();
+    let step = |v1: u32, v2: u32| {
+        route(
+            "canary",
+            NS,
+            &format!(
+                "  parentRefs: [{{ group: \"\", kind: Service, name: echo, port: 80 }}]\n  rules:\n    - backendRefs: [{{ name: echo-v1, port: 8080, weight: {v1} }}, {{ name: echo-v2, port: 8080, weight: {v2} }}]"
+            ),
+        )
+    };
+    mesh.routes(&step(100, 0));
+    mesh.eventually("all on v1", || {
+        mesh.get(NS, "client", ECHO, "/", &[]).pod() == "echo-v1"
+    });
+    let started = Instant::now();
+    // Load on one connection in the background while the weights change.
+    let url = format!("http://{ECHO}/");
+    let mut argv = vec!["curl", "-s", "--max-time", "120", "-w", "\n"];
+    argv.extend(std::iter::repeat_n(url.as_str(), 3000));
+    let load = mesh
+        .cluster
+        .pod_command(NS, "client", &argv)
+        .unwrap()
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    for (v1, v2) in [(90, 10), (50, 50), (0, 100)] {
+        mesh.routes(&step(v1, v2));
+        let counts = batch(&mesh, 400);
+        let share = *counts.get("echo-v2").unwrap_or(&0) as f64 / 400.0;
+        let expected = f64::from(v2) / 100.0;
+        eprintln!(
+            "step {v1}/{v2}: v2 share {share:.3} (error {:.3})",
+            share - expected
+        );
+        assert!(
+            (share - expected).abs() <= 0.07,
+            "step {v1}/{v2}: {counts:?}"
+        );
+    }
+    let output = load.wait_with_output().unwrap();
+    let answered = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|line| line.contains("\"pod\""))
+        .count();
+    assert_eq!(
+        answered,
+        3000,
+        "every request under load was answered ({:?})",
+        started.elapsed()
+    );
+}
