@@ -1,6 +1,8 @@
 use super::*;
 
-fn headers(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+type HeaderList = Vec<(String, String)>;
+
+fn headers(pairs: &[(&str, &str)]) -> HeaderList {
     pairs
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -73,7 +75,7 @@ fn sorted(mut rules: Vec<Rule>) -> ServiceRoutes {
 fn one_match_decides_by_each_of_its_parts() {
     let none = headers(&[]);
     let version = headers(&[("version", "v2"), ("x-build", "1234")]);
-    let cases: Vec<(&str, Match, &str, &str, &Vec<(String, String)>, bool)> = vec![
+    let cases: Vec<(&str, Match, &str, &str, &HeaderList, bool)> = vec![
         ("exact path", path("exact", "/a"), "GET", "/a", &none, true),
         (
             "exact path is not a prefix",
