@@ -45,7 +45,10 @@ metadata: { name: echo, namespace: gamma }
 spec:
   clusterIP: 10.96.1.10
   selector: { app: echo }
-  ports: [{ name: http, port: 80, targetPort: 8080, appProtocol: http }, { name: http-alt, port: 8080, appProtocol: http }]
+  ports:
+    - { name: http, port: 80, targetPort: 8080, appProtocol: http }
+    - { name: http-alt, port: 8080, appProtocol: http }
+    - { name: grpc, port: 7070, targetPort: 8080, appProtocol: kubernetes.io/h2c }
 ---
 apiVersion: v1
 kind: Service
@@ -53,7 +56,10 @@ metadata: { name: echo-v1, namespace: gamma }
 spec:
   clusterIP: 10.96.1.11
   selector: { app: echo, version: v1 }
-  ports: [{ name: http, port: 80, targetPort: 8080, appProtocol: http }, { name: http-alt, port: 8080, appProtocol: http }]
+  ports:
+    - { name: http, port: 80, targetPort: 8080, appProtocol: http }
+    - { name: http-alt, port: 8080, appProtocol: http }
+    - { name: grpc, port: 7070, targetPort: 8080, appProtocol: kubernetes.io/h2c }
 ---
 apiVersion: v1
 kind: Service
@@ -61,7 +67,10 @@ metadata: { name: echo-v2, namespace: gamma }
 spec:
   clusterIP: 10.96.1.12
   selector: { app: echo, version: v2 }
-  ports: [{ name: http, port: 80, targetPort: 8080, appProtocol: http }, { name: http-alt, port: 8080, appProtocol: http }]
+  ports:
+    - { name: http, port: 80, targetPort: 8080, appProtocol: http }
+    - { name: http-alt, port: 8080, appProtocol: http }
+    - { name: grpc, port: 7070, targetPort: 8080, appProtocol: kubernetes.io/h2c }
 "#;
 
 /// What one request got.
@@ -598,6 +607,188 @@ fn gamma_mesh_conformance_cases_hold_on_the_local_cluster() {
         counted >= 1.0,
         "the timed-out request is counted by route and rule"
     );
+}
+
+/// GRPCRoute: a weighted split (with a weight-0 backend that does not exist), header
+/// modifiers on metadata, method matches, and mirrors of gRPC and HTTP requests.
+#[test]
+fn grpc_routes_split_modify_and_mirror() {
+    let mesh = Mesh::up();
+    let grpc_route = |name: &str, spec: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {{ name: {name}, namespace: gamma }}\nspec:\n{spec}\n---\n"
+        )
+    };
+    let calls = |count: usize, metadata: &[&str]| -> Vec<serde_json::Value> {
+        let mut argv = vec![
+            workspace_bin("weft-client").display().to_string(),
+            "grpc".into(),
+            "unary".into(),
+            "--count".into(),
+            count.to_string(),
+            "--target".into(),
+            format!("http://{ECHO}:7070"),
+        ];
+        for pair in metadata {
+            argv.push("--metadata".into());
+            argv.push((*pair).into());
+        }
+        let output = mesh
+            .cluster
+            .pod_command(NS, "client", &argv)
+            .unwrap()
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_default())
+            .collect()
+    };
+
+    // MeshGRPCRouteWeight: 70/30, and echo-v3 (weight 0) does not exist.
+    mesh.routes(&grpc_route(
+        "mesh-grpc-weighted-backends",
+        "  parentRefs: [{ group: \"\", kind: Service, name: echo, port: 7070 }]\n  rules:\n    - backendRefs: [{ name: echo-v1, port: 7070, weight: 70 }, { name: echo-v2, port: 7070, weight: 30 }, { name: echo-v3, port: 7070, weight: 0 }]",
+    ));
+    mesh.eventually("MeshGRPCRouteWeight", || {
+        calls(1, &[])
+            .first()
+            .is_some_and(|reply| reply["pod"].is_string())
+    });
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for reply in calls(500, &[]) {
+        let pod = reply["pod"].as_str().unwrap_or("error").to_owned();
+        *counts.entry(pod).or_default() += 1;
+    }
+    let v1 = *counts.get("echo-v1").unwrap_or(&0) as f64 / 500.0;
+    assert_eq!(counts.values().sum::<usize>(), 500, "{counts:?}");
+    assert!(
+        (v1 - 0.7).abs() <= 0.05 && counts.len() == 2,
+        "70/30 within 5%: {counts:?}"
+    );
+
+    // MeshGRPCRouteRequestHeaderModifier, method matches, and a mirror of each call.
+    mesh.routes(&grpc_route(
+        "grpc-request-header-modifier",
+        "  parentRefs: [{ group: \"\", kind: Service, name: echo, port: 7070 }]\n  rules:\n    - matches: [{ headers: [{ name: x-test-case, value: set }] }]\n      filters: [{ type: RequestHeaderModifier, requestHeaderModifier: { set: [{ name: x-header-set, value: set-overwrites-values }] } }]\n      backendRefs: [{ name: echo-v1, port: 7070 }]\n    - matches: [{ headers: [{ name: x-test-case, value: add }] }]\n      filters: [{ type: RequestHeaderModifier, requestHeaderModifier: { add: [{ name: x-header-add, value: add-appends-values }] } }]\n      backendRefs: [{ name: echo-v1, port: 7070 }]\n    - matches: [{ headers: [{ name: x-test-case, value: remove }] }]\n      filters: [{ type: RequestHeaderModifier, requestHeaderModifier: { remove: [x-header-remove] } }]\n      backendRefs: [{ name: echo-v1, port: 7070 }]\n    - matches: [{ method: { service: weft.echo.v1.Echo, method: Echo }, headers: [{ name: x-test-case, value: mirror }] }]\n      filters: [{ type: RequestMirror, requestMirror: { backendRef: { name: echo-v2, port: 7070 } } }]\n      backendRefs: [{ name: echo-v1, port: 7070 }]\n    - matches: [{ method: { type: RegularExpression, service: \"weft\\\\.echo\\\\..*\" } }]\n      backendRefs: [{ name: echo-v2, port: 7070 }]",
+    ));
+    mesh.eventually("MeshGRPCRouteRequestHeaderModifier", || {
+        calls(1, &["x-test-case=set"])
+            .first()
+            .is_some_and(|reply| reply["metadata"]["x-header-set"] == "set-overwrites-values")
+    });
+    let reply = calls(
+        1,
+        &[
+            "x-test-case=set",
+            "x-header-set=overwritten",
+            "some-other-header=kept",
+        ],
+    );
+    assert_eq!(
+        reply[0]["metadata"]["x-header-set"], "set-overwrites-values",
+        "{reply:?}"
+    );
+    assert_eq!(
+        reply[0]["metadata"]["some-other-header"], "kept",
+        "{reply:?}"
+    );
+    let reply = calls(1, &["x-test-case=add", "x-header-add=first"]);
+    assert_eq!(
+        reply[0]["metadata"]["x-header-add"], "first, add-appends-values",
+        "{reply:?}"
+    );
+    let reply = calls(1, &["x-test-case=remove", "x-header-remove=gone"]);
+    assert!(
+        reply[0]["metadata"].get("x-header-remove").is_none(),
+        "{reply:?}"
+    );
+    assert_eq!(reply[0]["pod"], "echo-v1");
+    // The regular-expression method match routes what the header matches leave.
+    assert_eq!(calls(1, &[])[0]["pod"], "echo-v2");
+
+    // The mirror: every call answered by echo-v1, and a copy of each reaches echo-v2.
+    let mirrored = |node: &str| {
+        samples(
+            &agent_metrics(&mesh.cluster, node),
+            "weft_route_mirrors_total",
+        )
+        .into_iter()
+        .filter(|(labels, _)| labels.get("result").map(String::as_str) == Some("sent"))
+        .map(|(_, value)| value)
+        .sum::<f64>()
+    };
+    let received = |workload: &str| {
+        samples(
+            &agent_metrics(&mesh.cluster, "node1"),
+            "istio_requests_total",
+        )
+        .into_iter()
+        .filter(|(labels, _)| {
+            labels.get("reporter").map(String::as_str) == Some("destination")
+                && labels.get("destination_workload").map(String::as_str) == Some(workload)
+        })
+        .map(|(_, value)| value)
+        .sum::<f64>()
+    };
+    let before = received("echo-v2");
+    let replies = calls(20, &["x-test-case=mirror"]);
+    assert!(
+        replies.iter().all(|reply| reply["pod"] == "echo-v1"),
+        "{replies:?}"
+    );
+    wait_until("20 mirrored calls", CONVERGE, || mirrored("node0") >= 20.0);
+    wait_until("echo-v2 received the copies", CONVERGE, || {
+        received("echo-v2") - before >= 20.0
+    });
+
+    // An HTTP mirror with a body: the copy carries it whole.
+    mesh.routes(&route(
+        "mesh-mirror",
+        NS,
+        "  parentRefs: [{ group: \"\", kind: Service, name: echo, port: 80 }]\n  rules:\n    - filters: [{ type: RequestMirror, requestMirror: { backendRef: { name: echo-v2, port: 8080 } } }]\n      backendRefs: [{ name: echo-v1, port: 8080 }]",
+    ));
+    mesh.eventually("the HTTP mirror", || {
+        mesh.get(NS, "client", ECHO, "/", &[]).pod() == "echo-v1"
+    });
+    let sent_before = mirrored("node0");
+    let argv = [
+        "curl",
+        "-s",
+        "--max-time",
+        "10",
+        "-X",
+        "POST",
+        "--data-binary",
+        "mirrored body",
+        &format!("http://{ECHO}/posted"),
+    ];
+    let output = mesh
+        .cluster
+        .pod_command(NS, "client", &argv)
+        .unwrap()
+        .output()
+        .unwrap();
+    let answer: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+    assert_eq!(answer["pod"], "echo-v1", "{answer}");
+    wait_until("the POST mirrored", CONVERGE, || {
+        mirrored("node0") > sent_before
+    });
+    // The destination agent of echo-v2 logged the copy, with its whole body.
+    wait_until("the copy's access-log line", CONVERGE, || {
+        weft_e2e::agent_log(&mesh.cluster, "node1")
+            .lines()
+            .any(|line| {
+                let Some(json) = line.find('{').map(|at| &line[at..]) else {
+                    return false;
+                };
+                let entry: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
+                entry["reporter"] == "destination"
+                    && entry["path"] == "/posted"
+                    && entry["destination"]["workload"] == "echo-v2"
+                    && entry["bytes_received"] == "mirrored body".len()
+            })
+    });
 }
 
 /// `count` requests on one keep-alive connection from the client: answers by pod.

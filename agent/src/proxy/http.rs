@@ -12,6 +12,7 @@
 mod body;
 mod headers;
 mod inbound;
+mod mirror;
 mod outbound;
 pub mod pool;
 mod route;
@@ -46,7 +47,6 @@ pub use self::{
     inbound::{Inbound, serve as serve_inbound},
     outbound::serve as serve_outbound,
     pool::Pool,
-    telemetry::describe,
 };
 use super::{
     Proxy,
@@ -57,6 +57,12 @@ use super::{
     trace::{self, Span, SpanKind},
 };
 use crate::logging::{Throttle, held_back};
+
+/// Registers the help text of the request layer's series.
+pub fn describe() {
+    telemetry::describe();
+    mirror::describe();
+}
 
 /// The body of every request and response the agent forwards or makes.
 pub type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
@@ -168,16 +174,17 @@ struct Forwarded {
 /// Sends `request` to `key`'s endpoint: hop-by-hop fields removed, the target in the
 /// upstream version's form, the body counted. A request that upgrades its connection
 /// gets a connection of its own, spliced to the client's once the server agrees.
-async fn forward<F, Fut>(
+async fn forward<F, Fut, B>(
     proxy: &Arc<Proxy>,
     pool: &Pool,
     mut key: pool::Key,
     dial: F,
-    mut request: Request<Incoming>,
+    mut request: Request<B>,
 ) -> Result<Forwarded, ProxyError>
 where
     F: Fn() -> Fut,
     Fut: Future<Output = Result<Upstream, ProxyError>>,
+    B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Send + Unpin + 'static,
 {
     let upgrade = headers::wants_upgrade(&request);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));

@@ -23,8 +23,9 @@ use weft_api::{
     config::v1 as proto,
     crd::parse_duration,
     routes::{
-        Backend, BackendRef, Filters, HeaderModifier, Match, PathMatch, PathModifier, Pattern,
-        Precedence, Redirect, Rewrite, Rule, ServiceRoutes, Timeouts, ValueMatch, ValueMatchKind,
+        Backend, BackendRef, Filters, HeaderModifier, Match, Mirror, PathMatch, PathModifier,
+        Pattern, Precedence, Redirect, Rewrite, Rule, ServiceRoutes, Timeouts, ValueMatch,
+        ValueMatchKind,
     },
 };
 
@@ -357,7 +358,8 @@ fn compile_rule(
             })
             .collect::<Result<_, _>>()?
     };
-    let filters = compile_filters(&rule.filters).map_err(|(r, p)| (r, format!("filters{p}")))?;
+    let filters = compile_filters(context, &rule.filters, rule_field, "filters", resolution)
+        .map_err(|(r, p)| (r, format!("filters{p}")))?;
     let mut backends = Vec::new();
     for (index, backend) in rule.backend_refs.iter().enumerate() {
         let field = format!("backendRefs[{index}]");
@@ -368,8 +370,14 @@ fn compile_rule(
                 format!("{field}.weight: {weight} is negative"),
             )
         })?;
-        let backend_filters = compile_filters(&backend.filters)
-            .map_err(|(r, p)| (r, format!("{field}.filters{p}")))?;
+        let backend_filters = compile_filters(
+            context,
+            &backend.filters,
+            rule_field,
+            &format!("{field}.filters"),
+            resolution,
+        )
+        .map_err(|(r, p)| (r, format!("{field}.filters{p}")))?;
         if backend_filters.redirect.is_some() {
             return Err((
                 Reason::UnsupportedValue,
@@ -487,11 +495,19 @@ fn resolve(
 }
 
 /// The filters of a rule or backend. The problem is written below `filters`.
-fn compile_filters(written: &[Filter]) -> Result<Filters, Refusal> {
+/// The filters at `field` (`filters` of the rule at `rule_field`, or of one of its
+/// backends). A refusal's field is written below `filters`.
+fn compile_filters(
+    context: &Context,
+    written: &[Filter],
+    rule_field: &str,
+    field: &str,
+    resolution: &mut Resolution,
+) -> Result<Filters, Refusal> {
     let mut compiled = Filters::default();
     for (index, filter) in written.iter().enumerate() {
-        let field = format!("[{index}]");
-        let unsupported = |what: &str| (Reason::UnsupportedValue, format!("{field}: {what}"));
+        let at = format!("[{index}]");
+        let unsupported = |what: &str| (Reason::UnsupportedValue, format!("{at}: {what}"));
         let twice = || unsupported(&format!("a second {} filter", filter.kind));
         match filter.kind.as_str() {
             "RequestHeaderModifier" => {
@@ -576,14 +592,48 @@ fn compile_filters(written: &[Filter]) -> Result<Filters, Refusal> {
                 }
             }
             "RequestMirror" => {
-                return Err(unsupported(
-                    "RequestMirror: the agents do not mirror requests yet; remove the filter",
-                ));
+                let mirror = filter
+                    .request_mirror
+                    .as_ref()
+                    .ok_or_else(|| unsupported("RequestMirror without requestMirror"))?;
+                let (numerator, denominator) = match (&mirror.fraction, mirror.percent) {
+                    (Some(fraction), _) => {
+                        (fraction.numerator, fraction.denominator.unwrap_or(100))
+                    }
+                    (None, Some(percent)) => (percent, 100),
+                    (None, None) => (100, 100),
+                };
+                let share = u32::try_from(numerator)
+                    .ok()
+                    .zip(u32::try_from(denominator).ok())
+                    .filter(|&(n, d)| d > 0 && n <= d)
+                    .ok_or_else(|| {
+                        unsupported(&format!(
+                            "requestMirror: {numerator}/{denominator} is not a share of requests"
+                        ))
+                    })?;
+                let reference = format!("{field}[{index}].requestMirror.backendRef");
+                let backend = resolve(
+                    context,
+                    &mirror.backend_ref,
+                    rule_field,
+                    &reference,
+                    1,
+                    resolution,
+                )?;
+                // A mirror that does not resolve is reported and sends nothing.
+                if let Some(backend) = backend {
+                    compiled.mirrors.push(Mirror {
+                        backend,
+                        numerator: share.0,
+                        denominator: share.1,
+                    });
+                }
             }
             other => {
                 return Err(unsupported(&format!(
                     "{other} filters are not supported by weft (RequestHeaderModifier, \
-                     ResponseHeaderModifier, RequestRedirect and URLRewrite are)"
+                     ResponseHeaderModifier, RequestRedirect, URLRewrite and RequestMirror are)"
                 )));
             }
         }

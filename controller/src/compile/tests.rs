@@ -534,6 +534,11 @@ spec:
   parentRefs: [{ group: "", kind: Service, name: web, port: 80 }]
   rules:
     - name: canary
+      filters:
+        - type: RequestMirror
+          requestMirror: { backendRef: { name: web-canary, port: 80 }, fraction: { numerator: 1, denominator: 4 } }
+        - type: RequestMirror
+          requestMirror: { backendRef: { name: shadow, port: 80 } }
       backendRefs:
         - { name: web, port: 80, weight: 90 }
         - { name: web-canary, port: 80, weight: 10 }
@@ -644,12 +649,27 @@ spec:
 
     let status =
         |namespace: &str, name: &str, kind: Kind| verdict(&compiled, kind, namespace, name);
+    let mirrors: Vec<(&str, u32, u32)> = at_80.rules[5]
+        .filters
+        .mirrors
+        .iter()
+        .map(|m| (m.backend.service.as_str(), m.numerator, m.denominator))
+        .collect();
+    assert_eq!(
+        mirrors,
+        [("web-canary", 1, 4)],
+        "a mirror that does not resolve sends nothing"
+    );
     let split = status("shop", "split", Kind::HttpRoute);
     assert!(split.accepted, "{split:?}");
     let references = split.references.as_ref().unwrap();
-    assert!(
-        references.resolved,
-        "a weight-0 backend that does not resolve is no problem"
+    assert_eq!(
+        (references.resolved, references.message.as_str()),
+        (
+            false,
+            "spec.rules[0].filters[1].requestMirror.backendRef: there is no Service shop/shadow"
+        ),
+        "a weight-0 backend that does not resolve is no problem; a mirror's is"
     );
     let dangling = status("shop", "dangling", Kind::HttpRoute);
     assert!(
@@ -711,10 +731,16 @@ fn routes_weft_cannot_honour_are_refused_naming_the_field() {
              remove them (or route a Gateway with them)",
         ),
         (
-            "{ parentRefs: [{ kind: Service, name: web }], rules: [{ filters: [{ type: RequestMirror, requestMirror: { backendRef: { name: web, port: 80 } } }] }] }",
+            "{ parentRefs: [{ kind: Service, name: web }], rules: [{ filters: [{ type: RequestMirror, requestMirror: { backendRef: { name: web, port: 80 }, percent: 200 } }] }] }",
             Reason::UnsupportedValue,
-            "spec.rules[0].filters[0]: RequestMirror: the agents do not mirror requests yet; \
-             remove the filter",
+            "spec.rules[0].filters[0]: requestMirror: 200/100 is not a share of requests",
+        ),
+        (
+            "{ parentRefs: [{ kind: Service, name: web }], rules: [{ filters: [{ type: CORS, cors: { allowOrigins: [\"*\"] } }] }] }",
+            Reason::UnsupportedValue,
+            "spec.rules[0].filters[0]: CORS filters are not supported by weft \
+             (RequestHeaderModifier, ResponseHeaderModifier, RequestRedirect, URLRewrite and \
+             RequestMirror are)",
         ),
         (
             "{ parentRefs: [{ kind: Service, name: web }], rules: [{ matches: [{ path: { type: RegularExpression, value: '(' } }] }] }",

@@ -10,8 +10,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use weft_api::routes::{HeaderModifier, Timeouts};
 
+use futures::future::Either;
+
 use super::{
-    ProxyBody, forward, headers, pool,
+    ProxyBody, forward, headers, mirror, pool,
     route::{self, Routed, RuleName, Target},
     start_span,
     telemetry::{Exchange, Record, Requests},
@@ -136,13 +138,32 @@ impl Outbound {
                 carried.clone(),
             )
         };
-        let forwarding = forward(
-            &self.proxy,
-            &self.proxy.http_pool,
-            key.clone(),
-            dial,
-            request,
-        );
+        let mirrors = routed.as_ref().filter(|routed| !routed.mirrors.is_empty());
+        let forwarding = match mirrors {
+            None => Either::Left(forward(
+                &self.proxy,
+                &self.proxy.http_pool,
+                key.clone(),
+                dial,
+                request,
+            )),
+            Some(routed) => {
+                let context = mirror::Mirrors {
+                    proxy: &self.proxy,
+                    source: &self.logical.source,
+                    caller: &self.caller,
+                    name: &routed.name,
+                };
+                let request = mirror::start(context, &routed.mirrors, request);
+                Either::Right(forward(
+                    &self.proxy,
+                    &self.proxy.http_pool,
+                    key.clone(),
+                    dial,
+                    request,
+                ))
+            }
+        };
         let deadline = routed
             .as_ref()
             .and_then(|routed| deadline(&routed.timeouts, exchange.started.elapsed()));

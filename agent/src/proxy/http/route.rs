@@ -6,7 +6,7 @@
 
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Uri, header};
 use weft_api::routes::{
-    self, BackendRef, Filters, HeaderModifier, Origin, Rewrite, Selected, Timeouts,
+    self, BackendRef, Filters, HeaderModifier, Mirror, Origin, Rewrite, Selected, Timeouts,
 };
 
 use crate::proxy::error::ProxyError;
@@ -28,6 +28,8 @@ pub struct Routed {
     /// The rule's and then the backend's response header changes.
     pub response_headers: Vec<HeaderModifier>,
     pub timeouts: Timeouts,
+    /// Services that get a copy of the request (the rule's and the backend's).
+    pub mirrors: Vec<Mirror>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -83,6 +85,7 @@ pub fn route<B>(
             },
             response_headers: rule.filters.response_headers.iter().cloned().collect(),
             timeouts: rule.timeouts,
+            mirrors: Vec::new(),
         });
     }
     let no_backend = || ProxyError::NoBackend {
@@ -97,15 +100,21 @@ pub fn route<B>(
     let target = backend.target.clone().ok_or_else(no_backend)?;
     apply(&rule.filters, request, prefix);
     apply(&backend.filters, request, prefix);
-    let response_headers = [&rule.filters, &backend.filters]
-        .into_iter()
+    let both = [&rule.filters, &backend.filters];
+    let response_headers = both
+        .iter()
         .filter_map(|filters| filters.response_headers.clone())
+        .collect();
+    let mirrors = both
+        .iter()
+        .flat_map(|filters| filters.mirrors.iter().cloned())
         .collect();
     Ok(Routed {
         name,
         target: Target::Backend(target),
         response_headers,
         timeouts: rule.timeouts,
+        mirrors,
     })
 }
 

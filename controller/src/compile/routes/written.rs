@@ -85,6 +85,7 @@ pub struct Filter {
     pub request_redirect: Option<WrittenRedirect>,
     #[serde(rename = "urlRewrite")]
     pub url_rewrite: Option<WrittenRewrite>,
+    pub request_mirror: Option<WrittenMirror>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -127,6 +128,20 @@ pub struct WrittenPath {
     pub kind: String,
     pub replace_full_path: Option<String>,
     pub replace_prefix_match: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WrittenMirror {
+    pub backend_ref: Reference,
+    pub percent: Option<i32>,
+    pub fraction: Option<Fraction>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Fraction {
+    pub numerator: i32,
+    pub denominator: Option<i32>,
 }
 
 /// An HTTPRoute match.
