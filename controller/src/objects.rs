@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, fmt, sync::Arc};
 
-use gateway_api::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
+use gateway_api::{grpcroutes::GrpcRoute, httproutes::HttpRoute, referencegrants::ReferenceGrant};
 use k8s_openapi::api::{
     core::v1::{Namespace, Node, Pod, Service},
     discovery::v1::EndpointSlice,
@@ -60,10 +60,11 @@ pub enum Kind {
     TrafficPolicy,
     HttpRoute,
     GrpcRoute,
+    ReferenceGrant,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 11] = [
         Kind::Namespace,
         Kind::Node,
         Kind::Pod,
@@ -74,6 +75,7 @@ impl Kind {
         Kind::TrafficPolicy,
         Kind::HttpRoute,
         Kind::GrpcRoute,
+        Kind::ReferenceGrant,
     ];
 
     /// The object's `kind` as Kubernetes spells it.
@@ -89,6 +91,7 @@ impl Kind {
             Kind::TrafficPolicy => "TrafficPolicy",
             Kind::HttpRoute => "HTTPRoute",
             Kind::GrpcRoute => "GRPCRoute",
+            Kind::ReferenceGrant => "ReferenceGrant",
         }
     }
 
@@ -100,7 +103,9 @@ impl Kind {
             Kind::PeerAuthentication | Kind::AuthorizationPolicy | Kind::TrafficPolicy => {
                 "weft.dev/v1alpha1"
             }
-            Kind::HttpRoute | Kind::GrpcRoute => "gateway.networking.k8s.io/v1",
+            Kind::HttpRoute | Kind::GrpcRoute | Kind::ReferenceGrant => {
+                "gateway.networking.k8s.io/v1"
+            }
         }
     }
 
@@ -129,6 +134,7 @@ pub enum Object {
     TrafficPolicy(Arc<TrafficPolicy>),
     HttpRoute(Arc<HttpRoute>),
     GrpcRoute(Arc<GrpcRoute>),
+    ReferenceGrant(Arc<ReferenceGrant>),
 }
 
 impl Object {
@@ -144,6 +150,7 @@ impl Object {
             Object::TrafficPolicy(_) => Kind::TrafficPolicy,
             Object::HttpRoute(_) => Kind::HttpRoute,
             Object::GrpcRoute(_) => Kind::GrpcRoute,
+            Object::ReferenceGrant(_) => Kind::ReferenceGrant,
         }
     }
 
@@ -159,6 +166,7 @@ impl Object {
             Object::TrafficPolicy(object) => ObjectKey::of(object.as_ref()),
             Object::HttpRoute(object) => ObjectKey::of(object.as_ref()),
             Object::GrpcRoute(object) => ObjectKey::of(object.as_ref()),
+            Object::ReferenceGrant(object) => ObjectKey::of(object.as_ref()),
         }
     }
 
@@ -180,6 +188,7 @@ impl Object {
             Kind::TrafficPolicy => Object::TrafficPolicy(parse(value)?),
             Kind::HttpRoute => Object::HttpRoute(parse(value)?),
             Kind::GrpcRoute => Object::GrpcRoute(parse(value)?),
+            Kind::ReferenceGrant => Object::ReferenceGrant(parse(value)?),
         })
     }
 }
@@ -197,6 +206,7 @@ pub struct Objects {
     pub traffic_policies: BTreeMap<ObjectKey, Arc<TrafficPolicy>>,
     pub http_routes: BTreeMap<ObjectKey, Arc<HttpRoute>>,
     pub grpc_routes: BTreeMap<ObjectKey, Arc<GrpcRoute>>,
+    pub reference_grants: BTreeMap<ObjectKey, Arc<ReferenceGrant>>,
     /// What the objects were read from, for the status: with the file source, each
     /// file's path and the digest of the content that applies.
     pub sources: BTreeMap<String, String>,
@@ -221,6 +231,7 @@ impl Objects {
             Object::TrafficPolicy(object) => drop(self.traffic_policies.insert(key, object)),
             Object::HttpRoute(object) => drop(self.http_routes.insert(key, object)),
             Object::GrpcRoute(object) => drop(self.grpc_routes.insert(key, object)),
+            Object::ReferenceGrant(object) => drop(self.reference_grants.insert(key, object)),
         }
     }
 
@@ -236,6 +247,7 @@ impl Objects {
             Kind::TrafficPolicy => drop(self.traffic_policies.remove(key)),
             Kind::HttpRoute => drop(self.http_routes.remove(key)),
             Kind::GrpcRoute => drop(self.grpc_routes.remove(key)),
+            Kind::ReferenceGrant => drop(self.reference_grants.remove(key)),
         }
     }
 
@@ -252,6 +264,7 @@ impl Objects {
             Kind::TrafficPolicy => self.traffic_policies.clear(),
             Kind::HttpRoute => self.http_routes.clear(),
             Kind::GrpcRoute => self.grpc_routes.clear(),
+            Kind::ReferenceGrant => self.reference_grants.clear(),
         }
         for object in objects {
             debug_assert_eq!(object.kind(), kind);
@@ -272,6 +285,7 @@ impl Objects {
             (Kind::TrafficPolicy, self.traffic_policies.len()),
             (Kind::HttpRoute, self.http_routes.len()),
             (Kind::GrpcRoute, self.grpc_routes.len()),
+            (Kind::ReferenceGrant, self.reference_grants.len()),
         ]
         .into()
     }

@@ -185,6 +185,14 @@ async fn lists_every_kind_then_follows_creations_updates_and_deletions() {
         "web-grpc",
         json!([service_parent("web")]),
     ));
+    fake.create(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "ReferenceGrant",
+        "metadata": { "name": "from-store", "namespace": "shop" },
+        "spec": {
+            "from": [{ "group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": "store" }],
+            "to": [{ "group": "", "kind": "Service" }],
+        },
+    }));
 
     let mut objects = start_source(&fake);
     let listed = wait_for(&mut objects, "one object of every kind", |o| {

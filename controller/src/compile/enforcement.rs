@@ -41,7 +41,8 @@ pub fn of(kind: Kind) -> Enforcement {
         | Kind::Pod
         | Kind::Service
         | Kind::EndpointSlice
-        | Kind::PeerAuthentication => Enforcement::Everything,
+        | Kind::PeerAuthentication
+        | Kind::ReferenceGrant => Enforcement::Everything,
     }
 }
 

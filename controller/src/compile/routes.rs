@@ -80,7 +80,7 @@ pub fn compile(
             // Attached to Gateways only: another controller's business.
             continue;
         }
-        match compile_route(candidate, spec, services) {
+        match compile_route(candidate, spec, services, objects) {
             Ok((compiled, verdict)) => {
                 judge(
                     statuses,
@@ -176,6 +176,7 @@ fn compile_route(
     candidate: &Candidate,
     spec: &WrittenSpec,
     services: &BTreeMap<ObjectKey, proto::Service>,
+    objects: &Objects,
 ) -> Result<(Vec<(String, Rule)>, Verdict), Verdict> {
     let namespace = &candidate.key.namespace;
     if let Some(field) = spec.unknown.keys().next() {
@@ -245,6 +246,7 @@ fn compile_route(
         namespace,
         parents: &parent_services,
         services,
+        objects,
     };
     let mut rules = Vec::new();
     for (index, rule) in spec.rules.iter().enumerate() {
@@ -296,7 +298,36 @@ struct Context<'a> {
     /// The route's parent Services: always valid backends, in any namespace.
     parents: &'a [ObjectKey],
     services: &'a BTreeMap<ObjectKey, proto::Service>,
+    /// For the ReferenceGrants that let a route reach into another namespace.
+    objects: &'a Objects,
 }
+
+impl Context<'_> {
+    /// Whether a ReferenceGrant in `backend`'s namespace lets this route's namespace
+    /// refer to it: from this route's kind, to Services (all of them, or this one).
+    fn granted(&self, backend: &ObjectKey) -> bool {
+        self.objects
+            .reference_grants
+            .iter()
+            .filter(|(key, _)| key.namespace == backend.namespace)
+            .any(|(_, grant)| {
+                let from = grant.spec.from.iter().any(|from| {
+                    from.group == GATEWAY_GROUP
+                        && from.kind == self.kind.name()
+                        && from.namespace == self.namespace
+                });
+                let to = grant.spec.to.iter().any(|to| {
+                    matches!(to.group.as_str(), "" | "core")
+                        && to.kind == "Service"
+                        && to.name.as_ref().is_none_or(|name| *name == backend.name)
+                });
+                from && to
+            })
+    }
+}
+
+/// The Gateway API's group, as a ReferenceGrant names the kinds it lets in.
+const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 
 /// The first reference that did not resolve.
 #[derive(Default)]
@@ -462,12 +493,13 @@ fn resolve(
             ),
         );
     }
-    if namespace != context.namespace && !context.parents.contains(&key) {
+    if namespace != context.namespace && !context.parents.contains(&key) && !context.granted(&key) {
         return unresolved(
             Reason::RefNotPermitted,
             format!(
-                "Service {key} is in another namespace; weft permits only the route's parent \
-                 Services there (ReferenceGrants are not read yet)"
+                "Service {key} is in another namespace, and no ReferenceGrant there lets {}s \
+                 of namespace {} refer to it",
+                context.kind, context.namespace
             ),
         );
     }

@@ -707,6 +707,57 @@ spec:
 }
 
 #[test]
+fn backends_in_other_namespaces_need_a_reference_grant() {
+    let store = r#"
+---
+apiVersion: v1
+kind: Namespace
+metadata: { name: store, labels: { weft.dev/mesh: enabled } }
+---
+apiVersion: v1
+kind: Service
+metadata: { name: api, namespace: store }
+spec: { clusterIP: 10.96.0.30, selector: { app: api }, ports: [{ port: 80 }] }
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: to-store, namespace: shop }
+spec:
+  parentRefs: [{ kind: Service, name: web, port: 80 }]
+  rules: [{ backendRefs: [{ name: api, namespace: store, port: 80 }] }]
+"#;
+    let grant = |from_kind: &str, to_name: &str| {
+        format!(
+            "---\napiVersion: gateway.networking.k8s.io/v1\nkind: ReferenceGrant\nmetadata: {{ name: shop-in, namespace: store }}\nspec:\n  from: [{{ group: gateway.networking.k8s.io, kind: {from_kind}, namespace: shop }}]\n  to: [{{ group: \"\", kind: Service, name: {to_name} }}]\n"
+        )
+    };
+    let cases = [
+        (String::new(), false),
+        (grant("HTTPRoute", "api"), true),
+        (grant("GRPCRoute", "api"), false),
+        (grant("HTTPRoute", "other"), false),
+    ];
+    for (grant, resolved) in cases {
+        let compiled = compile(
+            &objects(&format!("{CLUSTER}{store}{grant}")),
+            &settings(),
+            &TrustBundle::default(),
+        );
+        let verdict = verdict(&compiled, Kind::HttpRoute, "shop", "to-store");
+        let references = verdict.references.as_ref().unwrap();
+        assert_eq!(references.resolved, resolved, "{grant}: {verdict:?}");
+        if !resolved {
+            assert_eq!(references.reason, Reason::RefNotPermitted, "{grant}");
+        }
+        let wire = compiled
+            .shared
+            .get::<proto::ServiceRoutes>("shop/web:80")
+            .unwrap();
+        assert_eq!(wire.rules[0].backends[0].service.is_empty(), !resolved, "{grant}");
+    }
+}
+
+#[test]
 fn routes_weft_cannot_honour_are_refused_naming_the_field() {
     let route = |spec: &str| {
         format!(

@@ -23,7 +23,7 @@ use std::{
 };
 
 use futures::{StreamExt, stream::BoxStream};
-use gateway_api::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
+use gateway_api::{grpcroutes::GrpcRoute, httproutes::HttpRoute, referencegrants::ReferenceGrant};
 use k8s_openapi::{
     api::{
         authentication::v1::{TokenReview, TokenReviewSpec},
@@ -73,6 +73,7 @@ fn api_resource(kind: Kind) -> ApiResource {
         Kind::TrafficPolicy => ApiResource::erase::<TrafficPolicy>(&()),
         Kind::HttpRoute => ApiResource::erase::<HttpRoute>(&()),
         Kind::GrpcRoute => ApiResource::erase::<GrpcRoute>(&()),
+        Kind::ReferenceGrant => ApiResource::erase::<ReferenceGrant>(&()),
     }
 }
 
@@ -91,7 +92,7 @@ fn install_hint(kind: Kind) -> &'static str {
         Kind::PeerAuthentication | Kind::AuthorizationPolicy | Kind::TrafficPolicy => {
             "install weft's CRDs: kubectl apply -f deploy/crds/"
         }
-        Kind::HttpRoute | Kind::GrpcRoute => {
+        Kind::HttpRoute | Kind::GrpcRoute | Kind::ReferenceGrant => {
             "install the Gateway API CRDs (standard channel): \
              https://gateway-api.sigs.k8s.io/guides/#installing-gateway-api"
         }
@@ -214,6 +215,7 @@ fn find(objects: &Objects, kind: Kind, key: &ObjectKey) -> Option<Object> {
         Kind::TrafficPolicy => Object::TrafficPolicy(objects.traffic_policies.get(key)?.clone()),
         Kind::HttpRoute => Object::HttpRoute(objects.http_routes.get(key)?.clone()),
         Kind::GrpcRoute => Object::GrpcRoute(objects.grpc_routes.get(key)?.clone()),
+        Kind::ReferenceGrant => Object::ReferenceGrant(objects.reference_grants.get(key)?.clone()),
     })
 }
 
@@ -565,7 +567,12 @@ fn plan(
                 verdict,
             )
         }
-        Kind::Namespace | Kind::Node | Kind::Pod | Kind::Service | Kind::EndpointSlice => None,
+        Kind::Namespace
+        | Kind::Node
+        | Kind::Pod
+        | Kind::Service
+        | Kind::EndpointSlice
+        | Kind::ReferenceGrant => None,
     }
 }
 

@@ -134,6 +134,12 @@ const RESOURCES: &[Resource] = &[
         plural: "grpcroutes",
         namespaced: true,
     },
+    Resource {
+        api_version: "gateway.networking.k8s.io/v1",
+        kind: "ReferenceGrant",
+        plural: "referencegrants",
+        namespaced: true,
+    },
 ];
 
 /// The resource of `kind` (a test's mistake if there is none).
