@@ -24,6 +24,19 @@ pub struct Verdict {
     /// A route's references (the Gateway API's `ResolvedRefs` condition).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub references: Option<References>,
+    /// A route's parents that do not take it, by their index in `spec.parentRefs`,
+    /// while others do (the Gateway API reports `Accepted` per parent).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub refused_parents: Vec<RefusedParent>,
+}
+
+/// A parent of a route that does not take it, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RefusedParent {
+    /// Its index in `spec.parentRefs`.
+    pub index: usize,
+    pub reason: Reason,
+    pub message: String,
 }
 
 /// Whether every reference of a route resolves; if not, the first that does not.
@@ -96,6 +109,7 @@ impl Verdict {
             message: message.into(),
             generation: None,
             references: None,
+            refused_parents: Vec::new(),
         }
     }
 
@@ -106,6 +120,26 @@ impl Verdict {
             message: message.into(),
             generation: None,
             references: None,
+            refused_parents: Vec::new(),
+        }
+    }
+
+    /// The verdict for the route's parent at `index` in `spec.parentRefs`: refused if
+    /// that parent is, this verdict otherwise.
+    pub fn for_parent(&self, index: usize) -> Verdict {
+        match self
+            .refused_parents
+            .iter()
+            .find(|parent| parent.index == index)
+        {
+            Some(refused) => Verdict {
+                accepted: false,
+                reason: refused.reason,
+                message: refused.message.clone(),
+                refused_parents: Vec::new(),
+                ..self.clone()
+            },
+            None => self.clone(),
         }
     }
 

@@ -33,7 +33,7 @@ use self::written::{Filter, NameValue, Reference, WrittenPath, WrittenRule, Writ
 use super::{by_age, judge};
 use crate::{
     objects::{Kind, ObjectKey, Objects},
-    status::{Reason, References, Statuses, Verdict},
+    status::{Reason, References, RefusedParent, Statuses, Verdict},
 };
 
 /// The compiled routes by `<namespace>/<service>:<port>`.
@@ -197,6 +197,7 @@ fn compile_route(
     let mut parents: Vec<String> = Vec::new();
     let mut parent_services: Vec<ObjectKey> = Vec::new();
     let mut consumer = None;
+    let mut refused_parents = Vec::new();
     for (index, parent) in spec.parent_refs.iter().enumerate() {
         if !parent.is_service() {
             continue;
@@ -205,10 +206,12 @@ fn compile_route(
         let parent_namespace = parent.namespace.as_deref().unwrap_or(namespace);
         let key = ObjectKey::new(parent_namespace, &parent.name);
         let Some(service) = services.get(&key) else {
-            return Err(refuse(
-                Reason::NoMatchingParent,
-                format!("{field}: there is no Service {key}"),
-            ));
+            refused_parents.push(RefusedParent {
+                index,
+                reason: Reason::NoMatchingParent,
+                message: format!("{field}: there is no Service {key}"),
+            });
+            continue;
         };
         if parent.section_name.is_some() {
             return Err(refuse(
@@ -227,10 +230,12 @@ fn compile_route(
                 vec![port as u32]
             }
             Some(port) => {
-                return Err(refuse(
-                    Reason::NoMatchingParent,
-                    format!("{field}.port: Service {key} has no port {port}"),
-                ));
+                refused_parents.push(RefusedParent {
+                    index,
+                    reason: Reason::NoMatchingParent,
+                    message: format!("{field}.port: Service {key} has no port {port}"),
+                });
+                continue;
             }
         };
         if parent_namespace != namespace {
@@ -238,6 +243,12 @@ fn compile_route(
         }
         parents.extend(ports.iter().map(|port| format!("{key}:{port}")));
         parent_services.push(key);
+    }
+    if parent_services.is_empty()
+        && let Some(refused) = refused_parents.first()
+    {
+        // No parent takes the route: it applies nowhere.
+        return Err(refuse(refused.reason, refused.message.clone()));
     }
 
     let mut resolution = Resolution::default();
@@ -284,6 +295,10 @@ fn compile_route(
         ),
     )
     .with_references(resolution.finish());
+    let verdict = Verdict {
+        refused_parents,
+        ..verdict
+    };
     let compiled = parents
         .iter()
         .flat_map(|parent| rules.iter().map(move |rule| (parent.clone(), rule.clone())))

@@ -753,8 +753,48 @@ spec:
             .shared
             .get::<proto::ServiceRoutes>("shop/web:80")
             .unwrap();
-        assert_eq!(wire.rules[0].backends[0].service.is_empty(), !resolved, "{grant}");
+        assert_eq!(
+            wire.rules[0].backends[0].service.is_empty(),
+            !resolved,
+            "{grant}"
+        );
     }
+}
+
+#[test]
+fn a_parent_that_does_not_exist_refuses_the_route_for_itself_only() {
+    let route = r#"
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: two-parents, namespace: shop }
+spec:
+  parentRefs: [{ kind: Service, name: web, port: 80 }, { kind: Service, name: gone }]
+  rules: [{ backendRefs: [{ name: web, port: 80 }] }]
+"#;
+    let compiled = compile(
+        &objects(&format!("{CLUSTER}{route}")),
+        &settings(),
+        &TrustBundle::default(),
+    );
+    let verdict = verdict(&compiled, Kind::HttpRoute, "shop", "two-parents");
+    assert!(verdict.accepted, "{verdict:?}");
+    let gone = verdict.for_parent(1);
+    assert_eq!(
+        (gone.accepted, gone.reason, gone.message.as_str()),
+        (
+            false,
+            Reason::NoMatchingParent,
+            "spec.parentRefs[1]: there is no Service shop/gone"
+        )
+    );
+    assert!(verdict.for_parent(0).accepted);
+    assert!(
+        compiled
+            .shared
+            .get::<proto::ServiceRoutes>("shop/web:80")
+            .is_some()
+    );
 }
 
 #[test]

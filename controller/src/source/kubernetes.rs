@@ -674,10 +674,11 @@ fn policy_status(status: Option<&PolicyStatus>, verdict: &Verdict) -> Option<Val
 /// controllers as they are; `None` if unchanged. Works on JSON so that HTTPRoute and
 /// GRPCRoute share it (their parent references and status entries have one shape).
 fn route_status(parent_refs: &Value, parents: &Value, verdict: &Verdict) -> Option<Value> {
-    let mut services: Vec<Value> = Vec::new();
-    for parent in parent_refs.as_array().into_iter().flatten() {
-        if is_service(parent) && !services.contains(parent) {
-            services.push(parent.clone());
+    // Each Service parent once, with its (first) index in spec.parentRefs.
+    let mut services: Vec<(usize, Value)> = Vec::new();
+    for (index, parent) in parent_refs.as_array().into_iter().flatten().enumerate() {
+        if is_service(parent) && !services.iter().any(|(_, known)| known == parent) {
+            services.push((index, parent.clone()));
         }
     }
     let (ours, others): (Vec<Value>, Vec<Value>) = parents
@@ -694,14 +695,15 @@ fn route_status(parent_refs: &Value, parents: &Value, verdict: &Verdict) -> Opti
             .into_iter()
             .find(|condition| condition.type_ == kind)
     };
-    let conditions = |parent: &Value| -> Vec<Condition> {
+    let conditions = |index: usize, parent: &Value| -> Vec<Condition> {
+        let verdict = verdict.for_parent(index);
         let accepted = verdict.condition(previous(parent, ACCEPTED).as_ref());
         let references = verdict.references_condition(previous(parent, RESOLVED_REFS).as_ref());
         std::iter::once(accepted).chain(references).collect()
     };
     let unchanged = ours.len() == services.len()
-        && services.iter().all(|parent| {
-            conditions(parent).iter().all(|desired| {
+        && services.iter().all(|(index, parent)| {
+            conditions(*index, parent).iter().all(|desired| {
                 previous(parent, &desired.type_)
                     .is_some_and(|current| same_condition(&current, desired))
             })
@@ -710,11 +712,11 @@ fn route_status(parent_refs: &Value, parents: &Value, verdict: &Verdict) -> Opti
         return None;
     }
     let mut entries = others;
-    for parent in &services {
+    for (index, parent) in &services {
         entries.push(json!({
             "parentRef": parent,
             "controllerName": CONTROLLER_NAME,
-            "conditions": conditions(parent),
+            "conditions": conditions(*index, parent),
         }));
     }
     Some(json!({ "parents": entries }))
@@ -857,6 +859,49 @@ mod tests {
             "conditions": [condition(&verdict)],
         }]);
         assert_eq!(route_status(&refs, &written, &verdict), None);
+    }
+
+    #[test]
+    fn route_status_speaks_per_parent_and_reports_references() {
+        let verdict = Verdict {
+            refused_parents: vec![crate::status::RefusedParent {
+                index: 1,
+                reason: Reason::NoMatchingParent,
+                message: "spec.parentRefs[1]: there is no Service shop/gone".into(),
+            }],
+            ..Verdict::accepted(Reason::Accepted, "routes").with_references(
+                crate::status::References {
+                    resolved: false,
+                    reason: Reason::BackendNotFound,
+                    message: "no such backend".into(),
+                },
+            )
+        };
+        let refs = json!([
+            { "group": "", "kind": "Service", "name": "web" },
+            { "group": "", "kind": "Service", "name": "gone" },
+        ]);
+        let status = route_status(&refs, &json!([]), &verdict).unwrap();
+        let parents = status["parents"].as_array().unwrap();
+        let summary: Vec<(Value, Value, Value)> = parents
+            .iter()
+            .map(|entry| {
+                (
+                    entry["parentRef"]["name"].clone(),
+                    entry["conditions"][0]["reason"].clone(),
+                    entry["conditions"][1]["reason"].clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (json!("web"), json!("Accepted"), json!("BackendNotFound")),
+                (json!("gone"), json!("NoMatchingParent"), json!("BackendNotFound")),
+            ]
+        );
+        let written = status["parents"].clone();
+        assert_eq!(route_status(&refs, &written, &verdict), None, "unchanged");
     }
 
     #[test]
