@@ -10,10 +10,7 @@
 //! turn, as the upstream suite applies its manifests, and each case is polled until it
 //! holds (the configuration takes a moment to reach the agents), then checked again.
 
-use std::{
-    collections::BTreeMap,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, process::Stdio, time::Duration};
 
 use weft_cluster::{Cluster, PodSpec};
 use weft_e2e::{TestCluster, agent_metrics, samples, wait_until, workspace_bin};
@@ -559,7 +556,7 @@ fn gamma_mesh_conformance_cases_hold_on_the_local_cluster() {
     mesh.routes(&route(
         "mesh-missing-and-slow",
         NS,
-        "  parentRefs: [{ group: \"\", kind: Service, name: echo, port: 80 }]\n  rules:\n    - matches: [{ path: { value: /missing } }]\n      backendRefs: [{ name: echo-v3, port: 8080 }]\n    - matches: [{ path: { value: /half } }]\n      backendRefs: [{ name: echo-v1, port: 8080 }, { name: echo-v3, port: 8080 }]\n    - matches: [{ path: { value: /slow } }]\n      timeouts: { request: 300ms }\n      backendRefs: [{ name: echo-v1, port: 8080 }]",
+        "  parentRefs: [{ group: \"\", kind: Service, name: echo, port: 80 }]\n  rules:\n    - matches: [{ path: { value: /missing } }]\n      backendRefs: [{ name: echo-v3, port: 8080 }]\n    - matches: [{ path: { value: /half } }]\n      backendRefs: [{ name: echo-v1, port: 8080 }, { name: echo-v3, port: 8080 }]\n    - matches: [{ path: { value: /slow } }]\n      timeouts: { request: 300ms }\n      backendRefs: [{ name: echo-v1, port: 8080 }]\n    - matches: [{ path: { value: /slow-backend } }]\n      timeouts: { request: 10s, backendRequest: 300ms }\n      backendRefs: [{ name: echo-v1, port: 8080 }]\n    - matches: [{ path: { value: /vanishing } }]\n      backendRefs: [{ name: echo-v2, port: 8080 }]",
     ));
     mesh.eventually("the missing backend", || {
         mesh.get(NS, "client", ECHO, "/missing", &[]).status == 500
@@ -583,12 +580,12 @@ fn gamma_mesh_conformance_cases_hold_on_the_local_cluster() {
         verdict["references"]["reason"], "BackendNotFound",
         "{verdict}"
     );
-    let slow = mesh.get(NS, "client", ECHO, "/slow?delay=3000", &[]);
-    assert_eq!(slow.status, 504, "{slow:?}");
-    assert_eq!(
-        mesh.get(NS, "client", ECHO, "/slow?delay=10", &[]).status,
-        200
-    );
+    for path in ["/slow", "/slow-backend"] {
+        let slow = mesh.get(NS, "client", ECHO, &format!("{path}?delay=3000"), &[]);
+        assert_eq!(slow.status, 504, "{path}: {slow:?}");
+        let quick = mesh.get(NS, "client", ECHO, &format!("{path}?delay=10"), &[]);
+        assert_eq!(quick.status, 200, "{path}: {quick:?}");
+    }
 
     // Metrics name the route and rule.
     let counted: f64 = samples(
@@ -606,6 +603,34 @@ fn gamma_mesh_conformance_cases_hold_on_the_local_cluster() {
     assert!(
         counted >= 1.0,
         "the timed-out request is counted by route and rule"
+    );
+
+    // A backend that disappears: its share answers 500, and the status says so.
+    assert_eq!(
+        mesh.get(NS, "client", ECHO, "/vanishing", &[]).pod(),
+        "echo-v2"
+    );
+    let without_v2 = BASE.replace(
+        "name: echo-v2, namespace: gamma",
+        "name: echo-v9, namespace: gamma",
+    );
+    let routes = mesh.cluster.manifests_file();
+    let current = std::fs::read_to_string(&routes).unwrap();
+    mesh.cluster
+        .set_mesh_yaml(&current.replacen(BASE, &without_v2, 1));
+    mesh.cluster.settle();
+    mesh.eventually("the vanished backend answers 500", || {
+        mesh.get(NS, "client", ECHO, "/vanishing", &[]).status == 500
+    });
+    let status = mesh.cluster.controller_status().unwrap();
+    let verdict = weft_e2e::policy_verdict(&status, "HTTPRoute", "mesh-missing-and-slow");
+    assert_eq!(verdict["accepted"], true, "{verdict}");
+    assert_eq!(
+        verdict["references"]["message"],
+        "spec.rules[0].backendRefs[0]: there is no Service gamma/echo-v3; \
+         spec.rules[1].backendRefs[1]: there is no Service gamma/echo-v3; \
+         spec.rules[4].backendRefs[0]: there is no Service gamma/echo-v2",
+        "every unresolved reference is named: {verdict}"
     );
 }
 
@@ -815,42 +840,79 @@ fn batch(mesh: &Mesh, count: usize) -> BTreeMap<String, usize> {
 }
 
 /// Shifting a canary's weights while load runs loses no request, and each step's
-/// observed split converges to its weights.
+/// observed split converges to its weights: curl on one keep-alive connection, wrk on
+/// four, and a gRPC client on two HTTP/2 connections, while an HTTPRoute and a
+/// GRPCRoute move from v1 to v2 in steps.
 #[test]
 fn canary_weight_steps_under_load_lose_no_request() {
     let mesh = Mesh::up();
     let step = |v1: u32, v2: u32| {
-        route(
-            "canary",
-            NS,
-            &format!(
-                "  parentRefs: [{{ group: \"\", kind: Service, name: echo, port: 80 }}]\n  rules:\n    - backendRefs: [{{ name: echo-v1, port: 8080, weight: {v1} }}, {{ name: echo-v2, port: 8080, weight: {v2} }}]"
+        let backends = |port: u16| {
+            format!(
+                "[{{ name: echo-v1, port: {port}, weight: {v1} }}, {{ name: echo-v2, port: {port}, weight: {v2} }}]"
+            )
+        };
+        format!(
+            "{}apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {{ name: canary-grpc, namespace: gamma }}\nspec:\n  parentRefs: [{{ group: \"\", kind: Service, name: echo, port: 7070 }}]\n  rules: [{{ backendRefs: {} }}]\n---\n",
+            route(
+                "canary",
+                NS,
+                &format!(
+                    "  parentRefs: [{{ group: \"\", kind: Service, name: echo, port: 80 }}]\n  rules:\n    - backendRefs: {}",
+                    backends(8080)
+                ),
             ),
+            backends(7070),
         )
     };
     mesh.routes(&step(100, 0));
     mesh.eventually("all on v1", || {
         mesh.get(NS, "client", ECHO, "/", &[]).pod() == "echo-v1"
     });
-    let started = Instant::now();
-    // Load on one connection in the background while the weights change.
+    let spawn = |argv: Vec<String>| {
+        mesh.cluster
+            .pod_command(NS, "client", &argv)
+            .unwrap()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
     let url = format!("http://{ECHO}/");
-    let mut argv = vec!["curl", "-s", "--max-time", "120", "-w", "\n"];
-    argv.extend(std::iter::repeat_n(url.as_str(), 3000));
-    let load = mesh
-        .cluster
-        .pod_command(NS, "client", &argv)
-        .unwrap()
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut curl: Vec<String> = ["curl", "-s", "--max-time", "120", "-w", "\n"]
+        .map(String::from)
+        .to_vec();
+    curl.extend(std::iter::repeat_n(url.clone(), 3000));
+    let curl = spawn(curl);
+    let wrk = spawn(
+        ["wrk", "-t", "1", "-c", "4", "-d", "8s", &url]
+            .map(String::from)
+            .to_vec(),
+    );
+    let grpc = spawn(
+        [
+            &workspace_bin("weft-client").display().to_string(),
+            "grpc",
+            "load",
+            "--target",
+            &format!("http://{ECHO}:7070"),
+            "--connections",
+            "2",
+            "--rate",
+            "200",
+            "--duration",
+            "8",
+        ]
+        .map(String::from)
+        .to_vec(),
+    );
     for (v1, v2) in [(90, 10), (50, 50), (0, 100)] {
         mesh.routes(&step(v1, v2));
         let counts = batch(&mesh, 400);
         let share = *counts.get("echo-v2").unwrap_or(&0) as f64 / 400.0;
         let expected = f64::from(v2) / 100.0;
         eprintln!(
-            "step {v1}/{v2}: v2 share {share:.3} (error {:.3})",
+            "step {v1}/{v2}: v2 share {share:.3}, error {:+.3}",
             share - expected
         );
         assert!(
@@ -858,15 +920,32 @@ fn canary_weight_steps_under_load_lose_no_request() {
             "step {v1}/{v2}: {counts:?}"
         );
     }
-    let output = load.wait_with_output().unwrap();
+    let output = curl.wait_with_output().unwrap();
     let answered = String::from_utf8_lossy(&output.stdout)
         .lines()
         .filter(|line| line.contains("\"pod\""))
         .count();
     assert_eq!(
-        answered,
-        3000,
-        "every request under load was answered ({:?})",
-        started.elapsed()
+        answered, 3000,
+        "curl: every request was answered by an echo"
     );
+    let output = wrk.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&output.stdout);
+    eprintln!("wrk: {report}");
+    assert!(report.contains("requests in"), "{report}");
+    assert!(
+        !report.contains("Non-2xx") && !report.contains("Socket errors"),
+        "wrk saw failures: {report}"
+    );
+    let output = grpc.wait_with_output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|err| {
+        panic!(
+            "{err}: {} {}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    eprintln!("gRPC load: {report}");
+    assert_eq!(report["errors"], 0, "{report}");
+    assert!(report["requests"].as_u64().unwrap_or(0) > 100, "{report}");
 }

@@ -344,28 +344,34 @@ impl Context<'_> {
 /// The Gateway API's group, as a ReferenceGrant names the kinds it lets in.
 const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 
-/// The first reference that did not resolve.
+/// The references that did not resolve: the condition's reason is the first one's,
+/// its message names them all.
 #[derive(Default)]
 struct Resolution {
-    problem: Option<(Reason, String)>,
+    problems: Vec<(Reason, String)>,
 }
 
 impl Resolution {
     fn record(&mut self, reason: Reason, message: String) {
-        self.problem.get_or_insert((reason, message));
+        self.problems.push((reason, message));
     }
 
     fn finish(self) -> References {
-        match self.problem {
+        match self.problems.first() {
             None => References {
                 resolved: true,
                 reason: Reason::ResolvedRefs,
                 message: "every backend resolves".to_owned(),
             },
-            Some((reason, message)) => References {
+            Some((reason, _)) => References {
                 resolved: false,
-                reason,
-                message,
+                reason: *reason,
+                message: self
+                    .problems
+                    .iter()
+                    .map(|(_, message)| message.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; "),
             },
         }
     }

@@ -897,7 +897,11 @@ mod tests {
             summary,
             [
                 (json!("web"), json!("Accepted"), json!("BackendNotFound")),
-                (json!("gone"), json!("NoMatchingParent"), json!("BackendNotFound")),
+                (
+                    json!("gone"),
+                    json!("NoMatchingParent"),
+                    json!("BackendNotFound")
+                ),
             ]
         );
         let written = status["parents"].clone();
