@@ -316,8 +316,58 @@ fn gamma_mesh_conformance_cases_hold_on_the_local_cluster() {
         (200, None)
     );
 
-    // MeshTrafficSplit, MeshHTTPRouteMatching and the named-rule case: paths, headers
-    // and precedence; a request no rule matches is answered 404.
+    // MeshTrafficSplit: exact paths split the service; anything else is a 404.
+    mesh.routes(&route(
+        "mesh-split",
+        NS,
+        "  parentRefs: [{ group: \"\", kind: Service, name: echo }]\n  rules:\n    - { matches: [{ path: { type: Exact, value: /v1 } }], backendRefs: [{ name: echo-v1, port: 80 }] }\n    - { matches: [{ path: { type: Exact, value: /v2 } }], backendRefs: [{ name: echo-v2, port: 80 }] }",
+    ));
+    mesh.eventually("MeshTrafficSplit", || {
+        mesh.get(NS, "client", ECHO, "/v2", &[]).pod() == "echo-v2"
+    });
+    for (path, status, pod) in [
+        ("/v1", 200, "echo-v1"),
+        ("/v2", 200, "echo-v2"),
+        ("/v3", 404, ""),
+    ] {
+        let answer = mesh.get(NS, "client", ECHO, path, &[]);
+        assert_eq!((answer.status, answer.pod()), (status, pod), "{path}");
+    }
+
+    // MeshHTTPRouteSimpleSameNamespace: every request of echo goes to echo-v1, port 8080.
+    mesh.routes(&route(
+        "gateway-conformance-mesh-test",
+        NS,
+        "  parentRefs: [{ group: \"\", kind: Service, name: echo, port: 80 }]\n  rules: [{ backendRefs: [{ name: echo-v1, port: 8080 }] }]",
+    ));
+    mesh.eventually("MeshHTTPRouteSimpleSameNamespace", || {
+        (0..5).all(|_| mesh.get(NS, "client", ECHO, "/", &[]).pod() == "echo-v1")
+    });
+
+    // MeshHTTPRouteNamedRule: rules route by path, and the metrics name each rule.
+    mesh.routes(&route(
+        "mesh-http-named-rules",
+        NS,
+        "  parentRefs: [{ group: \"\", kind: Service, name: echo, port: 80 }]\n  rules:\n    - { name: named-rule, matches: [{ path: { value: /named } }], backendRefs: [{ name: echo-v1, port: 8080 }] }\n    - { matches: [{ path: { value: /unnamed } }], backendRefs: [{ name: echo-v2, port: 8080 }] }",
+    ));
+    mesh.eventually("MeshHTTPRouteNamedRule", || {
+        mesh.get(NS, "client", ECHO, "/unnamed", &[]).pod() == "echo-v2"
+    });
+    assert_eq!(mesh.get(NS, "client", ECHO, "/named", &[]).pod(), "echo-v1");
+    let rules: Vec<String> = samples(
+        &agent_metrics(&mesh.cluster, "node0"),
+        "weft_route_requests_total",
+    )
+    .into_iter()
+    .filter(|(labels, _)| labels["route"] == "HTTPRoute/gamma/mesh-http-named-rules")
+    .map(|(labels, _)| labels["rule"].clone())
+    .collect();
+    assert!(
+        rules.contains(&"named-rule".to_owned()) && rules.contains(&"1".to_owned()),
+        "a named rule by its name, an unnamed one by its index: {rules:?}"
+    );
+
+    // MeshHTTPRouteMatching, with a method match: paths, headers and precedence.
     mesh.routes(&route(
         "mesh-matching",
         NS,
@@ -459,7 +509,7 @@ fn gamma_mesh_conformance_cases_hold_on_the_local_cluster() {
     mesh.routes(&route(
         "mesh-redirect",
         NS,
-        "  parentRefs: [{ group: \"\", kind: Service, name: echo, port: 80 }]\n  rules:\n    - { matches: [{ path: { value: /original-prefix } }], filters: [{ type: RequestRedirect, requestRedirect: { path: { type: ReplacePrefixMatch, replacePrefixMatch: /replacement-prefix } } }] }\n    - { matches: [{ path: { value: /full } }], filters: [{ type: RequestRedirect, requestRedirect: { path: { type: ReplaceFullPath, replaceFullPath: /full-path-replacement } } }] }\n    - { matches: [{ path: { value: /path-and-host } }], filters: [{ type: RequestRedirect, requestRedirect: { hostname: example.org, path: { type: ReplacePrefixMatch, replacePrefixMatch: /replacement-prefix } } }] }\n    - { matches: [{ path: { value: /full-path-and-status } }], filters: [{ type: RequestRedirect, requestRedirect: { statusCode: 301, path: { type: ReplaceFullPath, replaceFullPath: /replacement-full } } }] }\n    - { matches: [{ path: { value: /port-and-host } }], filters: [{ type: RequestRedirect, requestRedirect: { hostname: example.org, port: 8083 } }] }\n    - { matches: [{ path: { value: /port } }], filters: [{ type: RequestRedirect, requestRedirect: { port: 8083 } }] }\n    - { matches: [{ path: { value: /scheme-and-host } }], filters: [{ type: RequestRedirect, requestRedirect: { scheme: https, hostname: example.org } }] }\n    - { matches: [{ path: { value: /scheme } }], filters: [{ type: RequestRedirect, requestRedirect: { scheme: https, statusCode: 301 } }] }\n    - { matches: [{ path: { value: /host-and-status } }], filters: [{ type: RequestRedirect, requestRedirect: { hostname: example.org, statusCode: 301 } }] }\n    - { matches: [{ path: { value: /see-other } }], filters: [{ type: RequestRedirect, requestRedirect: { statusCode: 303 } }] }\n    - { matches: [{ path: { value: /temporary } }], filters: [{ type: RequestRedirect, requestRedirect: { statusCode: 307 } }] }\n    - { matches: [{ path: { value: /permanent } }], filters: [{ type: RequestRedirect, requestRedirect: { statusCode: 308 } }] }",
+        "  parentRefs: [{ group: \"\", kind: Service, name: echo, port: 80 }]\n  rules:\n    - { matches: [{ path: { value: /original-prefix } }], filters: [{ type: RequestRedirect, requestRedirect: { path: { type: ReplacePrefixMatch, replacePrefixMatch: /replacement-prefix } } }] }\n    - { matches: [{ path: { value: /full } }], filters: [{ type: RequestRedirect, requestRedirect: { path: { type: ReplaceFullPath, replaceFullPath: /full-path-replacement } } }] }\n    - { matches: [{ path: { value: /path-and-host } }], filters: [{ type: RequestRedirect, requestRedirect: { hostname: example.org, path: { type: ReplacePrefixMatch, replacePrefixMatch: /replacement-prefix } } }] }\n    - { matches: [{ path: { value: /full-path-and-status } }], filters: [{ type: RequestRedirect, requestRedirect: { statusCode: 301, path: { type: ReplaceFullPath, replaceFullPath: /replacement-full } } }] }\n    - { matches: [{ path: { value: /path-and-status } }], filters: [{ type: RequestRedirect, requestRedirect: { statusCode: 301, path: { type: ReplacePrefixMatch, replacePrefixMatch: /replacement-prefix } } }] }\n    - { matches: [{ path: { value: /full-path-and-host } }], filters: [{ type: RequestRedirect, requestRedirect: { hostname: example.org, path: { type: ReplaceFullPath, replaceFullPath: /replacement-full } } }] }\n    - { matches: [{ path: { value: /port-and-host } }], filters: [{ type: RequestRedirect, requestRedirect: { hostname: example.org, port: 8083 } }] }\n    - { matches: [{ path: { value: /port } }], filters: [{ type: RequestRedirect, requestRedirect: { port: 8083 } }] }\n    - { matches: [{ path: { value: /scheme-and-host } }], filters: [{ type: RequestRedirect, requestRedirect: { scheme: https, hostname: example.org } }] }\n    - { matches: [{ path: { value: /scheme } }], filters: [{ type: RequestRedirect, requestRedirect: { scheme: https, statusCode: 301 } }] }\n    - { matches: [{ path: { value: /host-and-status } }], filters: [{ type: RequestRedirect, requestRedirect: { hostname: example.org, statusCode: 301 } }] }\n    - { matches: [{ path: { value: /see-other } }], filters: [{ type: RequestRedirect, requestRedirect: { statusCode: 303 } }] }\n    - { matches: [{ path: { value: /temporary } }], filters: [{ type: RequestRedirect, requestRedirect: { statusCode: 307 } }] }\n    - { matches: [{ path: { value: /permanent } }], filters: [{ type: RequestRedirect, requestRedirect: { statusCode: 308 } }] }",
     ));
     mesh.eventually("the redirects", || {
         mesh.get(NS, "client", ECHO, "/port", &[("Host", "echo")])
@@ -483,6 +533,12 @@ fn gamma_mesh_conformance_cases_hold_on_the_local_cluster() {
             "http://example.org/replacement-prefix",
         ),
         ("/full-path-and-status", 301, "http://echo/replacement-full"),
+        ("/path-and-status", 301, "http://echo/replacement-prefix"),
+        (
+            "/full-path-and-host",
+            302,
+            "http://example.org/replacement-full",
+        ),
         ("/port", 302, "http://echo:8083/port"),
         (
             "/port-and-host",
