@@ -501,7 +501,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(out.join("raw"))
         .with_context(|| format!("cannot create {}", out.display()))?;
     eprintln!("==> results go to {}", out.display());
-    authorization_cost(&out)?;
+    decision_costs(&out)?;
 
     let busy_at_start = busy_processes();
     let load_average_at_start = load_average();
@@ -1562,24 +1562,38 @@ fn build_release() -> anyhow::Result<()> {
     cmd::run(&mut command)
 }
 
-/// What authorization adds per connection and per request with 100 policies of 10
-/// rules selecting the destination (`api/benches/authz.rs`, an optimised build): kept
-/// as `authz.txt` and shown.
-fn authorization_cost(out: &Path) -> anyhow::Result<()> {
-    eprintln!("==> authorization cost (100 policies x 10 rules, nanoseconds per decision)");
-    let mut command = cmd::cargo();
-    command.args([
-        "bench",
-        "--quiet",
-        "--package",
-        "weft-api",
-        "--bench",
-        "authz",
-    ]);
-    let figures = cmd::capture(&mut command)?;
-    eprintln!("{}", figures.trim_end());
-    std::fs::write(out.join("authz.txt"), &figures)
-        .with_context(|| format!("cannot write {}", out.join("authz.txt").display()))
+/// What deciding a request costs, from the optimised micro-benchmarks of `weft-api`:
+/// authorization with 100 policies of 10 rules selecting the destination
+/// (`api/benches/authz.rs`, kept as `authz.txt`) and routing with up to 100 rules
+/// (`api/benches/routes.rs`, kept as `routes.txt`); both shown.
+fn decision_costs(out: &Path) -> anyhow::Result<()> {
+    for (bench, what) in [
+        (
+            "authz",
+            "authorization cost (100 policies x 10 rules, nanoseconds per decision)",
+        ),
+        (
+            "routes",
+            "routing cost (rule selection and split, nanoseconds per request)",
+        ),
+    ] {
+        eprintln!("==> {what}");
+        let mut command = cmd::cargo();
+        command.args([
+            "bench",
+            "--quiet",
+            "--package",
+            "weft-api",
+            "--bench",
+            bench,
+        ]);
+        let figures = cmd::capture(&mut command)?;
+        eprintln!("{}", figures.trim_end());
+        let file = out.join(format!("{bench}.txt"));
+        std::fs::write(&file, &figures)
+            .with_context(|| format!("cannot write {}", file.display()))?;
+    }
+    Ok(())
 }
 
 /// The cargo target directory this xtask was built into (`<target>/<profile>/xtask`).
