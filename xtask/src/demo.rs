@@ -6,7 +6,8 @@
 //! connection to its node's agent, which balances every request on its own (so one
 //! connection reaches every replica) and carries those for the other node in an mTLS
 //! HBONE tunnel. An AuthorizationPolicy lets only the client read: a POST from it and a
-//! request from a `stranger` pod are denied, and the controller explains why. The
+//! request from a `stranger` pod are denied, and the controller explains why. An
+//! HTTPRoute sends the requests that carry `x-canary: yes` to one replica. The
 //! summary shows who answered, the request metrics both agents report, which
 //! identities they authenticated, the latency and the kernel's counters.
 
@@ -23,6 +24,9 @@ use crate::{
 /// The service's virtual IP and port, as Kubernetes would allocate them.
 const SERVICE: &str = "10.96.0.10:80";
 const REQUESTS: usize = 300;
+/// The replica labelled track=canary, where route `echo-routes` sends `x-canary: yes`.
+const CANARY: &str = "echo-2";
+const CANARY_REQUESTS: usize = 20;
 const BATCH: usize = 50;
 
 /// The demo's mesh, as Kubernetes YAML: the default namespace is meshed (STRICT); the
@@ -103,6 +107,9 @@ fn show(name: &str) -> anyhow::Result<()> {
     ] {
         let mut spec = PodSpec::new(pod, node, &[echo]);
         spec.labels.insert("app".into(), "echo".into());
+        if pod == CANARY {
+            spec.labels.insert("track".into(), "canary".into());
+        }
         spec.service_account = "echo".into();
         cluster.add_pod(spec)?;
     }
@@ -292,6 +299,7 @@ fn show(name: &str) -> anyhow::Result<()> {
     print_table(&["node", "identity", "serial", "expires in"], &certificates);
 
     let denials = authorization(&cluster)?;
+    let canary = routing(&cluster)?;
 
     let unanswered: Vec<&Vec<String>> = replicas.iter().filter(|row| row[3] == "0").collect();
     if failures > 0 || !unanswered.is_empty() {
@@ -302,6 +310,9 @@ fn show(name: &str) -> anyhow::Result<()> {
     }
     if !tunnels.iter().any(|row| row[3] == "mutual_tls") {
         bail!("no connection crossed between the nodes in mutual TLS");
+    }
+    if canary.get(CANARY) != Some(&CANARY_REQUESTS) {
+        bail!("route echo-routes did not send every x-canary request to {CANARY}: {canary:?}");
     }
     if let Some(row) = denials.iter().find(|row| row[3] != "403") {
         bail!(
@@ -318,10 +329,50 @@ fn show(name: &str) -> anyhow::Result<()> {
          from {MESH}, on certificates from the controller's CA.\n\
          Each request was balanced on its own (peak EWMA favours the replica on the client's\n\
          node) and measured by both agents. Policy echo-readers let the client read and\n\
-         denied the rest (403), and the controller explained why.\n\
-         Not there yet: HTTP routes, retries and circuit breaking."
+         denied the rest (403), and the controller explained why. Route echo-routes sent\n\
+         the requests carrying x-canary: yes to the canary replica, the rest to all of them.\n\
+         Not there yet: retries and circuit breaking."
     );
     Ok(())
+}
+
+/// Header-based routing: route `echo-routes` sends the client's requests that carry
+/// `x-canary: yes` to Service `echo-canary` (its one pod, [`CANARY`]). Returns which
+/// pods answered them.
+fn routing(cluster: &Cluster) -> anyhow::Result<BTreeMap<String, usize>> {
+    eprintln!(
+        "\n==> {CANARY_REQUESTS} requests from pod client to {SERVICE} with header x-canary: yes (HTTPRoute echo-routes)"
+    );
+    let url = format!("http://{SERVICE}/");
+    let mut argv = vec![
+        "curl",
+        "-s",
+        "--max-time",
+        "5",
+        "-H",
+        "x-canary: yes",
+        "-w",
+        "\n",
+    ];
+    argv.extend(std::iter::repeat_n(url.as_str(), CANARY_REQUESTS));
+    let out = cluster
+        .pod_command("default", "client", &argv)?
+        .stderr(Stdio::null())
+        .output()
+        .context("cannot run curl in pod client")?;
+    let mut answers: BTreeMap<String, usize> = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if let Ok(answer) = serde_json::from_str::<serde_json::Value>(line) {
+            let pod = answer["pod"].as_str().unwrap_or("?").to_owned();
+            *answers.entry(pod).or_default() += 1;
+        }
+    }
+    let rows: Vec<Vec<String>> = answers
+        .iter()
+        .map(|(pod, count)| vec![pod.clone(), count.to_string()])
+        .collect();
+    print_table(&["replica", "requests with x-canary: yes"], &rows);
+    Ok(answers)
 }
 
 /// What AuthorizationPolicy `echo-readers` denies: a POST from the client and a GET from

@@ -213,7 +213,10 @@ impl Directory for NodeDirectory<'_> {
     }
 }
 
-struct HeaderView<'a>(&'a HeaderMap);
+/// A request's headers as policies and route matches read them: the first value of a
+/// name.
+#[derive(Debug)]
+pub struct HeaderView<'a>(pub &'a HeaderMap);
 
 impl authz::Headers for HeaderView<'_> {
     fn header(&self, name: &str) -> Option<&str> {

@@ -22,6 +22,7 @@ use serde_json::Value;
 use weft_api::{
     config::v1 as proto,
     crd::parse_duration,
+    protocol::Protocol,
     routes::{
         Backend, BackendRef, Filters, HeaderModifier, Match, Mirror, PathMatch, PathModifier,
         Pattern, Precedence, Redirect, Rewrite, Rule, ServiceRoutes, Timeouts, ValueMatch,
@@ -219,24 +220,47 @@ fn compile_route(
                 format!("{field}.sectionName: a Service parent is chosen by port, not section"),
             ));
         }
+        // Routes apply to what the agents parse as HTTP: not to opaque TCP ports.
+        let http = |port: &proto::ServicePort| {
+            let declared = |text: &str| Some(text.to_owned()).filter(|text| !text.is_empty());
+            Protocol::of(
+                declared(&port.app_protocol).as_deref(),
+                declared(&port.name).as_deref(),
+            ) != Protocol::Tcp
+        };
         let ports: Vec<u32> = match parent.port {
-            None => service.ports.iter().map(|port| port.port).collect(),
-            Some(port)
-                if service
-                    .ports
-                    .iter()
-                    .any(|p| i64::from(p.port) == i64::from(port)) =>
+            None => service
+                .ports
+                .iter()
+                .filter(|port| http(port))
+                .map(|port| port.port)
+                .collect(),
+            Some(number) => match service
+                .ports
+                .iter()
+                .find(|port| i64::from(port.port) == i64::from(number))
             {
-                vec![port as u32]
-            }
-            Some(port) => {
-                refused_parents.push(RefusedParent {
-                    index,
-                    reason: Reason::NoMatchingParent,
-                    message: format!("{field}.port: Service {key} has no port {port}"),
-                });
-                continue;
-            }
+                Some(port) if http(port) => vec![port.port],
+                Some(_) => {
+                    refused_parents.push(RefusedParent {
+                        index,
+                        reason: Reason::UnsupportedValue,
+                        message: format!(
+                            "{field}.port: port {number} of Service {key} carries opaque TCP \
+                             (its appProtocol or name says so), which routes cannot match"
+                        ),
+                    });
+                    continue;
+                }
+                None => {
+                    refused_parents.push(RefusedParent {
+                        index,
+                        reason: Reason::NoMatchingParent,
+                        message: format!("{field}.port: Service {key} has no port {number}"),
+                    });
+                    continue;
+                }
+            },
         };
         if parent_namespace != namespace {
             consumer = Some(namespace.clone());
@@ -808,7 +832,7 @@ fn grpc_match(written: &Value) -> Result<Match, String> {
             }
             (None | Some("Exact"), Some(service), None) => PathMatch::Prefix(format!("/{service}")),
             (None | Some("Exact"), None, Some(name)) => PathMatch::RegularExpression(
-                Pattern::new(&format!("/[^/]+/{}", regex_escape(name)))
+                Pattern::new(&format!("/[^/]+/{}", regex::escape(name)))
                     .map_err(|err| format!("method.method: {err}"))?,
             ),
             (Some("RegularExpression"), service, name) => PathMatch::RegularExpression(
@@ -827,14 +851,58 @@ fn grpc_match(written: &Value) -> Result<Match, String> {
     Ok(compiled)
 }
 
-/// `text` with regular-expression metacharacters escaped.
-fn regex_escape(text: &str) -> String {
-    let mut escaped = String::with_capacity(text.len());
-    for character in text.chars() {
-        if "\\.+*?()|[]{}^$".contains(character) {
-            escaped.push('\\');
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn grpc_method_matches_become_the_paths_they_name() {
+        let path = |method: Value| grpc_match(&json!({ "method": method })).unwrap().path;
+        let matches = |method: Value, request: &str| path(method).matches(request);
+        let cases = [
+            (
+                json!({ "service": "shop.Cart", "method": "Add" }),
+                "/shop.Cart/Add",
+                true,
+            ),
+            (
+                json!({ "service": "shop.Cart", "method": "Add" }),
+                "/shop.Cart/Addx",
+                false,
+            ),
+            (json!({ "service": "shop.Cart" }), "/shop.Cart/Remove", true),
+            (
+                json!({ "service": "shop.Cart" }),
+                "/shop.CartX/Remove",
+                false,
+            ),
+            (json!({ "method": "Add" }), "/any.Service/Add", true),
+            (json!({ "method": "A.d" }), "/any.Service/Aad", false),
+            (
+                json!({ "type": "RegularExpression", "service": "shop\\..*", "method": "Get.*" }),
+                "/shop.Cart/GetItems",
+                true,
+            ),
+            (
+                json!({ "type": "RegularExpression", "service": "shop\\..*" }),
+                "/other.Cart/Get",
+                false,
+            ),
+        ];
+        for (method, request, expected) in cases {
+            assert_eq!(
+                matches(method.clone(), request),
+                expected,
+                "{method} {request}"
+            );
         }
-        escaped.push(character);
+        assert!(matches!(
+            path(json!({ "service": "shop.Cart", "method": "Add" })),
+            PathMatch::Exact(_)
+        ));
+        let unknown = grpc_match(&json!({ "method": { "type": "Prefix" } })).unwrap_err();
+        assert_eq!(unknown, "method.type: \"Prefix\" is not supported");
     }
-    escaped
 }

@@ -801,7 +801,7 @@ spec:
 fn routes_weft_cannot_honour_are_refused_naming_the_field() {
     let route = |spec: &str| {
         format!(
-            "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{ name: bad, namespace: shop }}\nspec: {spec}\n"
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{ name: mysql, namespace: shop }}\nspec: {{ clusterIP: 10.96.0.40, selector: {{ app: db }}, ports: [{{ name: mysql, port: 3306 }}] }}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{ name: bad, namespace: shop }}\nspec: {spec}\n"
         )
     };
     let cases = [
@@ -814,6 +814,12 @@ fn routes_weft_cannot_honour_are_refused_naming_the_field() {
             "{ parentRefs: [{ kind: Service, name: web, port: 81 }] }",
             Reason::NoMatchingParent,
             "spec.parentRefs[0].port: Service shop/web has no port 81",
+        ),
+        (
+            "{ parentRefs: [{ kind: Service, name: mysql, port: 3306 }] }",
+            Reason::UnsupportedValue,
+            "spec.parentRefs[0].port: port 3306 of Service shop/mysql carries opaque TCP (its \
+             appProtocol or name says so), which routes cannot match",
         ),
         (
             "{ parentRefs: [{ kind: Service, name: web }], hostnames: [web.example] }",

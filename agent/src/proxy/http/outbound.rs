@@ -1,19 +1,18 @@
-//! The client's agent: each request of a captured HTTP connection is balanced on its
-//! own over the service's endpoints and sent on a pooled upstream connection; one to a
-//! pod of this node is first authorized here by that pod's policies.
+//! The client's agent: each request of a captured HTTP connection is routed on its own
+//! (when routes are attached to its service), balanced over the chosen service's
+//! endpoints and sent on a pooled upstream connection; one to a pod of this node is
+//! first authorized here by that pod's policies.
 
-use std::{sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
+use futures::future::Either;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite};
-
 use weft_api::routes::{HeaderModifier, Timeouts};
 
-use futures::future::Either;
-
 use super::{
-    ProxyBody, forward, headers, mirror, pool,
+    Forwarded, ProxyBody, forward, headers, mirror, pool,
     route::{self, Routed, RuleName, Target},
     start_span,
     telemetry::{Exchange, Record, Requests},
@@ -24,7 +23,7 @@ use crate::{
     proxy::{
         Proxy,
         authorize::{self, Caller, Direction},
-        connect::connect,
+        connect::{Upstream, connect},
         error::ProxyError,
         logical::{Destination, Hop, Logical},
         metrics::{Peer, Reporter},
@@ -138,41 +137,9 @@ impl Outbound {
                 carried.clone(),
             )
         };
-        let mirrors = routed.as_ref().filter(|routed| !routed.mirrors.is_empty());
-        let forwarding = match mirrors {
-            None => Either::Left(forward(
-                &self.proxy,
-                &self.proxy.http_pool,
-                key.clone(),
-                dial,
-                request,
-            )),
-            Some(routed) => {
-                let context = mirror::Mirrors {
-                    proxy: &self.proxy,
-                    source: &self.logical.source,
-                    caller: &self.caller,
-                    name: &routed.name,
-                };
-                let request = mirror::start(context, &routed.mirrors, request);
-                Either::Right(forward(
-                    &self.proxy,
-                    &self.proxy.http_pool,
-                    key.clone(),
-                    dial,
-                    request,
-                ))
-            }
-        };
-        let deadline = routed
-            .as_ref()
-            .and_then(|routed| deadline(&routed.timeouts, exchange.started.elapsed()));
-        let outcome = match deadline {
-            None => forwarding.await,
-            Some((which, timeout, left)) => tokio::time::timeout(left, forwarding)
-                .await
-                .unwrap_or(Err(ProxyError::RouteTimeout { which, timeout })),
-        };
+        let outcome = self
+            .send(key.clone(), dial, request, routed.as_ref(), &exchange)
+            .await;
         let mut forwarded = match outcome {
             Ok(forwarded) => forwarded,
             Err(error) => {
@@ -244,6 +211,44 @@ impl Outbound {
             return Ok(None);
         };
         route::route(routes, namespace, request, |total| fastrand::u64(..total)).map(Some)
+    }
+
+    /// Forwards `request` (and a copy to each of its route's mirrors), within the
+    /// route's timeouts.
+    async fn send<F, Fut>(
+        &self,
+        key: pool::Key,
+        dial: F,
+        request: Request<Incoming>,
+        routed: Option<&Routed>,
+        exchange: &Exchange,
+    ) -> Result<Forwarded, ProxyError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<Upstream, ProxyError>>,
+    {
+        let pool = &self.proxy.http_pool;
+        let forwarding = match routed.filter(|routed| !routed.mirrors.is_empty()) {
+            None => Either::Left(forward(&self.proxy, pool, key, dial, request)),
+            Some(routed) => {
+                let context = mirror::Mirrors {
+                    proxy: &self.proxy,
+                    source: &self.logical.source,
+                    caller: &self.caller,
+                    name: &routed.name,
+                };
+                let request = mirror::start(context, &routed.mirrors, request);
+                Either::Right(forward(&self.proxy, pool, key, dial, request))
+            }
+        };
+        let deadline =
+            routed.and_then(|routed| deadline(&routed.timeouts, exchange.started.elapsed()));
+        match deadline {
+            None => forwarding.await,
+            Some((which, timeout, left)) => tokio::time::timeout(left, forwarding)
+                .await
+                .unwrap_or(Err(ProxyError::RouteTimeout { which, timeout })),
+        }
     }
 
     /// Answers a request a rule redirects, and measures it.

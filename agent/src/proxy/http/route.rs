@@ -9,7 +9,7 @@ use weft_api::routes::{
     self, BackendRef, Filters, HeaderModifier, Mirror, Origin, Rewrite, Selected, Timeouts,
 };
 
-use crate::proxy::error::ProxyError;
+use crate::proxy::{authorize::HeaderView, error::ProxyError};
 
 /// The route and rule that decided a request, for metrics and logs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -179,15 +179,6 @@ fn rewrite_uri<B>(request: &mut Request<B>, rewrite: &Rewrite, prefix: Option<&s
                 *request.uri_mut() = uri;
             }
         }
-    }
-}
-
-/// Header lookup for the matcher: the first value of a name.
-struct HeaderView<'a>(&'a HeaderMap);
-
-impl routes::Headers for HeaderView<'_> {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.0.get(name).and_then(|value| value.to_str().ok())
     }
 }
 
