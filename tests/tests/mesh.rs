@@ -541,7 +541,7 @@ fn sigterm_drains_open_connections() {
 }
 
 #[test]
-fn agents_dump_the_streamed_policies_and_the_controller_says_what_they_ignore() {
+fn agents_dump_the_streamed_policies_and_the_controller_says_what_they_enforce() {
     let policies = format!(
         r#"---
 apiVersion: weft.dev/v1alpha1
@@ -614,34 +614,36 @@ spec:
         ),
         "{enforced:#}"
     );
-    let expected = [
+    let traffic = policy_verdict(&status, "TrafficPolicy", "echo");
+    assert_eq!(
         (
-            "TrafficPolicy",
-            "echo",
-            "the agents do not enforce spec.retries yet and ignore it; spec.timeouts.idle \
-             applies to clients of Service echo",
+            &traffic["accepted"],
+            &traffic["reason"],
+            &traffic["message"]
         ),
         (
-            "HTTPRoute",
-            "echo",
-            "the agents do not enforce HTTPRoute yet, so nothing of it applies: traffic to \
-             Service default/echo goes to its endpoints as if the route did not exist",
+            &serde_json::json!(false),
+            &serde_json::json!("NotEnforced"),
+            &serde_json::json!(
+                "the agents do not enforce spec.retries yet and ignore it; spec.timeouts.idle \
+                 applies to clients of Service echo"
+            )
         ),
-    ];
-    for (kind, name, message) in expected {
-        let verdict = policy_verdict(&status, kind, name);
-        assert_eq!(
-            (
-                &verdict["accepted"],
-                &verdict["reason"],
-                &verdict["message"]
-            ),
-            (
-                &serde_json::json!(false),
-                &serde_json::json!("NotEnforced"),
-                &serde_json::json!(message)
-            ),
-            "{verdict:#}"
-        );
-    }
+        "{traffic:#}"
+    );
+    // Routes are enforced: accepted, with their references resolved.
+    let route = policy_verdict(&status, "HTTPRoute", "echo");
+    assert_eq!(
+        (
+            &route["accepted"],
+            &route["reason"],
+            &route["references"]["reason"]
+        ),
+        (
+            &serde_json::json!(true),
+            &serde_json::json!("Accepted"),
+            &serde_json::json!("ResolvedRefs")
+        ),
+        "{route:#}"
+    );
 }
