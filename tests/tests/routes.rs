@@ -26,8 +26,23 @@ const CONVERGE: Duration = Duration::from_secs(30);
 type Headers<'a> = &'a [(&'a str, &'a str)];
 
 /// The upstream suite's base resources: `echo` selects both versions, `echo-v1` and
-/// `echo-v2` one each; every service has an HTTP port 80 and an `http-alt` port 8080.
-const BASE: &str = r#"
+/// `echo-v2` one each; every service has an HTTP port 80, an `http-alt` port 8080 and
+/// a gRPC port 7070.
+fn base() -> String {
+    let service = |name: &str, ip: &str, selector: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{ name: {name}, namespace: gamma }}\nspec:\n  clusterIP: {ip}\n  selector: {{ {selector} }}\n  ports:\n    - {{ name: http, port: 80, targetPort: 8080, appProtocol: http }}\n    - {{ name: http-alt, port: 8080, appProtocol: http }}\n    - {{ name: grpc, port: 7070, targetPort: 8080, appProtocol: kubernetes.io/h2c }}\n"
+        )
+    };
+    format!(
+        "{NAMESPACES}{}{}{}",
+        service("echo", ECHO, "app: echo"),
+        service("echo-v1", ECHO_V1, "app: echo, version: v1"),
+        service("echo-v2", ECHO_V2, "app: echo, version: v2"),
+    )
+}
+
+const NAMESPACES: &str = r#"
 apiVersion: v1
 kind: Namespace
 metadata: { name: gamma, labels: { weft.dev/mesh: enabled } }
@@ -35,39 +50,6 @@ metadata: { name: gamma, labels: { weft.dev/mesh: enabled } }
 apiVersion: v1
 kind: Namespace
 metadata: { name: gamma-consumer, labels: { weft.dev/mesh: enabled } }
----
-apiVersion: v1
-kind: Service
-metadata: { name: echo, namespace: gamma }
-spec:
-  clusterIP: 10.96.1.10
-  selector: { app: echo }
-  ports:
-    - { name: http, port: 80, targetPort: 8080, appProtocol: http }
-    - { name: http-alt, port: 8080, appProtocol: http }
-    - { name: grpc, port: 7070, targetPort: 8080, appProtocol: kubernetes.io/h2c }
----
-apiVersion: v1
-kind: Service
-metadata: { name: echo-v1, namespace: gamma }
-spec:
-  clusterIP: 10.96.1.11
-  selector: { app: echo, version: v1 }
-  ports:
-    - { name: http, port: 80, targetPort: 8080, appProtocol: http }
-    - { name: http-alt, port: 8080, appProtocol: http }
-    - { name: grpc, port: 7070, targetPort: 8080, appProtocol: kubernetes.io/h2c }
----
-apiVersion: v1
-kind: Service
-metadata: { name: echo-v2, namespace: gamma }
-spec:
-  clusterIP: 10.96.1.12
-  selector: { app: echo, version: v2 }
-  ports:
-    - { name: http, port: 80, targetPort: 8080, appProtocol: http }
-    - { name: http-alt, port: 8080, appProtocol: http }
-    - { name: grpc, port: 7070, targetPort: 8080, appProtocol: kubernetes.io/h2c }
 "#;
 
 /// What one request got.
@@ -96,7 +78,7 @@ struct Mesh {
 
 impl Mesh {
     fn up() -> Self {
-        let mut cluster = TestCluster::with_mesh(2, BASE);
+        let mut cluster = TestCluster::with_mesh(2, &base());
         let echo = workspace_bin("weft-echo").display().to_string();
         for (name, version, node) in [("echo-v1", "v1", "node1"), ("echo-v2", "v2", "node1")] {
             let mut spec = PodSpec::new(name, node, &[&echo]);
@@ -125,7 +107,8 @@ impl Mesh {
 
     /// Applies the base resources and `routes`, replacing earlier routes.
     fn routes(&self, routes: &str) {
-        self.cluster.set_mesh_yaml(&format!("{BASE}---\n{routes}"));
+        self.cluster
+            .set_mesh_yaml(&format!("{}---\n{routes}", base()));
         self.cluster.settle();
     }
 
@@ -666,14 +649,14 @@ fn gamma_mesh_conformance_cases_hold_on_the_local_cluster() {
         mesh.get(NS, "client", ECHO, "/vanishing", &[]).pod(),
         "echo-v2"
     );
-    let without_v2 = BASE.replace(
+    let without_v2 = base().replace(
         "name: echo-v2, namespace: gamma",
         "name: echo-v9, namespace: gamma",
     );
     let routes = mesh.cluster.manifests_file();
     let current = std::fs::read_to_string(&routes).unwrap();
     mesh.cluster
-        .set_mesh_yaml(&current.replacen(BASE, &without_v2, 1));
+        .set_mesh_yaml(&current.replacen(&base(), &without_v2, 1));
     mesh.cluster.settle();
     mesh.eventually("the vanished backend answers 500", || {
         mesh.get(NS, "client", ECHO, "/vanishing", &[]).status == 500

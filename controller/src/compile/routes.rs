@@ -591,25 +591,14 @@ fn compile_filters(
                 let modifier = filter.request_header_modifier.as_ref().ok_or_else(|| {
                     unsupported("RequestHeaderModifier without requestHeaderModifier")
                 })?;
-                if compiled
-                    .request_headers
-                    .replace(header_modifier(modifier))
-                    .is_some()
-                {
-                    return Err(twice());
-                }
+                once(&mut compiled.request_headers, header_modifier(modifier)).ok_or_else(twice)?;
             }
             "ResponseHeaderModifier" => {
                 let modifier = filter.response_header_modifier.as_ref().ok_or_else(|| {
                     unsupported("ResponseHeaderModifier without responseHeaderModifier")
                 })?;
-                if compiled
-                    .response_headers
-                    .replace(header_modifier(modifier))
-                    .is_some()
-                {
-                    return Err(twice());
-                }
+                once(&mut compiled.response_headers, header_modifier(modifier))
+                    .ok_or_else(twice)?;
             }
             "RequestRedirect" => {
                 let redirect = filter
@@ -636,19 +625,14 @@ fn compile_filters(
                 };
                 let path = path_modifier(redirect.path.as_ref())
                     .map_err(|problem| unsupported(&format!("requestRedirect.path: {problem}")))?;
-                if compiled
-                    .redirect
-                    .replace(Redirect {
-                        scheme: redirect.scheme.clone(),
-                        hostname: redirect.hostname.clone(),
-                        port,
-                        path,
-                        status,
-                    })
-                    .is_some()
-                {
-                    return Err(twice());
-                }
+                let redirect = Redirect {
+                    scheme: redirect.scheme.clone(),
+                    hostname: redirect.hostname.clone(),
+                    port,
+                    path,
+                    status,
+                };
+                once(&mut compiled.redirect, redirect).ok_or_else(twice)?;
             }
             "URLRewrite" => {
                 let rewrite = filter
@@ -657,16 +641,11 @@ fn compile_filters(
                     .ok_or_else(|| unsupported("URLRewrite without urlRewrite"))?;
                 let path = path_modifier(rewrite.path.as_ref())
                     .map_err(|problem| unsupported(&format!("urlRewrite.path: {problem}")))?;
-                if compiled
-                    .rewrite
-                    .replace(Rewrite {
-                        hostname: rewrite.hostname.clone(),
-                        path,
-                    })
-                    .is_some()
-                {
-                    return Err(twice());
-                }
+                let rewrite = Rewrite {
+                    hostname: rewrite.hostname.clone(),
+                    path,
+                };
+                once(&mut compiled.rewrite, rewrite).ok_or_else(twice)?;
             }
             "RequestMirror" => {
                 let mirror = filter
@@ -722,6 +701,18 @@ fn compile_filters(
         ));
     }
     Ok(compiled)
+}
+
+/// Fills `slot`; `None` if it was filled already (a filter the Gateway API allows once
+/// per rule, given twice).
+fn once<T>(slot: &mut Option<T>, value: T) -> Option<()> {
+    match slot {
+        Some(_) => None,
+        None => {
+            *slot = Some(value);
+            Some(())
+        }
+    }
 }
 
 fn header_modifier(written: &written::Modifier) -> HeaderModifier {
