@@ -168,6 +168,33 @@ pub struct HeaderModifier {
     pub remove: Vec<String>,
 }
 
+impl HeaderModifier {
+    /// Whether every name is an HTTP header name (a token) and every value a header
+    /// value (visible ASCII, spaces and tabs); the error names the first that is not.
+    pub fn check(&self) -> Result<(), String> {
+        let names = self
+            .set
+            .iter()
+            .chain(&self.add)
+            .map(|(name, _)| name)
+            .chain(&self.remove);
+        for name in names {
+            let token =
+                |byte: u8| byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte);
+            if name.is_empty() || !name.bytes().all(token) {
+                return Err(format!("{name:?} is not a header name"));
+            }
+        }
+        for (name, value) in self.set.iter().chain(&self.add) {
+            let visible = |byte: u8| byte == b'\t' || (b' '..=b'~').contains(&byte);
+            if !value.bytes().all(visible) {
+                return Err(format!("the value of {name} is not a header value"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Answers with a redirect; what is not set comes from the request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Redirect {

@@ -240,18 +240,16 @@ fn match_from_wire(wire: &proto::RouteMatch) -> Result<Match, String> {
 }
 
 fn filters_from_wire(wire: &[proto::RouteFilter]) -> Result<Filters, String> {
-    let modifier = |modifier: &proto::HeaderModifier| HeaderModifier {
-        set: modifier
-            .set
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-        add: modifier
-            .add
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-        remove: modifier.remove.clone(),
+    let modifier = |modifier: &proto::HeaderModifier| {
+        let pairs = |map: &std::collections::BTreeMap<String, String>| {
+            map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        };
+        let modifier = HeaderModifier {
+            set: pairs(&modifier.set),
+            add: pairs(&modifier.add),
+            remove: modifier.remove.clone(),
+        };
+        modifier.check().map(|()| modifier)
     };
     let once = |slot: bool, what: &str| {
         if slot {
@@ -268,14 +266,16 @@ fn filters_from_wire(wire: &[proto::RouteFilter]) -> Result<Filters, String> {
                     filters.request_headers.is_some(),
                     "a request header modifier",
                 )?;
-                filters.request_headers = Some(modifier(headers));
+                filters.request_headers =
+                    Some(modifier(headers).map_err(|problem| format!("[{index}]: {problem}"))?);
             }
             Some(WireFilter::ResponseHeaders(headers)) => {
                 once(
                     filters.response_headers.is_some(),
                     "a response header modifier",
                 )?;
-                filters.response_headers = Some(modifier(headers));
+                filters.response_headers =
+                    Some(modifier(headers).map_err(|problem| format!("[{index}]: {problem}"))?);
             }
             Some(WireFilter::Redirect(redirect)) => {
                 once(filters.redirect.is_some(), "a redirect")?;

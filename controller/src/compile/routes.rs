@@ -591,14 +591,18 @@ fn compile_filters(
                 let modifier = filter.request_header_modifier.as_ref().ok_or_else(|| {
                     unsupported("RequestHeaderModifier without requestHeaderModifier")
                 })?;
-                once(&mut compiled.request_headers, header_modifier(modifier)).ok_or_else(twice)?;
+                let modifier = header_modifier(modifier)
+                    .map_err(|problem| unsupported(&format!("requestHeaderModifier: {problem}")))?;
+                once(&mut compiled.request_headers, modifier).ok_or_else(twice)?;
             }
             "ResponseHeaderModifier" => {
                 let modifier = filter.response_header_modifier.as_ref().ok_or_else(|| {
                     unsupported("ResponseHeaderModifier without responseHeaderModifier")
                 })?;
-                once(&mut compiled.response_headers, header_modifier(modifier))
-                    .ok_or_else(twice)?;
+                let modifier = header_modifier(modifier).map_err(|problem| {
+                    unsupported(&format!("responseHeaderModifier: {problem}"))
+                })?;
+                once(&mut compiled.response_headers, modifier).ok_or_else(twice)?;
             }
             "RequestRedirect" => {
                 let redirect = filter
@@ -715,14 +719,15 @@ fn once<T>(slot: &mut Option<T>, value: T) -> Option<()> {
     }
 }
 
-fn header_modifier(written: &written::Modifier) -> HeaderModifier {
+/// A header modifier with its names in lower case, checked.
+fn header_modifier(written: &written::Modifier) -> Result<HeaderModifier, String> {
     let pairs = |entries: &[NameValue]| {
         entries
             .iter()
             .map(|entry| (entry.name.to_ascii_lowercase(), entry.value.clone()))
             .collect()
     };
-    HeaderModifier {
+    let modifier = HeaderModifier {
         set: pairs(&written.set),
         add: pairs(&written.add),
         remove: written
@@ -730,7 +735,8 @@ fn header_modifier(written: &written::Modifier) -> HeaderModifier {
             .iter()
             .map(|name| name.to_ascii_lowercase())
             .collect(),
-    }
+    };
+    modifier.check().map(|()| modifier)
 }
 
 fn path_modifier(written: Option<&WrittenPath>) -> Result<Option<PathModifier>, String> {

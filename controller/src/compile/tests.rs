@@ -845,6 +845,11 @@ fn routes_weft_cannot_honour_are_refused_naming_the_field() {
             "spec.rules[0].matches[0].path.value: \"(\" is not a regular expression (unclosed group)",
         ),
         (
+            "{ parentRefs: [{ kind: Service, name: web }], rules: [{ filters: [{ type: RequestHeaderModifier, requestHeaderModifier: { set: [{ name: \"bad name\", value: x }] } }] }] }",
+            Reason::UnsupportedValue,
+            "spec.rules[0].filters[0]: requestHeaderModifier: \"bad name\" is not a header name",
+        ),
+        (
             "{ parentRefs: [{ kind: Service, name: web }], rules: [{ filters: [{ type: URLRewrite, urlRewrite: { hostname: a } }, { type: URLRewrite, urlRewrite: { hostname: b } }] }] }",
             Reason::UnsupportedValue,
             "spec.rules[0].filters[1]: a second URLRewrite filter",

@@ -128,8 +128,8 @@ fn apply<B>(filters: &Filters, request: &mut Request<B>, prefix: Option<&str>) {
     }
 }
 
-/// Applies `modifier` to `headers`: set replaces, add appends, remove deletes. A name
-/// or value that is not a valid header is skipped (the controller checks both).
+/// Applies `modifier` to `headers`: set replaces, add appends, remove deletes. (Names
+/// and values were checked on their way in, `HeaderModifier::check`.)
 pub fn modify(headers: &mut HeaderMap, modifier: &HeaderModifier) {
     let parse = |name: &str, value: &str| {
         Some((
