@@ -154,6 +154,10 @@ struct RunArgs {
     /// closed, unless its service's TrafficPolicy sets `timeouts.idle`.
     #[arg(long, env = "WEFT_IDLE_TIMEOUT", value_parser = parse_duration, default_value = "1h")]
     idle_timeout: Duration,
+    /// How long a connection to an endpoint may take to open (across nodes: the HBONE
+    /// tunnel), unless its service's TrafficPolicy sets `timeouts.connect`.
+    #[arg(long, env = "WEFT_CONNECT_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    connect_timeout: Duration,
     /// How long a connection from a pod the mesh configuration does not name yet (just
     /// created) waits for it, and for the pod's certificate, before it is refused.
     #[arg(long, env = "WEFT_SOURCE_WAIT", value_parser = parse_duration, default_value = "5s")]
@@ -632,6 +636,7 @@ fn proxy_settings(args: &RunArgs) -> anyhow::Result<proxy::Settings> {
         .context("cannot set the open-file limit (RLIMIT_NOFILE)")?;
     let mut settings = proxy::Settings::new(open_files);
     settings.idle_timeout = args.idle_timeout;
+    settings.connect_timeout = args.connect_timeout;
     settings.source_wait = args.source_wait;
     settings.detect_timeout = args.detect_timeout;
     settings.access_log = AccessLog {
@@ -761,20 +766,31 @@ mod tests {
 
     #[test]
     fn durations_are_seconds_or_gateway_durations() {
-        let args = run_args(&["--drain-timeout", "0.5", "--idle-timeout", "10m"]).unwrap();
+        let args = run_args(&[
+            "--drain-timeout",
+            "0.5",
+            "--idle-timeout",
+            "10m",
+            "--connect-timeout",
+            "2s",
+        ])
+        .unwrap();
         assert_eq!(args.drain_timeout, Duration::from_millis(500));
         assert_eq!(args.idle_timeout, Duration::from_secs(600));
+        assert_eq!(args.connect_timeout, Duration::from_secs(2));
         let defaults = run_args(&[]).unwrap();
         assert_eq!(
             (
                 defaults.drain_timeout,
                 defaults.idle_timeout,
+                defaults.connect_timeout,
                 defaults.source_wait,
                 defaults.workers
             ),
             (
                 Duration::from_secs(30),
                 Duration::from_secs(3600),
+                Duration::from_secs(10),
                 Duration::from_secs(5),
                 2
             )

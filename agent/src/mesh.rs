@@ -365,6 +365,25 @@ pub struct Service {
         with = "gateway_duration"
     )]
     pub idle_timeout: Option<Duration>,
+    /// How long clients wait for a connection to one of the service's endpoints (the
+    /// TrafficPolicy's `timeouts.connect`); `None`: the agent's default.
+    #[serde(
+        default,
+        rename = "connectTimeout",
+        skip_serializing_if = "Option::is_none",
+        with = "gateway_duration"
+    )]
+    pub connect_timeout: Option<Duration>,
+    /// How long an HTTP request to the service may wait for its response's head (the
+    /// TrafficPolicy's `timeouts.request`; a route's `timeouts` take precedence);
+    /// `None`: no limit.
+    #[serde(
+        default,
+        rename = "requestTimeout",
+        skip_serializing_if = "Option::is_none",
+        with = "gateway_duration"
+    )]
+    pub request_timeout: Option<Duration>,
     /// How clients pick an endpoint (the TrafficPolicy's `loadBalancer.algorithm`);
     /// `None`: the agent's default ([`Service::balancing`]).
     #[serde(

@@ -349,7 +349,9 @@ pub enum TrafficDistribution {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Timeouts {
-    /// Establishing a connection to an endpoint. Not enforced yet.
+    /// Establishing a connection to an endpoint (across nodes: the tunnel and its
+    /// CONNECT); past it the request fails with 504, a TCP connection is closed.
+    /// Unset: the agent's `--connect-timeout` (10 s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub connect: Option<String>,
@@ -357,7 +359,8 @@ pub struct Timeouts {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub idle: Option<String>,
-    /// A whole HTTP request, retries included. Not enforced yet.
+    /// An HTTP request, until its response's head arrives; past it the client gets 504
+    /// (gRPC `DEADLINE_EXCEEDED`). A route's `timeouts.request` takes precedence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub request: Option<String>,

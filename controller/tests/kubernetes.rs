@@ -608,7 +608,7 @@ async fn what_the_agents_do_not_enforce_is_written_as_not_enforced() {
             "False",
             "NotEnforced",
             "the agents do not enforce spec.retries yet and ignore it; \
-             spec.loadBalancer, spec.timeouts.idle apply to clients of Service web",
+             spec.loadBalancer, spec.timeouts apply to clients of Service web",
         ),
         (
             "TrafficPolicy",

@@ -625,7 +625,7 @@ spec:
             &serde_json::json!(false),
             &serde_json::json!("NotEnforced"),
             &serde_json::json!(
-                "the agents do not enforce spec.retries yet and ignore it; spec.timeouts.idle \
+                "the agents do not enforce spec.retries yet and ignore it; spec.timeouts \
                  applies to clients of Service echo"
             )
         ),

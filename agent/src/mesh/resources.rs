@@ -92,7 +92,7 @@ impl Resources {
     }
 
     /// The mesh configuration these resources describe, validated as a file would be.
-    /// Of the traffic policies, the agent takes the idle timeout and the balancing
+    /// Of the traffic policies, the agent takes the timeouts and the balancing
     /// algorithm (one it does not know is its default); what it does not enforce yet
     /// (the rest of them) is accepted and counted, not applied. An authorization
     /// policy or a route it cannot read makes the whole version invalid: enforcing the
@@ -232,10 +232,15 @@ impl Resources {
                 })
                 .collect::<Result<BTreeMap<_, _>, String>>()?;
             let policy = policies.get(&(service.namespace.as_str(), service.name.as_str()));
-            let idle_timeout = policy
-                .map(|policy| policy.idle_timeout_ms)
-                .filter(|&millis| millis > 0)
-                .map(Duration::from_millis);
+            let timeout = |millis: fn(&proto::TrafficPolicy) -> u64| {
+                policy
+                    .map(|policy| millis(policy))
+                    .filter(|&millis| millis > 0)
+                    .map(Duration::from_millis)
+            };
+            let idle_timeout = timeout(|policy| policy.idle_timeout_ms);
+            let connect_timeout = timeout(|policy| policy.connect_timeout_ms);
+            let request_timeout = timeout(|policy| policy.request_timeout_ms);
             let load_balancing = policy.and_then(|policy| balancing(policy.load_balancing));
             // One service entry per VIP (dual-stack services have two).
             for vip in &service.vips {
@@ -248,6 +253,8 @@ impl Resources {
                     ports: ports.clone(),
                     endpoints: endpoints.clone(),
                     idle_timeout,
+                    connect_timeout,
+                    request_timeout,
                     load_balancing,
                     prefer_close: service.prefer_close,
                     weights: weights.clone(),

@@ -41,7 +41,9 @@ pub async fn connect(
     source: &Source,
     traceparent: Option<String>,
 ) -> Result<Upstream, ProxyError> {
-    let timeout = proxy.settings.connect_timeout;
+    let timeout = endpoint
+        .connect_timeout
+        .unwrap_or(proxy.settings.connect_timeout);
     let failed = |source| ProxyError::Connect {
         target: endpoint.address,
         source,
@@ -60,8 +62,16 @@ pub async fn connect(
         }
         Hop::Tunnel { agent, destination } => {
             let request = connect_request(&proxy.mesh.get(), source, endpoint.address, traceparent);
-            tunnel(proxy, &source.identity, destination, *agent, request)
-                .await
+            let opening = tunnel(proxy, &source.identity, destination, *agent, request);
+            // A service's own connect timeout bounds the whole of it: the tunnel's
+            // connection (pooled, so dialled with the agent's default) and the CONNECT.
+            let opened = match endpoint.connect_timeout {
+                Some(limit) => tokio::time::timeout(limit, opening)
+                    .await
+                    .map_err(|_| failed(io::ErrorKind::TimedOut.into()))?,
+                None => opening.await,
+            };
+            opened
                 .map(|tunnel| Upstream::Tunnel(Box::new(tunnel)))
                 .map_err(|err| {
                     if let HboneError::Refused(StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) =

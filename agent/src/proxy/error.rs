@@ -101,8 +101,8 @@ pub enum ProxyError {
     NoBackend { route: String, rule: String },
     #[error("the backend {backend} of a route is not a service of the mesh configuration")]
     UnknownBackend { backend: String },
-    #[error("no response within the route's {which} timeout of {timeout:?}")]
-    RouteTimeout {
+    #[error("no response within the {which} timeout of {timeout:?}")]
+    RequestTimeout {
         which: &'static str,
         timeout: Duration,
     },
@@ -135,7 +135,7 @@ impl ProxyError {
             ProxyError::Revoked { .. } => "authorization_revoked",
             ProxyError::NoRoute { .. } => "route_not_found",
             ProxyError::NoBackend { .. } | ProxyError::UnknownBackend { .. } => "backend_not_found",
-            ProxyError::RouteTimeout { .. } => "route_timeout",
+            ProxyError::RequestTimeout { .. } => "request_timeout",
         }
     }
 
@@ -166,7 +166,7 @@ impl ProxyError {
             ProxyError::Denied { .. }
             | ProxyError::DeniedByDestination { .. }
             | ProxyError::Revoked { .. } => "RBAC",
-            ProxyError::RouteTimeout { .. } => "UT",
+            ProxyError::RequestTimeout { .. } => "UT",
         }
     }
 
@@ -180,7 +180,7 @@ impl ProxyError {
             ProxyError::NoBackend { .. } | ProxyError::UnknownBackend { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
-            ProxyError::RouteTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::RequestTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Denied { .. }
             | ProxyError::DeniedByDestination { .. }
             | ProxyError::Revoked { .. } => StatusCode::FORBIDDEN,
@@ -270,11 +270,11 @@ mod tests {
                 ("backend_not_found", "NR", 500, 13),
             ),
             (
-                ProxyError::RouteTimeout {
+                ProxyError::RequestTimeout {
                     which: "request",
                     timeout: Duration::from_millis(100),
                 },
-                ("route_timeout", "UT", 504, 4),
+                ("request_timeout", "UT", 504, 4),
             ),
         ];
         for (error, (reason, flags, status, grpc)) in table {

@@ -8,7 +8,10 @@
 //! - [`endpoint`]: the chosen address becomes a concrete [`Endpoint`]: how to reach it
 //!   (same node, an HBONE tunnel to its node's agent, or plain) and who it is.
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use super::{
     HBONE_PORT,
@@ -160,6 +163,9 @@ pub struct Endpoint {
     pub hop: Hop,
     /// Who answers there, for telemetry.
     pub peer: Peer,
+    /// How long to wait for a connection: its service's TrafficPolicy
+    /// `timeouts.connect`; `None`: the agent's default.
+    pub connect_timeout: Option<Duration>,
 }
 
 /// How the bytes get to an endpoint.
@@ -210,6 +216,7 @@ pub fn endpoint(
             address,
             hop: Hop::Passthrough,
             peer,
+            connect_timeout: None,
         });
     };
     let destination_node = destination
@@ -230,7 +237,12 @@ pub fn endpoint(
             destination: identity,
         }
     };
-    Ok(Endpoint { address, hop, peer })
+    Ok(Endpoint {
+        address,
+        hop,
+        peer,
+        connect_timeout: None,
+    })
 }
 
 /// Whether reaching `destination` from node `node` may need a tunnel, and so the

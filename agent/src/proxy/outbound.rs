@@ -203,6 +203,9 @@ fn pick(
         .balancers
         .pick(key, logical::policy(service), &candidates)
         .ok_or_else(no_endpoints)?;
-    let endpoint = logical::endpoint(mesh, &proxy.node, pick.address(), true)?;
+    let endpoint = Endpoint {
+        connect_timeout: service.connect_timeout,
+        ..logical::endpoint(mesh, &proxy.node, pick.address(), true)?
+    };
     Ok((endpoint, Some(pick)))
 }

@@ -31,7 +31,7 @@ pub fn of(kind: Kind) -> Enforcement {
     match kind {
         Kind::TrafficPolicy => Enforcement::Fields {
             about: &["spec.service"],
-            enforced: &["spec.loadBalancer", "spec.timeouts.idle"],
+            enforced: &["spec.loadBalancer", "spec.timeouts"],
         },
         Kind::AuthorizationPolicy
         | Kind::HttpRoute

@@ -934,7 +934,7 @@ fn verdicts_say_accepted_only_for_what_the_agents_enforce() {
             "retries",
             false,
             Reason::NotEnforced,
-            "the agents do not enforce spec.retries yet and ignore it; spec.timeouts.idle applies to clients of Service web".to_owned(),
+            "the agents do not enforce spec.retries yet and ignore it; spec.timeouts applies to clients of Service web".to_owned(),
         ),
         (
             "kind: TrafficPolicy\nmetadata: { name: everything, namespace: shop }\nspec:\n  service: web\n  loadBalancer: { algorithm: PEAK_EWMA }\n  timeouts: { connect: 1s, request: 2s }\n  retries: { attempts: 2 }\n  connectionLimits: { maxConnections: 10 }\n  outlierDetection: { consecutiveFailures: 5 }",
@@ -943,8 +943,8 @@ fn verdicts_say_accepted_only_for_what_the_agents_enforce() {
             false,
             Reason::NotEnforced,
             "the agents do not enforce spec.connectionLimits, spec.outlierDetection, \
-             spec.retries, spec.timeouts.connect, spec.timeouts.request yet and ignore them; \
-             spec.loadBalancer applies to clients of Service web"
+             spec.retries yet and ignore them; spec.loadBalancer, spec.timeouts apply to \
+             clients of Service web"
                 .to_owned(),
         ),
         (
@@ -963,7 +963,7 @@ fn verdicts_say_accepted_only_for_what_the_agents_enforce() {
             Reason::NotEnforced,
             "the agents do not enforce spec.retries yet and ignore it, so nothing of it \
              applies to clients of Service web (of a TrafficPolicy they enforce \
-             spec.loadBalancer, spec.timeouts.idle)"
+             spec.loadBalancer, spec.timeouts)"
                 .to_owned(),
         ),
         (

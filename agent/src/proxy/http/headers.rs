@@ -1,7 +1,10 @@
 //! Header rules of a proxy: hop-by-hop fields stay on their hop (RFC 9110 §7.6.1), the
 //! request target takes the form the upstream version wants, and the forwarding
 //! headers Istio's proxies add (`x-forwarded-proto`, `x-request-id` outbound;
-//! `x-forwarded-client-cert` inbound, replacing whatever the client sent).
+//! `x-forwarded-client-cert` inbound, replacing whatever the client sent), and gRPC's
+//! deadline header, `grpc-timeout`.
+
+use std::time::Duration;
 
 use http::{
     HeaderMap, HeaderValue, Request, Uri, Version,
@@ -173,9 +176,79 @@ pub fn grpc_status(headers: &HeaderMap) -> Option<u16> {
     headers.get("grpc-status")?.to_str().ok()?.parse().ok()
 }
 
+/// The client's gRPC deadline, `grpc-timeout` (`<at most 8 digits><unit>`, the unit
+/// one of `H M S m u n`); `None` when absent or malformed.
+pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+    let text = headers.get(GRPC_TIMEOUT)?.to_str().ok()?;
+    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let value: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(value * 3600),
+        "M" => Duration::from_secs(value * 60),
+        "S" => Duration::from_secs(value),
+        "m" => Duration::from_millis(value),
+        "u" => Duration::from_micros(value),
+        "n" => Duration::from_nanos(value),
+        _ => return None,
+    })
+}
+
+/// Passes a gRPC deadline of `left` on in `grpc-timeout`, in the finest unit that fits
+/// its 8 digits.
+pub fn set_grpc_timeout(headers: &mut HeaderMap, left: Duration) {
+    const MAX: u128 = 99_999_999;
+    let value = [
+        (left.as_nanos(), 'n'),
+        (left.as_micros(), 'u'),
+        (left.as_millis(), 'm'),
+        (u128::from(left.as_secs()), 'S'),
+    ]
+    .into_iter()
+    .find(|(value, _)| *value <= MAX)
+    .map_or_else(
+        || format!("{MAX}S"),
+        |(value, unit)| format!("{value}{unit}"),
+    );
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(GRPC_TIMEOUT, value);
+    }
+}
+
+const GRPC_TIMEOUT: &str = "grpc-timeout";
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_deadlines_are_read_in_every_unit_and_passed_on_in_the_finest_that_fits() {
+        let read = |text: &str| grpc_timeout(&headers(&[("grpc-timeout", text)]));
+        assert_eq!(read("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(read("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(read("1S"), Some(Duration::from_secs(1)));
+        assert_eq!(read("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(read("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(read("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        for bad in ["", "m", "123456789m", "10x", "-1S", "1.5S"] {
+            assert_eq!(read(bad), None, "{bad:?}");
+        }
+        let written = |left: Duration| {
+            let mut headers = HeaderMap::new();
+            set_grpc_timeout(&mut headers, left);
+            headers["grpc-timeout"].to_str().unwrap().to_owned()
+        };
+        assert_eq!(written(Duration::from_millis(50)), "50000000n");
+        assert_eq!(written(Duration::from_millis(250)), "250000u");
+        assert_eq!(written(Duration::from_secs(3600)), "3600000m");
+        assert_eq!(written(Duration::from_secs(200_000)), "200000S");
+        assert_eq!(
+            read(&written(Duration::from_millis(1234))),
+            Some(Duration::from_millis(1234))
+        );
+    }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         pairs

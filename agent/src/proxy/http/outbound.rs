@@ -213,13 +213,13 @@ impl Outbound {
         route::route(routes, namespace, request, |total| fastrand::u64(..total)).map(Some)
     }
 
-    /// Forwards `request` (and a copy to each of its route's mirrors), within the
-    /// route's timeouts.
+    /// Forwards `request` (and a copy to each of its route's mirrors) within its
+    /// deadline ([`deadline`]), passing the client's gRPC deadline on as what is left.
     async fn send<F, Fut>(
         &self,
         key: pool::Key,
         dial: F,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
         routed: Option<&Routed>,
         exchange: &Exchange,
     ) -> Result<Forwarded, ProxyError>
@@ -227,6 +227,13 @@ impl Outbound {
         F: Fn() -> Fut,
         Fut: Future<Output = Result<Upstream, ProxyError>>,
     {
+        let timeouts = self.timeouts(routed);
+        let grpc = headers::grpc_timeout(request.headers());
+        let deadline = deadline(&timeouts, grpc, exchange.started.elapsed());
+        if let Some(grpc) = grpc {
+            let left = grpc.saturating_sub(exchange.started.elapsed());
+            headers::set_grpc_timeout(request.headers_mut(), left);
+        }
         let pool = &self.proxy.http_pool;
         let forwarding = match routed.filter(|routed| !routed.mirrors.is_empty()) {
             None => Either::Left(forward(&self.proxy, pool, key, dial, request)),
@@ -241,13 +248,30 @@ impl Outbound {
                 Either::Right(forward(&self.proxy, pool, key, dial, request))
             }
         };
-        let deadline =
-            routed.and_then(|routed| deadline(&routed.timeouts, exchange.started.elapsed()));
         match deadline {
             None => forwarding.await,
             Some((which, timeout, left)) => tokio::time::timeout(left, forwarding)
                 .await
-                .unwrap_or(Err(ProxyError::RouteTimeout { which, timeout })),
+                .unwrap_or(Err(ProxyError::RequestTimeout { which, timeout })),
+        }
+    }
+
+    /// The timeouts of a request: its route's, with the service's TrafficPolicy
+    /// `timeouts.request` where the route sets no request timeout.
+    fn timeouts(&self, routed: Option<&Routed>) -> Timeouts {
+        let routed = routed.map(|routed| routed.timeouts).unwrap_or_default();
+        let service = match &self.logical.destination {
+            Destination::Service(target) => self
+                .proxy
+                .mesh
+                .get()
+                .service_at(target.vip, target.port)
+                .and_then(|(service, _)| service.request_timeout),
+            Destination::Pod(_) => None,
+        };
+        Timeouts {
+            request: routed.request.or(service),
+            ..routed
         }
     }
 
@@ -273,19 +297,81 @@ impl Outbound {
     }
 }
 
-/// How long the forwarded request may take before the route's timeouts answer 504: the
-/// nearer of `timeouts.request` (counted from the request's start, `elapsed` ago) and
-/// `timeouts.backendRequest`, with which one it is and its configured length.
-fn deadline(timeouts: &Timeouts, elapsed: Duration) -> Option<(&'static str, Duration, Duration)> {
-    let request = timeouts
-        .request
-        .map(|timeout| ("request", timeout, timeout.saturating_sub(elapsed)));
-    let backend = timeouts
-        .backend_request
-        .map(|timeout| ("backendRequest", timeout, timeout));
-    match (request, backend) {
-        (Some(request), Some(backend)) if backend.2 < request.2 => Some(backend),
-        (Some(request), _) => Some(request),
-        (None, backend) => backend,
+/// How long the forwarded request may take before it is answered 504, with which
+/// limit that is and its length: the nearest of the request timeout (the route's
+/// `timeouts.request`, else the service's TrafficPolicy `timeouts.request`), counted
+/// from the request's start `elapsed` ago; the route's `timeouts.backendRequest`; and
+/// the client's own gRPC deadline `grpc`.
+fn deadline(
+    timeouts: &Timeouts,
+    grpc: Option<Duration>,
+    elapsed: Duration,
+) -> Option<(&'static str, Duration, Duration)> {
+    let from_start = |which, timeout: Duration| (which, timeout, timeout.saturating_sub(elapsed));
+    [
+        timeouts
+            .request
+            .map(|timeout| from_start("request", timeout)),
+        timeouts
+            .backend_request
+            .map(|timeout| ("backendRequest", timeout, timeout)),
+        grpc.map(|timeout| from_start("grpc-timeout", timeout)),
+    ]
+    .into_iter()
+    .flatten()
+    .min_by_key(|(_, _, left)| *left)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_nearest_limit_decides_counted_from_where_each_starts() {
+        let ms = Duration::from_millis;
+        let timeouts = |request: Option<u64>, backend: Option<u64>| Timeouts {
+            request: request.map(ms),
+            backend_request: backend.map(ms),
+        };
+        let cases = [
+            (timeouts(None, None), None, 0, None),
+            (
+                timeouts(Some(1000), None),
+                None,
+                300,
+                Some(("request", 1000, 700)),
+            ),
+            (
+                timeouts(Some(1000), Some(500)),
+                None,
+                0,
+                Some(("backendRequest", 500, 500)),
+            ),
+            (
+                timeouts(Some(1000), Some(800)),
+                None,
+                300,
+                Some(("request", 1000, 700)),
+            ),
+            (
+                timeouts(Some(1000), None),
+                Some(400),
+                100,
+                Some(("grpc-timeout", 400, 300)),
+            ),
+            (
+                timeouts(None, None),
+                Some(400),
+                500,
+                Some(("grpc-timeout", 400, 0)),
+            ),
+        ];
+        for (timeouts, grpc, elapsed, expected) in cases {
+            let found =
+                deadline(&timeouts, grpc.map(ms), ms(elapsed)).map(|(which, timeout, left)| {
+                    (which, timeout.as_millis() as u64, left.as_millis() as u64)
+                });
+            assert_eq!(found, expected, "{timeouts:?} {grpc:?} {elapsed}");
+        }
     }
 }
