@@ -403,6 +403,10 @@ pub struct Service {
     /// Endpoint weights other than 1 ([`Service::weight`]), 0 to 1000; 0 drains.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub weights: BTreeMap<IpAddr, u32>,
+    /// Failing endpoints ejected (the TrafficPolicy's `outlierDetection`); only the
+    /// controller streams it.
+    #[serde(skip)]
+    pub outlier: Option<crate::proxy::balance::Outlier>,
 }
 
 impl Service {

@@ -409,20 +409,26 @@ pub struct ConnectionLimits {
     pub max_requests_per_connection: Option<u32>,
 }
 
-/// Endpoints that fail `consecutiveFailures` times in a row are ejected for
-/// `baseEjectionTime` (longer each time), never more than `maxEjectionPercent` of them.
-/// Not enforced yet.
+/// Endpoints that fail `consecutiveFailures` times in a row (5xx answers, failed
+/// connections, resets, timeouts) are ejected for `baseEjectionTime` times the number of
+/// ejections in a row; back from one, their next failure ejects them again at once
+/// until one success. Each node's agent judges its own clients' requests.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OutlierDetection {
     #[schemars(range(min = 1))]
     pub consecutive_failures: u32,
+    /// How often failures are counted up in Envoy; weft counts every request as it
+    /// ends, so this is not enforced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub interval: Option<String>,
+    /// The first ejection's length (default 30s; at most 5 minutes however often).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub base_ejection_time: Option<String>,
+    /// The most of the service's endpoints out at once (default 10), always at least
+    /// one; past it every endpoint takes traffic again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 100))]
     pub max_ejection_percent: Option<u32>,

@@ -18,6 +18,8 @@ use weft_api::{
     },
 };
 
+use crate::proxy::balance::Outlier;
+
 use super::{
     LoadBalancing, MeshConfig, MeshNamespace, Node, PeerMode, Service, ServicePort, TrustAnchor,
     Workload,
@@ -242,6 +244,18 @@ impl Resources {
             let connect_timeout = timeout(|policy| policy.connect_timeout_ms);
             let request_timeout = timeout(|policy| policy.request_timeout_ms);
             let load_balancing = policy.and_then(|policy| balancing(policy.load_balancing));
+            let outlier = policy
+                .and_then(|policy| policy.outlier_detection.as_ref())
+                .map(|outlier| Outlier {
+                    consecutive_failures: outlier.consecutive_failures.max(1),
+                    base_ejection: Some(outlier.base_ejection_ms)
+                        .filter(|&millis| millis > 0)
+                        .map_or(DEFAULT_BASE_EJECTION, Duration::from_millis),
+                    max_ejection_percent: match outlier.max_ejection_percent {
+                        0 => DEFAULT_MAX_EJECTION_PERCENT,
+                        percent => percent.min(100),
+                    },
+                });
             // One service entry per VIP (dual-stack services have two).
             for vip in &service.vips {
                 config.services.push(Service {
@@ -258,6 +272,7 @@ impl Resources {
                     load_balancing,
                     prefer_close: service.prefer_close,
                     weights: weights.clone(),
+                    outlier,
                 });
             }
         }
@@ -278,6 +293,12 @@ impl Resources {
         Ok(config)
     }
 }
+
+/// How long an endpoint is first ejected when the policy does not say (Envoy's default).
+const DEFAULT_BASE_EJECTION: Duration = Duration::from_secs(30);
+/// The share of a service's endpoints that may be out at once when the policy does not
+/// say (Envoy's and Istio's default; at least one may always be).
+const DEFAULT_MAX_EJECTION_PERCENT: u32 = 10;
 
 fn mode(wire: i32) -> Option<PeerMode> {
     match WireMode::try_from(wire).ok()? {

@@ -71,7 +71,26 @@ pub struct Policy {
     /// Only the closest tier with a usable endpoint: the same node, else the same zone,
     /// else everywhere (Kubernetes' `trafficDistribution: PreferClose`).
     pub prefer_close: bool,
+    /// Whether and how failing endpoints are ejected (TrafficPolicy
+    /// `outlierDetection`); `None`: never.
+    pub outlier: Option<Outlier>,
 }
+
+/// Outlier detection, as failure accrual: `consecutive_failures` failures in a row
+/// (5xx answers, connect failures, resets) eject an endpoint for `base_ejection` times
+/// the number of ejections in a row; back from one, it is on probation, and its next
+/// failure ejects it again at once. At most `max_ejection_percent` of a service's
+/// endpoints (and always at least one) are ejected: past that, every endpoint takes
+/// traffic again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outlier {
+    pub consecutive_failures: u32,
+    pub base_ejection: Duration,
+    pub max_ejection_percent: u32,
+}
+
+/// The longest an endpoint stays ejected, however often it failed.
+const MAX_EJECTION: Duration = Duration::from_secs(300);
 
 /// Node-wide balancing state: per-endpoint load and latency shared by every connection
 /// and request of the node, and per-service round-robin positions. Shared behind an
@@ -93,11 +112,14 @@ impl Balancers {
     /// `candidates` should come in the same order from one call to the next: a weighted
     /// round robin starts over when they change.
     pub fn pick(&self, service: &str, policy: Policy, candidates: &[Candidate]) -> Option<Pick> {
-        // Every endpoint is healthy until outlier detection says otherwise.
-        let eligible = Eligible::among(candidates, policy.prefer_close, |_: &Candidate| true)?;
+        let now = Instant::now();
+        let healthy = self.healthy(policy.outlier, candidates, now);
+        let eligible =
+            Eligible::among(candidates, policy.prefer_close, |candidate: &Candidate| {
+                healthy(candidate)
+            })?;
         let eligible = |candidate: &Candidate| eligible.admits(candidate);
         let mut rng = Rng::new();
-        let now = Instant::now();
         let index = match policy.algorithm {
             Algorithm::PeakEwma => pick::two_choices(
                 candidates,
@@ -118,7 +140,32 @@ impl Balancers {
             Algorithm::Random => pick::weighted(candidates, eligible, &mut rng),
         }?;
         let address = candidates[index].address;
-        Some(Pick::new(address, self.endpoint(address)))
+        Some(Pick::new(address, self.endpoint(address), policy.outlier))
+    }
+
+    /// Which candidates may take traffic: those not ejected, unless more than the
+    /// policy's share of them are (then all, as Envoy's panic threshold does).
+    fn healthy(
+        &self,
+        outlier: Option<Outlier>,
+        candidates: &[Candidate],
+        now: Instant,
+    ) -> impl Fn(&Candidate) -> bool {
+        let ejected: HashSet<SocketAddr> = match outlier {
+            None => HashSet::new(),
+            Some(_) => candidates
+                .iter()
+                .filter(|candidate| self.endpoint(candidate.address).ejected(now))
+                .map(|candidate| candidate.address)
+                .collect(),
+        };
+        // Always at least one may be out, as in Envoy: else a small service never
+        // ejects anything.
+        let limit = outlier.map_or(0, |outlier| {
+            (outlier.max_ejection_percent as usize * candidates.len() / 100).max(1)
+        });
+        let fail_open = ejected.len() > limit;
+        move |candidate: &Candidate| fail_open || !ejected.contains(&candidate.address)
     }
 
     /// Forgets the state of endpoints not in `live` (called after a configuration
@@ -156,6 +203,18 @@ impl Balancers {
 struct Endpoint {
     in_flight: AtomicUsize,
     latency: Mutex<PeakEwma>,
+    health: Mutex<Health>,
+}
+
+/// An endpoint's failure accrual.
+#[derive(Debug, Default)]
+struct Health {
+    /// Failures since the last success.
+    failures: u32,
+    /// Ejections since the last success.
+    ejections: u32,
+    /// Ejected until then.
+    ejected_until: Option<Instant>,
 }
 
 impl Endpoint {
@@ -163,7 +222,14 @@ impl Endpoint {
         Self {
             in_flight: AtomicUsize::new(0),
             latency: Mutex::new(PeakEwma::new(now)),
+            health: Mutex::default(),
         }
+    }
+
+    fn ejected(&self, now: Instant) -> bool {
+        sync::lock(&self.health)
+            .ejected_until
+            .is_some_and(|until| now < until)
     }
 
     fn in_flight(&self) -> usize {
@@ -234,12 +300,53 @@ impl Service {
 pub struct Pick {
     address: SocketAddr,
     endpoint: Arc<Endpoint>,
+    outlier: Option<Outlier>,
 }
 
 impl Pick {
-    fn new(address: SocketAddr, endpoint: Arc<Endpoint>) -> Self {
+    fn new(address: SocketAddr, endpoint: Arc<Endpoint>, outlier: Option<Outlier>) -> Self {
         endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
-        Self { address, endpoint }
+        Self {
+            address,
+            endpoint,
+            outlier,
+        }
+    }
+
+    /// The request (or connection) succeeded: the endpoint's failures start over.
+    pub fn succeeded(&self) {
+        let mut health = sync::lock(&self.endpoint.health);
+        health.failures = 0;
+        health.ejections = 0;
+    }
+
+    /// The request failed (a 5xx answer, or no answer): with outlier detection on, the
+    /// failure that makes `consecutive_failures` in a row, or any failure on probation,
+    /// ejects the endpoint. Returns whether this failure ejected it.
+    pub fn failed(&self) -> bool {
+        let Some(outlier) = self.outlier else {
+            return false;
+        };
+        let now = Instant::now();
+        let mut health = sync::lock(&self.endpoint.health);
+        if health.ejected_until.is_some_and(|until| now < until) {
+            // Already out: a request placed before the ejection.
+            return false;
+        }
+        health.failures += 1;
+        let on_probation = health.ejections > 0;
+        if !on_probation && health.failures < outlier.consecutive_failures.max(1) {
+            return false;
+        }
+        health.ejections += 1;
+        health.failures = 0;
+        let length = outlier
+            .base_ejection
+            .saturating_mul(health.ejections)
+            .min(MAX_EJECTION);
+        health.ejected_until = Some(now + length);
+        metrics::counter!("weft_endpoint_ejections_total").increment(1);
+        true
     }
 
     pub fn address(&self) -> SocketAddr {
@@ -293,6 +400,7 @@ mod tests {
         Policy {
             algorithm,
             prefer_close: false,
+            outlier: None,
         }
     }
 
@@ -558,6 +666,78 @@ mod tests {
         }
     }
 
+    fn ejecting(algorithm: Algorithm) -> Policy {
+        Policy {
+            outlier: Some(Outlier {
+                consecutive_failures: 3,
+                base_ejection: Duration::from_secs(10),
+                max_ejection_percent: 50,
+            }),
+            ..policy(algorithm)
+        }
+    }
+
+    /// A request to `address` under `policy` that fails; whether it ejected the endpoint.
+    fn fail(balancers: &Balancers, policy: Policy, address: SocketAddr) -> bool {
+        Pick::new(address, balancers.endpoint(address), policy.outlier).failed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn consecutive_failures_eject_for_longer_each_time_and_probation_is_one_failure() {
+        let candidates = candidates(&[1, 1, 1]);
+        let bad = candidates[0].address;
+        for algorithm in ALGORITHMS {
+            let balancers = Balancers::new();
+            let policy = ejecting(algorithm);
+            assert!(!fail(&balancers, policy, bad));
+            assert!(!fail(&balancers, policy, bad));
+            assert!(fail(&balancers, policy, bad), "the third in a row ejects");
+            let picked = sequence(&balancers, policy, &candidates, 30);
+            assert!(
+                !picked.contains(&0),
+                "{algorithm:?}: ejected, never picked: {picked:?}"
+            );
+
+            tokio::time::advance(Duration::from_secs(10)).await;
+            let picked = sequence(&balancers, policy, &candidates, 30);
+            assert!(picked.contains(&0), "{algorithm:?}: back after 10 s");
+            // On probation: one failure is enough, and the ejection is twice as long.
+            assert!(fail(&balancers, policy, bad));
+            tokio::time::advance(Duration::from_secs(19)).await;
+            assert!(!sequence(&balancers, policy, &candidates, 30).contains(&0));
+            tokio::time::advance(Duration::from_secs(1)).await;
+            assert!(sequence(&balancers, policy, &candidates, 30).contains(&0));
+
+            // A success ends probation: failures count from zero again.
+            let pick = balancers.pick(SERVICE, policy, &candidates[..1]).unwrap();
+            pick.succeeded();
+            assert!(!fail(&balancers, policy, bad));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_more_than_the_allowed_share_is_out_and_without_a_policy_none_is() {
+        let candidates = candidates(&[1, 1]);
+        let balancers = Balancers::new();
+        let ejects = ejecting(Algorithm::RoundRobin);
+        for candidate in &candidates {
+            for _ in 0..3 {
+                fail(&balancers, ejects, candidate.address);
+            }
+        }
+        // Both failed, but at most one of two (50%) may be out: both take traffic.
+        let counts = tally(2, &sequence(&balancers, ejects, &candidates, 10));
+        assert_eq!(counts, [5, 5]);
+
+        let never = policy(Algorithm::RoundRobin);
+        let balancers = Balancers::new();
+        for _ in 0..10 {
+            assert!(!fail(&balancers, never, candidates[0].address));
+        }
+        let counts = tally(2, &sequence(&balancers, never, &candidates, 10));
+        assert_eq!(counts, [5, 5]);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn prefer_close_keeps_to_the_closest_tier() {
         fastrand::seed(19);
@@ -569,6 +749,7 @@ mod tests {
             let close = Policy {
                 algorithm,
                 prefer_close: true,
+                outlier: None,
             };
             let counts = tally(4, &sequence(&balancers, close, &candidates, 100));
             assert_eq!((counts[0], counts[3]), (0, 0), "{algorithm:?}: {counts:?}");

@@ -123,6 +123,7 @@ pub fn policy(service: &Service) -> Policy {
             LoadBalancing::Random => Algorithm::Random,
         },
         prefer_close: service.prefer_close,
+        outlier: service.outlier,
     }
 }
 
@@ -353,7 +354,8 @@ services:
             policy(web),
             Policy {
                 algorithm: Algorithm::RoundRobin,
-                prefer_close: true
+                prefer_close: true,
+                outlier: None,
             }
         );
         let (empty, _) = mesh.service_at("10.96.0.11".parse().unwrap(), 80).unwrap();

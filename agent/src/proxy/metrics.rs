@@ -315,6 +315,10 @@ pub fn unix_seconds(time: SystemTime) -> f64 {
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_counter!(
+        "weft_endpoint_ejections_total",
+        "Endpoints ejected by outlier detection (TrafficPolicy outlierDetection): after their consecutive failures, or a failure on probation"
+    );
+    describe_counter!(
         "weft_authorization_decisions_total",
         "Authorization decisions, by where they were made (direction: inbound on a tunnel, local for a pod of this node), the deciding policy's action and name (none/default when a default decided) and result (allowed, denied, audited, dry_run_allowed, dry_run_denied)"
     );

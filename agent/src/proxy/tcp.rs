@@ -61,6 +61,7 @@ where
         Ok(mut server) => {
             if let Some(pick) = &pick {
                 pick.observe(started.elapsed());
+                pick.succeeded();
             }
             let relayed = relay(&mut client, &mut server, Some(idle), |received, sent| {
                 open.progress(received, sent);
@@ -75,7 +76,12 @@ where
                 relayed.await.into()
             }
         }
-        Err(error) => Outcome::failed(error),
+        Err(error) => {
+            if let Some(pick) = &pick {
+                pick.failed();
+            }
+            Outcome::failed(error)
+        }
     };
     if let metrics::Ending::Failed(error) = &outcome.ending
         && let Some(held) = FAILED.allow()

@@ -31,7 +31,13 @@ pub fn of(kind: Kind) -> Enforcement {
     match kind {
         Kind::TrafficPolicy => Enforcement::Fields {
             about: &["spec.service"],
-            enforced: &["spec.loadBalancer", "spec.timeouts"],
+            enforced: &[
+                "spec.loadBalancer",
+                "spec.timeouts",
+                "spec.outlierDetection.consecutiveFailures",
+                "spec.outlierDetection.baseEjectionTime",
+                "spec.outlierDetection.maxEjectionPercent",
+            ],
         },
         Kind::AuthorizationPolicy
         | Kind::HttpRoute

@@ -942,9 +942,9 @@ fn verdicts_say_accepted_only_for_what_the_agents_enforce() {
             "everything",
             false,
             Reason::NotEnforced,
-            "the agents do not enforce spec.connectionLimits, spec.outlierDetection, \
-             spec.retries yet and ignore them; spec.loadBalancer, spec.timeouts apply to \
-             clients of Service web"
+            "the agents do not enforce spec.connectionLimits, spec.retries yet and ignore \
+             them; spec.loadBalancer, spec.outlierDetection.consecutiveFailures, \
+             spec.timeouts apply to clients of Service web"
                 .to_owned(),
         ),
         (
@@ -963,7 +963,8 @@ fn verdicts_say_accepted_only_for_what_the_agents_enforce() {
             Reason::NotEnforced,
             "the agents do not enforce spec.retries yet and ignore it, so nothing of it \
              applies to clients of Service web (of a TrafficPolicy they enforce \
-             spec.loadBalancer, spec.timeouts)"
+             spec.loadBalancer, spec.timeouts, spec.outlierDetection.consecutiveFailures, \
+             spec.outlierDetection.baseEjectionTime, spec.outlierDetection.maxEjectionPercent)"
                 .to_owned(),
         ),
         (

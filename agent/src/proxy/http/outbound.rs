@@ -143,6 +143,9 @@ impl Outbound {
         let mut forwarded = match outcome {
             Ok(forwarded) => forwarded,
             Err(error) => {
+                if let Some(pick) = &pick {
+                    pick.failed();
+                }
                 return self.failed(&exchange, span, Some((&endpoint.peer, mutual_tls)), error);
             }
         };
@@ -160,7 +163,14 @@ impl Outbound {
             exchange,
             upstream,
             move |sender, exchange, answer| {
-                drop(pick);
+                // A server error counts against the endpoint (outlier detection).
+                if let Some(pick) = pick {
+                    if answer.status >= 500 {
+                        pick.failed();
+                    } else {
+                        pick.succeeded();
+                    }
+                }
                 if let Some(sender) = sender {
                     this.proxy.http_pool.check_in(key, sender);
                 }
