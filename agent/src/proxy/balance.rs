@@ -314,7 +314,11 @@ impl Pick {
     }
 
     /// The request (or connection) succeeded: the endpoint's failures start over.
+    /// Without outlier detection nothing was counted, so nothing is locked.
     pub fn succeeded(&self) {
+        if self.outlier.is_none() {
+            return;
+        }
         let mut health = sync::lock(&self.endpoint.health);
         health.failures = 0;
         health.ejections = 0;
