@@ -677,6 +677,7 @@ async fn tidy(proxy: Arc<Proxy>) {
         proxy
             .balancers
             .retain(&proxy.mesh.get().endpoint_addresses());
+        proxy.budgets.retain_used();
         let (peak, now) = proxy.admission.take_peak();
         if peak >= now + FEWER {
             memory::give_back();

@@ -407,6 +407,10 @@ pub struct Service {
     /// controller streams it.
     #[serde(skip)]
     pub outlier: Option<crate::proxy::balance::Outlier>,
+    /// How clients retry failed requests (the TrafficPolicy's `retries`); `None`: the
+    /// agent's default. Only the controller streams it.
+    #[serde(skip)]
+    pub retries: Option<std::sync::Arc<crate::proxy::retry::RetryPolicy>>,
 }
 
 impl Service {

@@ -14,6 +14,7 @@ mod logical;
 pub mod metrics;
 mod outbound;
 mod relay;
+pub mod retry;
 mod tcp;
 pub mod trace;
 
@@ -37,6 +38,7 @@ use self::{
     admission::{Admission, Limits, Permit, Refused},
     balance::Balancers,
     metrics::AccessLog,
+    retry::Budgets,
 };
 pub use self::{
     http::describe as describe_requests, inbound::serve as serve_inbound,
@@ -124,6 +126,8 @@ pub struct Proxy {
     /// Upstream HTTP connections of the outbound side.
     pub http_pool: http::Pool,
     pub balancers: Balancers,
+    /// Each service's retry budget.
+    pub budgets: Budgets,
     pub tracer: trace::Tracer,
     pub settings: Settings,
     pub admission: Arc<Admission>,
@@ -147,6 +151,7 @@ impl Proxy {
             pool: hbone::Pool::new(settings.hbone),
             http_pool: http::Pool::default(),
             balancers: Balancers::new(),
+            budgets: Budgets::default(),
             tracer,
             admission: Admission::new(settings.limits),
             settings,

@@ -10,8 +10,8 @@
 //!   identity, namespace, service account, IP block, port; HTTP host, method, path and
 //!   headers), with a dry-run mode.
 //! - [`TrafficPolicy`]: how clients treat a service (balancing, timeouts, retries with a
-//!   budget, connection limits, outlier detection). Of it, only `loadBalancer` and
-//!   `timeouts.idle` are enforced yet.
+//!   budget, connection limits, outlier detection). All of it is enforced but
+//!   `connectionLimits` and `outlierDetection.interval`.
 //!
 //! What the agents do not enforce is reported, not silently accepted: such an object
 //! gets `Accepted: False` with reason `NotEnforced`, naming the fields.
@@ -275,10 +275,10 @@ pub struct RuleCondition {
 
 // --- TrafficPolicy -----------------------------------------------------------------
 
-/// How clients in the mesh treat a service of this namespace. The agents enforce only
-/// `loadBalancer` and `timeouts.idle` yet; a policy that sets any other field says
-/// which in its status (`Accepted: False`, reason `NotEnforced`), and what it sets of
-/// those two still applies.
+/// How clients in the mesh treat a service of this namespace. The agents enforce all of
+/// it but `connectionLimits` and `outlierDetection.interval`; a policy that sets either
+/// says so in its status (`Accepted: False`, reason `NotEnforced`), and the rest of it
+/// still applies.
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[kube(
     group = "weft.dev",
@@ -288,7 +288,7 @@ pub struct RuleCondition {
     status = "PolicyStatus",
     shortname = "tp",
     category = "weft",
-    doc = "How clients treat a service: balancing, timeouts, retries with a budget, connection limits, outlier detection. Only loadBalancer and timeouts.idle are enforced yet; the status names any other field set (NotEnforced).",
+    doc = "How clients treat a service: balancing, timeouts, retries with a budget, connection limits, outlier detection. All of it is enforced but connectionLimits and outlierDetection.interval; the status names either when set (NotEnforced).",
     printcolumn = r#"{"name":"Service","type":"string","jsonPath":".spec.service"}"#,
     printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
@@ -366,25 +366,42 @@ pub struct Timeouts {
     pub request: Option<String>,
 }
 
-/// Which failed requests clients retry, and how often. Not enforced yet.
+/// Which failed requests clients retry, and how often. Each retry goes to another
+/// endpoint when the service has one, after a jittered backoff (25 ms doubling up to
+/// 250 ms), within the request's own timeout. A request body is kept for a retry up
+/// to 64 KiB; a request with a larger body is not retried once it was sent. Without
+/// this field clients retry only a failed connection, once.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Retries {
-    /// Retries after the first try.
+    /// Retries after the first try; 0 turns retries off, even of failed connections.
     #[schemars(range(min = 0, max = 10))]
     pub attempts: u32,
+    /// Each try, when it takes longer, is abandoned (and retried on `reset`, `5xx` or
+    /// `gateway-error`). A route's `timeouts.backendRequest` is one too: the nearer
+    /// applies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub per_try_timeout: Option<String>,
-    /// `connect-failure`, `reset`, `5xx`, `gateway-error`, `retriable-4xx`, or a status
-    /// code; none: `connect-failure` and `reset`.
+    /// `connect-failure`, `reset`, `5xx`, `gateway-error` (502, 503, 504),
+    /// `retriable-4xx` (409), a status code, or a gRPC status of a trailers-only
+    /// answer: `cancelled`, `deadline-exceeded`, `resource-exhausted`, `unavailable`.
+    /// None: `connect-failure`, `reset`, `gateway-error` and `unavailable`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retry_on: Vec<String>,
+    /// Also retry, after they may have reached the server, requests whose method is
+    /// not idempotent (POST, PATCH, CONNECT — and so every gRPC call). A failed
+    /// connection is retried for any method: nothing was sent.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub non_idempotent: bool,
+    /// Unset: 20 percent, 10 per second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<RetryBudget>,
 }
 
-/// Retries may add at most `percent` of the requests, but always `minPerSecond`.
+/// Retries may add at most `percent` of the requests of the last 10 seconds, plus
+/// `minPerSecond` (so that a quiet service still retries). Each node's agent keeps
+/// the budget of its own clients: an outage never turns into a retry storm.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RetryBudget {

@@ -12,6 +12,7 @@
 //! - [`duration`]: durations as the Gateway API writes them;
 //! - [`manifests`]: which files a set of manifest paths holds;
 //! - [`protocol`]: which protocol a service port speaks, as Istio decides it;
+//! - [`retry`]: the conditions a TrafficPolicy retries on;
 //! - [`routes`]: HTTPRoutes and GRPCRoutes as the agents apply them, and their matcher;
 //! - [`ZONE_LABEL`]: the Node label Kubernetes names zones by.
 #![forbid(unsafe_code)]
@@ -26,6 +27,7 @@ pub mod endpoints;
 pub mod enroll;
 pub mod manifests;
 pub mod protocol;
+pub mod retry;
 pub mod routes;
 
 /// Kubernetes' well-known Node label naming the node's zone: the controller reads it,

@@ -372,6 +372,19 @@ pub fn series(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         .map(|(_, value)| value)
 }
 
+/// The sum of the samples of `name` whose labels include every `labels` pair.
+pub fn total(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples(text, name)
+        .into_iter()
+        .filter(|(found, _)| {
+            labels
+                .iter()
+                .all(|(key, value)| found.get(*key).map(String::as_str) == Some(*value))
+        })
+        .map(|(_, value)| value)
+        .sum()
+}
+
 /// A certificate authority for test clients that play a peer the mesh's agents do not
 /// expect: the mesh CA itself, read from the controller's CA directory, to issue
 /// certificates the agents would never ask for (expired, not yet valid, any identity),

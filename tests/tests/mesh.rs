@@ -547,7 +547,11 @@ fn agents_dump_the_streamed_policies_and_the_controller_says_what_they_enforce()
 apiVersion: weft.dev/v1alpha1
 kind: TrafficPolicy
 metadata: {{ name: echo, namespace: default }}
-spec: {{ service: echo, timeouts: {{ idle: 30s }}, retries: {{ attempts: 2, retryOn: [5xx] }} }}
+spec:
+  service: echo
+  timeouts: {{ idle: 30s }}
+  retries: {{ attempts: 2, retryOn: [5xx] }}
+  connectionLimits: {{ maxConnections: 100 }}
 ---
 apiVersion: weft.dev/v1alpha1
 kind: AuthorizationPolicy
@@ -625,8 +629,8 @@ spec:
             &serde_json::json!(false),
             &serde_json::json!("NotEnforced"),
             &serde_json::json!(
-                "the agents do not enforce spec.retries yet and ignore it; spec.timeouts \
-                 applies to clients of Service echo"
+                "the agents do not enforce spec.connectionLimits yet and ignore it; \
+                 spec.retries, spec.timeouts apply to clients of Service echo"
             )
         ),
         "{traffic:#}"

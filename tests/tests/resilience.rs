@@ -6,12 +6,22 @@
 //!   controller accepts the policy as enforced;
 //! - outlier detection: a replica that answers 503 to everything is ejected after its
 //!   consecutive failures, gets nothing while ejected, comes back, and is ejected again
-//!   by its first failure on probation.
+//!   by its first failure on probation;
+//! - retries: a broken replica's 503s and a slow replica's hang (past the per-try
+//!   timeout) are retried on the others, and the client sees none of it, but a POST is
+//!   not retried; a service down entirely gets retries only within its budget, and its
+//!   answers say URX; a replica killed under HTTP/1.1 (wrk) and gRPC load costs no
+//!   request.
 
-use std::time::Duration;
+use std::{
+    process::Stdio,
+    time::{Duration, Instant},
+};
 
 use weft_cluster::PodSpec;
-use weft_e2e::{TestCluster, agent_metrics, policy_verdict, series, wait_until, workspace_bin};
+use weft_e2e::{
+    TestCluster, agent_metrics, policy_verdict, series, total, wait_until, workspace_bin,
+};
 
 const ECHO: &str = "10.96.2.10";
 
@@ -52,6 +62,92 @@ spec:
 
 const FLAKY: &str = "10.96.2.11";
 
+/// Services whose clients retry: `retried` (a broken replica among good ones),
+/// `sluggish` (a slow one among good ones, cut by the per-try timeout), `down` (every
+/// replica broken, a small budget) and `steady` (HTTP and gRPC, a replica killed).
+const RETRYING: &str = r#"
+---
+apiVersion: v1
+kind: Service
+metadata: { name: retried, namespace: default }
+spec:
+  clusterIP: 10.96.2.12
+  selector: { app: retried }
+  ports: [{ name: http, port: 80, targetPort: 8080 }]
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: { name: retried, namespace: default }
+spec: { service: retried, loadBalancer: { algorithm: ROUND_ROBIN }, retries: { attempts: 2 } }
+---
+apiVersion: v1
+kind: Service
+metadata: { name: sluggish, namespace: default }
+spec:
+  clusterIP: 10.96.2.13
+  selector: { app: sluggish }
+  ports: [{ name: http, port: 80, targetPort: 8080 }]
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: { name: sluggish, namespace: default }
+spec:
+  service: sluggish
+  loadBalancer: { algorithm: ROUND_ROBIN }
+  timeouts: { request: 10s }
+  retries: { attempts: 2, perTryTimeout: 300ms }
+---
+apiVersion: v1
+kind: Service
+metadata: { name: down, namespace: default }
+spec:
+  clusterIP: 10.96.2.14
+  selector: { app: down }
+  ports: [{ name: http, port: 80, targetPort: 8080 }]
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: { name: down, namespace: default }
+spec:
+  service: down
+  retries: { attempts: 3, budget: { percent: 10, minPerSecond: 1 } }
+---
+apiVersion: v1
+kind: Service
+metadata: { name: steady, namespace: default }
+spec:
+  clusterIP: 10.96.2.15
+  selector: { app: steady }
+  ports:
+    - { name: http, port: 80, targetPort: 8080 }
+    - { name: grpc, port: 7070, targetPort: 8080, appProtocol: kubernetes.io/h2c }
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: { name: steady, namespace: default }
+spec:
+  service: steady
+  retries: { attempts: 2, nonIdempotent: true }
+  outlierDetection: { consecutiveFailures: 3, baseEjectionTime: 30s, maxEjectionPercent: 50 }
+"#;
+
+/// A server that takes 5 s over every answer, as a replica in trouble may.
+const SLOW: &str = r#"
+import http.server, time
+class Slow(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        time.sleep(5)
+        body = b'{"pod": "slow"}\n'
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", 8080), Slow).serve_forever()
+"#;
+
 /// A server that answers 503 to every request, as a replica in trouble does.
 const BROKEN: &str = r#"
 import http.server
@@ -63,6 +159,9 @@ class Broken(http.server.BaseHTTPRequestHandler):
         self.send_header("content-length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.do_GET()
     def log_message(self, *args):
         pass
 http.server.ThreadingHTTPServer(("0.0.0.0", 8080), Broken).serve_forever()
@@ -100,7 +199,7 @@ fn get(cluster: &TestCluster, path: &str, headers: &[&str]) -> (u16, String, ser
 
 #[test]
 fn slow_requests_get_504_at_the_nearest_deadline_and_grpc_deadlines_go_on_reduced() {
-    let mut cluster = TestCluster::with_mesh(2, MESH);
+    let mut cluster = TestCluster::with_mesh(2, &format!("{MESH}{RETRYING}"));
     let echo = workspace_bin("weft-echo").display().to_string();
     let mut server = PodSpec::new("echo-0", "node1", &[&echo]);
     server.labels.insert("app".into(), "echo".into());
@@ -150,17 +249,24 @@ fn slow_requests_get_504_at_the_nearest_deadline_and_grpc_deadlines_go_on_reduce
 
 /// The statuses of `count` requests to the flaky service on one keep-alive connection.
 fn statuses(cluster: &TestCluster, count: usize) -> Vec<u16> {
-    let url = format!("http://{FLAKY}/");
+    statuses_of(cluster, FLAKY, count, &[])
+}
+
+/// The statuses of `count` requests to `service` on one keep-alive connection, curl
+/// given `options` too.
+fn statuses_of(cluster: &TestCluster, service: &str, count: usize, options: &[&str]) -> Vec<u16> {
+    let url = format!("http://{service}/");
     let mut argv = vec![
         "curl",
         "-s",
         "-o",
         "/dev/null",
         "--max-time",
-        "20",
+        "60",
         "-w",
         "%{http_code}\n",
     ];
+    argv.extend(options);
     argv.extend(std::iter::repeat_n(url.as_str(), count));
     let output = cluster
         .pod_command("default", "client", &argv)
@@ -175,7 +281,7 @@ fn statuses(cluster: &TestCluster, count: usize) -> Vec<u16> {
 
 #[test]
 fn a_replica_answering_503_is_ejected_kept_out_and_back_on_probation() {
-    let mut cluster = TestCluster::with_mesh(2, MESH);
+    let mut cluster = TestCluster::with_mesh(2, &format!("{MESH}{RETRYING}"));
     let echo = workspace_bin("weft-echo").display().to_string();
     for (name, node) in [("good-0", "node1"), ("good-1", "node1")] {
         let mut server = PodSpec::new(name, node, &[&echo]);
@@ -257,4 +363,257 @@ fn a_replica_answering_503_is_ejected_kept_out_and_back_on_probation() {
         answered.iter().all(|&status| status == 200),
         "out again: {answered:?}"
     );
+}
+
+/// Adds pod `name` on `node` with label `app: <app>`, running `command`.
+fn add_replica(cluster: &mut TestCluster, name: &str, node: &str, app: &str, command: &[&str]) {
+    let mut pod = PodSpec::new(name, node, command);
+    pod.labels.insert("app".into(), app.into());
+    cluster.add_pod(pod).unwrap();
+}
+
+/// Waits until pod `name`, addressed directly on port 8080, answers `status`.
+fn wait_for_replica(cluster: &TestCluster, name: &str, status: u16) {
+    let ip = cluster
+        .topology()
+        .pods
+        .iter()
+        .find(|pod| pod.name == name)
+        .map(|pod| pod.ip)
+        .unwrap();
+    let url = format!("http://{ip}:8080/");
+    wait_until(name, Duration::from_secs(20), || {
+        let argv = [
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "--max-time",
+            "10",
+            "-w",
+            "%{http_code}",
+            url.as_str(),
+        ];
+        let output = cluster
+            .pod_command("default", "client", &argv)
+            .unwrap()
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout) == status.to_string()
+    });
+}
+
+/// `weft_retries_total` of `service` on node0's agent, of one `result` or all.
+fn retries(cluster: &TestCluster, service: &str, result: Option<&str>) -> f64 {
+    let mut labels = vec![("service", service)];
+    labels.extend(result.map(|result| ("result", result)));
+    total(
+        &agent_metrics(cluster, "node0"),
+        "weft_retries_total",
+        &labels,
+    )
+}
+
+#[test]
+fn retries_go_around_broken_and_slow_replicas_but_not_for_posts_and_stop_at_the_budget() {
+    let mut cluster = TestCluster::with_mesh(2, &format!("{MESH}{RETRYING}"));
+    let echo = workspace_bin("weft-echo").display().to_string();
+    for (name, app) in [
+        ("retried-0", "retried"),
+        ("retried-1", "retried"),
+        ("sluggish-0", "sluggish"),
+    ] {
+        add_replica(&mut cluster, name, "node1", app, &[&echo]);
+    }
+    let broken = ["python3", "-c", BROKEN];
+    add_replica(&mut cluster, "retried-broken", "node1", "retried", &broken);
+    let slow = ["python3", "-c", SLOW];
+    add_replica(&mut cluster, "sluggish-slow", "node1", "sluggish", &slow);
+    add_replica(&mut cluster, "down-0", "node1", "down", &broken);
+    add_replica(&mut cluster, "down-1", "node1", "down", &broken);
+    let mut client = PodSpec::new("client", "node0", &[]);
+    client.service_account = "client".into();
+    cluster.add_pod(client).unwrap();
+    cluster.settle();
+    for (name, status) in [
+        ("retried-0", 200),
+        ("retried-broken", 503),
+        ("sluggish-0", 200),
+        ("down-0", 503),
+        ("down-1", 503),
+    ] {
+        wait_for_replica(&cluster, name, status);
+    }
+    let retried = "10.96.2.12";
+
+    // Round robin sends every third GET to the broken replica; each is retried on a
+    // good one, and the client sees only 200s.
+    let answered = statuses_of(&cluster, retried, 30, &[]);
+    assert_eq!(answered, vec![200; 30], "{answered:?}");
+    let mended = retries(&cluster, "default/retried:80", Some("success"));
+    assert!(mended >= 5.0, "{mended} retries of 503s succeeded");
+    // A POST may have been acted on: its 503 comes back as it is.
+    let posted = statuses_of(&cluster, retried, 6, &["-X", "POST", "-d", "order=1"]);
+    assert_eq!(
+        posted.iter().filter(|&&status| status == 503).count(),
+        2,
+        "{posted:?}"
+    );
+
+    // The slow replica holds every try 5 s; the per-try timeout (300 ms) moves it on.
+    let started = Instant::now();
+    let answered = statuses_of(&cluster, "10.96.2.13", 10, &[]);
+    assert_eq!(answered, vec![200; 10], "{answered:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "no request waited for the slow replica: {:?}",
+        started.elapsed()
+    );
+    let metrics = agent_metrics(&cluster, "node0");
+    let cut = series(
+        &metrics,
+        "weft_retries_total",
+        &[
+            ("service", "default/sluggish:80"),
+            ("reason", "per-try-timeout"),
+            ("result", "success"),
+        ],
+    );
+    assert!(cut.unwrap_or(0.0) >= 3.0, "{cut:?}");
+
+    // Every replica of `down` fails: retries stop at the budget (10 % of the requests
+    // and 1 a second), not at 3 per request, and the answers say URX.
+    let started = Instant::now();
+    let answered = statuses_of(&cluster, "10.96.2.14", 200, &[]);
+    let seconds = started.elapsed().as_secs_f64();
+    assert_eq!(answered, vec![503; 200], "{answered:?}");
+    let sent = retries(&cluster, "default/down:80", None)
+        - retries(&cluster, "default/down:80", Some("budget_exhausted"));
+    let budget = 0.1 * 200.0 + 1.0 * (seconds + 10.0);
+    eprintln!("down: {sent} retries sent for 200 requests in {seconds:.1} s (budget {budget:.0})");
+    assert!(
+        sent > 0.0 && sent <= budget,
+        "{sent} retries, budget {budget}"
+    );
+    assert!(retries(&cluster, "default/down:80", Some("budget_exhausted")) > 0.0);
+    let metrics = agent_metrics(&cluster, "node0");
+    let exhausted = total(
+        &metrics,
+        "istio_requests_total",
+        &[
+            ("destination_service_name", "down"),
+            ("response_code", "503"),
+            ("response_flags", "URX"),
+        ],
+    );
+    assert_eq!(exhausted, 200.0, "every answer says retries ran out");
+}
+
+/// Kills replica `name` with SIGKILL, as the kernel's OOM killer would.
+fn kill(cluster: &TestCluster, name: &str) {
+    let pid = cluster
+        .topology()
+        .pods
+        .iter()
+        .find(|pod| pod.name == name)
+        .and_then(|pod| pod.pid)
+        .unwrap();
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+}
+
+#[test]
+fn a_replica_killed_under_load_costs_no_request_with_retries() {
+    let mut cluster = TestCluster::with_mesh(2, &format!("{MESH}{RETRYING}"));
+    let echo = workspace_bin("weft-echo").display().to_string();
+    for (name, node) in [
+        ("steady-0", "node1"),
+        ("steady-1", "node1"),
+        ("steady-2", "node0"),
+    ] {
+        add_replica(&mut cluster, name, node, "steady", &[&echo]);
+    }
+    let mut client = PodSpec::new("client", "node0", &[]);
+    client.service_account = "client".into();
+    cluster.add_pod(client).unwrap();
+    cluster.settle();
+    for name in ["steady-0", "steady-1", "steady-2"] {
+        wait_for_replica(&cluster, name, 200);
+    }
+    let spawn = |argv: &[&str]| {
+        cluster
+            .pod_command("default", "client", argv)
+            .unwrap()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let wrk = spawn(&[
+        "wrk",
+        "-t",
+        "1",
+        "-c",
+        "4",
+        "-d",
+        "6s",
+        "http://10.96.2.15/",
+    ]);
+    let client = workspace_bin("weft-client").display().to_string();
+    let grpc = spawn(&[
+        &client,
+        "grpc",
+        "load",
+        "--target",
+        "http://10.96.2.15:7070",
+        "--connections",
+        "2",
+        "--rate",
+        "1000",
+        "--duration",
+        "6",
+    ]);
+    // Once both loads are under way, one replica of the other node dies.
+    let served = || {
+        series(
+            &agent_metrics(&cluster, "node0"),
+            "istio_requests_total",
+            &[
+                ("destination_workload", "steady-0"),
+                ("response_code", "200"),
+            ],
+        )
+        .unwrap_or(0.0)
+    };
+    wait_until("load reaches steady-0", Duration::from_secs(10), || {
+        served() > 500.0
+    });
+    kill(&cluster, "steady-0");
+
+    let output = wrk.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&output.stdout);
+    eprintln!("wrk: {report}");
+    assert!(report.contains("requests in"), "{report}");
+    assert!(
+        !report.contains("Non-2xx") && !report.contains("Socket errors"),
+        "wrk saw failures: {report}"
+    );
+    let output = grpc.wait_with_output().unwrap();
+    let load: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|err| {
+        panic!(
+            "{err}: {} {}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    eprintln!("gRPC load: {load}");
+    assert_eq!(load["errors"], 0, "{load}");
+    assert!(load["requests"].as_u64().unwrap_or(0) > 1000, "{load}");
+    let mended = retries(&cluster, "default/steady:80", Some("success"))
+        + retries(&cluster, "default/steady:7070", Some("success"));
+    eprintln!("retries that mended a failure: {mended}");
+    assert!(mended > 0.0, "the killed replica's requests were retried");
 }

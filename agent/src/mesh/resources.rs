@@ -6,6 +6,7 @@ pub mod dump;
 
 use std::{
     collections::BTreeMap,
+    sync::Arc,
     time::{Duration, UNIX_EPOCH},
 };
 
@@ -16,9 +17,13 @@ use weft_api::{
     config::v1::{
         self as proto, ConfigUpdate, Kind, LoadBalancing as WireBalancing, PeerMode as WireMode,
     },
+    retry::RetryOn,
 };
 
-use crate::proxy::balance::Outlier;
+use crate::proxy::{
+    balance::Outlier,
+    retry::{BudgetPolicy, RetryPolicy},
+};
 
 use super::{
     LoadBalancing, MeshConfig, MeshNamespace, Node, PeerMode, Service, ServicePort, TrustAnchor,
@@ -256,6 +261,12 @@ impl Resources {
                         percent => percent.min(100),
                     },
                 });
+            let retries = policy
+                .and_then(|policy| policy.retries.as_ref())
+                .map(retry_policy)
+                .transpose()
+                .map_err(|problem| format!("Service {name}: TrafficPolicy retries: {problem}"))?
+                .map(Arc::new);
             // One service entry per VIP (dual-stack services have two).
             for vip in &service.vips {
                 config.services.push(Service {
@@ -273,6 +284,7 @@ impl Resources {
                     prefer_close: service.prefer_close,
                     weights: weights.clone(),
                     outlier,
+                    retries: retries.clone(),
                 });
             }
         }
@@ -299,6 +311,31 @@ const DEFAULT_BASE_EJECTION: Duration = Duration::from_secs(30);
 /// The share of a service's endpoints that may be out at once when the policy does not
 /// say (Envoy's and Istio's default; at least one may always be).
 const DEFAULT_MAX_EJECTION_PERCENT: u32 = 10;
+
+/// A service's retries as its TrafficPolicy sets them.
+fn retry_policy(retries: &proto::Retries) -> Result<RetryPolicy, String> {
+    let retry_on = retries
+        .retry_on
+        .iter()
+        .map(|condition| RetryOn::parse(condition))
+        .collect::<Result<_, _>>()?;
+    Ok(RetryPolicy {
+        attempts: retries.attempts.min(10),
+        per_try_timeout: Some(retries.per_try_timeout_ms)
+            .filter(|&millis| millis > 0)
+            .map(Duration::from_millis),
+        retry_on,
+        non_idempotent: retries.non_idempotent,
+        budget: if retries.budget_set {
+            BudgetPolicy {
+                percent: retries.budget_percent.min(100),
+                min_per_second: retries.budget_min_per_second,
+            }
+        } else {
+            BudgetPolicy::default()
+        },
+    })
+}
 
 fn mode(wire: i32) -> Option<PeerMode> {
     match WireMode::try_from(wire).ok()? {

@@ -110,13 +110,25 @@ impl Balancers {
     /// `policy`; None when no candidate may be chosen (none, or all of weight 0).
     ///
     /// `candidates` should come in the same order from one call to the next: a weighted
-    /// round robin starts over when they change.
-    pub fn pick(&self, service: &str, policy: Policy, candidates: &[Candidate]) -> Option<Pick> {
+    /// round robin starts over when they change. A retry `avoid`s the endpoints tried
+    /// before while another may be chosen.
+    pub fn pick(
+        &self,
+        service: &str,
+        policy: Policy,
+        candidates: &[Candidate],
+        avoid: &[SocketAddr],
+    ) -> Option<Pick> {
         let now = Instant::now();
         let healthy = self.healthy(policy.outlier, candidates, now);
+        let fresh = |candidate: &Candidate| !avoid.contains(&candidate.address);
+        let avoiding = !avoid.is_empty()
+            && candidates
+                .iter()
+                .any(|candidate| candidate.weight > 0 && healthy(candidate) && fresh(candidate));
         let eligible =
             Eligible::among(candidates, policy.prefer_close, |candidate: &Candidate| {
-                healthy(candidate)
+                healthy(candidate) && (!avoiding || fresh(candidate))
             })?;
         let eligible = |candidate: &Candidate| eligible.admits(candidate);
         let mut rng = Rng::new();
@@ -417,7 +429,9 @@ mod tests {
     ) -> Vec<usize> {
         (0..picks)
             .map(|_| {
-                let pick = balancers.pick(SERVICE, policy, candidates).expect("a pick");
+                let pick = balancers
+                    .pick(SERVICE, policy, candidates, &[])
+                    .expect("a pick");
                 index(candidates, pick.address())
             })
             .collect()
@@ -476,7 +490,7 @@ mod tests {
         let candidates = candidates(&[1, 1]);
         let policy = policy(Algorithm::RoundRobin);
         let next = |service| {
-            let pick = balancers.pick(service, policy, &candidates).unwrap();
+            let pick = balancers.pick(service, policy, &candidates, &[]).unwrap();
             index(&candidates, pick.address())
         };
         assert_eq!(
@@ -523,7 +537,11 @@ mod tests {
         let candidates = candidates(&[1, 1, 1]);
         let policy = policy(Algorithm::LeastRequest);
         let held: Vec<_> = (0..5)
-            .map(|_| balancers.pick(SERVICE, policy, &candidates[..1]).unwrap())
+            .map(|_| {
+                balancers
+                    .pick(SERVICE, policy, &candidates[..1], &[])
+                    .unwrap()
+            })
             .collect();
         let picks = sequence(&balancers, policy, &candidates, 300);
         assert_eq!(tally(3, &picks)[0], 0);
@@ -540,7 +558,7 @@ mod tests {
         let policy = policy(Algorithm::LeastRequest);
         // The heavy one takes picks until it holds four times as many as the light one.
         let held: Vec<_> = (0..10)
-            .map(|_| balancers.pick(SERVICE, policy, &candidates).unwrap())
+            .map(|_| balancers.pick(SERVICE, policy, &candidates, &[]).unwrap())
             .collect();
         let counts = tally(
             2,
@@ -562,7 +580,7 @@ mod tests {
         let run = async |seconds: usize, slow: Duration| {
             let mut picks = Vec::new();
             for _ in 0..seconds * 10 {
-                let pick = balancers.pick(SERVICE, policy, &candidates).unwrap();
+                let pick = balancers.pick(SERVICE, policy, &candidates, &[]).unwrap();
                 let index = index(&candidates, pick.address());
                 let latency = if index == 0 {
                     slow
@@ -593,16 +611,22 @@ mod tests {
         let candidates = candidates(&[1, 1, 1]);
         let policy = policy(Algorithm::PeakEwma);
         for _ in 0..100 {
-            let pick = balancers.pick(SERVICE, policy, &candidates[..2]).unwrap();
+            let pick = balancers
+                .pick(SERVICE, policy, &candidates[..2], &[])
+                .unwrap();
             pick.observe(Duration::from_millis(20));
             tokio::time::advance(Duration::from_millis(100)).await;
         }
         // Once the known endpoints hold a request each, they cost 20 ms × 2, more than
         // the newcomer's 30 ms × 1, so it is tried…
         let mut held: Vec<_> = (0..2)
-            .map(|_| balancers.pick(SERVICE, policy, &candidates[..2]).unwrap())
+            .map(|_| {
+                balancers
+                    .pick(SERVICE, policy, &candidates[..2], &[])
+                    .unwrap()
+            })
             .collect();
-        held.extend((0..30).map(|_| balancers.pick(SERVICE, policy, &candidates).unwrap()));
+        held.extend((0..30).map(|_| balancers.pick(SERVICE, policy, &candidates, &[]).unwrap()));
         let newcomer = in_flight(&balancers, candidates[2].address).unwrap();
         // …and gets a share (about 9 of 32 whatever the seed), not everything.
         assert!((5..=15).contains(&newcomer), "{newcomer}");
@@ -617,7 +641,7 @@ mod tests {
             let held: Vec<_> = (0..60)
                 .map(|_| {
                     balancers
-                        .pick(SERVICE, policy(algorithm), &candidates)
+                        .pick(SERVICE, policy(algorithm), &candidates, &[])
                         .unwrap()
                 })
                 .collect();
@@ -637,7 +661,7 @@ mod tests {
         let balancers = Balancers::new();
         for algorithm in ALGORITHMS {
             for weights in [&[][..], &[0], &[0, 0, 0]] {
-                let picked = balancers.pick(SERVICE, policy(algorithm), &candidates(weights));
+                let picked = balancers.pick(SERVICE, policy(algorithm), &candidates(weights), &[]);
                 assert!(picked.is_none(), "{algorithm:?} {weights:?}");
             }
         }
@@ -713,7 +737,9 @@ mod tests {
             assert!(sequence(&balancers, policy, &candidates, 30).contains(&0));
 
             // A success ends probation: failures count from zero again.
-            let pick = balancers.pick(SERVICE, policy, &candidates[..1]).unwrap();
+            let pick = balancers
+                .pick(SERVICE, policy, &candidates[..1], &[])
+                .unwrap();
             pick.succeeded();
             assert!(!fail(&balancers, policy, bad));
         }
@@ -740,6 +766,31 @@ mod tests {
         }
         let counts = tally(2, &sequence(&balancers, never, &candidates, 10));
         assert_eq!(counts, [5, 5]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_avoids_the_endpoints_tried_while_a_healthy_other_is_left() {
+        let candidates = candidates(&[1, 1, 1]);
+        let balancers = Balancers::new();
+        let ejects = ejecting(Algorithm::RoundRobin);
+        let pick = |avoid: &[SocketAddr]| {
+            let pick = balancers.pick(SERVICE, ejects, &candidates, avoid);
+            pick.map(|pick| index(&candidates, pick.address()))
+        };
+        for algorithm in ALGORITHMS {
+            let tried = [candidates[0].address, candidates[1].address];
+            let picked = balancers
+                .pick(SERVICE, ejecting(algorithm), &candidates, &tried)
+                .unwrap();
+            assert_eq!(index(&candidates, picked.address()), 2, "{algorithm:?}");
+        }
+        // The one left is ejected: a tried one again, rather than none.
+        for _ in 0..3 {
+            fail(&balancers, ejects, candidates[2].address);
+        }
+        let tried = [candidates[0].address, candidates[1].address];
+        assert!(matches!(pick(&tried), Some(0 | 1)));
+        assert!(matches!(pick(&[]), Some(0 | 1)));
     }
 
     #[tokio::test(start_paused = true)]
@@ -774,7 +825,7 @@ mod tests {
         let candidates = candidates(&[1, 1]);
         for candidate in &candidates {
             let pick = balancers
-                .pick(SERVICE, Policy::default(), &[*candidate])
+                .pick(SERVICE, Policy::default(), &[*candidate], &[])
                 .unwrap();
             pick.observe(Duration::from_secs(1));
         }
@@ -785,7 +836,7 @@ mod tests {
             Some(Duration::from_secs(1))
         );
         let again = balancers
-            .pick(SERVICE, Policy::default(), &candidates[..1])
+            .pick(SERVICE, Policy::default(), &candidates[..1], &[])
             .unwrap();
         assert_eq!(again.address(), candidates[0].address);
         assert_eq!(

@@ -170,6 +170,17 @@ impl ProxyError {
         }
     }
 
+    /// The `response_flags` when the failure came after retries ran out: the failure's
+    /// with `URX` added, as Envoy writes them.
+    pub fn response_flags_retried(&self) -> &'static str {
+        match self.response_flags() {
+            "UF" => "UF,URX",
+            "UC" => "UC,URX",
+            "UT" => "UT,URX",
+            _ => "URX",
+        }
+    }
+
     /// The status an HTTP client gets for a request that failed on this.
     pub fn status(&self) -> StatusCode {
         match self {
@@ -289,5 +300,24 @@ mod tests {
                 "{error}"
             );
         }
+    }
+
+    #[test]
+    fn retries_run_out_adds_urx_to_the_failures_flags() {
+        let target: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let refused = ProxyError::Connect {
+            target,
+            source: io::ErrorKind::ConnectionRefused.into(),
+        };
+        let timed_out = ProxyError::RequestTimeout {
+            which: "perTryTimeout",
+            timeout: Duration::from_millis(100),
+        };
+        let denied = ProxyError::Denied {
+            by: "shop/deny".into(),
+        };
+        assert_eq!(refused.response_flags_retried(), "UF,URX");
+        assert_eq!(timed_out.response_flags_retried(), "UT,URX");
+        assert_eq!(denied.response_flags_retried(), "URX");
     }
 }

@@ -15,6 +15,7 @@ mod inbound;
 mod mirror;
 mod outbound;
 pub mod pool;
+mod replay;
 mod route;
 mod telemetry;
 
@@ -62,6 +63,7 @@ use crate::logging::{Throttle, held_back};
 pub fn describe() {
     telemetry::describe();
     mirror::describe();
+    super::retry::describe();
 }
 
 /// The body of every request and response the agent forwards or makes.
@@ -248,7 +250,11 @@ fn measured(
             let answer = Answer {
                 status,
                 grpc_status,
-                flags: if seen.complete { "-" } else { "DC" },
+                flags: match (seen.complete, exchange.retries_exhausted) {
+                    (false, _) => "DC",
+                    (true, true) => "URX",
+                    (true, false) => "-",
+                },
                 request_bytes: request_bytes.load(Ordering::Relaxed),
                 response_bytes: seen.bytes,
             };
@@ -281,7 +287,11 @@ fn failed(
     let answer = Answer {
         status: response.status().as_u16(),
         grpc_status: headers::grpc_status(response.headers()),
-        flags: error.response_flags(),
+        flags: if exchange.retries_exhausted {
+            error.response_flags_retried()
+        } else {
+            error.response_flags()
+        },
         request_bytes: 0,
         response_bytes: 0,
     };

@@ -27,7 +27,9 @@ use super::{
     error::ProxyError,
     http,
     logical::{self, Destination, Endpoint, Logical},
-    metrics, tcp,
+    metrics,
+    retry::Retrying,
+    tcp,
 };
 use crate::{
     logging::{Throttle, held_back},
@@ -88,6 +90,19 @@ pub fn idle_timeout(proxy: &Proxy, logical: &Logical) -> Duration {
         Destination::Pod(_) => None,
     };
     service_timeout.unwrap_or(proxy.settings.idle_timeout)
+}
+
+/// How requests and connections to `logical` are retried, by the configuration `mesh`:
+/// its service's TrafficPolicy `retries`, or the agent's default; None for a pod
+/// addressed directly (there is nothing else to try).
+pub fn retrying(proxy: &Proxy, mesh: &MeshConfig, logical: &Logical) -> Option<Retrying> {
+    let Destination::Service(target) = &logical.destination else {
+        return None;
+    };
+    let policy = mesh
+        .service_at(target.vip, target.port)
+        .and_then(|(service, _)| service.retries.as_ref());
+    Some(Retrying::of(&proxy.budgets, &target.key, policy))
 }
 
 /// Counts and logs (at most once a second) a captured connection refused before it
@@ -156,8 +171,13 @@ async fn waiting<T>(
 
 /// The endpoint a new connection (TCP) or request (HTTP) to `logical` goes to, by the
 /// configuration of the moment: a service's is chosen by its balancer, and the pick
-/// counts as in flight until it drops.
-pub fn choose(proxy: &Proxy, logical: &Logical) -> Result<(Endpoint, Option<Pick>), ProxyError> {
+/// counts as in flight until it drops. A retry `avoid`s the endpoints tried before,
+/// while the service has others.
+pub fn choose(
+    proxy: &Proxy,
+    logical: &Logical,
+    avoid: &[SocketAddr],
+) -> Result<(Endpoint, Option<Pick>), ProxyError> {
     let mesh = proxy.mesh.get();
     match &logical.destination {
         Destination::Pod(address) => Ok((
@@ -168,16 +188,17 @@ pub fn choose(proxy: &Proxy, logical: &Logical) -> Result<(Endpoint, Option<Pick
             let (service, port) = mesh.service_at(target.vip, target.port).ok_or_else(|| {
                 ProxyError::NoEndpoints(format!("{}/{}", target.namespace, target.name))
             })?;
-            pick(proxy, &mesh, &target.key, service, port)
+            pick(proxy, &mesh, &target.key, service, port, avoid)
         }
     }
 }
 
 /// The endpoint a request routed to `backend` goes to, chosen by that service's
-/// balancer.
+/// balancer (avoiding those tried before, as [`choose`] does).
 pub fn choose_backend(
     proxy: &Proxy,
     backend: &BackendRef,
+    avoid: &[SocketAddr],
 ) -> Result<(Endpoint, Option<Pick>), ProxyError> {
     let mesh = proxy.mesh.get();
     let (service, port) = mesh
@@ -185,23 +206,25 @@ pub fn choose_backend(
         .ok_or_else(|| ProxyError::UnknownBackend {
             backend: backend.to_string(),
         })?;
-    pick(proxy, &mesh, &backend.to_string(), service, port)
+    pick(proxy, &mesh, &backend.to_string(), service, port, avoid)
 }
 
-/// One of `service`'s endpoints on `port`, by its balancer (`key`).
+/// One of `service`'s endpoints on `port` but those to `avoid` (unless they are all
+/// it has), by its balancer (`key`).
 fn pick(
     proxy: &Proxy,
     mesh: &MeshConfig,
     key: &str,
     service: &Service,
     port: &ServicePort,
+    avoid: &[SocketAddr],
 ) -> Result<(Endpoint, Option<Pick>), ProxyError> {
     let no_endpoints =
         || ProxyError::NoEndpoints(format!("{}/{}", service.namespace, service.name));
     let candidates = logical::candidates(mesh, &proxy.node, service, port.target());
     let pick = proxy
         .balancers
-        .pick(key, logical::policy(service), &candidates)
+        .pick(key, logical::policy(service), &candidates, avoid)
         .ok_or_else(no_endpoints)?;
     let endpoint = Endpoint {
         connect_timeout: service.connect_timeout,

@@ -1,8 +1,11 @@
 //! The L4 case, "TCP, no routes": one endpoint per connection from the service's
-//! balancer, connected with [`connect`], and the bytes copied both ways until the
-//! connection ends or idles out, counted while it is open. A connection to a pod of
-//! this node is authorized here by that pod's policies, before and while it is open.
+//! balancer, connected with [`connect`] (a failed connection retried on another
+//! endpoint, as the service's retry policy allows), and the bytes copied both ways
+//! until the connection ends or idles out, counted while it is open. A connection to
+//! a pod of this node is authorized here by that pod's policies, before and while it
+//! is open.
 
+use http::Method;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     time::Instant,
@@ -13,12 +16,13 @@ use weft_api::authz::Traffic;
 use super::{
     Proxy,
     authorize::{self, Caller, Direction},
-    connect::connect,
+    connect::{Upstream, connect},
     error::ProxyError,
-    logical::{Hop, Logical},
+    logical::{Endpoint, Hop, Logical},
     metrics::{self, Connection, Outcome, Reporter},
     outbound::{self, choose, refused},
     relay::relay,
+    retry::{self, Failure},
 };
 use crate::logging::{Throttle, held_back};
 
@@ -29,24 +33,14 @@ where
 {
     static FAILED: Throttle = Throttle::new();
     let peer = logical.source.address;
-    let (endpoint, pick) = match choose(proxy, logical) {
-        Ok(chosen) => chosen,
+    let Connected {
+        endpoint,
+        local,
+        server,
+    } = match connect_retrying(proxy, logical).await {
+        Ok(connected) => connected,
         Err(refusal) => return refused(peer, &refusal),
     };
-    // A pod of this node: this agent decides for it, as its own would for a tunnel.
-    let local = (endpoint.hop == Hop::Local)
-        .then(|| Caller::authenticated(&logical.source.identity, Some(peer.ip())));
-    if let Some(caller) = &local
-        && let Err(denied) = authorize::connection(
-            &proxy.mesh.get(),
-            Direction::Local,
-            caller,
-            endpoint.address,
-            Traffic::Tcp,
-        )
-    {
-        return refused(peer, &ProxyError::Denied { by: denied.by });
-    }
     let idle = outbound::idle_timeout(proxy, logical);
     let mut connection = Connection::new(
         Reporter::Source,
@@ -56,13 +50,8 @@ where
     connection.service = logical.service();
     connection.mutual_tls = endpoint.hop.mutual_tls();
     let open = connection.opened(&proxy.settings.access_log);
-    let started = Instant::now();
-    let outcome = match connect(proxy, &endpoint, &logical.source, None).await {
+    let outcome = match server {
         Ok(mut server) => {
-            if let Some(pick) = &pick {
-                pick.observe(started.elapsed());
-                pick.succeeded();
-            }
             let relayed = relay(&mut client, &mut server, Some(idle), |received, sent| {
                 open.progress(received, sent);
             });
@@ -76,12 +65,7 @@ where
                 relayed.await.into()
             }
         }
-        Err(error) => {
-            if let Some(pick) = &pick {
-                pick.failed();
-            }
-            Outcome::failed(error)
-        }
+        Err(error) => Outcome::failed(error),
     };
     if let metrics::Ending::Failed(error) = &outcome.ending
         && let Some(held) = FAILED.allow()
@@ -93,4 +77,87 @@ where
         );
     }
     open.closed(&outcome);
+}
+
+/// The endpoint a connection went to, and how connecting to it went.
+struct Connected {
+    endpoint: Endpoint,
+    /// The caller, when the endpoint is a pod of this node (authorized here).
+    local: Option<Caller>,
+    server: Result<Upstream, ProxyError>,
+}
+
+/// Connects to an endpoint of `logical`; a failed connection is retried on another
+/// endpoint as far as the service's retry policy and budget allow. Fails only when no
+/// endpoint may be tried at all (none, or denied).
+async fn connect_retrying(proxy: &Proxy, logical: &Logical) -> Result<Connected, ProxyError> {
+    let retrying = outbound::retrying(proxy, &proxy.mesh.get(), logical);
+    if let Some(retrying) = &retrying {
+        retrying.budget.deposit();
+    }
+    let mut avoid = Vec::new();
+    let mut retried: Option<String> = None;
+    let mut rng = fastrand::Rng::new();
+    let mut attempt = 0;
+    loop {
+        let (endpoint, pick) = choose(proxy, logical, &avoid)?;
+        // A pod of this node: this agent decides for it, as its own would for a tunnel.
+        let local = (endpoint.hop == Hop::Local).then(|| {
+            Caller::authenticated(&logical.source.identity, Some(logical.source.address.ip()))
+        });
+        if let Some(caller) = &local {
+            authorize::connection(
+                &proxy.mesh.get(),
+                Direction::Local,
+                caller,
+                endpoint.address,
+                Traffic::Tcp,
+            )
+            .map_err(|denied| ProxyError::Denied { by: denied.by })?;
+        }
+        let started = Instant::now();
+        let server = connect(proxy, &endpoint, &logical.source, None).await;
+        if let Some(pick) = &pick {
+            if server.is_ok() {
+                pick.observe(started.elapsed());
+                pick.succeeded();
+            } else {
+                pick.failed();
+            }
+        }
+        let connected = Connected {
+            endpoint,
+            local,
+            server,
+        };
+        let Some(retrying) = &retrying else {
+            return Ok(connected);
+        };
+        // Only a failed connection is retried: whatever the method, nothing was sent.
+        let condition = match &connected.server {
+            Ok(_) => None,
+            Err(error) => Failure::of(error)
+                .and_then(|failure| retrying.policy.condition(failure, &Method::CONNECT)),
+        };
+        if let Some(previous) = retried.take() {
+            let result = if connected.server.is_ok() {
+                "success"
+            } else {
+                "failure"
+            };
+            retry::count(&retrying.service, previous, result);
+        }
+        let Some(condition) = condition.filter(|_| attempt < retrying.policy.attempts) else {
+            return Ok(connected);
+        };
+        let reason = retry::reason(condition, Failure::Connect);
+        if !retrying.budget.withdraw() {
+            retry::count(&retrying.service, reason, "budget_exhausted");
+            return Ok(connected);
+        }
+        avoid.push(connected.endpoint.address);
+        attempt += 1;
+        tokio::time::sleep(retry::backoff(attempt, &mut rng)).await;
+        retried = Some(reason);
+    }
 }

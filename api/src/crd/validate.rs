@@ -245,20 +245,9 @@ impl Validate for TrafficPolicySpec {
                 retries.per_try_timeout.as_deref(),
             )?;
             for (index, condition) in retries.retry_on.iter().enumerate() {
-                let known = matches!(
-                    condition.as_str(),
-                    "connect-failure" | "reset" | "5xx" | "gateway-error" | "retriable-4xx"
-                ) || condition
-                    .parse::<u16>()
-                    .is_ok_and(|code| (100..=599).contains(&code));
-                if !known {
-                    return Err(invalid(
-                        format!("spec.retries.retryOn[{index}]"),
-                        format!(
-                            "{condition:?} is none of connect-failure, reset, 5xx, gateway-error, retriable-4xx or a status code"
-                        ),
-                    ));
-                }
+                crate::retry::RetryOn::parse(condition).map_err(|problem| {
+                    invalid(format!("spec.retries.retryOn[{index}]"), problem)
+                })?;
             }
             if let Some(budget) = &retries.budget
                 && budget.percent > 100
@@ -479,7 +468,7 @@ mod tests {
             }),
             retries: Some(Retries {
                 attempts: 2,
-                retry_on: vec!["5xx".into(), "503".into()],
+                retry_on: vec!["5xx".into(), "503".into(), "unavailable".into()],
                 ..Default::default()
             }),
             ..Default::default()
@@ -495,7 +484,7 @@ mod tests {
             .push("sometimes".into());
         assert_eq!(
             spec.validate().unwrap_err().field,
-            "spec.retries.retryOn[2]"
+            "spec.retries.retryOn[3]"
         );
         spec.retries = None;
         spec.service = "Echo".into();

@@ -34,6 +34,7 @@ pub fn of(kind: Kind) -> Enforcement {
             enforced: &[
                 "spec.loadBalancer",
                 "spec.timeouts",
+                "spec.retries",
                 "spec.outlierDetection.consecutiveFailures",
                 "spec.outlierDetection.baseEjectionTime",
                 "spec.outlierDetection.maxEjectionPercent",

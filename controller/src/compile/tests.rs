@@ -932,9 +932,9 @@ fn verdicts_say_accepted_only_for_what_the_agents_enforce() {
             "kind: TrafficPolicy\nmetadata: { name: retries, namespace: shop }\nspec: { service: web, timeouts: { idle: 5s }, retries: { attempts: 2 } }",
             Kind::TrafficPolicy,
             "retries",
-            false,
-            Reason::NotEnforced,
-            "the agents do not enforce spec.retries yet and ignore it; spec.timeouts applies to clients of Service web".to_owned(),
+            true,
+            Reason::Accepted,
+            "applies to clients of Service web".to_owned(),
         ),
         (
             "kind: TrafficPolicy\nmetadata: { name: everything, namespace: shop }\nspec:\n  service: web\n  loadBalancer: { algorithm: PEAK_EWMA }\n  timeouts: { connect: 1s, request: 2s }\n  retries: { attempts: 2 }\n  connectionLimits: { maxConnections: 10 }\n  outlierDetection: { consecutiveFailures: 5 }",
@@ -942,8 +942,8 @@ fn verdicts_say_accepted_only_for_what_the_agents_enforce() {
             "everything",
             false,
             Reason::NotEnforced,
-            "the agents do not enforce spec.connectionLimits, spec.retries yet and ignore \
-             them; spec.loadBalancer, spec.outlierDetection.consecutiveFailures, \
+            "the agents do not enforce spec.connectionLimits yet and ignore it; \
+             spec.loadBalancer, spec.outlierDetection.consecutiveFailures, spec.retries, \
              spec.timeouts apply to clients of Service web"
                 .to_owned(),
         ),
@@ -956,14 +956,15 @@ fn verdicts_say_accepted_only_for_what_the_agents_enforce() {
             "applies to clients of Service web".to_owned(),
         ),
         (
-            "kind: TrafficPolicy\nmetadata: { name: nothing-enforced, namespace: shop }\nspec: { service: web, retries: { attempts: 2 } }",
+            "kind: TrafficPolicy\nmetadata: { name: nothing-enforced, namespace: shop }\nspec: { service: web, connectionLimits: { maxConnections: 10 } }",
             Kind::TrafficPolicy,
             "nothing-enforced",
             false,
             Reason::NotEnforced,
-            "the agents do not enforce spec.retries yet and ignore it, so nothing of it \
-             applies to clients of Service web (of a TrafficPolicy they enforce \
-             spec.loadBalancer, spec.timeouts, spec.outlierDetection.consecutiveFailures, \
+            "the agents do not enforce spec.connectionLimits yet and ignore it, so nothing \
+             of it applies to clients of Service web (of a TrafficPolicy they enforce \
+             spec.loadBalancer, spec.timeouts, spec.retries, \
+             spec.outlierDetection.consecutiveFailures, \
              spec.outlierDetection.baseEjectionTime, spec.outlierDetection.maxEjectionPercent)"
                 .to_owned(),
         ),
@@ -1092,7 +1093,7 @@ fn policies_the_agents_do_not_enforce_are_still_sent() {
 apiVersion: weft.dev/v1alpha1
 kind: TrafficPolicy
 metadata: { name: web, namespace: shop }
-spec: { service: web, timeouts: { idle: 3s }, retries: { attempts: 2 } }
+spec: { service: web, timeouts: { idle: 3s }, connectionLimits: { maxConnections: 2 } }
 ---
 apiVersion: weft.dev/v1alpha1
 kind: AuthorizationPolicy
@@ -1118,7 +1119,7 @@ spec: { parentRefs: [{ kind: Service, name: web, port: 80 }], rules: [{ backendR
         .get::<proto::TrafficPolicy>("shop/web")
         .expect("the traffic policy is sent");
     assert_eq!(
-        (traffic.idle_timeout_ms, traffic.retries.is_some()),
+        (traffic.idle_timeout_ms, traffic.limits.is_some()),
         (3000, true)
     );
     assert!(

@@ -118,6 +118,8 @@ fn compile_policy(key: &ObjectKey, spec: &TrafficPolicySpec) -> proto::TrafficPo
                 .budget
                 .as_ref()
                 .map_or(0, |budget| budget.min_per_second),
+            non_idempotent: retries.non_idempotent,
+            budget_set: retries.budget.is_some(),
         }),
         limits: spec
             .connection_limits

@@ -247,7 +247,7 @@ async fn deliver(
     backend: &weft_api::routes::BackendRef,
     mut request: Request<ProxyBody>,
 ) -> &'static str {
-    let Ok((endpoint, _pick)) = choose_backend(proxy, backend) else {
+    let Ok((endpoint, _pick)) = choose_backend(proxy, backend, &[]) else {
         return "failed";
     };
     if endpoint.hop == Hop::Local {

@@ -1,18 +1,26 @@
 //! The client's agent: each request of a captured HTTP connection is routed on its own
 //! (when routes are attached to its service), balanced over the chosen service's
 //! endpoints and sent on a pooled upstream connection; one to a pod of this node is
-//! first authorized here by that pod's policies.
+//! first authorized here by that pod's policies. A try that fails as the service's
+//! retry policy says is tried again on another endpoint ([`Outbound::tries`]).
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
-use futures::future::Either;
 use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use tokio::io::{AsyncRead, AsyncWrite};
-use weft_api::routes::{HeaderModifier, Timeouts};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    time::Instant,
+};
+use weft_api::{
+    retry::RetryOn,
+    routes::{BackendRef, HeaderModifier, Timeouts},
+};
 
 use super::{
     Forwarded, ProxyBody, forward, headers, mirror, pool,
+    replay::Replay,
     route::{self, Routed, RuleName, Target},
     start_span,
     telemetry::{Exchange, Record, Requests},
@@ -23,11 +31,13 @@ use crate::{
     proxy::{
         Proxy,
         authorize::{self, Caller, Direction},
-        connect::{Upstream, connect},
+        balance::Pick,
+        connect::connect,
         error::ProxyError,
-        logical::{Destination, Hop, Logical},
+        logical::{Destination, Endpoint, Hop, Logical},
         metrics::{Peer, Reporter},
-        outbound::{choose, choose_backend, idle_timeout},
+        outbound::{choose, choose_backend, idle_timeout, retrying},
+        retry::{self, Failure, PER_TRY_TIMEOUT, Retrying},
         trace::{Span, SpanKind},
     },
 };
@@ -88,62 +98,43 @@ impl Outbound {
             }
         };
         exchange.route = routed.as_ref().map(|routed| routed.name.clone());
-        let chosen = match routed.as_ref().map(|routed| &routed.target) {
-            None => choose(&self.proxy, &self.logical),
-            Some(Target::Backend(backend)) => choose_backend(&self.proxy, backend),
+        let backend = match routed.as_ref().map(|routed| &routed.target) {
+            None => None,
+            Some(Target::Backend(backend)) => Some(backend),
             Some(Target::Redirect { status, location }) => {
                 let response_headers = routed.as_ref().map(|r| r.response_headers.as_slice());
                 return self.redirect(&exchange, span, *status, location, response_headers);
             }
         };
-        let (endpoint, pick) = match chosen {
-            Ok(chosen) => chosen,
+        headers::forwarding_outbound(request.headers_mut());
+        let (timeouts, retrying) = self.settings(routed.as_ref());
+        let grpc = headers::grpc_timeout(request.headers());
+        let limits = Limits {
+            deadline: deadline(&timeouts, grpc, exchange.started.elapsed())
+                .map(|(which, timeout, left)| (which, timeout, Instant::now() + left)),
+            per_try: per_try_timeout(&timeouts, retrying.as_ref()),
+            grpc: grpc.map(|timeout| exchange.started + timeout),
+        };
+        let request = self.mirrored(request, routed.as_ref());
+        let carried = traceparent(&span);
+        let tries = self.tries(request, backend, retrying, limits, carried, &mut exchange);
+        let (tried, outcome) = match tries.await {
+            Ok(last) => last,
             Err(error) => return self.failed(&exchange, span, None, error),
         };
-        let local = endpoint.hop == Hop::Local;
-        if local {
-            let mesh = self.proxy.mesh.get();
-            let decision = authorize::request(
-                &mesh,
-                Direction::Local,
-                &self.caller,
-                endpoint.address,
-                &request,
-            );
-            drop(mesh);
-            if let Err(denied) = decision {
-                let error = ProxyError::Denied { by: denied.by };
-                return self.failed(&exchange, span, Some((&endpoint.peer, false)), error);
-            }
-        }
-        headers::forwarding_outbound(request.headers_mut());
-        let version = match self.logical.protocol {
-            Protocol::Http2 | Protocol::Grpc => pool::Version::Http2,
-            _ if request.version() == http::Version::HTTP_2 => pool::Version::Http2,
-            _ => pool::Version::Http1,
-        };
+        let Tried {
+            endpoint,
+            pick,
+            key,
+        } = tried;
         let mutual_tls = endpoint.hop.mutual_tls();
-        let key = pool::Key {
-            source: mutual_tls.then(|| self.logical.source.identity.clone()),
-            endpoint: endpoint.address,
-            version,
-        };
-        let carried = traceparent(&span);
-        let dial = || {
-            connect(
-                &self.proxy,
-                &endpoint,
-                &self.logical.source,
-                carried.clone(),
-            )
-        };
-        let outcome = self
-            .send(key.clone(), dial, request, routed.as_ref(), &exchange)
-            .await;
         let mut forwarded = match outcome {
             Ok(forwarded) => forwarded,
             Err(error) => {
-                if let Some(pick) = &pick {
+                // A denial here is this node's policy, not the endpoint failing.
+                if let Some(pick) = &pick
+                    && !matches!(error, ProxyError::Denied { .. })
+                {
                     pick.failed();
                 }
                 return self.failed(&exchange, span, Some((&endpoint.peer, mutual_tls)), error);
@@ -156,6 +147,7 @@ impl Outbound {
             pick.observe(exchange.started.elapsed());
         }
         let upstream = endpoint.address;
+        let local = endpoint.hop == Hop::Local;
         let this = Arc::clone(&self);
         super::measured(
             forwarded,
@@ -187,6 +179,201 @@ impl Outbound {
                 }
             },
         )
+    }
+
+    /// Sends `request` until a try is not retriable, or retries run out (the policy's
+    /// attempts, its budget, or a body too large to keep): each retry to another
+    /// endpoint when there is one, after a backoff, all within `limits`. Returns the
+    /// last try's endpoint and outcome, or why no try could be made (no endpoint, or
+    /// the deadline passed during a backoff); a try retried is counted against its
+    /// endpoint and dropped. Marks the exchange when retries ran out on a failure they
+    /// were meant for (`URX`).
+    async fn tries(
+        &self,
+        request: Request<ProxyBody>,
+        backend: Option<&BackendRef>,
+        retrying: Option<Retrying>,
+        limits: Limits,
+        carried: Option<String>,
+        exchange: &mut Exchange,
+    ) -> Result<(Tried, Result<Forwarded, ProxyError>), ProxyError> {
+        let upgrade = headers::wants_upgrade(&request);
+        let retrying = retrying.filter(|retrying| retrying.policy.attempts > 0 && !upgrade);
+        let (head, body) = request.into_parts();
+        // Each retry starts from a copy of the request as it arrived.
+        let template = retrying.as_ref().map(|_| copy_head(&head));
+        // A policy that retries only failed connections needs nothing kept: such a try
+        // read nothing of the body.
+        let keep = retrying.as_ref().is_some_and(|retrying| {
+            retrying.policy.retry_on.is_empty()
+                || retrying
+                    .policy
+                    .retry_on
+                    .iter()
+                    .any(|condition| *condition != RetryOn::ConnectFailure)
+        });
+        let (mut head, mut body) = (head, Replay::new(body, keep));
+        if let Some(retrying) = &retrying {
+            retrying.budget.deposit();
+        }
+        let mut avoid = Vec::new();
+        let mut retried: Option<String> = None;
+        let mut rng = fastrand::Rng::new();
+        let mut attempt = 0;
+        loop {
+            let (endpoint, pick) = match backend {
+                None => choose(&self.proxy, &self.logical, &avoid)?,
+                Some(backend) => choose_backend(&self.proxy, backend, &avoid)?,
+            };
+            if let Some(deadline) = limits.grpc {
+                let left = deadline.saturating_duration_since(Instant::now());
+                headers::set_grpc_timeout(&mut head.headers, left);
+            }
+            let replays = body.replays();
+            let request = Request::from_parts(head, body);
+            let (key, outcome) = self.try_once(&endpoint, request, &limits, &carried).await;
+            let failure = match &outcome {
+                Ok(forwarded) => Some(Failure::Answer {
+                    status: forwarded.response.status().as_u16(),
+                    grpc: headers::grpc_status(forwarded.response.headers()),
+                }),
+                Err(error) => Failure::of(error),
+            };
+            let tried = Tried {
+                endpoint,
+                pick,
+                key,
+            };
+            let (Some(retrying), Some(template)) = (&retrying, &template) else {
+                return Ok((tried, outcome));
+            };
+            let condition =
+                failure.and_then(|failure| retrying.policy.condition(failure, &exchange.method));
+            if let Some(previous) = retried.take() {
+                let answered = outcome.is_ok() && condition.is_none();
+                let result = if answered { "success" } else { "failure" };
+                retry::count(&retrying.service, previous, result);
+            }
+            let (Some(condition), Some(failure)) = (condition, failure) else {
+                return Ok((tried, outcome));
+            };
+            let reason = retry::reason(condition, failure);
+            let attempts_left = attempt < retrying.policy.attempts;
+            if !attempts_left || !replays.replayable() {
+                // Out of attempts (URX), or the body was not kept.
+                exchange.retries_exhausted = !attempts_left;
+                return Ok((tried, outcome));
+            }
+            if !retrying.budget.withdraw() {
+                retry::count(&retrying.service, reason, "budget_exhausted");
+                exchange.retries_exhausted = true;
+                return Ok((tried, outcome));
+            }
+            let Some(replay) = replays.again() else {
+                return Ok((tried, outcome));
+            };
+            // The try retried is not answered: its endpoint is told now.
+            let server_failed = match failure {
+                Failure::Answer { status, .. } => status >= 500,
+                _ => true,
+            };
+            if let Some(pick) = &tried.pick
+                && server_failed
+            {
+                pick.failed();
+            }
+            avoid.push(tried.endpoint.address);
+            drop((tried, outcome));
+            attempt += 1;
+            let backoff = retry::backoff(attempt, &mut rng);
+            if let Some((which, timeout, deadline)) = limits.deadline
+                && Instant::now() + backoff >= deadline
+            {
+                tokio::time::sleep_until(deadline).await;
+                return Err(ProxyError::RequestTimeout { which, timeout });
+            }
+            tokio::time::sleep(backoff).await;
+            retried = Some(reason);
+            (head, body) = (copy_head(template), replay);
+        }
+    }
+
+    /// One try of `request` at `endpoint`, within the per-try timeout and the
+    /// request's deadline; a request to a pod of this node is first authorized.
+    async fn try_once(
+        &self,
+        endpoint: &Endpoint,
+        request: Request<Replay>,
+        limits: &Limits,
+        carried: &Option<String>,
+    ) -> (pool::Key, Result<Forwarded, ProxyError>) {
+        let version = match self.logical.protocol {
+            Protocol::Http2 | Protocol::Grpc => pool::Version::Http2,
+            _ if request.version() == http::Version::HTTP_2 => pool::Version::Http2,
+            _ => pool::Version::Http1,
+        };
+        let key = pool::Key {
+            source: endpoint
+                .hop
+                .mutual_tls()
+                .then(|| self.logical.source.identity.clone()),
+            endpoint: endpoint.address,
+            version,
+        };
+        if endpoint.hop == Hop::Local {
+            let mesh = self.proxy.mesh.get();
+            let decision = authorize::request(
+                &mesh,
+                Direction::Local,
+                &self.caller,
+                endpoint.address,
+                &request,
+            );
+            drop(mesh);
+            if let Err(denied) = decision {
+                return (key, Err(ProxyError::Denied { by: denied.by }));
+            }
+        }
+        let dial = || connect(&self.proxy, endpoint, &self.logical.source, carried.clone());
+        let forwarding = forward(
+            &self.proxy,
+            &self.proxy.http_pool,
+            key.clone(),
+            dial,
+            request,
+        );
+        let now = Instant::now();
+        let per_try = limits
+            .per_try
+            .map(|timeout| (PER_TRY_TIMEOUT, timeout, now + timeout));
+        let nearest = [limits.deadline, per_try]
+            .into_iter()
+            .flatten()
+            .min_by_key(|(_, _, at)| *at);
+        let outcome = match nearest {
+            None => forwarding.await,
+            Some((which, timeout, at)) => tokio::time::timeout_at(at, forwarding)
+                .await
+                .unwrap_or(Err(ProxyError::RequestTimeout { which, timeout })),
+        };
+        (key, outcome)
+    }
+
+    /// `request` with its body boxed, and a copy of it sent to each of its route's
+    /// mirrors.
+    fn mirrored(&self, request: Request<Incoming>, routed: Option<&Routed>) -> Request<ProxyBody> {
+        match routed.filter(|routed| !routed.mirrors.is_empty()) {
+            None => request.map(BodyExt::boxed_unsync),
+            Some(routed) => {
+                let context = mirror::Mirrors {
+                    proxy: &self.proxy,
+                    source: &self.logical.source,
+                    caller: &self.caller,
+                    name: &routed.name,
+                };
+                mirror::start(context, &routed.mirrors, request).map(BodyExt::boxed_unsync)
+            }
+        }
     }
 
     fn failed(
@@ -223,66 +410,23 @@ impl Outbound {
         route::route(routes, namespace, request, |total| fastrand::u64(..total)).map(Some)
     }
 
-    /// Forwards `request` (and a copy to each of its route's mirrors) within its
-    /// deadline ([`deadline`]), passing the client's gRPC deadline on as what is left.
-    async fn send<F, Fut>(
-        &self,
-        key: pool::Key,
-        dial: F,
-        mut request: Request<Incoming>,
-        routed: Option<&Routed>,
-        exchange: &Exchange,
-    ) -> Result<Forwarded, ProxyError>
-    where
-        F: Fn() -> Fut,
-        Fut: Future<Output = Result<Upstream, ProxyError>>,
-    {
-        let timeouts = self.timeouts(routed);
-        let grpc = headers::grpc_timeout(request.headers());
-        let deadline = deadline(&timeouts, grpc, exchange.started.elapsed());
-        if let Some(grpc) = grpc {
-            let left = grpc.saturating_sub(exchange.started.elapsed());
-            headers::set_grpc_timeout(request.headers_mut(), left);
-        }
-        let pool = &self.proxy.http_pool;
-        let forwarding = match routed.filter(|routed| !routed.mirrors.is_empty()) {
-            None => Either::Left(forward(&self.proxy, pool, key, dial, request)),
-            Some(routed) => {
-                let context = mirror::Mirrors {
-                    proxy: &self.proxy,
-                    source: &self.logical.source,
-                    caller: &self.caller,
-                    name: &routed.name,
-                };
-                let request = mirror::start(context, &routed.mirrors, request);
-                Either::Right(forward(&self.proxy, pool, key, dial, request))
-            }
-        };
-        match deadline {
-            None => forwarding.await,
-            Some((which, timeout, left)) => tokio::time::timeout(left, forwarding)
-                .await
-                .unwrap_or(Err(ProxyError::RequestTimeout { which, timeout })),
-        }
-    }
-
-    /// The timeouts of a request: its route's, with the service's TrafficPolicy
-    /// `timeouts.request` where the route sets no request timeout.
-    fn timeouts(&self, routed: Option<&Routed>) -> Timeouts {
+    /// The timeouts of a request — its route's, with the service's TrafficPolicy
+    /// `timeouts.request` where the route sets no request timeout — and how it is
+    /// retried (None for a pod addressed directly: there is nothing else to try).
+    fn settings(&self, routed: Option<&Routed>) -> (Timeouts, Option<Retrying>) {
         let routed = routed.map(|routed| routed.timeouts).unwrap_or_default();
+        let mesh = self.proxy.mesh.get();
         let service = match &self.logical.destination {
-            Destination::Service(target) => self
-                .proxy
-                .mesh
-                .get()
+            Destination::Service(target) => mesh
                 .service_at(target.vip, target.port)
                 .and_then(|(service, _)| service.request_timeout),
             Destination::Pod(_) => None,
         };
-        Timeouts {
+        let timeouts = Timeouts {
             request: routed.request.or(service),
             ..routed
-        }
+        };
+        (timeouts, retrying(&self.proxy, &mesh, &self.logical))
     }
 
     /// Answers a request a rule redirects, and measures it.
@@ -307,11 +451,28 @@ impl Outbound {
     }
 }
 
-/// How long the forwarded request may take before it is answered 504, with which
-/// limit that is and its length: the nearest of the request timeout (the route's
-/// `timeouts.request`, else the service's TrafficPolicy `timeouts.request`), counted
-/// from the request's start `elapsed` ago; the route's `timeouts.backendRequest`; and
-/// the client's own gRPC deadline `grpc`.
+/// What bounds the tries of a request.
+struct Limits {
+    /// The nearest of the request's deadlines ([`deadline`]): which, how long, when.
+    deadline: Option<(&'static str, Duration, Instant)>,
+    /// Each try's ([`per_try_timeout`]).
+    per_try: Option<Duration>,
+    /// The client's gRPC deadline, passed on as what is left of it.
+    grpc: Option<Instant>,
+}
+
+/// The last try of a request: where it went.
+struct Tried {
+    endpoint: Endpoint,
+    pick: Option<Pick>,
+    key: pool::Key,
+}
+
+/// How long the request may take in all, tries and backoffs, before it is answered
+/// 504, with which limit that is and its length: the nearer of the request timeout
+/// (the route's `timeouts.request`, else the service's TrafficPolicy
+/// `timeouts.request`) and the client's own gRPC deadline `grpc`, both counted from
+/// the request's start `elapsed` ago; and how long is left of it.
 fn deadline(
     timeouts: &Timeouts,
     grpc: Option<Duration>,
@@ -322,9 +483,6 @@ fn deadline(
         timeouts
             .request
             .map(|timeout| from_start("request", timeout)),
-        timeouts
-            .backend_request
-            .map(|timeout| ("backendRequest", timeout, timeout)),
         grpc.map(|timeout| from_start("grpc-timeout", timeout)),
     ]
     .into_iter()
@@ -332,9 +490,32 @@ fn deadline(
     .min_by_key(|(_, _, left)| *left)
 }
 
+/// How long one try may take: the nearer of the route's `timeouts.backendRequest`
+/// (the Gateway API's per-request-to-a-backend limit) and the retry policy's
+/// `perTryTimeout`.
+fn per_try_timeout(timeouts: &Timeouts, retrying: Option<&Retrying>) -> Option<Duration> {
+    let policy = retrying.and_then(|retrying| retrying.policy.per_try_timeout);
+    [timeouts.backend_request, policy]
+        .into_iter()
+        .flatten()
+        .min()
+}
+
+/// A copy of a request's head for another try: method, target, version and fields
+/// (the extensions, such as an upgrade's, stay with the first).
+fn copy_head(head: &http::request::Parts) -> http::request::Parts {
+    let mut request = Request::new(());
+    *request.method_mut() = head.method.clone();
+    *request.uri_mut() = head.uri.clone();
+    *request.version_mut() = head.version;
+    *request.headers_mut() = head.headers.clone();
+    request.into_parts().0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::retry::{Budget, BudgetPolicy, RetryPolicy};
 
     #[test]
     fn the_nearest_limit_decides_counted_from_where_each_starts() {
@@ -351,18 +532,14 @@ mod tests {
                 300,
                 Some(("request", 1000, 700)),
             ),
+            // A backend request timeout bounds each try, not the whole.
             (
                 timeouts(Some(1000), Some(500)),
                 None,
                 0,
-                Some(("backendRequest", 500, 500)),
+                Some(("request", 1000, 1000)),
             ),
-            (
-                timeouts(Some(1000), Some(800)),
-                None,
-                300,
-                Some(("request", 1000, 700)),
-            ),
+            (timeouts(None, Some(500)), None, 0, None),
             (
                 timeouts(Some(1000), None),
                 Some(400),
@@ -382,6 +559,38 @@ mod tests {
                     (which, timeout.as_millis() as u64, left.as_millis() as u64)
                 });
             assert_eq!(found, expected, "{timeouts:?} {grpc:?} {elapsed}");
+        }
+    }
+
+    #[test]
+    fn each_try_gets_the_nearer_of_the_backend_request_and_per_try_timeouts() {
+        let ms = Duration::from_millis;
+        let retrying = |per_try: Option<u64>| Retrying {
+            policy: Arc::new(RetryPolicy {
+                per_try_timeout: per_try.map(ms),
+                ..RetryPolicy::default()
+            }),
+            budget: Arc::new(Budget::new(BudgetPolicy::default())),
+            service: "shop/web:80".into(),
+        };
+        let timeouts = |backend: Option<u64>| Timeouts {
+            request: Some(ms(5000)),
+            backend_request: backend.map(ms),
+        };
+        let cases = [
+            (timeouts(None), None, None),
+            (timeouts(Some(300)), None, Some(300)),
+            (timeouts(None), Some(retrying(Some(200))), Some(200)),
+            (timeouts(Some(300)), Some(retrying(Some(200))), Some(200)),
+            (timeouts(Some(100)), Some(retrying(Some(200))), Some(100)),
+            (timeouts(Some(100)), Some(retrying(None)), Some(100)),
+        ];
+        for (timeouts, retrying, expected) in cases {
+            assert_eq!(
+                per_try_timeout(&timeouts, retrying.as_ref()),
+                expected.map(ms),
+                "{timeouts:?}"
+            );
         }
     }
 }

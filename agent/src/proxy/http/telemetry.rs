@@ -64,6 +64,9 @@ pub struct Exchange {
     pub trace_id: Option<String>,
     /// The route rule that decided the request, if a route is attached to its service.
     pub route: Option<RuleName>,
+    /// Its last try failed as its retry policy retries, but no retry was left (Envoy's
+    /// `URX`).
+    pub retries_exhausted: bool,
 }
 
 impl Exchange {
@@ -86,6 +89,7 @@ impl Exchange {
             },
             trace_id: None,
             route: None,
+            retries_exhausted: false,
         }
     }
 }
