@@ -678,6 +678,7 @@ async fn tidy(proxy: Arc<Proxy>) {
             .balancers
             .retain(&proxy.mesh.get().endpoint_addresses());
         proxy.budgets.retain_used();
+        proxy.breakers.retain_used();
         let (peak, now) = proxy.admission.take_peak();
         if peak >= now + FEWER {
             memory::give_back();

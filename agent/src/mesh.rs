@@ -411,6 +411,10 @@ pub struct Service {
     /// agent's default. Only the controller streams it.
     #[serde(skip)]
     pub retries: Option<std::sync::Arc<crate::proxy::retry::RetryPolicy>>,
+    /// Circuit breaking (the TrafficPolicy's `connectionLimits`); only the controller
+    /// streams it.
+    #[serde(skip)]
+    pub limits: Option<crate::proxy::breaker::Limits>,
 }
 
 impl Service {

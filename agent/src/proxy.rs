@@ -4,6 +4,7 @@
 pub mod admission;
 pub mod authorize;
 pub mod balance;
+pub mod breaker;
 mod connect;
 mod detect;
 mod error;
@@ -13,6 +14,7 @@ mod inbound;
 mod logical;
 pub mod metrics;
 mod outbound;
+mod per_service;
 mod relay;
 pub mod retry;
 mod tcp;
@@ -37,6 +39,7 @@ use weft_common::AGENT_MARK;
 use self::{
     admission::{Admission, Limits, Permit, Refused},
     balance::Balancers,
+    breaker::Breakers,
     metrics::AccessLog,
     retry::Budgets,
 };
@@ -128,6 +131,8 @@ pub struct Proxy {
     pub balancers: Balancers,
     /// Each service's retry budget.
     pub budgets: Budgets,
+    /// Each service's circuit breaker.
+    pub breakers: Breakers,
     pub tracer: trace::Tracer,
     pub settings: Settings,
     pub admission: Arc<Admission>,
@@ -152,6 +157,7 @@ impl Proxy {
             http_pool: http::Pool::default(),
             balancers: Balancers::new(),
             budgets: Budgets::default(),
+            breakers: Breakers::default(),
             tracer,
             admission: Admission::new(settings.limits),
             settings,

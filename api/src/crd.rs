@@ -11,7 +11,7 @@
 //!   headers), with a dry-run mode.
 //! - [`TrafficPolicy`]: how clients treat a service (balancing, timeouts, retries with a
 //!   budget, connection limits, outlier detection). All of it is enforced but
-//!   `connectionLimits` and `outlierDetection.interval`.
+//!   `outlierDetection.interval`.
 //!
 //! What the agents do not enforce is reported, not silently accepted: such an object
 //! gets `Accepted: False` with reason `NotEnforced`, naming the fields.
@@ -276,9 +276,8 @@ pub struct RuleCondition {
 // --- TrafficPolicy -----------------------------------------------------------------
 
 /// How clients in the mesh treat a service of this namespace. The agents enforce all of
-/// it but `connectionLimits` and `outlierDetection.interval`; a policy that sets either
-/// says so in its status (`Accepted: False`, reason `NotEnforced`), and the rest of it
-/// still applies.
+/// it but `outlierDetection.interval`; a policy that sets it says so in its status
+/// (`Accepted: False`, reason `NotEnforced`), and the rest of it still applies.
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[kube(
     group = "weft.dev",
@@ -288,7 +287,7 @@ pub struct RuleCondition {
     status = "PolicyStatus",
     shortname = "tp",
     category = "weft",
-    doc = "How clients treat a service: balancing, timeouts, retries with a budget, connection limits, outlier detection. All of it is enforced but connectionLimits and outlierDetection.interval; the status names either when set (NotEnforced).",
+    doc = "How clients treat a service: balancing, timeouts, retries with a budget, connection limits, outlier detection. All of it is enforced but outlierDetection.interval; the status says so when it is set (NotEnforced).",
     printcolumn = r#"{"name":"Service","type":"string","jsonPath":".spec.service"}"#,
     printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
@@ -411,16 +410,32 @@ pub struct RetryBudget {
     pub min_per_second: u32,
 }
 
-/// Limits past which clients fail fast instead of queueing. Not enforced yet.
+/// Circuit breaking: limits past which clients fail fast — `503`, `response_flags`
+/// `UO` — instead of piling onto a struggling service. They hold per node: each node's
+/// agent counts what all of its clients have open or in flight to the service (one
+/// agent carries them all, and the node's total is what the service feels), so a
+/// limit of 100 lets up to 100 through from each node. Unset: no limit.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionLimits {
+    /// Connections open to the service's endpoints: a TCP connection past it is closed
+    /// at once. An HTTP/1.1 request holds a connection while in flight, so this bounds
+    /// those requests too (more wait as pending).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_connections: Option<u32>,
+    /// HTTP requests (any version) in flight to the service; more wait as pending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_requests: Option<u32>,
+    /// HTTP requests waiting for a slot under `maxRequests` or `maxConnections` (as
+    /// long as their timeout lets them); one past it is answered at once. Unset: none
+    /// wait.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_pending_requests: Option<u32>,
+    /// Requests an upstream HTTP connection carries before it is closed and a new one
+    /// opened (spreads long-lived clients over new endpoints).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_requests_per_connection: Option<u32>,

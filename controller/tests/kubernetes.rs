@@ -557,11 +557,11 @@ async fn what_the_agents_do_not_enforce_is_written_as_not_enforced() {
     fake.create(service("shop", "web"));
     fake.create(service("shop", "api"));
     fake.create(authorization_policy("shop", "allow-shop"));
-    // PEAK_EWMA balancing, an idle timeout and connection limits: the limits do not
-    // apply.
+    // PEAK_EWMA balancing, an idle timeout and an outlier detection interval: the
+    // interval does not apply.
     let mut balanced = traffic_policy("shop", "web", "web");
     balanced["spec"]["timeouts"] = json!({ "idle": "30s" });
-    balanced["spec"]["connectionLimits"] = json!({ "maxConnections": 2 });
+    balanced["spec"]["outlierDetection"] = json!({ "consecutiveFailures": 2, "interval": "5s" });
     fake.create(balanced);
     let mut idle = traffic_policy("shop", "api", "api");
     idle["spec"] = json!({ "service": "api", "timeouts": { "idle": "30s" } });
@@ -608,8 +608,9 @@ async fn what_the_agents_do_not_enforce_is_written_as_not_enforced() {
             "web",
             "False",
             "NotEnforced",
-            "the agents do not enforce spec.connectionLimits yet and ignore it; \
-             spec.loadBalancer, spec.timeouts apply to clients of Service web",
+            "the agents do not enforce spec.outlierDetection.interval yet and ignore it; \
+             spec.loadBalancer, spec.outlierDetection.consecutiveFailures, spec.timeouts \
+             apply to clients of Service web",
         ),
         (
             "TrafficPolicy",

@@ -385,6 +385,32 @@ pub fn total(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// The report of a finished `wrk` run, checked: it ran, and saw no non-2xx answer and
+/// no socket error.
+pub fn clean_wrk_report(output: &Output) -> String {
+    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    eprintln!("wrk: {report}");
+    assert!(report.contains("requests in"), "{report}");
+    assert!(
+        !report.contains("Non-2xx") && !report.contains("Socket errors"),
+        "wrk saw failures: {report}"
+    );
+    report
+}
+
+/// The summary line of a finished `weft-client grpc load` run.
+pub fn grpc_load_report(output: &Output) -> serde_json::Value {
+    let report = serde_json::from_slice(&output.stdout).unwrap_or_else(|err| {
+        panic!(
+            "{err}: {} {}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    eprintln!("gRPC load: {report}");
+    report
+}
+
 /// A certificate authority for test clients that play a peer the mesh's agents do not
 /// expect: the mesh CA itself, read from the controller's CA directory, to issue
 /// certificates the agents would never ask for (expired, not yet valid, any identity),

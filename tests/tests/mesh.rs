@@ -14,7 +14,7 @@ use std::{
 use weft_cluster::{Cluster, PodInfo, PodSpec, objects::TRUST_DOMAIN};
 use weft_e2e::{
     Prometheus, TestCa, TestCluster, agent_metrics as metrics, assert_promtool_accepts,
-    policy_verdict, run_in_pod, samples, series, unique_name, valid_now, wait_until, workspace_bin,
+    policy_verdict, run_in_pod, series, total, unique_name, valid_now, wait_until, workspace_bin,
 };
 
 const READY: Duration = Duration::from_secs(10);
@@ -163,17 +163,8 @@ fn service_traffic_reaches_every_endpoint_in_mutual_tls_between_nodes() {
         ]
     };
     // Port `http` is HTTP: every request is measured, by both agents.
-    let requests = |text: &str, labels: &[(&str, &str)]| -> f64 {
-        samples(text, "istio_requests_total")
-            .into_iter()
-            .filter(|(found, _)| {
-                labels
-                    .iter()
-                    .all(|(key, value)| found.get(*key).map(String::as_str) == Some(*value))
-            })
-            .map(|(_, value)| value)
-            .sum()
-    };
+    let requests =
+        |text: &str, labels: &[(&str, &str)]| total(text, "istio_requests_total", labels);
     assert!(requests(&source, &labels("source")) >= 100.0, "{source}");
     assert!(
         requests(&destination, &[("reporter", "destination"), tls[0]]) >= 50.0,
@@ -551,7 +542,7 @@ spec:
   service: echo
   timeouts: {{ idle: 30s }}
   retries: {{ attempts: 2, retryOn: [5xx] }}
-  connectionLimits: {{ maxConnections: 100 }}
+  outlierDetection: {{ consecutiveFailures: 5, interval: 10s }}
 ---
 apiVersion: weft.dev/v1alpha1
 kind: AuthorizationPolicy
@@ -629,8 +620,9 @@ spec:
             &serde_json::json!(false),
             &serde_json::json!("NotEnforced"),
             &serde_json::json!(
-                "the agents do not enforce spec.connectionLimits yet and ignore it; \
-                 spec.retries, spec.timeouts apply to clients of Service echo"
+                "the agents do not enforce spec.outlierDetection.interval yet and ignore \
+                 it; spec.outlierDetection.consecutiveFailures, spec.retries, \
+                 spec.timeouts apply to clients of Service echo"
             )
         ),
         "{traffic:#}"

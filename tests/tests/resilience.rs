@@ -11,16 +11,22 @@
 //!   timeout) are retried on the others, and the client sees none of it, but a POST is
 //!   not retried; a service down entirely gets retries only within its budget, and its
 //!   answers say URX; a replica killed under HTTP/1.1 (wrk) and gRPC load costs no
-//!   request.
+//!   request;
+//! - circuit breaking: requests past `maxRequests` wait as pending up to
+//!   `maxPendingRequests` and past that get 503 UO at once; upstream connections retire
+//!   after `maxRequestsPerConnection`; a TCP connection past `maxConnections` is
+//!   closed at once, and one gets through once another closed.
 
 use std::{
+    collections::BTreeMap,
     process::Stdio,
     time::{Duration, Instant},
 };
 
 use weft_cluster::PodSpec;
 use weft_e2e::{
-    TestCluster, agent_metrics, policy_verdict, series, total, wait_until, workspace_bin,
+    TestCluster, agent_metrics, clean_wrk_report, grpc_load_report, policy_verdict, series, total,
+    wait_until, workspace_bin,
 };
 
 const ECHO: &str = "10.96.2.10";
@@ -129,6 +135,65 @@ spec:
   service: steady
   retries: { attempts: 2, nonIdempotent: true }
   outlierDetection: { consecutiveFailures: 3, baseEjectionTime: 30s, maxEjectionPercent: 50 }
+"#;
+
+/// Services with circuit breakers: `guarded` (HTTP) and `narrow` (TCP).
+const GUARDED: &str = r#"
+---
+apiVersion: v1
+kind: Service
+metadata: { name: guarded, namespace: default }
+spec:
+  clusterIP: 10.96.2.16
+  selector: { app: guarded }
+  ports: [{ name: http, port: 80, targetPort: 8080 }]
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: { name: guarded, namespace: default }
+spec:
+  service: guarded
+  connectionLimits: { maxRequests: 2, maxPendingRequests: 1, maxRequestsPerConnection: 3 }
+---
+apiVersion: v1
+kind: Service
+metadata: { name: narrow, namespace: default }
+spec:
+  clusterIP: 10.96.2.17
+  selector: { app: narrow }
+  ports: [{ name: tcp, port: 9000 }]
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: { name: narrow, namespace: default }
+spec: { service: narrow, connectionLimits: { maxConnections: 1 } }
+"#;
+
+/// A TCP client: holds one connection open (echoed), then opens a second and prints
+/// whether it was echoed, closes the first, and prints whether a third is echoed.
+const TCP_CLIENT: &str = r#"
+import socket
+def echoed(conn):
+    try:
+        conn.sendall(b"ping\n")
+        conn.settimeout(5)
+        return conn.recv(16) == b"ping\n"
+    except OSError:
+        return False
+first = socket.create_connection(("10.96.2.17", 9000))
+print("first", echoed(first))
+second = socket.create_connection(("10.96.2.17", 9000))
+print("second", echoed(second))
+second.close()
+first.close()
+for attempt in range(50):
+    third = socket.create_connection(("10.96.2.17", 9000))
+    if echoed(third):
+        print("third", True)
+        break
+    third.close()
+else:
+    print("third", False)
 "#;
 
 /// A server that takes 5 s over every answer, as a replica in trouble may.
@@ -296,34 +361,8 @@ fn a_replica_answering_503_is_ejected_kept_out_and_back_on_probation() {
     cluster.add_pod(client).unwrap();
     cluster.settle();
     // Each replica, addressed as a pod (no service, so no outlier accounting), answers.
-    let pods: Vec<(String, u16)> = cluster
-        .topology()
-        .pods
-        .iter()
-        .filter(|pod| pod.labels.get("app").map(String::as_str) == Some("flaky"))
-        .map(|pod| {
-            let status = if pod.name == "broken" { 503 } else { 200 };
-            (format!("http://{}:8080/", pod.ip), status)
-        })
-        .collect();
-    for (url, status) in &pods {
-        wait_until(url, Duration::from_secs(20), || {
-            let argv = [
-                "curl",
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                url.as_str(),
-            ];
-            let output = cluster
-                .pod_command("default", "client", &argv)
-                .unwrap()
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&output.stdout) == status.to_string()
-        });
+    for (name, status) in [("good-0", 200), ("good-1", 200), ("broken", 503)] {
+        wait_for_replica(&cluster, name, status);
     }
     let ejections = || {
         series(
@@ -573,7 +612,7 @@ fn a_replica_killed_under_load_costs_no_request_with_retries() {
         "--connections",
         "2",
         "--rate",
-        "1000",
+        "400",
         "--duration",
         "6",
     ]);
@@ -590,31 +629,126 @@ fn a_replica_killed_under_load_costs_no_request_with_retries() {
         .unwrap_or(0.0)
     };
     wait_until("load reaches steady-0", Duration::from_secs(10), || {
-        served() > 500.0
+        served() > 300.0
     });
     kill(&cluster, "steady-0");
 
-    let output = wrk.wait_with_output().unwrap();
-    let report = String::from_utf8_lossy(&output.stdout);
-    eprintln!("wrk: {report}");
-    assert!(report.contains("requests in"), "{report}");
-    assert!(
-        !report.contains("Non-2xx") && !report.contains("Socket errors"),
-        "wrk saw failures: {report}"
-    );
-    let output = grpc.wait_with_output().unwrap();
-    let load: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|err| {
-        panic!(
-            "{err}: {} {}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        )
-    });
-    eprintln!("gRPC load: {load}");
+    clean_wrk_report(&wrk.wait_with_output().unwrap());
+    let load = grpc_load_report(&grpc.wait_with_output().unwrap());
     assert_eq!(load["errors"], 0, "{load}");
     assert!(load["requests"].as_u64().unwrap_or(0) > 1000, "{load}");
     let mended = retries(&cluster, "default/steady:80", Some("success"))
         + retries(&cluster, "default/steady:7070", Some("success"));
     eprintln!("retries that mended a failure: {mended}");
     assert!(mended > 0.0, "the killed replica's requests were retried");
+}
+
+#[test]
+fn circuit_breakers_queue_refuse_and_retire_connections() {
+    let mut cluster = TestCluster::with_mesh(2, &format!("{MESH}{GUARDED}"));
+    let echo = workspace_bin("weft-echo").display().to_string();
+    let tcp_echo = workspace_bin("weft-tcp-echo").display().to_string();
+    add_replica(&mut cluster, "guarded-0", "node0", "guarded", &[&echo]);
+    add_replica(&mut cluster, "narrow-0", "node1", "narrow", &[&tcp_echo]);
+    let mut client = PodSpec::new("client", "node0", &[]);
+    client.service_account = "client".into();
+    cluster.add_pod(client).unwrap();
+    cluster.settle();
+    wait_for_replica(&cluster, "guarded-0", 200);
+
+    // Six slow requests at once: two in flight, one pending (answered once a slot
+    // frees), three refused at once.
+    let url = "http://10.96.2.16/?delay=2000";
+    let mut argv = vec![
+        "curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "--max-time",
+        "30",
+        "-w",
+        "%{http_code}\n",
+        "--parallel",
+        "--parallel-immediate",
+        "--parallel-max",
+        "6",
+    ];
+    argv.extend(std::iter::repeat_n(url, 6));
+    let output = cluster
+        .pod_command("default", "client", &argv)
+        .unwrap()
+        .output()
+        .unwrap();
+    let mut answered: Vec<u16> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.trim().parse().ok())
+        .collect();
+    answered.sort_unstable();
+    assert_eq!(answered, [200, 200, 200, 503, 503, 503], "{output:?}");
+    let metrics = agent_metrics(&cluster, "node0");
+    let overflows = total(
+        &metrics,
+        "weft_circuit_breaker_overflows_total",
+        &[
+            ("service", "default/guarded:80"),
+            ("limit", "maxPendingRequests"),
+        ],
+    );
+    assert_eq!(overflows, 3.0);
+    let flagged = total(
+        &metrics,
+        "istio_requests_total",
+        &[
+            ("destination_service_name", "guarded"),
+            ("response_code", "503"),
+            ("response_flags", "UO"),
+        ],
+    );
+    assert_eq!(flagged, 3.0);
+
+    // Nine requests on one client connection ride upstream connections of at most
+    // three requests each (one left idle by the requests above may be among them).
+    let url = "http://10.96.2.16/";
+    let mut argv = vec!["curl", "-s", "-o", "/dev/null", "-D", "-"];
+    argv.extend(std::iter::repeat_n(url, 9));
+    let output = cluster
+        .pod_command("default", "client", &argv)
+        .unwrap()
+        .output()
+        .unwrap();
+    let mut carried: BTreeMap<String, usize> = BTreeMap::new();
+    for peer in String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.strip_prefix("x-weft-peer: "))
+    {
+        *carried.entry(peer.trim().to_owned()).or_default() += 1;
+    }
+    assert_eq!(carried.values().sum::<usize>(), 9, "{output:?}");
+    assert!(
+        carried.len() >= 3 && carried.values().all(|&requests| requests <= 3),
+        "{carried:?}"
+    );
+
+    // TCP: a second connection past maxConnections (1) is closed at once; once the
+    // first closes, a new one gets through.
+    let output = cluster
+        .pod_command("default", "client", &["python3", "-c", TCP_CLIENT])
+        .unwrap()
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        report.lines().collect::<Vec<_>>(),
+        ["first True", "second False", "third True"],
+        "{output:?}"
+    );
+    let refused = total(
+        &agent_metrics(&cluster, "node0"),
+        "weft_circuit_breaker_overflows_total",
+        &[
+            ("service", "default/narrow:9000"),
+            ("limit", "maxConnections"),
+        ],
+    );
+    assert!(refused >= 1.0, "{refused}");
 }

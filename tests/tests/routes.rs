@@ -13,7 +13,10 @@
 use std::{collections::BTreeMap, process::Stdio, time::Duration};
 
 use weft_cluster::{Cluster, PodSpec};
-use weft_e2e::{TestCluster, agent_metrics, samples, wait_until, workspace_bin};
+use weft_e2e::{
+    TestCluster, agent_metrics, clean_wrk_report, grpc_load_report, samples, wait_until,
+    workspace_bin,
+};
 
 const NS: &str = "gamma";
 const CONSUMER: &str = "gamma-consumer";
@@ -968,23 +971,8 @@ fn canary_weight_steps_under_load_lose_no_request() {
         answered, 3000,
         "curl: every request was answered by an echo"
     );
-    let output = wrk.wait_with_output().unwrap();
-    let report = String::from_utf8_lossy(&output.stdout);
-    eprintln!("wrk: {report}");
-    assert!(report.contains("requests in"), "{report}");
-    assert!(
-        !report.contains("Non-2xx") && !report.contains("Socket errors"),
-        "wrk saw failures: {report}"
-    );
-    let output = grpc.wait_with_output().unwrap();
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|err| {
-        panic!(
-            "{err}: {} {}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        )
-    });
-    eprintln!("gRPC load: {report}");
+    clean_wrk_report(&wrk.wait_with_output().unwrap());
+    let report = grpc_load_report(&grpc.wait_with_output().unwrap());
     assert_eq!(report["errors"], 0, "{report}");
     assert!(report["requests"].as_u64().unwrap_or(0) > 100, "{report}");
 }

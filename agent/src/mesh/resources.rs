@@ -22,6 +22,7 @@ use weft_api::{
 
 use crate::proxy::{
     balance::Outlier,
+    breaker::Limits,
     retry::{BudgetPolicy, RetryPolicy},
 };
 
@@ -267,6 +268,17 @@ impl Resources {
                 .transpose()
                 .map_err(|problem| format!("Service {name}: TrafficPolicy retries: {problem}"))?
                 .map(Arc::new);
+            let limits = policy
+                .and_then(|policy| policy.limits.as_ref())
+                .map(|limits| {
+                    let set = |limit: u32| Some(limit).filter(|&limit| limit > 0);
+                    Limits {
+                        max_connections: set(limits.max_connections),
+                        max_requests: set(limits.max_requests),
+                        max_pending_requests: set(limits.max_pending_requests),
+                        max_requests_per_connection: set(limits.max_requests_per_connection),
+                    }
+                });
             // One service entry per VIP (dual-stack services have two).
             for vip in &service.vips {
                 config.services.push(Service {
@@ -285,6 +297,7 @@ impl Resources {
                     weights: weights.clone(),
                     outlier,
                     retries: retries.clone(),
+                    limits,
                 });
             }
         }

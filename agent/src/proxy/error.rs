@@ -106,6 +106,14 @@ pub enum ProxyError {
         which: &'static str,
         timeout: Duration,
     },
+    #[error(
+        "the circuit breaker of {service} is open: its TrafficPolicy \
+         connectionLimits.{limit} is reached on this node (raise it, or add replicas)"
+    )]
+    Overflow {
+        service: String,
+        limit: &'static str,
+    },
 }
 
 impl ProxyError {
@@ -136,12 +144,14 @@ impl ProxyError {
             ProxyError::NoRoute { .. } => "route_not_found",
             ProxyError::NoBackend { .. } | ProxyError::UnknownBackend { .. } => "backend_not_found",
             ProxyError::RequestTimeout { .. } => "request_timeout",
+            ProxyError::Overflow { .. } => "overflow",
         }
     }
 
     /// Envoy's `response_flags` for the failure: `NR` no route, `UH` no healthy
     /// upstream, `UF` upstream connection failure, `UC` upstream connection
-    /// termination, `DC` downstream connection termination; and `RBAC`, denied by an
+    /// termination, `DC` downstream connection termination, `UO` upstream overflow
+    /// (circuit breaking); and `RBAC`, denied by an
     /// authorization policy (Envoy sets no flag there, only its response details).
     pub fn response_flags(&self) -> &'static str {
         match self {
@@ -167,6 +177,7 @@ impl ProxyError {
             | ProxyError::DeniedByDestination { .. }
             | ProxyError::Revoked { .. } => "RBAC",
             ProxyError::RequestTimeout { .. } => "UT",
+            ProxyError::Overflow { .. } => "UO",
         }
     }
 
@@ -286,6 +297,13 @@ mod tests {
                     timeout: Duration::from_millis(100),
                 },
                 ("request_timeout", "UT", 504, 4),
+            ),
+            (
+                ProxyError::Overflow {
+                    service: "shop/web:80".into(),
+                    limit: "maxRequests",
+                },
+                ("overflow", "UO", 503, 14),
             ),
         ];
         for (error, (reason, flags, status, grpc)) in table {

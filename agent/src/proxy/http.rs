@@ -64,6 +64,7 @@ pub fn describe() {
     telemetry::describe();
     mirror::describe();
     super::retry::describe();
+    super::breaker::describe();
 }
 
 /// The body of every request and response the agent forwards or makes.

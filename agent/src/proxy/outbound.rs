@@ -23,6 +23,7 @@ use super::{
     Proxy,
     admission::{Admission, Permit},
     balance::Pick,
+    breaker::Breaker,
     detect::{Detected, detect},
     error::ProxyError,
     http,
@@ -103,6 +104,17 @@ pub fn retrying(proxy: &Proxy, mesh: &MeshConfig, logical: &Logical) -> Option<R
         .service_at(target.vip, target.port)
         .and_then(|(service, _)| service.retries.as_ref());
     Some(Retrying::of(&proxy.budgets, &target.key, policy))
+}
+
+/// The circuit breaker of `service` (its key), when its TrafficPolicy sets
+/// `connectionLimits`.
+pub fn breaker(proxy: &Proxy, service: &Service, key: &str) -> Option<Arc<Breaker>> {
+    let limits = service.limits.as_ref()?;
+    Some(
+        proxy
+            .breakers
+            .of(key, limits, |limits| Breaker::new(key, limits)),
+    )
 }
 
 /// Counts and logs (at most once a second) a captured connection refused before it

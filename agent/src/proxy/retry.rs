@@ -57,7 +57,7 @@ impl Retrying {
         static DEFAULT: LazyLock<Arc<RetryPolicy>> = LazyLock::new(Arc::default);
         let policy = Arc::clone(policy.unwrap_or(&DEFAULT));
         Self {
-            budget: budgets.of(service, policy.budget),
+            budget: budgets.of(service, &policy.budget, |policy| Budget::new(*policy)),
             policy,
             service: service.to_owned(),
         }

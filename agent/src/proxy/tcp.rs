@@ -1,7 +1,8 @@
 //! The L4 case, "TCP, no routes": one endpoint per connection from the service's
 //! balancer, connected with [`connect`] (a failed connection retried on another
 //! endpoint, as the service's retry policy allows), and the bytes copied both ways
-//! until the connection ends or idles out, counted while it is open. A connection to
+//! until the connection ends or idles out, counted while it is open. A connection past
+//! the service's `connectionLimits.maxConnections` is closed at once. A connection to
 //! a pod of this node is authorized here by that pod's policies, before and while it
 //! is open.
 
@@ -16,9 +17,10 @@ use weft_api::authz::Traffic;
 use super::{
     Proxy,
     authorize::{self, Caller, Direction},
+    breaker::Admitted,
     connect::{Upstream, connect},
     error::ProxyError,
-    logical::{Endpoint, Hop, Logical},
+    logical::{Destination, Endpoint, Hop, Logical},
     metrics::{self, Connection, Outcome, Reporter},
     outbound::{self, choose, refused},
     relay::relay,
@@ -33,6 +35,11 @@ where
 {
     static FAILED: Throttle = Throttle::new();
     let peer = logical.source.address;
+    // Held while the connection is open.
+    let _admitted = match admit(proxy, logical) {
+        Ok(admitted) => admitted,
+        Err(overflow) => return refused(peer, &overflow),
+    };
     let Connected {
         endpoint,
         local,
@@ -77,6 +84,25 @@ where
         );
     }
     open.closed(&outcome);
+}
+
+/// A connection slot of the service's circuit breaker, if it has limits.
+fn admit(proxy: &Proxy, logical: &Logical) -> Result<Option<Admitted>, ProxyError> {
+    let Destination::Service(target) = &logical.destination else {
+        return Ok(None);
+    };
+    let mesh = proxy.mesh.get();
+    let Some(breaker) = mesh
+        .service_at(target.vip, target.port)
+        .and_then(|(service, _)| outbound::breaker(proxy, service, &target.key))
+    else {
+        return Ok(None);
+    };
+    let admitted = breaker.connection().map_err(|limit| ProxyError::Overflow {
+        service: target.key.clone(),
+        limit,
+    })?;
+    Ok(Some(admitted))
 }
 
 /// The endpoint a connection went to, and how connecting to it went.

@@ -261,6 +261,7 @@ impl Validate for TrafficPolicySpec {
         if let Some(limits) = &self.connection_limits {
             for (name, value) in [
                 ("maxConnections", limits.max_connections),
+                ("maxRequests", limits.max_requests),
                 ("maxPendingRequests", limits.max_pending_requests),
                 (
                     "maxRequestsPerConnection",

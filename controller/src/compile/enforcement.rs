@@ -35,6 +35,7 @@ pub fn of(kind: Kind) -> Enforcement {
                 "spec.loadBalancer",
                 "spec.timeouts",
                 "spec.retries",
+                "spec.connectionLimits",
                 "spec.outlierDetection.consecutiveFailures",
                 "spec.outlierDetection.baseEjectionTime",
                 "spec.outlierDetection.maxEjectionPercent",

@@ -937,14 +937,15 @@ fn verdicts_say_accepted_only_for_what_the_agents_enforce() {
             "applies to clients of Service web".to_owned(),
         ),
         (
-            "kind: TrafficPolicy\nmetadata: { name: everything, namespace: shop }\nspec:\n  service: web\n  loadBalancer: { algorithm: PEAK_EWMA }\n  timeouts: { connect: 1s, request: 2s }\n  retries: { attempts: 2 }\n  connectionLimits: { maxConnections: 10 }\n  outlierDetection: { consecutiveFailures: 5 }",
+            "kind: TrafficPolicy\nmetadata: { name: everything, namespace: shop }\nspec:\n  service: web\n  loadBalancer: { algorithm: PEAK_EWMA }\n  timeouts: { connect: 1s, request: 2s }\n  retries: { attempts: 2 }\n  connectionLimits: { maxConnections: 10 }\n  outlierDetection: { consecutiveFailures: 5, interval: 10s }",
             Kind::TrafficPolicy,
             "everything",
             false,
             Reason::NotEnforced,
-            "the agents do not enforce spec.connectionLimits yet and ignore it; \
-             spec.loadBalancer, spec.outlierDetection.consecutiveFailures, spec.retries, \
-             spec.timeouts apply to clients of Service web"
+            "the agents do not enforce spec.outlierDetection.interval yet and ignore it; \
+             spec.connectionLimits, spec.loadBalancer, \
+             spec.outlierDetection.consecutiveFailures, spec.retries, spec.timeouts apply \
+             to clients of Service web"
                 .to_owned(),
         ),
         (
@@ -954,19 +955,6 @@ fn verdicts_say_accepted_only_for_what_the_agents_enforce() {
             true,
             Reason::Accepted,
             "applies to clients of Service web".to_owned(),
-        ),
-        (
-            "kind: TrafficPolicy\nmetadata: { name: nothing-enforced, namespace: shop }\nspec: { service: web, connectionLimits: { maxConnections: 10 } }",
-            Kind::TrafficPolicy,
-            "nothing-enforced",
-            false,
-            Reason::NotEnforced,
-            "the agents do not enforce spec.connectionLimits yet and ignore it, so nothing \
-             of it applies to clients of Service web (of a TrafficPolicy they enforce \
-             spec.loadBalancer, spec.timeouts, spec.retries, \
-             spec.outlierDetection.consecutiveFailures, \
-             spec.outlierDetection.baseEjectionTime, spec.outlierDetection.maxEjectionPercent)"
-                .to_owned(),
         ),
         (
             "kind: TrafficPolicy\nmetadata: { name: typo, namespace: shop }\nspec: { service: web, timeouts: { idle: soon }, retries: { attempts: 2 } }",
@@ -1093,7 +1081,7 @@ fn policies_the_agents_do_not_enforce_are_still_sent() {
 apiVersion: weft.dev/v1alpha1
 kind: TrafficPolicy
 metadata: { name: web, namespace: shop }
-spec: { service: web, timeouts: { idle: 3s }, connectionLimits: { maxConnections: 2 } }
+spec: { service: web, timeouts: { idle: 3s }, outlierDetection: { consecutiveFailures: 2, interval: 5s } }
 ---
 apiVersion: weft.dev/v1alpha1
 kind: AuthorizationPolicy
@@ -1119,7 +1107,7 @@ spec: { parentRefs: [{ kind: Service, name: web, port: 80 }], rules: [{ backendR
         .get::<proto::TrafficPolicy>("shop/web")
         .expect("the traffic policy is sent");
     assert_eq!(
-        (traffic.idle_timeout_ms, traffic.limits.is_some()),
+        (traffic.idle_timeout_ms, traffic.outlier_detection.is_some()),
         (3000, true)
     );
     assert!(

@@ -126,6 +126,7 @@ fn compile_policy(key: &ObjectKey, spec: &TrafficPolicySpec) -> proto::TrafficPo
             .as_ref()
             .map(|limits| proto::ConnectionLimits {
                 max_connections: limits.max_connections.unwrap_or(0),
+                max_requests: limits.max_requests.unwrap_or(0),
                 max_pending_requests: limits.max_pending_requests.unwrap_or(0),
                 max_requests_per_connection: limits.max_requests_per_connection.unwrap_or(0),
             }),

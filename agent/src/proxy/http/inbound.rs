@@ -118,6 +118,7 @@ impl Tunnel {
             source: None,
             endpoint: inbound.target,
             version,
+            max_requests: None,
         };
         let dial = || async {
             let first = sync::lock(&self.first).take();

@@ -268,6 +268,7 @@ async fn deliver(
         source: endpoint.hop.mutual_tls().then(|| source.identity.clone()),
         endpoint: endpoint.address,
         version,
+        max_requests: None,
     };
     let dial = || connect(proxy, &endpoint, source, None);
     match proxy.http_pool.send(&key, dial, request, true).await {

@@ -4,7 +4,7 @@
 //! first authorized here by that pod's policies. A try that fails as the service's
 //! retry policy says is tried again on another endpoint ([`Outbound::tries`]).
 
-use std::{sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
@@ -32,11 +32,12 @@ use crate::{
         Proxy,
         authorize::{self, Caller, Direction},
         balance::Pick,
+        breaker::{Admitted, Breaker},
         connect::connect,
         error::ProxyError,
         logical::{Destination, Endpoint, Hop, Logical},
         metrics::{Peer, Reporter},
-        outbound::{choose, choose_backend, idle_timeout, retrying},
+        outbound::{breaker, choose, choose_backend, idle_timeout, retrying},
         retry::{self, Failure, PER_TRY_TIMEOUT, Retrying},
         trace::{Span, SpanKind},
     },
@@ -107,16 +108,29 @@ impl Outbound {
             }
         };
         headers::forwarding_outbound(request.headers_mut());
-        let (timeouts, retrying) = self.settings(routed.as_ref());
+        let settings = self.settings(routed.as_ref());
         let grpc = headers::grpc_timeout(request.headers());
         let limits = Limits {
-            deadline: deadline(&timeouts, grpc, exchange.started.elapsed())
+            deadline: deadline(&settings.timeouts, grpc, exchange.started.elapsed())
                 .map(|(which, timeout, left)| (which, timeout, Instant::now() + left)),
-            per_try: per_try_timeout(&timeouts, retrying.as_ref()),
+            per_try: per_try_timeout(&settings.timeouts, settings.retrying.as_ref()),
             grpc: grpc.map(|timeout| exchange.started + timeout),
+            max_requests_per_connection: settings.max_requests_per_connection,
+        };
+        // Held until the response ends.
+        let admitted = match &settings.breaker {
+            None => None,
+            Some(breaker) => {
+                let http1 = self.upstream_version(&request) == pool::Version::Http1;
+                match Self::admit(breaker, http1, &limits).await {
+                    Ok(admitted) => Some(admitted),
+                    Err(error) => return self.failed(&exchange, span, None, error),
+                }
+            }
         };
         let request = self.mirrored(request, routed.as_ref());
         let carried = traceparent(&span);
+        let retrying = settings.retrying;
         let tries = self.tries(request, backend, retrying, limits, carried, &mut exchange);
         let (tried, outcome) = match tries.await {
             Ok(last) => last,
@@ -155,6 +169,7 @@ impl Outbound {
             exchange,
             upstream,
             move |sender, exchange, answer| {
+                drop(admitted);
                 // A server error counts against the endpoint (outlier detection).
                 if let Some(pick) = pick {
                     if answer.status >= 500 {
@@ -198,37 +213,51 @@ impl Outbound {
         exchange: &mut Exchange,
     ) -> Result<(Tried, Result<Forwarded, ProxyError>), ProxyError> {
         let upgrade = headers::wants_upgrade(&request);
-        let retrying = retrying.filter(|retrying| retrying.policy.attempts > 0 && !upgrade);
+        let pick_endpoint = |avoid: &[SocketAddr]| match backend {
+            None => choose(&self.proxy, &self.logical, avoid),
+            Some(backend) => choose_backend(&self.proxy, backend, avoid),
+        };
+        let pass_on_grpc_deadline = |head: &mut http::request::Parts| {
+            if let Some(deadline) = limits.grpc {
+                let left = deadline.saturating_duration_since(Instant::now());
+                headers::set_grpc_timeout(&mut head.headers, left);
+            }
+        };
+        let Some(retrying) = retrying.filter(|retrying| retrying.policy.attempts > 0 && !upgrade)
+        else {
+            // One try: the request goes as it is.
+            let (endpoint, pick) = pick_endpoint(&[])?;
+            let (mut head, body) = request.into_parts();
+            pass_on_grpc_deadline(&mut head);
+            let request = Request::from_parts(head, body);
+            let (key, outcome) = self.try_once(&endpoint, request, &limits, &carried).await;
+            let tried = Tried {
+                endpoint,
+                pick,
+                key,
+            };
+            return Ok((tried, outcome));
+        };
         let (head, body) = request.into_parts();
         // Each retry starts from a copy of the request as it arrived.
-        let template = retrying.as_ref().map(|_| copy_head(&head));
+        let template = copy_head(&head);
         // A policy that retries only failed connections needs nothing kept: such a try
         // read nothing of the body.
-        let keep = retrying.as_ref().is_some_and(|retrying| {
-            retrying.policy.retry_on.is_empty()
-                || retrying
-                    .policy
-                    .retry_on
-                    .iter()
-                    .any(|condition| *condition != RetryOn::ConnectFailure)
-        });
+        let policy = &retrying.policy;
+        let keep = policy.retry_on.is_empty()
+            || policy
+                .retry_on
+                .iter()
+                .any(|condition| *condition != RetryOn::ConnectFailure);
         let (mut head, mut body) = (head, Replay::new(body, keep));
-        if let Some(retrying) = &retrying {
-            retrying.budget.deposit();
-        }
+        retrying.budget.deposit();
         let mut avoid = Vec::new();
         let mut retried: Option<String> = None;
         let mut rng = fastrand::Rng::new();
         let mut attempt = 0;
         loop {
-            let (endpoint, pick) = match backend {
-                None => choose(&self.proxy, &self.logical, &avoid)?,
-                Some(backend) => choose_backend(&self.proxy, backend, &avoid)?,
-            };
-            if let Some(deadline) = limits.grpc {
-                let left = deadline.saturating_duration_since(Instant::now());
-                headers::set_grpc_timeout(&mut head.headers, left);
-            }
+            let (endpoint, pick) = pick_endpoint(&avoid)?;
+            pass_on_grpc_deadline(&mut head);
             let replays = body.replays();
             let request = Request::from_parts(head, body);
             let (key, outcome) = self.try_once(&endpoint, request, &limits, &carried).await;
@@ -243,9 +272,6 @@ impl Outbound {
                 endpoint,
                 pick,
                 key,
-            };
-            let (Some(retrying), Some(template)) = (&retrying, &template) else {
-                return Ok((tried, outcome));
             };
             let condition =
                 failure.and_then(|failure| retrying.policy.condition(failure, &exchange.method));
@@ -294,31 +320,30 @@ impl Outbound {
             }
             tokio::time::sleep(backoff).await;
             retried = Some(reason);
-            (head, body) = (copy_head(template), replay);
+            (head, body) = (copy_head(&template), replay);
         }
     }
 
     /// One try of `request` at `endpoint`, within the per-try timeout and the
     /// request's deadline; a request to a pod of this node is first authorized.
-    async fn try_once(
+    async fn try_once<B>(
         &self,
         endpoint: &Endpoint,
-        request: Request<Replay>,
+        request: Request<B>,
         limits: &Limits,
         carried: &Option<String>,
-    ) -> (pool::Key, Result<Forwarded, ProxyError>) {
-        let version = match self.logical.protocol {
-            Protocol::Http2 | Protocol::Grpc => pool::Version::Http2,
-            _ if request.version() == http::Version::HTTP_2 => pool::Version::Http2,
-            _ => pool::Version::Http1,
-        };
+    ) -> (pool::Key, Result<Forwarded, ProxyError>)
+    where
+        B: hyper::body::Body<Data = bytes::Bytes, Error = hyper::Error> + Send + Unpin + 'static,
+    {
         let key = pool::Key {
             source: endpoint
                 .hop
                 .mutual_tls()
                 .then(|| self.logical.source.identity.clone()),
             endpoint: endpoint.address,
-            version,
+            version: self.upstream_version(&request),
+            max_requests: limits.max_requests_per_connection,
         };
         if endpoint.hop == Hop::Local {
             let mesh = self.proxy.mesh.get();
@@ -410,23 +435,70 @@ impl Outbound {
         route::route(routes, namespace, request, |total| fastrand::u64(..total)).map(Some)
     }
 
-    /// The timeouts of a request — its route's, with the service's TrafficPolicy
-    /// `timeouts.request` where the route sets no request timeout — and how it is
-    /// retried (None for a pod addressed directly: there is nothing else to try).
-    fn settings(&self, routed: Option<&Routed>) -> (Timeouts, Option<Retrying>) {
-        let routed = routed.map(|routed| routed.timeouts).unwrap_or_default();
+    /// What applies to a request besides its route: its timeouts — the route's, with
+    /// the service's TrafficPolicy `timeouts.request` where the route sets none — how it
+    /// is retried (by the service the client called; none for a pod addressed
+    /// directly), and the limits of the service it goes to (a route's backend, or the
+    /// one called).
+    fn settings(&self, routed: Option<&Routed>) -> Settings {
+        let route_timeouts = routed.map(|routed| routed.timeouts).unwrap_or_default();
         let mesh = self.proxy.mesh.get();
-        let service = match &self.logical.destination {
+        let called = match &self.logical.destination {
             Destination::Service(target) => mesh
                 .service_at(target.vip, target.port)
-                .and_then(|(service, _)| service.request_timeout),
+                .map(|(service, _)| (service, target.key.as_str())),
             Destination::Pod(_) => None,
         };
         let timeouts = Timeouts {
-            request: routed.request.or(service),
-            ..routed
+            request: route_timeouts
+                .request
+                .or(called.and_then(|(service, _)| service.request_timeout)),
+            ..route_timeouts
         };
-        (timeouts, retrying(&self.proxy, &mesh, &self.logical))
+        let backend = match routed.map(|routed| &routed.target) {
+            Some(Target::Backend(backend)) => mesh
+                .service_named(&backend.namespace, &backend.service, backend.port)
+                .map(|(service, _)| (service, backend.to_string())),
+            _ => called.map(|(service, key)| (service, key.to_owned())),
+        };
+        let limits = backend.as_ref().and_then(|(service, _)| service.limits);
+        Settings {
+            timeouts,
+            retrying: retrying(&self.proxy, &mesh, &self.logical),
+            breaker: backend.and_then(|(service, key)| breaker(&self.proxy, service, &key)),
+            max_requests_per_connection: limits
+                .and_then(|limits| limits.max_requests_per_connection),
+        }
+    }
+
+    /// The HTTP version `request` goes upstream in: HTTP/2 for a port that declares
+    /// it (or gRPC), else the client's.
+    fn upstream_version<B>(&self, request: &Request<B>) -> pool::Version {
+        match self.logical.protocol {
+            Protocol::Http2 | Protocol::Grpc => pool::Version::Http2,
+            _ if request.version() == http::Version::HTTP_2 => pool::Version::Http2,
+            _ => pool::Version::Http1,
+        }
+    }
+
+    /// Waits (within the request's deadline) for `breaker` to let a request in.
+    async fn admit(
+        breaker: &Breaker,
+        http1: bool,
+        limits: &Limits,
+    ) -> Result<Admitted, ProxyError> {
+        let overflow = |limit| ProxyError::Overflow {
+            service: breaker.service().to_owned(),
+            limit,
+        };
+        let admitting = breaker.request(http1);
+        match limits.deadline {
+            None => admitting.await.map_err(overflow),
+            Some((which, timeout, at)) => match tokio::time::timeout_at(at, admitting).await {
+                Ok(admitted) => admitted.map_err(overflow),
+                Err(_) => Err(ProxyError::RequestTimeout { which, timeout }),
+            },
+        }
     }
 
     /// Answers a request a rule redirects, and measures it.
@@ -459,6 +531,16 @@ struct Limits {
     per_try: Option<Duration>,
     /// The client's gRPC deadline, passed on as what is left of it.
     grpc: Option<Instant>,
+    /// The service's `connectionLimits.maxRequestsPerConnection`.
+    max_requests_per_connection: Option<u32>,
+}
+
+/// What applies to a request besides its route ([`Outbound::settings`]).
+struct Settings {
+    timeouts: Timeouts,
+    retrying: Option<Retrying>,
+    breaker: Option<Arc<Breaker>>,
+    max_requests_per_connection: Option<u32>,
 }
 
 /// The last try of a request: where it went.

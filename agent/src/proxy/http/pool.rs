@@ -43,6 +43,9 @@ pub struct Key {
     pub source: Option<Identity>,
     pub endpoint: SocketAddr,
     pub version: Version,
+    /// Requests a connection carries before it is retired (the service's
+    /// `connectionLimits.maxRequestsPerConnection`); `None`: no limit.
+    pub max_requests: Option<u32>,
 }
 
 #[derive(Debug, Default)]
@@ -50,16 +53,18 @@ pub struct Pool {
     slots: Mutex<HashMap<Key, Slot>>,
 }
 
+/// A key's connections, each with the requests it was given so far.
 #[derive(Debug)]
 enum Slot {
-    Http2(http2::SendRequest<ProxyBody>),
-    Http1(Vec<(http1::SendRequest<ProxyBody>, Instant)>),
+    Http2(http2::SendRequest<ProxyBody>, u32),
+    Http1(Vec<(http1::SendRequest<ProxyBody>, Instant, u32)>),
 }
 
-/// A connection checked out for one request.
+/// A connection checked out for one request (an HTTP/1.1 one with the requests it
+/// was given, this one included).
 #[derive(Debug)]
 pub enum Sender {
-    Http1(http1::SendRequest<ProxyBody>),
+    Http1(http1::SendRequest<ProxyBody>, u32),
     Http2(http2::SendRequest<ProxyBody>),
 }
 
@@ -117,7 +122,7 @@ impl Pool {
                     // Errors reach the request that was on the connection.
                     let _ = connection.with_upgrades().await;
                 });
-                Ok(Sender::Http1(sender))
+                Ok(Sender::Http1(sender, 1))
             }
             Version::Http2 => {
                 let (sender, connection) = http2::Builder::new(TokioExecutor::new())
@@ -127,25 +132,38 @@ impl Pool {
                 tokio::spawn(async move {
                     let _ = connection.await;
                 });
-                sync::lock(&self.slots).insert(key.clone(), Slot::Http2(sender.clone()));
+                // A connection allowed one request is not shared.
+                if key.max_requests != Some(1) {
+                    let slot = Slot::Http2(sender.clone(), 1);
+                    sync::lock(&self.slots).insert(key.clone(), slot);
+                }
                 Ok(Sender::Http2(sender))
             }
         }
     }
 
+    /// A pooled connection for one more request; an HTTP/2 one given its last allowed
+    /// request leaves the pool (it closes once its streams end).
     fn check_out(&self, key: &Key) -> Option<Sender> {
         let mut slots = sync::lock(&self.slots);
         match slots.get_mut(key)? {
-            Slot::Http2(sender) if !sender.is_closed() => Some(Sender::Http2(sender.clone())),
-            Slot::Http2(_) => {
+            Slot::Http2(sender, given) if !sender.is_closed() => {
+                let sender = sender.clone();
+                *given += 1;
+                if key.max_requests.is_some_and(|max| *given >= max) {
+                    slots.remove(key);
+                }
+                Some(Sender::Http2(sender))
+            }
+            Slot::Http2(..) => {
                 slots.remove(key);
                 None
             }
             Slot::Http1(idle) => {
                 let now = Instant::now();
-                while let Some((sender, since)) = idle.pop() {
+                while let Some((sender, since, given)) = idle.pop() {
                     if sender.is_ready() && now.duration_since(since) < IDLE {
-                        return Some(Sender::Http1(sender));
+                        return Some(Sender::Http1(sender, given + 1));
                     }
                 }
                 None
@@ -153,12 +171,13 @@ impl Pool {
         }
     }
 
-    /// Gives back an HTTP/1.1 connection whose response has been read.
+    /// Gives back an HTTP/1.1 connection whose response has been read, unless it has
+    /// carried all the requests its key allows.
     pub fn check_in(&self, key: Key, sender: Sender) {
-        let Sender::Http1(sender) = sender else {
+        let Sender::Http1(sender, given) = sender else {
             return;
         };
-        if sender.is_closed() {
+        if sender.is_closed() || key.max_requests.is_some_and(|max| given >= max) {
             return;
         }
         let mut slots = sync::lock(&self.slots);
@@ -166,7 +185,7 @@ impl Pool {
         if let Slot::Http1(idle) = slot
             && idle.len() < MAX_IDLE
         {
-            idle.push((sender, Instant::now()));
+            idle.push((sender, Instant::now(), given));
         }
     }
 
@@ -174,9 +193,9 @@ impl Pool {
     pub fn release_idle(&self) {
         let now = Instant::now();
         sync::lock(&self.slots).retain(|_, slot| match slot {
-            Slot::Http2(sender) => !sender.is_closed(),
+            Slot::Http2(sender, _) => !sender.is_closed(),
             Slot::Http1(idle) => {
-                idle.retain(|(sender, since)| {
+                idle.retain(|(sender, since, _)| {
                     !sender.is_closed() && now.duration_since(*since) < IDLE
                 });
                 !idle.is_empty()
@@ -205,12 +224,12 @@ async fn try_send(
             }),
         };
     match sender {
-        Sender::Http1(mut sender) => {
+        Sender::Http1(mut sender, given) => {
             if sender.ready().await.is_err() {
                 return Err(Unsent::Back(request));
             }
             let response = sender.try_send_request(request).await.map_err(failed)?;
-            Ok((response, Sender::Http1(sender)))
+            Ok((response, Sender::Http1(sender, given)))
         }
         Sender::Http2(mut sender) => {
             if sender.ready().await.is_err() {
@@ -268,14 +287,16 @@ mod tests {
     }
 
     /// Sends `count` requests one after the other, giving each connection back once
-    /// its answer is read; returns how many connections were dialed.
-    async fn dials_for(count: usize, close: bool) -> usize {
+    /// its answer is read, each connection to carry at most `max_requests`; returns how
+    /// many connections were dialed.
+    async fn dials_for(count: usize, close: bool, max_requests: Option<u32>) -> usize {
         let address = server(close).await;
         let pool = Pool::default();
         let key = Key {
             source: None,
             endpoint: address,
             version: Version::Http1,
+            max_requests,
         };
         let dials = AtomicUsize::new(0);
         let dial = || async {
@@ -299,11 +320,21 @@ mod tests {
 
     #[tokio::test]
     async fn http1_connections_are_reused_and_a_closed_one_is_replaced() {
-        assert_eq!(dials_for(5, false).await, 1, "one keep-alive connection");
         assert_eq!(
-            dials_for(5, true).await,
+            dials_for(5, false, None).await,
+            1,
+            "one keep-alive connection"
+        );
+        assert_eq!(
+            dials_for(5, true, None).await,
             5,
             "a connection the server closed is never used again, and no request fails"
         );
+    }
+
+    #[tokio::test]
+    async fn a_connection_retires_after_the_requests_it_may_carry() {
+        assert_eq!(dials_for(6, false, Some(2)).await, 3);
+        assert_eq!(dials_for(3, false, Some(1)).await, 3);
     }
 }

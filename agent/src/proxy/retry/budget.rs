@@ -7,17 +7,11 @@
 //! request costs one atomic add, a retry a sum over the slots. Counts racing a slot's
 //! turnover may be lost; a budget is a bound, not an audit.
 
-use std::{
-    collections::HashMap,
-    sync::{
-        Arc, RwLock,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
-};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::time::Instant;
 
-use crate::sync;
+use crate::proxy::per_service::PerService;
 
 /// The seconds a budget looks back.
 const WINDOW: u64 = 10;
@@ -46,8 +40,6 @@ pub struct Budget {
     policy: BudgetPolicy,
     start: Instant,
     slots: [Slot; WINDOW as usize],
-    /// Used since the last [`Budgets::retain_used`].
-    used: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -64,13 +56,11 @@ impl Budget {
             policy,
             start: Instant::now(),
             slots: Default::default(),
-            used: AtomicBool::new(true),
         }
     }
 
     /// A request (not a retry) was sent.
     pub fn deposit(&self) {
-        self.used.store(true, Ordering::Relaxed);
         let (slot, _) = self.slot(Instant::now());
         slot.requests.fetch_add(1, Ordering::Relaxed);
     }
@@ -113,37 +103,7 @@ impl Budget {
 }
 
 /// Every service's budget on this node, shared by all its clients here.
-#[derive(Debug, Default)]
-pub struct Budgets {
-    budgets: RwLock<HashMap<String, Arc<Budget>>>,
-}
-
-impl Budgets {
-    /// The budget of `service` (a key such as "namespace/name:port") under `policy`;
-    /// a changed policy starts a new one.
-    pub fn of(&self, service: &str, policy: BudgetPolicy) -> Arc<Budget> {
-        if let Some(budget) = sync::read(&self.budgets).get(service)
-            && budget.policy == policy
-        {
-            return Arc::clone(budget);
-        }
-        let mut budgets = sync::write(&self.budgets);
-        let budget = budgets
-            .entry(service.to_owned())
-            .and_modify(|budget| {
-                if budget.policy != policy {
-                    *budget = Arc::new(Budget::new(policy));
-                }
-            })
-            .or_insert_with(|| Arc::new(Budget::new(policy)));
-        Arc::clone(budget)
-    }
-
-    /// Forgets the budgets not used since the previous call.
-    pub fn retain_used(&self) {
-        sync::write(&self.budgets).retain(|_, budget| budget.used.swap(false, Ordering::Relaxed));
-    }
-}
+pub type Budgets = PerService<BudgetPolicy, Budget>;
 
 #[cfg(test)]
 mod tests {
@@ -196,30 +156,5 @@ mod tests {
         budget.deposit();
         budget.deposit();
         assert_eq!(retries_allowed(&budget), 1);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_changed_policy_starts_over_and_unused_budgets_are_forgotten() {
-        let budgets = Budgets::default();
-        let policy = BudgetPolicy {
-            percent: 0,
-            min_per_second: 1,
-        };
-        let first = budgets.of("shop/web:80", policy);
-        assert_eq!(retries_allowed(&first), 10);
-        assert_eq!(retries_allowed(&budgets.of("shop/web:80", policy)), 0);
-        let changed = BudgetPolicy {
-            min_per_second: 2,
-            ..policy
-        };
-        assert_eq!(retries_allowed(&budgets.of("shop/web:80", changed)), 20);
-        budgets.retain_used();
-        assert_eq!(
-            sync::read(&budgets.budgets).len(),
-            1,
-            "new ones count as used"
-        );
-        budgets.retain_used();
-        assert!(sync::read(&budgets.budgets).is_empty());
     }
 }
