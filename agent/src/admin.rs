@@ -1,7 +1,8 @@
 //! The agent's small HTTP servers, on the control runtime away from the data plane:
 //! Prometheus metrics (15020), readiness (15021), and admin on localhost (15000):
 //! `GET /config_dump` (the mesh model, the subscription, the streamed policies and
-//! routes, the enrolled pods), `GET /certs`, `GET /authorization/explain?…` (why a
+//! routes, the enrolled pods), `GET /certs`, `GET /endpoints/ejected` (endpoints out of
+//! rotation by outlier detection), `GET /authorization/explain?…` (why a
 //! caller is allowed or denied; see [`weft_api::authz::query`]),
 //! `POST /logging?filter=<env_logger filter>`.
 
@@ -74,6 +75,7 @@ impl Admin {
         metrics::gauge!("weft_active_connections").set(self.proxy.active() as f64);
         metrics::gauge!("weft_config_revision").set(self.mesh.get().revision as f64);
         metrics::gauge!("weft_hbone_pool_connections").set(self.proxy.pool.connections() as f64);
+        metrics::gauge!("weft_endpoints_ejected").set(self.proxy.balancers.ejected().len() as f64);
         let (held, _) = self.proxy.admission.counts();
         metrics::gauge!("weft_admission_connections", "state" => "pending")
             .set(held.pending as f64);
@@ -146,6 +148,27 @@ impl Admin {
                     "active_connections": self.proxy.active(),
                 }))
             }
+            (&Method::GET, "/endpoints/ejected") => {
+                let mesh = self.mesh.get();
+                let ejected: Vec<_> = self
+                    .proxy
+                    .balancers
+                    .ejected()
+                    .into_iter()
+                    .map(|ejection| {
+                        let workload = mesh
+                            .workload_by_ip(ejection.address.ip())
+                            .map(|workload| format!("{}/{}", workload.namespace, workload.name));
+                        serde_json::json!({
+                            "address": ejection.address.to_string(),
+                            "workload": workload,
+                            "seconds_left": ejection.left.as_secs_f64(),
+                            "ejections_in_a_row": ejection.ejections,
+                        })
+                    })
+                    .collect();
+                json(&ejected)
+            }
             (&Method::GET, "/certs") => {
                 let certs: Vec<_> = self
                     .certs
@@ -197,7 +220,8 @@ impl Admin {
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "endpoints: GET /config_dump, GET /certs, GET /authorization/explain?..., \
+                "endpoints: GET /config_dump, GET /certs, GET /endpoints/ejected, \
+                 GET /authorization/explain?..., \
                  POST /logging?filter=...\n",
             ),
         }

@@ -63,7 +63,7 @@ metadata: { name: flaky, namespace: default }
 spec:
   service: flaky
   loadBalancer: { algorithm: ROUND_ROBIN }
-  outlierDetection: { consecutiveFailures: 3, baseEjectionTime: 2s, maxEjectionPercent: 50 }
+  outlierDetection: { consecutiveFailures: 3, baseEjectionTime: 4s, maxEjectionPercent: 50 }
 "#;
 
 const FLAKY: &str = "10.96.2.11";
@@ -390,8 +390,18 @@ fn a_replica_answering_503_is_ejected_kept_out_and_back_on_probation() {
         "nothing reaches it while ejected: {answered:?}"
     );
     assert_eq!(ejections() - before, 1.0);
+    // Out now: the gauge and the admin port say which.
+    let ejected = series(
+        &agent_metrics(&cluster, "node0"),
+        "weft_endpoints_ejected",
+        &[],
+    );
+    assert_eq!(ejected, Some(1.0));
+    let listed = cluster.agent_admin("node0", "/endpoints/ejected").unwrap();
+    assert_eq!(listed[0]["workload"], "default/broken", "{listed}");
+    assert_eq!(listed[0]["ejections_in_a_row"], 1, "{listed}");
 
-    // Back after its ejection (2 s), it is on probation: its first failure ejects it
+    // Back after its ejection (4 s), it is on probation: its first failure ejects it
     // again, for twice as long.
     wait_until("the broken replica back", Duration::from_secs(20), || {
         statuses(&cluster, 3).contains(&503)

@@ -180,6 +180,26 @@ impl Balancers {
         move |candidate: &Candidate| fail_open || !ejected.contains(&candidate.address)
     }
 
+    /// The endpoints ejected now, with how long they stay out and their ejections in a
+    /// row, by address.
+    pub fn ejected(&self) -> Vec<Ejection> {
+        let now = Instant::now();
+        let mut ejected: Vec<Ejection> = sync::read(&self.endpoints)
+            .iter()
+            .filter_map(|(address, endpoint)| {
+                let health = sync::lock(&endpoint.health);
+                let until = health.ejected_until.filter(|&until| now < until)?;
+                Some(Ejection {
+                    address: *address,
+                    left: until - now,
+                    ejections: health.ejections,
+                })
+            })
+            .collect();
+        ejected.sort_by_key(|ejection| ejection.address);
+        ejected
+    }
+
     /// Forgets the state of endpoints not in `live` (called after a configuration
     /// change), and the round-robin positions of services not picked from since the
     /// previous call (a service that comes back starts its rotation over).
@@ -208,6 +228,16 @@ impl Balancers {
         let mut services = sync::write(&self.services);
         Arc::clone(services.entry(key.to_owned()).or_default())
     }
+}
+
+/// An endpoint out of rotation (outlier detection).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ejection {
+    pub address: SocketAddr,
+    /// Until it is back, on probation.
+    pub left: Duration,
+    /// Ejections in a row, this one included.
+    pub ejections: u32,
 }
 
 /// What the node knows of one endpoint.
@@ -766,6 +796,27 @@ mod tests {
         }
         let counts = tally(2, &sequence(&balancers, never, &candidates, 10));
         assert_eq!(counts, [5, 5]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_ejected_endpoints_are_listed_until_they_are_back() {
+        let candidates = candidates(&[1, 1, 1, 1]);
+        let balancers = Balancers::new();
+        let ejects = ejecting(Algorithm::RoundRobin);
+        for _ in 0..3 {
+            fail(&balancers, ejects, candidates[1].address);
+        }
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert_eq!(
+            balancers.ejected(),
+            [Ejection {
+                address: candidates[1].address,
+                left: Duration::from_secs(6),
+                ejections: 1,
+            }]
+        );
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(balancers.ejected().is_empty(), "back, on probation");
     }
 
     #[tokio::test(start_paused = true)]

@@ -394,6 +394,10 @@ pub fn describe() {
         "Pooled HBONE connections to other nodes' agents"
     );
     describe_gauge!(
+        "weft_endpoints_ejected",
+        "Endpoints out of rotation now by outlier detection (listed on the admin port, GET /endpoints/ejected)"
+    );
+    describe_gauge!(
         "weft_certificate_expiry_seconds",
         "When each workload certificate expires, in Unix seconds"
     );

@@ -41,7 +41,10 @@ impl<P: PartialEq + Clone, T> PerService<P, T> {
         if let Some(entry) = sync::read(&self.entries).get(service)
             && entry.policy == *policy
         {
-            entry.used.store(true, Ordering::Relaxed);
+            // Read first: a store on every request would bounce the line between cores.
+            if !entry.used.load(Ordering::Relaxed) {
+                entry.used.store(true, Ordering::Relaxed);
+            }
             return Arc::clone(&entry.state);
         }
         let mut entries = sync::write(&self.entries);
