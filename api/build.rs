@@ -25,6 +25,9 @@ const DUMPED: &[&str] = &[
     ".weft.config.v1.Rewrite",
     ".weft.config.v1.PathModifier",
     ".weft.config.v1.Mirror",
+    ".weft.config.v1.Fault",
+    ".weft.config.v1.FaultDelay",
+    ".weft.config.v1.FaultAbort",
 ];
 
 /// Their enum fields (an `i32` in Rust), shown by name: (field, the function in

@@ -13,6 +13,9 @@
 //!   budget, connection limits, outlier detection). All of it is enforced but
 //!   `outlierDetection.interval`.
 //!
+//! - [`FaultInjection`]: delays and aborts for route rules that reference it (an
+//!   `ExtensionRef` filter), to test resilience.
+//!
 //! What the agents do not enforce is reported, not silently accepted: such an object
 //! gets `Accepted: False` with reason `NotEnforced`, naming the fields.
 //!
@@ -466,6 +469,66 @@ pub struct OutlierDetection {
     pub max_ejection_percent: Option<u32>,
 }
 
+// --- FaultInjection ----------------------------------------------------------------
+
+/// Faults to test a service's clients against, injected by the client's agent into
+/// the requests of the HTTPRoute or GRPCRoute rules that reference it as a filter:
+/// `{ type: ExtensionRef, extensionRef: { group: weft.dev, kind: FaultInjection,
+/// name: ... } }`. A delay holds a request before it goes on; an abort answers it at
+/// once with an error.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[kube(
+    group = "weft.dev",
+    version = "v1alpha1",
+    kind = "FaultInjection",
+    namespaced,
+    status = "PolicyStatus",
+    shortname = "fault",
+    category = "weft",
+    doc = "Delays and aborts a share of the requests of the route rules that reference it (an ExtensionRef filter), to test how clients cope.",
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultInjectionSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelay>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbort>,
+}
+
+/// Hold `percent` of the requests for `fixedDelay` (response flag `DI`); the delay
+/// counts against the request's timeouts.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultDelay {
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub fixed_delay: String,
+    /// Default 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub percent: Option<u32>,
+}
+
+/// Answer `percent` of the requests at once (response flag `FI`): with `httpStatus`,
+/// or for gRPC requests with `grpcStatus` (a gRPC request gets the status gRPC maps
+/// `httpStatus` to when only that is set; an HTTP one, 500 when only `grpcStatus`
+/// is).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultAbort {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 200, max = 599))]
+    pub http_status: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 16))]
+    pub grpc_status: Option<u32>,
+    /// Default 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub percent: Option<u32>,
+}
+
 /// A Gateway API duration: up to four `<number><unit>` parts, units `h`, `m`, `s`, `ms`.
 pub const DURATION_PATTERN: &str = "^([0-9]{1,5}(h|m|s|ms)){1,4}$";
 
@@ -476,6 +539,7 @@ pub fn manifests() -> Vec<(String, String)> {
         AuthorizationPolicy::crd(),
         PeerAuthentication::crd(),
         TrafficPolicy::crd(),
+        FaultInjection::crd(),
     ]
     .into_iter()
     .map(|crd| {

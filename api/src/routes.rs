@@ -152,6 +152,53 @@ pub struct Filters {
     pub rewrite: Option<Rewrite>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub mirrors: Vec<Mirror>,
+    /// A `FaultInjection` the rule references (an `ExtensionRef` filter).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Fault>,
+}
+
+/// Faults injected into a share of a rule's requests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Fault {
+    /// Hold the request this long first, in `percent` of requests.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delay: Option<(Duration, u32)>,
+    /// Answer it at once instead, in `percent` of requests.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub abort: Option<(Abort, u32)>,
+}
+
+/// How an aborted request is answered: an HTTP status, a gRPC status, or either as the
+/// request is HTTP or gRPC.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Abort {
+    pub http_status: Option<u16>,
+    pub grpc_status: Option<u8>,
+}
+
+/// What a fault does to one request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Injected {
+    pub delay: Option<Duration>,
+    pub abort: Option<Abort>,
+}
+
+impl Fault {
+    /// What the fault does to one request, given `percent_roll`, which draws a number
+    /// from 0 to 99 (called once for the delay and once for the abort, each set).
+    pub fn decide(&self, mut percent_roll: impl FnMut() -> u32) -> Injected {
+        let mut hits = |percent: u32| percent_roll() < percent;
+        Injected {
+            delay: self
+                .delay
+                .filter(|&(_, percent)| hits(percent))
+                .map(|(delay, _)| delay),
+            abort: self
+                .abort
+                .filter(|&(_, percent)| hits(percent))
+                .map(|(abort, _)| abort),
+        }
+    }
 }
 
 impl Filters {

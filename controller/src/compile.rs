@@ -11,6 +11,7 @@
 
 mod authorization;
 mod enforcement;
+mod faults;
 mod membership;
 mod routes;
 mod services;
@@ -131,6 +132,7 @@ pub fn compile(objects: &Objects, settings: &Settings, trust: &TrustBundle) -> C
     for (key, policy) in traffic.policies {
         shared.insert(key.to_string(), &policy);
     }
+    faults::compile(objects, &mut statuses);
     for (name, routes) in routes::compile(objects, &services, &mut statuses) {
         shared.insert(name, &routes);
     }

@@ -10,7 +10,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use kube::Resource;
-use weft_api::crd::{AuthorizationPolicy, PeerAuthentication, TrafficPolicy};
+use weft_api::crd::{AuthorizationPolicy, FaultInjection, PeerAuthentication, TrafficPolicy};
 
 /// Namespace (empty for cluster-scoped kinds) and name of an object.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -58,13 +58,14 @@ pub enum Kind {
     PeerAuthentication,
     AuthorizationPolicy,
     TrafficPolicy,
+    FaultInjection,
     HttpRoute,
     GrpcRoute,
     ReferenceGrant,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 12] = [
         Kind::Namespace,
         Kind::Node,
         Kind::Pod,
@@ -73,6 +74,7 @@ impl Kind {
         Kind::PeerAuthentication,
         Kind::AuthorizationPolicy,
         Kind::TrafficPolicy,
+        Kind::FaultInjection,
         Kind::HttpRoute,
         Kind::GrpcRoute,
         Kind::ReferenceGrant,
@@ -89,6 +91,7 @@ impl Kind {
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::TrafficPolicy => "TrafficPolicy",
+            Kind::FaultInjection => "FaultInjection",
             Kind::HttpRoute => "HTTPRoute",
             Kind::GrpcRoute => "GRPCRoute",
             Kind::ReferenceGrant => "ReferenceGrant",
@@ -100,9 +103,10 @@ impl Kind {
         match self {
             Kind::Namespace | Kind::Node | Kind::Pod | Kind::Service => "v1",
             Kind::EndpointSlice => "discovery.k8s.io/v1",
-            Kind::PeerAuthentication | Kind::AuthorizationPolicy | Kind::TrafficPolicy => {
-                "weft.dev/v1alpha1"
-            }
+            Kind::PeerAuthentication
+            | Kind::AuthorizationPolicy
+            | Kind::TrafficPolicy
+            | Kind::FaultInjection => "weft.dev/v1alpha1",
             Kind::HttpRoute | Kind::GrpcRoute | Kind::ReferenceGrant => {
                 "gateway.networking.k8s.io/v1"
             }
@@ -132,6 +136,7 @@ pub enum Object {
     PeerAuthentication(Arc<PeerAuthentication>),
     AuthorizationPolicy(Arc<AuthorizationPolicy>),
     TrafficPolicy(Arc<TrafficPolicy>),
+    FaultInjection(Arc<FaultInjection>),
     HttpRoute(Arc<HttpRoute>),
     GrpcRoute(Arc<GrpcRoute>),
     ReferenceGrant(Arc<ReferenceGrant>),
@@ -148,6 +153,7 @@ impl Object {
             Object::PeerAuthentication(_) => Kind::PeerAuthentication,
             Object::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Object::TrafficPolicy(_) => Kind::TrafficPolicy,
+            Object::FaultInjection(_) => Kind::FaultInjection,
             Object::HttpRoute(_) => Kind::HttpRoute,
             Object::GrpcRoute(_) => Kind::GrpcRoute,
             Object::ReferenceGrant(_) => Kind::ReferenceGrant,
@@ -164,6 +170,7 @@ impl Object {
             Object::PeerAuthentication(object) => ObjectKey::of(object.as_ref()),
             Object::AuthorizationPolicy(object) => ObjectKey::of(object.as_ref()),
             Object::TrafficPolicy(object) => ObjectKey::of(object.as_ref()),
+            Object::FaultInjection(object) => ObjectKey::of(object.as_ref()),
             Object::HttpRoute(object) => ObjectKey::of(object.as_ref()),
             Object::GrpcRoute(object) => ObjectKey::of(object.as_ref()),
             Object::ReferenceGrant(object) => ObjectKey::of(object.as_ref()),
@@ -186,6 +193,7 @@ impl Object {
             Kind::PeerAuthentication => Object::PeerAuthentication(parse(value)?),
             Kind::AuthorizationPolicy => Object::AuthorizationPolicy(parse(value)?),
             Kind::TrafficPolicy => Object::TrafficPolicy(parse(value)?),
+            Kind::FaultInjection => Object::FaultInjection(parse(value)?),
             Kind::HttpRoute => Object::HttpRoute(parse(value)?),
             Kind::GrpcRoute => Object::GrpcRoute(parse(value)?),
             Kind::ReferenceGrant => Object::ReferenceGrant(parse(value)?),
@@ -204,6 +212,7 @@ pub struct Objects {
     pub peer_authentications: BTreeMap<ObjectKey, Arc<PeerAuthentication>>,
     pub authorization_policies: BTreeMap<ObjectKey, Arc<AuthorizationPolicy>>,
     pub traffic_policies: BTreeMap<ObjectKey, Arc<TrafficPolicy>>,
+    pub fault_injections: BTreeMap<ObjectKey, Arc<FaultInjection>>,
     pub http_routes: BTreeMap<ObjectKey, Arc<HttpRoute>>,
     pub grpc_routes: BTreeMap<ObjectKey, Arc<GrpcRoute>>,
     pub reference_grants: BTreeMap<ObjectKey, Arc<ReferenceGrant>>,
@@ -229,6 +238,7 @@ impl Objects {
                 drop(self.authorization_policies.insert(key, object))
             }
             Object::TrafficPolicy(object) => drop(self.traffic_policies.insert(key, object)),
+            Object::FaultInjection(object) => drop(self.fault_injections.insert(key, object)),
             Object::HttpRoute(object) => drop(self.http_routes.insert(key, object)),
             Object::GrpcRoute(object) => drop(self.grpc_routes.insert(key, object)),
             Object::ReferenceGrant(object) => drop(self.reference_grants.insert(key, object)),
@@ -245,6 +255,7 @@ impl Objects {
             Kind::PeerAuthentication => drop(self.peer_authentications.remove(key)),
             Kind::AuthorizationPolicy => drop(self.authorization_policies.remove(key)),
             Kind::TrafficPolicy => drop(self.traffic_policies.remove(key)),
+            Kind::FaultInjection => drop(self.fault_injections.remove(key)),
             Kind::HttpRoute => drop(self.http_routes.remove(key)),
             Kind::GrpcRoute => drop(self.grpc_routes.remove(key)),
             Kind::ReferenceGrant => drop(self.reference_grants.remove(key)),
@@ -262,6 +273,7 @@ impl Objects {
             Kind::PeerAuthentication => self.peer_authentications.clear(),
             Kind::AuthorizationPolicy => self.authorization_policies.clear(),
             Kind::TrafficPolicy => self.traffic_policies.clear(),
+            Kind::FaultInjection => self.fault_injections.clear(),
             Kind::HttpRoute => self.http_routes.clear(),
             Kind::GrpcRoute => self.grpc_routes.clear(),
             Kind::ReferenceGrant => self.reference_grants.clear(),
@@ -283,6 +295,7 @@ impl Objects {
             (Kind::PeerAuthentication, self.peer_authentications.len()),
             (Kind::AuthorizationPolicy, self.authorization_policies.len()),
             (Kind::TrafficPolicy, self.traffic_policies.len()),
+            (Kind::FaultInjection, self.fault_injections.len()),
             (Kind::HttpRoute, self.http_routes.len()),
             (Kind::GrpcRoute, self.grpc_routes.len()),
             (Kind::ReferenceGrant, self.reference_grants.len()),

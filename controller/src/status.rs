@@ -74,6 +74,9 @@ pub enum Reason {
     RefNotPermitted,
     /// A route's backend is not a Service.
     InvalidKind,
+    /// A route's `ExtensionRef` filter names a FaultInjection that does not exist or is
+    /// invalid (weft's own reason): the rule's requests are answered 500.
+    FilterNotFound,
 }
 
 impl Reason {
@@ -91,6 +94,7 @@ impl Reason {
             Reason::BackendNotFound => "BackendNotFound",
             Reason::RefNotPermitted => "RefNotPermitted",
             Reason::InvalidKind => "InvalidKind",
+            Reason::FilterNotFound => "FilterNotFound",
         }
     }
 }

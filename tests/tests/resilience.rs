@@ -15,7 +15,11 @@
 //! - circuit breaking: requests past `maxRequests` wait as pending up to
 //!   `maxPendingRequests` and past that get 503 UO at once; upstream connections retire
 //!   after `maxRequestsPerConnection`; a TCP connection past `maxConnections` is
-//!   closed at once, and one gets through once another closed.
+//!   closed at once, and one gets through once another closed;
+//! - fault injection: route rules that reference a FaultInjection (ExtensionRef)
+//!   abort with its HTTP or gRPC status, delay past the request timeout, abort about
+//!   their share of requests, and a missing one answers 500 and is named in the
+//!   route's status.
 
 use std::{
     collections::BTreeMap,
@@ -167,6 +171,65 @@ apiVersion: weft.dev/v1alpha1
 kind: TrafficPolicy
 metadata: { name: narrow, namespace: default }
 spec: { service: narrow, connectionLimits: { maxConnections: 1 } }
+"#;
+
+/// A service whose HTTPRoute and GRPCRoute inject faults, chosen by a header.
+const FAULTY: &str = r#"
+---
+apiVersion: v1
+kind: Service
+metadata: { name: faulty, namespace: default }
+spec:
+  clusterIP: 10.96.2.18
+  selector: { app: faulty }
+  ports:
+    - { name: http, port: 80, targetPort: 8080 }
+    - { name: grpc, port: 7070, targetPort: 8080, appProtocol: kubernetes.io/h2c }
+---
+apiVersion: weft.dev/v1alpha1
+kind: FaultInjection
+metadata: { name: teapot, namespace: default }
+spec: { abort: { httpStatus: 418, grpcStatus: 8 } }
+---
+apiVersion: weft.dev/v1alpha1
+kind: FaultInjection
+metadata: { name: slow, namespace: default }
+spec: { delay: { fixedDelay: 2s } }
+---
+apiVersion: weft.dev/v1alpha1
+kind: FaultInjection
+metadata: { name: half, namespace: default }
+spec: { abort: { httpStatus: 503, percent: 50 } }
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: faulty, namespace: default }
+spec:
+  parentRefs: [{ group: "", kind: Service, name: faulty, port: 80 }]
+  rules:
+    - matches: [{ headers: [{ name: x-fault, value: abort }] }]
+      filters: [{ type: ExtensionRef, extensionRef: { group: weft.dev, kind: FaultInjection, name: teapot } }]
+      backendRefs: [{ name: faulty, port: 80 }]
+    - matches: [{ headers: [{ name: x-fault, value: delay }] }]
+      filters: [{ type: ExtensionRef, extensionRef: { group: weft.dev, kind: FaultInjection, name: slow } }]
+      timeouts: { request: 500ms }
+      backendRefs: [{ name: faulty, port: 80 }]
+    - matches: [{ headers: [{ name: x-fault, value: half }] }]
+      filters: [{ type: ExtensionRef, extensionRef: { group: weft.dev, kind: FaultInjection, name: half } }]
+      backendRefs: [{ name: faulty, port: 80 }]
+    - matches: [{ headers: [{ name: x-fault, value: missing }] }]
+      filters: [{ type: ExtensionRef, extensionRef: { group: weft.dev, kind: FaultInjection, name: nowhere } }]
+      backendRefs: [{ name: faulty, port: 80 }]
+    - backendRefs: [{ name: faulty, port: 80 }]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: { name: faulty-grpc, namespace: default }
+spec:
+  parentRefs: [{ group: "", kind: Service, name: faulty, port: 7070 }]
+  rules:
+    - filters: [{ type: ExtensionRef, extensionRef: { group: weft.dev, kind: FaultInjection, name: teapot } }]
+      backendRefs: [{ name: faulty, port: 7070 }]
 "#;
 
 /// A TCP client: holds one connection open (echoed), then opens a second and prints
@@ -761,4 +824,91 @@ fn circuit_breakers_queue_refuse_and_retire_connections() {
         ],
     );
     assert!(refused >= 1.0, "{refused}");
+}
+
+/// The statuses of `count` requests to the faulty service with `x-fault: <fault>`.
+fn faulted(cluster: &TestCluster, fault: &str, count: usize) -> Vec<u16> {
+    let header = format!("x-fault: {fault}");
+    statuses_of(cluster, "10.96.2.18", count, &["-H", &header])
+}
+
+#[test]
+fn route_rules_inject_the_faults_they_reference() {
+    let mut cluster = TestCluster::with_mesh(2, &format!("{MESH}{FAULTY}"));
+    let echo = workspace_bin("weft-echo").display().to_string();
+    add_replica(&mut cluster, "faulty-0", "node1", "faulty", &[&echo]);
+    let mut client = PodSpec::new("client", "node0", &[]);
+    client.service_account = "client".into();
+    cluster.add_pod(client).unwrap();
+    cluster.settle();
+    wait_for_replica(&cluster, "faulty-0", 200);
+    wait_until("the routes apply", Duration::from_secs(20), || {
+        faulted(&cluster, "abort", 1) == [418]
+    });
+
+    assert_eq!(
+        faulted(&cluster, "none", 3),
+        [200; 3],
+        "no fault, no change"
+    );
+    assert_eq!(faulted(&cluster, "abort", 3), [418; 3]);
+    // Held 2 s, past the rule's 500 ms timeout: the delay happened.
+    assert_eq!(faulted(&cluster, "delay", 2), [504; 2]);
+    let half = faulted(&cluster, "half", 200);
+    let aborted = half.iter().filter(|&&status| status == 503).count();
+    let answered = half.iter().filter(|&&status| status == 200).count();
+    assert_eq!(aborted + answered, 200, "{half:?}");
+    assert!(
+        (60..=140).contains(&aborted),
+        "about half of 200: {aborted}"
+    );
+    // A FaultInjection that does not exist fails the rule's requests.
+    assert_eq!(faulted(&cluster, "missing", 2), [500; 2]);
+
+    let metrics = agent_metrics(&cluster, "node0");
+    let flagged = |flags: &str, code: &str| {
+        total(
+            &metrics,
+            "istio_requests_total",
+            &[
+                ("reporter", "source"),
+                ("response_code", code),
+                ("response_flags", flags),
+            ],
+        )
+    };
+    assert!(flagged("FI", "418") >= 3.0);
+    assert_eq!(flagged("FI", "503"), aborted as f64);
+    assert!(flagged("UT", "504") >= 2.0);
+
+    // gRPC: the abort's gRPC status.
+    let output = cluster
+        .pod_command(
+            "default",
+            "client",
+            &[
+                workspace_bin("weft-client").display().to_string().as_str(),
+                "grpc",
+                "unary",
+                "--target",
+                "http://10.96.2.18:7070",
+            ],
+        )
+        .unwrap()
+        .output()
+        .unwrap();
+    let line: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+    assert_eq!(line["code"], 8, "RESOURCE_EXHAUSTED: {output:?}");
+
+    // Status: the FaultInjections are accepted; the route names the missing one.
+    let status = cluster.controller_status().unwrap();
+    let teapot = policy_verdict(&status, "FaultInjection", "teapot");
+    assert_eq!(teapot["accepted"], true, "{teapot}");
+    let route = policy_verdict(&status, "HTTPRoute", "faulty");
+    assert_eq!(route["references"]["reason"], "FilterNotFound", "{route}");
+    let message = route["references"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("no FaultInjection default/nowhere"),
+        "{message}"
+    );
 }

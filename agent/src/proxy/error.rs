@@ -106,6 +106,13 @@ pub enum ProxyError {
         which: &'static str,
         timeout: Duration,
     },
+    #[error("aborted by the FaultInjection of rule {rule} of {route}, as it asks")]
+    FaultAbort {
+        route: String,
+        rule: String,
+        status: StatusCode,
+        grpc_status: u8,
+    },
     #[error(
         "the circuit breaker of {service} is open: its TrafficPolicy \
          connectionLimits.{limit} is reached on this node (raise it, or add replicas)"
@@ -145,13 +152,14 @@ impl ProxyError {
             ProxyError::NoBackend { .. } | ProxyError::UnknownBackend { .. } => "backend_not_found",
             ProxyError::RequestTimeout { .. } => "request_timeout",
             ProxyError::Overflow { .. } => "overflow",
+            ProxyError::FaultAbort { .. } => "fault_injected",
         }
     }
 
     /// Envoy's `response_flags` for the failure: `NR` no route, `UH` no healthy
     /// upstream, `UF` upstream connection failure, `UC` upstream connection
     /// termination, `DC` downstream connection termination, `UO` upstream overflow
-    /// (circuit breaking); and `RBAC`, denied by an
+    /// (circuit breaking), `FI` a fault injected; and `RBAC`, denied by an
     /// authorization policy (Envoy sets no flag there, only its response details).
     pub fn response_flags(&self) -> &'static str {
         match self {
@@ -178,6 +186,7 @@ impl ProxyError {
             | ProxyError::Revoked { .. } => "RBAC",
             ProxyError::RequestTimeout { .. } => "UT",
             ProxyError::Overflow { .. } => "UO",
+            ProxyError::FaultAbort { .. } => "FI",
         }
     }
 
@@ -195,6 +204,7 @@ impl ProxyError {
     /// The status an HTTP client gets for a request that failed on this.
     pub fn status(&self) -> StatusCode {
         match self {
+            ProxyError::FaultAbort { status, .. } => *status,
             ProxyError::Connect { source, .. } if source.kind() == io::ErrorKind::TimedOut => {
                 StatusCode::GATEWAY_TIMEOUT
             }
@@ -216,13 +226,21 @@ impl ProxyError {
     /// The gRPC status a gRPC client gets instead (`UNAVAILABLE`, `DEADLINE_EXCEEDED`,
     /// `UNIMPLEMENTED` for no route, `PERMISSION_DENIED`), as gRPC maps HTTP statuses.
     pub fn grpc_status(&self) -> u8 {
-        match self.status() {
-            StatusCode::GATEWAY_TIMEOUT => 4,
-            StatusCode::FORBIDDEN => 7,
-            StatusCode::NOT_FOUND => 12,
-            StatusCode::INTERNAL_SERVER_ERROR => 13,
-            _ => 14,
+        match self {
+            ProxyError::FaultAbort { grpc_status, .. } => *grpc_status,
+            _ => grpc_status_for(self.status()),
         }
+    }
+}
+
+/// The gRPC status that stands for HTTP `status` (as gRPC maps them, roughly).
+pub fn grpc_status_for(status: StatusCode) -> u8 {
+    match status {
+        StatusCode::GATEWAY_TIMEOUT => 4,
+        StatusCode::FORBIDDEN => 7,
+        StatusCode::NOT_FOUND => 12,
+        StatusCode::INTERNAL_SERVER_ERROR => 13,
+        _ => 14,
     }
 }
 
@@ -304,6 +322,15 @@ mod tests {
                     limit: "maxRequests",
                 },
                 ("overflow", "UO", 503, 14),
+            ),
+            (
+                ProxyError::FaultAbort {
+                    route: "HTTPRoute/shop/web".into(),
+                    rule: "0".into(),
+                    status: StatusCode::IM_A_TEAPOT,
+                    grpc_status: 8,
+                },
+                ("fault_injected", "FI", 418, 8),
             ),
         ];
         for (error, (reason, flags, status, grpc)) in table {

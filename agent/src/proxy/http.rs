@@ -254,6 +254,7 @@ fn measured(
                 flags: match (seen.complete, exchange.retries_exhausted) {
                     (false, _) => "DC",
                     (true, true) => "URX",
+                    (true, false) if exchange.delay_injected => "DI",
                     (true, false) => "-",
                 },
                 request_bytes: request_bytes.load(Ordering::Relaxed),

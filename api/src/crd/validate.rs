@@ -9,8 +9,8 @@ use std::collections::HashSet;
 use crate::duration::parse_duration;
 
 use super::{
-    Action, AuthorizationPolicySpec, DURATION_PATTERN, Operation, PeerAuthenticationSpec, Rule,
-    Source, TrafficPolicySpec, WorkloadSelector,
+    Action, AuthorizationPolicySpec, DURATION_PATTERN, FaultInjectionSpec, Operation,
+    PeerAuthenticationSpec, Rule, Source, TrafficPolicySpec, WorkloadSelector,
 };
 use crate::authz;
 
@@ -305,6 +305,49 @@ impl Validate for TrafficPolicySpec {
     }
 }
 
+impl Validate for FaultInjectionSpec {
+    fn validate(&self) -> Result<(), FieldError> {
+        if self.delay.is_none() && self.abort.is_none() {
+            return Err(invalid("spec", "sets neither delay nor abort"));
+        }
+        let percent = |field: &str, percent: Option<u32>| match percent {
+            Some(percent) if percent > 100 => {
+                Err(invalid(field, format!("{percent} is more than 100")))
+            }
+            _ => Ok(()),
+        };
+        if let Some(delay) = &self.delay {
+            check_duration("spec.delay.fixedDelay", Some(&delay.fixed_delay))?;
+            percent("spec.delay.percent", delay.percent)?;
+        }
+        if let Some(abort) = &self.abort {
+            match (abort.http_status, abort.grpc_status) {
+                (None, None) => {
+                    return Err(invalid(
+                        "spec.abort",
+                        "sets neither httpStatus nor grpcStatus",
+                    ));
+                }
+                (Some(status), _) if !(200..=599).contains(&status) => {
+                    return Err(invalid(
+                        "spec.abort.httpStatus",
+                        format!("{status} is not from 200 to 599"),
+                    ));
+                }
+                (_, Some(status)) if !(1..=16).contains(&status) => {
+                    return Err(invalid(
+                        "spec.abort.grpcStatus",
+                        format!("{status} is not a gRPC status from 1 to 16"),
+                    ));
+                }
+                _ => {}
+            }
+            percent("spec.abort.percent", abort.percent)?;
+        }
+        Ok(())
+    }
+}
+
 fn check_duration(field: &str, value: Option<&str>) -> Result<(), FieldError> {
     match value {
         Some(text) if parse_duration(text).is_none() => Err(invalid(
@@ -490,5 +533,50 @@ mod tests {
         spec.retries = None;
         spec.service = "Echo".into();
         assert_eq!(spec.validate().unwrap_err().field, "spec.service");
+    }
+
+    #[test]
+    fn fault_injection_rules_name_the_field() {
+        use crate::crd::{FaultAbort, FaultDelay};
+        let mut spec = FaultInjectionSpec {
+            delay: Some(FaultDelay {
+                fixed_delay: "2s".into(),
+                percent: Some(50),
+            }),
+            abort: Some(FaultAbort {
+                http_status: Some(503),
+                grpc_status: Some(14),
+                percent: None,
+            }),
+        };
+        spec.validate().unwrap();
+        type Breaking = fn(&mut FaultInjectionSpec);
+        let cases: [(Breaking, &str); 5] = [
+            (
+                |spec| spec.delay.as_mut().unwrap().fixed_delay = "soon".into(),
+                "spec.delay.fixedDelay",
+            ),
+            (
+                |spec| spec.delay.as_mut().unwrap().percent = Some(101),
+                "spec.delay.percent",
+            ),
+            (
+                |spec| spec.abort.as_mut().unwrap().http_status = Some(99),
+                "spec.abort.httpStatus",
+            ),
+            (
+                |spec| spec.abort.as_mut().unwrap().grpc_status = Some(17),
+                "spec.abort.grpcStatus",
+            ),
+            (|spec| *spec = FaultInjectionSpec::default(), "spec"),
+        ];
+        for (break_it, field) in cases {
+            let mut broken = spec.clone();
+            break_it(&mut broken);
+            assert_eq!(broken.validate().unwrap_err().field, field);
+        }
+        spec.abort.as_mut().unwrap().http_status = None;
+        spec.abort.as_mut().unwrap().grpc_status = None;
+        assert_eq!(spec.validate().unwrap_err().field, "spec.abort");
     }
 }

@@ -503,6 +503,16 @@ fn routes_survive_the_wire_and_bad_entries_are_refused_by_name() {
                     numerator: 1,
                     denominator: 2,
                 }],
+                fault: Some(Fault {
+                    delay: Some((Duration::from_millis(250), 10)),
+                    abort: Some((
+                        Abort {
+                            http_status: Some(503),
+                            grpc_status: Some(14),
+                        },
+                        5,
+                    )),
+                }),
                 ..Filters::default()
             },
             backends: vec![
@@ -550,7 +560,37 @@ fn routes_survive_the_wire_and_bad_entries_are_refused_by_name() {
         .push(proto::RouteFilter { filter: None });
     let error = ServiceRoutes::try_from(&bad).unwrap_err();
     assert!(
-        error.contains("filters: [3]: a filter this agent does not know"),
+        error.contains("filters: [4]: a filter this agent does not know"),
         "{error}"
     );
+}
+
+#[test]
+fn a_fault_hits_the_share_of_requests_its_percentages_say() {
+    let abort = Abort {
+        http_status: Some(503),
+        grpc_status: None,
+    };
+    let fault = Fault {
+        delay: Some((Duration::from_secs(1), 30)),
+        abort: Some((abort, 100)),
+    };
+    // Each roll answers one percentage in turn: the delay's, then the abort's.
+    let decide = |rolls: [u32; 2]| {
+        let mut rolls = rolls.into_iter();
+        fault.decide(|| rolls.next().unwrap())
+    };
+    assert_eq!(
+        decide([29, 99]),
+        Injected {
+            delay: Some(Duration::from_secs(1)),
+            abort: Some(abort),
+        }
+    );
+    assert_eq!(decide([30, 0]).delay, None, "30 % is rolls 0 to 29");
+    let never = Fault {
+        abort: Some((abort, 0)),
+        ..Fault::default()
+    };
+    assert_eq!(never.decide(|| 0), Injected::default());
 }

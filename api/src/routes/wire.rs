@@ -10,8 +10,9 @@ use crate::config::v1::{
 };
 
 use super::{
-    Backend, BackendRef, Filters, HeaderModifier, Match, Mirror, PathMatch, PathModifier, Pattern,
-    Redirect, Rewrite, Rule, ServiceRoutes, Timeouts, ValueMatch, ValueMatchKind,
+    Abort, Backend, BackendRef, Fault, Filters, HeaderModifier, Match, Mirror, PathMatch,
+    PathModifier, Pattern, Redirect, Rewrite, Rule, ServiceRoutes, Timeouts, ValueMatch,
+    ValueMatchKind,
 };
 
 impl From<&ServiceRoutes> for proto::ServiceRoutes {
@@ -129,6 +130,19 @@ fn filters_to_wire(filters: &Filters) -> Vec<proto::RouteFilter> {
             port: u32::from(mirror.backend.port),
             numerator: mirror.numerator,
             denominator: mirror.denominator,
+        }));
+    }
+    if let Some(fault) = &filters.fault {
+        push(WireFilter::Fault(proto::Fault {
+            delay: fault.delay.map(|(delay, percent)| proto::FaultDelay {
+                delay_ms: delay.as_millis() as u64,
+                percent,
+            }),
+            abort: fault.abort.map(|(abort, percent)| proto::FaultAbort {
+                http_status: abort.http_status.map_or(0, u32::from),
+                grpc_status: abort.grpc_status.map_or(0, u32::from),
+                percent,
+            }),
         }));
     }
     wire
@@ -316,10 +330,57 @@ fn filters_from_wire(wire: &[proto::RouteFilter]) -> Result<Filters, String> {
                     denominator: mirror.denominator,
                 });
             }
+            Some(WireFilter::Fault(fault)) => {
+                once(filters.fault.is_some(), "a fault")?;
+                filters.fault = Some(
+                    fault_from_wire(fault).map_err(|problem| format!("[{index}]: {problem}"))?,
+                );
+            }
             None => return Err(format!("[{index}]: a filter this agent does not know")),
         }
     }
     Ok(filters)
+}
+
+fn fault_from_wire(wire: &proto::Fault) -> Result<Fault, String> {
+    let percent = |percent: u32| {
+        (percent <= 100)
+            .then_some(percent)
+            .ok_or_else(|| format!("{percent} is more than 100 percent"))
+    };
+    let abort = match &wire.abort {
+        None => None,
+        Some(written) => {
+            let http_status = match written.http_status {
+                0 => None,
+                status @ 200..=599 => Some(status as u16),
+                status => return Err(format!("{status} is not an HTTP status")),
+            };
+            let grpc_status = match written.grpc_status {
+                0 => None,
+                status @ 1..=16 => Some(status as u8),
+                status => return Err(format!("{status} is not a gRPC status")),
+            };
+            if http_status.is_none() && grpc_status.is_none() {
+                return Err("an abort without a status".to_owned());
+            }
+            let abort = Abort {
+                http_status,
+                grpc_status,
+            };
+            Some((abort, percent(written.percent)?))
+        }
+    };
+    Ok(Fault {
+        delay: match &wire.delay {
+            None => None,
+            Some(delay) => Some((
+                Duration::from_millis(delay.delay_ms),
+                percent(delay.percent)?,
+            )),
+        },
+        abort,
+    })
 }
 
 fn path_from_wire(wire: Option<&proto::PathModifier>) -> Option<PathModifier> {

@@ -42,6 +42,7 @@ pub fn of(kind: Kind) -> Enforcement {
             ],
         },
         Kind::AuthorizationPolicy
+        | Kind::FaultInjection
         | Kind::HttpRoute
         | Kind::GrpcRoute
         | Kind::Namespace

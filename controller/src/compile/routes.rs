@@ -12,7 +12,8 @@
 //! `UnsupportedValue`, naming the field, when the route applies nowhere) and
 //! `ResolvedRefs` (false with `BackendNotFound`, `RefNotPermitted` or `InvalidKind`
 //! when a backend does not resolve; the route still applies, and that backend's share
-//! of requests is answered 500).
+//! of requests is answered 500; `FilterNotFound` when an `ExtensionRef` names a
+//! FaultInjection that does not resolve, whose rule's requests are answered 500).
 
 mod written;
 
@@ -31,7 +32,7 @@ use weft_api::{
 };
 
 use self::written::{Filter, NameValue, Reference, WrittenPath, WrittenRule, WrittenSpec};
-use super::{by_age, judge};
+use super::{by_age, faults, judge};
 use crate::{
     objects::{Kind, ObjectKey, Objects},
     status::{Reason, References, RefusedParent, Statuses, Verdict},
@@ -454,10 +455,13 @@ fn compile_rule(
             resolution,
         )
         .map_err(|(r, p)| (r, format!("{field}.filters{p}")))?;
-        if backend_filters.redirect.is_some() {
+        if backend_filters.redirect.is_some() || backend_filters.fault.is_some() {
             return Err((
                 Reason::UnsupportedValue,
-                format!("{field}.filters: a redirect belongs to the rule, not to one backend"),
+                format!(
+                    "{field}.filters: a redirect or a FaultInjection belongs to the rule, not \
+                     to one backend"
+                ),
             ));
         }
         let target = resolve(context, backend, rule_field, &field, weight, resolution)?;
@@ -690,10 +694,48 @@ fn compile_filters(
                     });
                 }
             }
+            "ExtensionRef" => {
+                let reference = filter
+                    .extension_ref
+                    .as_ref()
+                    .ok_or_else(|| unsupported("ExtensionRef without extensionRef"))?;
+                if (reference.group.as_str(), reference.kind.as_str())
+                    != ("weft.dev", "FaultInjection")
+                {
+                    return Err(unsupported(&format!(
+                        "extensionRef: {}/{} is not a filter weft knows (weft.dev/FaultInjection \
+                         is)",
+                        reference.group, reference.kind
+                    )));
+                }
+                let key = ObjectKey::new(context.namespace, &reference.name);
+                let found = context.objects.fault_injections.get(&key);
+                let fault = match found.map(|fault| faults::fault_of(&fault.spec)) {
+                    Some(Ok(fault)) => fault,
+                    unresolved => {
+                        let why = match unresolved {
+                            Some(Err(problem)) => {
+                                format!("FaultInjection {key} is invalid: {problem}")
+                            }
+                            _ => format!("there is no FaultInjection {key}"),
+                        };
+                        resolution.record(
+                            Reason::FilterNotFound,
+                            format!(
+                                "{rule_field}.{field}{at}.extensionRef: {why}, so the rule's \
+                                 requests are answered 500"
+                            ),
+                        );
+                        faults::unresolved()
+                    }
+                };
+                once(&mut compiled.fault, fault).ok_or_else(twice)?;
+            }
             other => {
                 return Err(unsupported(&format!(
                     "{other} filters are not supported by weft (RequestHeaderModifier, \
-                     ResponseHeaderModifier, RequestRedirect, URLRewrite and RequestMirror are)"
+                     ResponseHeaderModifier, RequestRedirect, URLRewrite, RequestMirror and \
+                     ExtensionRef to a weft.dev FaultInjection are)"
                 )));
             }
         }

@@ -1,7 +1,7 @@
 //! The compiler on small clusters written as the YAML a user would apply. (The large
 //! cluster is in `tests/stream.rs`, compiled and streamed.)
 
-use std::{path::Path, sync::Arc};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use weft_api::config::v1 as proto;
 
@@ -762,6 +762,80 @@ spec:
 }
 
 #[test]
+fn route_rules_carry_the_fault_injections_they_reference() {
+    let faults = |delay: &str| {
+        format!(
+            r#"
+---
+apiVersion: weft.dev/v1alpha1
+kind: FaultInjection
+metadata: {{ name: flaky, namespace: shop }}
+spec: {{ delay: {{ fixedDelay: {delay}, percent: 10 }}, abort: {{ grpcStatus: 14 }} }}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{ name: chaos, namespace: shop }}
+spec:
+  parentRefs: [{{ kind: Service, name: web, port: 80 }}]
+  rules:
+    - filters: [{{ type: ExtensionRef, extensionRef: {{ group: weft.dev, kind: FaultInjection, name: flaky }} }}]
+      backendRefs: [{{ name: web, port: 80 }}]
+"#
+        )
+    };
+    let compiled = compile(
+        &objects(&format!("{CLUSTER}{}", faults("250ms"))),
+        &settings(),
+        &TrustBundle::default(),
+    );
+    let fault = verdict(&compiled, Kind::FaultInjection, "shop", "flaky");
+    assert_eq!(fault.reason, Reason::Accepted, "{fault:?}");
+    let route = verdict(&compiled, Kind::HttpRoute, "shop", "chaos");
+    assert!(route.references.as_ref().unwrap().resolved, "{route:?}");
+    let wire = compiled
+        .shared
+        .get::<proto::ServiceRoutes>("shop/web:80")
+        .unwrap();
+    let routes = weft_api::routes::ServiceRoutes::try_from(&wire).unwrap();
+    let injected = routes.rules[0].filters.fault.unwrap();
+    assert_eq!(injected.delay, Some((Duration::from_millis(250), 10)));
+    let (abort, percent) = injected.abort.unwrap();
+    assert_eq!(
+        (abort.grpc_status, abort.http_status, percent),
+        (Some(14), None, 100)
+    );
+
+    // Invalid: the FaultInjection says why, and the rule's requests get 500.
+    let compiled = compile(
+        &objects(&format!("{CLUSTER}{}", faults("soon"))),
+        &settings(),
+        &TrustBundle::default(),
+    );
+    let fault = verdict(&compiled, Kind::FaultInjection, "shop", "flaky");
+    assert_eq!(fault.reason, Reason::Invalid, "{fault:?}");
+    assert!(
+        fault.message.starts_with("spec.delay.fixedDelay: "),
+        "{fault:?}"
+    );
+    let route = verdict(&compiled, Kind::HttpRoute, "shop", "chaos");
+    let references = route.references.as_ref().unwrap();
+    assert_eq!(references.reason, Reason::FilterNotFound, "{route:?}");
+    assert!(
+        references.message.contains(
+            "spec.rules[0].filters[0].extensionRef: FaultInjection shop/flaky is invalid"
+        ),
+        "{references:?}"
+    );
+    let wire = compiled
+        .shared
+        .get::<proto::ServiceRoutes>("shop/web:80")
+        .unwrap();
+    let routes = weft_api::routes::ServiceRoutes::try_from(&wire).unwrap();
+    let (abort, percent) = routes.rules[0].filters.fault.unwrap().abort.unwrap();
+    assert_eq!((abort.http_status, percent), (Some(500), 100));
+}
+
+#[test]
 fn a_parent_that_does_not_exist_refuses_the_route_for_itself_only() {
     let route = r#"
 ---
@@ -836,8 +910,14 @@ fn routes_weft_cannot_honour_are_refused_naming_the_field() {
             "{ parentRefs: [{ kind: Service, name: web }], rules: [{ filters: [{ type: CORS, cors: { allowOrigins: [\"*\"] } }] }] }",
             Reason::UnsupportedValue,
             "spec.rules[0].filters[0]: CORS filters are not supported by weft \
-             (RequestHeaderModifier, ResponseHeaderModifier, RequestRedirect, URLRewrite and \
-             RequestMirror are)",
+             (RequestHeaderModifier, ResponseHeaderModifier, RequestRedirect, URLRewrite, \
+             RequestMirror and ExtensionRef to a weft.dev FaultInjection are)",
+        ),
+        (
+            "{ parentRefs: [{ kind: Service, name: web }], rules: [{ filters: [{ type: ExtensionRef, extensionRef: { group: example.com, kind: RateLimit, name: x } }] }] }",
+            Reason::UnsupportedValue,
+            "spec.rules[0].filters[0]: extensionRef: example.com/RateLimit is not a filter \
+             weft knows (weft.dev/FaultInjection is)",
         ),
         (
             "{ parentRefs: [{ kind: Service, name: web }], rules: [{ matches: [{ path: { type: RegularExpression, value: '(' } }] }] }",

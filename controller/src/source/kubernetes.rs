@@ -39,7 +39,9 @@ use kube::{
 };
 use serde_json::{Value, json};
 use tokio::{sync::watch, time::Instant};
-use weft_api::crd::{AuthorizationPolicy, PeerAuthentication, PolicyStatus, TrafficPolicy};
+use weft_api::crd::{
+    AuthorizationPolicy, FaultInjection, PeerAuthentication, PolicyStatus, TrafficPolicy,
+};
 
 use super::Publisher;
 use crate::{
@@ -71,6 +73,7 @@ fn api_resource(kind: Kind) -> ApiResource {
         Kind::PeerAuthentication => ApiResource::erase::<PeerAuthentication>(&()),
         Kind::AuthorizationPolicy => ApiResource::erase::<AuthorizationPolicy>(&()),
         Kind::TrafficPolicy => ApiResource::erase::<TrafficPolicy>(&()),
+        Kind::FaultInjection => ApiResource::erase::<FaultInjection>(&()),
         Kind::HttpRoute => ApiResource::erase::<HttpRoute>(&()),
         Kind::GrpcRoute => ApiResource::erase::<GrpcRoute>(&()),
         Kind::ReferenceGrant => ApiResource::erase::<ReferenceGrant>(&()),
@@ -89,9 +92,10 @@ fn resource_name(resource: &ApiResource) -> String {
 /// What to install when the API server does not serve `kind`.
 fn install_hint(kind: Kind) -> &'static str {
     match kind {
-        Kind::PeerAuthentication | Kind::AuthorizationPolicy | Kind::TrafficPolicy => {
-            "install weft's CRDs: kubectl apply -f deploy/crds/"
-        }
+        Kind::PeerAuthentication
+        | Kind::AuthorizationPolicy
+        | Kind::TrafficPolicy
+        | Kind::FaultInjection => "install weft's CRDs: kubectl apply -f deploy/crds/",
         Kind::HttpRoute | Kind::GrpcRoute | Kind::ReferenceGrant => {
             "install the Gateway API CRDs (standard channel): \
              https://gateway-api.sigs.k8s.io/guides/#installing-gateway-api"
@@ -213,6 +217,7 @@ fn find(objects: &Objects, kind: Kind, key: &ObjectKey) -> Option<Object> {
             Object::AuthorizationPolicy(objects.authorization_policies.get(key)?.clone())
         }
         Kind::TrafficPolicy => Object::TrafficPolicy(objects.traffic_policies.get(key)?.clone()),
+        Kind::FaultInjection => Object::FaultInjection(objects.fault_injections.get(key)?.clone()),
         Kind::HttpRoute => Object::HttpRoute(objects.http_routes.get(key)?.clone()),
         Kind::GrpcRoute => Object::GrpcRoute(objects.grpc_routes.get(key)?.clone()),
         Kind::ReferenceGrant => Object::ReferenceGrant(objects.reference_grants.get(key)?.clone()),
@@ -547,6 +552,10 @@ fn plan(
         }
         Kind::TrafficPolicy => {
             let object = objects.traffic_policies.get(key)?;
+            policy_write(&object.metadata, object.status.as_ref(), verdict)
+        }
+        Kind::FaultInjection => {
+            let object = objects.fault_injections.get(key)?;
             policy_write(&object.metadata, object.status.as_ref(), verdict)
         }
         Kind::HttpRoute => {

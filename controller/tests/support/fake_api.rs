@@ -123,6 +123,12 @@ const RESOURCES: &[Resource] = &[
         namespaced: true,
     },
     Resource {
+        api_version: "weft.dev/v1alpha1",
+        kind: "FaultInjection",
+        plural: "faultinjections",
+        namespaced: true,
+    },
+    Resource {
         api_version: "gateway.networking.k8s.io/v1",
         kind: "HTTPRoute",
         plural: "httproutes",

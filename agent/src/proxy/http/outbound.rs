@@ -15,7 +15,7 @@ use tokio::{
 };
 use weft_api::{
     retry::RetryOn,
-    routes::{BackendRef, HeaderModifier, Timeouts},
+    routes::{BackendRef, Fault, HeaderModifier, Timeouts},
 };
 
 use super::{
@@ -34,7 +34,7 @@ use crate::{
         balance::Pick,
         breaker::{Admitted, Breaker},
         connect::connect,
-        error::ProxyError,
+        error::{ProxyError, grpc_status_for},
         logical::{Destination, Endpoint, Hop, Logical},
         metrics::{Peer, Reporter},
         outbound::{breaker, choose, choose_backend, idle_timeout, retrying},
@@ -117,6 +117,12 @@ impl Outbound {
             grpc: grpc.map(|timeout| exchange.started + timeout),
             max_requests_per_connection: settings.max_requests_per_connection,
         };
+        if let Some(routed) = &routed
+            && let Some(fault) = &routed.fault
+            && let Err(error) = inject(fault, &routed.name, &limits, &mut exchange).await
+        {
+            return self.failed(&exchange, span, None, error);
+        }
         // Held until the response ends.
         let admitted = match &settings.breaker {
             None => None,
@@ -521,6 +527,43 @@ impl Outbound {
         super::answered(&self.requests, exchange, span, status);
         response
     }
+}
+
+/// Injects `fault` (a route rule's FaultInjection) into a request: holds it for the
+/// delay, if this request is among those delayed (within its deadline), and fails it
+/// as asked, if it is among those aborted.
+async fn inject(
+    fault: &Fault,
+    rule: &RuleName,
+    limits: &Limits,
+    exchange: &mut Exchange,
+) -> Result<(), ProxyError> {
+    let injected = fault.decide(|| fastrand::u32(..100));
+    if let Some(delay) = injected.delay {
+        exchange.delay_injected = true;
+        let until = Instant::now() + delay;
+        match limits.deadline {
+            Some((which, timeout, deadline)) if deadline <= until => {
+                tokio::time::sleep_until(deadline).await;
+                return Err(ProxyError::RequestTimeout { which, timeout });
+            }
+            _ => tokio::time::sleep_until(until).await,
+        }
+    }
+    let Some(abort) = injected.abort else {
+        return Ok(());
+    };
+    // Only a gRPC status: an HTTP client gets 500.
+    let status = abort
+        .http_status
+        .and_then(|status| StatusCode::from_u16(status).ok())
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    Err(ProxyError::FaultAbort {
+        route: rule.route.clone(),
+        rule: rule.rule.clone(),
+        status,
+        grpc_status: abort.grpc_status.unwrap_or(grpc_status_for(status)),
+    })
 }
 
 /// What bounds the tries of a request.

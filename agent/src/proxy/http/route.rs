@@ -6,7 +6,7 @@
 
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Uri, header};
 use weft_api::routes::{
-    self, BackendRef, Filters, HeaderModifier, Mirror, Origin, Rewrite, Selected, Timeouts,
+    self, BackendRef, Fault, Filters, HeaderModifier, Mirror, Origin, Rewrite, Selected, Timeouts,
 };
 
 use crate::proxy::{authorize::HeaderView, error::ProxyError};
@@ -30,6 +30,8 @@ pub struct Routed {
     pub timeouts: Timeouts,
     /// Services that get a copy of the request (the rule's and the backend's).
     pub mirrors: Vec<Mirror>,
+    /// The rule's FaultInjection, if it references one.
+    pub fault: Option<Fault>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -86,6 +88,7 @@ pub fn route<B>(
             response_headers: rule.filters.response_headers.iter().cloned().collect(),
             timeouts: rule.timeouts,
             mirrors: Vec::new(),
+            fault: None,
         });
     }
     let no_backend = || ProxyError::NoBackend {
@@ -115,6 +118,7 @@ pub fn route<B>(
         response_headers,
         timeouts: rule.timeouts,
         mirrors,
+        fault: rule.filters.fault,
     })
 }
 

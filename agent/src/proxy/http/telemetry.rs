@@ -67,6 +67,8 @@ pub struct Exchange {
     /// Its last try failed as its retry policy retries, but no retry was left (Envoy's
     /// `URX`).
     pub retries_exhausted: bool,
+    /// A FaultInjection held it before it went on (`DI`).
+    pub delay_injected: bool,
 }
 
 impl Exchange {
@@ -90,6 +92,7 @@ impl Exchange {
             trace_id: None,
             route: None,
             retries_exhausted: false,
+            delay_injected: false,
         }
     }
 }

@@ -86,6 +86,15 @@ pub struct Filter {
     #[serde(rename = "urlRewrite")]
     pub url_rewrite: Option<WrittenRewrite>,
     pub request_mirror: Option<WrittenMirror>,
+    pub extension_ref: Option<ExtensionRef>,
+}
+
+/// A filter of an implementation's own kind.
+#[derive(Debug, Deserialize)]
+pub struct ExtensionRef {
+    pub group: String,
+    pub kind: String,
+    pub name: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
