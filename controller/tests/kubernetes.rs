@@ -173,6 +173,11 @@ async fn lists_every_kind_then_follows_creations_updates_and_deletions() {
     fake.create(peer_authentication("shop", "strict", "STRICT"));
     fake.create(authorization_policy("shop", "allow-shop"));
     fake.create(traffic_policy("shop", "web", "web"));
+    fake.create(json!({
+        "apiVersion": "weft.dev/v1alpha1", "kind": "FaultInjection",
+        "metadata": { "name": "slow", "namespace": "shop" },
+        "spec": { "delay": { "fixedDelay": "1s", "percent": 10 } },
+    }));
     fake.create(route(
         "HTTPRoute",
         "shop",
