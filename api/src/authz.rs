@@ -519,6 +519,7 @@ impl fmt::Display for IpBlock {
 
 /// `parse` applied to each entry of the list `field`; the error is the entry's path
 /// (`field[index]`) and what is wrong with it.
+#[cfg(any(feature = "config", feature = "crd"))]
 pub(crate) fn parse_each<T, U>(
     field: &str,
     entries: &[T],

@@ -451,8 +451,21 @@ pub struct ConnectionLimits {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OutlierDetection {
+    /// Failures of any kind in a row: 5xx answers, failed connections, resets,
+    /// timeouts.
     #[schemars(range(min = 1))]
     pub consecutive_failures: u32,
+    /// Gateway errors in a row — 502, 503 or 504 answers, failed connections, resets,
+    /// timeouts — eject too (an application's 500 breaks the streak). Unset: only
+    /// `consecutiveFailures` counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub consecutive_gateway_errors: Option<u32>,
+    /// Failed connections in a row eject too (any answer breaks the streak); L4
+    /// connections count. Unset: only `consecutiveFailures` counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub consecutive_connect_failures: Option<u32>,
     /// How often failures are counted up in Envoy; weft counts every request as it
     /// ends, so this is not enforced.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -5,8 +5,8 @@
 //!   the deadline goes on to the server reduced by the time already spent; the
 //!   controller accepts the policy as enforced;
 //! - outlier detection: a replica that answers 503 to everything is ejected after its
-//!   consecutive failures, gets nothing while ejected, comes back, and is ejected again
-//!   by its first failure on probation;
+//!   consecutive gateway errors, gets nothing while ejected (the gauge and the admin
+//!   port say so), comes back, and is ejected again by its first failure on probation;
 //! - retries: a broken replica's 503s and a slow replica's hang (past the per-try
 //!   timeout) are retried on the others, and the client sees none of it, but a POST is
 //!   not retried; a service down entirely gets retries only within its budget, and its
@@ -67,7 +67,11 @@ metadata: { name: flaky, namespace: default }
 spec:
   service: flaky
   loadBalancer: { algorithm: ROUND_ROBIN }
-  outlierDetection: { consecutiveFailures: 3, baseEjectionTime: 4s, maxEjectionPercent: 50 }
+  outlierDetection:
+    consecutiveFailures: 10
+    consecutiveGatewayErrors: 3
+    baseEjectionTime: 4s
+    maxEjectionPercent: 50
 "#;
 
 const FLAKY: &str = "10.96.2.11";
@@ -444,7 +448,7 @@ fn a_replica_answering_503_is_ejected_kept_out_and_back_on_probation() {
     let failed = answered.iter().filter(|&&status| status == 503).count();
     assert_eq!(
         failed, 3,
-        "ejected at its third failure in a row: {answered:?}"
+        "ejected at its third gateway error in a row: {answered:?}"
     );
     assert!(
         answered[answered.len() - 15..]

@@ -254,6 +254,10 @@ impl Resources {
                 .and_then(|policy| policy.outlier_detection.as_ref())
                 .map(|outlier| Outlier {
                     consecutive_failures: outlier.consecutive_failures.max(1),
+                    consecutive_gateway_errors: Some(outlier.consecutive_gateway_errors)
+                        .filter(|&count| count > 0),
+                    consecutive_connect_failures: Some(outlier.consecutive_connect_failures)
+                        .filter(|&count| count > 0),
                     base_ejection: Some(outlier.base_ejection_ms)
                         .filter(|&millis| millis > 0)
                         .map_or(DEFAULT_BASE_EJECTION, Duration::from_millis),

@@ -77,14 +77,17 @@ pub struct Policy {
 }
 
 /// Outlier detection, as failure accrual: `consecutive_failures` failures in a row
-/// (5xx answers, connect failures, resets) eject an endpoint for `base_ejection` times
-/// the number of ejections in a row; back from one, it is on probation, and its next
-/// failure ejects it again at once. At most `max_ejection_percent` of a service's
-/// endpoints (and always at least one) are ejected: past that, every endpoint takes
-/// traffic again.
+/// (5xx answers, connect failures, resets), or `consecutive_gateway_errors` gateway
+/// errors, or `consecutive_connect_failures` failed connections, eject an endpoint for
+/// `base_ejection` times the number of ejections in a row; back from one, it is on
+/// probation, and its next failure ejects it again at once. At most
+/// `max_ejection_percent` of a service's endpoints (and always at least one) are
+/// ejected: past that, every endpoint takes traffic again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Outlier {
     pub consecutive_failures: u32,
+    pub consecutive_gateway_errors: Option<u32>,
+    pub consecutive_connect_failures: Option<u32>,
     pub base_ejection: Duration,
     pub max_ejection_percent: u32,
 }
@@ -248,11 +251,37 @@ struct Endpoint {
     health: Mutex<Health>,
 }
 
+/// How a request (or connection) failed, for outlier detection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// No connection.
+    Connect,
+    /// A 502, 503 or 504 answer, a reset, a timeout: the connection was made.
+    Gateway,
+    /// Any other 5xx answer.
+    Server,
+}
+
+impl Failure {
+    /// The failure an answer with `status` is, if any.
+    pub fn of_status(status: u16) -> Option<Self> {
+        match status {
+            502..=504 => Some(Failure::Gateway),
+            500..=599 => Some(Failure::Server),
+            _ => None,
+        }
+    }
+}
+
 /// An endpoint's failure accrual.
 #[derive(Debug, Default)]
 struct Health {
     /// Failures since the last success.
     failures: u32,
+    /// Gateway errors (failed connections included) in a row.
+    gateway_errors: u32,
+    /// Failed connections in a row.
+    connect_failures: u32,
     /// Ejections since the last success.
     ejections: u32,
     /// Ejected until then.
@@ -362,14 +391,16 @@ impl Pick {
             return;
         }
         let mut health = sync::lock(&self.endpoint.health);
-        health.failures = 0;
-        health.ejections = 0;
+        *health = Health {
+            ejected_until: health.ejected_until,
+            ..Health::default()
+        };
     }
 
-    /// The request failed (a 5xx answer, or no answer): with outlier detection on, the
-    /// failure that makes `consecutive_failures` in a row, or any failure on probation,
-    /// ejects the endpoint. Returns whether this failure ejected it.
-    pub fn failed(&self) -> bool {
+    /// The request failed (a 5xx answer, or no answer) as `failure` says: with
+    /// outlier detection on, the failure that completes a streak, or any failure on
+    /// probation, ejects the endpoint. Returns whether this failure ejected it.
+    pub fn failed(&self, failure: Failure) -> bool {
         let Some(outlier) = self.outlier else {
             return false;
         };
@@ -380,12 +411,36 @@ impl Pick {
             return false;
         }
         health.failures += 1;
+        // A connection was made, or an answer came: those streaks break.
+        match failure {
+            Failure::Connect => {
+                health.gateway_errors += 1;
+                health.connect_failures += 1;
+            }
+            Failure::Gateway => {
+                health.gateway_errors += 1;
+                health.connect_failures = 0;
+            }
+            Failure::Server => {
+                health.gateway_errors = 0;
+                health.connect_failures = 0;
+            }
+        }
+        let reached = |count: u32, limit: Option<u32>| limit.is_some_and(|limit| count >= limit);
+        let streak = health.failures >= outlier.consecutive_failures.max(1)
+            || reached(health.gateway_errors, outlier.consecutive_gateway_errors)
+            || reached(
+                health.connect_failures,
+                outlier.consecutive_connect_failures,
+            );
         let on_probation = health.ejections > 0;
-        if !on_probation && health.failures < outlier.consecutive_failures.max(1) {
+        if !on_probation && !streak {
             return false;
         }
         health.ejections += 1;
         health.failures = 0;
+        health.gateway_errors = 0;
+        health.connect_failures = 0;
         let length = outlier
             .base_ejection
             .saturating_mul(health.ejections)
@@ -728,6 +783,8 @@ mod tests {
         Policy {
             outlier: Some(Outlier {
                 consecutive_failures: 3,
+                consecutive_gateway_errors: None,
+                consecutive_connect_failures: None,
                 base_ejection: Duration::from_secs(10),
                 max_ejection_percent: 50,
             }),
@@ -737,7 +794,64 @@ mod tests {
 
     /// A request to `address` under `policy` that fails; whether it ejected the endpoint.
     fn fail(balancers: &Balancers, policy: Policy, address: SocketAddr) -> bool {
-        Pick::new(address, balancers.endpoint(address), policy.outlier).failed()
+        fail_as(balancers, policy, address, Failure::Server)
+    }
+
+    fn fail_as(
+        balancers: &Balancers,
+        policy: Policy,
+        address: SocketAddr,
+        failure: Failure,
+    ) -> bool {
+        Pick::new(address, balancers.endpoint(address), policy.outlier).failed(failure)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gateway_errors_and_failed_connections_have_streaks_of_their_own() {
+        use Failure::{Connect, Gateway, Server};
+        let address = candidates(&[1])[0].address;
+        let policy = |gateway: Option<u32>, connect: Option<u32>| Policy {
+            outlier: Some(Outlier {
+                consecutive_failures: 10,
+                consecutive_gateway_errors: gateway,
+                consecutive_connect_failures: connect,
+                base_ejection: Duration::from_secs(10),
+                max_ejection_percent: 100,
+            }),
+            ..ejecting(Algorithm::RoundRobin)
+        };
+        // (policy, failures in order, which one ejects: its index)
+        let cases = [
+            (
+                policy(Some(2), None),
+                vec![Gateway, Server, Gateway, Gateway],
+                Some(3),
+            ),
+            (policy(Some(2), None), vec![Connect, Gateway], Some(1)),
+            (
+                policy(None, Some(2)),
+                vec![Connect, Gateway, Connect, Connect],
+                Some(3),
+            ),
+            (
+                policy(None, Some(3)),
+                vec![Connect, Connect, Gateway, Connect],
+                None,
+            ),
+            (policy(None, None), vec![Gateway; 9], None),
+            (policy(None, None), vec![Server; 10], Some(9)),
+        ];
+        for (policy, failures, ejecting_at) in cases {
+            let balancers = Balancers::new();
+            let ejected: Vec<bool> = failures
+                .iter()
+                .map(|&failure| fail_as(&balancers, policy, address, failure))
+                .collect();
+            let expected: Vec<bool> = (0..failures.len())
+                .map(|index| Some(index) == ejecting_at)
+                .collect();
+            assert_eq!(ejected, expected, "{failures:?} under {:?}", policy.outlier);
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -18,7 +18,7 @@ use http::Method;
 use weft_api::retry::{DEFAULT_RETRY_ON, RetryOn};
 
 pub use self::budget::{Budget, BudgetPolicy, Budgets};
-use super::error::ProxyError;
+use super::{balance, error::ProxyError};
 
 /// The largest request body kept for a retry; a request with a larger one is not
 /// retried once its body has started to go out.
@@ -106,6 +106,19 @@ impl Failure {
                 ..
             } => Some(Failure::Timeout),
             _ => None,
+        }
+    }
+}
+
+impl Failure {
+    /// What the try's failure says of its endpoint (outlier detection): a failed
+    /// connection, a gateway error (reset, timeout, 502–504) or another 5xx; nothing
+    /// for an answer below 500.
+    pub fn of_endpoint(self) -> Option<balance::Failure> {
+        match self {
+            Failure::Connect => Some(balance::Failure::Connect),
+            Failure::Reset | Failure::Timeout => Some(balance::Failure::Gateway),
+            Failure::Answer { status, .. } => balance::Failure::of_status(status),
         }
     }
 }

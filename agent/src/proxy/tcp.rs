@@ -17,6 +17,7 @@ use weft_api::authz::Traffic;
 use super::{
     Proxy,
     authorize::{self, Caller, Direction},
+    balance,
     breaker::Admitted,
     connect::{Upstream, connect},
     error::ProxyError,
@@ -148,7 +149,7 @@ async fn connect_retrying(proxy: &Proxy, logical: &Logical) -> Result<Connected,
                 pick.observe(started.elapsed());
                 pick.succeeded();
             } else {
-                pick.failed();
+                pick.failed(balance::Failure::Connect);
             }
         }
         let connected = Connected {

@@ -277,11 +277,23 @@ impl Validate for TrafficPolicySpec {
             }
         }
         if let Some(outlier) = &self.outlier_detection {
-            if outlier.consecutive_failures == 0 {
-                return Err(invalid(
-                    "spec.outlierDetection.consecutiveFailures",
-                    "must be at least 1",
-                ));
+            for (name, value) in [
+                ("consecutiveFailures", Some(outlier.consecutive_failures)),
+                (
+                    "consecutiveGatewayErrors",
+                    outlier.consecutive_gateway_errors,
+                ),
+                (
+                    "consecutiveConnectFailures",
+                    outlier.consecutive_connect_failures,
+                ),
+            ] {
+                if value == Some(0) {
+                    return Err(invalid(
+                        format!("spec.outlierDetection.{name}"),
+                        "must be at least 1",
+                    ));
+                }
             }
             check_duration(
                 "spec.outlierDetection.interval",

@@ -37,6 +37,8 @@ pub fn of(kind: Kind) -> Enforcement {
                 "spec.retries",
                 "spec.connectionLimits",
                 "spec.outlierDetection.consecutiveFailures",
+                "spec.outlierDetection.consecutiveGatewayErrors",
+                "spec.outlierDetection.consecutiveConnectFailures",
                 "spec.outlierDetection.baseEjectionTime",
                 "spec.outlierDetection.maxEjectionPercent",
             ],

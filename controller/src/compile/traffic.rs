@@ -135,6 +135,8 @@ fn compile_policy(key: &ObjectKey, spec: &TrafficPolicySpec) -> proto::TrafficPo
             .as_ref()
             .map(|outlier| proto::OutlierDetection {
                 consecutive_failures: outlier.consecutive_failures,
+                consecutive_gateway_errors: outlier.consecutive_gateway_errors.unwrap_or(0),
+                consecutive_connect_failures: outlier.consecutive_connect_failures.unwrap_or(0),
                 interval_ms: millis(outlier.interval.as_deref()),
                 base_ejection_ms: millis(outlier.base_ejection_time.as_deref()),
                 max_ejection_percent: outlier.max_ejection_percent.unwrap_or(0),

@@ -31,7 +31,7 @@ use crate::{
     proxy::{
         Proxy,
         authorize::{self, Caller, Direction},
-        balance::Pick,
+        balance::{self, Pick},
         breaker::{Admitted, Breaker},
         connect::connect,
         error::{ProxyError, grpc_status_for},
@@ -151,11 +151,10 @@ impl Outbound {
         let mut forwarded = match outcome {
             Ok(forwarded) => forwarded,
             Err(error) => {
-                // A denial here is this node's policy, not the endpoint failing.
                 if let Some(pick) = &pick
-                    && !matches!(error, ProxyError::Denied { .. })
+                    && let Some(failure) = endpoint_failure(&error)
                 {
-                    pick.failed();
+                    pick.failed(failure);
                 }
                 return self.failed(&exchange, span, Some((&endpoint.peer, mutual_tls)), error);
             }
@@ -178,10 +177,9 @@ impl Outbound {
                 drop(admitted);
                 // A server error counts against the endpoint (outlier detection).
                 if let Some(pick) = pick {
-                    if answer.status >= 500 {
-                        pick.failed();
-                    } else {
-                        pick.succeeded();
+                    match balance::Failure::of_status(answer.status) {
+                        Some(failure) => drop(pick.failed(failure)),
+                        None => pick.succeeded(),
                     }
                 }
                 if let Some(sender) = sender {
@@ -305,14 +303,10 @@ impl Outbound {
                 return Ok((tried, outcome));
             };
             // The try retried is not answered: its endpoint is told now.
-            let server_failed = match failure {
-                Failure::Answer { status, .. } => status >= 500,
-                _ => true,
-            };
             if let Some(pick) = &tried.pick
-                && server_failed
+                && let Some(failure) = failure.of_endpoint()
             {
-                pick.failed();
+                pick.failed(failure);
             }
             avoid.push(tried.endpoint.address);
             drop((tried, outcome));
@@ -564,6 +558,19 @@ async fn inject(
         status,
         grpc_status: abort.grpc_status.unwrap_or(grpc_status_for(status)),
     })
+}
+
+/// What a request's failure on `error` says of the endpoint it tried: a failed
+/// connection, or a gateway error (a reset, a timeout); nothing for a denial, which is
+/// a policy's doing.
+fn endpoint_failure(error: &ProxyError) -> Option<balance::Failure> {
+    match error {
+        ProxyError::Denied { .. } | ProxyError::DeniedByDestination { .. } => None,
+        _ => match Failure::of(error) {
+            Some(failure) => failure.of_endpoint(),
+            None => Some(balance::Failure::Gateway),
+        },
+    }
 }
 
 /// What bounds the tries of a request.
