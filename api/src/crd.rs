@@ -357,7 +357,8 @@ pub struct Timeouts {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub connect: Option<String>,
-    /// A connection with no traffic is closed after this.
+    /// A connection with no traffic is closed after this: a client's, and a pooled
+    /// HTTP/1.1 connection the client's agent keeps to the service (default 30 s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub idle: Option<String>,

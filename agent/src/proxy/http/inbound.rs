@@ -119,6 +119,7 @@ impl Tunnel {
             endpoint: inbound.target,
             version,
             max_requests: None,
+            idle: None,
         };
         let dial = || async {
             let first = sync::lock(&self.first).take();

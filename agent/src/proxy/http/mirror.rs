@@ -269,6 +269,7 @@ async fn deliver(
         endpoint: endpoint.address,
         version,
         max_requests: None,
+        idle: None,
     };
     let dial = || connect(proxy, &endpoint, source, None);
     match proxy.http_pool.send(&key, dial, request, true).await {

@@ -116,6 +116,7 @@ impl Outbound {
             per_try: per_try_timeout(&settings.timeouts, settings.retrying.as_ref()),
             grpc: grpc.map(|timeout| exchange.started + timeout),
             max_requests_per_connection: settings.max_requests_per_connection,
+            pooled_idle: settings.pooled_idle,
         };
         if let Some(routed) = &routed
             && let Some(fault) = &routed.fault
@@ -344,6 +345,7 @@ impl Outbound {
             endpoint: endpoint.address,
             version: self.upstream_version(&request),
             max_requests: limits.max_requests_per_connection,
+            idle: limits.pooled_idle,
         };
         if endpoint.hop == Hop::Local {
             let mesh = self.proxy.mesh.get();
@@ -462,12 +464,16 @@ impl Outbound {
             _ => called.map(|(service, key)| (service, key.to_owned())),
         };
         let limits = backend.as_ref().and_then(|(service, _)| service.limits);
+        let pooled_idle = backend
+            .as_ref()
+            .and_then(|(service, _)| service.idle_timeout);
         Settings {
             timeouts,
             retrying: retrying(&self.proxy, &mesh, &self.logical),
             breaker: backend.and_then(|(service, key)| breaker(&self.proxy, service, &key)),
             max_requests_per_connection: limits
                 .and_then(|limits| limits.max_requests_per_connection),
+            pooled_idle,
         }
     }
 
@@ -583,6 +589,8 @@ struct Limits {
     grpc: Option<Instant>,
     /// The service's `connectionLimits.maxRequestsPerConnection`.
     max_requests_per_connection: Option<u32>,
+    /// The service's `timeouts.idle`, for its pooled connections.
+    pooled_idle: Option<Duration>,
 }
 
 /// What applies to a request besides its route ([`Outbound::settings`]).
@@ -591,6 +599,7 @@ struct Settings {
     retrying: Option<Retrying>,
     breaker: Option<Arc<Breaker>>,
     max_requests_per_connection: Option<u32>,
+    pooled_idle: Option<Duration>,
 }
 
 /// The last try of a request: where it went.

@@ -46,6 +46,9 @@ pub struct Key {
     /// Requests a connection carries before it is retired (the service's
     /// `connectionLimits.maxRequestsPerConnection`); `None`: no limit.
     pub max_requests: Option<u32>,
+    /// How long an HTTP/1.1 connection may wait idle in the pool (the service's
+    /// TrafficPolicy `timeouts.idle`); `None`: 30 s.
+    pub idle: Option<Duration>,
 }
 
 #[derive(Debug, Default)]
@@ -162,7 +165,7 @@ impl Pool {
             Slot::Http1(idle) => {
                 let now = Instant::now();
                 while let Some((sender, since, given)) = idle.pop() {
-                    if sender.is_ready() && now.duration_since(since) < IDLE {
+                    if sender.is_ready() && now.duration_since(since) < key.idle.unwrap_or(IDLE) {
                         return Some(Sender::Http1(sender, given + 1));
                     }
                 }
@@ -192,11 +195,11 @@ impl Pool {
     /// Closes idle connections past their time and forgets closed ones.
     pub fn release_idle(&self) {
         let now = Instant::now();
-        sync::lock(&self.slots).retain(|_, slot| match slot {
+        sync::lock(&self.slots).retain(|key, slot| match slot {
             Slot::Http2(sender, _) => !sender.is_closed(),
             Slot::Http1(idle) => {
                 idle.retain(|(sender, since, _)| {
-                    !sender.is_closed() && now.duration_since(*since) < IDLE
+                    !sender.is_closed() && now.duration_since(*since) < key.idle.unwrap_or(IDLE)
                 });
                 !idle.is_empty()
             }
@@ -297,6 +300,7 @@ mod tests {
             endpoint: address,
             version: Version::Http1,
             max_requests,
+            idle: None,
         };
         let dials = AtomicUsize::new(0);
         let dial = || async {
@@ -330,6 +334,38 @@ mod tests {
             5,
             "a connection the server closed is never used again, and no request fails"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_reused_only_within_its_keys_idle_timeout() {
+        let address = server(false).await;
+        let pool = Pool::default();
+        let key = Key {
+            source: None,
+            endpoint: address,
+            version: Version::Http1,
+            max_requests: None,
+            idle: Some(Duration::from_secs(5)),
+        };
+        let dials = AtomicUsize::new(0);
+        let dial = || async {
+            dials.fetch_add(1, Ordering::Relaxed);
+            TcpStream::connect(address)
+                .await
+                .map(Upstream::Tcp)
+                .map_err(|source| ProxyError::Connect {
+                    target: address,
+                    source,
+                })
+        };
+        for wait in [4, 6] {
+            let (response, sender) = pool.send(&key, dial, request(), true).await.unwrap();
+            response.into_body().collect().await.unwrap();
+            pool.check_in(key.clone(), sender);
+            tokio::time::advance(Duration::from_secs(wait)).await;
+        }
+        pool.send(&key, dial, request(), true).await.unwrap();
+        assert_eq!(dials.into_inner(), 2, "reused after 4 s, not after 6 s");
     }
 
     #[tokio::test]
