@@ -289,6 +289,21 @@ mod tests {
             .unwrap()
     }
 
+    /// A connection to `address`, counted in `dials`.
+    async fn counted_dial(
+        address: SocketAddr,
+        dials: &AtomicUsize,
+    ) -> Result<Upstream, ProxyError> {
+        dials.fetch_add(1, Ordering::Relaxed);
+        TcpStream::connect(address)
+            .await
+            .map(Upstream::Tcp)
+            .map_err(|source| ProxyError::Connect {
+                target: address,
+                source,
+            })
+    }
+
     /// Sends `count` requests one after the other, giving each connection back once
     /// its answer is read, each connection to carry at most `max_requests`; returns how
     /// many connections were dialed.
@@ -303,16 +318,7 @@ mod tests {
             idle: None,
         };
         let dials = AtomicUsize::new(0);
-        let dial = || async {
-            dials.fetch_add(1, Ordering::Relaxed);
-            TcpStream::connect(address)
-                .await
-                .map(Upstream::Tcp)
-                .map_err(|source| ProxyError::Connect {
-                    target: address,
-                    source,
-                })
-        };
+        let dial = || counted_dial(address, &dials);
         for _ in 0..count {
             let (response, sender) = pool.send(&key, dial, request(), true).await.unwrap();
             let body = response.into_body().collect().await.unwrap().to_bytes();
@@ -348,16 +354,7 @@ mod tests {
             idle: Some(Duration::from_secs(5)),
         };
         let dials = AtomicUsize::new(0);
-        let dial = || async {
-            dials.fetch_add(1, Ordering::Relaxed);
-            TcpStream::connect(address)
-                .await
-                .map(Upstream::Tcp)
-                .map_err(|source| ProxyError::Connect {
-                    target: address,
-                    source,
-                })
-        };
+        let dial = || counted_dial(address, &dials);
         for wait in [4, 6] {
             let (response, sender) = pool.send(&key, dial, request(), true).await.unwrap();
             response.into_body().collect().await.unwrap();
