@@ -123,6 +123,19 @@ impl Failure {
     }
 }
 
+/// What a failure on `error` says of the endpoint that was tried (outlier detection):
+/// a failed connection, or a gateway error (a reset, a timeout); nothing for a denial,
+/// which is a policy's doing.
+pub fn endpoint_failure(error: &ProxyError) -> Option<balance::Failure> {
+    match error {
+        ProxyError::Denied { .. } | ProxyError::DeniedByDestination { .. } => None,
+        _ => match Failure::of(error) {
+            Some(failure) => failure.of_endpoint(),
+            None => Some(balance::Failure::Gateway),
+        },
+    }
+}
+
 /// The `which` of a try that outlived the per-try timeout.
 pub const PER_TRY_TIMEOUT: &str = "perTryTimeout";
 

@@ -17,7 +17,7 @@ use weft_api::authz::Traffic;
 use super::{
     Proxy,
     authorize::{self, Caller, Direction},
-    balance,
+    balance::Pick,
     breaker::Admitted,
     connect::{Upstream, connect},
     error::ProxyError,
@@ -43,6 +43,7 @@ where
     };
     let Connected {
         endpoint,
+        pick: _pick,
         local,
         server,
     } = match connect_retrying(proxy, logical).await {
@@ -109,6 +110,8 @@ fn admit(proxy: &Proxy, logical: &Logical) -> Result<Option<Admitted>, ProxyErro
 /// The endpoint a connection went to, and how connecting to it went.
 struct Connected {
     endpoint: Endpoint,
+    /// The balancer's pick, counting the connection in flight while it is open.
+    pick: Option<Pick>,
     /// The caller, when the endpoint is a pod of this node (authorized here).
     local: Option<Caller>,
     server: Result<Upstream, ProxyError>,
@@ -145,15 +148,21 @@ async fn connect_retrying(proxy: &Proxy, logical: &Logical) -> Result<Connected,
         let started = Instant::now();
         let server = connect(proxy, &endpoint, &logical.source, None).await;
         if let Some(pick) = &pick {
-            if server.is_ok() {
-                pick.observe(started.elapsed());
-                pick.succeeded();
-            } else {
-                pick.failed(balance::Failure::Connect);
+            match &server {
+                Ok(_) => {
+                    pick.observe(started.elapsed());
+                    pick.succeeded();
+                }
+                Err(error) => {
+                    if let Some(failure) = retry::endpoint_failure(error) {
+                        pick.failed(failure);
+                    }
+                }
             }
         }
         let connected = Connected {
             endpoint,
+            pick,
             local,
             server,
         };

@@ -38,7 +38,7 @@ use crate::{
         logical::{Destination, Endpoint, Hop, Logical},
         metrics::{Peer, Reporter},
         outbound::{breaker, choose, choose_backend, idle_timeout, retrying},
-        retry::{self, Failure, PER_TRY_TIMEOUT, Retrying},
+        retry::{self, Failure, PER_TRY_TIMEOUT, Retrying, endpoint_failure},
         trace::{Span, SpanKind},
     },
 };
@@ -564,19 +564,6 @@ async fn inject(
         status,
         grpc_status: abort.grpc_status.unwrap_or(grpc_status_for(status)),
     })
-}
-
-/// What a request's failure on `error` says of the endpoint it tried: a failed
-/// connection, or a gateway error (a reset, a timeout); nothing for a denial, which is
-/// a policy's doing.
-fn endpoint_failure(error: &ProxyError) -> Option<balance::Failure> {
-    match error {
-        ProxyError::Denied { .. } | ProxyError::DeniedByDestination { .. } => None,
-        _ => match Failure::of(error) {
-            Some(failure) => failure.of_endpoint(),
-            None => Some(balance::Failure::Gateway),
-        },
-    }
 }
 
 /// What bounds the tries of a request.
