@@ -100,12 +100,11 @@ impl Resources {
     }
 
     /// The mesh configuration these resources describe, validated as a file would be.
-    /// Of the traffic policies, the agent takes the timeouts and the balancing
-    /// algorithm (one it does not know is its default); what it does not enforce yet
-    /// (the rest of them) is accepted and counted, not applied. An authorization
-    /// policy or a route it cannot read makes the whole version invalid: enforcing the
-    /// others without it could let in what it denies, or send requests where the
-    /// route does not.
+    /// Of the traffic policies, the agent takes the balancing algorithm (one it does
+    /// not know is its default), timeouts, retries, connection limits and outlier
+    /// detection. An authorization policy, a route or a retry condition it cannot read
+    /// makes the whole version invalid: enforcing the others without it could let in
+    /// what it denies, or send requests where the route does not.
     pub fn mesh(&self) -> Result<MeshConfig, String> {
         if let Some((kind, name)) = self
             .resources
