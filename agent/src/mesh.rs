@@ -384,6 +384,16 @@ pub struct Service {
         with = "gateway_duration"
     )]
     pub request_timeout: Option<Duration>,
+    /// How long an HTTP request's stream may carry nothing, either way, before the
+    /// client's agent ends it (the TrafficPolicy's `timeouts.streamIdle`); `None`: no
+    /// limit.
+    #[serde(
+        default,
+        rename = "streamIdleTimeout",
+        skip_serializing_if = "Option::is_none",
+        with = "gateway_duration"
+    )]
+    pub stream_idle_timeout: Option<Duration>,
     /// How clients pick an endpoint (the TrafficPolicy's `loadBalancer.algorithm`);
     /// `None`: the agent's default ([`Service::balancing`]).
     #[serde(

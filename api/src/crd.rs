@@ -367,6 +367,14 @@ pub struct Timeouts {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub request: Option<String>,
+    /// An HTTP request whose stream carries nothing, either way, for this long is
+    /// ended: before its response's head with 504 (gRPC `DEADLINE_EXCEEDED`), after it
+    /// a gRPC call with `DEADLINE_EXCEEDED` in its trailers and any other response by
+    /// a reset. For long-lived streams (gRPC watches, server-sent events) that must not
+    /// hang forever on a peer gone silent. Unset: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub stream_idle: Option<String>,
 }
 
 /// Which failed requests clients retry, and how often. Each retry goes to another

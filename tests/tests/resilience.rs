@@ -2,8 +2,10 @@
 //!
 //! - timeouts: a service's TrafficPolicy `timeouts.request` and the client's own gRPC
 //!   deadline (`grpc-timeout`) answer a slow request 504 and leave a quick one alone;
-//!   the deadline goes on to the server reduced by the time already spent; the
-//!   controller accepts the policy as enforced;
+//!   the deadline goes on to the server reduced by the time already spent; a stream
+//!   idle timeout ends quiet gRPC streams (before and after their head) and leaves a
+//!   moving one alone; replicas that never answer a connection cost the connect
+//!   timeout; the controller accepts the policies as enforced;
 //! - outlier detection: a replica that answers 503 to everything is ejected after its
 //!   consecutive gateway errors, gets nothing while ejected (the gauge and the admin
 //!   port say so), comes back, and is ejected again by its first failure on probation;
@@ -75,6 +77,37 @@ spec:
 "#;
 
 const FLAKY: &str = "10.96.2.11";
+
+/// `hole`: replicas that never answer a connection, behind a short connect timeout;
+/// `streams`: the echo again, with a stream idle timeout.
+const QUIET: &str = r#"
+---
+apiVersion: v1
+kind: Service
+metadata: { name: hole, namespace: default }
+spec:
+  clusterIP: 10.96.2.19
+  selector: { app: hole }
+  ports: [{ name: http, port: 80, targetPort: 8080 }]
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: { name: hole, namespace: default }
+spec: { service: hole, loadBalancer: { algorithm: ROUND_ROBIN }, timeouts: { connect: 300ms } }
+---
+apiVersion: v1
+kind: Service
+metadata: { name: streams, namespace: default }
+spec:
+  clusterIP: 10.96.2.20
+  selector: { app: echo }
+  ports: [{ name: grpc, port: 7070, targetPort: 8080, appProtocol: kubernetes.io/h2c }]
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: { name: streams, namespace: default }
+spec: { service: streams, timeouts: { streamIdle: 1s } }
+"#;
 
 /// Services whose clients retry: `retried` (a broken replica among good ones),
 /// `sluggish` (a slow one among good ones, cut by the per-try timeout), `down` (every
@@ -329,9 +362,42 @@ fn get(cluster: &TestCluster, path: &str, headers: &[&str]) -> (u16, String, ser
     (status, error, echo)
 }
 
+/// What one `weft-client grpc <call>` of the `streams` service got: its replies, and
+/// the status code it ended with (0: OK).
+fn stream_call(cluster: &TestCluster, call: &str, count: u32, delay_ms: u32) -> (usize, i64) {
+    let client = workspace_bin("weft-client").display().to_string();
+    let (count, delay_ms) = (count.to_string(), delay_ms.to_string());
+    let argv = [
+        client.as_str(),
+        "grpc",
+        call,
+        "--target",
+        "http://10.96.2.20:7070",
+        "--count",
+        &count,
+        "--delay-ms",
+        &delay_ms,
+    ];
+    let output = cluster
+        .pod_command("default", "client", &argv)
+        .unwrap()
+        .output()
+        .unwrap();
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect();
+    let code = lines.iter().find_map(|line| line["code"].as_i64());
+    let replies = lines
+        .iter()
+        .filter(|line| line.get("code").is_none())
+        .count();
+    (replies, code.unwrap_or(0))
+}
+
 #[test]
 fn slow_requests_get_504_at_the_nearest_deadline_and_grpc_deadlines_go_on_reduced() {
-    let mut cluster = TestCluster::with_mesh(2, &format!("{MESH}{RETRYING}"));
+    let mut cluster = TestCluster::with_mesh(2, &format!("{MESH}{RETRYING}{QUIET}"));
     let echo = workspace_bin("weft-echo").display().to_string();
     let mut server = PodSpec::new("echo-0", "node1", &[&echo]);
     server.labels.insert("app".into(), "echo".into());
@@ -369,14 +435,65 @@ fn slow_requests_get_504_at_the_nearest_deadline_and_grpc_deadlines_go_on_reduce
         "passed on: {passed_on}"
     );
 
-    // Every field the policy sets is enforced, so it is accepted.
-    let status = cluster.controller_status().unwrap();
-    let verdict = policy_verdict(&status, "TrafficPolicy", "echo");
-    assert_eq!(
-        (&verdict["accepted"], &verdict["reason"]),
-        (&serde_json::json!(true), &serde_json::json!("Accepted")),
-        "{verdict}"
+    // The stream idle timeout (1 s) leaves a stream that keeps moving alone, however
+    // long it lasts ...
+    assert_eq!(stream_call(&cluster, "server-stream", 4, 400), (4, 0));
+    // ... ends one that goes quiet after its head with DEADLINE_EXCEEDED ...
+    assert_eq!(stream_call(&cluster, "server-stream", 2, 2500), (0, 4));
+    // ... and a call whose head does not come, as a request timeout would; both are
+    // counted as ended idle (`SI`).
+    assert_eq!(stream_call(&cluster, "unary", 1, 2500), (0, 4));
+    wait_until(
+        "both idle streams are counted",
+        Duration::from_secs(10),
+        || {
+            let metrics = agent_metrics(&cluster, "node0");
+            total(
+                &metrics,
+                "istio_requests_total",
+                &[("response_flags", "SI")],
+            ) == 2.0
+        },
     );
+
+    // Replicas that never answer a connection (their link is down), on this node and
+    // across, cost the service's connect timeout (300 ms) each, not the agent's 10 s:
+    // the try and its retry fail, and the client gets 504.
+    let echo_server = workspace_bin("weft-echo").display().to_string();
+    for (name, node) in [("hole-0", "node0"), ("hole-1", "node1")] {
+        add_replica(&mut cluster, name, node, "hole", &[&echo_server]);
+    }
+    cluster.settle();
+    // Before any connection to them is made (a pooled one would need no connect).
+    for name in ["hole-0", "hole-1"] {
+        let down = cluster
+            .pod_command("default", name, &["ip", "link", "set", "eth0", "down"])
+            .unwrap()
+            .status()
+            .unwrap();
+        assert!(down.success());
+    }
+    let url = "http://10.96.2.19/";
+    let argv = ["curl", "-s", "--max-time", "8", "-D", "/dev/stderr", url];
+    let output = cluster
+        .pod_command("default", "client", &argv)
+        .unwrap()
+        .output()
+        .unwrap();
+    let head = String::from_utf8_lossy(&output.stderr);
+    assert!(head.starts_with("HTTP/1.1 504"), "{output:?}");
+    assert!(head.contains("x-weft-error: connect_timeout"), "{head}");
+
+    // Every field the policies set is enforced, so they are accepted.
+    let status = cluster.controller_status().unwrap();
+    for name in ["echo", "hole", "streams"] {
+        let verdict = policy_verdict(&status, "TrafficPolicy", name);
+        assert_eq!(
+            (&verdict["accepted"], &verdict["reason"]),
+            (&serde_json::json!(true), &serde_json::json!("Accepted")),
+            "{verdict}"
+        );
+    }
 }
 
 /// The statuses of `count` requests to the flaky service on one keep-alive connection.

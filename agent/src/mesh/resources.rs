@@ -248,6 +248,7 @@ impl Resources {
             let idle_timeout = timeout(|policy| policy.idle_timeout_ms);
             let connect_timeout = timeout(|policy| policy.connect_timeout_ms);
             let request_timeout = timeout(|policy| policy.request_timeout_ms);
+            let stream_idle_timeout = timeout(|policy| policy.stream_idle_timeout_ms);
             let load_balancing = policy.and_then(|policy| balancing(policy.load_balancing));
             let outlier = policy
                 .and_then(|policy| policy.outlier_detection.as_ref())
@@ -295,6 +296,7 @@ impl Resources {
                     idle_timeout,
                     connect_timeout,
                     request_timeout,
+                    stream_idle_timeout,
                     load_balancing,
                     prefer_close: service.prefer_close,
                     weights: weights.clone(),

@@ -106,6 +106,11 @@ pub enum ProxyError {
         which: &'static str,
         timeout: Duration,
     },
+    #[error(
+        "the request's stream carried nothing, either way, for its idle timeout of \
+         {timeout:?} (the service's TrafficPolicy timeouts.streamIdle)"
+    )]
+    StreamIdle { timeout: Duration },
     #[error("aborted by the FaultInjection of rule {rule} of {route}, as it asks")]
     FaultAbort {
         route: String,
@@ -151,6 +156,7 @@ impl ProxyError {
             ProxyError::NoRoute { .. } => "route_not_found",
             ProxyError::NoBackend { .. } | ProxyError::UnknownBackend { .. } => "backend_not_found",
             ProxyError::RequestTimeout { .. } => "request_timeout",
+            ProxyError::StreamIdle { .. } => "stream_idle_timeout",
             ProxyError::Overflow { .. } => "overflow",
             ProxyError::FaultAbort { .. } => "fault_injected",
         }
@@ -159,7 +165,7 @@ impl ProxyError {
     /// Envoy's `response_flags` for the failure: `NR` no route, `UH` no healthy
     /// upstream, `UF` upstream connection failure, `UC` upstream connection
     /// termination, `DC` downstream connection termination, `UO` upstream overflow
-    /// (circuit breaking), `FI` a fault injected; and `RBAC`, denied by an
+    /// (circuit breaking), `FI` a fault injected, `SI` a stream idle timeout; and `RBAC`, denied by an
     /// authorization policy (Envoy sets no flag there, only its response details).
     pub fn response_flags(&self) -> &'static str {
         match self {
@@ -185,6 +191,7 @@ impl ProxyError {
             | ProxyError::DeniedByDestination { .. }
             | ProxyError::Revoked { .. } => "RBAC",
             ProxyError::RequestTimeout { .. } => "UT",
+            ProxyError::StreamIdle { .. } => "SI",
             ProxyError::Overflow { .. } => "UO",
             ProxyError::FaultAbort { .. } => "FI",
         }
@@ -212,7 +219,9 @@ impl ProxyError {
             ProxyError::NoBackend { .. } | ProxyError::UnknownBackend { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
-            ProxyError::RequestTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::RequestTimeout { .. } | ProxyError::StreamIdle { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             ProxyError::Denied { .. }
             | ProxyError::DeniedByDestination { .. }
             | ProxyError::Revoked { .. } => StatusCode::FORBIDDEN,
@@ -315,6 +324,12 @@ mod tests {
                     timeout: Duration::from_millis(100),
                 },
                 ("request_timeout", "UT", 504, 4),
+            ),
+            (
+                ProxyError::StreamIdle {
+                    timeout: Duration::from_secs(300),
+                },
+                ("stream_idle_timeout", "SI", 504, 4),
             ),
             (
                 ProxyError::Overflow {

@@ -17,6 +17,7 @@ mod outbound;
 pub mod pool;
 mod replay;
 mod route;
+mod stream_idle;
 mod telemetry;
 
 use std::{
@@ -42,6 +43,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use self::{
     body::Measured,
     pool::Sender,
+    stream_idle::{Activity, Guarded},
     telemetry::{Answer, Exchange, Record, Requests},
 };
 pub use self::{
@@ -68,7 +70,10 @@ pub fn describe() {
 }
 
 /// The body of every request and response the agent forwards or makes.
-pub type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
+pub type ProxyBody = UnsyncBoxBody<Bytes, BodyError>;
+
+/// Why a body failed: hyper's error, or the agent's own (a stream ended for being idle).
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Serves HTTP/1.1 or HTTP/2 (told by the connection preface) on `io` until the client
 /// closes it, each request answered by `handle`; a connection that ends in an error is
@@ -187,7 +192,8 @@ async fn forward<F, Fut, B>(
 where
     F: Fn() -> Fut,
     Fut: Future<Output = Result<Upstream, ProxyError>>,
-    B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Send + Unpin + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BodyError>,
 {
     let upgrade = headers::wants_upgrade(&request);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
@@ -201,6 +207,7 @@ where
         Measured::new(body, move |seen| {
             counted.store(seen.bytes, Ordering::Relaxed);
         })
+        .map_err(Into::into)
         .boxed_unsync()
     });
     let (mut response, sender) = pool.send(&key, dial, request, !upgrade).await?;
@@ -235,6 +242,7 @@ fn measured(
     span: Span,
     exchange: Exchange,
     upstream: std::net::SocketAddr,
+    stream_idle: Option<Activity>,
     done: impl FnOnce(Option<Sender>, &Exchange, Answer) + Send + 'static,
 ) -> Response<ProxyBody> {
     let Forwarded {
@@ -244,14 +252,19 @@ fn measured(
     } = forwarded;
     let status = response.status().as_u16();
     let header_grpc_status = headers::grpc_status(response.headers());
+    let grpc = exchange.protocol == "grpc";
+    let went_idle = stream_idle.clone();
     response.map(|body| {
+        let body = Guarded::new(body, stream_idle, grpc);
         Measured::new(body, move |seen| {
             let grpc_status = seen.grpc_status.or(header_grpc_status);
             end_span(span, status, grpc_status, Some(upstream));
+            let idle = went_idle.is_some_and(|activity| activity.expired());
             let answer = Answer {
                 status,
                 grpc_status,
                 flags: match (seen.complete, exchange.retries_exhausted) {
+                    _ if idle => "SI",
                     (false, _) => "DC",
                     (true, true) => "URX",
                     (true, false) if exchange.delay_injected => "DI",

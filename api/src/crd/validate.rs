@@ -229,6 +229,7 @@ impl Validate for TrafficPolicySpec {
                 ("connect", &timeouts.connect),
                 ("idle", &timeouts.idle),
                 ("request", &timeouts.request),
+                ("streamIdle", &timeouts.stream_idle),
             ] {
                 check_duration(&format!("spec.timeouts.{name}"), value.as_deref())?;
             }

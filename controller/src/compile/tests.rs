@@ -482,7 +482,7 @@ metadata: { name: web, namespace: shop, creationTimestamp: "2026-01-01T00:00:00Z
 spec:
   service: web
   loadBalancer: { algorithm: PEAK_EWMA }
-  timeouts: { connect: 500ms, request: 1m30s }
+  timeouts: { connect: 500ms, request: 1m30s, streamIdle: 5m }
   retries: { attempts: 2, retryOn: [5xx], budget: { percent: 20, minPerSecond: 5 } }
 ---
 apiVersion: weft.dev/v1alpha1
@@ -506,8 +506,12 @@ spec: { service: ghost }
         .unwrap();
     assert_eq!(policy.load_balancing, proto::LoadBalancing::PeakEwma as i32);
     assert_eq!(
-        (policy.connect_timeout_ms, policy.request_timeout_ms),
-        (500, 90_000)
+        (
+            policy.connect_timeout_ms,
+            policy.request_timeout_ms,
+            policy.stream_idle_timeout_ms
+        ),
+        (500, 90_000, 300_000)
     );
     assert_eq!(policy.retries.as_ref().unwrap().budget_percent, 20);
     assert_eq!(policy.source, "shop/web");

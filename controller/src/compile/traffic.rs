@@ -109,6 +109,7 @@ fn compile_policy(key: &ObjectKey, spec: &TrafficPolicySpec) -> proto::TrafficPo
         connect_timeout_ms: millis(timeouts.connect.as_deref()),
         idle_timeout_ms: millis(timeouts.idle.as_deref()),
         request_timeout_ms: millis(timeouts.request.as_deref()),
+        stream_idle_timeout_ms: millis(timeouts.stream_idle.as_deref()),
         retries: spec.retries.as_ref().map(|retries| proto::Retries {
             attempts: retries.attempts,
             per_try_timeout_ms: millis(retries.per_try_timeout.as_deref()),

@@ -145,6 +145,7 @@ impl Tunnel {
             span,
             exchange,
             upstream,
+            None,
             move |sender, exchange, answer| {
                 if let Some(sender) = sender {
                     this.pool.check_in(key, sender);

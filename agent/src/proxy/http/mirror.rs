@@ -25,7 +25,7 @@ use metrics::counter;
 use tokio::sync::{Notify, mpsc};
 use weft_api::routes::Mirror;
 
-use super::{ProxyBody, headers, pool, route::RuleName};
+use super::{BodyError, ProxyBody, headers, pool, route::RuleName};
 use crate::proxy::{
     Proxy,
     authorize::{self, Caller, Direction},
@@ -167,7 +167,7 @@ impl<B> Drop for Tee<B> {
 
 impl Body for Copy {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,

@@ -23,6 +23,7 @@ use super::{
     replay::Replay,
     route::{self, Routed, RuleName, Target},
     start_span,
+    stream_idle::{Activity, Touching},
     telemetry::{Exchange, Record, Requests},
     traceparent,
 };
@@ -135,11 +136,21 @@ impl Outbound {
                 }
             }
         };
-        let request = self.mirrored(request, routed.as_ref());
+        let stream_idle = settings.stream_idle.map(Activity::new);
+        let request = self.mirrored(request, routed.as_ref(), stream_idle.clone());
         let carried = traceparent(&span);
         let retrying = settings.retrying;
         let tries = self.tries(request, backend, retrying, limits, carried, &mut exchange);
-        let (tried, outcome) = match tries.await {
+        let tried = match &stream_idle {
+            None => tries.await,
+            Some(activity) => tokio::select! {
+                tried = tries => tried,
+                () = activity.idle() => Err(ProxyError::StreamIdle {
+                    timeout: activity.timeout(),
+                }),
+            },
+        };
+        let (tried, outcome) = match tried {
             Ok(last) => last,
             Err(error) => return self.failed(&exchange, span, None, error),
         };
@@ -174,6 +185,7 @@ impl Outbound {
             span,
             exchange,
             upstream,
+            stream_idle,
             move |sender, exchange, answer| {
                 drop(admitted);
                 // A server error counts against the endpoint (outlier detection).
@@ -335,7 +347,8 @@ impl Outbound {
         carried: &Option<String>,
     ) -> (pool::Key, Result<Forwarded, ProxyError>)
     where
-        B: hyper::body::Body<Data = bytes::Bytes, Error = hyper::Error> + Send + Unpin + 'static,
+        B: hyper::body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+        B::Error: Into<super::BodyError>,
     {
         let key = pool::Key {
             source: endpoint
@@ -386,11 +399,18 @@ impl Outbound {
         (key, outcome)
     }
 
-    /// `request` with its body boxed, and a copy of it sent to each of its route's
-    /// mirrors.
-    fn mirrored(&self, request: Request<Incoming>, routed: Option<&Routed>) -> Request<ProxyBody> {
+    /// `request` with its body boxed (marking `stream_idle` as it moves), and a copy
+    /// of it sent to each of its route's mirrors.
+    fn mirrored(
+        &self,
+        request: Request<Incoming>,
+        routed: Option<&Routed>,
+        stream_idle: Option<Activity>,
+    ) -> Request<ProxyBody> {
+        let request = request.map(|body| Touching::new(body, stream_idle));
+        let boxed = |body: Touching<Incoming>| body.map_err(Into::into).boxed_unsync();
         match routed.filter(|routed| !routed.mirrors.is_empty()) {
-            None => request.map(BodyExt::boxed_unsync),
+            None => request.map(boxed),
             Some(routed) => {
                 let context = mirror::Mirrors {
                     proxy: &self.proxy,
@@ -398,7 +418,8 @@ impl Outbound {
                     caller: &self.caller,
                     name: &routed.name,
                 };
-                mirror::start(context, &routed.mirrors, request).map(BodyExt::boxed_unsync)
+                mirror::start(context, &routed.mirrors, request)
+                    .map(|body| body.map_err(Into::into).boxed_unsync())
             }
         }
     }
@@ -438,7 +459,8 @@ impl Outbound {
     }
 
     /// What applies to a request besides its route: its timeouts — the route's, with
-    /// the service's TrafficPolicy `timeouts.request` where the route sets none — how it
+    /// the service's TrafficPolicy `timeouts.request` where the route sets none, and
+    /// the service's `timeouts.streamIdle` — how it
     /// is retried (by the service the client called; none for a pod addressed
     /// directly), and the limits of the service it goes to (a route's backend, or the
     /// one called).
@@ -468,6 +490,7 @@ impl Outbound {
             .as_ref()
             .and_then(|(service, _)| service.idle_timeout);
         Settings {
+            stream_idle: called.and_then(|(service, _)| service.stream_idle_timeout),
             timeouts,
             retrying: retrying(&self.proxy, &mesh, &self.logical),
             breaker: backend.and_then(|(service, key)| breaker(&self.proxy, service, &key)),
@@ -583,6 +606,8 @@ struct Limits {
 /// What applies to a request besides its route ([`Outbound::settings`]).
 struct Settings {
     timeouts: Timeouts,
+    /// The called service's `timeouts.streamIdle`.
+    stream_idle: Option<Duration>,
     retrying: Option<Retrying>,
     breaker: Option<Arc<Breaker>>,
     max_requests_per_connection: Option<u32>,

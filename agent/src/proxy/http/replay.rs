@@ -20,7 +20,7 @@ use bytes::Bytes;
 use http::HeaderMap;
 use hyper::body::{Body, Frame, SizeHint};
 
-use super::ProxyBody;
+use super::{BodyError, ProxyBody};
 use crate::{proxy::retry::MAX_REPLAY_BYTES, sync};
 
 /// One try's view of the shared body.
@@ -109,12 +109,12 @@ impl Replays {
 
 impl Body for Replay {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         let mut shared = sync::lock(&this.shared);
         if shared.generation != this.generation {
@@ -207,7 +207,7 @@ mod tests {
     use super::*;
 
     fn streamed(chunks: &[&[u8]], trailers: bool) -> ProxyBody {
-        let mut frames: Vec<Result<Frame<Bytes>, hyper::Error>> = chunks
+        let mut frames: Vec<Result<Frame<Bytes>, BodyError>> = chunks
             .iter()
             .map(|chunk| Ok(Frame::data(Bytes::copy_from_slice(chunk))))
             .collect();
