@@ -106,6 +106,13 @@ pub enum PathId {
     Weft,
     /// weft within a node: one agent, no TLS.
     WeftSameNode,
+    /// weft between nodes through a Service (no TrafficPolicy): the balancer and the
+    /// default retry of a failed connection. Only when asked for (`--paths`).
+    WeftService,
+    /// As `weft-service`, with a TrafficPolicy that retries, limits and ejects (none of
+    /// it tripping): what the resilience layers cost when nothing fails. Only when
+    /// asked for.
+    WeftResilient,
     /// A stunnel4 pair, mutual TLS 1.3.
     Stunnel,
     /// An HAProxy pair (TCP mode), mutual TLS 1.3.
@@ -113,6 +120,7 @@ pub enum PathId {
 }
 
 impl PathId {
+    /// The paths measured by default.
     pub const ALL: [PathId; 5] = [
         PathId::Direct,
         PathId::Weft,
@@ -126,6 +134,8 @@ impl PathId {
             PathId::Direct => "direct",
             PathId::Weft => "weft cross-node",
             PathId::WeftSameNode => "weft same-node",
+            PathId::WeftService => "weft via a Service",
+            PathId::WeftResilient => "weft via a Service, resilience policy",
             PathId::Stunnel => "stunnel",
             PathId::Haproxy => "HAProxy",
         }
@@ -136,6 +146,8 @@ impl PathId {
             PathId::Direct => "direct",
             PathId::Weft => "weft",
             PathId::WeftSameNode => "weft-same-node",
+            PathId::WeftService => "weft-service",
+            PathId::WeftResilient => "weft-resilient",
             PathId::Stunnel => "stunnel",
             PathId::Haproxy => "haproxy",
         }
@@ -145,7 +157,9 @@ impl PathId {
     fn proxies(self) -> Option<Role> {
         match self {
             PathId::Direct => None,
-            PathId::Weft | PathId::WeftSameNode => Some(Role::Agent),
+            PathId::Weft | PathId::WeftSameNode | PathId::WeftService | PathId::WeftResilient => {
+                Some(Role::Agent)
+            }
             PathId::Stunnel => Some(Role::Reference(Proxy::Stunnel)),
             PathId::Haproxy => Some(Role::Reference(Proxy::Haproxy)),
         }
@@ -756,10 +770,12 @@ impl Bench {
             spec.namespace = namespace.to_owned();
             spec.service_account = if server { "server" } else { "client" }.to_owned();
             spec.env = vec![("RUST_LOG".to_owned(), "warn".to_owned())];
+            spec.labels.insert("bench-pod".to_owned(), name.to_owned());
             cluster.add_pod(spec)
         };
         let plain_server = pod("server", PLAIN, "node1", true)?;
         pod("client", PLAIN, "node0", false)?;
+        // The Services of the weft-service paths select it by its `bench-pod` label.
         let remote = pod("remote", MESHED, "node1", true)?;
         let local = pod("local", MESHED, "node0", true)?;
         pod("client", MESHED, "node0", false)?;
@@ -783,6 +799,12 @@ impl Bench {
                 ),
                 PathId::Weft => (MESHED, at(remote.ip, HTTP_PORT), at(remote.ip, IPERF_PORT)),
                 PathId::WeftSameNode => (MESHED, at(local.ip, HTTP_PORT), at(local.ip, IPERF_PORT)),
+                PathId::WeftService => (MESHED, at(SERVICE, HTTP_PORT), at(SERVICE, IPERF_PORT)),
+                PathId::WeftResilient => (
+                    MESHED,
+                    at(RESILIENT_SERVICE, HTTP_PORT),
+                    at(RESILIENT_SERVICE, IPERF_PORT),
+                ),
                 PathId::Stunnel => (PLAIN, at(node_ip(0), 17080), at(node_ip(0), 17201)),
                 PathId::Haproxy => (PLAIN, at(node_ip(0), 18080), at(node_ip(0), 18201)),
             };
@@ -1130,7 +1152,37 @@ metadata:
   namespace: bench
 spec:
   mode: STRICT
+---
+apiVersion: v1
+kind: Service
+metadata: { name: remote, namespace: bench }
+spec:
+  clusterIP: 10.96.8.1
+  selector: { bench-pod: remote }
+  ports: [{ name: http, port: 8080 }, { name: iperf, port: 5201 }]
+---
+apiVersion: v1
+kind: Service
+metadata: { name: resilient, namespace: bench }
+spec:
+  clusterIP: 10.96.8.2
+  selector: { bench-pod: remote }
+  ports: [{ name: http, port: 8080 }, { name: iperf, port: 5201 }]
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: { name: resilient, namespace: bench }
+spec:
+  service: resilient
+  timeouts: { request: 10s }
+  retries: { attempts: 2, perTryTimeout: 5s }
+  connectionLimits: { maxConnections: 100000, maxRequests: 100000, maxPendingRequests: 1000 }
+  outlierDetection: { consecutiveFailures: 5 }
 ";
+
+/// The weft-service paths' Services (in `MESH`).
+const SERVICE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 8, 1);
+const RESILIENT_SERVICE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 8, 2);
 
 /// `count` ALLOW policies of 10 rules selecting every pod of the meshed namespace, of
 /// which only the last rule of the last policy admits the client: every decision

@@ -74,7 +74,9 @@ pub struct Target {
 pub fn counts_for(name: &str, path: PathId) -> bool {
     match path {
         PathId::Direct => false,
-        PathId::Weft | PathId::WeftSameNode => name.starts_with("agent "),
+        PathId::Weft | PathId::WeftSameNode | PathId::WeftService | PathId::WeftResilient => {
+            name.starts_with("agent ")
+        }
         PathId::Stunnel => name.starts_with("stunnel4 "),
         PathId::Haproxy => name.starts_with("haproxy "),
     }
