@@ -1,5 +1,7 @@
-//! The Unix socket the CNI plugin talks to (protocol: `weft_api::enroll`): one
-//! request line in, one reply line out, per connection.
+//! The agent's side of the CNI plugin: the Unix socket it talks to (protocol:
+//! `weft_api::enroll`; one request line in, one reply line out, per connection), and,
+//! on a node weft is installed on, keeping the plugin chained into the node's CNI
+//! configuration ([`Chaining`]).
 
 use std::{io, os::unix::fs::PermissionsExt, path::Path, time::Duration};
 
@@ -8,6 +10,7 @@ use tokio::{
     net::{UnixListener, UnixStream},
 };
 use weft_api::enroll::{Reply, Request};
+use weft_cni::install::Installer;
 
 use crate::node::NodeHandle;
 
@@ -28,6 +31,72 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
+}
+
+/// How often the chaining is checked: the primary CNI may rewrite its configuration
+/// (when it restarts or upgrades) without weft's entry, and pods started meanwhile
+/// would not be enrolled.
+const CHAIN_INTERVAL: Duration = Duration::from_secs(5);
+
+pub fn describe() {
+    metrics::describe_counter!(
+        "weft_cni_configuration_writes_total",
+        "Times the agent chained weft-cni into the node's CNI configuration: once at install, then each time it found its entry gone (the primary CNI rewrote the file)"
+    );
+}
+
+/// Keeps weft-cni placed and chained into the node's CNI configuration. A
+/// configuration that is missing or malformed is reported (once per problem) and
+/// checked again; nothing else is touched.
+#[derive(Debug)]
+pub struct Chaining {
+    installer: Installer,
+    reported: Option<String>,
+}
+
+impl Chaining {
+    pub fn new(installer: Installer) -> Self {
+        Self {
+            installer,
+            reported: None,
+        }
+    }
+
+    /// Chains weft-cni in if it is not (the agent does this before it is ready, so a
+    /// pod the runtime starts once the agent is ready is enrolled).
+    pub async fn check(&mut self) {
+        let installer = self.installer.clone();
+        let Ok(installed) = tokio::task::spawn_blocking(move || installer.install()).await else {
+            return;
+        };
+        match installed {
+            Ok(changed) => {
+                if let Some(path) = &changed.configuration {
+                    log::info!("chained weft-cni into {}", path.display());
+                    metrics::counter!("weft_cni_configuration_writes_total").increment(1);
+                }
+                if changed.binary {
+                    log::info!("placed weft-cni in {}", self.installer.bin_dir.display());
+                }
+                self.reported = None;
+            }
+            Err(err) => {
+                let message = err.to_string();
+                if self.reported.as_ref() != Some(&message) {
+                    log::warn!("{message}; pods started meanwhile are not enrolled");
+                    self.reported = Some(message);
+                }
+            }
+        }
+    }
+
+    /// Checks every [`CHAIN_INTERVAL`], for as long as the agent runs.
+    pub async fn keep(mut self) {
+        loop {
+            tokio::time::sleep(CHAIN_INTERVAL).await;
+            self.check().await;
+        }
+    }
 }
 
 /// Serves enrollment requests until the task is dropped.

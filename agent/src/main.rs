@@ -40,6 +40,7 @@ use weft_agent::{
     subscription::{self, Offer},
     tls::CertStore,
 };
+use weft_cni::install::Installer;
 
 #[derive(Debug, Parser)]
 #[command(version, about = "weft's per-node agent")]
@@ -56,12 +57,55 @@ struct Cli {
 enum Command {
     /// Run the agent.
     Run(Box<RunArgs>),
-    /// Detach and unload everything the agent pinned (stop the agent first).
+    /// Detach and unload everything the agent pinned, and take weft-cni out of the
+    /// node's CNI configuration (stop the agent first).
     Uninstall {
         /// The node's bpffs directory.
         #[arg(long, env = "WEFT_BPFFS", default_value = "/sys/fs/bpf/weft")]
         bpffs: PathBuf,
+        #[command(flatten)]
+        cni: CniArgs,
     },
+}
+
+/// Where the node's CNI configuration lives, when the agent installs weft-cni there.
+#[derive(Clone, Debug, clap::Args)]
+struct CniArgs {
+    /// The node's CNI configuration directory (`/etc/cni/net.d` on the host): the agent
+    /// chains weft-cni into the primary network configuration there, and chains it
+    /// again when the primary CNI rewrites it. Unset: the CNI configuration is managed
+    /// by someone else (the local cluster, or the node's image).
+    #[arg(long, env = "WEFT_CNI_CONF_DIR")]
+    cni_conf_dir: Option<PathBuf>,
+    /// The node's CNI plugin directory, where weft-cni is placed.
+    #[arg(long, env = "WEFT_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+    cni_bin_dir: PathBuf,
+    /// The weft-cni binary to place there. Default: the one beside this executable.
+    #[arg(long, env = "WEFT_CNI_BINARY")]
+    cni_binary: Option<PathBuf>,
+}
+
+impl CniArgs {
+    /// The installer, with `--cni-conf-dir`; `socket` is where the plugin enrolls pods.
+    fn installer(&self, socket: &Path) -> anyhow::Result<Option<Installer>> {
+        let Some(conf_dir) = self.cni_conf_dir.clone() else {
+            return Ok(None);
+        };
+        let binary = match &self.cni_binary {
+            Some(binary) => binary.clone(),
+            None => std::env::current_exe()
+                .context("cannot find the agent's own executable")?
+                .with_file_name(weft_cni::install::PLUGIN_TYPE),
+        };
+        let mut plugin = serde_json::Map::new();
+        plugin.insert("agentSocket".into(), socket.display().to_string().into());
+        Ok(Some(Installer {
+            conf_dir,
+            bin_dir: self.cni_bin_dir.clone(),
+            binary,
+            plugin,
+        }))
+    }
 }
 
 #[derive(Clone, Debug, clap::Args)]
@@ -87,6 +131,8 @@ struct RunArgs {
     /// The Unix socket the CNI plugin enrolls pods through.
     #[arg(long, env = "WEFT_CNI_SOCKET", default_value = weft_api::enroll::DEFAULT_SOCKET)]
     cni_socket: PathBuf,
+    #[command(flatten)]
+    cni: CniArgs,
     /// Where the agent keeps its records of enrolled pods.
     #[arg(long, env = "WEFT_STATE_DIR", default_value = "/run/weft/agent")]
     state_dir: PathBuf,
@@ -240,9 +286,18 @@ fn main() -> anyhow::Result<()> {
     logging::init(&cli.log);
     match cli.command {
         Command::Run(args) => run(*args),
-        Command::Uninstall { bpffs } => {
+        Command::Uninstall { bpffs, cni } => {
             Pins::new(&bpffs).remove_all()?;
             log::info!("removed every pin under {}", bpffs.display());
+            if let Some(installer) = cni.installer(Path::new(weft_api::enroll::DEFAULT_SOCKET))? {
+                let removed = installer.uninstall()?;
+                if let Some(path) = removed.configuration {
+                    log::info!("took weft-cni out of {}", path.display());
+                }
+                if removed.binary {
+                    log::info!("removed weft-cni from {}", installer.bin_dir.display());
+                }
+            }
             Ok(())
         }
     }
@@ -381,6 +436,19 @@ async fn control(args: RunArgs, started: std::sync::mpsc::Sender<anyhow::Result<
     if let Some(offers) = offers {
         tokio::spawn(apply_offers(offers, node.clone()));
     }
+    // Before the ready port opens: the enrollment socket is bound already.
+    match args.cni.installer(&args.cni_socket) {
+        Ok(Some(installer)) => {
+            let mut chaining = cni::Chaining::new(installer);
+            chaining.check().await;
+            tokio::spawn(chaining.keep());
+        }
+        Ok(None) => {}
+        Err(err) => {
+            let _ = started.send(Err(err));
+            return;
+        }
+    }
     for (address, route) in admin::addresses() {
         match TcpListener::bind(address).await {
             Ok(listener) => {
@@ -486,6 +554,7 @@ async fn start(args: &RunArgs) -> anyhow::Result<Started> {
     proxy::describe_requests();
     proxy::trace::describe();
     subscription::describe_metrics();
+    cni::describe();
     let mut first_offer = None;
     let mut offers = None;
     let mut subscription = None;

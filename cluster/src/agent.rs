@@ -14,15 +14,28 @@ use crate::{
 const DRAIN_TIMEOUT: &str = "drain-timeout";
 const LOG: &str = "log";
 
-/// `weft-agent run` for `node`: the wiring, then `--drain-timeout` and `--log`
-/// (`log_filter`) unless the extra arguments set them, then the extra arguments.
+/// `weft-agent run` for `node` (under `setpriv`, keeping only the agents'
+/// capabilities, when the topology names them): the wiring, then `--drain-timeout`
+/// and `--log` (`log_filter`) unless the extra arguments set them, then the extra
+/// arguments.
 pub(crate) fn command_line(
     agent_bin: &Path,
     topology: &Topology,
     node: &NodeInfo,
     log_filter: &str,
 ) -> Vec<String> {
-    let mut argv = vec![agent_bin.display().to_string(), "run".to_owned()];
+    let mut argv = Vec::new();
+    if let Some(capabilities) = &topology.agent_capabilities {
+        // The bounding set of a root process is what it keeps across exec.
+        let kept: Vec<String> = capabilities
+            .iter()
+            .map(|name| format!("+{}", name.to_lowercase()))
+            .collect();
+        argv.push("setpriv".to_owned());
+        argv.push(format!("--bounding-set=-all,{}", kept.join(",")));
+        argv.push("--".to_owned());
+    }
+    argv.extend([agent_bin.display().to_string(), "run".to_owned()]);
     for (flag, value) in wiring(topology, node) {
         argv.push(format!("--{flag}"));
         argv.push(value);
@@ -41,7 +54,7 @@ pub(crate) fn command_line(
 }
 
 /// The flags of [`wiring`], which extra arguments may not set.
-const WIRED: [&str; 11] = [
+const WIRED: [&str; 14] = [
     "node",
     "bpffs",
     "pod-cgroup",
@@ -53,13 +66,16 @@ const WIRED: [&str; 11] = [
     "controller-identity",
     "controller-token-file",
     "flow-log",
+    "cni-conf-dir",
+    "cni-bin-dir",
+    "cni-binary",
 ];
 
-/// The flags that tie an agent to its node (namespace, cgroup, pins, socket, state),
-/// to the cluster's controller and to its flow log.
+/// The flags that tie an agent to its node (namespace, cgroup, pins, socket, state,
+/// CNI directories), to the cluster's controller and to its flow log.
 fn wiring(topology: &Topology, node: &NodeInfo) -> Vec<(&'static str, String)> {
     let path = |path: &Path| path.display().to_string();
-    vec![
+    let mut wiring = vec![
         ("node", node.name.clone()),
         ("bpffs", path(&node.bpffs)),
         ("pod-cgroup", path(&node.pods_cgroup)),
@@ -86,7 +102,16 @@ fn wiring(topology: &Topology, node: &NodeInfo) -> Vec<(&'static str, String)> {
             path(&topology.node_tokens.join(format!("{}.token", node.name))),
         ),
         ("flow-log", path(&node.flow_log)),
-    ]
+    ];
+    // With CNI on, the agent installs weft-cni on its node, as on a real one.
+    if let Some(bin_dir) = &topology.cni_bin_dir {
+        wiring.extend([
+            ("cni-conf-dir", path(&node.cni_conf_dir)),
+            ("cni-bin-dir", path(&node.cni_plugin_dir)),
+            ("cni-binary", path(&bin_dir.join(crate::cni::PLUGIN))),
+        ]);
+    }
+    wiring
 }
 
 /// Checks extra arguments of `weft-agent run`: none may set a flag of the wiring, and
@@ -176,6 +201,8 @@ mod tests {
             system_cgroup: "/cg/weft-a/node0/system".into(),
             bpffs: "/sys/fs/bpf/weft-a/node0".into(),
             agent_socket: "/run/weft/a/node0/cni.sock".into(),
+            cni_conf_dir: "/run/weft/a/node0/cni/net.d".into(),
+            cni_plugin_dir: "/run/weft/a/node0/cni/bin".into(),
             agent_state_dir: "/run/weft/a/node0/agent".into(),
             flow_log: "/run/weft/a/node0/flows.jsonl".into(),
             agent: None,
@@ -192,6 +219,7 @@ mod tests {
             exclude_ports: Vec::new(),
             controller_args: Vec::new(),
             agent_args: agent_args.iter().map(|arg| (*arg).to_owned()).collect(),
+            agent_capabilities: None,
             agent_drain_timeout_ms: DEFAULT_AGENT_DRAIN_TIMEOUT_MS,
             objects: "/run/weft/a/objects.json".into(),
             controller_address: Ipv4Addr::new(10, 99, 0, 254),
@@ -241,12 +269,34 @@ mod tests {
 
     #[test]
     fn the_wiring_sets_the_flags_extra_arguments_may_not() {
-        let topology = topology(&[]);
+        let mut topology = topology(&[]);
+        topology.cni_bin_dir = Some("/build/bin".into());
         let flags: Vec<&str> = wiring(&topology, &topology.nodes[0])
             .into_iter()
             .map(|(flag, _)| flag)
             .collect();
         assert_eq!(flags, WIRED);
+        assert_eq!(
+            values(&argv(&topology), "cni-binary"),
+            ["/build/bin/weft-cni"]
+        );
+    }
+
+    #[test]
+    fn agents_keep_only_the_capabilities_the_topology_names() {
+        let mut topology = topology(&[]);
+        assert_eq!(argv(&topology)[1], "run");
+        topology.agent_capabilities = Some(vec!["BPF".into(), "NET_ADMIN".into()]);
+        let argv = argv(&topology);
+        assert_eq!(
+            argv[..4],
+            [
+                "setpriv",
+                "--bounding-set=-all,+bpf,+net_admin",
+                "--",
+                "/bin/weft-agent"
+            ]
+        );
     }
 
     #[test]

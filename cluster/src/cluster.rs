@@ -128,6 +128,7 @@ impl Cluster {
             exclude_ports: Vec::new(),
             controller_args: Vec::new(),
             agent_args: Vec::new(),
+            agent_capabilities: None,
             agent_drain_timeout_ms: DEFAULT_AGENT_DRAIN_TIMEOUT_MS,
             objects: layout.state_dir().join("objects.json"),
             controller_address: CONTROLLER_ADDRESS,
@@ -148,6 +149,8 @@ impl Cluster {
                         system_cgroup: layout.system_cgroup(&node),
                         bpffs: layout.node_bpffs(&node),
                         agent_socket: layout.node_state(&node).join("cni.sock"),
+                        cni_conf_dir: layout.node_state(&node).join("cni").join("net.d"),
+                        cni_plugin_dir: layout.node_state(&node).join("cni").join("bin"),
                         agent_state_dir: layout.node_state(&node).join("agent"),
                         flow_log: layout.node_state(&node).join("flows.jsonl"),
                         agent: None,
@@ -196,6 +199,8 @@ impl Cluster {
             host::create_dir(&node.system_cgroup)?;
             host::create_dir(&node.bpffs)?;
             host::create_dir(&node.agent_state_dir)?;
+            host::create_dir(&node.cni_plugin_dir)?;
+            cni::write_primary(&node.cni_conf_dir)?;
 
             let uplink = format!("n{index}");
             host::ip(&["netns", "add", &node.netns])?;
@@ -303,11 +308,11 @@ impl Cluster {
             pid: None,
         };
         let node = node.clone();
-        let cni_bin_dir = self.topology.cni_bin_dir.clone();
+        let cni_on = self.topology.cni_bin_dir.is_some();
         let started = wire_pod(&node, &pod)
-            .and_then(|()| match &cni_bin_dir {
-                Some(dir) => cni::invoke(dir, "ADD", &node, &pod),
-                None => Ok(()),
+            .and_then(|()| match cni_on {
+                true => cni::invoke("ADD", &node, &pod),
+                false => Ok(()),
             })
             .and_then(|()| {
                 if pod.command.is_empty() {
@@ -320,9 +325,9 @@ impl Cluster {
         match started {
             Ok(pid) => pod.pid = pid,
             Err(err) => {
-                let cleanup = match &cni_bin_dir {
-                    Some(dir) => cni::invoke(dir, "DEL", &node, &pod),
-                    None => Ok(()),
+                let cleanup = match cni_on {
+                    true => cni::invoke("DEL", &node, &pod),
+                    false => Ok(()),
                 }
                 .and_then(|()| unwire_pod(&node, &pod));
                 if let Err(cleanup) = cleanup {
@@ -556,10 +561,10 @@ impl Cluster {
         self.refresh()?;
         let pod = self.pod(namespace, name)?.clone();
         let node = self.node(&pod.node)?;
-        if let Some(dir) = &self.topology.cni_bin_dir {
+        if self.topology.cni_bin_dir.is_some() {
             // A runtime retries a failed DEL; the cluster tears the pod down anyway, and
             // the agent forgets pods whose namespace is gone.
-            if let Err(err) = cni::invoke(dir, "DEL", node, &pod) {
+            if let Err(err) = cni::invoke("DEL", node, &pod) {
                 log::warn!("{err}");
             }
         }
@@ -734,7 +739,9 @@ impl Cluster {
         }
     }
 
-    /// From now on, enroll pods through `weft-cni` in `bin_dir` (`None`: stop).
+    /// From now on, run the nodes' CNI plugins for each pod: agents started after this
+    /// place `weft-cni` (from `bin_dir`) in their node's plugin directory and chain it
+    /// into its network configuration (`None`: stop).
     pub fn set_cni(&mut self, bin_dir: Option<PathBuf>) -> Result<(), ClusterError> {
         let _lock = self.lock()?;
         self.refresh()?;
@@ -854,6 +861,18 @@ impl Cluster {
         self.topology.agent_drain_timeout_ms =
             agent::check_agent_args(&args)?.unwrap_or(DEFAULT_AGENT_DRAIN_TIMEOUT_MS);
         self.topology.agent_args = args;
+        self.save()
+    }
+
+    /// From now on, start agents with only `capabilities` (`None`: all of root's), as
+    /// a DaemonSet's `securityContext` would.
+    pub fn set_agent_capabilities(
+        &mut self,
+        capabilities: Option<Vec<String>>,
+    ) -> Result<(), ClusterError> {
+        let _lock = self.lock()?;
+        self.refresh()?;
+        self.topology.agent_capabilities = capabilities;
         self.save()
     }
 

@@ -69,6 +69,13 @@ pub enum ClusterError {
         timeout: std::time::Duration,
         log: PathBuf,
     },
+    #[error(
+        "the CNI network configuration in {dir} cannot be used: {problem} (the cluster writes it at `up`; the agent chains weft-cni into it)"
+    )]
+    CniConfiguration {
+        dir: std::path::PathBuf,
+        problem: String,
+    },
     #[error("{what} failed (CNI error {code}): {message}")]
     Cni {
         what: String,

@@ -79,6 +79,8 @@ mod tests {
             system_cgroup: "/cg/weft-a/node1/system".into(),
             bpffs: "/sys/fs/bpf/weft-a/node1".into(),
             agent_socket: "/run/weft/a/node1/cni.sock".into(),
+            cni_conf_dir: "/run/weft/a/node1/cni/net.d".into(),
+            cni_plugin_dir: "/run/weft/a/node1/cni/bin".into(),
             agent_state_dir: "/run/weft/a/node1/agent".into(),
             flow_log: "/run/weft/a/node1/flows.jsonl".into(),
             agent: None,

@@ -39,6 +39,10 @@ pub struct Topology {
     /// cluster passes it to every agent, unless `agent_args` set it.
     #[serde(default = "default_agent_drain_timeout_ms")]
     pub agent_drain_timeout_ms: u64,
+    /// The only capabilities agents run with (names such as `NET_ADMIN`, as a pod's
+    /// `securityContext` grants them); `None`: all of root's.
+    #[serde(default)]
+    pub agent_capabilities: Option<Vec<String>>,
     /// The cluster's own objects (nodes and pods), as the controller reads them.
     pub objects: PathBuf,
     /// The controller's address on the fabric: config stream on 15010, `/status` and
@@ -79,6 +83,13 @@ pub struct NodeInfo {
     pub bpffs: PathBuf,
     /// The node agent's CNI socket.
     pub agent_socket: PathBuf,
+    /// The node's CNI network configuration directory (a node's `/etc/cni/net.d`): a
+    /// list whose first plugin the cluster plays itself, which the agent chains
+    /// weft-cni into.
+    pub cni_conf_dir: PathBuf,
+    /// The node's CNI plugin directory (a node's `/opt/cni/bin`), where the agent
+    /// places weft-cni.
+    pub cni_plugin_dir: PathBuf,
     /// The node agent's state directory.
     pub agent_state_dir: PathBuf,
     /// Where the node agent writes flow events (JSON lines).

@@ -39,6 +39,7 @@ mod agent;
 mod config;
 mod env;
 mod error;
+pub mod install;
 
 use std::io::Read;
 

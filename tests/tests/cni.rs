@@ -1,12 +1,15 @@
 //! The CNI plugin against a real agent, invoked as a container runtime invokes it:
 //! ADD, CHECK, DEL and VERSION with valid and malformed input give spec-shaped answers
 //! and leave nothing half-done; with the agent down, ADD fails and the pod is not
-//! started unmeshed.
+//! started unmeshed. The agent installs the plugin: it chains it into the node's
+//! network configuration before it is ready, chains it again when the primary CNI
+//! rewrites the file, and `weft-agent uninstall` takes it out.
 
 use std::{
     io::Write as _,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Output, Stdio},
+    time::Duration,
 };
 
 use weft_cluster::{ClusterError, PodSpec, cni};
@@ -54,11 +57,10 @@ fn config(socket: &Path, prev_result: &str) -> String {
 fn the_plugin_speaks_cni_to_a_real_agent() {
     let mut cluster = TestCluster::with_mesh(1, MESH);
     let node = cluster.topology().node("node0").unwrap().clone();
-    let bin_dir: PathBuf = cluster.topology().cni_bin_dir.clone().unwrap();
     let web = cluster.add_pod(PodSpec::new("web", "node0", &[])).unwrap();
     assert_eq!(records(&node.agent_state_dir), 1, "ADD left no record");
 
-    cni::invoke(&bin_dir, "CHECK", &node, &web).unwrap_or_else(|err| panic!("CHECK: {err}"));
+    cni::invoke("CHECK", &node, &web).unwrap_or_else(|err| panic!("CHECK: {err}"));
     let version = plugin(&[("CNI_COMMAND", "VERSION")], "");
     let version: serde_json::Value = serde_json::from_slice(&version.stdout).unwrap();
     assert!(
@@ -111,10 +113,10 @@ fn the_plugin_speaks_cni_to_a_real_agent() {
     );
 
     // DEL forgets the pod; a second DEL is fine; CHECK then fails.
-    cni::invoke(&bin_dir, "DEL", &node, &web).unwrap_or_else(|err| panic!("DEL: {err}"));
-    cni::invoke(&bin_dir, "DEL", &node, &web).unwrap_or_else(|err| panic!("second DEL: {err}"));
+    cni::invoke("DEL", &node, &web).unwrap_or_else(|err| panic!("DEL: {err}"));
+    cni::invoke("DEL", &node, &web).unwrap_or_else(|err| panic!("second DEL: {err}"));
     assert_eq!(records(&node.agent_state_dir), 0);
-    match cni::invoke(&bin_dir, "CHECK", &node, &web) {
+    match cni::invoke("CHECK", &node, &web) {
         Err(ClusterError::Cni { code, message, .. }) => {
             assert_eq!(code, 100);
             assert!(message.contains("unknown container"), "{message}");
@@ -146,4 +148,64 @@ fn with_the_agent_down_add_fails_and_no_pod_runs_unmeshed() {
     cluster
         .add_pod(PodSpec::new("web", "node0", &[echo.as_str()]))
         .unwrap();
+}
+
+#[test]
+fn the_agent_chains_the_plugin_into_the_nodes_configuration_and_uninstall_removes_it() {
+    let mut cluster = TestCluster::with_mesh(1, MESH);
+    let node = cluster.topology().node("node0").unwrap().clone();
+    let conflist = node.cni_conf_dir.join("10-weft-local.conflist");
+    let types = || -> Vec<String> {
+        let text = std::fs::read_to_string(&conflist).unwrap_or_default();
+        let list: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        list["plugins"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|plugin| plugin["type"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    // Chained before the agent said it was ready, and the plugin placed beside it:
+    // a pod is enrolled through the list alone.
+    assert_eq!(types(), [cni::PRIMARY, cni::PLUGIN]);
+    assert!(node.cni_plugin_dir.join(cni::PLUGIN).is_file());
+    cluster.add_pod(PodSpec::new("web", "node0", &[])).unwrap();
+    assert_eq!(
+        records(&node.agent_state_dir),
+        1,
+        "the chained plugin enrolled the pod"
+    );
+
+    // The primary CNI rewrites its file: the agent chains the plugin again.
+    let writes = || {
+        weft_e2e::total(
+            &weft_e2e::agent_metrics(&cluster, "node0"),
+            "weft_cni_configuration_writes_total",
+            &[],
+        )
+    };
+    let before = writes();
+    cni::write_primary(&node.cni_conf_dir).unwrap();
+    assert_eq!(types(), [cni::PRIMARY]);
+    weft_e2e::wait_until(
+        "the plugin is chained again, once",
+        Duration::from_secs(20),
+        || types() == [cni::PRIMARY, cni::PLUGIN] && writes() == before + 1.0,
+    );
+
+    // Uninstalling (the agent stopped first) takes the plugin out and removes it.
+    cluster.stop_agent("node0").unwrap();
+    let uninstall = Command::new(workspace_bin("weft-agent"))
+        .arg("uninstall")
+        .arg("--bpffs")
+        .arg(&node.bpffs)
+        .arg("--cni-conf-dir")
+        .arg(&node.cni_conf_dir)
+        .arg("--cni-bin-dir")
+        .arg(&node.cni_plugin_dir)
+        .output()
+        .unwrap();
+    assert!(uninstall.status.success(), "{uninstall:?}");
+    assert_eq!(types(), [cni::PRIMARY]);
+    assert!(!node.cni_plugin_dir.join(cni::PLUGIN).exists());
 }

@@ -38,6 +38,9 @@ const PACKAGES: &[&str] = &[
     "python3-matplotlib",
 ];
 
+/// The kubernetes-validate release (PyPI) whose schemas check `deploy/install.yaml`.
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+
 /// bpf-linker release the build is verified with.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -145,6 +148,20 @@ fn missing() -> anyhow::Result<Vec<Step>> {
             commands: vec![install_linker],
         }),
         Some(Ok(_)) => {}
+    }
+
+    let validator = capture(Command::new("kubernetes-validate").arg("--version"));
+    if validator.map_or(true, |version| {
+        version.trim() != KUBERNETES_VALIDATE_VERSION
+    }) {
+        steps.push(Step {
+            what: format!(
+                "install kubernetes-validate {KUBERNETES_VALIDATE_VERSION} (checks the rendered manifests against Kubernetes' schemas)"
+            ),
+            commands: vec![format!(
+                "python3 -m pip install --quiet --root-user-action=ignore kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"
+            )],
+        });
     }
 
     if !weft_cluster::bpffs_mounted()? {

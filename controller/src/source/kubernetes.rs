@@ -95,7 +95,9 @@ fn install_hint(kind: Kind) -> &'static str {
         Kind::PeerAuthentication
         | Kind::AuthorizationPolicy
         | Kind::TrafficPolicy
-        | Kind::FaultInjection => "install weft's CRDs: kubectl apply -f deploy/crds/",
+        | Kind::FaultInjection => {
+            "install weft's CRDs: kubectl apply -k deploy/crds (deploy/install.yaml has them too)"
+        }
         Kind::HttpRoute | Kind::GrpcRoute | Kind::ReferenceGrant => {
             "install the Gateway API CRDs (standard channel): \
              https://gateway-api.sigs.k8s.io/guides/#installing-gateway-api"
