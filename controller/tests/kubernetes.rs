@@ -246,6 +246,44 @@ async fn lists_every_kind_then_follows_creations_updates_and_deletions() {
     assert_eq!(fake.requests("watch", "/api/v1/pods"), 1);
 }
 
+/// The fake enforces the controller's roles from deploy/install.yaml (every test here
+/// runs under them, and fails on a refusal it did not expect); this shows it refuses
+/// what they do not grant, as the API server would.
+#[tokio::test]
+async fn the_roles_of_the_install_manifest_are_enforced() {
+    use kube::{Api, api::ListParams};
+    let fake = FakeApi::start().await;
+    let client = fake.client();
+    fn forbidden<T>(result: Result<T, kube::Error>) -> bool {
+        matches!(result, Err(kube::Error::Api(response)) if response.code == 403)
+    }
+    // Granted: pods anywhere; the CA Secret by its name (absent here: 404).
+    Api::<k8s_openapi::api::core::v1::Pod>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    let secrets = Api::<Secret>::namespaced(client.clone(), "weft-system");
+    assert!(secrets.get_opt("weft-ca").await.unwrap().is_none());
+    // Not granted: other Secrets, Secrets elsewhere, listing them.
+    assert!(forbidden(secrets.get("other").await));
+    let elsewhere = Api::<Secret>::namespaced(client.clone(), "shop");
+    assert!(forbidden(elsewhere.get("weft-ca").await));
+    assert!(forbidden(
+        Api::<Secret>::all(client)
+            .list(&ListParams::default())
+            .await
+    ));
+    let refused = fake.take_forbidden();
+    assert_eq!(refused.len(), 3, "{refused:#?}");
+    assert!(
+        refused[0].contains(
+            "cannot get resource \"secrets\" in API group \"\" in the namespace \"weft-system\""
+        ),
+        "{}",
+        refused[0]
+    );
+}
+
 #[tokio::test]
 async fn a_list_longer_than_a_page_arrives_whole() {
     let fake = FakeApi::start().await;

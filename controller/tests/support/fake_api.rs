@@ -15,7 +15,12 @@
 //! - PATCH of the status subresource with a JSON merge patch (and a
 //!   `metadata.resourceVersion` precondition, as the real server checks);
 //! - TokenReviews answered from a table of tokens;
-//! - `404` for the kinds a test marks as not installed.
+//! - `404` for the kinds a test marks as not installed;
+//! - RBAC: every request is checked against the controller's roles in
+//!   `deploy/install.yaml` ([`super::rbac`]) and refused `403 Forbidden` when they do
+//!   not allow it. A refusal a test did not take back with
+//!   [`FakeApi::take_forbidden`] fails the test when the server is dropped, so a new
+//!   watch or write without a rule is caught.
 //!
 //! Creates and replaces take the same path whether a client sends them or a test
 //! calls [`FakeApi::create`] or [`FakeApi::update`] (which panic where the server
@@ -44,6 +49,8 @@ use tokio::{
     time::Instant,
 };
 use tokio_stream::wrappers::ReceiverStream;
+
+use super::rbac::{Access, Rbac};
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -200,6 +207,8 @@ struct State {
     bookmark_interval: Duration,
     /// Bookmarks sent, by kind.
     bookmarks: HashMap<&'static str, usize>,
+    /// The messages of the requests RBAC refused.
+    forbidden: Vec<String>,
     /// Open watches end when this moves.
     epoch: u64,
     /// New watches wait while this is set.
@@ -281,6 +290,7 @@ impl State {
 #[derive(Clone, Debug)]
 struct Shared {
     state: Arc<Mutex<State>>,
+    rbac: Arc<Rbac>,
     /// Ticks whenever the state changes.
     changed: Arc<watch::Sender<()>>,
 }
@@ -308,6 +318,13 @@ pub struct FakeApi {
 impl Drop for FakeApi {
     fn drop(&mut self) {
         self.server.abort();
+        let forbidden = std::mem::take(&mut self.shared.lock().forbidden);
+        if !std::thread::panicking() {
+            assert!(
+                forbidden.is_empty(),
+                "the controller's roles in deploy/install.yaml do not allow what it did: {forbidden:#?}"
+            );
+        }
     }
 }
 
@@ -328,10 +345,12 @@ impl FakeApi {
                 requests: Vec::new(),
                 bookmark_interval: Duration::from_secs(1),
                 bookmarks: HashMap::new(),
+                forbidden: Vec::new(),
                 epoch: 0,
                 held: false,
             })),
             changed: Arc::new(watch::channel(()).0),
+            rbac: Arc::new(Rbac::of_install_manifest()),
         };
         let server = tokio::spawn({
             let shared = shared.clone();
@@ -467,6 +486,12 @@ impl FakeApi {
             .iter()
             .filter(|(v, p)| *v == verb && p == path)
             .count()
+    }
+
+    /// The requests RBAC refused so far (their messages), forgotten: a test that
+    /// expects refusals takes them back.
+    pub fn take_forbidden(&self) -> Vec<String> {
+        std::mem::take(&mut self.shared.lock().forbidden)
     }
 
     pub fn set_bookmark_interval(&self, interval: Duration) {
@@ -611,6 +636,16 @@ async fn handle(shared: Shared, request: Request<Incoming>) -> Result<Response<B
     let query = query(&request);
     if request.method() == Method::POST && path == "/apis/authentication.k8s.io/v1/tokenreviews" {
         shared.lock().requests.push(("create", path));
+        let access = Access {
+            verb: "create",
+            group: "authentication.k8s.io",
+            resource: "tokenreviews",
+            namespace: None,
+            name: None,
+        };
+        if let Some(refused) = authorize(&shared, access) {
+            return Ok(refused);
+        }
         let body = request.into_body().collect().await.map(|b| b.to_bytes());
         return Ok(token_review(&shared, body.as_deref().unwrap_or_default()));
     }
@@ -638,11 +673,26 @@ async fn handle(shared: Shared, request: Request<Incoming>) -> Result<Response<B
             ));
         }
     };
-    let installed = {
-        let mut state = shared.lock();
-        state.requests.push((verb, path));
-        !state.not_installed.contains(target.resource.kind)
+    shared.lock().requests.push((verb, path));
+    let group = match target.resource.api_version.split_once('/') {
+        Some((group, _)) => group,
+        None => "",
     };
+    let resource = match target.status {
+        true => format!("{}/status", target.resource.plural),
+        false => target.resource.plural.to_owned(),
+    };
+    let access = Access {
+        verb,
+        group,
+        resource: &resource,
+        namespace: target.namespace.as_deref(),
+        name: target.name.as_deref(),
+    };
+    if let Some(refused) = authorize(&shared, access) {
+        return Ok(refused);
+    }
+    let installed = !shared.lock().not_installed.contains(target.resource.kind);
     if !installed {
         return Ok(failure(
             404,
@@ -682,6 +732,16 @@ async fn handle(shared: Shared, request: Request<Incoming>) -> Result<Response<B
             }
         }
     })
+}
+
+/// `None` when RBAC allows `access`; else the `403` the server answers, recorded.
+fn authorize(shared: &Shared, access: Access<'_>) -> Option<Response<Body>> {
+    if shared.rbac.allows(access) {
+        return None;
+    }
+    let message = shared.rbac.forbidden(access);
+    shared.lock().forbidden.push(message.clone());
+    Some(failure(403, "Forbidden", &message))
 }
 
 fn in_namespace(namespace: &Option<String>, key: &Key) -> bool {

@@ -3,3 +3,4 @@
 //! own.)
 
 pub mod fake_api;
+pub mod rbac;
