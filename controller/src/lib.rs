@@ -14,6 +14,7 @@ pub mod auth;
 pub mod ca;
 pub mod compile;
 pub mod explain;
+pub mod lease;
 pub mod objects;
 pub mod pipeline;
 pub mod serving;

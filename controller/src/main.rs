@@ -19,6 +19,7 @@ use weft_controller::{
         store::Store,
     },
     compile::Settings,
+    lease::{Elector, Timing},
     pipeline::{self, Published},
     serving::{self, ServingCert},
     source::{
@@ -110,12 +111,7 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 struct RunArgs {
     /// Read the cluster from these YAML files or directories instead of the
     /// Kubernetes API (repeatable); they are reread when they change.
-    #[arg(
-        long = "files",
-        env = "WEFT_FILES",
-        value_delimiter = ',',
-        required = true
-    )]
+    #[arg(long = "files", env = "WEFT_FILES", value_delimiter = ',')]
     files: Vec<PathBuf>,
     /// Where agents subscribe (gRPC).
     #[arg(long, env = "WEFT_LISTEN", default_value = "0.0.0.0:15010")]
@@ -172,6 +168,15 @@ struct RunArgs {
     /// How often the files are checked for changes, in milliseconds.
     #[arg(long, env = "WEFT_FILE_INTERVAL_MS", default_value_t = 200)]
     file_interval_ms: u64,
+    /// With the Kubernetes source, replicas elect a leader over the Lease of this name
+    /// in the controller's namespace (`--ca-namespace`): only the leader writes
+    /// status; every replica serves agents and signs their certificates.
+    #[arg(long, env = "WEFT_LEASE", default_value = "weft-controller")]
+    lease: String,
+    /// This replica's name in the election: its pod's name (Kubernetes also sets
+    /// HOSTNAME to it).
+    #[arg(long, env = "WEFT_POD_NAME")]
+    pod_name: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -269,10 +274,25 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let files = match &client {
         Some(client) => {
             tokio::spawn(kubernetes::run(client.clone(), objects_tx));
+            let identity = args
+                .pod_name
+                .clone()
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .unwrap_or_else(|| "weft-controller".to_owned());
+            let (leading_tx, leading_rx) = watch::channel(false);
+            let elector = Elector::new(
+                client.clone(),
+                &args.ca.ca_namespace,
+                &args.lease,
+                &identity,
+                Timing::default(),
+            );
+            tokio::spawn(elector.run(leading_tx));
             tokio::spawn(kubernetes::write_statuses(
                 client.clone(),
                 statuses_rx.clone(),
                 objects_rx.clone(),
+                leading_rx,
             ));
             None
         }

@@ -474,10 +474,12 @@ async fn statuses_are_written_once_and_leave_other_controllers_alone() {
     })
     .await;
     let (statuses, written) = watch::channel(Arc::new(Statuses::new()));
+    let (_leading, leads) = watch::channel(true);
     tokio::spawn(kubernetes::write_statuses(
         fake.client(),
         written,
         objects.clone(),
+        leads,
     ));
 
     let invalid = Verdict::rejected(Reason::Invalid, "spec.mode: say why it is wrong")
@@ -628,7 +630,13 @@ async fn what_the_agents_do_not_enforce_is_written_as_not_enforced() {
         published,
         statuses,
     ));
-    tokio::spawn(kubernetes::write_statuses(fake.client(), written, objects));
+    let (_leading, leads) = watch::channel(true);
+    tokio::spawn(kubernetes::write_statuses(
+        fake.client(),
+        written,
+        objects,
+        leads,
+    ));
 
     let condition = |kind: &str, name: &str| {
         let object = fake.get(kind, "shop", name)?;
@@ -948,4 +956,103 @@ async fn an_empty_ca_secret_is_filled() {
     assert_eq!(stored, material);
     assert!(Authority::load(&stored, SystemTime::now()).is_ok());
     assert_eq!(secret["metadata"]["labels"]["chart"], "weft");
+}
+
+/// Two replicas against one Lease: the first leads, the second follows while the first
+/// renews, and takes over once the first is gone.
+#[tokio::test]
+async fn one_replica_leads_and_another_takes_over_when_it_stops() {
+    use weft_controller::lease::{Elector, Timing};
+    let fake = FakeApi::start().await;
+    let timing = Timing {
+        duration: Duration::from_secs(1),
+        retry: Duration::from_millis(50),
+    };
+    let replica = |name: &str, leading| {
+        let elector = Elector::new(
+            fake.client(),
+            "weft-system",
+            "weft-controller",
+            name,
+            timing,
+        );
+        tokio::spawn(elector.run(leading))
+    };
+    let (a_tx, a) = watch::channel(false);
+    let first = replica("controller-a", a_tx);
+    eventually("the first replica leads", || *a.borrow()).await;
+    let (b_tx, mut b) = watch::channel(false);
+    let second = replica("controller-b", b_tx);
+    // Many rounds of both (two seconds of renewals, past the Lease's duration): the
+    // second never leads.
+    let lease = "/apis/coordination.k8s.io/v1/namespaces/weft-system/leases/weft-controller";
+    let reads = fake.requests("get", lease);
+    eventually("forty more rounds", || {
+        fake.requests("get", lease) >= reads + 40
+    })
+    .await;
+    assert!(
+        !b.has_changed().unwrap(),
+        "the second replica led beside the first"
+    );
+    let held = fake.get("Lease", "weft-system", "weft-controller").unwrap();
+    assert_eq!(held["spec"]["holderIdentity"], "controller-a");
+
+    first.abort();
+    eventually("the second replica takes over", || *b.borrow_and_update()).await;
+    let held = fake.get("Lease", "weft-system", "weft-controller").unwrap();
+    assert_eq!(held["spec"]["holderIdentity"], "controller-b");
+    assert_eq!(held["spec"]["leaseTransitions"], 1);
+    second.abort();
+}
+
+/// Of two status writers, only the leader's writes.
+#[tokio::test]
+async fn only_the_leader_writes_status() {
+    let fake = FakeApi::start().await;
+    fake.create(namespace("shop"));
+    fake.create(peer_authentication("shop", "one", "STRICT"));
+    fake.create(peer_authentication("shop", "two", "STRICT"));
+    let mut objects = start_source(&fake);
+    wait_for(&mut objects, "the policies", |o| {
+        o.peer_authentications.len() == 2
+    })
+    .await;
+    let (statuses, written) = watch::channel(Arc::new(Statuses::new()));
+    let (_leads, leader) = watch::channel(true);
+    let (_follows, follower) = watch::channel(false);
+    for leading in [leader, follower] {
+        tokio::spawn(kubernetes::write_statuses(
+            fake.client(),
+            written.clone(),
+            objects.clone(),
+            leading,
+        ));
+    }
+    let invalid = Verdict::rejected(Reason::Invalid, "spec.mode: why").for_generation(Some(1));
+    let mut verdicts = Statuses::new();
+    verdicts.insert(
+        (Kind::PeerAuthentication, key("shop", "one")),
+        invalid.clone(),
+    );
+    statuses.send_replace(Arc::new(verdicts.clone()));
+    let path = |name: &str| {
+        format!("/apis/weft.dev/v1alpha1/namespaces/shop/peerauthentications/{name}/status")
+    };
+    eventually("the first status", || {
+        fake.requests("patch", &path("one")) == 1
+    })
+    .await;
+    // A later change, written once: both writers saw the first one before it.
+    verdicts.insert((Kind::PeerAuthentication, key("shop", "two")), invalid);
+    statuses.send_replace(Arc::new(verdicts));
+    eventually("the second status", || {
+        fake.requests("patch", &path("two")) == 1
+    })
+    .await;
+    assert_eq!(
+        fake.requests("patch", &path("one")),
+        1,
+        "the follower wrote too"
+    );
 }

@@ -431,25 +431,33 @@ enum StatusError {
 }
 
 /// Writes the verdicts into the objects' statuses whenever verdicts or objects
-/// change, until either sender is dropped. A status is written only when it differs
+/// change, while `leading` says this replica leads ([`crate::lease`]), until a sender
+/// is dropped. A status is written only when it differs
 /// from what the object says, and a write the controller has not seen come back yet
 /// is not repeated; a failed write is retried on the next change.
 pub async fn write_statuses(
     client: Client,
     mut statuses: watch::Receiver<Arc<Statuses>>,
     mut objects: watch::Receiver<Arc<Objects>>,
+    mut leading: watch::Receiver<bool>,
 ) {
     let mut writer = StatusWriter {
         client,
         written: HashMap::new(),
     };
     loop {
-        let verdicts = Arc::clone(&statuses.borrow_and_update());
-        let current = Arc::clone(&objects.borrow_and_update());
-        writer.write(&verdicts, &current).await;
+        if *leading.borrow_and_update() {
+            let verdicts = Arc::clone(&statuses.borrow_and_update());
+            let current = Arc::clone(&objects.borrow_and_update());
+            writer.write(&verdicts, &current).await;
+        } else {
+            // Another replica writes meanwhile: what this one wrote may be stale.
+            writer.written.clear();
+        }
         tokio::select! {
             changed = statuses.changed() => if changed.is_err() { return },
             changed = objects.changed() => if changed.is_err() { return },
+            changed = leading.changed() => if changed.is_err() { return },
         }
     }
 }

@@ -153,6 +153,12 @@ const RESOURCES: &[Resource] = &[
         plural: "referencegrants",
         namespaced: true,
     },
+    Resource {
+        api_version: "coordination.k8s.io/v1",
+        kind: "Lease",
+        plural: "leases",
+        namespaced: true,
+    },
 ];
 
 /// The resource of `kind` (a test's mistake if there is none).
