@@ -505,10 +505,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     eprintln!("==> building release binaries (agent, controller, CNI plugin, workloads)");
     build_release()?;
-    let bin = target_dir()?.join("release");
+    let bin = cmd::target_dir()?.join("release");
     let out = match &args.out {
         Some(out) => out.clone(),
-        None => target_dir()?
+        None => cmd::target_dir()?
             .join("bench")
             .join(timestamp("+%Y%m%d-%H%M%S")?),
     };
@@ -1646,15 +1646,6 @@ fn decision_costs(out: &Path) -> anyhow::Result<()> {
             .with_context(|| format!("cannot write {}", file.display()))?;
     }
     Ok(())
-}
-
-/// The cargo target directory this xtask was built into (`<target>/<profile>/xtask`).
-fn target_dir() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe().context("cannot locate the xtask binary")?;
-    exe.parent()
-        .and_then(Path::parent)
-        .map(Path::to_owned)
-        .context("the xtask binary is not in a cargo target directory")
 }
 
 /// `date <format>`, local time.

@@ -49,3 +49,12 @@ pub fn build_binaries(packages: &[&str]) -> anyhow::Result<()> {
     }
     run(&mut command)
 }
+
+/// The cargo target directory this xtask was built into (`<target>/<profile>/xtask`).
+pub fn target_dir() -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe().context("cannot locate the xtask binary")?;
+    exe.parent()
+        .and_then(std::path::Path::parent)
+        .map(std::path::Path::to_owned)
+        .context("the xtask binary is not in a cargo target directory")
+}

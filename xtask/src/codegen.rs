@@ -141,6 +141,97 @@ mod tests {
         }
     }
 
+    /// Each kustomize component of deploy/components renders on top of the base into
+    /// valid objects, and does what it says.
+    #[test]
+    fn each_component_renders_valid_objects_with_its_change() {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let changes: &[(&str, &[&str])] = &[
+            ("busy-nodes", &["cpu: \"1\""]),
+            ("cert-ttl", &["value: 6h"]),
+            (
+                "debug-logs",
+                &["value: debug,weft_ebpf=debug", "value: debug\n"],
+            ),
+            ("otlp", &["WEFT_TRACE_ENDPOINT", "WEFT_TRACE_SAMPLING"]),
+            (
+                "prometheus-annotations",
+                &[
+                    "prometheus.io/port: \"15020\"",
+                    "prometheus.io/port: \"15014\"",
+                ],
+            ),
+            ("single-controller", &["replicas: 1\n"]),
+            (
+                "trust-domain",
+                &[
+                    "value: example.org",
+                    "spiffe://example.org/ns/weft-system/sa/weft-controller",
+                ],
+            ),
+        ];
+        let base = std::fs::read_to_string(workspace.join("deploy/install.yaml")).unwrap();
+        let components = workspace.join("deploy/components");
+        let mut found: Vec<String> = std::fs::read_dir(&components)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        found.sort();
+        let named: Vec<&str> = changes.iter().map(|(name, _)| *name).collect();
+        assert_eq!(
+            found, named,
+            "every component needs a line here saying what it changes"
+        );
+        for (name, expected) in changes {
+            let dir = tempfile::tempdir().unwrap();
+            // kustomize takes relative paths only: from the temporary directory up to
+            // the root and down into the workspace.
+            let up = "../".repeat(dir.path().components().count() - 1);
+            let inside = workspace.strip_prefix("/").unwrap().display();
+            std::fs::write(
+                dir.path().join("kustomization.yaml"),
+                format!(
+                    "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n\
+                     resources: [{up}{inside}/deploy/base]\ncomponents: [{up}{inside}/deploy/components/{name}]\n"
+                ),
+            )
+            .unwrap();
+            let output = Command::new("kubectl")
+                .args(["kustomize", "--load-restrictor", "LoadRestrictionsNone"])
+                .arg(dir.path())
+                .output()
+                .unwrap();
+            let rendered = String::from_utf8_lossy(&output.stdout);
+            assert!(
+                output.status.success(),
+                "{name}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            for change in *expected {
+                assert!(
+                    rendered.contains(change) && !base.contains(change),
+                    "{name} does not bring {change:?}"
+                );
+            }
+            let file = dir.path().join("rendered.yaml");
+            std::fs::write(&file, rendered.as_bytes()).unwrap();
+            let validated = Command::new("kubernetes-validate")
+                .args(["--strict", "--quiet", "--kubernetes-version", "1.37"])
+                .arg(&file)
+                .output()
+                .unwrap();
+            assert!(
+                validated.status.success(),
+                "{name}: {}",
+                String::from_utf8_lossy(&validated.stdout)
+            );
+        }
+        assert!(
+            !base.contains("replicas: 1\n"),
+            "the base runs two controllers"
+        );
+    }
+
     /// Every object of deploy/install.yaml is valid, with no unknown field, for every
     /// Kubernetes release weft supports (kubernetes-validate, installed by setup).
     #[test]

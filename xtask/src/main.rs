@@ -8,6 +8,7 @@ mod cluster;
 mod cmd;
 mod codegen;
 mod demo;
+mod image;
 mod setup;
 mod test;
 
@@ -24,7 +25,7 @@ struct Cli {
 enum Task {
     /// Install every prerequisite (Debian packages, nightly rust-src, bpf-linker, bpffs).
     Setup,
-    /// Regenerate derived files (the CRDs in deploy/crds/).
+    /// Regenerate derived files (the CRDs, deploy/install.yaml, the PrometheusRule).
     Codegen,
     /// Run every check CI runs: fmt, clippy, unit tests, privileged end-to-end tests.
     Test(test::Args),
@@ -33,6 +34,9 @@ enum Task {
     /// Measure weft against direct TCP and a reference mTLS proxy pair (release build,
     /// 2-node local cluster; about 9 minutes, `--quick` under 2).
     Bench(bench::Args),
+    /// Build the OCI images of the agent and the controller from release binaries
+    /// (target/images/), and check that they run.
+    Image,
     /// Manage local clusters (network namespaces and cgroups on this machine).
     Cluster {
         #[command(subcommand)]
@@ -49,6 +53,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test(args) => test::run(args),
         Task::Demo(args) => demo::run(args),
         Task::Bench(args) => bench::run(args),
+        Task::Image => image::run(),
         Task::Cluster { command } => cluster::run(command),
     })
 }
