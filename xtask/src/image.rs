@@ -145,21 +145,7 @@ fn write_layout(
     // One layer: a reproducible tar of the root filesystem, gzipped without a name or
     // time in its header.
     let tar = layout.join("layer.tar");
-    cmd::run(
-        Command::new("tar")
-            .args([
-                "--sort=name",
-                "--mtime=@0",
-                "--owner=0",
-                "--group=0",
-                "--numeric-owner",
-                "-cf",
-            ])
-            .arg(&tar)
-            .arg("-C")
-            .arg(rootfs)
-            .arg("."),
-    )?;
+    reproducible_tar(&tar, rootfs, &["."])?;
     let diff_id = sha256(&tar)?;
     cmd::run(Command::new("gzip").args(["-n", "-9"]).arg(&tar))?;
     let gzipped = layout.join("layer.tar.gz");
@@ -209,22 +195,22 @@ fn write_layout(
         r#"{"imageLayoutVersion":"1.0.0"}"#,
     )?;
     let archive = layout.with_extension("tar");
+    reproducible_tar(&archive, layout, &["oci-layout", "index.json", "blobs"])?;
+    Ok(archive)
+}
+
+/// A tar of `paths` in `dir` that depends on their contents only: sorted, owned by
+/// root, every timestamp zero.
+fn reproducible_tar(archive: &Path, dir: &Path, paths: &[&str]) -> anyhow::Result<()> {
     cmd::run(
         Command::new("tar")
-            .args([
-                "--sort=name",
-                "--mtime=@0",
-                "--owner=0",
-                "--group=0",
-                "--numeric-owner",
-                "-cf",
-            ])
-            .arg(&archive)
+            .args(["--sort=name", "--mtime=@0", "--owner=0", "--group=0"])
+            .args(["--numeric-owner", "-cf"])
+            .arg(archive)
             .arg("-C")
-            .arg(layout)
-            .args(["oci-layout", "index.json", "blobs"]),
-    )?;
-    Ok(archive)
+            .arg(dir)
+            .args(paths),
+    )
 }
 
 /// A blob's digest (hex) and size.
