@@ -58,7 +58,8 @@ impl Admin {
         endpoints::serve(listener, move |request| route(&self, request)).await;
     }
 
-    /// `GET /metrics`: the Prometheus text format, kernel counters refreshed first.
+    /// `GET /metrics`: the Prometheus text format, kernel counters and the process's
+    /// CPU, memory and files refreshed first.
     pub fn metrics(&self, request: &Request<Incoming>) -> Reply {
         if (request.method(), request.uri().path()) != (&Method::GET, "/metrics") {
             return text(StatusCode::NOT_FOUND, "try GET /metrics\n");
@@ -72,6 +73,7 @@ impl Admin {
             }
             Err(err) => log::warn!("cannot read the kernel counters: {err}"),
         }
+        crate::process::record();
         metrics::gauge!("weft_active_connections").set(self.proxy.active() as f64);
         metrics::gauge!("weft_config_revision").set(self.mesh.get().revision as f64);
         metrics::gauge!("weft_hbone_pool_connections").set(self.proxy.pool.connections() as f64);

@@ -20,6 +20,7 @@ pub mod logging;
 pub mod memory;
 pub mod mesh;
 pub mod node;
+pub mod process;
 pub mod proxy;
 pub mod reload;
 pub mod subscription;

@@ -555,6 +555,7 @@ async fn start(args: &RunArgs) -> anyhow::Result<Started> {
     proxy::trace::describe();
     subscription::describe_metrics();
     cni::describe();
+    weft_agent::process::describe();
     let mut first_offer = None;
     let mut offers = None;
     let mut subscription = None;

@@ -608,8 +608,8 @@ pub fn assert_promtool_accepts(text: &str) {
     );
 }
 
-/// A real Prometheus on node0 of a cluster, scraping every node's agent each second;
-/// stopped when dropped.
+/// A real Prometheus on node0 of a cluster, scraping every node's agent and the
+/// controller each second; stopped when dropped.
 #[derive(Debug)]
 pub struct Prometheus<'a> {
     cluster: &'a Cluster,
@@ -627,11 +627,13 @@ impl<'a> Prometheus<'a> {
             .map(|node| format!("'{}:15020'", node.ip))
             .collect();
         let config = state.join("prometheus.yml");
+        // Job names as a PodMonitor gives them, which the alerts match.
         fs::write(
             &config,
             format!(
-                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: weft\n    static_configs:\n      - targets: [{}]\n",
-                targets.join(", ")
+                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: weft-system/weft-agent\n    static_configs:\n      - targets: [{}]\n  - job_name: weft-system/weft-controller\n    static_configs:\n      - targets: ['{}:15014']\n",
+                targets.join(", "),
+                cluster.topology().controller_address
             ),
         )
         .unwrap();
@@ -653,7 +655,10 @@ impl<'a> Prometheus<'a> {
         wait_until(
             "Prometheus scraping every agent",
             Duration::from_secs(30),
-            || prometheus.query("sum(up)")["data"]["result"][0]["value"][1] == nodes.as_str(),
+            || {
+                let agents = "sum(up{job=\"weft-system/weft-agent\"})";
+                prometheus.query(agents)["data"]["result"][0]["value"][1] == nodes.as_str()
+            },
         );
         prometheus
     }

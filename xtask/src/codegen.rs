@@ -215,7 +215,8 @@ mod tests {
             }
             let file = dir.path().join("rendered.yaml");
             std::fs::write(&file, rendered.as_bytes()).unwrap();
-            let validated = Command::new("kubernetes-validate")
+            let validated = Command::new("python3")
+                .args(["-m", "kubernetes_validate"])
                 .args(["--strict", "--quiet", "--kubernetes-version", "1.37"])
                 .arg(&file)
                 .output()
@@ -239,7 +240,8 @@ mod tests {
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
         let install = workspace.join("deploy/install.yaml");
         for version in KUBERNETES_VERSIONS {
-            let output = Command::new("kubernetes-validate")
+            let output = Command::new("python3")
+                .args(["-m", "kubernetes_validate"])
                 .args(["--strict", "--quiet", "--kubernetes-version", version])
                 .arg(&install)
                 .output()

@@ -150,7 +150,8 @@ fn missing() -> anyhow::Result<Vec<Step>> {
         Some(Ok(_)) => {}
     }
 
-    let validator = capture(Command::new("kubernetes-validate").arg("--version"));
+    let validator =
+        capture(Command::new("python3").args(["-m", "kubernetes_validate", "--version"]));
     if validator.map_or(true, |version| {
         version.trim() != KUBERNETES_VALIDATE_VERSION
     }) {
