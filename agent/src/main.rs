@@ -65,6 +65,11 @@ enum Command {
         bpffs: PathBuf,
         #[command(flatten)]
         cni: CniArgs,
+        /// Wait for the node's agent to stop first (its ready port answers while it
+        /// runs), and after uninstalling wait for SIGTERM: how the uninstall DaemonSet
+        /// runs it. Without it, a running agent is an error.
+        #[arg(long)]
+        wait: bool,
     },
 }
 
@@ -286,7 +291,20 @@ fn main() -> anyhow::Result<()> {
     logging::init(&cli.log);
     match cli.command {
         Command::Run(args) => run(*args),
-        Command::Uninstall { bpffs, cni } => {
+        Command::Uninstall { bpffs, cni, wait } => {
+            let ready = SocketAddr::from((Ipv4Addr::LOCALHOST, admin::READY_PORT));
+            let agent_runs = || std::net::TcpStream::connect(ready).is_ok();
+            if agent_runs() && !wait {
+                anyhow::bail!(
+                    "an agent still runs on this node (it answers on {ready}): stop it first (delete the weft-agent DaemonSet), or pass --wait"
+                );
+            }
+            if agent_runs() {
+                log::info!("waiting for the node's agent to stop (it answers on {ready})");
+                while agent_runs() {
+                    std::thread::sleep(Duration::from_secs(2));
+                }
+            }
             Pins::new(&bpffs).remove_all()?;
             log::info!("removed every pin under {}", bpffs.display());
             if let Some(installer) = cni.installer(Path::new(weft_api::enroll::DEFAULT_SOCKET))? {
@@ -297,6 +315,20 @@ fn main() -> anyhow::Result<()> {
                 if removed.binary {
                     log::info!("removed weft-cni from {}", installer.bin_dir.display());
                 }
+            }
+            if wait {
+                log::info!("weft is uninstalled from this node; waiting for SIGTERM");
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                runtime.block_on(async {
+                    let mut terminate = signal(SignalKind::terminate())?;
+                    tokio::select! {
+                        _ = terminate.recv() => {}
+                        _ = tokio::signal::ctrl_c() => {}
+                    }
+                    anyhow::Ok(())
+                })?;
             }
             Ok(())
         }

@@ -193,18 +193,34 @@ fn the_agent_chains_the_plugin_into_the_nodes_configuration_and_uninstall_remove
         || types() == [cni::PRIMARY, cni::PLUGIN] && writes() == before + 1.0,
     );
 
-    // Uninstalling (the agent stopped first) takes the plugin out and removes it.
+    // Uninstalling refuses while the node's agent runs; once it stopped, it takes the
+    // plugin out and removes it.
+    let agent = workspace_bin("weft-agent").display().to_string();
+    let path = |path: &Path| path.display().to_string();
+    let argv = [
+        agent,
+        "uninstall".to_owned(),
+        "--bpffs".to_owned(),
+        path(&node.bpffs),
+        "--cni-conf-dir".to_owned(),
+        path(&node.cni_conf_dir),
+        "--cni-bin-dir".to_owned(),
+        path(&node.cni_plugin_dir),
+    ];
+    let uninstall = |cluster: &TestCluster| {
+        cluster
+            .node_command("node0", &argv)
+            .unwrap()
+            .output()
+            .unwrap()
+    };
+    let refused = uninstall(&cluster);
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("an agent still runs on this node"), "{said}");
+    assert_eq!(types(), [cni::PRIMARY, cni::PLUGIN], "nothing was undone");
     cluster.stop_agent("node0").unwrap();
-    let uninstall = Command::new(workspace_bin("weft-agent"))
-        .arg("uninstall")
-        .arg("--bpffs")
-        .arg(&node.bpffs)
-        .arg("--cni-conf-dir")
-        .arg(&node.cni_conf_dir)
-        .arg("--cni-bin-dir")
-        .arg(&node.cni_plugin_dir)
-        .output()
-        .unwrap();
+    let uninstall = uninstall(&cluster);
     assert!(uninstall.status.success(), "{uninstall:?}");
     assert_eq!(types(), [cni::PRIMARY]);
     assert!(!node.cni_plugin_dir.join(cni::PLUGIN).exists());

@@ -233,13 +233,17 @@ mod tests {
         );
     }
 
-    /// Every object of deploy/install.yaml is valid, with no unknown field, for every
-    /// Kubernetes release weft supports (kubernetes-validate, installed by setup).
+    /// Every object of deploy/install.yaml and deploy/uninstall.yaml is valid, with no
+    /// unknown field, for every Kubernetes release weft supports (kubernetes-validate,
+    /// installed by setup).
     #[test]
     fn install_yaml_validates_for_every_supported_kubernetes() {
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-        let install = workspace.join("deploy/install.yaml");
-        for version in KUBERNETES_VERSIONS {
+        for (install, version) in ["install.yaml", "uninstall.yaml"].iter().flat_map(|file| {
+            KUBERNETES_VERSIONS
+                .iter()
+                .map(move |version| (workspace.join("deploy").join(file), *version))
+        }) {
             let output = Command::new("python3")
                 .args(["-m", "kubernetes_validate"])
                 .args(["--strict", "--quiet", "--kubernetes-version", version])
@@ -248,7 +252,8 @@ mod tests {
                 .expect("kubernetes-validate runs (cargo xtask setup installs it)");
             assert!(
                 output.status.success(),
-                "deploy/install.yaml is not valid for Kubernetes {version}: {}{}",
+                "{} is not valid for Kubernetes {version}: {}{}",
+                install.display(),
                 String::from_utf8_lossy(&output.stdout),
                 String::from_utf8_lossy(&output.stderr)
             );
