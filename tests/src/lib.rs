@@ -64,6 +64,19 @@ pub fn agent_capabilities() -> Vec<String> {
         .collect()
 }
 
+/// A TCP client for `python3 -c … ADDRESS PORT`: sends one line and prints what comes
+/// back (`<closed>` when nothing does).
+pub const TCP_LINE_CLIENT: &str = r#"
+import socket, sys
+connection = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+connection.sendall(b"hello\n")
+try:
+    line = connection.makefile("rb").readline().decode().strip()
+except OSError:
+    line = ""
+print(line or "<closed>")
+"#;
+
 /// A local cluster that is taken down when dropped, so a failing test leaves nothing.
 #[derive(Debug)]
 pub struct TestCluster(Cluster);

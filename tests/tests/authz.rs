@@ -13,7 +13,9 @@ use std::{
 };
 
 use weft_cluster::{Cluster, PodSpec};
-use weft_e2e::{TestCluster, agent_log, agent_metrics, samples, wait_until, workspace_bin};
+use weft_e2e::{
+    TCP_LINE_CLIENT, TestCluster, agent_log, agent_metrics, samples, wait_until, workspace_bin,
+};
 
 const READY: Duration = Duration::from_secs(20);
 const WEB: &str = "10.96.0.40";
@@ -79,18 +81,6 @@ try:
 except OSError:
     pass
 print(f"closed {time.monotonic() - (opened or time.monotonic()):.1f}", flush=True)
-"#;
-
-/// Sends one line and prints what comes back (`<closed>` when nothing does).
-const LINE: &str = r#"
-import socket, sys
-connection = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
-connection.sendall(b"hello\n")
-try:
-    line = connection.makefile("rb").readline().decode().strip()
-except OSError:
-    line = ""
-print(line or "<closed>")
 "#;
 
 fn pod(cluster: &mut Cluster, namespace: &str, name: &str, node: &str, app: &str, argv: &[&str]) {
@@ -178,7 +168,7 @@ fn line(cluster: &Cluster, namespace: &str, name: &str, address: &str, port: u16
         .pod_command(
             namespace,
             name,
-            &["python3", "-c", LINE, address, &port.to_string()],
+            &["python3", "-c", TCP_LINE_CLIENT, address, &port.to_string()],
         )
         .unwrap()
         .output()

@@ -6,7 +6,7 @@
 use std::{path::Path, time::Duration};
 
 use weft_cluster::PodSpec;
-use weft_e2e::{Prometheus, TestCluster, wait_until, workspace_bin};
+use weft_e2e::{Prometheus, TCP_LINE_CLIENT, TestCluster, wait_until, workspace_bin};
 
 const MESH: &str = r#"
 apiVersion: v1
@@ -128,7 +128,7 @@ fn every_dashboard_expression_evaluates_and_the_key_panels_show_data() {
                 .pod_command(
                     "default",
                     "client",
-                    &["python3", "-c", TCP_HELLO, "10.96.5.10", "9000"],
+                    &["python3", "-c", TCP_LINE_CLIENT, "10.96.5.10", "9000"],
                 )
                 .unwrap()
                 .output();
@@ -144,10 +144,3 @@ fn every_dashboard_expression_evaluates_and_the_key_panels_show_data() {
     );
     assert!(answered > 0);
 }
-
-/// Sends one line over TCP and reads the echo.
-const TCP_HELLO: &str = "import socket,sys\n\
-s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=5)\n\
-s.sendall(b'hello\\n')\n\
-s.recv(16)\n\
-s.close()\n";
