@@ -291,48 +291,56 @@ fn main() -> anyhow::Result<()> {
     logging::init(&cli.log);
     match cli.command {
         Command::Run(args) => run(*args),
-        Command::Uninstall { bpffs, cni, wait } => {
-            let ready = SocketAddr::from((Ipv4Addr::LOCALHOST, admin::READY_PORT));
-            let agent_runs = || std::net::TcpStream::connect(ready).is_ok();
-            if agent_runs() && !wait {
-                anyhow::bail!(
-                    "an agent still runs on this node (it answers on {ready}): stop it first (delete the weft-agent DaemonSet), or pass --wait"
-                );
-            }
-            if agent_runs() {
-                log::info!("waiting for the node's agent to stop (it answers on {ready})");
-                while agent_runs() {
-                    std::thread::sleep(Duration::from_secs(2));
-                }
-            }
-            Pins::new(&bpffs).remove_all()?;
-            log::info!("removed every pin under {}", bpffs.display());
-            if let Some(installer) = cni.installer(Path::new(weft_api::enroll::DEFAULT_SOCKET))? {
-                let removed = installer.uninstall()?;
-                if let Some(path) = removed.configuration {
-                    log::info!("took weft-cni out of {}", path.display());
-                }
-                if removed.binary {
-                    log::info!("removed weft-cni from {}", installer.bin_dir.display());
-                }
-            }
-            if wait {
-                log::info!("weft is uninstalled from this node; waiting for SIGTERM");
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
-                runtime.block_on(async {
-                    let mut terminate = signal(SignalKind::terminate())?;
-                    tokio::select! {
-                        _ = terminate.recv() => {}
-                        _ = tokio::signal::ctrl_c() => {}
-                    }
-                    anyhow::Ok(())
-                })?;
-            }
-            Ok(())
+        Command::Uninstall { bpffs, cni, wait } => uninstall(&bpffs, &cni, wait),
+    }
+}
+
+/// `weft-agent uninstall`: once no agent runs on the node (waiting for that with
+/// `wait`, else refusing), removes the pins and takes weft-cni out of the node's CNI
+/// configuration; with `wait`, then waits for SIGTERM.
+fn uninstall(bpffs: &Path, cni: &CniArgs, wait: bool) -> anyhow::Result<()> {
+    let ready = SocketAddr::from((Ipv4Addr::LOCALHOST, admin::READY_PORT));
+    let agent_runs = || std::net::TcpStream::connect(ready).is_ok();
+    if agent_runs() && !wait {
+        anyhow::bail!(
+            "an agent still runs on this node (it answers on {ready}): stop it first (delete the weft-agent DaemonSet), or pass --wait"
+        );
+    }
+    if agent_runs() {
+        log::info!("waiting for the node's agent to stop (it answers on {ready})");
+        while agent_runs() {
+            std::thread::sleep(Duration::from_secs(2));
         }
     }
+    Pins::new(bpffs).remove_all()?;
+    log::info!("removed every pin under {}", bpffs.display());
+    if let Some(installer) = cni.installer(Path::new(weft_api::enroll::DEFAULT_SOCKET))? {
+        let removed = installer.uninstall()?;
+        if let Some(path) = removed.configuration {
+            log::info!("took weft-cni out of {}", path.display());
+        }
+        if removed.binary {
+            log::info!("removed weft-cni from {}", installer.bin_dir.display());
+        }
+    }
+    if wait {
+        log::info!("weft is uninstalled from this node; waiting for SIGTERM");
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(terminated())?;
+    }
+    Ok(())
+}
+
+/// Resolves at SIGTERM or Ctrl-C.
+async fn terminated() -> std::io::Result<()> {
+    let mut terminate = signal(SignalKind::terminate())?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    Ok(())
 }
 
 /// Starts the control side on its own thread and runtime, then serves the data plane
@@ -391,11 +399,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             admin::READY_PORT,
             admin::ADMIN_PORT
         );
-        let mut terminate = signal(SignalKind::terminate())?;
-        tokio::select! {
-            _ = terminate.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
+        terminated().await?;
         // Stop accepting, let open connections finish, then close what is left.
         serving.abort_all();
         let active = proxy.active();
