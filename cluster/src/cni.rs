@@ -42,13 +42,12 @@ pub fn container_id(pod: &PodInfo) -> &str {
 /// Runs `command` (ADD, DEL or CHECK) for `pod` on `node`: the plugins chained after
 /// the primary in the node's network configuration.
 pub fn invoke(command: &str, node: &NodeInfo, pod: &PodInfo) -> Result<(), ClusterError> {
-    let (list, chained) = configuration(node)?;
+    let (list, mut chained) = configuration(node)?;
+    if command == "DEL" {
+        chained.reverse();
+    }
     let mut result = primary_result(node, pod);
-    let order: Box<dyn Iterator<Item = &Value>> = match command {
-        "DEL" => Box::new(chained.iter().rev()),
-        _ => Box::new(chained.iter()),
-    };
-    for plugin in order {
+    for plugin in &chained {
         let mut config = plugin.clone();
         config["cniVersion"] = list["cniVersion"].clone();
         config["name"] = list["name"].clone();
