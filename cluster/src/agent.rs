@@ -1,56 +1,83 @@
-//! The command line of the agents the cluster runs: the flags that wire an agent into
-//! its node, the cluster's defaults, and the extra arguments a user adds
-//! ([`Topology::agent_args`]).
+//! The command line of the agents the cluster runs: the agent DaemonSet's container
+//! from `deploy/install.yaml` (its capabilities, arguments and environment, moved to
+//! the node), the flags that wire an agent into its node where the manifest leaves
+//! them to defaults, and the extra arguments a user adds ([`Topology::agent_args`]).
 
 use std::{path::Path, time::Duration};
 
 use crate::{
     ClusterError, NodeInfo, Topology,
     cluster::{CONTROL_PLANE_NAMESPACE, CONTROLLER_GRPC_PORT},
+    manifest::{self, Local, Volume},
     objects,
 };
 
-/// Flags of `weft-agent run` with a cluster default that extra arguments may replace.
+/// The flag extra arguments may shorten a drain with, which the cluster then waits for.
 const DRAIN_TIMEOUT: &str = "drain-timeout";
+/// The flag of the cluster's log filter, which extra arguments may replace.
 const LOG: &str = "log";
 
-/// `weft-agent run` for `node` (under `setpriv`, keeping only the agents'
-/// capabilities, when the topology names them): the wiring, then `--drain-timeout`
-/// and `--log` (`log_filter`) unless the extra arguments set them, then the extra
-/// arguments.
+/// `weft-agent run` for `node`, as the agent DaemonSet runs it: under `setpriv` and
+/// `env -i` with the container's capabilities and environment, then the wiring flags
+/// whose variables the manifest does not set, `--log` (`log_filter`) unless the extra
+/// arguments set it, then the extra arguments.
 pub(crate) fn command_line(
     agent_bin: &Path,
     topology: &Topology,
     node: &NodeInfo,
     log_filter: &str,
-) -> Vec<String> {
-    let mut argv = Vec::new();
-    if let Some(capabilities) = &topology.agent_capabilities {
-        // The bounding set of a root process is what it keeps across exec.
-        let kept: Vec<String> = capabilities
-            .iter()
-            .map(|name| format!("+{}", name.to_lowercase()))
-            .collect();
-        argv.push("setpriv".to_owned());
-        argv.push(format!("--bounding-set=-all,{}", kept.join(",")));
-        argv.push("--".to_owned());
-    }
-    argv.extend([agent_bin.display().to_string(), "run".to_owned()]);
+) -> Result<Vec<String>, ClusterError> {
+    let container = manifest::agent()?;
+    let env = container.environment(&local_node(topology, node))?;
+    let mut argv = container.confinement(&env);
+    argv.push(agent_bin.display().to_string());
+    argv.extend(container.args.iter().cloned());
     for (flag, value) in wiring(topology, node) {
-        argv.push(format!("--{flag}"));
-        argv.push(value);
+        if !container.sets(&variable(flag)) {
+            argv.push(format!("--{flag}"));
+            argv.push(value);
+        }
     }
     let extra = &topology.agent_args;
-    if !flags(extra).any(|(flag, _)| flag == DRAIN_TIMEOUT) {
-        argv.push(format!("--{DRAIN_TIMEOUT}"));
-        argv.push(seconds(topology.agent_drain_timeout_ms));
-    }
     if !flags(extra).any(|(flag, _)| flag == LOG) {
         argv.push(format!("--{LOG}"));
         argv.push(log_filter.to_owned());
     }
     argv.extend(extra.iter().cloned());
-    argv
+    Ok(argv)
+}
+
+/// The environment variable of flag `flag` (`cni-conf-dir`: `WEFT_CNI_CONF_DIR`).
+fn variable(flag: &str) -> String {
+    format!("WEFT_{}", flag.to_uppercase().replace('-', "_"))
+}
+
+/// What the agent's pod sees, on local node `node`: its pod fields, the host
+/// directories and projected files the environment refers to, and the controller's
+/// Service name.
+fn local_node(topology: &Topology, node: &NodeInfo) -> Local {
+    let token = topology.node_tokens.join(format!("{}.token", node.name));
+    Local {
+        fields: vec![
+            ("spec.nodeName", node.name.clone()),
+            ("status.hostIP", node.ip.to_string()),
+        ],
+        volumes: vec![
+            ("cgroup", Volume::Directory(node.cgroup.clone())),
+            ("run", Volume::Directory(node.run_dir.clone())),
+            ("cni-conf", Volume::Directory(node.cni_conf_dir.clone())),
+            ("cni-bin", Volume::Directory(node.cni_plugin_dir.clone())),
+            (
+                "controller-ca",
+                Volume::Files(vec![("ca.crt", topology.ca_dir.join("ca.crt"))]),
+            ),
+            ("token", Volume::Files(vec![("token", token)])),
+        ],
+        hosts: vec![(
+            format!("weft-controller.{CONTROL_PLANE_NAMESPACE}.svc"),
+            topology.controller_address.to_string(),
+        )],
+    }
 }
 
 /// The flags of [`wiring`], which extra arguments may not set.
@@ -79,7 +106,8 @@ fn wiring(topology: &Topology, node: &NodeInfo) -> Vec<(&'static str, String)> {
         ("node", node.name.clone()),
         ("bpffs", path(&node.bpffs)),
         ("pod-cgroup", path(&node.pods_cgroup)),
-        ("capture-address", node.pod_gateway.to_string()),
+        // What the DaemonSet gives it: the node's own address (`status.hostIP`).
+        ("capture-address", node.ip.to_string()),
         ("cni-socket", path(&node.agent_socket)),
         ("state-dir", path(&node.agent_state_dir)),
         (
@@ -176,19 +204,15 @@ fn milliseconds(text: &str) -> Option<u64> {
     u64::try_from(duration.as_millis()).ok()
 }
 
-/// Milliseconds as the agent's seconds argument (`30000` is `30`, `1500` is `1.5`).
-fn seconds(ms: u64) -> String {
-    (Duration::from_millis(ms).as_secs_f64()).to_string()
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::{net::Ipv4Addr, path::PathBuf};
 
     use super::*;
     use crate::topology::DEFAULT_AGENT_DRAIN_TIMEOUT_MS;
 
-    fn topology(agent_args: &[&str]) -> Topology {
+    /// A topology of one node, `node0`, whose agents get `agent_args`.
+    pub(crate) fn topology(agent_args: &[&str]) -> Topology {
         let node = NodeInfo {
             name: "node0".into(),
             netns: "weft-a-node0".into(),
@@ -197,9 +221,10 @@ mod tests {
             pod_cidr: "10.244.0.0/24".into(),
             pod_gateway: Ipv4Addr::new(10, 244, 0, 1),
             cgroup: "/cg/weft-a/node0".into(),
-            pods_cgroup: "/cg/weft-a/node0/pods".into(),
+            pods_cgroup: "/cg/weft-a/node0/kubepods.slice".into(),
             system_cgroup: "/cg/weft-a/node0/system".into(),
             bpffs: "/sys/fs/bpf/weft-a/node0".into(),
+            run_dir: "/run/weft/a/node0".into(),
             agent_socket: "/run/weft/a/node0/cni.sock".into(),
             cni_conf_dir: "/run/weft/a/node0/cni/net.d".into(),
             cni_plugin_dir: "/run/weft/a/node0/cni/bin".into(),
@@ -219,7 +244,6 @@ mod tests {
             exclude_ports: Vec::new(),
             controller_args: Vec::new(),
             agent_args: agent_args.iter().map(|arg| (*arg).to_owned()).collect(),
-            agent_capabilities: None,
             agent_drain_timeout_ms: DEFAULT_AGENT_DRAIN_TIMEOUT_MS,
             objects: "/run/weft/a/objects.json".into(),
             controller_address: Ipv4Addr::new(10, 99, 0, 254),
@@ -242,6 +266,7 @@ mod tests {
             &topology.nodes[0],
             "info",
         )
+        .unwrap()
     }
 
     /// The values `argv` gives `flag`, in either spelling.
@@ -252,19 +277,74 @@ mod tests {
             .collect()
     }
 
+    /// The environment of `argv`: the `NAME=value` words after `env -i`.
+    fn environment(argv: &[String]) -> Vec<(&str, &str)> {
+        argv.iter()
+            .skip_while(|word| *word != "-i")
+            .skip(1)
+            .map_while(|word| word.split_once('='))
+            .collect()
+    }
+
     #[test]
-    fn agents_get_the_wiring_the_defaults_and_the_extra_arguments() {
+    fn agents_run_as_the_daemonset_runs_them_with_the_wiring_and_the_extra_arguments() {
         let argv = argv(&topology(&["--workers", "1"]));
-        assert_eq!(argv[..2], ["/bin/weft-agent", "run"]);
-        assert_eq!(values(&argv, "node"), ["node0"]);
         assert_eq!(
-            values(&argv, "controller-token-file"),
-            ["/run/weft/a/control-plane/tokens/node0.token"]
+            argv[..5],
+            [
+                "setpriv",
+                "--bounding-set=-all,+bpf,+net_admin,+sys_admin",
+                "--",
+                "env",
+                "-i"
+            ]
         );
-        assert_eq!(values(&argv, "controller"), ["https://10.99.0.254:15010"]);
-        assert_eq!(values(&argv, "drain-timeout"), ["30"]);
+        let env = environment(&argv);
+        for expected in [
+            ("WEFT_NODE", "node0"),
+            ("WEFT_CAPTURE_ADDRESS", "10.99.0.1"),
+            ("WEFT_POD_CGROUP", "/cg/weft-a/node0/kubepods.slice"),
+            ("WEFT_CONTROLLER", "https://10.99.0.254:15010"),
+            ("WEFT_CONTROLLER_CA", "/run/weft/a/ca/ca.crt"),
+            (
+                "WEFT_CONTROLLER_TOKEN_FILE",
+                "/run/weft/a/control-plane/tokens/node0.token",
+            ),
+            ("WEFT_DRAIN_TIMEOUT", "30s"),
+        ] {
+            assert!(env.contains(&expected), "{expected:?} not in {env:?}");
+        }
+        let program = argv
+            .iter()
+            .position(|word| word == "/bin/weft-agent")
+            .unwrap();
+        assert_eq!(argv[program + 1], "run");
+        // Flags only where the manifest leaves a setting to the agent's default.
+        assert_eq!(values(&argv, "node"), Vec::<String>::new());
+        assert_eq!(values(&argv, "bpffs"), ["/sys/fs/bpf/weft-a/node0"]);
+        assert_eq!(values(&argv, "state-dir"), ["/run/weft/a/node0/agent"]);
+        assert_eq!(values(&argv, "drain-timeout"), Vec::<String>::new());
         assert_eq!(values(&argv, "log"), ["info"]);
         assert_eq!(argv[argv.len() - 2..], ["--workers", "1"]);
+    }
+
+    #[test]
+    fn the_manifest_and_the_node_agree_on_every_setting_both_give() {
+        let topology = topology(&[]);
+        let node = &topology.nodes[0];
+        let container = manifest::agent().unwrap();
+        let env = container.environment(&local_node(&topology, node)).unwrap();
+        for (flag, value) in wiring(&topology, node) {
+            if let Some((_, given)) = env.iter().find(|(name, _)| *name == variable(flag)) {
+                assert_eq!(*given, value, "--{flag}");
+            }
+        }
+        let drain = env
+            .iter()
+            .find(|(name, _)| name == "WEFT_DRAIN_TIMEOUT")
+            .map(|(_, value)| value.trim_end_matches('s'))
+            .and_then(milliseconds);
+        assert_eq!(drain, Some(DEFAULT_AGENT_DRAIN_TIMEOUT_MS));
     }
 
     #[test]
@@ -283,24 +363,7 @@ mod tests {
     }
 
     #[test]
-    fn agents_keep_only_the_capabilities_the_topology_names() {
-        let mut topology = topology(&[]);
-        assert_eq!(argv(&topology)[1], "run");
-        topology.agent_capabilities = Some(vec!["BPF".into(), "NET_ADMIN".into()]);
-        let argv = argv(&topology);
-        assert_eq!(
-            argv[..4],
-            [
-                "setpriv",
-                "--bounding-set=-all,+bpf,+net_admin",
-                "--",
-                "/bin/weft-agent"
-            ]
-        );
-    }
-
-    #[test]
-    fn extra_arguments_replace_the_drain_timeout_and_log_defaults() {
+    fn extra_arguments_replace_the_drain_timeout_and_the_log_default() {
         let argv = argv(&topology(&["--drain-timeout=2.5", "--log", "debug"]));
         assert_eq!(values(&argv, "drain-timeout"), ["2.5"]);
         assert_eq!(values(&argv, "log"), ["debug"]);
@@ -328,12 +391,5 @@ mod tests {
             check(&["--drain-timeout=1e30"]).is_err(),
             "an endless drain"
         );
-    }
-
-    #[test]
-    fn milliseconds_and_seconds_round_trip() {
-        for ms in [0, 100, 1_500, 30_000] {
-            assert_eq!(milliseconds(&seconds(ms)), Some(ms));
-        }
     }
 }

@@ -19,7 +19,7 @@ use std::{
 };
 
 use crate::{
-    ClusterError, Layout, NodeInfo, NodeProcess, PodInfo, Topology, agent, cni, host,
+    ClusterError, Layout, NodeInfo, NodeProcess, PodInfo, Topology, agent, cni, controller, host,
     layout::validate_dns_label, objects, topology::DEFAULT_AGENT_DRAIN_TIMEOUT_MS,
 };
 
@@ -27,7 +27,7 @@ use crate::{
 const CONTROLLER_ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 254);
 /// The controller's config stream and status ports.
 pub(crate) const CONTROLLER_GRPC_PORT: u16 = 15010;
-const CONTROLLER_ADMIN_PORT: u16 = 15014;
+pub(crate) const CONTROLLER_ADMIN_PORT: u16 = 15014;
 /// The controller's namespace: its certificate for the agents is that of
 /// `spiffe://<trust domain>/ns/<this>/sa/weft-controller`.
 pub(crate) const CONTROL_PLANE_NAMESPACE: &str = "weft-system";
@@ -128,7 +128,6 @@ impl Cluster {
             exclude_ports: Vec::new(),
             controller_args: Vec::new(),
             agent_args: Vec::new(),
-            agent_capabilities: None,
             agent_drain_timeout_ms: DEFAULT_AGENT_DRAIN_TIMEOUT_MS,
             objects: layout.state_dir().join("objects.json"),
             controller_address: CONTROLLER_ADDRESS,
@@ -148,6 +147,7 @@ impl Cluster {
                         pods_cgroup: layout.pods_cgroup(&node),
                         system_cgroup: layout.system_cgroup(&node),
                         bpffs: layout.node_bpffs(&node),
+                        run_dir: layout.node_state(&node),
                         agent_socket: layout.node_state(&node).join("cni.sock"),
                         cni_conf_dir: layout.node_state(&node).join("cni").join("net.d"),
                         cni_plugin_dir: layout.node_state(&node).join("cni").join("bin"),
@@ -631,36 +631,7 @@ impl Cluster {
         {
             return Ok(running.clone());
         }
-        let address = self.topology.controller_address;
-        let mut argv: Vec<String> = vec![
-            controller_bin.display().to_string(),
-            "run".to_owned(),
-            "--listen".to_owned(),
-            format!("{address}:{CONTROLLER_GRPC_PORT}"),
-            "--admin".to_owned(),
-            format!("{address}:{CONTROLLER_ADMIN_PORT}"),
-            "--node-tokens".to_owned(),
-            self.topology.node_tokens.display().to_string(),
-            "--ca-dir".to_owned(),
-            self.topology.ca_dir.display().to_string(),
-            "--ca-namespace".to_owned(),
-            CONTROL_PLANE_NAMESPACE.to_owned(),
-            "--trust-domain".to_owned(),
-            objects::TRUST_DOMAIN.to_owned(),
-            "--file-interval-ms".to_owned(),
-            "100".to_owned(),
-            "--files".to_owned(),
-            self.topology.objects.display().to_string(),
-        ];
-        for path in &manifests {
-            argv.push("--files".to_owned());
-            argv.push(path.display().to_string());
-        }
-        for port in &self.topology.exclude_ports {
-            argv.push("--exclude-port".to_owned());
-            argv.push(port.to_string());
-        }
-        argv.extend(self.topology.controller_args.iter().cloned());
+        let argv = controller::command_line(controller_bin, &self.topology, &manifests)?;
         let log = self.layout.node_log("control-plane", "controller");
         let pid = spawn_logged(self.fabric_command(&argv)?, &argv, &log)?;
         let process = NodeProcess {
@@ -790,7 +761,7 @@ impl Cluster {
                 pid,
             });
         }
-        let argv = agent::command_line(agent_bin, &self.topology, &info, log_filter);
+        let argv = agent::command_line(agent_bin, &self.topology, &info, log_filter)?;
         let log = self.layout.node_log(node, "agent");
         let pid = spawn_logged(self.node_command(node, &argv)?, &argv, &log)?;
         let process = NodeProcess {
@@ -861,18 +832,6 @@ impl Cluster {
         self.topology.agent_drain_timeout_ms =
             agent::check_agent_args(&args)?.unwrap_or(DEFAULT_AGENT_DRAIN_TIMEOUT_MS);
         self.topology.agent_args = args;
-        self.save()
-    }
-
-    /// From now on, start agents with only `capabilities` (`None`: all of root's), as
-    /// a DaemonSet's `securityContext` would.
-    pub fn set_agent_capabilities(
-        &mut self,
-        capabilities: Option<Vec<String>>,
-    ) -> Result<(), ClusterError> {
-        let _lock = self.lock()?;
-        self.refresh()?;
-        self.topology.agent_capabilities = capabilities;
         self.save()
     }
 

@@ -101,6 +101,10 @@ pub enum ClusterError {
         answer: String,
         log: PathBuf,
     },
+    #[error(
+        "deploy/install.yaml, {object}: {problem} (the local cluster runs weft as the manifest does; see cluster/src/manifest.rs)"
+    )]
+    Manifest { object: String, problem: String },
     #[error("invalid agent argument {arg:?}: {problem}")]
     AgentArg { arg: String, problem: String },
     #[error("the controller exited or did not answer within {timeout:?}; its log is in {log}")]

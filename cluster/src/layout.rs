@@ -96,9 +96,11 @@ impl Layout {
         self.cgroup().join(node)
     }
 
-    /// The cgroup holding all pods of `node`: where capture programs attach.
+    /// The cgroup holding all pods of `node`: where capture programs attach. Named as
+    /// the kubelet's systemd driver names it, which is what the agent DaemonSet's
+    /// `WEFT_POD_CGROUP` points at.
     pub fn pods_cgroup(&self, node: &str) -> PathBuf {
-        self.node_cgroup(node).join("pods")
+        self.node_cgroup(node).join("kubepods.slice")
     }
 
     /// The cgroup for the node's own processes (the agent), outside the pods' subtree.
@@ -196,7 +198,7 @@ mod tests {
         assert_ne!(layout.fabric_netns(), layout.pod_netns("x", "fabric"));
         assert_eq!(
             layout.pod_cgroup("node1", "default", "web-0"),
-            Path::new("/cg/weft-a/node1/pods/default.web-0")
+            Path::new("/cg/weft-a/node1/kubepods.slice/default.web-0")
         );
     }
 }

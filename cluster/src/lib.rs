@@ -15,9 +15,11 @@
 mod agent;
 mod cluster;
 pub mod cni;
+mod controller;
 mod error;
 mod host;
 mod layout;
+mod manifest;
 pub mod objects;
 mod topology;
 

@@ -35,14 +35,10 @@ pub struct Topology {
     #[serde(default)]
     pub agent_args: Vec<String>,
     /// The agents' `--drain-timeout` in milliseconds: how long an agent lets open
-    /// connections finish after SIGTERM, and so how long stopping one may take. The
-    /// cluster passes it to every agent, unless `agent_args` set it.
+    /// connections finish after SIGTERM, and so how long stopping one may take: the
+    /// agent DaemonSet's `WEFT_DRAIN_TIMEOUT`, unless `agent_args` set another.
     #[serde(default = "default_agent_drain_timeout_ms")]
     pub agent_drain_timeout_ms: u64,
-    /// The only capabilities agents run with (names such as `NET_ADMIN`, as a pod's
-    /// `securityContext` grants them); `None`: all of root's.
-    #[serde(default)]
-    pub agent_capabilities: Option<Vec<String>>,
     /// The cluster's own objects (nodes and pods), as the controller reads them.
     pub objects: PathBuf,
     /// The controller's address on the fabric: config stream on 15010, `/status` and
@@ -81,6 +77,9 @@ pub struct NodeInfo {
     pub system_cgroup: PathBuf,
     /// The node's bpffs pin directory.
     pub bpffs: PathBuf,
+    /// The node's run directory (a node's `/run/weft`), holding the agent's CNI socket
+    /// and state directory.
+    pub run_dir: PathBuf,
     /// The node agent's CNI socket.
     pub agent_socket: PathBuf,
     /// The node's CNI network configuration directory (a node's `/etc/cni/net.d`): a
@@ -128,7 +127,7 @@ pub struct PodInfo {
     pub log: PathBuf,
 }
 
-/// The agent's own default (`weft-agent run --drain-timeout`, 30 s).
+/// The agent DaemonSet's `WEFT_DRAIN_TIMEOUT` (30 s), which the agents get.
 pub(crate) const DEFAULT_AGENT_DRAIN_TIMEOUT_MS: u64 = 30_000;
 
 fn default_agent_drain_timeout_ms() -> u64 {

@@ -19,7 +19,6 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData};
-use serde::Deserialize as _;
 use weft_cluster::{Cluster, NodeProcess};
 use weft_common::{InboundPort, names};
 use weft_controller::ca::{self, Authority};
@@ -40,30 +39,6 @@ pub fn unique_name(letter: char) -> String {
     format!("{letter}{:x}x{n:x}", std::process::id())
 }
 
-/// The capabilities the agent's container adds in `deploy/install.yaml` (it drops all
-/// others).
-pub fn agent_capabilities() -> Vec<String> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/install.yaml");
-    let text =
-        std::fs::read_to_string(&path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
-    let agent = serde_yaml::Deserializer::from_str(&text)
-        .filter_map(|document| serde_yaml::Value::deserialize(document).ok())
-        .find(|object| object["kind"] == "DaemonSet" && object["metadata"]["name"] == "weft-agent")
-        .expect("deploy/install.yaml has the weft-agent DaemonSet");
-    let security = &agent["spec"]["template"]["spec"]["containers"][0]["securityContext"];
-    assert_eq!(
-        security["capabilities"]["drop"],
-        serde_yaml::Value::from(vec!["ALL"]),
-        "the agent drops every capability it does not add"
-    );
-    security["capabilities"]["add"]
-        .as_sequence()
-        .expect("the agent adds capabilities")
-        .iter()
-        .map(|name| name.as_str().expect("a capability name").to_owned())
-        .collect()
-}
-
 /// A TCP client for `python3 -c … ADDRESS PORT`: sends one line and prints what comes
 /// back (`<closed>` when nothing does).
 pub const TCP_LINE_CLIENT: &str = r#"
@@ -82,18 +57,13 @@ print(line or "<closed>")
 pub struct TestCluster(Cluster);
 
 impl TestCluster {
-    /// A cluster of `nodes` whose agents, when started, get only the capabilities the
-    /// agent DaemonSet of `deploy/install.yaml` grants ([`agent_capabilities`]): every
-    /// end-to-end test is a test of that list.
+    /// A cluster of `nodes`. Its agents and controller run as `deploy/install.yaml`
+    /// runs them (capabilities, arguments, environment), so every end-to-end test is
+    /// also a test of the manifest.
     pub fn up(nodes: usize) -> Self {
         require_root();
         let name = unique_name('t');
-        let mut cluster =
-            Cluster::up(&name, nodes).unwrap_or_else(|err| panic!("cluster {name}: {err}"));
-        cluster
-            .set_agent_capabilities(Some(agent_capabilities()))
-            .unwrap_or_else(|err| panic!("{err}"));
-        Self(cluster)
+        Self(Cluster::up(&name, nodes).unwrap_or_else(|err| panic!("cluster {name}: {err}")))
     }
 
     /// A cluster whose nodes each run `weft-agent`, configured by `weft-controller`

@@ -352,12 +352,18 @@ fn an_agent_without_its_nodes_token_is_refused() {
     // Reaching the controller as the real agents do (its address, the roots and the
     // identity it is checked with).
     let running = &node.agent.as_ref().expect("node1's agent runs").command;
+    // The running agent has each setting as a flag, or in its environment.
     let same = |flag: &str| -> [String; 2] {
-        let at = running
-            .iter()
-            .position(|arg| arg == flag)
-            .unwrap_or_else(|| panic!("node1's agent runs without {flag}: {running:?}"));
-        [flag.to_owned(), running[at + 1].clone()]
+        let variable = format!("WEFT_{}=", flag[2..].to_uppercase().replace('-', "_"));
+        let value = match running.iter().position(|arg| arg == flag) {
+            Some(at) => running[at + 1].clone(),
+            None => running
+                .iter()
+                .find_map(|arg| arg.strip_prefix(&variable))
+                .unwrap_or_else(|| panic!("node1's agent runs without {flag}: {running:?}"))
+                .to_owned(),
+        };
+        [flag.to_owned(), value]
     };
     let state = tempfile::tempdir().unwrap();
     // A second agent process for node1 with node0's token. It runs on the fabric: on
@@ -372,7 +378,7 @@ fn an_agent_without_its_nodes_token_is_refused() {
         "--pod-cgroup".into(),
         node.pods_cgroup.display().to_string(),
         "--capture-address".into(),
-        node.pod_gateway.to_string(),
+        node.ip.to_string(),
         "--cni-socket".into(),
         state.path().join("cni.sock").display().to_string(),
         "--state-dir".into(),

@@ -201,9 +201,16 @@ fn the_controller_issues_every_workload_certificate_and_traffic_flows_on_them() 
     // from the controller: no certificate, key or trust bundle was handed to them.
     for node in &topology.nodes {
         let agent = node.agent.as_ref().expect("the agent runs");
-        for flag in ["--certs", "--trust-bundle", "--mesh-config"] {
+        for (flag, variable) in [
+            ("--certs", "WEFT_CERTS="),
+            ("--trust-bundle", "WEFT_TRUST_BUNDLE="),
+            ("--mesh-config", "WEFT_MESH_CONFIG="),
+        ] {
             assert!(
-                !agent.command.iter().any(|arg| arg == flag),
+                !agent
+                    .command
+                    .iter()
+                    .any(|arg| arg == flag || arg.starts_with(variable)),
                 "{}'s agent got {flag}: {:?}",
                 node.name,
                 agent.command

@@ -467,9 +467,9 @@ fn misdirected_and_hostile_peers_are_refused() {
     let again = hbone(&certs, &echo_id, &echo_id, format!("{}:8080", echo_1.ip));
     assert!(again.starts_with("status 200"), "{again}");
 
-    // A meshed pod connecting straight to the outbound port has no original
-    // destination: closed and counted.
-    let gateway = cluster.topology().node("node0").unwrap().pod_gateway;
+    // A meshed pod connecting straight to the outbound port (at the node's address,
+    // where captured connections go) has no original destination: closed and counted.
+    let node_address = cluster.topology().node("node0").unwrap().ip;
     let _ = cluster
         .pod_command(
             "default",
@@ -479,7 +479,7 @@ fn misdirected_and_hostile_peers_are_refused() {
                 "-s",
                 "--max-time",
                 "3",
-                &format!("http://{gateway}:15001/"),
+                &format!("http://{node_address}:15001/"),
             ],
         )
         .unwrap()
