@@ -17,6 +17,7 @@ use hyper::body::Incoming;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use weft_api::{
+    admin,
     authz::query::{self, Query},
     endpoints::{self, Reply, json, prometheus, text},
 };
@@ -177,15 +178,13 @@ impl Admin {
                     .get()
                     .identities()
                     .into_iter()
-                    .map(|cert| {
-                        serde_json::json!({
-                            "identity": cert.identity.to_string(),
-                            "serial": cert.serial,
-                            "not_before": unix(cert.not_before),
-                            "not_after": unix(cert.not_after),
-                            "issuer": cert.issuer,
-                            "root": cert.root,
-                        })
+                    .map(|cert| admin::Certificate {
+                        identity: cert.identity.to_string(),
+                        serial: cert.serial,
+                        not_before: unix(cert.not_before),
+                        not_after: unix(cert.not_after),
+                        issuer: cert.issuer,
+                        root: cert.root,
                     })
                     .collect();
                 json(&certs)

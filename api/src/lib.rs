@@ -3,6 +3,7 @@
 //! - [`config::v1`]: the agent <-> controller configuration stream and the resources it
 //!   carries, generated from `proto/` by tonic (feature `config`);
 //! - [`ca::v1`]: the mesh certificate authority's signing service (feature `config`);
+//! - [`admin`]: documents of the agent's admin endpoint that tools read back;
 //! - [`authz`]: authorization policies as the agents enforce them, and their evaluator;
 //! - [`crd`]: weft's custom resources, whose CRDs are generated from these types
 //!   (feature `crd`);
@@ -10,6 +11,7 @@
 //! - `endpoints`: the small HTTP servers of agent and controller (feature `endpoints`);
 //! - [`digest`]: the content digest both ends use to name configuration versions;
 //! - [`duration`]: durations as the Gateway API writes them;
+//! - [`exposition`]: reading Prometheus text back (the samples of one metric);
 //! - [`manifests`]: which files a set of manifest paths holds;
 //! - [`protocol`]: which protocol a service port speaks, as Istio decides it;
 //! - [`retry`]: the conditions a TrafficPolicy retries on;
@@ -17,6 +19,7 @@
 //! - [`ZONE_LABEL`]: the Node label Kubernetes names zones by.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod authz;
 #[cfg(feature = "crd")]
 pub mod crd;
@@ -25,6 +28,7 @@ pub mod duration;
 #[cfg(feature = "endpoints")]
 pub mod endpoints;
 pub mod enroll;
+pub mod exposition;
 pub mod manifests;
 pub mod protocol;
 pub mod retry;

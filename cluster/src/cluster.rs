@@ -31,12 +31,19 @@ pub(crate) const CONTROLLER_ADMIN_PORT: u16 = 15014;
 /// The controller's namespace: its certificate for the agents is that of
 /// `spiffe://<trust domain>/ns/<this>/sa/weft-controller`.
 pub(crate) const CONTROL_PLANE_NAMESPACE: &str = "weft-system";
-/// The agent's admin endpoint, on the node's localhost.
-const AGENT_ADMIN_PORT: u16 = 15000;
 /// The agent's process name (`comm`).
 const AGENT_PROCESS: &str = "weft-agent";
-/// The agent's readiness endpoint (`/healthz/ready`), in the node's namespace.
-const AGENT_READY_PORT: u16 = 15021;
+/// The agent's HTTP ports, on its node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgentPort {
+    /// The admin endpoint (`/config_dump`, `/certs`, …), on the node's localhost only.
+    Admin = 15000,
+    /// Prometheus metrics.
+    Metrics = 15020,
+    /// Readiness (`/healthz/ready`).
+    Ready = 15021,
+}
+
 /// How long after its drain deadline a stopping agent may take to exit before it is
 /// killed.
 const AGENT_STOP_MARGIN: Duration = Duration::from_secs(5);
@@ -502,14 +509,18 @@ impl Cluster {
     /// A `GET` of `path` on `node`'s agent admin endpoint (`127.0.0.1:15000` in the
     /// node's namespace: `/certs`, `/config_dump`), as JSON.
     pub fn agent_admin(&self, node: &str, path: &str) -> Result<serde_json::Value, String> {
-        let url = format!("http://127.0.0.1:{AGENT_ADMIN_PORT}{path}");
-        let output = self
-            .node_command(node, &["curl", "-sf", "--max-time", "1", &url])
-            .map_err(|err| err.to_string())?
-            .output()
-            .map_err(|err| format!("curl: {err}"))?;
-        serde_json::from_slice(&output.stdout)
-            .map_err(|_| format!("the agent on {node} to answer on {url}"))
+        let answer = self
+            .agent_get(node, AgentPort::Admin, path)
+            .map_err(|err| format!("the agent on {node} to answer on {path} ({err})"))?;
+        serde_json::from_str(&answer)
+            .map_err(|_| format!("the agent on {node} to answer on {path} in JSON"))
+    }
+
+    /// A `GET` of `path` on `node`'s agent at `port` on the node's localhost: the body
+    /// of a 200, otherwise the status and body (`503 not ready: …`) or `no answer`.
+    pub fn agent_get(&self, node: &str, port: AgentPort, path: &str) -> Result<String, String> {
+        let url = format!("http://127.0.0.1:{}{path}", port as u16);
+        http_get(self.node_command(node, &curl(&url)))
     }
 
     /// The controller's `/status`, as JSON.
@@ -519,17 +530,21 @@ impl Cluster {
 
     /// What the controller's endpoint `path` (with its query) answers, as JSON.
     pub fn controller_admin(&self, path: &str) -> Result<serde_json::Value, String> {
+        let answer = self
+            .controller_get(path)
+            .map_err(|err| format!("the controller to answer on {path} ({err})"))?;
+        serde_json::from_str(&answer)
+            .map_err(|_| format!("the controller to answer on {path} in JSON"))
+    }
+
+    /// A `GET` of `path` (with its query) on the controller's admin port: the body of a
+    /// 200, otherwise the status and body (`400 port: …`) or `no answer`.
+    pub fn controller_get(&self, path: &str) -> Result<String, String> {
         let url = format!(
             "http://{}:{CONTROLLER_ADMIN_PORT}{path}",
             self.topology.controller_address
         );
-        let output = self
-            .fabric_command(&["curl", "-sf", "--max-time", "1", &url])
-            .map_err(|err| err.to_string())?
-            .output()
-            .map_err(|err| format!("curl: {err}"))?;
-        serde_json::from_slice(&output.stdout)
-            .map_err(|_| format!("the controller to answer on {url}"))
+        http_get(self.fabric_command(&curl(&url)))
     }
 
     /// Every manifest file the controller reads: the cluster's objects and the YAML and
@@ -797,29 +812,8 @@ impl Cluster {
     /// `Ok` once `node`'s agent answers 200 on `/healthz/ready`, otherwise what it
     /// answered.
     fn agent_ready(&self, node: &str) -> Result<(), String> {
-        let url = format!("http://127.0.0.1:{AGENT_READY_PORT}/healthz/ready");
-        let output = self
-            .node_command(
-                node,
-                &[
-                    "curl",
-                    "-s",
-                    "--max-time",
-                    "1",
-                    "-w",
-                    "\n%{http_code}",
-                    &url,
-                ],
-            )
-            .map_err(|err| err.to_string())?
-            .output()
-            .map_err(|err| format!("curl: {err}"))?;
-        let answer = String::from_utf8_lossy(&output.stdout);
-        match answer.trim_end().rsplit_once('\n') {
-            Some((_, "200")) => Ok(()),
-            Some((body, code)) if code != "000" => Err(format!("{code} {}", body.trim())),
-            _ => Err("no answer".to_owned()),
-        }
+        self.agent_get(node, AgentPort::Ready, "/healthz/ready")
+            .map(drop)
     }
 
     /// Sets extra arguments of `weft-agent run` (such as `--workers 1`), kept in the
@@ -1001,6 +995,27 @@ fn pod_command<S: AsRef<OsStr>>(pod: &PodInfo, argv: &[S]) -> Command {
         .env("POD_IP", pod.ip.to_string())
         .env("NODE_NAME", &pod.node);
     command
+}
+
+/// `curl` fetching `url` within a second, then printing the status code on a line of
+/// its own.
+fn curl(url: &str) -> [&str; 7] {
+    ["curl", "-s", "--max-time", "1", "-w", "\n%{http_code}", url]
+}
+
+/// Runs a [`curl`] command: the body of a 200, otherwise the status and body, or `no
+/// answer`.
+fn http_get(command: Result<Command, ClusterError>) -> Result<String, String> {
+    let output = command
+        .map_err(|err| err.to_string())?
+        .output()
+        .map_err(|err| format!("curl: {err}"))?;
+    let answer = String::from_utf8_lossy(&output.stdout);
+    match answer.rsplit_once('\n') {
+        Some((body, "200")) => Ok(body.to_owned()),
+        Some((body, code)) if code != "000" => Err(format!("{code} {}", body.trim())),
+        _ => Err("no answer".to_owned()),
+    }
 }
 
 /// Starts `command` in the background, its stdout and stderr appended to `log`, in its

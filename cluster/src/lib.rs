@@ -24,7 +24,7 @@ pub mod objects;
 mod topology;
 
 pub use agent::check_agent_args;
-pub use cluster::{Cluster, PodSpec, down};
+pub use cluster::{AgentPort, Cluster, PodSpec, down};
 pub use error::ClusterError;
 pub use host::{bpffs_mounted, cgroup2_mount, is_root, process_running};
 pub use layout::Layout;

@@ -1,15 +1,16 @@
 //! The controller's HTTP endpoints (port 15014): `GET /metrics` (Prometheus),
 //! `GET /status` (JSON: generation, objects, files, every node's sync state, every
-//! policy's verdict), `GET /healthz/ready` (ready once the first generation is out) and
+//! policy's verdict), `GET /healthz/ready` (ready once the first generation is out),
 //! `GET /authorization/explain?…` (why a caller is allowed or denied, over every
-//! node's compiled policies; see [`weft_api::authz::query`]).
+//! node's compiled policies; see [`weft_api::authz::query`]) and `GET
+//! /routes/explain?…` (which route rule takes a request; see [`routes`]).
 
 use std::{collections::BTreeMap, sync::Arc};
 
 use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::{net::TcpListener, sync::watch};
 use weft_api::{
     authz::query::{self, Query},
@@ -18,7 +19,10 @@ use weft_api::{
 
 use crate::{
     ca::runtime::CaStatus,
-    explain::ClusterDirectory,
+    explain::{
+        ClusterDirectory,
+        routes::{self, RouteQuery},
+    },
     objects::Objects,
     pipeline::Published,
     source::files::FileStatus,
@@ -43,21 +47,21 @@ pub struct Admin {
     pub ca: watch::Receiver<Option<CaStatus>>,
 }
 
-/// The `/status` document.
-#[derive(Debug, Serialize)]
+/// The `/status` document (also what `weftctl` reads).
+#[derive(Debug, Serialize, Deserialize)]
 pub struct StatusReport {
     /// The generation compiled last, and the sources it was compiled from.
     pub generation: u64,
     pub compiled_sources: BTreeMap<String, String>,
     pub objects: BTreeMap<String, usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub files: Option<Vec<FileStatus>>,
     pub nodes: BTreeMap<String, NodeStatus>,
     pub ca: Option<CaStatus>,
     pub policies: Vec<PolicyReport>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct PolicyReport {
     pub kind: String,
     pub namespace: String,
@@ -94,6 +98,15 @@ impl Admin {
                     Err(problem) => text(StatusCode::BAD_REQUEST, &format!("{problem}\n")),
                 }
             }
+            "/routes/explain" => {
+                let compiled = std::sync::Arc::clone(&self.published.borrow().compiled);
+                let query = request.uri().query().unwrap_or_default();
+                match RouteQuery::parse(query).and_then(|query| routes::explain(&compiled, &query))
+                {
+                    Ok(answer) => json(&answer),
+                    Err(problem) => text(StatusCode::BAD_REQUEST, &format!("{problem}\n")),
+                }
+            }
             "/healthz/ready" => {
                 if self.published.borrow().generation > 0 {
                     text(StatusCode::OK, "ready\n")
@@ -107,7 +120,7 @@ impl Admin {
             _ => text(
                 StatusCode::NOT_FOUND,
                 "endpoints: GET /metrics, GET /status, GET /healthz/ready, \
-                 GET /authorization/explain?...\n",
+                 GET /authorization/explain?..., GET /routes/explain?...\n",
             ),
         }
     }

@@ -1,6 +1,9 @@
 //! "Why was this allowed or denied?", answered for the whole mesh from the compiled
 //! configuration: every node's policies, converted as the agents convert them, so the
-//! controller's answer is the one the destination's agent acts on.
+//! controller's answer is the one the destination's agent acts on; and which route
+//! takes a request ([`routes`]).
+
+pub mod routes;
 
 use std::{
     collections::HashMap,

@@ -7,31 +7,31 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
     jiff::Timestamp,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::objects::{Kind, ObjectKey};
 
 /// The outcome for one object: accepted (and applied) or not, and why.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Verdict {
     pub accepted: bool,
     pub reason: Reason,
     /// For the operator: what applies, or which field is wrong and how.
     pub message: String,
     /// The object's `metadata.generation` the verdict is about.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<i64>,
     /// A route's references (the Gateway API's `ResolvedRefs` condition).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub references: Option<References>,
     /// A route's parents that do not take it, by their index in `spec.parentRefs`,
     /// while others do (the Gateway API reports `Accepted` per parent).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub refused_parents: Vec<RefusedParent>,
 }
 
 /// A parent of a route that does not take it, and why.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RefusedParent {
     /// Its index in `spec.parentRefs`.
     pub index: usize,
@@ -40,14 +40,14 @@ pub struct RefusedParent {
 }
 
 /// Whether every reference of a route resolves; if not, the first that does not.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct References {
     pub resolved: bool,
     pub reason: Reason,
     pub message: String,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reason {
     /// Valid and applied.
     Accepted,

@@ -12,7 +12,7 @@ use std::{
 };
 
 use futures::Stream;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::{StreamExt as _, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
@@ -32,7 +32,7 @@ use crate::{
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the controller knows of one node's agent.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct NodeStatus {
     /// Streams open now (more than one: an agent restarting, or two agents claiming
     /// the node).
@@ -63,6 +63,15 @@ mod unix_seconds {
             Some(since) => serializer.serialize_f64(since.as_secs_f64()),
             None => serializer.serialize_none(),
         }
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<SystemTime>, D::Error> {
+        let seconds: Option<f64> = serde::Deserialize::deserialize(deserializer)?;
+        Ok(seconds
+            .and_then(|seconds| std::time::Duration::try_from_secs_f64(seconds).ok())
+            .map(|since| UNIX_EPOCH + since))
     }
 }
 

@@ -7,7 +7,6 @@
 //! `cargo xtask test`, which builds the workspace binaries they start first.
 
 use std::{
-    collections::BTreeMap,
     ffi::OsStr,
     fs,
     ops::{Deref, DerefMut, Range},
@@ -355,26 +354,7 @@ fn scrape(cluster: &Cluster, node: Option<&str>, url: &str) -> String {
     String::from_utf8(out.stdout).expect("metrics are UTF-8")
 }
 
-/// Every sample of metric `name` in Prometheus text: its labels and value.
-pub fn samples(text: &str, name: &str) -> Vec<(BTreeMap<String, String>, f64)> {
-    text.lines()
-        .filter_map(|line| {
-            let rest = line.strip_prefix(name)?;
-            let (labels, value) = match rest.strip_prefix('{') {
-                Some(rest) => rest.split_once("} ")?,
-                None => ("", rest.strip_prefix(' ')?),
-            };
-            let labels = labels
-                .split("\",")
-                .filter_map(|pair| {
-                    let (key, value) = pair.split_once("=\"")?;
-                    Some((key.to_owned(), value.trim_end_matches('"').to_owned()))
-                })
-                .collect();
-            Some((labels, value.trim().parse().ok()?))
-        })
-        .collect()
-}
+pub use weft_api::exposition::samples;
 
 /// The value of the first sample of `name` whose labels include every `labels` pair.
 pub fn series(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {

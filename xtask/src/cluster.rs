@@ -303,9 +303,9 @@ pub fn set_mesh(
     start_controller(cluster)
 }
 
-/// Builds and starts the controller.
+/// Builds and starts the controller (and builds `weftctl`, which reads it).
 pub fn start_controller(cluster: &mut Cluster) -> anyhow::Result<()> {
-    cmd::build_binaries(&["weft-controller"])?;
+    cmd::build_binaries(&["weft-controller", "weftctl"])?;
     let controller = cluster.start_controller(&workspace_binaries()?.join("weft-controller"))?;
     eprintln!(
         "weft-controller runs on the fabric at {} (pid {}, log {})",

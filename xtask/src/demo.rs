@@ -74,7 +74,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if args.keep && result.is_ok() {
         eprintln!(
-            "\nThe cluster keeps running. Try:\n  cargo xtask cluster status --name {0}\n  cargo xtask cluster exec --name {0} --pod client -- curl -s http://{SERVICE}/\n  cargo xtask cluster exec --name {0} --node node0 -- curl -s http://127.0.0.1:15000/config_dump\nand remove it with:\n  cargo xtask cluster down --name {0}",
+            "\nThe cluster keeps running. Try:\n  cargo xtask cluster status --name {0}\n  cargo xtask cluster exec --name {0} --pod client -- curl -s http://{SERVICE}/\n  target/debug/weftctl --local {0} check\n  target/debug/weftctl --local {0} status\nand remove it with:\n  cargo xtask cluster down --name {0}",
             args.name
         );
     } else {

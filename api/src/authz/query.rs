@@ -77,9 +77,8 @@ impl Query {
     /// Parses a URL query string; the error names the parameter and what is wrong.
     pub fn parse(query: &str) -> Result<Self, String> {
         let mut parsed = Query::default();
-        for pair in query.split('&').filter(|pair| !pair.is_empty()) {
-            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let value = decode(value).ok_or_else(|| format!("{name}: bad percent-encoding"))?;
+        for (name, value) in parameters(query)? {
+            let name = name.as_str();
             let ip = |value: &str| {
                 value
                     .parse::<IpAddr>()
@@ -117,14 +116,7 @@ impl Query {
                 "method" => parsed.method = Some(value),
                 "path" => parsed.path = Some(value),
                 "host" => parsed.host = Some(value),
-                "header" => {
-                    let (header, text) = value
-                        .split_once(':')
-                        .ok_or_else(|| format!("header: {value:?} is not <name>:<value>"))?;
-                    parsed
-                        .headers
-                        .push((header.trim().to_ascii_lowercase(), text.trim().to_owned()));
-                }
+                "header" => parsed.headers.push(header(&value)?),
                 _ => return Err(format!("{name}: not a parameter ({})", PARAMETERS)),
             }
         }
@@ -239,6 +231,29 @@ pub fn answer(directory: &impl Directory, query: &Query) -> Result<Answer, Strin
         source,
         destinations,
     })
+}
+
+/// The parameters of a URL query string, in order, their values percent-decoded; the
+/// error names a parameter whose value does not decode.
+pub fn parameters(query: &str) -> Result<Vec<(String, String)>, String> {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let value = decode(value).ok_or_else(|| format!("{name}: bad percent-encoding"))?;
+            Ok((name.to_owned(), value))
+        })
+        .collect()
+}
+
+/// A `header=<name>:<value>` parameter's value: the header's name in lowercase, and
+/// its value.
+pub fn header(value: &str) -> Result<(String, String), String> {
+    let (name, text) = value
+        .split_once(':')
+        .ok_or_else(|| format!("header: {value:?} is not <name>:<value>"))?;
+    Ok((name.trim().to_ascii_lowercase(), text.trim().to_owned()))
 }
 
 /// Percent-decoding of a query value (`+` is a space).

@@ -141,11 +141,20 @@ fn compile_rule(field: &str, rule: &Rule, namespace: &str) -> Result<authz::Rule
     Ok(authz::Rule { from, to, when })
 }
 
+/// What an entry of `from` or `to` that sets no field is told: it would match
+/// everything, and the likeliest cause is Istio's nesting.
+const EMPTY_ENTRY: &str = "sets no field, so it would match everything; weft's fields sit \
+                           directly in the entry (`from: [{principals: [...]}]`, `to: \
+                           [{methods: [...]}]`), not under Istio's `source:` and `operation:`";
+
 fn compile_source(
     field: &str,
     source: &Source,
     namespace: &str,
 ) -> Result<authz::Source, FieldError> {
+    if *source == Source::default() {
+        return Err(invalid(field, EMPTY_ENTRY));
+    }
     let principals = |name, entries: &[String]| {
         each(&format!("{field}.{name}"), entries, |entry| {
             authz::principal(entry)
@@ -173,6 +182,9 @@ fn compile_source(
 }
 
 fn compile_operation(field: &str, operation: &Operation) -> Result<authz::Operation, FieldError> {
+    if *operation == Operation::default() {
+        return Err(invalid(field, EMPTY_ENTRY));
+    }
     let ports = |name, entries: &[u16]| {
         each(&format!("{field}.{name}"), entries, |&port| {
             if port == 0 {
@@ -494,8 +506,12 @@ mod tests {
             star.starts_with("spec.rules[1].from[0].notNamespaces[0]"),
             "{star}"
         );
+        let anyone = || Source {
+            principals: vec!["*".into()],
+            ..Default::default()
+        };
         let port = error(policy(
-            Source::default(),
+            anyone(),
             Operation {
                 not_ports: vec![0],
                 ..Default::default()
@@ -506,13 +522,26 @@ mod tests {
             "{port}"
         );
         let path = error(policy(
-            Source::default(),
+            anyone(),
             Operation {
                 paths: vec!["api".into()],
                 ..Default::default()
             },
         ));
         assert!(path.starts_with("spec.rules[1].to[0].paths[0]"), "{path}");
+        // An entry with no field (Istio's `source:` nesting, which weft's types do not
+        // know) would match everything: refused, naming the entry.
+        let empty_from = error(policy(Source::default(), Operation::default()));
+        assert!(
+            empty_from.starts_with("spec.rules[1].from[0]: sets no field"),
+            "{empty_from}"
+        );
+        let empty_to = error(policy(anyone(), Operation::default()));
+        assert!(
+            empty_to.starts_with("spec.rules[1].to[0]: sets no field")
+                && empty_to.contains("operation:"),
+            "{empty_to}"
+        );
     }
 
     #[test]

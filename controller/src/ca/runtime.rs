@@ -12,7 +12,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use weft_api::config::v1::TrustBundle;
 
@@ -32,7 +32,7 @@ pub struct CaState {
 }
 
 /// The CA in `/status`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CaStatus {
     pub store: String,
     /// The subject of the root certificates are issued under now.
@@ -44,7 +44,7 @@ pub struct CaStatus {
     pub error: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AnchorStatus {
     pub subject: String,
     pub not_after: u64,

@@ -27,7 +27,7 @@ use k8s_openapi::{
     },
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::Publisher;
 use crate::objects::{Kind, Object, ObjectKey, Objects};
@@ -43,7 +43,7 @@ pub struct FileError {
 }
 
 /// What the source made of one file, for the controller's status.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileStatus {
     pub path: PathBuf,
     /// Digest of the content that applies now (the last good one).

@@ -1,0 +1,373 @@
+//! weftctl against running local clusters, as an operator runs it: `check`, `status`,
+//! `certs` and `config` describe a healthy mesh from what its controller and agents
+//! say, their JSON and YAML parse, `check` fails naming the cause when an agent stops
+//! or a pod's certificate expires, and `explain` agrees with what the data path did
+//! for an allowed, a denied and an unrouted request.
+
+use std::{process::Command, time::Duration};
+
+use serde_json::Value;
+use weft_cluster::PodSpec;
+use weft_e2e::{TestCluster, wait_until, workspace_bin};
+
+/// The default namespace meshed in STRICT mode with the echo service.
+const MESH: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: { name: default, labels: { weft.dev/mesh: enabled } }
+---
+apiVersion: v1
+kind: Service
+metadata: { name: echo, namespace: default }
+spec:
+  clusterIP: 10.96.0.10
+  selector: { app: echo }
+  ports: [{ name: http, port: 80, targetPort: 8080 }]
+---
+apiVersion: weft.dev/v1alpha1
+kind: PeerAuthentication
+metadata: { name: default, namespace: default }
+spec: { mode: STRICT }
+---
+# The client may read, nothing else.
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: { name: readers, namespace: default }
+spec:
+  selector: { matchLabels: { app: echo } }
+  action: ALLOW
+  rules:
+    - from: [{ principals: [cluster.local/ns/default/sa/client] }]
+      to: [{ methods: [GET] }]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: echo, namespace: default }
+spec:
+  parentRefs: [{ group: "", kind: Service, name: echo, port: 80 }]
+  rules:
+    - name: api
+      matches: [{ path: { type: PathPrefix, value: /api } }]
+      backendRefs: [{ name: echo, port: 80 }]
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: { name: echo, namespace: default }
+spec: { service: echo, loadBalancer: { algorithm: ROUND_ROBIN } }
+"#;
+
+/// Runs `weftctl --local <cluster> ARGS`: whether it exited 0, and what it printed.
+/// Exit code 2 (it could not run at all) fails the test.
+fn weftctl(cluster: &TestCluster, args: &[&str]) -> (bool, String) {
+    let output = Command::new(workspace_bin("weftctl"))
+        .args(["--local", &cluster.topology().name])
+        .args(args)
+        .output()
+        .expect("weftctl runs");
+    assert_ne!(
+        output.status.code(),
+        Some(2),
+        "weftctl {args:?}: {output:?}"
+    );
+    (
+        output.status.success(),
+        String::from_utf8(output.stdout).expect("weftctl prints UTF-8"),
+    )
+}
+
+/// `weftctl check -o json`: whether it passed, and each check by subject.
+fn check(cluster: &TestCluster) -> (bool, Vec<(String, String, String)>) {
+    let (passed, json) = weftctl(cluster, &["check", "-o", "json"]);
+    let report: Value = serde_json::from_str(&json).expect("check -o json is JSON");
+    let checks = report["checks"]
+        .as_array()
+        .expect("a list of checks")
+        .iter()
+        .map(|check| {
+            let text = |key: &str| check[key].as_str().unwrap_or_default().to_owned();
+            (text("subject"), text("outcome"), text("message"))
+        })
+        .collect();
+    (passed, checks)
+}
+
+fn outcome_of(checks: &[(String, String, String)], subject: &str) -> (String, String) {
+    checks
+        .iter()
+        .find(|(found, _, _)| found == subject)
+        .map(|(_, outcome, message)| (outcome.clone(), message.clone()))
+        .unwrap_or_else(|| panic!("no check {subject} in {checks:?}"))
+}
+
+/// The echo pod (service account `echo`) on the last node and a client on node0.
+fn pods(cluster: &mut TestCluster) {
+    let last = format!("node{}", cluster.topology().nodes.len() - 1);
+    let echo = workspace_bin("weft-echo").display().to_string();
+    let mut spec = PodSpec::new("echo", &last, &[&echo]);
+    spec.labels.insert("app".into(), "echo".into());
+    spec.service_account = "echo".into();
+    cluster.add_pod(spec).unwrap_or_else(|err| panic!("{err}"));
+    let mut client = PodSpec::new("client", "node0", &[]);
+    client.service_account = "client".into();
+    cluster
+        .add_pod(client)
+        .unwrap_or_else(|err| panic!("{err}"));
+    cluster.settle();
+}
+
+/// The status code of `curl -X METHOD url` from the client pod.
+fn request(cluster: &TestCluster, method: &str, url: &str) -> String {
+    let argv = [
+        "curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--max-time",
+        "5",
+        "-X",
+        method,
+        url,
+    ];
+    let output = cluster
+        .pod_command("default", "client", &argv)
+        .unwrap()
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// `weftctl explain -o json` of a request from the client to the echo service.
+fn explain(cluster: &TestCluster, from: &str, method: &str, path: &str) -> Value {
+    let args = [
+        "explain",
+        "--from",
+        from,
+        "--to",
+        "default/echo:80",
+        "--method",
+        method,
+        "--path",
+        path,
+        "-o",
+        "json",
+    ];
+    let (passed, json) = weftctl(cluster, &args);
+    assert!(passed, "{json}");
+    serde_json::from_str(&json).expect("explain -o json is JSON")
+}
+
+#[test]
+fn weftctl_explain_agrees_with_what_the_data_path_does() {
+    let mut cluster = TestCluster::with_mesh(2, MESH);
+    pods(&mut cluster);
+    let client = "default/client";
+    let principal = "spiffe://cluster.local/ns/default/sa/client";
+    wait_until(
+        "the echo service to answer",
+        Duration::from_secs(10),
+        || request(&cluster, "GET", "http://10.96.0.10/api/x") == "200",
+    );
+
+    // Allowed: the data path answers 200, explain says ALLOW by the policy's rule.
+    let allowed = explain(&cluster, client, "GET", "/api/x");
+    let decision = &allowed["authorization"]["destinations"][0];
+    assert_eq!(decision["pod"], "default/echo", "{allowed:#}");
+    assert_eq!(decision["decision"], "ALLOW", "{allowed:#}");
+    assert!(
+        decision["reason"]
+            .as_str()
+            .unwrap()
+            .contains("default/readers"),
+        "{allowed:#}"
+    );
+    assert_eq!(allowed["route"]["outcome"], "routed", "{allowed:#}");
+    assert_eq!(allowed["route"]["rule"]["name"], "api", "{allowed:#}");
+    assert_eq!(
+        allowed["traffic_policy"]["loadBalancing"], "ROUND_ROBIN",
+        "{allowed:#}"
+    );
+    assert_eq!(
+        allowed["paths"],
+        serde_json::json!([{ "pod": "default/echo", "node": "node1", "mode": "STRICT", "path": "HBONE node0 → node1" }])
+    );
+
+    // Denied: 403 on the wire; explain, asked with the access log's fields (the
+    // caller's principal), says DENY and names the policy.
+    assert_eq!(request(&cluster, "POST", "http://10.96.0.10/api/x"), "403");
+    let denied = explain(&cluster, principal, "POST", "/api/x");
+    let decision = &denied["authorization"]["destinations"][0];
+    assert_eq!(decision["decision"], "DENY", "{denied:#}");
+    assert_eq!(
+        decision["policies"],
+        serde_json::json!(["default/readers (ALLOW)"])
+    );
+
+    // No rule of the route matches /home: 404 on the wire, `no_match` in explain.
+    assert_eq!(request(&cluster, "GET", "http://10.96.0.10/home"), "404");
+    let unrouted = explain(&cluster, client, "GET", "/home");
+    assert_eq!(unrouted["route"]["outcome"], "no_match", "{unrouted:#}");
+
+    let (_, table) = weftctl(
+        &cluster,
+        &[
+            "explain",
+            "--from",
+            client,
+            "--to",
+            "default/echo:80",
+            "--method",
+            "GET",
+            "--path",
+            "/api",
+        ],
+    );
+    assert!(
+        table.contains("route: HTTPRoute/default/echo rule api → default/echo:80 (weight 1)"),
+        "{table}"
+    );
+}
+
+#[test]
+fn weftctl_describes_a_healthy_mesh_and_names_a_stopped_agent() {
+    let mut cluster = TestCluster::with_mesh(2, MESH);
+    pods(&mut cluster);
+
+    let (passed, checks) = check(&cluster);
+    assert!(passed, "{checks:?}");
+    let subjects: Vec<&str> = checks
+        .iter()
+        .map(|(subject, ..)| subject.as_str())
+        .collect();
+    assert_eq!(
+        subjects,
+        [
+            "controller",
+            "ca",
+            "agent node0",
+            "config node0",
+            "certificates node0",
+            "agent node1",
+            "config node1",
+            "certificates node1"
+        ]
+    );
+    assert!(
+        checks.iter().all(|(_, outcome, _)| outcome == "pass"),
+        "{checks:?}"
+    );
+    assert!(
+        outcome_of(&checks, "certificates node1")
+            .1
+            .starts_with("1 valid"),
+        "{checks:?}"
+    );
+    let (_, table) = weftctl(&cluster, &["check"]);
+    assert!(table.ends_with("every check passed\n"), "{table}");
+
+    let (_, json) = weftctl(&cluster, &["status", "-o", "json"]);
+    let status: Value = serde_json::from_str(&json).unwrap();
+    for node in status["nodes"].as_array().unwrap() {
+        assert_eq!(node["agent"], "ready", "{status:#}");
+        assert_eq!(node["in_sync"], true, "{status:#}");
+        assert_eq!(node["pods"], 1, "{status:#}");
+    }
+    assert_eq!(
+        status["namespaces"],
+        serde_json::json!([{ "namespace": "default", "mode": "STRICT", "pods": 2 }])
+    );
+
+    let (_, json) = weftctl(&cluster, &["certs", "--node", "node1", "-o", "json"]);
+    let certs: Value = serde_json::from_str(&json).unwrap();
+    let node1 = &certs["nodes"][0];
+    assert_eq!(node1["node"], "node1");
+    assert_eq!(
+        node1["certificates"][0]["identity"],
+        "spiffe://cluster.local/ns/default/sa/echo"
+    );
+    assert!(
+        node1["certificates"][0]["expires_in_seconds"]
+            .as_i64()
+            .unwrap()
+            > 3_600
+    );
+    assert!(
+        certs["ca"]["signing_root"]
+            .as_str()
+            .unwrap()
+            .contains("weft mesh root")
+    );
+
+    let (_, yaml) = weftctl(
+        &cluster,
+        &[
+            "config",
+            "--node",
+            "node1",
+            "--kind",
+            "workloads",
+            "-o",
+            "yaml",
+        ],
+    );
+    let config: serde_yaml::Value = serde_yaml::from_str(&yaml).expect("config -o yaml is YAML");
+    assert_eq!(config["in_sync"], serde_yaml::Value::Bool(true));
+    assert_eq!(config["applied_version"], config["current_version"]);
+    let workloads = config["resources"]["workloads"].as_sequence().unwrap();
+    assert!(
+        workloads
+            .iter()
+            .any(|workload| workload["name"] == "echo" && workload["node"] == "node1"),
+        "{yaml}"
+    );
+
+    // An agent stops: check fails, naming the node and what it lacks.
+    cluster.stop_agent("node1").unwrap();
+    wait_until(
+        "check to see node1's agent gone",
+        Duration::from_secs(10),
+        || {
+            let (passed, checks) = check(&cluster);
+            !passed
+                && outcome_of(&checks, "agent node1")
+                    == ("fail".into(), "not ready: no answer".into())
+                && outcome_of(&checks, "config node1")
+                    == (
+                        "fail".into(),
+                        "the agent is not subscribed to the controller".into(),
+                    )
+                && outcome_of(&checks, "agent node0").0 == "pass"
+        },
+    );
+    let (passed, table) = weftctl(&cluster, &["check"]);
+    assert!(!passed);
+    assert!(
+        table.contains("agent node1         FAIL    not ready: no answer →"),
+        "{table}"
+    );
+    assert!(table.ends_with("2 check(s) failed\n"), "{table}");
+}
+
+#[test]
+fn weftctl_check_names_an_expired_certificate() {
+    let mut cluster = TestCluster::with_mesh_and_controller_args(1, MESH, &["--cert-ttl", "8s"]);
+    pods(&mut cluster);
+    let (passed, checks) = check(&cluster);
+    assert!(passed, "{checks:?}");
+    // Without the CA, the agent cannot renew; its certificate runs out.
+    cluster.stop_controller().unwrap();
+    wait_until(
+        "check to name the expired certificate",
+        Duration::from_secs(30),
+        || {
+            let (passed, checks) = check(&cluster);
+            let (outcome, message) = outcome_of(&checks, "certificates node0");
+            // The agent lets an expired certificate go: what is missing is named.
+            !passed
+                && outcome == "fail"
+                && message
+                    .starts_with("no valid certificate for spiffe://cluster.local/ns/default/sa/")
+        },
+    );
+}

@@ -1,0 +1,5 @@
+//! `kubectl weft …`: weftctl as a kubectl plugin.
+
+fn main() -> std::process::ExitCode {
+    weftctl::main()
+}

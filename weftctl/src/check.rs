@@ -1,0 +1,605 @@
+//! `weftctl check`: each thing that must hold for the mesh to work, whether it does,
+//! and what to do when it does not — for a running mesh ([`mesh`]) and, before an
+//! install, for this machine ([`machine`]).
+
+use serde::Serialize;
+use weft_api::admin::Certificate;
+
+use crate::{
+    mesh::{NodeSnapshot, Snapshot},
+    output::{Report, age, table},
+};
+
+/// A certificate with less of its lifetime left than this should have been renewed:
+/// agents renew at 45–55 % of it (counted from when they got it).
+const RENEWAL_OVERDUE_LEFT: f64 = 0.30;
+/// A root with less time left than this needs a rotation planned.
+const ROOT_EXPIRY_WARNING_SECONDS: i64 = 30 * 86_400;
+/// Kernels older than this lack what the programs use (TCX links).
+const MINIMUM_KERNEL: (u32, u32) = (6, 6);
+
+/// Every check, in order.
+#[derive(Debug, Serialize)]
+pub struct Checks {
+    pub checks: Vec<Check>,
+}
+
+/// One check.
+#[derive(Debug, PartialEq, Eq, Serialize)]
+pub struct Check {
+    /// What it is about: `controller`, `agent node0`, …
+    pub subject: String,
+    pub outcome: Outcome,
+    /// What holds, or what is wrong.
+    pub message: String,
+    /// What to do about it, when it is not right.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Pass,
+    /// Works now, needs attention.
+    Warn,
+    /// Broken: `check` exits 1.
+    Fail,
+}
+
+impl Check {
+    fn new(subject: impl Into<String>, outcome: Outcome, message: impl Into<String>) -> Self {
+        Self {
+            subject: subject.into(),
+            outcome,
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    fn hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+}
+
+impl Report for Checks {
+    fn table(&self) -> String {
+        let rows: Vec<Vec<String>> = self
+            .checks
+            .iter()
+            .map(|check| {
+                let outcome = match check.outcome {
+                    Outcome::Pass => "ok",
+                    Outcome::Warn => "WARN",
+                    Outcome::Fail => "FAIL",
+                };
+                let mut message = check.message.clone();
+                if let Some(hint) = &check.hint {
+                    message += &format!(" → {hint}");
+                }
+                vec![check.subject.clone(), outcome.to_owned(), message]
+            })
+            .collect();
+        let failed = self
+            .checks
+            .iter()
+            .filter(|check| check.outcome == Outcome::Fail)
+            .count();
+        let summary = match failed {
+            0 => "every check passed\n".to_owned(),
+            n => format!("{n} check(s) failed\n"),
+        };
+        table(&["CHECK", "RESULT", "DETAIL"], &rows) + &summary
+    }
+
+    fn passed(&self) -> bool {
+        self.checks
+            .iter()
+            .all(|check| check.outcome != Outcome::Fail)
+    }
+}
+
+/// The checks of a running mesh, from what it said in `snapshot`.
+pub fn mesh(snapshot: &Snapshot) -> Checks {
+    let mut checks = controller(snapshot);
+    for node in &snapshot.nodes {
+        checks.push(agent(node));
+        checks.push(sync(snapshot, node));
+        checks.push(certificates(snapshot, node));
+    }
+    Checks { checks }
+}
+
+fn controller(snapshot: &Snapshot) -> Vec<Check> {
+    let status = match &snapshot.controller {
+        Ok(status) => status,
+        Err(err) => {
+            return vec![
+                Check::new(
+                    "controller",
+                    Outcome::Fail,
+                    format!("no answer on /status: {err}"),
+                )
+                .hint(
+                    "is it running? (`kubectl -n weft-system get pods`; local: `cargo xtask \
+                         cluster status`) Its log says why it is not",
+                ),
+            ];
+        }
+    };
+    let mut checks = vec![Check::new(
+        "controller",
+        Outcome::Pass,
+        format!("answers; configuration generation {}", status.generation),
+    )];
+    let now = snapshot.unix_now();
+    checks.push(match &status.ca {
+        None => Check::new("ca", Outcome::Warn, "has not reported yet").hint("check again shortly"),
+        Some(ca) if ca.error.is_some() => Check::new(
+            "ca",
+            Outcome::Fail,
+            format!("cannot sign: {}", ca.error.as_deref().unwrap_or_default()),
+        )
+        .hint(format!("check the CA's store ({})", ca.store)),
+        Some(ca) => {
+            let signing = ca
+                .anchors
+                .iter()
+                .find(|anchor| anchor.subject == ca.signing_root);
+            let left =
+                signing.map(|anchor| i64::try_from(anchor.not_after).unwrap_or(i64::MAX) - now);
+            let rotation = if ca.propagating {
+                "; a new root is propagating to the agents"
+            } else {
+                ""
+            };
+            match left {
+                None => Check::new(
+                    "ca",
+                    Outcome::Fail,
+                    "its signing root is not among its anchors",
+                ),
+                Some(left) if left <= 0 => Check::new(
+                    "ca",
+                    Outcome::Fail,
+                    format!("root {} expired {} ago", ca.signing_root, age(-left)),
+                )
+                .hint("rotate the root: `weft-controller ca rotate`"),
+                Some(left) if left < ROOT_EXPIRY_WARNING_SECONDS => Check::new(
+                    "ca",
+                    Outcome::Warn,
+                    format!(
+                        "root {} expires in {}{rotation}",
+                        ca.signing_root,
+                        age(left)
+                    ),
+                )
+                .hint("plan a rotation: `weft-controller ca rotate`"),
+                Some(left) => Check::new(
+                    "ca",
+                    Outcome::Pass,
+                    format!(
+                        "signs under {}, valid for {}{rotation}",
+                        ca.signing_root,
+                        age(left)
+                    ),
+                ),
+            }
+        }
+    });
+    for file in status.files.iter().flatten() {
+        if let Some(error) = &file.error {
+            checks.push(
+                Check::new(
+                    format!("file {}", file.path.display()),
+                    Outcome::Warn,
+                    format!("rejected: {error}"),
+                )
+                .hint("fix the file; its last good content keeps applying"),
+            );
+        }
+    }
+    for policy in status
+        .policies
+        .iter()
+        .filter(|policy| !policy.verdict.accepted)
+    {
+        checks.push(
+            Check::new(
+                format!("{} {}/{}", policy.kind, policy.namespace, policy.name),
+                Outcome::Warn,
+                format!("{:?}: {}", policy.verdict.reason, policy.verdict.message),
+            )
+            .hint("fix the object; what it would decide does not apply"),
+        );
+    }
+    checks
+}
+
+fn agent(node: &NodeSnapshot) -> Check {
+    let subject = format!("agent {}", node.name);
+    match &node.ready {
+        Ok(()) => Check::new(subject, Outcome::Pass, "ready"),
+        Err(answer) => Check::new(subject, Outcome::Fail, format!("not ready: {answer}")).hint(
+            "its node's meshed pods cannot open new connections; look at the agent's log \
+             (`kubectl -n weft-system logs` of the node's weft-agent pod; local: \
+             `cargo xtask cluster agent start`)",
+        ),
+    }
+}
+
+fn sync(snapshot: &Snapshot, node: &NodeSnapshot) -> Check {
+    let subject = format!("config {}", node.name);
+    let Ok(status) = &snapshot.controller else {
+        return Check::new(
+            subject,
+            Outcome::Warn,
+            "unknown: the controller does not answer",
+        );
+    };
+    let Some(state) = status
+        .nodes
+        .get(&node.name)
+        .filter(|state| state.streams > 0)
+    else {
+        return Check::new(
+            subject,
+            Outcome::Fail,
+            "the agent is not subscribed to the controller",
+        )
+        .hint("its log says why (address, CA, token)");
+    };
+    let acked = state.acked_generation.unwrap_or(0);
+    if state.in_sync {
+        return Check::new(
+            subject,
+            Outcome::Pass,
+            format!("serves the current configuration ({})", state.version),
+        );
+    }
+    let mut message = format!(
+        "serves generation {acked}, the controller is at {} ({})",
+        state.generation, state.version
+    );
+    if let Some((version, reason)) = &state.last_nack {
+        message += &format!("; it refused {version}: {reason}");
+    }
+    Check::new(subject, Outcome::Fail, message)
+        .hint("an agent refuses a configuration it cannot apply; its log names the resource")
+}
+
+fn certificates(snapshot: &Snapshot, node: &NodeSnapshot) -> Check {
+    let subject = format!("certificates {}", node.name);
+    let certs = match &node.certs {
+        Ok(certs) => certs,
+        // The agent's own check says why it does not answer.
+        Err(err) => return Check::new(subject, Outcome::Warn, format!("unknown: {err}")),
+    };
+    let now = snapshot.unix_now();
+    let mut worst = Check::new(
+        subject.clone(),
+        Outcome::Pass,
+        match soonest(certs) {
+            Some(cert) => format!(
+                "{} valid; the soonest expires in {}",
+                certs.len(),
+                age(seconds(cert.not_after) - now)
+            ),
+            None => "none needed (no meshed pod on the node)".to_owned(),
+        },
+    );
+    for cert in certs {
+        let (start, end) = (seconds(cert.not_before), seconds(cert.not_after));
+        // The CA backdates certificates for clock skew; their life starts at issue.
+        let issued = (start + weft_controller::ca::CLOCK_SKEW.as_secs() as i64).min(end);
+        let check = if end <= now {
+            Check::new(
+                subject.clone(),
+                Outcome::Fail,
+                format!("{} expired {} ago", cert.identity, age(now - end)),
+            )
+            .hint("its pods' connections fail; the agent's log says why renewal failed")
+        } else if start > now {
+            Check::new(
+                subject.clone(),
+                Outcome::Fail,
+                format!("{} is valid only in {}", cert.identity, age(start - now)),
+            )
+            .hint("check the clocks of the node and the controller")
+        } else if ((end - now) as f64) < RENEWAL_OVERDUE_LEFT * ((end - issued) as f64) {
+            Check::new(
+                subject.clone(),
+                Outcome::Warn,
+                format!(
+                    "{} expires in {} and is not renewed yet",
+                    cert.identity,
+                    age(end - now)
+                ),
+            )
+            .hint("agents renew at half a certificate's life; its log says why not")
+        } else {
+            continue;
+        };
+        if rank(check.outcome) > rank(worst.outcome) {
+            worst = check;
+        }
+    }
+    if worst.outcome == Outcome::Fail {
+        return worst;
+    }
+    let held: Vec<&str> = certs
+        .iter()
+        .filter(|cert| seconds(cert.not_after) > now)
+        .map(|cert| cert.identity.as_str())
+        .collect();
+    if let Some(missing) = node
+        .identities()
+        .into_iter()
+        .find(|identity| !held.contains(&identity.as_str()))
+    {
+        return Check::new(
+            subject,
+            Outcome::Fail,
+            format!("no valid certificate for {missing} (expired, or never issued)"),
+        )
+        .hint(
+            "its pods' mutual TLS fails; the agent gets certificates from the controller's \
+             CA: see the controller's check and the agent's log",
+        );
+    }
+    worst
+}
+
+fn soonest(certs: &[Certificate]) -> Option<&Certificate> {
+    certs.iter().min_by_key(|cert| cert.not_after)
+}
+
+fn seconds(unix: u64) -> i64 {
+    i64::try_from(unix).unwrap_or(i64::MAX)
+}
+
+fn rank(outcome: Outcome) -> u8 {
+    match outcome {
+        Outcome::Pass => 0,
+        Outcome::Warn => 1,
+        Outcome::Fail => 2,
+    }
+}
+
+/// What `check --pre` looks at on this machine.
+#[derive(Debug, Default)]
+pub struct Machine {
+    /// `uname -r`.
+    pub kernel: String,
+    pub btf: bool,
+    /// Where cgroup v2 is mounted, if it is.
+    pub cgroup2: Option<String>,
+    pub bpffs: bool,
+}
+
+/// The checks of this machine before an install.
+pub fn machine() -> Checks {
+    let facts = Machine {
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+        btf: std::path::Path::new("/sys/kernel/btf/vmlinux").exists(),
+        cgroup2: weft_cluster::cgroup2_mount()
+            .ok()
+            .map(|dir| dir.display().to_string()),
+        bpffs: weft_cluster::bpffs_mounted().unwrap_or(false),
+    };
+    machine_checks(&facts)
+}
+
+/// The checks of a machine with `facts`.
+pub fn machine_checks(facts: &Machine) -> Checks {
+    let (major, minor) = MINIMUM_KERNEL;
+    let kernel = match kernel_version(&facts.kernel) {
+        Some(version) if version >= MINIMUM_KERNEL => {
+            Check::new("kernel", Outcome::Pass, facts.kernel.clone())
+        }
+        _ => Check::new(
+            "kernel",
+            Outcome::Fail,
+            format!("{:?} is older than {major}.{minor}", facts.kernel),
+        )
+        .hint(format!(
+            "weft's programs need Linux {major}.{minor} or later (TCX links)"
+        )),
+    };
+    let btf = if facts.btf {
+        Check::new("btf", Outcome::Pass, "/sys/kernel/btf/vmlinux is there")
+    } else {
+        Check::new("btf", Outcome::Fail, "/sys/kernel/btf/vmlinux is missing")
+            .hint("use a kernel built with CONFIG_DEBUG_INFO_BTF=y")
+    };
+    let cgroup = match &facts.cgroup2 {
+        Some(dir) => Check::new("cgroup v2", Outcome::Pass, format!("mounted at {dir}")),
+        None => Check::new(
+            "cgroup v2",
+            Outcome::Fail,
+            "no cgroup2 hierarchy is mounted",
+        )
+        .hint("boot with systemd.unified_cgroup_hierarchy=1"),
+    };
+    let bpffs = if facts.bpffs {
+        Check::new("bpffs", Outcome::Pass, "mounted at /sys/fs/bpf")
+    } else {
+        Check::new("bpffs", Outcome::Fail, "nothing is mounted at /sys/fs/bpf")
+            .hint("mount -t bpf bpf /sys/fs/bpf (systemd mounts it on most distributions)")
+    };
+    Checks {
+        checks: vec![kernel, btf, cgroup, bpffs],
+    }
+}
+
+/// `6.18.0-1-amd64` → `(6, 18)`.
+fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::tests::{certificate, healthy};
+
+    /// The identity of node0's pod in [`healthy`].
+    const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+
+    fn outcomes(checks: &Checks) -> Vec<(String, Outcome)> {
+        checks
+            .checks
+            .iter()
+            .map(|check| (check.subject.clone(), check.outcome))
+            .collect()
+    }
+
+    fn find<'a>(checks: &'a Checks, subject: &str) -> &'a Check {
+        checks
+            .checks
+            .iter()
+            .find(|check| check.subject == subject)
+            .unwrap_or_else(|| panic!("no check {subject}: {checks:#?}"))
+    }
+
+    #[test]
+    fn a_healthy_mesh_passes_every_check() {
+        let checks = mesh(&healthy());
+        assert!(checks.passed(), "{checks:#?}");
+        assert!(
+            outcomes(&checks)
+                .iter()
+                .all(|(_, outcome)| *outcome == Outcome::Pass)
+        );
+        assert_eq!(
+            find(&checks, "certificates node0").message,
+            "1 valid; the soonest expires in 12h0m"
+        );
+        assert!(checks.table().ends_with("every check passed\n"));
+    }
+
+    #[test]
+    fn each_fault_fails_or_warns_the_check_it_belongs_to() {
+        type Fault = fn(&mut Snapshot);
+        let cases: [(Fault, &str, Outcome, &str); 9] = [
+            (
+                |s| s.nodes[1].ready = Err("503 not ready: programs".into()),
+                "agent node1",
+                Outcome::Fail,
+                "not ready: 503 not ready: programs",
+            ),
+            (
+                |s| s.nodes[1].ready = Err("no answer".into()),
+                "agent node1",
+                Outcome::Fail,
+                "not ready: no answer",
+            ),
+            (
+                |s| {
+                    let status = s.controller.as_mut().unwrap();
+                    let node = status.nodes.get_mut("node0").unwrap();
+                    node.in_sync = false;
+                    node.acked_generation = Some(2);
+                    node.last_nack = Some(("v9".into(), "bad route".into()));
+                },
+                "config node0",
+                Outcome::Fail,
+                "serves generation 2, the controller is at 3 (v0); it refused v9: bad route",
+            ),
+            (
+                |s| {
+                    s.controller
+                        .as_mut()
+                        .unwrap()
+                        .nodes
+                        .get_mut("node1")
+                        .unwrap()
+                        .streams = 0
+                },
+                "config node1",
+                Outcome::Fail,
+                "the agent is not subscribed to the controller",
+            ),
+            (
+                |s| {
+                    s.nodes[0].certs = Ok(vec![
+                        serde_json::from_value(certificate(WEB, 999_000)).unwrap(),
+                    ])
+                },
+                "certificates node0",
+                Outcome::Fail,
+                "spiffe://cluster.local/ns/shop/sa/web expired 16m40s ago",
+            ),
+            (
+                |s| {
+                    s.nodes[0].certs = Ok(vec![
+                        serde_json::from_value(certificate(WEB, 1_000_000 + 3_600)).unwrap(),
+                    ])
+                },
+                "certificates node0",
+                Outcome::Warn,
+                "spiffe://cluster.local/ns/shop/sa/web expires in 1h0m and is not renewed yet",
+            ),
+            (
+                |s| s.nodes[0].certs = Ok(Vec::new()),
+                "certificates node0",
+                Outcome::Fail,
+                "no valid certificate for spiffe://cluster.local/ns/shop/sa/web (expired, or never issued)",
+            ),
+            (
+                |s| {
+                    s.controller.as_mut().unwrap().ca.as_mut().unwrap().anchors[0].not_after =
+                        1_000_000 + 86_400
+                },
+                "ca",
+                Outcome::Warn,
+                "root CN=root expires in 1d0h",
+            ),
+            (
+                |s| s.controller = Err("no answer".into()),
+                "controller",
+                Outcome::Fail,
+                "no answer on /status: no answer",
+            ),
+        ];
+        for (fault, subject, outcome, message) in cases {
+            let mut snapshot = healthy();
+            fault(&mut snapshot);
+            let checks = mesh(&snapshot);
+            let check = find(&checks, subject);
+            assert_eq!((check.outcome, check.message.as_str()), (outcome, message));
+            assert!(check.hint.is_some(), "{check:?} says what to do");
+            assert_eq!(checks.passed(), outcome != Outcome::Fail, "{subject}");
+        }
+    }
+
+    #[test]
+    fn machines_are_checked_for_what_the_programs_need() {
+        let good = Machine {
+            kernel: "6.18.0-1-amd64".into(),
+            btf: true,
+            cgroup2: Some("/sys/fs/cgroup".into()),
+            bpffs: true,
+        };
+        assert!(machine_checks(&good).passed());
+        let old = Machine {
+            kernel: "5.15.0-91-generic".into(),
+            ..good
+        };
+        let checks = machine_checks(&old);
+        assert!(!checks.passed());
+        assert_eq!(find(&checks, "kernel").outcome, Outcome::Fail);
+        let bare = machine_checks(&Machine::default());
+        assert_eq!(
+            outcomes(&bare)
+                .iter()
+                .filter(|(_, o)| *o == Outcome::Fail)
+                .count(),
+            4
+        );
+    }
+}

@@ -1,0 +1,189 @@
+//! The command line: arguments, and what each command does with them.
+
+use std::{
+    io::{self, Write as _},
+    process::ExitCode,
+    time::SystemTime,
+};
+
+use clap::{CommandFactory as _, Parser, Subcommand};
+
+use crate::{
+    certs, check, config, explain,
+    local::LocalCluster,
+    mesh::{Mesh, Snapshot},
+    output::{Format, Report},
+    status,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "weftctl",
+    version,
+    about = "Check, inspect and explain a weft mesh",
+    after_help = "As a kubectl plugin: kubectl weft <COMMAND>."
+)]
+struct Cli {
+    /// The local cluster to read (`cargo xtask cluster up --name NAME`).
+    #[arg(long, global = true, env = "WEFTCTL_LOCAL", value_name = "NAME")]
+    local: Option<String>,
+    /// How to print: a table for people, JSON or YAML for scripts.
+    #[arg(short, long, global = true, value_enum, default_value_t = Format::Table)]
+    output: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Whether the mesh is healthy: the controller answers and its CA signs, every
+    /// agent is ready and serves the current configuration, certificates are valid and
+    /// not near expiry, objects are accepted. Exits 1 when a check fails. With
+    /// `--pre`: whether this machine can run weft (kernel, BTF, cgroup v2, bpffs).
+    Check {
+        /// Check this machine before installing, instead of a running mesh.
+        #[arg(long)]
+        pre: bool,
+    },
+    /// One screen: nodes and their agents, configuration versions, meshed pods per
+    /// namespace and mode, certificates near expiry, kernel drops.
+    Status,
+    /// Workload certificates per node (identity, serial, issuer, expiry) and the CA's
+    /// roots and rotation state.
+    Certs {
+        /// Only this node's certificates.
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// The configuration a node runs (workloads, services, routes, policies) and its
+    /// version against the controller's.
+    Config {
+        /// The node.
+        #[arg(long)]
+        node: String,
+        /// Only these kinds (repeatable).
+        #[arg(long, value_enum)]
+        kind: Vec<config::Kind>,
+    },
+    /// What the mesh does with a connection or request: the authorization decision and
+    /// the policies behind it, the route rule and backends, the traffic policy, and per
+    /// destination pod its mode and whether the path is same-node or HBONE.
+    Explain {
+        /// The caller: a pod `NS/NAME`, a SPIFFE ID (as in access logs), or an IP.
+        #[arg(long)]
+        from: String,
+        /// The destination with its port: a service or pod `NS/NAME:PORT`, or
+        /// `IP:PORT`.
+        #[arg(long)]
+        to: String,
+        /// An HTTP request's method (with --path or alone; without both, the question
+        /// is about a TCP connection).
+        #[arg(long)]
+        method: Option<String>,
+        /// An HTTP request's path, with its query.
+        #[arg(long)]
+        path: Option<String>,
+        /// A request header, `NAME=VALUE` (repeatable).
+        #[arg(long = "header", value_name = "NAME=VALUE")]
+        headers: Vec<String>,
+    },
+    /// Prints a shell completion script (bash, zsh, fish, …).
+    Completion { shell: clap_complete::Shell },
+    /// Prints weftctl's man page (roff).
+    Man,
+}
+
+/// Runs the command line of this process.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("weftctl: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let format = cli.output;
+    match cli.command {
+        Command::Completion { shell } => {
+            let mut command = Cli::command();
+            clap_complete::generate(shell, &mut command, "weftctl", &mut io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            clap_mangen::Man::new(Cli::command()).render(&mut io::stdout())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { pre: true } => print(&check::machine(), format),
+        command => {
+            let mesh = connect(cli.local.as_deref())?;
+            let snapshot = Snapshot::take(mesh.as_ref(), SystemTime::now());
+            match command {
+                Command::Check { .. } => print(&check::mesh(&snapshot), format),
+                Command::Status => print(&status::of(&snapshot), format),
+                Command::Certs { node } => print(&certs::of(&snapshot, node.as_deref())?, format),
+                Command::Config { node, kind } => {
+                    print(&config::of(&snapshot, &node, &kind)?, format)
+                }
+                Command::Explain {
+                    from,
+                    to,
+                    method,
+                    path,
+                    headers,
+                } => {
+                    let question = explain::Question {
+                        from,
+                        to,
+                        method,
+                        path,
+                        headers,
+                    };
+                    print(
+                        &explain::explain(mesh.as_ref(), &snapshot, &question)?,
+                        format,
+                    )
+                }
+                Command::Completion { .. } | Command::Man => unreachable!("handled above"),
+            }
+        }
+    }
+}
+
+/// The mesh the arguments name.
+fn connect(local: Option<&str>) -> anyhow::Result<Box<dyn Mesh>> {
+    match local {
+        Some(name) => Ok(Box::new(LocalCluster::open(name)?)),
+        None => anyhow::bail!(
+            "name the mesh to read: --local NAME for a local cluster (`cargo xtask cluster \
+             status --name NAME` shows one); reaching a Kubernetes cluster through its API \
+             server is not in this version yet"
+        ),
+    }
+}
+
+/// Prints `report` in `format`; the exit code says whether it found what it checks.
+fn print(report: &impl Report, format: Format) -> anyhow::Result<ExitCode> {
+    let text = format.render(report)?;
+    let mut out = io::stdout().lock();
+    // A closed pipe (`| head`) is not an error of weftctl's.
+    let _ = out.write_all(text.as_bytes());
+    Ok(if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,5 @@
+//! `weftctl`: see the crate's library.
+
+fn main() -> std::process::ExitCode {
+    weftctl::main()
+}
