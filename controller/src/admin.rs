@@ -42,6 +42,8 @@ pub struct Admin {
     pub statuses: watch::Receiver<Arc<Statuses>>,
     /// The file source's files; `None` with the Kubernetes source.
     pub files: Option<watch::Receiver<Vec<FileStatus>>>,
+    /// The kinds the Kubernetes source cannot read; `None` with the file source.
+    pub unread: Option<watch::Receiver<BTreeMap<String, String>>>,
     pub nodes: Arc<Nodes>,
     /// The CA, once its runtime reported.
     pub ca: watch::Receiver<Option<CaStatus>>,
@@ -59,6 +61,9 @@ pub struct StatusReport {
     pub nodes: BTreeMap<String, NodeStatus>,
     pub ca: Option<CaStatus>,
     pub policies: Vec<PolicyReport>,
+    /// Kinds the source cannot read now (not installed, forbidden), and why.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unread_kinds: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -151,6 +156,11 @@ impl Admin {
                     verdict: verdict.clone(),
                 })
                 .collect(),
+            unread_kinds: self
+                .unread
+                .as_ref()
+                .map(|unread| unread.borrow().clone())
+                .unwrap_or_default(),
         }
     }
 }

@@ -271,9 +271,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             "the file source needs node credentials: give --node-tokens DIR (or --insecure-nodes for tests)"
         ),
     });
-    let files = match &client {
+    let (files, unread) = match &client {
         Some(client) => {
-            tokio::spawn(kubernetes::run(client.clone(), objects_tx));
+            let (unread_tx, unread_rx) = watch::channel(Default::default());
+            tokio::spawn(kubernetes::run(client.clone(), objects_tx, unread_tx));
             let identity = args
                 .pod_name
                 .clone()
@@ -294,7 +295,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 objects_rx.clone(),
                 leading_rx,
             ));
-            None
+            (None, Some(unread_rx))
         }
         None => {
             let (files_tx, files_rx) = watch::channel(Vec::new());
@@ -304,7 +305,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 files_tx,
                 Duration::from_millis(args.file_interval_ms),
             ));
-            Some(files_rx)
+            (Some(files_rx), None)
         }
     };
     if client.is_none() && args.ca.ca_dir.is_none() {
@@ -355,6 +356,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         objects: objects_rx.clone(),
         statuses: statuses_rx,
         files,
+        unread,
         nodes: Arc::clone(&nodes),
         ca: ca_status_rx,
     });

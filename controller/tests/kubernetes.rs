@@ -5,7 +5,7 @@
 mod support;
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -34,9 +34,20 @@ const DEADLINE: Duration = Duration::from_secs(20);
 
 /// Runs the Kubernetes source against `fake`; what it publishes arrives here.
 fn start_source(fake: &FakeApi) -> watch::Receiver<Arc<Objects>> {
+    start_source_reporting(fake).0
+}
+
+/// [`start_source`], with the kinds it cannot read.
+fn start_source_reporting(
+    fake: &FakeApi,
+) -> (
+    watch::Receiver<Arc<Objects>>,
+    watch::Receiver<BTreeMap<String, String>>,
+) {
     let (publisher, objects) = watch::channel(Arc::new(Objects::default()));
-    tokio::spawn(kubernetes::run(fake.client(), publisher));
-    objects
+    let (unread_tx, unread) = watch::channel(BTreeMap::new());
+    tokio::spawn(kubernetes::run(fake.client(), publisher, unread_tx));
+    (objects, unread)
 }
 
 /// Waits until the published objects pass `check`, and returns them.
@@ -376,7 +387,7 @@ async fn a_kind_without_its_crd_does_not_stop_the_others() {
         json!([service_parent("web")]),
     ));
 
-    let mut objects = start_source(&fake);
+    let (mut objects, mut unread) = start_source_reporting(&fake);
     let published = wait_for(&mut objects, "the installed kinds", |o| {
         o.namespaces.len() == 1
             && o.services.len() == 1
@@ -386,6 +397,14 @@ async fn a_kind_without_its_crd_does_not_stop_the_others() {
     .await;
     assert!(published.grpc_routes.is_empty());
     assert!(fake.requests("list", "/apis/gateway.networking.k8s.io/v1/grpcroutes") >= 1);
+    // The missing kind is reported, with what to install (`/status`, `weftctl check`).
+    let problem = unread.borrow_and_update().get("GRPCRoute").cloned();
+    let problem = problem.expect("GRPCRoute is reported unread");
+    assert!(
+        problem.contains("install the Gateway API CRDs"),
+        "{problem}"
+    );
+    assert_eq!(unread.borrow().len(), 1, "{:?}", unread.borrow());
 
     // Installed later, the kind is picked up by the watcher's retries.
     fake.set_installed("GRPCRoute", true);
@@ -397,6 +416,13 @@ async fn a_kind_without_its_crd_does_not_stop_the_others() {
     ));
     wait_for(&mut objects, "the GRPCRoute", |o| o.grpc_routes.len() == 1).await;
     assert!(fake.requests("list", "/apis/gateway.networking.k8s.io/v1/grpcroutes") >= 2);
+    let deadline = Instant::now() + DEADLINE;
+    while !unread.borrow_and_update().is_empty() {
+        tokio::time::timeout_at(deadline, unread.changed())
+            .await
+            .expect("GRPCRoute leaves the unread kinds once it is served")
+            .unwrap();
+    }
 }
 
 #[tokio::test]

@@ -188,6 +188,16 @@ fn controller(snapshot: &Snapshot) -> Vec<Check> {
             }
         }
     });
+    for (kind, problem) in &status.unread_kinds {
+        checks.push(
+            Check::new(
+                format!("kind {kind}"),
+                Outcome::Fail,
+                format!("unread: {problem}"),
+            )
+            .hint("until the controller reads it, nothing of this kind applies"),
+        );
+    }
     for file in status.files.iter().flatten() {
         if let Some(error) = &file.error {
             checks.push(
@@ -485,7 +495,7 @@ mod tests {
     #[test]
     fn each_fault_fails_or_warns_the_check_it_belongs_to() {
         type Fault = fn(&mut Snapshot);
-        let cases: [(Fault, &str, Outcome, &str); 9] = [
+        let cases: [(Fault, &str, Outcome, &str); 10] = [
             (
                 |s| s.nodes[1].ready = Err("503 not ready: programs".into()),
                 "agent node1",
@@ -558,6 +568,17 @@ mod tests {
                 "ca",
                 Outcome::Warn,
                 "root CN=root expires in 1d0h",
+            ),
+            (
+                |s| {
+                    let status = s.controller.as_mut().unwrap();
+                    status
+                        .unread_kinds
+                        .insert("HTTPRoute".into(), "not served".into());
+                },
+                "kind HTTPRoute",
+                Outcome::Fail,
+                "unread: not served",
             ),
             (
                 |s| s.controller = Err("no answer".into()),

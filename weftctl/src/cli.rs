@@ -2,6 +2,7 @@
 
 use std::{
     io::{self, Write as _},
+    path::PathBuf,
     process::ExitCode,
     time::SystemTime,
 };
@@ -9,7 +10,7 @@ use std::{
 use clap::{CommandFactory as _, Parser, Subcommand};
 
 use crate::{
-    certs, check, config, explain,
+    analyze, certs, check, config, explain, install,
     local::LocalCluster,
     mesh::{Mesh, Snapshot},
     output::{Format, Report},
@@ -87,6 +88,29 @@ enum Command {
         #[arg(long = "header", value_name = "NAME=VALUE")]
         headers: Vec<String>,
     },
+    /// What of a set of manifests weft would not apply as written, before they are
+    /// applied: the controller's own parsing, validation and compilation, offline.
+    /// Exits 1 when an object would be refused or a file does not parse.
+    Analyze {
+        /// Manifest files, or directories of them (repeatable).
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Prints weft's install manifests with options, for `kubectl apply -f -`.
+    Install {
+        /// An option, `key=value` (repeatable): trustDomain, certTTL, logLevel,
+        /// otlpEndpoint, traceSampling, metrics=annotations, controllerReplicas,
+        /// agentCPURequest, agentMemoryRequest, agentImage, controllerImage.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        settings: Vec<install::Setting>,
+    },
+    /// Prints the manifest that removes weft from every node (after `kubectl delete`
+    /// of the install), for `kubectl apply -f -`.
+    Uninstall {
+        /// `agentImage=…`, where your nodes pull the agent image from.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        settings: Vec<install::Setting>,
+    },
     /// Prints a shell completion script (bash, zsh, fish, …).
     Completion { shell: clap_complete::Shell },
     /// Prints weftctl's man page (roff).
@@ -118,6 +142,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { pre: true } => print(&check::machine(), format),
+        Command::Analyze { files } => print(&analyze::paths(&files)?, format),
+        Command::Install { settings } => manifests(&install::install(&settings)?),
+        Command::Uninstall { settings } => manifests(&install::uninstall(&settings)?),
         command => {
             let mesh = connect(cli.local.as_deref())?;
             let snapshot = Snapshot::take(mesh.as_ref(), SystemTime::now());
@@ -147,7 +174,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         format,
                     )
                 }
-                Command::Completion { .. } | Command::Man => unreachable!("handled above"),
+                Command::Completion { .. }
+                | Command::Man
+                | Command::Analyze { .. }
+                | Command::Install { .. }
+                | Command::Uninstall { .. } => unreachable!("handled above"),
             }
         }
     }
@@ -163,6 +194,12 @@ fn connect(local: Option<&str>) -> anyhow::Result<Box<dyn Mesh>> {
              server is not in this version yet"
         ),
     }
+}
+
+/// Prints manifests (YAML whatever `-o` says: they are for `kubectl apply -f -`).
+fn manifests(text: &str) -> anyhow::Result<ExitCode> {
+    let _ = io::stdout().lock().write_all(text.as_bytes());
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Prints `report` in `format`; the exit code says whether it found what it checks.

@@ -1,18 +1,21 @@
 //! `weftctl`, the operator's command line: whether the mesh is healthy (`check`), what
 //! runs where (`status`), which certificates each node holds (`certs`), which
 //! configuration it runs (`config`) and what the mesh does with a given request
-//! (`explain`), as a readable table or as JSON or YAML for scripts, exiting non-zero
-//! when what it checks is wrong.
+//! (`explain`), and what of a set of manifests weft would not apply (`analyze`), as a
+//! readable table or as JSON or YAML for scripts, exiting non-zero when what it checks
+//! is wrong; and the install manifests with an operator's options (`install`).
 //!
 //! Every command reads a [`mesh::Snapshot`] of the controller's and the agents' own
 //! endpoints through a [`mesh::Mesh`] (today the local cluster, [`local`]), then
 //! decides in pure functions over that snapshot, so the decisions are table-tested.
 
+mod analyze;
 mod certs;
 mod check;
 mod cli;
 mod config;
 mod explain;
+mod install;
 mod local;
 mod mesh;
 mod output;

@@ -149,10 +149,7 @@ mod tests {
         let changes: &[(&str, &[&str])] = &[
             ("busy-nodes", &["cpu: \"1\""]),
             ("cert-ttl", &["value: 6h"]),
-            (
-                "debug-logs",
-                &["value: debug,weft_ebpf=debug", "value: debug\n"],
-            ),
+            ("debug-logs", &["value: debug\n"]),
             ("otlp", &["WEFT_TRACE_ENDPOINT", "WEFT_TRACE_SAMPLING"]),
             (
                 "prometheus-annotations",

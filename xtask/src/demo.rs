@@ -9,7 +9,8 @@
 //! request from a `stranger` pod are denied, and the controller explains why. An
 //! HTTPRoute sends the requests that carry `x-canary: yes` to one replica. The
 //! summary shows who answered, the request metrics both agents report, which
-//! identities they authenticated, the latency and the kernel's counters.
+//! identities they authenticated, the latency and the kernel's counters; `weftctl
+//! check` ends it.
 
 use std::{collections::BTreeMap, process::Stdio, time::Duration};
 
@@ -330,9 +331,27 @@ fn show(name: &str) -> anyhow::Result<()> {
          Each request was balanced on its own (peak EWMA favours the replica on the client's\n\
          node) and measured by both agents. Policy echo-readers let the client read and\n\
          denied the rest (403), and the controller explained why. Route echo-routes sent\n\
-         the requests carrying x-canary: yes to the canary replica, the rest to all of them.\n\
-         Not there yet: retries and circuit breaking."
+         the requests carrying x-canary: yes to the canary replica, the rest to all of them."
     );
+    weftctl_check(name)
+}
+
+/// `weftctl check` on the demo's cluster, printed as an operator sees it; the demo
+/// fails when a check does.
+fn weftctl_check(name: &str) -> anyhow::Result<()> {
+    eprintln!("\n==> weftctl --local {name} check");
+    let weftctl = workspace_binaries()?.join("weftctl");
+    let output = std::process::Command::new(&weftctl)
+        .args(["--local", name, "check"])
+        .output()
+        .with_context(|| format!("cannot run {}", weftctl.display()))?;
+    eprint!("{}", String::from_utf8_lossy(&output.stdout));
+    if !output.status.success() {
+        bail!(
+            "weftctl check failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
     Ok(())
 }
 

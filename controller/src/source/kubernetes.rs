@@ -17,7 +17,7 @@
 //! applying) instead of failing the list of its whole kind.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::Arc,
     time::Duration,
 };
@@ -147,11 +147,17 @@ enum Change {
     },
     Upsert(Object),
     Remove(Kind, ObjectKey),
+    /// The kind cannot be read, and why (`None`: it can again).
+    Unread(Kind, Option<String>),
 }
 
-/// Watches every kind the controller reads and publishes what the cluster holds.
-/// Runs until dropped.
-pub async fn run(client: Client, publisher: Publisher) {
+/// The kinds the source cannot read now, by name, and why: what `/status` reports as
+/// `unread_kinds`.
+pub type Unread = watch::Sender<BTreeMap<String, String>>;
+
+/// Watches every kind the controller reads and publishes what the cluster holds, and
+/// in `unread` the kinds it cannot read. Runs until dropped.
+pub async fn run(client: Client, publisher: Publisher, unread: Unread) {
     let mut changes =
         futures::stream::select_all(Kind::ALL.map(|kind| kind_changes(client.clone(), kind)));
     let mut objects = Objects::default();
@@ -162,6 +168,13 @@ pub async fn run(client: Client, publisher: Publisher) {
             change = changes.next() => {
                 // Watchers retry forever; their streams never end.
                 let Some(change) = change else { return };
+                if let Change::Unread(kind, problem) = change {
+                    unread.send_modify(|unread| match problem {
+                        Some(problem) => drop(unread.insert(kind.to_string(), problem)),
+                        None => drop(unread.remove(&kind.to_string())),
+                    });
+                    continue;
+                }
                 if let Change::Replace { kind, .. } = &change
                     && unlisted.remove(kind)
                     && unlisted.is_empty()
@@ -201,6 +214,8 @@ fn apply(objects: &mut Objects, change: Change) {
         }
         Change::Upsert(object) => objects.upsert(object),
         Change::Remove(kind, key) => objects.remove(kind, &key),
+        // `run` keeps these apart from the objects.
+        Change::Unread(..) => {}
     }
 }
 
@@ -232,7 +247,7 @@ fn kind_changes(client: Client, kind: Kind) -> BoxStream<'static, Change> {
     let mut tracker = KindTracker::new(kind);
     watcher(api, watcher::Config::default())
         .default_backoff()
-        .filter_map(move |event| std::future::ready(tracker.on(event)))
+        .flat_map(move |event| futures::stream::iter(tracker.on(event)))
         .boxed()
 }
 
@@ -264,15 +279,16 @@ impl KindTracker {
         }
     }
 
-    fn on(
-        &mut self,
-        event: Result<watcher::Event<DynamicObject>, watcher::Error>,
-    ) -> Option<Change> {
+    fn on(&mut self, event: Result<watcher::Event<DynamicObject>, watcher::Error>) -> Vec<Change> {
         let event = match event {
             Ok(event) => event,
             Err(error) => return self.failed(error),
         };
-        match event {
+        let recovered = match event {
+            watcher::Event::Init | watcher::Event::InitApply(_) => None,
+            _ => self.healthy(),
+        };
+        let change = match event {
             watcher::Event::Init => {
                 self.listed.clear();
                 self.unreadable.clear();
@@ -286,7 +302,6 @@ impl KindTracker {
                 None
             }
             watcher::Event::InitDone => {
-                self.healthy();
                 log::debug!("listed {} {}(s)", self.listed.len(), self.kind);
                 Some(Change::Replace {
                     kind: self.kind,
@@ -294,27 +309,26 @@ impl KindTracker {
                     unreadable: std::mem::take(&mut self.unreadable),
                 })
             }
-            watcher::Event::Apply(object) => {
-                self.healthy();
-                self.read(object).ok().map(Change::Upsert)
-            }
+            watcher::Event::Apply(object) => self.read(object).ok().map(Change::Upsert),
             watcher::Event::Delete(object) => {
-                self.healthy();
                 Some(Change::Remove(self.kind, key_of(&object.metadata)))
             }
-        }
+        };
+        recovered.into_iter().chain(change).collect()
     }
 
-    fn healthy(&mut self) {
-        match self.health {
+    /// Marks the kind readable; says so when it was not.
+    fn healthy(&mut self) -> Option<Change> {
+        let was = std::mem::replace(&mut self.health, Health::Healthy);
+        match was {
             Health::NotInstalled => log::info!("{} is served now", self.kind),
             Health::Failing => log::info!("reading {} again", self.kind),
-            Health::Starting | Health::Healthy => {}
+            Health::Starting | Health::Healthy => return None,
         }
-        self.health = Health::Healthy;
+        Some(Change::Unread(self.kind, None))
     }
 
-    fn failed(&mut self, error: watcher::Error) -> Option<Change> {
+    fn failed(&mut self, error: watcher::Error) -> Vec<Change> {
         let status = match &error {
             watcher::Error::InitialListFailed(kube::Error::Api(status))
             | watcher::Error::WatchStartFailed(kube::Error::Api(status))
@@ -326,7 +340,7 @@ impl KindTracker {
         if code == Some(410) {
             // The watch fell out of the API server's history: the watcher re-lists.
             log::debug!("the watch of {} expired; listing again", self.kind);
-            return None;
+            return Vec::new();
         }
         let resource = api_resource(self.kind);
         let (health, error) = match code {
@@ -354,17 +368,21 @@ impl KindTracker {
         };
         if health == self.health {
             log::debug!("{error}");
-            return None;
+            return Vec::new();
         }
         log::warn!("{error}");
         self.health = health;
+        let mut changes = vec![Change::Unread(self.kind, Some(error.to_string()))];
         // A kind that is not installed has no objects: say so once, which also lets
         // the source publish without it.
-        (health == Health::NotInstalled).then(|| Change::Replace {
-            kind: self.kind,
-            objects: Vec::new(),
-            unreadable: Vec::new(),
-        })
+        if health == Health::NotInstalled {
+            changes.push(Change::Replace {
+                kind: self.kind,
+                objects: Vec::new(),
+                unreadable: Vec::new(),
+            });
+        }
+        changes
     }
 
     /// The object, or its key when it does not convert (logged).

@@ -1,0 +1,315 @@
+//! `weftctl analyze -f FILES…`: the controller's own parsing, validation and
+//! compilation, run offline on manifests before they are applied — each object weft
+//! would not apply as written, with its file, object and the field at fault (the
+//! controller's verdicts name it), so a CI pipeline can stop a bad change.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use serde::Serialize;
+use weft_controller::{
+    compile::{self, Settings},
+    objects::{Kind, ObjectKey, Objects},
+    source::files,
+    status::{Reason, Verdict},
+};
+
+use crate::output::{Report, table};
+
+#[derive(Debug, Serialize)]
+pub struct Analysis {
+    /// The files read.
+    pub files: Vec<PathBuf>,
+    /// What is wrong or worth knowing, errors first.
+    pub findings: Vec<Finding>,
+}
+
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Finding {
+    pub severity: Severity,
+    pub file: PathBuf,
+    /// `Kind namespace/name`; none for a file that does not parse.
+    pub object: Option<String>,
+    /// The controller's reason (`Invalid`, `Conflicted`, …), or `Unreadable`.
+    pub reason: String,
+    /// What is wrong, naming the field.
+    pub message: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Nothing of the object applies, or the file does not parse: analyze exits 1.
+    Error,
+    /// Part of it does not apply, or it refers to something these files lack (which
+    /// the cluster may have).
+    Warning,
+    /// Applies once something these files lack exists (pods its selector matches).
+    Info,
+}
+
+/// Reads `paths` (files, or directories of `*.yaml`, `*.yml`, `*.json`) and analyzes
+/// them.
+pub fn paths(paths: &[PathBuf]) -> anyhow::Result<Analysis> {
+    let files = weft_api::manifests::files(paths);
+    if files.is_empty() {
+        anyhow::bail!("no YAML or JSON file in {paths:?}");
+    }
+    let inputs = files
+        .into_iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|err| anyhow::anyhow!("{}: {err}", path.display()))?;
+            Ok((path, text))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(analyze(&inputs))
+}
+
+/// The findings for manifests `inputs` (path, content), compiled together as the
+/// controller compiles a cluster's objects.
+pub fn analyze(inputs: &[(PathBuf, String)]) -> Analysis {
+    let mut findings = Vec::new();
+    let mut objects = Objects::default();
+    let mut origin: BTreeMap<(Kind, ObjectKey), &Path> = BTreeMap::new();
+    for (path, text) in inputs {
+        match files::parse(path, text) {
+            Ok(parsed) => {
+                for object in parsed {
+                    origin.insert((object.kind(), object.key()), path);
+                    objects.upsert(object);
+                }
+            }
+            Err(error) => findings.push(Finding {
+                severity: Severity::Error,
+                file: path.clone(),
+                object: None,
+                reason: "Unreadable".to_owned(),
+                message: error.to_string(),
+            }),
+        }
+    }
+    let settings = Settings {
+        trust_domain: "cluster.local".to_owned(),
+        root_namespace: "weft-system".to_owned(),
+        exclude_ports: Vec::new(),
+    };
+    let compiled = compile::compile(&objects, &settings, &Default::default());
+    for ((kind, key), verdict) in &compiled.statuses {
+        let file = origin
+            .get(&(*kind, key.clone()))
+            .map_or_else(PathBuf::new, |path| path.to_path_buf());
+        for (severity, reason, message) in judge(verdict) {
+            findings.push(Finding {
+                severity,
+                file: file.clone(),
+                object: Some(format!("{kind} {key}")),
+                reason,
+                message,
+            });
+        }
+    }
+    findings.sort();
+    Analysis {
+        files: inputs.iter().map(|(path, _)| path.clone()).collect(),
+        findings,
+    }
+}
+
+/// What a verdict is worth reporting, and how seriously.
+fn judge(verdict: &Verdict) -> Vec<(Severity, String, String)> {
+    let mut found = Vec::new();
+    // A policy that selects no pod yet is accepted, and worth a note offline, where
+    // manifests rarely hold the pods.
+    if !verdict.accepted || verdict.reason == Reason::NoMatchingPods {
+        found.push((
+            severity(verdict.reason),
+            verdict.reason.to_string(),
+            verdict.message.clone(),
+        ));
+    }
+    if let Some(references) = verdict.references.as_ref().filter(|refs| !refs.resolved) {
+        found.push((
+            severity(references.reason),
+            references.reason.to_string(),
+            references.message.clone(),
+        ));
+    }
+    for parent in &verdict.refused_parents {
+        found.push((
+            Severity::Warning,
+            parent.reason.to_string(),
+            format!("spec.parentRefs[{}]: {}", parent.index, parent.message),
+        ));
+    }
+    found
+}
+
+fn severity(reason: Reason) -> Severity {
+    match reason {
+        Reason::Invalid
+        | Reason::Conflicted
+        | Reason::UnsupportedValue
+        | Reason::RefNotPermitted => Severity::Error,
+        Reason::NoMatchingPods => Severity::Info,
+        _ => Severity::Warning,
+    }
+}
+
+impl Report for Analysis {
+    fn table(&self) -> String {
+        if self.findings.is_empty() {
+            return format!(
+                "{} file(s): weft applies every object as written\n",
+                self.files.len()
+            );
+        }
+        let rows: Vec<Vec<String>> = self
+            .findings
+            .iter()
+            .map(|finding| {
+                vec![
+                    format!("{:?}", finding.severity).to_lowercase(),
+                    finding.file.display().to_string(),
+                    finding.object.clone().unwrap_or_else(|| "-".into()),
+                    finding.reason.clone(),
+                    finding.message.clone(),
+                ]
+            })
+            .collect();
+        let errors = self
+            .findings
+            .iter()
+            .filter(|finding| finding.severity == Severity::Error)
+            .count();
+        table(&["SEVERITY", "FILE", "OBJECT", "REASON", "MESSAGE"], &rows)
+            + &format!("{errors} error(s) in {} file(s)\n", self.files.len())
+    }
+
+    fn passed(&self) -> bool {
+        self.findings
+            .iter()
+            .all(|finding| finding.severity != Severity::Error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const APP: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: { name: shop, labels: { weft.dev/mesh: enabled } }
+---
+apiVersion: v1
+kind: Service
+metadata: { name: web, namespace: shop }
+spec: { clusterIP: 10.96.0.10, selector: { app: web }, ports: [{ name: http, port: 80 }] }
+"#;
+
+    const POLICIES: &str = r#"
+# Istio's nesting: would allow everything; refused.
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: { name: from-istio, namespace: shop }
+spec:
+  selector: { matchLabels: { app: web } }
+  rules: [{ from: [{ source: { principals: ["cluster.local/ns/shop/sa/client"] } }] }]
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: { name: readers, namespace: shop }
+spec:
+  selector: { matchLabels: { app: web } }
+  rules: [{ from: [{ principals: ["cluster.local/ns/shop/sa/client"] }] }]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: split, namespace: shop }
+spec:
+  parentRefs: [{ group: "", kind: Service, name: web, port: 80 }]
+  rules: [{ backendRefs: [{ name: web-v2, port: 80 }] }]
+"#;
+
+    fn analysis(files: &[(&str, &str)]) -> Analysis {
+        let inputs: Vec<(PathBuf, String)> = files
+            .iter()
+            .map(|(path, text)| (PathBuf::from(path), (*text).to_owned()))
+            .collect();
+        analyze(&inputs)
+    }
+
+    fn summary(analysis: &Analysis) -> Vec<(Severity, &str, Option<&str>, &str)> {
+        analysis
+            .findings
+            .iter()
+            .map(|f| {
+                (
+                    f.severity,
+                    f.file.to_str().unwrap(),
+                    f.object.as_deref(),
+                    f.reason.as_str(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_object_weft_would_not_apply_is_found_in_its_file() {
+        let analysis = analysis(&[("app.yaml", APP), ("policies.yaml", POLICIES)]);
+        assert_eq!(
+            summary(&analysis),
+            [
+                (
+                    Severity::Error,
+                    "policies.yaml",
+                    Some("AuthorizationPolicy shop/from-istio"),
+                    "Invalid"
+                ),
+                (
+                    Severity::Warning,
+                    "policies.yaml",
+                    Some("HTTPRoute shop/split"),
+                    "BackendNotFound"
+                ),
+                (
+                    Severity::Info,
+                    "policies.yaml",
+                    Some("AuthorizationPolicy shop/readers"),
+                    "NoMatchingPods"
+                ),
+            ]
+        );
+        let invalid = &analysis.findings[0].message;
+        assert!(
+            invalid.contains("spec.rules[0].from[0]") && invalid.contains("source:"),
+            "{invalid}"
+        );
+        assert!(!analysis.passed());
+        let table = analysis.table();
+        assert!(table.ends_with("1 error(s) in 2 file(s)\n"), "{table}");
+    }
+
+    #[test]
+    fn good_manifests_pass_and_broken_files_are_errors() {
+        let good = analysis(&[("app.yaml", APP)]);
+        assert!(good.passed() && good.findings.is_empty(), "{good:?}");
+        assert!(good.table().contains("applies every object as written"));
+        let broken = analysis(&[
+            ("app.yaml", APP),
+            ("typo.yaml", "kind: Service\nmetadata: ["),
+        ]);
+        assert_eq!(
+            summary(&broken),
+            [(Severity::Error, "typo.yaml", None, "Unreadable")]
+        );
+        assert!(
+            broken.findings[0].message.starts_with("typo.yaml:"),
+            "{broken:?}"
+        );
+        assert!(!broken.passed());
+    }
+}
