@@ -60,10 +60,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 format!("#[serde(serialize_with = \"crate::config::v1::names::{function}\")]"),
             );
         }
+        // weftctl prints events as JSON too.
+        for message in [".weft.observe.v1.Event", ".weft.observe.v1.Peer"] {
+            builder = builder.type_attribute(
+                message,
+                "#[derive(serde::Serialize)] #[serde(rename_all = \"camelCase\")]",
+            );
+        }
         builder.compile_protos(
             &[
                 "proto/weft/config/v1/config.proto",
                 "proto/weft/ca/v1/ca.proto",
+                "proto/weft/observe/v1/observe.proto",
             ],
             &["proto"],
         )?;

@@ -4,7 +4,8 @@
 //! routes, the enrolled pods), `GET /certs`, `GET /endpoints/ejected` (endpoints out of
 //! rotation by outlier detection), `GET /authorization/explain?…` (why a
 //! caller is allowed or denied; see [`weft_api::authz::query`]),
-//! `POST /logging?filter=<env_logger filter>`.
+//! `POST /logging?filter=<env_logger filter>`, and the gRPC service
+//! `weft.observe.v1.Observer` ([`crate::observe`]), which streams what the node sees.
 
 use std::{
     net::SocketAddr,
@@ -13,13 +14,15 @@ use std::{
 };
 
 use http::{Method, Request, StatusCode};
-use hyper::body::Incoming;
+use hyper::{body::Incoming, service::service_fn};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
+use tower::ServiceExt;
 use weft_api::{
     admin,
     authz::query::{self, Query},
     endpoints::{self, Reply, json, prometheus, text},
+    observe::v1::observer_server::{ObserverServer, SERVICE_NAME},
 };
 
 use crate::{
@@ -27,6 +30,7 @@ use crate::{
     logging,
     mesh::MeshConfig,
     node::NodeHandle,
+    observe,
     proxy::{Proxy, authorize::NodeDirectory},
     reload::Current,
     subscription,
@@ -54,9 +58,29 @@ pub struct Admin {
 type Route = fn(&Admin, &Request<Incoming>) -> Reply;
 
 impl Admin {
-    /// Serves `route` on `listener` until the task is dropped.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, route: Route) {
-        endpoints::serve(listener, move |request| route(&self, request)).await;
+    /// Serves `route` on `listener` until the task is dropped; with `observer`, also
+    /// the gRPC service that streams what the node sees.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, route: Route, observer: bool) {
+        if !observer {
+            return endpoints::serve(listener, move |request| route(&self, request)).await;
+        }
+        let observer = ObserverServer::new(observe::Service::new(self.proxy.node.clone()));
+        endpoints::serve_each(listener, move || {
+            let admin = Arc::clone(&self);
+            let observer = observer.clone();
+            service_fn(move |request: Request<Incoming>| {
+                let observer = observer.clone();
+                let reply = (!is_observer_call(&request))
+                    .then(|| route(&admin, &request).map(tonic::body::Body::new));
+                async move {
+                    match reply {
+                        Some(reply) => Ok(reply),
+                        None => observer.oneshot(request).await,
+                    }
+                }
+            })
+        })
+        .await;
     }
 
     /// `GET /metrics`: the Prometheus text format, kernel counters and the process's
@@ -235,14 +259,34 @@ fn unix(time: std::time::SystemTime) -> u64 {
         .as_secs()
 }
 
-/// The addresses the three servers bind.
-pub fn addresses() -> [(SocketAddr, Route); 3] {
+/// Whether `request` is a call of the observer's gRPC service.
+fn is_observer_call(request: &Request<Incoming>) -> bool {
+    request
+        .uri()
+        .path()
+        .strip_prefix('/')
+        .and_then(|path| path.split_once('/'))
+        .is_some_and(|(service, _)| service == SERVICE_NAME)
+}
+
+/// The addresses the three servers bind, what they answer, and whether they also
+/// stream what the node sees (the admin port, on localhost only).
+pub fn addresses() -> [(SocketAddr, Route, bool); 3] {
     [
         (
             SocketAddr::from(([0, 0, 0, 0], METRICS_PORT)),
             Admin::metrics,
+            false,
         ),
-        (SocketAddr::from(([0, 0, 0, 0], READY_PORT)), Admin::ready),
-        (SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT)), Admin::admin),
+        (
+            SocketAddr::from(([0, 0, 0, 0], READY_PORT)),
+            Admin::ready,
+            false,
+        ),
+        (
+            SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT)),
+            Admin::admin,
+            true,
+        ),
     ]
 }

@@ -6,7 +6,8 @@
 //! controller: [`subscription`]) and carries the captured traffic
 //! ([`proxy`]) in mutual TLS between nodes ([`tls`], [`identity`]) with certificates the
 //! controller's CA issues ([`certificates`]), reporting on its
-//! small HTTP endpoints ([`admin`]). See ARCHITECTURE.md.
+//! small HTTP endpoints ([`admin`]) and streaming what it sees to watchers
+//! ([`observe`]). See ARCHITECTURE.md.
 
 pub mod admin;
 pub mod backoff;
@@ -20,6 +21,7 @@ pub mod logging;
 pub mod memory;
 pub mod mesh;
 pub mod node;
+pub mod observe;
 pub mod process;
 pub mod proxy;
 pub mod reload;

@@ -31,6 +31,7 @@ use weft_agent::{
     logging, memory,
     mesh::MeshConfig,
     node::{Node, NodeHandle},
+    observe,
     proxy::{
         self, Proxy,
         metrics::{AccessLog, AccessLogMode},
@@ -485,10 +486,10 @@ async fn control(args: RunArgs, started: std::sync::mpsc::Sender<anyhow::Result<
             return;
         }
     }
-    for (address, route) in admin::addresses() {
+    for (address, route, observer) in admin::addresses() {
         match TcpListener::bind(address).await {
             Ok(listener) => {
-                tokio::spawn(Arc::clone(&admin).serve(listener, route));
+                tokio::spawn(Arc::clone(&admin).serve(listener, route, observer));
             }
             Err(err) => {
                 let _ = started.send(Err(anyhow::anyhow!("cannot listen on {address}: {err}")));
@@ -682,7 +683,7 @@ async fn start(args: &RunArgs) -> anyhow::Result<Started> {
     let pins = Pins::new(&args.bpffs);
     let mut datapath = Datapath::start(pins.clone(), &args.pod_cgroup, target)?;
     datapath.forward_logs(log::logger())?;
-    datapath.forward_flows(flow_sink(args.flow_log.as_deref())?)?;
+    datapath.forward_flows(flow_sink(args.flow_log.as_deref(), Arc::clone(&mesh))?)?;
     let original_destinations = OriginalDestinations::open(&pins)?;
     let node = Node::start(datapath, Arc::clone(&mesh), &args.state_dir);
     if let Some(done) = first_offer {
@@ -810,7 +811,12 @@ async fn apply_offers(mut offers: mpsc::Receiver<Offer>, node: NodeHandle) {
 const RELOAD_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Where flow events go: JSON lines in `path`, or the log.
-fn flow_sink(path: Option<&Path>) -> anyhow::Result<impl FnMut(Flow) + Send + 'static> {
+/// Where kernel flows go: the flow log (`path`, or the log), and the watchers of
+/// `weftctl observe`, with their addresses named from `mesh`.
+fn flow_sink(
+    path: Option<&Path>,
+    mesh: Arc<Current<MeshConfig>>,
+) -> anyhow::Result<impl FnMut(Flow) + Send + 'static> {
     let mut file = path
         .map(|path| {
             std::fs::OpenOptions::new()
@@ -821,6 +827,7 @@ fn flow_sink(path: Option<&Path>) -> anyhow::Result<impl FnMut(Flow) + Send + 's
         })
         .transpose()?;
     Ok(move |flow: Flow| {
+        observe::report(flow.verdict, || observe::kernel(&flow, &mesh.get()));
         let json = serde_json::to_string(&flow).expect("flows serialise");
         match file.as_mut() {
             Some(file) => {

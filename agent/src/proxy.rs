@@ -52,9 +52,11 @@ use crate::{
     identity::Identity,
     logging::{Throttle, held_back},
     mesh::MeshConfig,
+    observe,
     reload::Current,
     tls::CertStore,
 };
+use weft_api::observe::verdict;
 
 /// The port other nodes' agents open HBONE tunnels to.
 pub const HBONE_PORT: u16 = 15008;
@@ -255,6 +257,16 @@ pub async fn accept<H, Fut>(
                 }
                 Err(refused) => {
                     metrics::refused(direction, refused.reason());
+                    observe::report(verdict::ERROR, || {
+                        let source = observe::peer_at_address(peer);
+                        observe::refusal(
+                            direction,
+                            refused.reason(),
+                            refused.to_string(),
+                            source,
+                            None,
+                        )
+                    });
                     if let Some(count) = REFUSED.allow() {
                         log_refusal(direction, peer, refused, &proxy.admission, count);
                     }

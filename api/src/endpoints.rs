@@ -6,7 +6,10 @@ use std::{convert::Infallible, sync::Arc};
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::Full;
-use hyper::{body::Incoming, service::service_fn};
+use hyper::{
+    body::{Body, Incoming},
+    service::{Service, service_fn},
+};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
@@ -19,16 +22,34 @@ where
     F: Fn(&Request<Incoming>) -> Reply + Send + Sync + 'static,
 {
     let answer = Arc::new(answer);
+    serve_each(listener, move || {
+        let answer = Arc::clone(&answer);
+        service_fn(move |request: Request<Incoming>| {
+            let reply = answer(&request);
+            async move { Ok::<_, Infallible>(reply) }
+        })
+    })
+    .await;
+}
+
+/// Serves each connection on `listener` (HTTP/1.1 and h2c) with a service `service`
+/// makes, until the task is dropped: for servers whose answers stream.
+pub async fn serve_each<M, S, B>(listener: TcpListener, service: M)
+where
+    M: Fn() -> S,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let answer = Arc::clone(&answer);
+        let service = service();
         tokio::spawn(async move {
-            let service = service_fn(move |request: Request<Incoming>| {
-                let reply = answer(&request);
-                async move { Ok::<_, Infallible>(reply) }
-            });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
                 .await;

@@ -13,6 +13,8 @@
 //! - [`duration`]: durations as the Gateway API writes them;
 //! - [`exposition`]: reading Prometheus text back (the samples of one metric);
 //! - [`manifests`]: which files a set of manifest paths holds;
+//! - [`observe`]: the agent's stream of what it sees, and which events a watcher's
+//!   filter lets through (feature `config`);
 //! - [`protocol`]: which protocol a service port speaks, as Istio decides it;
 //! - [`retry`]: the conditions a TrafficPolicy retries on;
 //! - [`routes`]: HTTPRoutes and GRPCRoutes as the agents apply them, and their matcher;
@@ -30,6 +32,8 @@ pub mod endpoints;
 pub mod enroll;
 pub mod exposition;
 pub mod manifests;
+#[cfg(feature = "config")]
+pub mod observe;
 pub mod protocol;
 pub mod retry;
 pub mod routes;

@@ -10,7 +10,7 @@ use std::{
     collections::BTreeMap,
     ffi::OsStr,
     fs::{self, File, OpenOptions},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -514,6 +514,31 @@ impl Cluster {
             .map_err(|err| format!("the agent on {node} to answer on {path} ({err})"))?;
         serde_json::from_str(&answer)
             .map_err(|_| format!("the agent on {node} to answer on {path} in JSON"))
+    }
+
+    /// A TCP connection to `node`'s agent at `port` on the node's localhost, made from
+    /// inside the node's network namespace (where it stays) by a short-lived thread:
+    /// for a stream, such as the admin port's gRPC observer.
+    pub fn agent_connect(&self, node: &str, port: AgentPort) -> Result<TcpStream, String> {
+        let info = self
+            .topology
+            .node(node)
+            .ok_or_else(|| format!("no node {node} in cluster {}", self.topology.name))?;
+        let netns = File::open(Path::new("/run/netns").join(&info.netns))
+            .map_err(|err| format!("the namespace of node {node}: {err}"))?;
+        let connect = move || -> std::io::Result<TcpStream> {
+            nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            TcpStream::connect((Ipv4Addr::LOCALHOST, port as u16))
+        };
+        thread::spawn(connect)
+            .join()
+            .map_err(|_| "the thread connecting into the node panicked".to_owned())?
+            .map_err(|err| {
+                format!(
+                    "no connection to the agent on {node} at port {}: {err}",
+                    port as u16
+                )
+            })
     }
 
     /// A `GET` of `path` on `node`'s agent at `port` on the node's localhost: the body

@@ -1,14 +1,23 @@
 //! weftctl against running local clusters, as an operator runs it: `check`, `status`,
 //! `certs` and `config` describe a healthy mesh from what its controller and agents
 //! say, their JSON and YAML parse, `check` fails naming the cause when an agent stops
-//! or a pod's certificate expires, and `explain` agrees with what the data path did
-//! for an allowed, a denied and an unrouted request.
+//! or a pod's certificate expires, `explain` agrees with what the data path did
+//! for an allowed, a denied and an unrouted request, and `observe` shows a STRICT drop
+//! and a denial as they happen while a stalled watcher slows no traffic.
 
-use std::{process::Command, time::Duration};
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant, SystemTime},
+};
 
 use serde_json::Value;
 use weft_cluster::PodSpec;
-use weft_e2e::{TestCluster, wait_until, workspace_bin};
+use weft_e2e::{
+    TestCluster, agent_metrics, clean_wrk_report, run_in_pod, total, wait_until, workspace_bin,
+};
 
 /// The default namespace meshed in STRICT mode with the echo service.
 const MESH: &str = r#"
@@ -369,5 +378,240 @@ fn weftctl_check_names_an_expired_certificate() {
                 && message
                     .starts_with("no valid certificate for spiffe://cluster.local/ns/default/sa/")
         },
+    );
+}
+
+/// `weftctl observe --follow -o json ARGS` in the background, each event it prints
+/// handed over with the wall-clock time it was read.
+struct Follower {
+    child: Child,
+    events: mpsc::Receiver<(SystemTime, Value)>,
+}
+
+impl Follower {
+    fn start(cluster: &TestCluster, args: &[&str]) -> Self {
+        let mut child = Command::new(workspace_bin("weftctl"))
+            .args(["--local", &cluster.topology().name, "observe", "--follow"])
+            .args(["-o", "json"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("weftctl runs");
+        let stdout = child.stdout.take().unwrap();
+        let (sender, events) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let event = serde_json::from_str(&line).expect("observe prints JSON lines");
+                if sender.send((SystemTime::now(), event)).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, events }
+    }
+
+    /// The first event `wanted` picks, read within `deadline`, and when it was read.
+    fn find(
+        &self,
+        what: &str,
+        deadline: Duration,
+        wanted: impl Fn(&Value) -> bool,
+    ) -> (SystemTime, Value) {
+        let end = Instant::now() + deadline;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok((read, event)) if wanted(&event) => return (read, event),
+                Ok(_) => {}
+                Err(_) => panic!("observe --follow showed no {what} within {deadline:?}"),
+            }
+        }
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// How long after `event` happened it was read.
+fn delay(read: SystemTime, event: &Value) -> Duration {
+    let happened = SystemTime::UNIX_EPOCH
+        + Duration::from_nanos(event["timeUnixNanos"].as_i64().expect("a time") as u64);
+    read.duration_since(happened).unwrap_or_default()
+}
+
+#[test]
+fn weftctl_observe_follows_a_strict_drop_and_a_denial_as_they_happen() {
+    let mut cluster = TestCluster::with_mesh(2, MESH);
+    pods(&mut cluster);
+    // Outside the mesh: its plaintext into the STRICT echo pod is dropped in the kernel.
+    let mut batch = PodSpec::new("batch", "node0", &[]);
+    batch
+        .annotations
+        .insert("weft.dev/mesh".to_owned(), "disabled".to_owned());
+    cluster.add_pod(batch).unwrap_or_else(|err| panic!("{err}"));
+    cluster.settle();
+    let echo = cluster.topology().pod("default", "echo").unwrap().ip;
+
+    let follower = Follower::start(&cluster, &[]);
+    // Following once the client's allowed requests show up.
+    wait_until("observe to follow", Duration::from_secs(20), || {
+        request(&cluster, "GET", "http://10.96.0.10/api/x") == "200"
+            && follower
+                .events
+                .recv_timeout(Duration::from_millis(500))
+                .is_ok_and(|(_, event)| event["kind"] == "request" && event["verdict"] == "ok")
+    });
+
+    let url = format!("http://{echo}:8080/");
+    let mut plaintext = cluster
+        .pod_command("default", "batch", &["curl", "-s", "--max-time", "3", &url])
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let destination = format!("{echo}:8080");
+    let (read, drop) = follower.find("STRICT drop", Duration::from_secs(10), |event| {
+        event["kind"] == "kernel"
+            && event["verdict"] == "drop"
+            && event["reason"] == "strict_plaintext"
+            && event["destination"]["address"] == destination.as_str()
+    });
+    assert_eq!(drop["node"], "node1", "{drop}");
+    assert_eq!(drop["destination"]["workload"], "echo", "{drop}");
+    assert!(
+        delay(read, &drop) < Duration::from_secs(1),
+        "the drop showed {:?} after it happened",
+        delay(read, &drop)
+    );
+    assert!(!plaintext.wait().unwrap().success(), "plaintext got in");
+
+    assert_eq!(request(&cluster, "POST", "http://10.96.0.10/api/x"), "403");
+    let (read, denied) = follower.find("denial", Duration::from_secs(10), |event| {
+        event["kind"] == "request" && event["verdict"] == "deny"
+    });
+    assert_eq!(denied["status"], 403, "{denied}");
+    assert_eq!(denied["method"], "POST", "{denied}");
+    assert_eq!(denied["flags"], "RBAC", "{denied}");
+    assert_eq!(denied["source"]["workload"], "client", "{denied}");
+    assert_eq!(
+        denied["source"]["identity"],
+        "spiffe://cluster.local/ns/default/sa/client"
+    );
+    assert!(
+        delay(read, &denied) < Duration::from_secs(1),
+        "the denial showed {:?} after it happened",
+        delay(read, &denied)
+    );
+
+    // Without --follow: the recent drops and denials, filtered by the agents.
+    let (passed, json) = weftctl(&cluster, &["observe", "--verdict", "deny", "-o", "json"]);
+    assert!(passed, "{json}");
+    let recent: Value = serde_json::from_str(&json).unwrap();
+    let events = recent["events"].as_array().unwrap();
+    assert!(!events.is_empty(), "{recent:#}");
+    assert!(
+        events.iter().all(|event| event["verdict"] == "deny"),
+        "{recent:#}"
+    );
+    let (_, json) = weftctl(
+        &cluster,
+        &[
+            "observe",
+            "--to",
+            &echo.to_string(),
+            "--verdict",
+            "drop",
+            "-o",
+            "json",
+        ],
+    );
+    let recent: Value = serde_json::from_str(&json).unwrap();
+    assert!(
+        recent["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|event| event["reason"] == "strict_plaintext"),
+        "{recent:#}"
+    );
+    let (_, json) = weftctl(
+        &cluster,
+        &[
+            "observe",
+            "--from",
+            "default/echo",
+            "--verdict",
+            "deny",
+            "-o",
+            "json",
+        ],
+    );
+    let recent: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(recent["events"], serde_json::json!([]), "{recent:#}");
+    let (_, table) = weftctl(&cluster, &["observe"]);
+    assert!(
+        table.contains("request     deny      default/client -> default/echo  POST"),
+        "{table}"
+    );
+}
+
+/// The request rate wrk reports.
+fn requests_per_second(report: &str) -> f64 {
+    report
+        .lines()
+        .find_map(|line| line.strip_prefix("Requests/sec:"))
+        .and_then(|rate| rate.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no rate in {report}"))
+}
+
+#[test]
+fn a_stalled_observer_loses_events_rather_than_slowing_traffic() {
+    let mut cluster = TestCluster::with_mesh(2, MESH);
+    pods(&mut cluster);
+    wait_until(
+        "the echo service to answer",
+        Duration::from_secs(10),
+        || request(&cluster, "GET", "http://10.96.0.10/api/x") == "200",
+    );
+    let load = || {
+        let wrk = ["wrk", "-t1", "-c4", "-d3s", "http://10.96.0.10/api/x"];
+        requests_per_second(&clean_wrk_report(&run_in_pod(&cluster, "client", &wrk)))
+    };
+    let alone = load();
+
+    // A watcher of everything that never reads: its pipe fills, then its stream.
+    let mut stalled = Command::new(workspace_bin("weftctl"))
+        .args(["--local", &cluster.topology().name, "observe", "--follow"])
+        .args(["-o", "json"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("weftctl runs");
+    let lost = |node: &str| {
+        total(
+            &agent_metrics(&cluster, node),
+            "weft_observe_events_lost_total",
+            &[],
+        )
+    };
+    // Each round carries thousands of requests, each an event on both nodes.
+    wait_until(
+        "the stalled watcher to lose events",
+        Duration::from_secs(30),
+        || {
+            load();
+            lost("node0") > 0.0
+        },
+    );
+    let watched = load();
+    let _ = stalled.kill();
+    let _ = stalled.wait();
+    eprintln!("requests/s: {alone:.0} without a watcher, {watched:.0} beside a stalled one");
+    assert!(
+        watched > alone / 2.0,
+        "a stalled watcher slowed traffic: {watched:.0}/s against {alone:.0}/s"
     );
 }

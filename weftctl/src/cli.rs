@@ -13,6 +13,7 @@ use crate::{
     analyze, certs, check, config, explain, install,
     local::LocalCluster,
     mesh::{Mesh, Snapshot},
+    observe,
     output::{Format, Report},
     status,
 };
@@ -88,6 +89,31 @@ enum Command {
         #[arg(long = "header", value_name = "NAME=VALUE")]
         headers: Vec<String>,
     },
+    /// What the agents see: kernel verdicts (redirects, drops and why), and the
+    /// connections and requests they refused or carried (identities, route, status,
+    /// latency, response flags), from every node, in time order. Without --follow, the
+    /// recent drops, denials and errors; with it, every event as it happens. Exits 1
+    /// when a node's agent cannot be reached.
+    Observe {
+        /// The source: an IP, a workload `NS/NAME`, or a whole namespace `NS/`.
+        #[arg(long)]
+        from: Option<String>,
+        /// The destination: as --from, or a service `NS/NAME`.
+        #[arg(long)]
+        to: Option<String>,
+        /// Either side in this namespace.
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// Only these verdicts (repeatable): drop, deny, error, ok, redirect, pass.
+        #[arg(long)]
+        verdict: Vec<String>,
+        /// Only these nodes' agents (repeatable).
+        #[arg(long)]
+        node: Vec<String>,
+        /// Keep streaming every event as it happens.
+        #[arg(short, long)]
+        follow: bool,
+    },
     /// What of a set of manifests weft would not apply as written, before they are
     /// applied: the controller's own parsing, validation and compilation, offline.
     /// Exits 1 when an object would be refused or a file does not parse.
@@ -145,6 +171,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Analyze { files } => print(&analyze::paths(&files)?, format),
         Command::Install { settings } => manifests(&install::install(&settings)?),
         Command::Uninstall { settings } => manifests(&install::uninstall(&settings)?),
+        Command::Observe {
+            from,
+            to,
+            namespace,
+            verdict,
+            node,
+            follow,
+        } => {
+            let mesh = connect(cli.local.as_deref())?;
+            let options = observe::Options {
+                filter: weft_api::observe::Filter {
+                    from: from.unwrap_or_default(),
+                    to: to.unwrap_or_default(),
+                    namespace: namespace.unwrap_or_default(),
+                    verdicts: verdict,
+                },
+                follow,
+                nodes: node,
+            };
+            observe::run(mesh.as_ref(), options, format)
+        }
         command => {
             let mesh = connect(cli.local.as_deref())?;
             let snapshot = Snapshot::take(mesh.as_ref(), SystemTime::now());
@@ -175,6 +222,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     )
                 }
                 Command::Completion { .. }
+                | Command::Observe { .. }
                 | Command::Man
                 | Command::Analyze { .. }
                 | Command::Install { .. }

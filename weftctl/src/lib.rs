@@ -1,7 +1,7 @@
 //! `weftctl`, the operator's command line: whether the mesh is healthy (`check`), what
 //! runs where (`status`), which certificates each node holds (`certs`), which
-//! configuration it runs (`config`) and what the mesh does with a given request
-//! (`explain`), and what of a set of manifests weft would not apply (`analyze`), as a
+//! configuration it runs (`config`), what the mesh does with a given request
+//! (`explain`) and what its agents see happen (`observe`), and what of a set of manifests weft would not apply (`analyze`), as a
 //! readable table or as JSON or YAML for scripts, exiting non-zero when what it checks
 //! is wrong; and the install manifests with an operator's options (`install`).
 //!
@@ -18,6 +18,7 @@ mod explain;
 mod install;
 mod local;
 mod mesh;
+mod observe;
 mod output;
 mod status;
 

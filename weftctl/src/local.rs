@@ -40,4 +40,8 @@ impl Mesh for LocalCluster {
         };
         self.0.agent_get(node, port, path)
     }
+
+    fn agent_connect(&self, node: &str) -> Result<std::net::TcpStream, String> {
+        self.0.agent_connect(node, AgentPort::Admin)
+    }
 }

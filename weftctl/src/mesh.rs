@@ -33,6 +33,8 @@ pub trait Mesh {
     fn controller_get(&self, path: &str) -> Result<String, String>;
     /// The body of a 200 from `node`'s agent at `endpoint`, or what it answered instead.
     fn agent_get(&self, node: &str, endpoint: Endpoint) -> Result<String, String>;
+    /// A connection to `node`'s agent admin port, for its gRPC streams.
+    fn agent_connect(&self, node: &str) -> Result<std::net::TcpStream, String>;
 }
 
 /// What the controller and every agent said, and when.

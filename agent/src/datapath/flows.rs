@@ -1,5 +1,5 @@
 //! Flow events from the kernel programs' ring buffer, as records the agent can log,
-//! count and (later) stream to the CLI.
+//! count and stream to watchers ([`crate::observe`]).
 
 use std::{
     net::SocketAddr,
@@ -30,13 +30,18 @@ pub struct Flow {
     pub netns_cookie: u64,
     /// The pod's host-side interface.
     pub ifindex: u32,
+    /// [`Flow::time`] as it was read.
+    #[serde(skip)]
+    pub wall_time: SystemTime,
 }
 
 impl Flow {
     /// The operators' form of `event`, its time read against `clocks`.
     fn new(event: &FlowEvent, clocks: &Clocks) -> Self {
+        let wall_time = clocks.wall_time(event.timestamp_ns);
         Flow {
-            time: format_time(clocks.wall_time(event.timestamp_ns)),
+            time: format_time(wall_time),
+            wall_time,
             timestamp_ns: event.timestamp_ns,
             verdict: match event.verdict {
                 flow::REDIRECT => "redirect",

@@ -162,6 +162,16 @@ impl ProxyError {
         }
     }
 
+    /// Whether an authorization policy refused or cut off what failed.
+    pub fn is_denial(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::Denied { .. }
+                | ProxyError::DeniedByDestination { .. }
+                | ProxyError::Revoked { .. }
+        )
+    }
+
     /// Envoy's `response_flags` for the failure: `NR` no route, `UH` no healthy
     /// upstream, `UF` upstream connection failure, `UC` upstream connection
     /// termination, `DC` downstream connection termination, `UO` upstream overflow

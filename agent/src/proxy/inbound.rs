@@ -20,7 +20,7 @@ use ::http::StatusCode;
 use bytes::Bytes;
 use tokio::{net::TcpStream, time::Instant};
 use tokio_rustls::TlsAcceptor;
-use weft_api::authz::Traffic;
+use weft_api::{authz::Traffic, observe::verdict};
 
 use super::{
     Proxy,
@@ -38,7 +38,7 @@ use crate::{
     identity::Identity,
     logging::{Throttle, held_back},
     mesh::Protocol,
-    tls,
+    observe, tls,
 };
 
 /// Accepts HBONE connections until the listener is dropped.
@@ -57,6 +57,10 @@ async fn connection(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr, mut per
     static REFUSED: Throttle = Throttle::new();
     let refused = |reason: &'static str, why: String| {
         metrics::hbone_failure("inbound", reason);
+        observe::report(verdict::ERROR, || {
+            let source = observe::peer_at_address(peer);
+            observe::refusal("inbound", reason, why.clone(), source, None)
+        });
         if let Some(held) = REFUSED.allow() {
             log::info!(
                 "HBONE connection from {peer} refused ({reason}): {why}{}",
@@ -130,6 +134,17 @@ async fn tunnel(
     static REFUSED: Throttle = Throttle::new();
     let refuse = |incoming: Incoming, status, reason: &'static str, why: String| {
         metrics::refused("inbound", reason);
+        let verdict = if status == StatusCode::UNAUTHORIZED {
+            verdict::DENY
+        } else {
+            verdict::ERROR
+        };
+        observe::report(verdict, || {
+            let mut source = observe::peer_at_address(peer);
+            source.identity = client.to_string();
+            let destination = observe::peer_at_address(&incoming.authority);
+            observe::refusal("inbound", reason, why.clone(), source, Some(destination))
+        });
         if let Some(held) = REFUSED.allow() {
             log::info!(
                 "HBONE from {peer} ({client}) to {} refused: {why}{}",

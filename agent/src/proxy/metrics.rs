@@ -10,6 +10,7 @@ use std::{
 
 use metrics::{Counter, Label, counter, histogram};
 use serde::Serialize;
+use weft_api::observe::{self, Event, verdict};
 
 use super::{
     error::ProxyError,
@@ -39,6 +40,20 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// The peer as `weftctl observe` shows it.
+    pub fn observed(&self) -> observe::Peer {
+        observe::Peer {
+            address: match self.address {
+                Some(address) if address.port() == 0 => address.ip().to_string(),
+                Some(address) => address.to_string(),
+                None => String::new(),
+            },
+            workload: self.workload.clone().unwrap_or_default(),
+            namespace: self.namespace.clone().unwrap_or_default(),
+            identity: self.principal.clone().unwrap_or_default(),
+        }
+    }
+
     pub fn of(workload: &Workload, identity: Option<&Identity>, address: SocketAddr) -> Self {
         Self {
             address: Some(address),
@@ -91,6 +106,16 @@ impl Outcome {
         Self {
             ending: Ending::Failed(error),
             ..Self::default()
+        }
+    }
+
+    /// The verdict watchers see: `deny` when authorization ended it, `error` when
+    /// anything else did, `ok` otherwise.
+    pub fn verdict(&self) -> &'static str {
+        match &self.ending {
+            Ending::Failed(error) if error.is_denial() => verdict::DENY,
+            Ending::Failed(_) => verdict::ERROR,
+            Ending::Closed | Ending::IdleTimeout => verdict::OK,
         }
     }
 
@@ -171,6 +196,30 @@ impl Connection {
         ]
     }
 
+    /// The connection at its end, as watchers see it.
+    fn observed(&self, outcome: &Outcome) -> Event {
+        let failure = match &outcome.ending {
+            Ending::Failed(error) => Some(error),
+            _ => None,
+        };
+        Event {
+            kind: observe::kind::CONNECTION.to_owned(),
+            reason: failure
+                .map_or(outcome.word(), ProxyError::reason)
+                .to_owned(),
+            detail: failure.map(ToString::to_string).unwrap_or_default(),
+            source: Some(self.source.observed()),
+            destination: Some(self.destination.observed()),
+            direction: self.reporter.direction().to_owned(),
+            service: observed_service(self.service.as_ref()),
+            flags: failure.map_or("-", ProxyError::response_flags).to_owned(),
+            duration_micros: self.started.elapsed().unwrap_or(Duration::ZERO).as_micros() as u64,
+            bytes_received: outcome.received,
+            bytes_sent: outcome.sent,
+            ..Event::default()
+        }
+    }
+
     fn security(&self) -> &'static str {
         if self.mutual_tls {
             "mutual_tls"
@@ -222,12 +271,10 @@ impl OpenConnection {
         self.progress(outcome.received, outcome.sent);
         self.closed.increment(1);
         let connection = &self.connection;
-        let direction = match connection.reporter {
-            Reporter::Source => "outbound",
-            Reporter::Destination => "inbound",
-        };
+        let direction = connection.reporter.direction();
         counter!("weft_connection_outcomes_total", "direction" => direction, "outcome" => outcome.word())
             .increment(1);
+        crate::observe::report(outcome.verdict(), || connection.observed(outcome));
         if !self.log {
             return;
         }
@@ -255,6 +302,15 @@ impl Reporter {
         match self {
             Reporter::Source => "source",
             Reporter::Destination => "destination",
+        }
+    }
+
+    /// Which way the reporter carries traffic: `outbound` from its client, `inbound`
+    /// to its server.
+    pub fn direction(self) -> &'static str {
+        match self {
+            Reporter::Source => "outbound",
+            Reporter::Destination => "inbound",
         }
     }
 }
@@ -304,6 +360,13 @@ impl AccessLog {
     }
 }
 
+/// A service `(namespace, name)` as watchers see it: `namespace/name`, or empty.
+pub fn observed_service(service: Option<&(String, String)>) -> String {
+    service
+        .map(|(namespace, name)| format!("{namespace}/{name}"))
+        .unwrap_or_default()
+}
+
 /// Seconds since the Unix epoch, with milliseconds.
 pub fn unix_seconds(time: SystemTime) -> f64 {
     time.duration_since(SystemTime::UNIX_EPOCH)
@@ -337,6 +400,10 @@ pub fn describe() {
     describe_counter!(
         "istio_tcp_sent_bytes_total",
         "Bytes from the server back to the client (Istio standard)"
+    );
+    describe_counter!(
+        "weft_observe_events_lost_total",
+        "Events of the admin port's observe stream that a watcher too slow to read them lost (traffic never waits for a watcher)"
     );
     describe_counter!(
         "weft_connections_refused_total",

@@ -35,9 +35,9 @@ use super::{
 use crate::{
     logging::{Throttle, held_back},
     mesh::{MeshConfig, Protocol, Service, ServicePort},
-    tls,
+    observe, tls,
 };
-use weft_api::routes::BackendRef;
+use weft_api::{observe::verdict, routes::BackendRef};
 
 /// Accepts captured connections until the listener is dropped.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
@@ -122,6 +122,21 @@ pub fn breaker(proxy: &Proxy, service: &Service, key: &str) -> Option<Arc<Breake
 pub fn refused(peer: SocketAddr, refusal: &ProxyError) {
     static REFUSED: Throttle = Throttle::new();
     metrics::refused("outbound", refusal.reason());
+    let verdict = if refusal.is_denial() {
+        verdict::DENY
+    } else {
+        verdict::ERROR
+    };
+    observe::report(verdict, || {
+        let source = observe::peer_at_address(peer);
+        observe::refusal(
+            "outbound",
+            refusal.reason(),
+            refusal.to_string(),
+            source,
+            None,
+        )
+    });
     if let Some(held) = REFUSED.allow() {
         log::warn!(
             "outbound connection from {peer} refused: {refusal}{}",

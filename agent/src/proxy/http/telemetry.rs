@@ -11,16 +11,18 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Mutex},
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use http::{Method, Version};
 use metrics::{Counter, Histogram, Label, counter, histogram};
 use tokio::time::Instant;
+use weft_api::observe::{Event, kind, verdict};
 
 use super::route::RuleName;
 use crate::{
-    proxy::metrics::{AccessLog, Connection, Peer, Reporter, unix_seconds},
+    observe,
+    proxy::metrics::{AccessLog, Connection, Peer, Reporter, observed_service, unix_seconds},
     sync,
 };
 
@@ -119,6 +121,21 @@ pub struct Answer {
     pub response_bytes: u64,
 }
 
+impl Answer {
+    /// The verdict watchers see: `deny` when an authorization policy refused the
+    /// request, `error` when the mesh failed it (a response flag) or the server did
+    /// (5xx), `ok` otherwise.
+    pub fn verdict(&self) -> &'static str {
+        if self.flags.split(',').any(|flag| flag == "RBAC") {
+            verdict::DENY
+        } else if self.flags != "-" || self.status >= 500 {
+            verdict::ERROR
+        } else {
+            verdict::OK
+        }
+    }
+}
+
 impl Requests {
     pub fn new(
         reporter: Reporter,
@@ -160,6 +177,7 @@ impl Requests {
             )
             .increment(1);
         }
+        observe::report(answer.verdict(), || self.observed(&record, elapsed));
         if !self.log.requests() {
             return;
         }
@@ -193,6 +211,37 @@ impl Requests {
             line["error"] = error.into();
         }
         log::info!(target: "weft::access", "{line}");
+    }
+
+    /// The request at its end, `elapsed` after it began, as watchers see it.
+    fn observed(&self, record: &Record<'_>, elapsed: Duration) -> Event {
+        let (exchange, answer) = (record.exchange, record.answer);
+        Event {
+            kind: kind::REQUEST.to_owned(),
+            reason: match answer.verdict() {
+                verdict::OK => String::new(),
+                _ => answer.flags.to_owned(),
+            },
+            detail: record.error.clone().unwrap_or_default(),
+            source: Some(self.source.observed()),
+            destination: record.destination.map(Peer::observed),
+            direction: self.reporter.direction().to_owned(),
+            service: observed_service(self.service.as_ref()),
+            route: exchange
+                .route
+                .as_ref()
+                .map(|route| format!("{}/{}", route.route, route.rule))
+                .unwrap_or_default(),
+            method: exchange.method.to_string(),
+            authority: exchange.authority.clone().unwrap_or_default(),
+            path: exchange.path.clone(),
+            status: answer.status.into(),
+            flags: answer.flags.to_owned(),
+            duration_micros: elapsed.as_micros() as u64,
+            bytes_received: answer.request_bytes,
+            bytes_sent: answer.response_bytes,
+            ..Event::default()
+        }
     }
 
     fn handles(&self, key: Key, destination: Option<&Peer>) -> Arc<Handles> {
@@ -251,4 +300,32 @@ pub fn describe() {
         metrics::Unit::Bytes,
         "Response body sizes (Istio standard)"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts_of_answers() {
+        let answer = |status, flags| Answer {
+            status,
+            grpc_status: None,
+            flags,
+            request_bytes: 0,
+            response_bytes: 0,
+        };
+        let cases = [
+            (200, "-", "ok"),
+            (404, "-", "ok"),
+            (503, "-", "error"),
+            (403, "RBAC", "deny"),
+            (404, "NR", "error"),
+            (200, "DI", "error"),
+            (503, "UF,URX", "error"),
+        ];
+        for (status, flags, verdict) in cases {
+            assert_eq!(answer(status, flags).verdict(), verdict, "{status} {flags}");
+        }
+    }
 }
