@@ -371,7 +371,50 @@ impl ServiceRoutes {
     }
 }
 
+impl ServiceRoutes {
+    /// The rules no request ever reaches, each with the earlier rule that takes every
+    /// request it matches: `(shadowed, shadowing)` indices into `rules`. Precedence puts
+    /// a narrower match first, so an earlier match covers a later one only when both
+    /// select the same requests — the tie the routes' order breaks.
+    pub fn shadowed(&self) -> Vec<(usize, usize)> {
+        let mut shadowed = Vec::new();
+        for (later, rule) in self.rules.iter().enumerate() {
+            let earlier = self.rules[..later].iter().position(|earlier| {
+                earlier.consumer_namespace == rule.consumer_namespace
+                    && rule.matches.iter().all(|matched| {
+                        earlier
+                            .matches
+                            .iter()
+                            .any(|first| first.selects_the_same_as(matched))
+                    })
+            });
+            if let Some(earlier) = earlier {
+                shadowed.push((later, earlier));
+            }
+        }
+        shadowed
+    }
+}
+
 impl Match {
+    /// Whether `self` and `other` select the same requests: the same conditions, in
+    /// any order, a path prefix with or without its trailing `/`.
+    fn selects_the_same_as(&self, other: &Match) -> bool {
+        let same_set = |a: &[ValueMatch], b: &[ValueMatch]| {
+            a.len() == b.len() && a.iter().all(|value| b.contains(value))
+        };
+        let same_path = match (&self.path, &other.path) {
+            (PathMatch::Prefix(a), PathMatch::Prefix(b)) => {
+                a.trim_end_matches('/') == b.trim_end_matches('/')
+            }
+            (a, b) => a == b,
+        };
+        same_path
+            && self.method == other.method
+            && same_set(&self.headers, &other.headers)
+            && same_set(&self.query_params, &other.query_params)
+    }
+
     pub fn matches(&self, request: &Request) -> bool {
         self.path.matches(request.path)
             && self

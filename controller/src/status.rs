@@ -28,6 +28,10 @@ pub struct Verdict {
     /// while others do (the Gateway API reports `Accepted` per parent).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub refused_parents: Vec<RefusedParent>,
+    /// What applies, but probably not as its author meant (also in `message`): each
+    /// names the field.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cautions: Vec<String>,
 }
 
 /// A parent of a route that does not take it, and why.
@@ -114,6 +118,7 @@ impl Verdict {
             generation: None,
             references: None,
             refused_parents: Vec::new(),
+            cautions: Vec::new(),
         }
     }
 
@@ -125,6 +130,7 @@ impl Verdict {
             generation: None,
             references: None,
             refused_parents: Vec::new(),
+            cautions: Vec::new(),
         }
     }
 

@@ -552,6 +552,17 @@ fn weftctl_observe_follows_a_strict_drop_and_a_denial_as_they_happen() {
     );
     let recent: Value = serde_json::from_str(&json).unwrap();
     assert_eq!(recent["events"], serde_json::json!([]), "{recent:#}");
+    // status lists the newest drops beside the counters.
+    let (_, json) = weftctl(&cluster, &["status", "-o", "json"]);
+    let status: Value = serde_json::from_str(&json).unwrap();
+    assert!(
+        status["recent_drops"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|drop| drop["reason"] == "strict_plaintext" && drop["node"] == "node1"),
+        "{status:#}"
+    );
     let (_, table) = weftctl(&cluster, &["observe"]);
     assert!(
         table.contains("request     deny      default/client -> default/echo  POST"),

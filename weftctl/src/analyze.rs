@@ -1,7 +1,8 @@
 //! `weftctl analyze -f FILES…`: the controller's own parsing, validation and
 //! compilation, run offline on manifests before they are applied — each object weft
 //! would not apply as written, with its file, object and the field at fault (the
-//! controller's verdicts name it), so a CI pipeline can stop a bad change.
+//! controller's verdicts name it), and each route rule that never takes a request
+//! because an earlier one matches the same, so a CI pipeline can stop a bad change.
 
 use std::{
     collections::BTreeMap,
@@ -9,9 +10,10 @@ use std::{
 };
 
 use serde::Serialize;
+use weft_api::{config::v1 as proto, routes::ServiceRoutes};
 use weft_controller::{
     compile::{self, Settings},
-    objects::{Kind, ObjectKey, Objects},
+    objects::Objects,
     source::files,
     status::{Reason, Verdict},
 };
@@ -73,12 +75,13 @@ pub fn paths(paths: &[PathBuf]) -> anyhow::Result<Analysis> {
 pub fn analyze(inputs: &[(PathBuf, String)]) -> Analysis {
     let mut findings = Vec::new();
     let mut objects = Objects::default();
-    let mut origin: BTreeMap<(Kind, ObjectKey), &Path> = BTreeMap::new();
+    // By `<Kind>/<namespace>/<name>`, as compiled rules name their route.
+    let mut origin: BTreeMap<String, &Path> = BTreeMap::new();
     for (path, text) in inputs {
         match files::parse(path, text) {
             Ok(parsed) => {
                 for object in parsed {
-                    origin.insert((object.kind(), object.key()), path);
+                    origin.insert(format!("{}/{}", object.kind(), object.key()), path);
                     objects.upsert(object);
                 }
             }
@@ -97,10 +100,13 @@ pub fn analyze(inputs: &[(PathBuf, String)]) -> Analysis {
         exclude_ports: Vec::new(),
     };
     let compiled = compile::compile(&objects, &settings, &Default::default());
+    let file_of = |object: &str| {
+        origin
+            .get(object)
+            .map_or_else(PathBuf::new, |path| path.to_path_buf())
+    };
     for ((kind, key), verdict) in &compiled.statuses {
-        let file = origin
-            .get(&(*kind, key.clone()))
-            .map_or_else(PathBuf::new, |path| path.to_path_buf());
+        let file = file_of(&format!("{kind}/{key}"));
         for (severity, reason, message) in judge(verdict) {
             findings.push(Finding {
                 severity,
@@ -108,6 +114,31 @@ pub fn analyze(inputs: &[(PathBuf, String)]) -> Analysis {
                 object: Some(format!("{kind} {key}")),
                 reason,
                 message,
+            });
+        }
+    }
+    for routes in compiled.shared.all::<proto::ServiceRoutes>().values() {
+        let Ok(routes) = ServiceRoutes::try_from(routes) else {
+            continue;
+        };
+        for (shadowed, by) in routes.shadowed() {
+            let (rule, earlier) = (&routes.rules[shadowed], &routes.rules[by]);
+            findings.push(Finding {
+                severity: Severity::Warning,
+                file: file_of(&rule.route),
+                object: Some(rule.route.replacen('/', " ", 1)),
+                reason: "Shadowed".to_owned(),
+                message: format!(
+                    "rule {} never takes a request to Service {}/{} port {}: rule {} of {} \
+                     matches the same requests and comes first (on a tie the older route \
+                     wins, then the first by namespace and name)",
+                    rule.name,
+                    routes.namespace,
+                    routes.service,
+                    routes.port,
+                    earlier.name,
+                    earlier.route
+                ),
             });
         }
     }
@@ -136,6 +167,9 @@ fn judge(verdict: &Verdict) -> Vec<(Severity, String, String)> {
             references.reason.to_string(),
             references.message.clone(),
         ));
+    }
+    for caution in &verdict.cautions {
+        found.push((Severity::Warning, "Caution".to_owned(), caution.clone()));
     }
     for parent in &verdict.refused_parents {
         found.push((
@@ -232,6 +266,14 @@ metadata: { name: split, namespace: shop }
 spec:
   parentRefs: [{ group: "", kind: Service, name: web, port: 80 }]
   rules: [{ backendRefs: [{ name: web-v2, port: 80 }] }]
+---
+# Matches what split matches, and split is older (earlier in the files).
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: split-again, namespace: shop }
+spec:
+  parentRefs: [{ group: "", kind: Service, name: web, port: 80 }]
+  rules: [{ matches: [{ path: { type: PathPrefix, value: / } }], backendRefs: [{ name: web, port: 80 }] }]
 "#;
 
     fn analysis(files: &[(&str, &str)]) -> Analysis {
@@ -276,12 +318,23 @@ spec:
                     "BackendNotFound"
                 ),
                 (
+                    Severity::Warning,
+                    "policies.yaml",
+                    Some("HTTPRoute shop/split-again"),
+                    "Shadowed"
+                ),
+                (
                     Severity::Info,
                     "policies.yaml",
                     Some("AuthorizationPolicy shop/readers"),
                     "NoMatchingPods"
                 ),
             ]
+        );
+        let shadowed = &analysis.findings[2].message;
+        assert!(
+            shadowed.starts_with("rule 0 never takes a request to Service shop/web port 80: rule 0 of HTTPRoute/shop/split"),
+            "{shadowed}"
         );
         let invalid = &analysis.findings[0].message;
         assert!(
@@ -291,6 +344,54 @@ spec:
         assert!(!analysis.passed());
         let table = analysis.table();
         assert!(table.ends_with("1 error(s) in 2 file(s)\n"), "{table}");
+    }
+
+    #[test]
+    fn http_conditions_on_a_tcp_port_are_a_caution() {
+        let db = r#"
+apiVersion: v1
+kind: Service
+metadata: { name: db, namespace: shop }
+spec: { clusterIP: 10.96.0.11, selector: { app: db }, ports: [{ name: tcp-postgres, port: 5432 }] }
+---
+apiVersion: v1
+kind: Pod
+metadata: { name: db-0, namespace: shop, labels: { app: db } }
+spec: { nodeName: node0, serviceAccountName: db, containers: [{ name: c, image: x }] }
+status: { phase: Running, podIP: 10.244.0.9 }
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: { name: db-abc, namespace: shop, labels: { kubernetes.io/service-name: db } }
+addressType: IPv4
+ports: [{ name: tcp-postgres, port: 5432 }]
+endpoints: [{ addresses: [10.244.0.9] }]
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: { name: no-admin, namespace: shop }
+spec:
+  selector: { matchLabels: { app: db } }
+  action: DENY
+  rules: [{ to: [{ paths: ["/admin*"] }] }]
+"#;
+        let analysis = analysis(&[("app.yaml", APP), ("db.yaml", db)]);
+        assert_eq!(
+            summary(&analysis),
+            [(
+                Severity::Warning,
+                "db.yaml",
+                Some("AuthorizationPolicy shop/no-admin"),
+                "Caution"
+            )]
+        );
+        assert!(
+            analysis.findings[0]
+                .message
+                .contains("spec.rules[0] has HTTP conditions and reaches ports declared TCP (shop/db:5432): it denies every connection there"),
+            "{analysis:?}"
+        );
+        assert!(analysis.passed());
     }
 
     #[test]

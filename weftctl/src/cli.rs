@@ -197,7 +197,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let snapshot = Snapshot::take(mesh.as_ref(), SystemTime::now());
             match command {
                 Command::Check { .. } => print(&check::mesh(&snapshot), format),
-                Command::Status => print(&status::of(&snapshot), format),
+                Command::Status => {
+                    let drops = weft_api::observe::Filter {
+                        verdicts: vec![weft_api::observe::verdict::DROP.to_owned()],
+                        ..Default::default()
+                    };
+                    // An agent that cannot be asked shows as such in the node table.
+                    let drops = observe::recent(mesh.as_ref(), drops, &[])?.events;
+                    print(&status::of(&snapshot, &drops), format)
+                }
                 Command::Certs { node } => print(&certs::of(&snapshot, node.as_deref())?, format),
                 Command::Config { node, kind } => {
                     print(&config::of(&snapshot, &node, &kind)?, format)

@@ -83,56 +83,24 @@ pub fn run(mesh: &dyn Mesh, options: Options, format: Format) -> anyhow::Result<
             verdict::ALL.join(", ")
         );
     }
-    let nodes = if options.nodes.is_empty() {
-        mesh.nodes()
-    } else {
-        options.nodes.clone()
-    };
-    let mut unreachable = Vec::new();
-    let mut connections = Vec::new();
-    for node in nodes {
-        match mesh.agent_connect(&node) {
-            Ok(connection) => connections.push((node, connection)),
-            Err(error) => unreachable.push(Unreachable { node, error }),
-        }
+    if !options.follow {
+        let recent = recent(mesh, options.filter, &options.nodes)?;
+        // A closed pipe (`| head`) is not an error of weftctl's.
+        let _ = std::io::stdout()
+            .lock()
+            .write_all(format.render(&recent)?.as_bytes());
+        return Ok(if recent.passed() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
     }
-    let request = WatchRequest {
-        filter: Some(options.filter),
-        follow: options.follow,
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start an async runtime")?;
-    runtime.block_on(async move {
-        let (sender, mut received) = mpsc::channel(1024);
-        for (node, connection) in connections {
-            tokio::spawn(watch(node, connection, request.clone(), sender.clone()));
-        }
-        drop(sender);
-        if !options.follow {
-            let mut events = Vec::new();
-            while let Some(item) = received.recv().await {
-                match item {
-                    Item::Event(event) => events.push(*event),
-                    Item::Failed(failed) => unreachable.push(failed),
-                }
-            }
-            events.sort_by_key(|event| event.time_unix_nanos);
-            let recent = Recent {
-                events,
-                unreachable,
-            };
-            // A closed pipe (`| head`) is not an error of weftctl's.
-            let _ = std::io::stdout()
-                .lock()
-                .write_all(format.render(&recent)?.as_bytes());
-            return Ok(if recent.passed() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            });
-        }
+    runtime()?.block_on(async move {
+        let request = WatchRequest {
+            filter: Some(options.filter),
+            follow: true,
+        };
+        let (mut received, unreachable) = start(mesh, &options.nodes, request);
         for failed in &unreachable {
             eprintln!("node {}: {}", failed.node, failed.error);
         }
@@ -162,6 +130,62 @@ pub fn run(mesh: &dyn Mesh, options: Options, format: Format) -> anyhow::Result<
             ExitCode::FAILURE
         })
     })
+}
+
+/// The recent drops, denials and errors `filter` admits, of `nodes` (every node when
+/// empty), oldest first.
+pub fn recent(mesh: &dyn Mesh, filter: Filter, nodes: &[String]) -> anyhow::Result<Recent> {
+    runtime()?.block_on(async move {
+        let request = WatchRequest {
+            filter: Some(filter),
+            follow: false,
+        };
+        let (mut received, mut unreachable) = start(mesh, nodes, request);
+        let mut events = Vec::new();
+        while let Some(item) = received.recv().await {
+            match item {
+                Item::Event(event) => events.push(*event),
+                Item::Failed(failed) => unreachable.push(failed),
+            }
+        }
+        events.sort_by_key(|event| event.time_unix_nanos);
+        Ok(Recent {
+            events,
+            unreachable,
+        })
+    })
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start an async runtime")
+}
+
+/// Asks each of `nodes` (every node when empty) for `request`, on tasks of the
+/// current runtime: the merged events, and the nodes that could not be reached.
+fn start(
+    mesh: &dyn Mesh,
+    nodes: &[String],
+    request: WatchRequest,
+) -> (mpsc::Receiver<Item>, Vec<Unreachable>) {
+    let nodes = if nodes.is_empty() {
+        mesh.nodes()
+    } else {
+        nodes.to_vec()
+    };
+    let (sender, received) = mpsc::channel(1024);
+    let mut unreachable = Vec::new();
+    for node in nodes {
+        match mesh.agent_connect(&node) {
+            Ok(connection) => {
+                tokio::spawn(watch(node, connection, request.clone(), sender.clone()));
+            }
+            Err(error) => unreachable.push(Unreachable { node, error }),
+        }
+    }
+    (received, unreachable)
 }
 
 enum Item {
@@ -271,7 +295,7 @@ fn print_events(events: &[Event], format: Format) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn header() -> String {
+pub fn header() -> String {
     format!(
         "{:<12}  {:<8}  {:<10}  {:<8}  FROM -> TO  WHAT\n",
         "TIME (UTC)", "NODE", "KIND", "VERDICT"
@@ -279,7 +303,7 @@ fn header() -> String {
 }
 
 /// One event for people: when, where, what, between whom, and what it was about.
-fn line(event: &Event) -> String {
+pub fn line(event: &Event) -> String {
     let between = if event.kind == kind::LOST {
         String::new()
     } else {

@@ -3,14 +3,18 @@
 use std::collections::BTreeMap;
 
 use serde::Serialize;
+use weft_api::observe::Event;
 
 use crate::{
     mesh::Snapshot,
+    observe,
     output::{Report, age, table},
 };
 
 /// Certificates expiring sooner than this are listed.
 const EXPIRING_SECONDS: i64 = 3_600;
+/// How many of the newest kernel drops are listed.
+pub const RECENT_DROPS: usize = 5;
 
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -24,6 +28,8 @@ pub struct Status {
     pub namespaces: Vec<NamespaceLine>,
     /// Certificates with less than an hour left.
     pub expiring_certificates: Vec<Expiring>,
+    /// The newest kernel drops of every node, oldest first, as `observe` shows them.
+    pub recent_drops: Vec<Event>,
 }
 
 #[derive(Debug, Serialize)]
@@ -55,7 +61,9 @@ pub struct Expiring {
     pub expires_in_seconds: i64,
 }
 
-pub fn of(snapshot: &Snapshot) -> Status {
+/// The status of `snapshot`'s mesh, with `drops`, the kernel drops the agents keep
+/// (oldest first), of which the newest are listed.
+pub fn of(snapshot: &Snapshot, drops: &[Event]) -> Status {
     let now = snapshot.unix_now();
     let mut namespaces: BTreeMap<(String, String), usize> = BTreeMap::new();
     let mut expiring = Vec::new();
@@ -117,6 +125,7 @@ pub fn of(snapshot: &Snapshot) -> Status {
             })
             .collect(),
         expiring_certificates: expiring,
+        recent_drops: drops[drops.len().saturating_sub(RECENT_DROPS)..].to_vec(),
     }
 }
 
@@ -200,6 +209,13 @@ impl Report for Status {
             text += "\n";
             text += &table(&["NODE", "EXPIRING CERTIFICATE", "IN"], &rows);
         }
+        if !self.recent_drops.is_empty() {
+            text += "\nnewest kernel drops (weftctl observe --verdict drop for more)\n";
+            text += &observe::header();
+            for drop in &self.recent_drops {
+                text += &observe::line(drop);
+            }
+        }
         text
     }
 }
@@ -216,7 +232,23 @@ mod tests {
         snapshot.nodes[1].certs = Ok(vec![
             serde_json::from_value(certificate("spiffe://b", 1_000_000 + 600)).unwrap(),
         ]);
-        let status = of(&snapshot);
+        let drops: Vec<Event> = (1..=7)
+            .map(|n| Event {
+                time_unix_nanos: n,
+                kind: "kernel".into(),
+                verdict: "drop".into(),
+                ..Event::default()
+            })
+            .collect();
+        let status = of(&snapshot, &drops);
+        let times: Vec<i64> = status
+            .recent_drops
+            .iter()
+            .map(|d| d.time_unix_nanos)
+            .collect();
+        assert_eq!(times, [3, 4, 5, 6, 7]);
+        assert!(status.table().contains("newest kernel drops"));
+        assert!(of(&snapshot, &[]).recent_drops.is_empty());
         assert_eq!(status.controller_generation, Some(3));
         assert_eq!(status.nodes[0].agent, "ready");
         assert_eq!(status.nodes[0].in_sync, Some(true));

@@ -314,6 +314,61 @@ fn equal_precedence_keeps_the_given_order_and_no_match_selects_nothing() {
 }
 
 #[test]
+fn a_rule_matching_what_an_earlier_one_takes_is_shadowed() {
+    let with = |mut matched: Match, method: Option<&str>, headers: Vec<ValueMatch>| {
+        matched.method = method.map(str::to_owned);
+        matched.headers = headers;
+        matched
+    };
+    let canary = || vec![exact("x-canary", "yes"), regex("x-user", "a.*")];
+    let routes = sorted(vec![
+        rule("all", vec![Match::default()]),
+        rule(
+            "api",
+            vec![with(path("prefix", "/api"), Some("GET"), canary())],
+        ),
+        // The same conditions in another order, the prefix with its slash: shadowed.
+        rule(
+            "api-again",
+            vec![with(
+                path("prefix", "/api/"),
+                Some("GET"),
+                canary().into_iter().rev().collect(),
+            )],
+        ),
+        // Another method, or one header fewer: reached.
+        rule(
+            "api-post",
+            vec![with(path("prefix", "/api"), Some("POST"), canary())],
+        ),
+        rule(
+            "api-fewer",
+            vec![with(
+                path("prefix", "/api"),
+                Some("GET"),
+                vec![exact("x-canary", "yes")],
+            )],
+        ),
+        // Only one of its matches is taken by an earlier rule: reached.
+        rule("partly", vec![Match::default(), path("exact", "/health")]),
+        rule("everything-again", vec![path("prefix", "/")]),
+    ]);
+    let name = |index: usize| routes.rules[index].name.as_str();
+    let found: Vec<(&str, &str)> = routes
+        .shadowed()
+        .into_iter()
+        .map(|(shadowed, by)| (name(shadowed), name(by)))
+        .collect();
+    assert_eq!(found, [("api-again", "api"), ("everything-again", "all")]);
+
+    // A consumer route and a producer route do not shadow each other.
+    let mut consumer = rule("mine", vec![Match::default()]);
+    consumer.consumer_namespace = Some("front".to_owned());
+    let routes = sorted(vec![rule("all", vec![Match::default()]), consumer]);
+    assert!(routes.shadowed().is_empty());
+}
+
+#[test]
 fn consumer_routes_replace_producer_routes_for_their_namespace_only() {
     let producer = rule("producer", vec![path("prefix", "/")]);
     let consumer = Rule {

@@ -105,8 +105,9 @@ pub fn compile(
             (None, true) => "every meshed pod".to_owned(),
         };
         let mut verdict = applies_to(count, &described);
-        if let Some(note) = http_rules_on_tcp(&compiled, &addresses, &tcp_ports) {
-            verdict.message = format!("{}; {note}", verdict.message);
+        verdict.cautions = http_rules_on_tcp(&compiled, &addresses, &tcp_ports);
+        for caution in &verdict.cautions {
+            verdict.message = format!("{}; {caution}", verdict.message);
         }
         if !plaintext_unchecked.is_empty() && !compiled.dry_run {
             verdict = Verdict::rejected(
@@ -184,12 +185,12 @@ fn tcp_ports(services: &BTreeMap<ObjectKey, proto::Service>) -> BTreeMap<&str, V
 }
 
 /// What becomes of `policy`'s rules with HTTP conditions on the TCP-declared ports of
-/// the pods at `addresses`, if any such rule reaches one.
+/// the pods at `addresses`, one note per rule that reaches one.
 fn http_rules_on_tcp(
     policy: &authz::Policy,
     addresses: &BTreeSet<&str>,
     tcp_ports: &BTreeMap<&str, Vec<(u16, String)>>,
-) -> Option<String> {
+) -> Vec<String> {
     let tcp: BTreeSet<&(u16, String)> = addresses
         .iter()
         .filter_map(|address| tcp_ports.get(address))
@@ -230,7 +231,7 @@ fn http_rules_on_tcp(
             super::some_names(ports)
         ));
     }
-    (!notes.is_empty()).then(|| notes.join("; "))
+    notes
 }
 
 #[cfg(test)]
@@ -267,24 +268,24 @@ mod tests {
             "{name: p, namespace: shop, action: DENY, rules: [{to: [{paths: ['/admin*']}]}]}",
         );
         assert_eq!(
-            http_rules_on_tcp(&deny_paths, &selected, &tcp).as_deref(),
-            Some(
+            http_rules_on_tcp(&deny_paths, &selected, &tcp),
+            [
                 "spec.rules[0] has HTTP conditions and reaches ports declared TCP \
                  (shop/db:5432): it denies every connection there, as its HTTP conditions \
                  cannot be checked"
-            )
+            ]
         );
         let allow_get = policy("{name: p, namespace: shop, rules: [{to: [{methods: [GET]}]}]}");
         assert!(
-            http_rules_on_tcp(&allow_get, &selected, &tcp).is_some_and(|note| note
-                .ends_with("it never matches there, as its HTTP conditions cannot be checked"))
+            http_rules_on_tcp(&allow_get, &selected, &tcp)[0]
+                .ends_with("it never matches there, as its HTTP conditions cannot be checked")
         );
         // Rules bound to the HTTP port, and rules without HTTP conditions, say nothing.
         let http_port =
             policy("{name: p, namespace: shop, rules: [{to: [{ports: [8080], methods: [GET]}]}]}");
-        assert_eq!(http_rules_on_tcp(&http_port, &selected, &tcp), None);
+        assert!(http_rules_on_tcp(&http_port, &selected, &tcp).is_empty());
         let l4 = policy("{name: p, namespace: shop, rules: [{from: [{namespaces: [shop]}]}]}");
-        assert_eq!(http_rules_on_tcp(&l4, &selected, &tcp), None);
-        assert_eq!(http_rules_on_tcp(&deny_paths, &BTreeSet::new(), &tcp), None);
+        assert!(http_rules_on_tcp(&l4, &selected, &tcp).is_empty());
+        assert!(http_rules_on_tcp(&deny_paths, &BTreeSet::new(), &tcp).is_empty());
     }
 }

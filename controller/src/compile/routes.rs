@@ -107,7 +107,7 @@ pub fn compile(
                     candidate.kind,
                     candidate.key,
                     candidate.meta,
-                    verdict,
+                    *verdict,
                 );
             }
         }
@@ -169,17 +169,21 @@ impl<'a> Candidate<'a> {
 /// Why a route applies nowhere: the reason and the message naming the field.
 type Refusal = (Reason, String);
 
-fn refuse(reason: Reason, message: String) -> Verdict {
-    Verdict::rejected(reason, message)
+/// A refused route's verdict (boxed: a verdict is large, and refusals are rare).
+fn refuse(reason: Reason, message: String) -> Box<Verdict> {
+    Box::new(Verdict::rejected(reason, message))
 }
 
-/// The route's rules by parent (`<namespace>/<service>:<port>`), and its verdict.
+/// A route's rules by parent (`<namespace>/<service>:<port>`), and its verdict.
+type CompiledRoute = (Vec<(String, Rule)>, Verdict);
+
+/// The route's rules by parent, and its verdict.
 fn compile_route(
     candidate: &Candidate,
     spec: &WrittenSpec,
     services: &BTreeMap<ObjectKey, proto::Service>,
     objects: &Objects,
-) -> Result<(Vec<(String, Rule)>, Verdict), Verdict> {
+) -> Result<CompiledRoute, Box<Verdict>> {
     let namespace = &candidate.key.namespace;
     if let Some(field) = spec.unknown.keys().next() {
         return Err(refuse(
