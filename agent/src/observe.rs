@@ -24,7 +24,7 @@ use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use weft_api::observe::{
-    Event, Filter, Peer, admits, kind,
+    self, Event, Filter, Peer, admits, kind,
     v1::{WatchRequest, observer_server::Observer},
     verdict,
 };
@@ -245,16 +245,7 @@ impl Observer for Service {
     async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<EventStream>, Status> {
         let WatchRequest { filter, follow } = request.into_inner();
         let filter = filter.unwrap_or_default();
-        if let Some(unknown) = filter
-            .verdicts
-            .iter()
-            .find(|asked| !verdict::ALL.contains(&asked.as_str()))
-        {
-            return Err(Status::invalid_argument(format!(
-                "unknown verdict {unknown:?}: use {}",
-                verdict::ALL.join(", ")
-            )));
-        }
+        observe::check(&filter).map_err(Status::invalid_argument)?;
         let (recent, live) = HUB.watch(filter, follow);
         let node = self.node.clone();
         let events = futures::stream::iter(recent)

@@ -39,6 +39,21 @@ pub mod verdict {
     }
 }
 
+/// Whether `filter` asks only for verdicts that exist; if not, what to ask instead.
+pub fn check(filter: &Filter) -> Result<(), String> {
+    match filter
+        .verdicts
+        .iter()
+        .find(|asked| !verdict::ALL.contains(&asked.as_str()))
+    {
+        Some(unknown) => Err(format!(
+            "unknown verdict {unknown:?}: use {}",
+            verdict::ALL.join(", ")
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Whether `filter` lets `event` through. A watcher always learns what it lost.
 pub fn admits(filter: &Filter, event: &Event) -> bool {
     if event.kind == kind::LOST {
@@ -182,6 +197,16 @@ mod tests {
         assert!(!admits(&filter("shop/", "", "", &[]), &drop));
         drop.source = None;
         assert!(!admits(&filter("10.0.0.9", "", "", &[]), &drop));
+    }
+
+    #[test]
+    fn only_known_verdicts_are_asked_for() {
+        assert!(check(&filter("", "", "", &["drop", "ok"])).is_ok());
+        let refused = check(&filter("", "", "", &["drop", "dropped"])).unwrap_err();
+        assert!(
+            refused.starts_with("unknown verdict \"dropped\": use redirect"),
+            "{refused}"
+        );
     }
 
     #[test]

@@ -11,9 +11,8 @@ use serde::Serialize;
 use tokio::{sync::mpsc, time::Instant};
 use tonic::transport::Endpoint;
 use weft_api::observe::{
-    Event, Filter, Peer, kind,
+    Event, Filter, Peer, check, kind,
     v1::{WatchRequest, observer_client::ObserverClient},
-    verdict,
 };
 
 use crate::{
@@ -72,17 +71,7 @@ impl Report for Recent {
 
 /// Runs `weftctl observe` on `mesh`, printing as `format` says.
 pub fn run(mesh: &dyn Mesh, options: Options, format: Format) -> anyhow::Result<ExitCode> {
-    if let Some(unknown) = options
-        .filter
-        .verdicts
-        .iter()
-        .find(|asked| !verdict::ALL.contains(&asked.as_str()))
-    {
-        anyhow::bail!(
-            "unknown verdict {unknown:?}: use {}",
-            verdict::ALL.join(", ")
-        );
-    }
+    check(&options.filter).map_err(anyhow::Error::msg)?;
     if !options.follow {
         let recent = recent(mesh, options.filter, &options.nodes)?;
         // A closed pipe (`| head`) is not an error of weftctl's.
