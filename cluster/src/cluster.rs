@@ -10,7 +10,7 @@ use std::{
     collections::BTreeMap,
     ffi::OsStr,
     fs::{self, File, OpenOptions},
-    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -517,28 +517,28 @@ impl Cluster {
     }
 
     /// A TCP connection to `node`'s agent at `port` on the node's localhost, made from
-    /// inside the node's network namespace (where it stays) by a short-lived thread:
-    /// for a stream, such as the admin port's gRPC observer.
+    /// inside the node's network namespace (where it stays): for a stream, such as the
+    /// admin port's gRPC observer.
     pub fn agent_connect(&self, node: &str, port: AgentPort) -> Result<TcpStream, String> {
         let info = self
             .topology
             .node(node)
             .ok_or_else(|| format!("no node {node} in cluster {}", self.topology.name))?;
-        let netns = File::open(Path::new("/run/netns").join(&info.netns))
-            .map_err(|err| format!("the namespace of node {node}: {err}"))?;
-        let connect = move || -> std::io::Result<TcpStream> {
-            nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)?;
-            TcpStream::connect((Ipv4Addr::LOCALHOST, port as u16))
-        };
-        thread::spawn(connect)
-            .join()
-            .map_err(|_| "the thread connecting into the node panicked".to_owned())?
-            .map_err(|err| {
-                format!(
-                    "no connection to the agent on {node} at port {}: {err}",
-                    port as u16
-                )
-            })
+        let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port as u16));
+        connect_in(&info.netns, address).map_err(|err| {
+            format!(
+                "no connection to the agent on {node} at port {}: {err}",
+                port as u16
+            )
+        })
+    }
+
+    /// A TCP connection to the controller's admin port, made from the fabric where it
+    /// runs.
+    pub fn controller_connect(&self) -> Result<TcpStream, String> {
+        let address = SocketAddr::from((self.topology.controller_address, CONTROLLER_ADMIN_PORT));
+        connect_in(&self.topology.fabric_netns, address)
+            .map_err(|err| format!("no connection to the controller at {address}: {err}"))
     }
 
     /// A `GET` of `path` on `node`'s agent at `port` on the node's localhost: the body
@@ -1041,6 +1041,19 @@ fn http_get(command: Result<Command, ClusterError>) -> Result<String, String> {
         Some((body, code)) if code != "000" => Err(format!("{code} {}", body.trim())),
         _ => Err("no answer".to_owned()),
     }
+}
+
+/// A TCP connection to `address` made from inside the named network namespace by a
+/// short-lived thread (the connection stays in that namespace).
+fn connect_in(netns: &str, address: SocketAddr) -> std::io::Result<TcpStream> {
+    let netns = File::open(Path::new("/run/netns").join(netns))?;
+    let connect = move || -> std::io::Result<TcpStream> {
+        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        TcpStream::connect(address)
+    };
+    thread::spawn(connect)
+        .join()
+        .map_err(|_| std::io::Error::other("the thread connecting in the namespace panicked"))?
 }
 
 /// Starts `command` in the background, its stdout and stderr appended to `log`, in its

@@ -1,8 +1,6 @@
 //! The Kubernetes source, the status writer, the token reviewer and the CA's Secret
 //! store, each run with a real kube-rs client against a fake API server that lists,
-//! watches and writes as Kubernetes does ([`support::fake_api`]).
-
-mod support;
+//! watches and writes as Kubernetes does ([`weft_fake_api`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -26,8 +24,7 @@ use weft_controller::{
     source::kubernetes::{self, CONTROLLER_NAME, TokenReviewer},
     status::{Reason, Statuses, Verdict},
 };
-
-use support::fake_api::FakeApi;
+use weft_fake_api::FakeApi;
 
 /// How long anything may take before a test fails.
 const DEADLINE: Duration = Duration::from_secs(20);

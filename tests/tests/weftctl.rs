@@ -3,21 +3,25 @@
 //! say, their JSON and YAML parse, `check` fails naming the cause when an agent stops
 //! or a pod's certificate expires, `explain` agrees with what the data path did
 //! for an allowed, a denied and an unrouted request, and `observe` shows a STRICT drop
-//! and a denial as they happen while a stalled watcher slows no traffic.
+//! and a denial as they happen while a stalled watcher slows no traffic. Through a
+//! Kubernetes API server (the fake, its pods mirroring a local cluster's), weftctl
+//! reads the same mesh as an operator bound to the install's roles, and is refused
+//! with what to bind before.
 
 use std::{
     io::{BufRead as _, BufReader},
     process::{Child, Command, Stdio},
-    sync::mpsc,
+    sync::{Arc, mpsc},
     thread,
     time::{Duration, Instant, SystemTime},
 };
 
 use serde_json::Value;
-use weft_cluster::PodSpec;
+use weft_cluster::{AgentPort, Cluster, PodSpec};
 use weft_e2e::{
     TestCluster, agent_metrics, clean_wrk_report, run_in_pod, total, wait_until, workspace_bin,
 };
+use weft_fake_api::{FakeApi, Subject};
 
 /// The default namespace meshed in STRICT mode with the echo service.
 const MESH: &str = r#"
@@ -65,18 +69,19 @@ metadata: { name: echo, namespace: default }
 spec: { service: echo, loadBalancer: { algorithm: ROUND_ROBIN } }
 "#;
 
-/// Runs `weftctl --local <cluster> ARGS`: whether it exited 0, and what it printed.
-/// Exit code 2 (it could not run at all) fails the test.
-fn weftctl(cluster: &TestCluster, args: &[&str]) -> (bool, String) {
+/// Runs `weftctl TARGET ARGS`, where TARGET names the mesh (`--local NAME`,
+/// `--kubeconfig FILE`): whether it exited 0, and what it printed. Exit code 2 (it
+/// could not run at all) fails the test.
+fn weftctl_at(target: &[&str], args: &[&str]) -> (bool, String) {
     let output = Command::new(workspace_bin("weftctl"))
-        .args(["--local", &cluster.topology().name])
+        .args(target)
         .args(args)
         .output()
         .expect("weftctl runs");
     assert_ne!(
         output.status.code(),
         Some(2),
-        "weftctl {args:?}: {output:?}"
+        "weftctl {target:?} {args:?}: {output:?}"
     );
     (
         output.status.success(),
@@ -84,9 +89,19 @@ fn weftctl(cluster: &TestCluster, args: &[&str]) -> (bool, String) {
     )
 }
 
+/// Runs `weftctl --local <cluster> ARGS` (see [`weftctl_at`]).
+fn weftctl(cluster: &TestCluster, args: &[&str]) -> (bool, String) {
+    weftctl_at(&["--local", &cluster.topology().name], args)
+}
+
 /// `weftctl check -o json`: whether it passed, and each check by subject.
 fn check(cluster: &TestCluster) -> (bool, Vec<(String, String, String)>) {
-    let (passed, json) = weftctl(cluster, &["check", "-o", "json"]);
+    check_at(&["--local", &cluster.topology().name])
+}
+
+/// `weftctl TARGET check -o json` (see [`weftctl_at`]).
+fn check_at(target: &[&str]) -> (bool, Vec<(String, String, String)>) {
+    let (passed, json) = weftctl_at(target, &["check", "-o", "json"]);
     let report: Value = serde_json::from_str(&json).expect("check -o json is JSON");
     let checks = report["checks"]
         .as_array()
@@ -356,6 +371,196 @@ fn weftctl_describes_a_healthy_mesh_and_names_a_stopped_agent() {
         "{table}"
     );
     assert!(table.ends_with("2 check(s) failed\n"), "{table}");
+}
+
+/// A kubeconfig for the fake API server at `url`, as user `alice` with `token`.
+fn kubeconfig(url: &str, token: &str) -> tempfile::NamedTempFile {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let config = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{ "name": "fake", "cluster": { "server": url } }],
+        "users": [{ "name": "alice", "user": { "token": token } }],
+        "contexts": [{ "name": "fake", "context": { "cluster": "fake", "user": "alice" } }],
+        "current-context": "fake",
+    });
+    std::fs::write(file.path(), config.to_string()).unwrap();
+    file
+}
+
+/// What a Kubernetes API server knows of `cluster` once weft is installed: its nodes,
+/// an agent pod on each (as the DaemonSet makes them), a controller pod that holds
+/// the Lease; port-forwards to those pods reach the cluster's agents and controller.
+fn mirror_in_api_server(cluster: &TestCluster, fake: &FakeApi) {
+    let labels = |name: &str| serde_json::json!({ "app.kubernetes.io/name": name });
+    let ready = serde_json::json!({ "conditions": [{ "type": "Ready", "status": "True" }] });
+    for node in cluster.topology().node_names() {
+        fake.create(serde_json::json!({
+            "apiVersion": "v1", "kind": "Node", "metadata": { "name": node },
+        }));
+        fake.create(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {
+                "name": format!("weft-agent-{node}"), "namespace": "weft-system",
+                "labels": labels("weft-agent"),
+            },
+            "spec": { "nodeName": node },
+            "status": ready,
+        }));
+    }
+    fake.create(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": "weft-controller-0", "namespace": "weft-system",
+            "labels": labels("weft-controller"),
+        },
+        "status": ready,
+    }));
+    fake.create(serde_json::json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": { "name": "weft-controller", "namespace": "weft-system" },
+        "spec": {
+            "holderIdentity": "weft-controller-0",
+            "leaseDurationSeconds": 15,
+            "renewTime": k8s_openapi::jiff::Timestamp::now().to_string(),
+        },
+    }));
+    let handle = Cluster::open(&cluster.topology().name).unwrap();
+    fake.set_dialer(Arc::new(move |pod: &Value, port| {
+        let name = pod["metadata"]["name"].as_str().unwrap_or_default();
+        let connected = match name.strip_prefix("weft-agent-") {
+            Some(node) => {
+                let port = match port {
+                    15000 => AgentPort::Admin,
+                    15020 => AgentPort::Metrics,
+                    15021 => AgentPort::Ready,
+                    other => return Err(std::io::Error::other(format!("no agent port {other}"))),
+                };
+                handle.agent_connect(node, port)
+            }
+            None => handle.controller_connect(),
+        };
+        connected.map_err(std::io::Error::other)
+    }));
+}
+
+#[test]
+fn weftctl_reads_a_kubernetes_cluster_through_its_api_server() {
+    let mut cluster = TestCluster::with_mesh(2, MESH);
+    pods(&mut cluster);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let fake = runtime.block_on(FakeApi::start());
+    mirror_in_api_server(&cluster, &fake);
+    fake.add_token(
+        "alice-token",
+        &[],
+        serde_json::json!({ "username": "alice" }),
+    );
+    let config = kubeconfig(fake.url(), "alice-token");
+    let kube = ["--kubeconfig", config.path().to_str().unwrap()];
+
+    // Without the operator's roles: a refusal that says what to bind.
+    let refused = Command::new(workspace_bin("weftctl"))
+        .args(kube)
+        .arg("check")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    assert!(
+        stderr.contains("does not let you list the nodes")
+            && stderr.contains("weft-operator ClusterRole"),
+        "{stderr}"
+    );
+    assert!(!fake.take_forbidden().is_empty());
+
+    fake.bind(
+        Subject::User("alice".into()),
+        "ClusterRole",
+        "weft-operator",
+        None,
+    );
+    fake.bind(
+        Subject::User("alice".into()),
+        "Role",
+        "weft-operator",
+        Some("weft-system"),
+    );
+    // The same checks as the local cluster's, with the same outcomes, and the leader.
+    let (passed, checks) = check_at(&kube);
+    assert!(passed, "{checks:?}");
+    let (_, local) = check(&cluster);
+    let without_leader: Vec<(&str, &str)> = checks
+        .iter()
+        .filter(|(subject, ..)| subject != "leader")
+        .map(|(subject, outcome, _)| (subject.as_str(), outcome.as_str()))
+        .collect();
+    let local: Vec<(&str, &str)> = local
+        .iter()
+        .map(|(subject, outcome, _)| (subject.as_str(), outcome.as_str()))
+        .collect();
+    assert_eq!(without_leader, local);
+    assert_eq!(
+        outcome_of(&checks, "leader"),
+        ("pass".into(), "weft-controller-0 leads".into())
+    );
+    assert!(
+        fake.requests(
+            "create",
+            "/api/v1/namespaces/weft-system/pods/weft-agent-node1/portforward"
+        ) > 0
+    );
+
+    let (_, json) = weftctl_at(&kube, &["status", "-o", "json"]);
+    let status: Value = serde_json::from_str(&json).unwrap();
+    for node in status["nodes"].as_array().unwrap() {
+        assert_eq!(node["agent"], "ready", "{status:#}");
+        assert_eq!(node["in_sync"], true, "{status:#}");
+    }
+    assert_eq!(
+        status["namespaces"],
+        serde_json::json!([{ "namespace": "default", "mode": "STRICT", "pods": 2 }])
+    );
+
+    let identity = |target: &[&str]| {
+        let (_, json) = weftctl_at(target, &["certs", "--node", "node1", "-o", "json"]);
+        let certs: Value = serde_json::from_str(&json).unwrap();
+        certs["nodes"][0]["certificates"][0]["identity"].clone()
+    };
+    assert_eq!(identity(&kube), "spiffe://cluster.local/ns/default/sa/echo");
+    let version = |target: &[&str]| {
+        let (_, json) = weftctl_at(target, &["config", "--node", "node0", "-o", "json"]);
+        let config: Value = serde_json::from_str(&json).unwrap();
+        config["applied_version"].clone()
+    };
+    assert_eq!(
+        version(&kube),
+        version(&["--local", &cluster.topology().name])
+    );
+
+    // A denied request, seen by the agent's observer through the port-forward.
+    assert_eq!(request(&cluster, "POST", "http://10.96.0.10/api/x"), "403");
+    let (passed, json) = weftctl_at(&kube, &["observe", "--verdict", "deny", "-o", "json"]);
+    let observed: Value = serde_json::from_str(&json).unwrap();
+    assert!(passed, "{observed:#}");
+    assert!(
+        observed["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|event| event["method"] == "POST" && event["status"] == 403),
+        "{observed:#}"
+    );
+    // A node whose agent pod is gone: named, with where to look.
+    fake.delete("Pod", "weft-system", "weft-agent-node1");
+    let (passed, checks) = check_at(&kube);
+    assert!(!passed);
+    let (outcome, message) = outcome_of(&checks, "agent node1");
+    assert_eq!(outcome, "fail");
+    assert!(
+        message.contains("no weft-agent pod runs on node node1"),
+        "{message}"
+    );
 }
 
 #[test]

@@ -103,12 +103,60 @@ impl Report for Checks {
 /// The checks of a running mesh, from what it said in `snapshot`.
 pub fn mesh(snapshot: &Snapshot) -> Checks {
     let mut checks = controller(snapshot);
+    checks.extend(leader(snapshot));
     for node in &snapshot.nodes {
         checks.push(agent(node));
         checks.push(sync(snapshot, node));
         checks.push(certificates(snapshot, node));
     }
     Checks { checks }
+}
+
+/// Whether one of the controller's replicas leads (writes status, rotates the CA),
+/// where they elect one.
+fn leader(snapshot: &Snapshot) -> Option<Check> {
+    let lease = match snapshot.leadership.as_ref()? {
+        Ok(lease) => lease,
+        Err(err) => {
+            return Some(
+                Check::new("leader", Outcome::Fail, err.clone())
+                    .hint("the replicas elect a leader over the Lease weft-system/weft-controller"),
+            );
+        }
+    };
+    let Some(holder) = &lease.holder else {
+        return Some(
+            Check::new(
+                "leader",
+                Outcome::Fail,
+                "no controller replica holds the Lease weft-system/weft-controller: \
+                 nothing writes objects' status or rotates the CA",
+            )
+            .hint(
+                "replicas elect a leader within seconds of starting: are they running \
+                 (`kubectl -n weft-system get pods`)? Their logs say why they cannot take \
+                 the Lease",
+            ),
+        );
+    };
+    let duration = lease.duration_seconds.unwrap_or(15);
+    let age = lease
+        .renewed_unix
+        .map(|renewed| snapshot.unix_now() - renewed);
+    Some(match age {
+        // Compared across clocks (ours, the holder's): only a wide margin means much.
+        Some(age) if age > 4 * duration => Check::new(
+            "leader",
+            Outcome::Warn,
+            format!("{holder} last renewed the Lease {age} s ago (it lasts {duration} s)"),
+        )
+        .hint(
+            "a leader that is gone is replaced within the Lease's duration; if this \
+             stays, compare this machine's clock with the cluster's and read the \
+             controllers' logs",
+        ),
+        _ => Check::new("leader", Outcome::Pass, format!("{holder} leads")),
+    })
 }
 
 fn controller(snapshot: &Snapshot) -> Vec<Check> {
@@ -455,7 +503,10 @@ fn kernel_version(release: &str) -> Option<(u32, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mesh::tests::{certificate, healthy};
+    use crate::mesh::{
+        Leadership,
+        tests::{certificate, healthy},
+    };
 
     /// The identity of node0's pod in [`healthy`].
     const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
@@ -492,10 +543,56 @@ mod tests {
         assert!(checks.table().ends_with("every check passed\n"));
     }
 
+    fn lease(holder: Option<&str>, renewed_unix: Option<i64>) -> Leadership {
+        Leadership {
+            holder: holder.map(str::to_owned),
+            renewed_unix,
+            duration_seconds: Some(15),
+        }
+    }
+
+    #[test]
+    fn a_leader_that_renews_passes_and_a_lone_controller_has_no_leader_check() {
+        assert!(
+            mesh(&healthy())
+                .checks
+                .iter()
+                .all(|check| check.subject != "leader")
+        );
+        let mut snapshot = healthy();
+        // Renewed a little "after" our clock: the holder's clock runs ahead.
+        snapshot.leadership = Some(Ok(lease(Some("c-1"), Some(1_000_000 + 3))));
+        let checks = mesh(&snapshot);
+        let check = find(&checks, "leader");
+        assert_eq!(
+            (check.outcome, check.message.as_str()),
+            (Outcome::Pass, "c-1 leads")
+        );
+    }
+
     #[test]
     fn each_fault_fails_or_warns_the_check_it_belongs_to() {
         type Fault = fn(&mut Snapshot);
-        let cases: [(Fault, &str, Outcome, &str); 10] = [
+        let cases: [(Fault, &str, Outcome, &str); 13] = [
+            (
+                |s| s.leadership = Some(Err("forbidden".into())),
+                "leader",
+                Outcome::Fail,
+                "forbidden",
+            ),
+            (
+                |s| s.leadership = Some(Ok(lease(None, None))),
+                "leader",
+                Outcome::Fail,
+                "no controller replica holds the Lease weft-system/weft-controller: nothing \
+                 writes objects' status or rotates the CA",
+            ),
+            (
+                |s| s.leadership = Some(Ok(lease(Some("c-0"), Some(1_000_000 - 100)))),
+                "leader",
+                Outcome::Warn,
+                "c-0 last renewed the Lease 100 s ago (it lasts 15 s)",
+            ),
             (
                 |s| s.nodes[1].ready = Err("503 not ready: programs".into()),
                 "agent node1",

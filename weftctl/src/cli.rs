@@ -11,6 +11,7 @@ use clap::{CommandFactory as _, Parser, Subcommand};
 
 use crate::{
     analyze, certs, check, config, explain, install,
+    kubernetes::Kubernetes,
     local::LocalCluster,
     mesh::{Mesh, Snapshot},
     observe,
@@ -26,14 +27,29 @@ use crate::{
     after_help = "As a kubectl plugin: kubectl weft <COMMAND>."
 )]
 struct Cli {
-    /// The local cluster to read (`cargo xtask cluster up --name NAME`).
-    #[arg(long, global = true, env = "WEFTCTL_LOCAL", value_name = "NAME")]
-    local: Option<String>,
+    #[command(flatten)]
+    target: Target,
     /// How to print: a table for people, JSON or YAML for scripts.
     #[arg(short, long, global = true, value_enum, default_value_t = Format::Table)]
     output: Format,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Which mesh to read.
+#[derive(Debug, clap::Args)]
+struct Target {
+    /// The local cluster to read (`cargo xtask cluster up --name NAME`) instead of a
+    /// Kubernetes cluster.
+    #[arg(long, global = true, env = "WEFTCTL_LOCAL", value_name = "NAME")]
+    local: Option<String>,
+    /// The kubeconfig to read (else $KUBECONFIG, ~/.kube/config, or the pod's service
+    /// account).
+    #[arg(long, global = true, value_name = "FILE", conflicts_with = "local")]
+    kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use (else the current one).
+    #[arg(long, global = true, value_name = "NAME", conflicts_with = "local")]
+    context: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -179,7 +195,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             node,
             follow,
         } => {
-            let mesh = connect(cli.local.as_deref())?;
+            let mesh = connect(&cli.target)?;
             let options = observe::Options {
                 filter: weft_api::observe::Filter {
                     from: from.unwrap_or_default(),
@@ -193,7 +209,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             observe::run(mesh.as_ref(), options, format)
         }
         command => {
-            let mesh = connect(cli.local.as_deref())?;
+            let mesh = connect(&cli.target)?;
             let snapshot = Snapshot::take(mesh.as_ref(), SystemTime::now());
             match command {
                 Command::Check { .. } => print(&check::mesh(&snapshot), format),
@@ -240,15 +256,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The mesh the arguments name.
-fn connect(local: Option<&str>) -> anyhow::Result<Box<dyn Mesh>> {
-    match local {
+/// The mesh the arguments name: a local cluster, else the Kubernetes cluster of the
+/// kubeconfig.
+fn connect(target: &Target) -> anyhow::Result<Box<dyn Mesh>> {
+    match &target.local {
         Some(name) => Ok(Box::new(LocalCluster::open(name)?)),
-        None => anyhow::bail!(
-            "name the mesh to read: --local NAME for a local cluster (`cargo xtask cluster \
-             status --name NAME` shows one); reaching a Kubernetes cluster through its API \
-             server is not in this version yet"
-        ),
+        None => Ok(Box::new(Kubernetes::connect(
+            target.kubeconfig.as_deref(),
+            target.context.as_deref(),
+        )?)),
     }
 }
 

@@ -6,7 +6,8 @@
 //! is wrong; and the install manifests with an operator's options (`install`).
 //!
 //! Every command reads a [`mesh::Snapshot`] of the controller's and the agents' own
-//! endpoints through a [`mesh::Mesh`] (today the local cluster, [`local`]), then
+//! endpoints through a [`mesh::Mesh`] (a Kubernetes cluster through its API server,
+//! [`kubernetes`], or a local cluster, [`local`]), then
 //! decides in pure functions over that snapshot, so the decisions are table-tested.
 
 mod analyze;
@@ -16,6 +17,7 @@ mod cli;
 mod config;
 mod explain;
 mod install;
+mod kubernetes;
 mod local;
 mod mesh;
 mod observe;

@@ -4,7 +4,7 @@
 use anyhow::Context as _;
 use weft_cluster::{AgentPort, Cluster};
 
-use crate::mesh::{Endpoint, Mesh};
+use crate::mesh::{Connection, Endpoint, Mesh};
 
 /// A local cluster (`cargo xtask cluster up`).
 pub struct LocalCluster(Cluster);
@@ -32,16 +32,16 @@ impl Mesh for LocalCluster {
     }
 
     fn agent_get(&self, node: &str, endpoint: Endpoint) -> Result<String, String> {
-        let (port, path) = match endpoint {
-            Endpoint::Ready => (AgentPort::Ready, "/healthz/ready"),
-            Endpoint::Metrics => (AgentPort::Metrics, "/metrics"),
-            Endpoint::ConfigDump => (AgentPort::Admin, "/config_dump"),
-            Endpoint::Certs => (AgentPort::Admin, "/certs"),
-        };
+        let (port, path) = endpoint.port_and_path();
         self.0.agent_get(node, port, path)
     }
 
-    fn agent_connect(&self, node: &str) -> Result<std::net::TcpStream, String> {
-        self.0.agent_connect(node, AgentPort::Admin)
+    fn agent_connect(&self, node: &str) -> Result<Box<dyn Connection>, String> {
+        let connection = self.0.agent_connect(node, AgentPort::Admin)?;
+        connection
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpStream::from_std(connection))
+            .map(|connection| Box::new(connection) as Box<dyn Connection>)
+            .map_err(|err| err.to_string())
     }
 }

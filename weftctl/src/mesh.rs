@@ -7,8 +7,11 @@ use std::{
     time::SystemTime,
 };
 
+use serde::Serialize;
 use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite};
 use weft_api::{admin::Certificate, exposition};
+use weft_cluster::AgentPort;
 use weft_controller::admin::StatusReport;
 
 /// An agent endpoint weftctl reads.
@@ -24,6 +27,33 @@ pub enum Endpoint {
     Certs,
 }
 
+impl Endpoint {
+    /// The agent's port that serves it, and its path.
+    pub fn port_and_path(self) -> (AgentPort, &'static str) {
+        match self {
+            Endpoint::Ready => (AgentPort::Ready, "/healthz/ready"),
+            Endpoint::Metrics => (AgentPort::Metrics, "/metrics"),
+            Endpoint::ConfigDump => (AgentPort::Admin, "/config_dump"),
+            Endpoint::Certs => (AgentPort::Admin, "/certs"),
+        }
+    }
+}
+
+/// A connection to an agent's admin port, however it was made (inside a node's
+/// network namespace, through a port-forward).
+pub trait Connection: AsyncRead + AsyncWrite + Send + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Connection for T {}
+
+/// Which controller replica leads, by the Lease they elect a leader with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Leadership {
+    pub holder: Option<String>,
+    /// When the holder last renewed it (by its clock).
+    pub renewed_unix: Option<i64>,
+    pub duration_seconds: Option<i64>,
+}
+
 /// A mesh weftctl can read.
 pub trait Mesh {
     /// The nodes that should each run an agent.
@@ -33,8 +63,14 @@ pub trait Mesh {
     fn controller_get(&self, path: &str) -> Result<String, String>;
     /// The body of a 200 from `node`'s agent at `endpoint`, or what it answered instead.
     fn agent_get(&self, node: &str, endpoint: Endpoint) -> Result<String, String>;
-    /// A connection to `node`'s agent admin port, for its gRPC streams.
-    fn agent_connect(&self, node: &str) -> Result<std::net::TcpStream, String>;
+    /// A connection to `node`'s agent admin port, for its gRPC streams; called on an
+    /// async runtime.
+    fn agent_connect(&self, node: &str) -> Result<Box<dyn Connection>, String>;
+    /// Who leads the controller's replicas, where they elect a leader (`None` where one
+    /// controller runs alone, as in the local cluster).
+    fn leadership(&self) -> Option<Result<Leadership, String>> {
+        None
+    }
 }
 
 /// What the controller and every agent said, and when.
@@ -42,6 +78,7 @@ pub trait Mesh {
 pub struct Snapshot {
     pub now: SystemTime,
     pub controller: Result<StatusReport, String>,
+    pub leadership: Option<Result<Leadership, String>>,
     pub nodes: Vec<NodeSnapshot>,
 }
 
@@ -83,6 +120,7 @@ impl Snapshot {
         Self {
             now,
             controller,
+            leadership: mesh.leadership(),
             nodes,
         }
     }
@@ -247,6 +285,7 @@ pub mod tests {
         Snapshot {
             now: SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000),
             controller: Ok(serde_json::from_value(status).unwrap()),
+            leadership: None,
             nodes: vec![
                 node(
                     "node0",

@@ -4,7 +4,7 @@
 //! here in time order. Without `--follow`, each agent's recent drops, denials and
 //! errors; with it, every event from then on as well.
 
-use std::{io::Write as _, net::TcpStream, process::ExitCode, sync::Mutex, time::Duration};
+use std::{io::Write as _, process::ExitCode, sync::Mutex, time::Duration};
 
 use anyhow::Context as _;
 use serde::Serialize;
@@ -16,7 +16,7 @@ use weft_api::observe::{
 };
 
 use crate::{
-    mesh::Mesh,
+    mesh::{Connection, Mesh},
     output::{Format, Report},
 };
 
@@ -186,7 +186,7 @@ enum Item {
 /// stream or fails.
 async fn watch(
     node: String,
-    connection: TcpStream,
+    connection: Box<dyn Connection>,
     request: WatchRequest,
     sender: mpsc::Sender<Item>,
 ) {
@@ -226,12 +226,8 @@ async fn watch(
 /// A gRPC client of the observer over `connection`, a connection to an agent's admin
 /// port however it was made (inside a node's namespace, through a port-forward).
 async fn client(
-    connection: TcpStream,
+    connection: Box<dyn Connection>,
 ) -> Result<ObserverClient<tonic::transport::Channel>, String> {
-    connection
-        .set_nonblocking(true)
-        .map_err(|err| err.to_string())?;
-    let connection = tokio::net::TcpStream::from_std(connection).map_err(|err| err.to_string())?;
     // The channel dials once, and gets the connection made already.
     let once = Mutex::new(Some(connection));
     let channel = Endpoint::from_static("http://agent-admin")

@@ -2,7 +2,8 @@
 //! real one that kube-rs clients and watchers run against it unchanged:
 //!
 //! - per-collection storage with one global, increasing resourceVersion;
-//! - LIST (`limit`/`continue` pages, each with the list's resourceVersion);
+//! - LIST (`limit`/`continue` pages, each with the list's resourceVersion; equality
+//!   `labelSelector`s);
 //! - WATCH from a resourceVersion: the events after it, periodic BOOKMARKs, and a
 //!   single `410 Expired` ERROR event when that version is older than the last
 //!   compaction (the client must then list again);
@@ -16,11 +17,17 @@
 //!   `metadata.resourceVersion` precondition, as the real server checks);
 //! - TokenReviews answered from a table of tokens;
 //! - `404` for the kinds a test marks as not installed;
-//! - RBAC: every request is checked against the controller's roles in
-//!   `deploy/install.yaml` ([`super::rbac`]) and refused `403 Forbidden` when they do
-//!   not allow it. A refusal a test did not take back with
-//!   [`FakeApi::take_forbidden`] fails the test when the server is dropped, so a new
-//!   watch or write without a rule is caught.
+//! - pod port-forwards over WebSocket (`v4.channel.k8s.io`, as kube-rs and kubectl
+//!   speak it), to where a dialer the test sets reaches the pod's port
+//!   ([`FakeApi::set_dialer`]; the pod's IP by default);
+//! - authentication: a bearer token of the token table is its user; a request without
+//!   one is the controller's service account (what [`FakeApi::client`] sends);
+//! - RBAC: every request is checked against the roles and bindings of
+//!   `deploy/install.yaml` ([`rbac`]), plus those a test adds as an operator would
+//!   ([`FakeApi::bind`]), and refused `403 Forbidden` when they do not allow it. A
+//!   refusal a test did not take back with [`FakeApi::take_forbidden`] fails the test
+//!   when the server is dropped, so a new watch, write or port-forward without a rule
+//!   is caught.
 //!
 //! Creates and replaces take the same path whether a client sends them or a test
 //! calls [`FakeApi::create`] or [`FakeApi::update`] (which panic where the server
@@ -28,20 +35,24 @@
 //! [`FakeApi::delete`]), compact the history, break and hold open watches to simulate
 //! an outage, and count the requests the client made by verb and path.
 
+pub mod rbac;
+
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     convert::Infallible,
+    net::{IpAddr, SocketAddr, TcpStream},
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{SinkExt as _, StreamExt};
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::{
     net::TcpListener,
     sync::{mpsc, watch},
@@ -49,8 +60,19 @@ use tokio::{
     time::Instant,
 };
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_tungstenite::{
+    WebSocketStream,
+    tungstenite::{Message, handshake::derive_accept_key, protocol::Role},
+};
 
-use super::rbac::{Access, Rbac};
+pub use rbac::Subject;
+use rbac::{Access, Rbac};
+
+/// Connects to a pod's port, as the kubelet would for a port-forward.
+pub type Dialer = Arc<dyn Fn(&Value, u16) -> std::io::Result<TcpStream> + Send + Sync>;
+
+/// The WebSocket subprotocol of port-forwards the fake speaks.
+const PORT_FORWARD_PROTOCOL: &str = "v4.channel.k8s.io";
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -213,6 +235,7 @@ struct State {
     bookmark_interval: Duration,
     /// Bookmarks sent, by kind.
     bookmarks: HashMap<&'static str, usize>,
+    rbac: Rbac,
     /// The messages of the requests RBAC refused.
     forbidden: Vec<String>,
     /// Open watches end when this moves.
@@ -293,10 +316,10 @@ impl State {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 struct Shared {
     state: Arc<Mutex<State>>,
-    rbac: Arc<Rbac>,
+    dialer: Arc<Mutex<Dialer>>,
     /// Ticks whenever the state changes.
     changed: Arc<watch::Sender<()>>,
 }
@@ -314,23 +337,30 @@ impl Shared {
 }
 
 /// A running fake API server; it stops when dropped.
-#[derive(Debug)]
 pub struct FakeApi {
     shared: Shared,
     url: String,
     server: JoinHandle<()>,
 }
 
+impl std::fmt::Debug for FakeApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeApi").field("url", &self.url).finish()
+    }
+}
+
 impl Drop for FakeApi {
     fn drop(&mut self) {
         self.server.abort();
-        let forbidden = std::mem::take(&mut self.shared.lock().forbidden);
-        if !std::thread::panicking() {
-            assert!(
-                forbidden.is_empty(),
-                "the controller's roles in deploy/install.yaml do not allow what it did: {forbidden:#?}"
-            );
+        // A test that failed has said why; a second panic here would only abort.
+        if std::thread::panicking() {
+            return;
         }
+        let forbidden = std::mem::take(&mut self.shared.lock().forbidden);
+        assert!(
+            forbidden.is_empty(),
+            "the roles in deploy/install.yaml do not allow what a client did: {forbidden:#?}"
+        );
     }
 }
 
@@ -351,12 +381,13 @@ impl FakeApi {
                 requests: Vec::new(),
                 bookmark_interval: Duration::from_secs(1),
                 bookmarks: HashMap::new(),
+                rbac: Rbac::of_install_manifest(),
                 forbidden: Vec::new(),
                 epoch: 0,
                 held: false,
             })),
+            dialer: Arc::new(Mutex::new(Arc::new(dial_pod_ip))),
             changed: Arc::new(watch::channel(()).0),
-            rbac: Arc::new(Rbac::of_install_manifest()),
         };
         let server = tokio::spawn({
             let shared = shared.clone();
@@ -370,6 +401,7 @@ impl FakeApi {
                         // Fails when a client goes away mid-watch, which is its right.
                         let _ = hyper::server::conn::http1::Builder::new()
                             .serve_connection(TokioIo::new(stream), service)
+                            .with_upgrades()
                             .await;
                     });
                 }
@@ -382,7 +414,12 @@ impl FakeApi {
         }
     }
 
-    /// A client of this server.
+    /// The server's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// A client of this server, as the controller's service account.
     pub fn client(&self) -> kube::Client {
         let config = kube::Config::new(self.url.parse().unwrap());
         kube::Client::try_from(config).unwrap()
@@ -483,8 +520,27 @@ impl FakeApi {
             .insert(token.to_owned(), Token { audiences, user });
     }
 
+    /// Binds `role` to `subject` as `kubectl create rolebinding` (with `namespace`)
+    /// or `clusterrolebinding` (without) would.
+    pub fn bind(&self, subject: Subject, role_kind: &str, role: &str, namespace: Option<&str>) {
+        self.shared
+            .lock()
+            .rbac
+            .bind(subject, role_kind, role, namespace);
+    }
+
+    /// Makes port-forwards reach pods through `dialer`.
+    pub fn set_dialer(&self, dialer: Dialer) {
+        *self
+            .shared
+            .dialer
+            .lock()
+            .expect("a test thread panicked holding the dialer") = dialer;
+    }
+
     /// How many requests with `verb` (`list`, `watch`, `get`, `create`, `update`,
-    /// `patch`) went to `path`.
+    /// `patch`) went to `path` (port-forwards are `create`s of
+    /// `…/pods/NAME/portforward`).
     pub fn requests(&self, verb: &str, path: &str) -> usize {
         self.shared
             .lock()
@@ -536,7 +592,8 @@ struct Target {
     resource: &'static Resource,
     namespace: Option<String>,
     name: Option<String>,
-    status: bool,
+    /// `status` or `portforward`.
+    subresource: Option<&'static str>,
 }
 
 fn target(path: &str) -> Option<Target> {
@@ -559,10 +616,11 @@ fn target(path: &str) -> Option<Target> {
         }
         all => (None, all),
     };
-    let (plural, name, status) = match segments {
-        [plural] => (*plural, None, false),
-        [plural, name] => (*plural, Some((*name).to_owned()), false),
-        [plural, name, "status"] => (*plural, Some((*name).to_owned()), true),
+    let (plural, name, subresource) = match segments {
+        [plural] => (*plural, None, None),
+        [plural, name] => (*plural, Some((*name).to_owned()), None),
+        [plural, name, "status"] => (*plural, Some((*name).to_owned()), Some("status")),
+        ["pods", name, "portforward"] => ("pods", Some((*name).to_owned()), Some("portforward")),
         _ => return None,
     };
     let resource = RESOURCES
@@ -575,7 +633,7 @@ fn target(path: &str) -> Option<Target> {
         resource,
         namespace,
         name,
-        status,
+        subresource,
     })
 }
 
@@ -586,8 +644,32 @@ fn query(request: &Request<Incoming>) -> HashMap<String, String> {
         .unwrap_or_default()
         .split('&')
         .filter_map(|pair| pair.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .map(|(k, v)| (k.to_owned(), percent_decoded(v)))
         .collect()
+}
+
+/// A query value with its `%XX` escapes decoded.
+fn percent_decoded(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        let escaped = (bytes[index] == b'%')
+            .then(|| value.get(index + 1..index + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(byte) => {
+                decoded.push(byte);
+                index += 3;
+            }
+            None => {
+                decoded.push(bytes[index]);
+                index += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&decoded).into_owned()
 }
 
 fn full(status: StatusCode, body: &Value) -> Response<Body> {
@@ -637,9 +719,19 @@ fn conflict(resource: &Resource, name: &str) -> Value {
     status(409, "Conflict", &message)
 }
 
-async fn handle(shared: Shared, request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn handle(
+    shared: Shared,
+    mut request: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let path = request.uri().path().to_owned();
     let query = query(&request);
+    let subject = match authenticate(&shared, &request) {
+        Ok(subject) => subject,
+        Err(refused) => {
+            shared.lock().requests.push(("unauthorized", path));
+            return Ok(reply(&refused));
+        }
+    };
     if request.method() == Method::POST && path == "/apis/authentication.k8s.io/v1/tokenreviews" {
         shared.lock().requests.push(("create", path));
         let access = Access {
@@ -649,7 +741,7 @@ async fn handle(shared: Shared, request: Request<Incoming>) -> Result<Response<B
             namespace: None,
             name: None,
         };
-        if let Some(refused) = authorize(&shared, access) {
+        if let Some(refused) = authorize(&shared, &subject, access) {
             return Ok(refused);
         }
         let body = request.into_body().collect().await.map(|b| b.to_bytes());
@@ -663,13 +755,17 @@ async fn handle(shared: Shared, request: Request<Incoming>) -> Result<Response<B
             "the server could not find the requested resource",
         ));
     };
-    let verb = match (request.method(), &target.name, target.status) {
-        (&Method::GET, None, false) if query.get("watch").is_some_and(|w| w == "true") => "watch",
-        (&Method::GET, None, false) => "list",
-        (&Method::GET, Some(_), false) => "get",
-        (&Method::POST, None, false) => "create",
-        (&Method::PUT, Some(_), false) => "update",
-        (&Method::PATCH, Some(_), true) => "patch",
+    let verb = match (request.method(), &target.name, target.subresource) {
+        (&Method::GET, None, None) if query.get("watch").is_some_and(|w| w == "true") => "watch",
+        (&Method::GET, None, None) => "list",
+        (&Method::GET, Some(_), None) => "get",
+        (&Method::POST, None, None) => "create",
+        (&Method::PUT, Some(_), None) => "update",
+        (&Method::PATCH, Some(_), Some("status")) => "patch",
+        // A WebSocket port-forward is a GET, which the server authorizes as the
+        // `create` it is (as Kubernetes does since the WebSocket streaming
+        // protocols replaced SPDY).
+        (&Method::GET, Some(_), Some("portforward")) => "create",
         _ => {
             shared.lock().requests.push(("unsupported", path));
             return Ok(failure(
@@ -684,9 +780,9 @@ async fn handle(shared: Shared, request: Request<Incoming>) -> Result<Response<B
         Some((group, _)) => group,
         None => "",
     };
-    let resource = match target.status {
-        true => format!("{}/status", target.resource.plural),
-        false => target.resource.plural.to_owned(),
+    let resource = match target.subresource {
+        Some(subresource) => format!("{}/{subresource}", target.resource.plural),
+        None => target.resource.plural.to_owned(),
     };
     let access = Access {
         verb,
@@ -695,7 +791,7 @@ async fn handle(shared: Shared, request: Request<Incoming>) -> Result<Response<B
         namespace: target.namespace.as_deref(),
         name: target.name.as_deref(),
     };
-    if let Some(refused) = authorize(&shared, access) {
+    if let Some(refused) = authorize(&shared, &subject, access) {
         return Ok(refused);
     }
     let installed = !shared.lock().not_installed.contains(target.resource.kind);
@@ -705,6 +801,9 @@ async fn handle(shared: Shared, request: Request<Incoming>) -> Result<Response<B
             "NotFound",
             "the server could not find the requested resource",
         ));
+    }
+    if target.subresource == Some("portforward") {
+        return Ok(port_forward(&shared, &target, &query, &mut request));
     }
     Ok(match verb {
         "watch" => watch(shared, target, &query).await,
@@ -740,14 +839,67 @@ async fn handle(shared: Shared, request: Request<Incoming>) -> Result<Response<B
     })
 }
 
-/// `None` when RBAC allows `access`; else the `403` the server answers, recorded.
-fn authorize(shared: &Shared, access: Access<'_>) -> Option<Response<Body>> {
-    if shared.rbac.allows(access) {
+/// Who sent `request`: the user of its bearer token, or the controller's service
+/// account when it has none; `Err` is the `401` `Status` for a token nobody issued.
+fn authenticate(shared: &Shared, request: &Request<Incoming>) -> Result<Subject, Value> {
+    let Some(authorization) = request.headers().get(header::AUTHORIZATION) else {
+        return Ok(Subject::controller());
+    };
+    let token = authorization
+        .to_str()
+        .ok()
+        .and_then(|value| value.strip_prefix("Bearer "));
+    let state = shared.lock();
+    token
+        .and_then(|token| state.tokens.get(token))
+        .and_then(|known| known.user["username"].as_str())
+        .map(Subject::of_username)
+        .ok_or_else(|| status(401, "Unauthorized", "Unauthorized"))
+}
+
+/// `None` when RBAC allows `access` by `subject`; else the `403` the server
+/// answers, recorded.
+fn authorize(shared: &Shared, subject: &Subject, access: Access<'_>) -> Option<Response<Body>> {
+    let mut state = shared.lock();
+    if state.rbac.allows(subject, access) {
         return None;
     }
-    let message = shared.rbac.forbidden(access);
-    shared.lock().forbidden.push(message.clone());
+    let message = Rbac::forbidden(subject, access);
+    state.forbidden.push(message.clone());
     Some(failure(403, "Forbidden", &message))
+}
+
+/// The `key=value` pairs of the request's equality-based `labelSelector`; `Err` is
+/// the `400` `Status` for a selector the fake does not take (set-based, `!=`).
+fn label_selector(query: &HashMap<String, String>) -> Result<Vec<(String, String)>, Value> {
+    let Some(selector) = query.get("labelSelector") else {
+        return Ok(Vec::new());
+    };
+    selector
+        .split(',')
+        .filter(|term| !term.is_empty())
+        .map(|term| {
+            let (key, value) = term
+                .split_once("==")
+                .or_else(|| term.split_once('='))
+                .filter(|(key, _)| !key.ends_with('!'))
+                .ok_or_else(|| {
+                    status(
+                        400,
+                        "BadRequest",
+                        "the fake takes equality label selectors only",
+                    )
+                })?;
+            Ok((key.to_owned(), value.to_owned()))
+        })
+        .collect()
+}
+
+/// Whether `object`'s labels hold every pair of `selector`.
+fn selected(object: &Value, selector: &[(String, String)]) -> bool {
+    selector
+        .iter()
+        .all(|(key, value)| object["metadata"]["labels"][key] == value.as_str())
 }
 
 fn in_namespace(namespace: &Option<String>, key: &Key) -> bool {
@@ -769,6 +921,10 @@ fn unhex(text: &str) -> Option<String> {
 }
 
 fn list(shared: &Shared, target: &Target, query: &HashMap<String, String>) -> Response<Body> {
+    let selector = match label_selector(query) {
+        Ok(selector) => selector,
+        Err(refused) => return reply(&refused),
+    };
     let state = shared.lock();
     let limit = query
         .get("limit")
@@ -804,7 +960,10 @@ fn list(shared: &Shared, target: &Target, query: &HashMap<String, String>) -> Re
     let mut more = false;
     if let Some(collection) = state.collections.get(target.resource.kind) {
         for (key, object) in &collection.objects {
-            if !in_namespace(&target.namespace, key) || after.as_ref().is_some_and(|a| key <= a) {
+            if !in_namespace(&target.namespace, key)
+                || after.as_ref().is_some_and(|a| key <= a)
+                || !selected(object, &selector)
+            {
                 continue;
             }
             if items.len() == limit {
@@ -1125,6 +1284,178 @@ async fn stream_watch(
             () = tokio::time::sleep_until(next_bookmark), if bookmarks => {}
             () = tokio::time::sleep_until(deadline) => return,
             () = sender.closed() => return,
+        }
+    }
+}
+
+/// Where a pod's port is when the test set no dialer: its `status.podIP`.
+fn dial_pod_ip(pod: &Value, port: u16) -> std::io::Result<TcpStream> {
+    let ip: IpAddr = pod["status"]["podIP"]
+        .as_str()
+        .and_then(|ip| ip.parse().ok())
+        .ok_or_else(|| std::io::Error::other("the pod has no IP"))?;
+    TcpStream::connect_timeout(&SocketAddr::new(ip, port), Duration::from_secs(5))
+}
+
+/// Answers a port-forward's WebSocket upgrade and then relays, as the kubelet does,
+/// each requested port `i`: its data on channel `2i`, its error on `2i + 1`, each
+/// channel first announcing its port (two bytes, little-endian).
+fn port_forward(
+    shared: &Shared,
+    target: &Target,
+    query: &HashMap<String, String>,
+    request: &mut Request<Incoming>,
+) -> Response<Body> {
+    let key = (
+        target.namespace.clone().unwrap_or_default(),
+        target.name.clone().unwrap_or_default(),
+    );
+    let Some(pod) = shared.lock().stored("Pod", &key).cloned() else {
+        return reply(&not_found(target.resource, &key.1));
+    };
+    let ports: Option<Vec<u16>> = query
+        .get("ports")
+        .and_then(|ports| ports.split(',').map(|port| port.parse().ok()).collect());
+    let Some(ports) = ports.filter(|ports| !ports.is_empty()) else {
+        return failure(
+            400,
+            "BadRequest",
+            "a port-forward names its ports: ?ports=PORT[,PORT]",
+        );
+    };
+    let header = |name| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default()
+    };
+    let offered = header(header::SEC_WEBSOCKET_PROTOCOL)
+        .split(',')
+        .any(|protocol| protocol.trim() == PORT_FORWARD_PROTOCOL);
+    let websocket = header(header::UPGRADE).eq_ignore_ascii_case("websocket");
+    let client_key = header(header::SEC_WEBSOCKET_KEY);
+    if !offered || !websocket || client_key.is_empty() {
+        let message =
+            format!("a port-forward is a WebSocket upgrade offering {PORT_FORWARD_PROTOCOL}");
+        return failure(400, "BadRequest", &message);
+    }
+    let accept = derive_accept_key(client_key.as_bytes());
+    let upgrade = hyper::upgrade::on(request);
+    let dialer = Arc::clone(
+        &shared
+            .dialer
+            .lock()
+            .expect("a test thread panicked holding the dialer"),
+    );
+    tokio::spawn(async move {
+        if let Ok(upgraded) = upgrade.await {
+            let socket =
+                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+            relay_ports(socket, pod, ports, dialer).await;
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+        .header(header::SEC_WEBSOCKET_PROTOCOL, PORT_FORWARD_PROTOCOL)
+        .body(Full::new(Bytes::new()).boxed())
+        .unwrap()
+}
+
+/// Relays the channels of a port-forward's `socket` to the pod's `ports` until the
+/// client closes it or every port's connection has ended. A port that cannot be
+/// reached gets its message on its error channel.
+async fn relay_ports<S>(socket: WebSocketStream<S>, pod: Value, ports: Vec<u16>, dialer: Dialer)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (mut sink, mut incoming) = socket.split();
+    for (index, port) in ports.iter().enumerate() {
+        for channel in [2 * index, 2 * index + 1] {
+            let [low, high] = port.to_le_bytes();
+            let announce = Message::binary(vec![channel as u8, low, high]);
+            if sink.send(announce).await.is_err() {
+                return;
+            }
+        }
+    }
+    let (to_client, mut outgoing) = mpsc::channel::<Message>(16);
+    let mut writers = Vec::new();
+    for (index, &port) in ports.iter().enumerate() {
+        let dialed = {
+            let (dialer, pod) = (Arc::clone(&dialer), pod.clone());
+            tokio::task::spawn_blocking(move || dialer(&pod, port)).await
+        };
+        let connection = match dialed {
+            Ok(Ok(connection)) => connection
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::TcpStream::from_std(connection)),
+            Ok(Err(err)) => Err(err),
+            Err(panicked) => Err(std::io::Error::other(panicked.to_string())),
+        };
+        match connection {
+            Ok(connection) => {
+                let (mut reader, writer) = connection.into_split();
+                writers.push(Some(writer));
+                let to_client = to_client.clone();
+                let channel = (2 * index) as u8;
+                tokio::spawn(async move {
+                    let mut buffer = vec![0; 16 * 1024];
+                    while let Ok(read @ 1..) = reader.read(&mut buffer).await {
+                        let mut frame = Vec::with_capacity(read + 1);
+                        frame.push(channel);
+                        frame.extend_from_slice(&buffer[..read]);
+                        if to_client.send(Message::binary(frame)).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+            Err(err) => {
+                writers.push(None);
+                let name = pod["metadata"]["name"].as_str().unwrap_or_default();
+                let mut frame = vec![(2 * index + 1) as u8];
+                frame.extend(format!("error forwarding port {port} to pod {name}: {err}").bytes());
+                let _ = to_client.send(Message::binary(frame)).await;
+            }
+        }
+    }
+    // Once every port's reader has ended, `outgoing` ends too.
+    drop(to_client);
+    loop {
+        tokio::select! {
+            message = outgoing.recv() => match message {
+                Some(message) => {
+                    if sink.send(message).await.is_err() {
+                        return;
+                    }
+                }
+                None => {
+                    let _ = sink.send(Message::Close(None)).await;
+                    return;
+                }
+            },
+            message = incoming.next() => match message {
+                Some(Ok(Message::Binary(data))) if data.len() > 1 && data[0] % 2 == 0 => {
+                    let index = usize::from(data[0] / 2);
+                    if let Some(slot) = writers.get_mut(index)
+                        && let Some(writer) = slot
+                        && writer.write_all(&data[1..]).await.is_err()
+                    {
+                        *slot = None;
+                    }
+                }
+                // Answers the client's close, completing the handshake.
+                Some(Ok(Message::Close(_))) => {
+                    let _ = sink.close().await;
+                    return;
+                }
+                Some(Err(_)) | None => return,
+                Some(Ok(_)) => {}
+            },
         }
     }
 }
