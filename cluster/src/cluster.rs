@@ -574,7 +574,7 @@ impl Cluster {
 
     /// Every manifest file the controller reads: the cluster's objects and the YAML and
     /// JSON files under the user's manifests.
-    fn mesh_files(&self) -> Vec<PathBuf> {
+    pub fn mesh_files(&self) -> Vec<PathBuf> {
         let mut files = vec![self.topology.objects.clone()];
         files.extend(weft_api::manifests::files(
             self.topology.manifests.as_deref().unwrap_or_default(),

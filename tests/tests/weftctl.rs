@@ -551,6 +551,74 @@ fn weftctl_reads_a_kubernetes_cluster_through_its_api_server() {
             .any(|event| event["method"] == "POST" && event["status"] == 403),
         "{observed:#}"
     );
+    // analyze over what the API server holds (a route shadowed by an older one), then
+    // with a file applied on top (a policy weft refuses).
+    fake.create(serde_json::json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": { "name": "shop", "labels": { "weft.dev/mesh": "enabled" } },
+    }));
+    fake.create(serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": { "name": "web", "namespace": "shop" },
+        "spec": { "clusterIP": "10.96.0.20", "selector": { "app": "web" },
+                  "ports": [{ "name": "http", "port": 80 }] },
+    }));
+    for route in ["a-first", "b-second"] {
+        fake.create(serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": { "name": route, "namespace": "shop" },
+            "spec": {
+                "parentRefs": [{ "group": "", "kind": "Service", "name": "web", "port": 80 }],
+                "rules": [{ "matches": [{ "path": { "type": "PathPrefix", "value": "/" } }],
+                            "backendRefs": [{ "name": "web", "port": 80 }] }],
+            },
+        }));
+    }
+    let findings = |args: &[&str]| {
+        let (passed, json) = weftctl_at(&kube, args);
+        let analysis: Value = serde_json::from_str(&json).unwrap();
+        let found: Vec<(String, String, String)> = analysis["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|finding| {
+                let text = |key: &str| finding[key].as_str().unwrap_or_default().to_owned();
+                (text("file"), text("object"), text("reason"))
+            })
+            .collect();
+        (passed, found)
+    };
+    let shadowed = (
+        "cluster/HTTPRoute".to_owned(),
+        "HTTPRoute shop/b-second".to_owned(),
+        "Shadowed".to_owned(),
+    );
+    let (passed, found) = findings(&["analyze", "-o", "json"]);
+    assert!(passed && found.contains(&shadowed), "{found:?}");
+    let policy = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        policy.path(),
+        "apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+         metadata: { name: everyone, namespace: shop }\n\
+         spec: { rules: [{ from: [{}] }] }\n",
+    )
+    .unwrap();
+    let file = policy.path().to_str().unwrap();
+    let (passed, found) = findings(&["analyze", "--cluster", "-f", file, "-o", "json"]);
+    assert!(!passed);
+    assert!(found.contains(&shadowed), "{found:?}");
+    assert!(
+        found.contains(&(
+            file.to_owned(),
+            "AuthorizationPolicy shop/everyone".to_owned(),
+            "Invalid".to_owned()
+        )),
+        "{found:?}"
+    );
+    // The local cluster's own objects, the same way: all of them apply.
+    let (passed, json) = weftctl(&cluster, &["analyze"]);
+    assert!(passed, "{json}");
+
     // A node whose agent pod is gone: named, with where to look.
     fake.delete("Pod", "weft-system", "weft-agent-node1");
     let (passed, checks) = check_at(&kube);

@@ -3,6 +3,8 @@
 //! would not apply as written, with its file, object and the field at fault (the
 //! controller's verdicts name it), and each route rule that never takes a request
 //! because an earlier one matches the same, so a CI pipeline can stop a bad change.
+//! With `--cluster` (or without files) the same over the objects a cluster has now
+//! ([`crate::mesh::Mesh::manifests`]), the files applied on top.
 
 use std::{
     collections::BTreeMap,
@@ -52,26 +54,26 @@ pub enum Severity {
     Info,
 }
 
-/// Reads `paths` (files, or directories of `*.yaml`, `*.yml`, `*.json`) and analyzes
-/// them.
-pub fn paths(paths: &[PathBuf]) -> anyhow::Result<Analysis> {
+/// The manifests under `paths` (files, or directories of `*.yaml`, `*.yml`,
+/// `*.json`), with their content.
+pub fn read(paths: &[PathBuf]) -> anyhow::Result<Vec<(PathBuf, String)>> {
     let files = weft_api::manifests::files(paths);
-    if files.is_empty() {
+    if files.is_empty() && !paths.is_empty() {
         anyhow::bail!("no YAML or JSON file in {paths:?}");
     }
-    let inputs = files
+    files
         .into_iter()
         .map(|path| {
             let text = std::fs::read_to_string(&path)
                 .map_err(|err| anyhow::anyhow!("{}: {err}", path.display()))?;
             Ok((path, text))
         })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(analyze(&inputs))
+        .collect()
 }
 
 /// The findings for manifests `inputs` (path, content), compiled together as the
-/// controller compiles a cluster's objects.
+/// controller compiles a cluster's objects; an object of a later input replaces one
+/// of an earlier input with the same kind, namespace and name, as applying it would.
 pub fn analyze(inputs: &[(PathBuf, String)]) -> Analysis {
     let mut findings = Vec::new();
     let mut objects = Objects::default();

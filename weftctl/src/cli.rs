@@ -131,12 +131,18 @@ enum Command {
         follow: bool,
     },
     /// What of a set of manifests weft would not apply as written, before they are
-    /// applied: the controller's own parsing, validation and compilation, offline.
-    /// Exits 1 when an object would be refused or a file does not parse.
+    /// applied: the controller's own parsing, validation and compilation, offline, or
+    /// over what a cluster holds (--cluster). Exits 1 when an object would be refused
+    /// or a file does not parse.
     Analyze {
         /// Manifest files, or directories of them (repeatable).
-        #[arg(short = 'f', long = "filename", required = true)]
+        #[arg(short = 'f', long = "filename")]
         files: Vec<PathBuf>,
+        /// Analyze the files over the objects the cluster has now (the one --local,
+        /// --kubeconfig and --context name), as applying them would leave it; without
+        /// files, the cluster's objects alone.
+        #[arg(long)]
+        cluster: bool,
     },
     /// Prints weft's install manifests with options, for `kubectl apply -f -`.
     Install {
@@ -184,7 +190,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { pre: true } => print(&check::machine(), format),
-        Command::Analyze { files } => print(&analyze::paths(&files)?, format),
+        Command::Analyze { files, cluster } => {
+            let mut manifests = Vec::new();
+            if cluster || files.is_empty() {
+                manifests = connect(&cli.target)?.manifests()?;
+            }
+            manifests.extend(analyze::read(&files)?);
+            print(&analyze::analyze(&manifests), format)
+        }
         Command::Install { settings } => manifests(&install::install(&settings)?),
         Command::Uninstall { settings } => manifests(&install::uninstall(&settings)?),
         Command::Observe {

@@ -8,7 +8,12 @@
 //! What the operator needs is the `weft-operator` ClusterRole and Role of the install
 //! manifest (deploy/README.md says how to bind them); a refusal says so.
 
-use std::{collections::BTreeMap, future::Future, path::Path, time::Duration};
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use bytes::Bytes;
@@ -20,10 +25,11 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, Config,
-    api::ListParams,
+    api::{DynamicObject, ListParams},
     config::{KubeConfigOptions, Kubeconfig},
 };
 use weft_cluster::AgentPort;
+use weft_controller::{objects::Kind, source::kubernetes::api_resource};
 
 use crate::mesh::{Connection, Endpoint, Leadership, Mesh};
 
@@ -172,6 +178,45 @@ impl Mesh for Kubernetes {
         let connection =
             self.wait(async move { forward(&pods, &pod, AgentPort::Admin as u16).await })?;
         Ok(Box::new(connection))
+    }
+
+    /// One List per kind the controller reads, named `cluster/<Kind>`. A kind the API
+    /// server does not serve (its CRD not installed) is left out, and said so.
+    fn manifests(&self) -> anyhow::Result<Vec<(PathBuf, String)>> {
+        let client = self.client.clone();
+        self.wait(async move {
+            let mut manifests = Vec::new();
+            for kind in Kind::ALL {
+                let resource = api_resource(kind);
+                let listed = Api::<DynamicObject>::all_with(client.clone(), &resource)
+                    .list(&ListParams::default())
+                    .await;
+                let objects = match listed {
+                    Ok(objects) => objects.items,
+                    Err(kube::Error::Api(status)) if status.code == 404 => {
+                        eprintln!(
+                            "weftctl: the API server does not serve {kind} ({}): none analyzed",
+                            kind.api_version()
+                        );
+                        continue;
+                    }
+                    Err(err) => return Err(refused(err, &format!("list {}", resource.plural))),
+                };
+                let items: Vec<serde_json::Value> = objects
+                    .into_iter()
+                    .map(|object| {
+                        let mut value = serde_json::to_value(object).unwrap_or_default();
+                        value["apiVersion"] = kind.api_version().into();
+                        value["kind"] = kind.name().into();
+                        value
+                    })
+                    .collect();
+                let list =
+                    serde_json::json!({ "apiVersion": "v1", "kind": "List", "items": items });
+                manifests.push((PathBuf::from(format!("cluster/{kind}")), list.to_string()));
+            }
+            Ok(manifests)
+        })
     }
 
     fn leadership(&self) -> Option<Result<Leadership, String>> {

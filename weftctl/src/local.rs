@@ -1,6 +1,8 @@
 //! The local cluster as a [`Mesh`]: its topology names the nodes, and the controller's
 //! and agents' endpoints are reached inside the cluster's network namespaces.
 
+use std::path::PathBuf;
+
 use anyhow::Context as _;
 use weft_cluster::{AgentPort, Cluster};
 
@@ -34,6 +36,10 @@ impl Mesh for LocalCluster {
     fn agent_get(&self, node: &str, endpoint: Endpoint) -> Result<String, String> {
         let (port, path) = endpoint.port_and_path();
         self.0.agent_get(node, port, path)
+    }
+
+    fn manifests(&self) -> anyhow::Result<Vec<(PathBuf, String)>> {
+        crate::analyze::read(&self.0.mesh_files())
     }
 
     fn agent_connect(&self, node: &str) -> Result<Box<dyn Connection>, String> {

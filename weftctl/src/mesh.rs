@@ -4,6 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
     time::SystemTime,
 };
 
@@ -66,6 +67,9 @@ pub trait Mesh {
     /// A connection to `node`'s agent admin port, for its gRPC streams; called on an
     /// async runtime.
     fn agent_connect(&self, node: &str) -> Result<Box<dyn Connection>, String>;
+    /// The objects the controller reads now, as manifests `analyze` reads: (a name
+    /// for where they came from, their text).
+    fn manifests(&self) -> anyhow::Result<Vec<(PathBuf, String)>>;
     /// Who leads the controller's replicas, where they elect a leader (`None` where one
     /// controller runs alone, as in the local cluster).
     fn leadership(&self) -> Option<Result<Leadership, String>> {

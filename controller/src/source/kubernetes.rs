@@ -63,7 +63,7 @@ pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 const CONCURRENT_WRITES: usize = 8;
 
 /// Where the API serves `kind`.
-fn api_resource(kind: Kind) -> ApiResource {
+pub fn api_resource(kind: Kind) -> ApiResource {
     match kind {
         Kind::Namespace => ApiResource::erase::<Namespace>(&()),
         Kind::Node => ApiResource::erase::<Node>(&()),
