@@ -394,9 +394,13 @@ fn kubeconfig(url: &str, token: &str) -> tempfile::NamedTempFile {
 fn mirror_in_api_server(cluster: &TestCluster, fake: &FakeApi) {
     let labels = |name: &str| serde_json::json!({ "app.kubernetes.io/name": name });
     let ready = serde_json::json!({ "conditions": [{ "type": "Ready", "status": "True" }] });
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
     for node in cluster.topology().node_names() {
         fake.create(serde_json::json!({
             "apiVersion": "v1", "kind": "Node", "metadata": { "name": node },
+            "status": {
+                "nodeInfo": { "kernelVersion": kernel.trim(), "operatingSystem": "linux" },
+            },
         }));
         fake.create(serde_json::json!({
             "apiVersion": "v1", "kind": "Pod",
@@ -486,6 +490,18 @@ fn weftctl_reads_a_kubernetes_cluster_through_its_api_server() {
         "weft-operator",
         Some("weft-system"),
     );
+    // Before an install: each node's kernel and OS, as the API server reports them.
+    let (passed, json) = weftctl_at(&kube, &["check", "--pre", "-o", "json"]);
+    let report: Value = serde_json::from_str(&json).unwrap();
+    assert!(passed, "{report:#}");
+    let subjects: Vec<&str> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|check| check["subject"].as_str().unwrap())
+        .collect();
+    assert_eq!(subjects, ["node node0", "node node1"]);
+
     // The same checks as the local cluster's, with the same outcomes, and the leader.
     let (passed, checks) = check_at(&kube);
     assert!(passed, "{checks:?}");

@@ -452,22 +452,62 @@ pub fn machine() -> Checks {
     machine_checks(&facts)
 }
 
-/// The checks of a machine with `facts`.
-pub fn machine_checks(facts: &Machine) -> Checks {
+/// What the API server says of a node, for `check --pre` on a cluster.
+#[derive(Debug, Default)]
+pub struct NodeInfo {
+    pub name: String,
+    /// `status.nodeInfo.kernelVersion`.
+    pub kernel: String,
+    /// `status.nodeInfo.operatingSystem`.
+    pub os: String,
+}
+
+/// The checks of a cluster's nodes before an install, from what the API server says
+/// of them: each runs Linux with a kernel new enough. (BTF, cgroup v2 and bpffs are
+/// not in the API: the agent checks them at start, and is not ready without them.)
+pub fn nodes(nodes: &[NodeInfo]) -> Checks {
+    let checks = nodes
+        .iter()
+        .map(|node| {
+            let subject = format!("node {}", node.name);
+            if node.os != "linux" {
+                return Check::new(
+                    subject,
+                    Outcome::Fail,
+                    format!("runs {:?}, not Linux", node.os),
+                )
+                .hint(
+                    "weft's agent runs on Linux nodes only; its DaemonSet tolerates every \
+                     taint, so keep it off this node with a nodeAffinity",
+                );
+            }
+            kernel(subject, &node.kernel)
+        })
+        .collect();
+    Checks { checks }
+}
+
+/// Whether kernel `release` is new enough, as check `subject`.
+fn kernel(subject: String, release: &str) -> Check {
     let (major, minor) = MINIMUM_KERNEL;
-    let kernel = match kernel_version(&facts.kernel) {
+    match kernel_version(release) {
         Some(version) if version >= MINIMUM_KERNEL => {
-            Check::new("kernel", Outcome::Pass, facts.kernel.clone())
+            Check::new(subject, Outcome::Pass, format!("kernel {release}"))
         }
         _ => Check::new(
-            "kernel",
+            subject,
             Outcome::Fail,
-            format!("{:?} is older than {major}.{minor}", facts.kernel),
+            format!("kernel {release:?} is older than {major}.{minor}"),
         )
         .hint(format!(
             "weft's programs need Linux {major}.{minor} or later (TCX links)"
         )),
-    };
+    }
+}
+
+/// The checks of a machine with `facts`.
+pub fn machine_checks(facts: &Machine) -> Checks {
+    let kernel = kernel("kernel".to_owned(), &facts.kernel);
     let btf = if facts.btf {
         Check::new("btf", Outcome::Pass, "/sys/kernel/btf/vmlinux is there")
     } else {
@@ -719,5 +759,46 @@ mod tests {
                 .count(),
             4
         );
+    }
+
+    #[test]
+    fn a_clusters_nodes_are_checked_from_what_the_api_server_says() {
+        let node = |name: &str, kernel: &str, os: &str| NodeInfo {
+            name: name.into(),
+            kernel: kernel.into(),
+            os: os.into(),
+        };
+        let checks = nodes(&[
+            node("a", "6.8.0-1015-aws", "linux"),
+            node("b", "5.15.0-91-generic", "linux"),
+            node("c", "10.0.20348.2113", "windows"),
+            node("d", "", "linux"),
+        ]);
+        let summary: Vec<(&str, Outcome, &str)> = checks
+            .checks
+            .iter()
+            .map(|check| {
+                (
+                    check.subject.as_str(),
+                    check.outcome,
+                    check.message.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("node a", Outcome::Pass, "kernel 6.8.0-1015-aws"),
+                (
+                    "node b",
+                    Outcome::Fail,
+                    "kernel \"5.15.0-91-generic\" is older than 6.6"
+                ),
+                ("node c", Outcome::Fail, "runs \"windows\", not Linux"),
+                ("node d", Outcome::Fail, "kernel \"\" is older than 6.6"),
+            ]
+        );
+        assert!(!checks.passed());
+        assert!(nodes(&[node("a", "6.6.1", "linux")]).passed());
     }
 }

@@ -57,9 +57,11 @@ enum Command {
     /// Whether the mesh is healthy: the controller answers and its CA signs, every
     /// agent is ready and serves the current configuration, certificates are valid and
     /// not near expiry, objects are accepted. Exits 1 when a check fails. With
-    /// `--pre`: whether this machine can run weft (kernel, BTF, cgroup v2, bpffs).
+    /// `--pre`: whether this machine can run weft (kernel, BTF, cgroup v2, bpffs), or
+    /// with --kubeconfig/--context, each node of that cluster (Linux, kernel).
     Check {
-        /// Check this machine before installing, instead of a running mesh.
+        /// Check before installing (this machine, or the named cluster's nodes) instead of
+        /// a running mesh.
         #[arg(long)]
         pre: bool,
     },
@@ -189,7 +191,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             clap_mangen::Man::new(Cli::command()).render(&mut io::stdout())?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Check { pre: true } => print(&check::machine(), format),
+        // Before an install: a cluster's nodes when one is named, else this machine.
+        Command::Check { pre: true } => match &cli.target {
+            Target {
+                local: None,
+                kubeconfig: None,
+                context: None,
+            } => print(&check::machine(), format),
+            Target { local: Some(_), .. } => {
+                anyhow::bail!(
+                    "check --pre checks this machine or a Kubernetes cluster's nodes, not a local cluster"
+                )
+            }
+            target => {
+                let cluster =
+                    Kubernetes::connect(target.kubeconfig.as_deref(), target.context.as_deref())?;
+                print(&check::nodes(&cluster.node_infos()), format)
+            }
+        },
         Command::Analyze { files, cluster } => {
             let mut manifests = Vec::new();
             if cluster || files.is_empty() {

@@ -31,7 +31,10 @@ use kube::{
 use weft_cluster::AgentPort;
 use weft_controller::{objects::Kind, source::kubernetes::api_resource};
 
-use crate::mesh::{Connection, Endpoint, Leadership, Mesh};
+use crate::{
+    check::NodeInfo,
+    mesh::{Connection, Endpoint, Leadership, Mesh},
+};
 
 /// Where the install manifest puts weft.
 const NAMESPACE: &str = "weft-system";
@@ -51,7 +54,7 @@ pub struct Kubernetes {
     /// itself runs.
     runtime: tokio::runtime::Runtime,
     client: Client,
-    nodes: Vec<String>,
+    nodes: Vec<NodeInfo>,
     /// The agent pod of each node that has one.
     agents: BTreeMap<String, String>,
     /// The controller pod to ask: the leader when one leads, else a ready replica.
@@ -98,11 +101,8 @@ impl Kubernetes {
                 leadership,
             ))
         })?;
-        let mut nodes: Vec<String> = nodes
-            .into_iter()
-            .filter_map(|node| node.metadata.name)
-            .collect();
-        nodes.sort();
+        let mut nodes: Vec<NodeInfo> = nodes.iter().map(node_info).collect();
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
         let leader = leadership
             .as_ref()
             .ok()
@@ -115,6 +115,11 @@ impl Kubernetes {
             controller: controller_to_ask(&controllers, leader),
             leadership,
         })
+    }
+
+    /// What the API server says of each node.
+    pub fn node_infos(self) -> Vec<NodeInfo> {
+        self.nodes
     }
 
     /// Runs `future` on the runtime and waits for it, also from inside another
@@ -158,7 +163,7 @@ impl Kubernetes {
 
 impl Mesh for Kubernetes {
     fn nodes(&self) -> Vec<String> {
-        self.nodes.clone()
+        self.nodes.iter().map(|node| node.name.clone()).collect()
     }
 
     fn controller_get(&self, path: &str) -> Result<String, String> {
@@ -262,6 +267,22 @@ fn refused(err: kube::Error, what: &str) -> anyhow::Error {
             status.message
         ),
         _ => anyhow::Error::new(err).context(format!("cannot {what}")),
+    }
+}
+
+fn node_info(node: &Node) -> NodeInfo {
+    let info = node
+        .status
+        .as_ref()
+        .and_then(|status| status.node_info.as_ref());
+    NodeInfo {
+        name: node.metadata.name.clone().unwrap_or_default(),
+        kernel: info
+            .map(|info| info.kernel_version.clone())
+            .unwrap_or_default(),
+        os: info
+            .map(|info| info.operating_system.clone())
+            .unwrap_or_default(),
     }
 }
 
