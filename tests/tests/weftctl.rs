@@ -400,6 +400,7 @@ fn mirror_in_api_server(cluster: &TestCluster, fake: &FakeApi) {
             "apiVersion": "v1", "kind": "Node", "metadata": { "name": node },
             "status": {
                 "nodeInfo": { "kernelVersion": kernel.trim(), "operatingSystem": "linux" },
+                "conditions": [{ "type": "Ready", "status": "True" }],
             },
         }));
         fake.create(serde_json::json!({

@@ -426,7 +426,7 @@ fn rank(outcome: Outcome) -> u8 {
 }
 
 /// What `check --pre` looks at on this machine.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Machine {
     /// `uname -r`.
     pub kernel: String,
@@ -434,7 +434,25 @@ pub struct Machine {
     /// Where cgroup v2 is mounted, if it is.
     pub cgroup2: Option<String>,
     pub bpffs: bool,
+    /// The primary CNI's configuration file weft chains itself into, or why there is
+    /// none.
+    pub cni: Result<String, String>,
 }
+
+impl Default for Machine {
+    fn default() -> Self {
+        Self {
+            kernel: String::new(),
+            btf: false,
+            cgroup2: None,
+            bpffs: false,
+            cni: Err("not looked for".to_owned()),
+        }
+    }
+}
+
+/// Where the container runtime reads CNI configuration on a node.
+const CNI_CONF_DIR: &str = "/etc/cni/net.d";
 
 /// The checks of this machine before an install.
 pub fn machine() -> Checks {
@@ -448,28 +466,41 @@ pub fn machine() -> Checks {
             .ok()
             .map(|dir| dir.display().to_string()),
         bpffs: weft_cluster::bpffs_mounted().unwrap_or(false),
+        cni: weft_cni::install::primary(std::path::Path::new(CNI_CONF_DIR))
+            .map(|path| path.display().to_string())
+            .map_err(|err| err.to_string()),
     };
     machine_checks(&facts)
 }
 
 /// What the API server says of a node, for `check --pre` on a cluster.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct NodeInfo {
     pub name: String,
     /// `status.nodeInfo.kernelVersion`.
     pub kernel: String,
     /// `status.nodeInfo.operatingSystem`.
     pub os: String,
+    /// Its `Ready` condition: `Err` with the kubelet's message when it is not (a node
+    /// without a working CNI is not ready, and says so).
+    pub ready: Result<(), String>,
 }
 
 /// The checks of a cluster's nodes before an install, from what the API server says
-/// of them: each runs Linux with a kernel new enough. (BTF, cgroup v2 and bpffs are
-/// not in the API: the agent checks them at start, and is not ready without them.)
+/// of them: each is ready (a node without a working primary CNI is not) and runs
+/// Linux with a kernel new enough. (BTF, cgroup v2 and bpffs are not in the API: the
+/// agent checks them at start, and is not ready without them.)
 pub fn nodes(nodes: &[NodeInfo]) -> Checks {
     let checks = nodes
         .iter()
         .map(|node| {
             let subject = format!("node {}", node.name);
+            if let Err(why) = &node.ready {
+                return Check::new(subject, Outcome::Fail, format!("not ready: {why}")).hint(
+                    "weft chains itself after the cluster's CNI and needs ready nodes: \
+                     `kubectl describe node` says what the kubelet lacks",
+                );
+            }
             if node.os != "linux" {
                 return Check::new(
                     subject,
@@ -523,6 +554,15 @@ pub fn machine_checks(facts: &Machine) -> Checks {
         )
         .hint("boot with systemd.unified_cgroup_hierarchy=1"),
     };
+    let cni = match &facts.cni {
+        Ok(path) => Check::new(
+            "cni",
+            Outcome::Pass,
+            format!("primary configuration {path}"),
+        ),
+        Err(why) => Check::new("cni", Outcome::Fail, why.clone())
+            .hint("install the cluster's CNI first: weft chains itself after it"),
+    };
     let bpffs = if facts.bpffs {
         Check::new("bpffs", Outcome::Pass, "mounted at /sys/fs/bpf")
     } else {
@@ -530,7 +570,7 @@ pub fn machine_checks(facts: &Machine) -> Checks {
             .hint("mount -t bpf bpf /sys/fs/bpf (systemd mounts it on most distributions)")
     };
     Checks {
-        checks: vec![kernel, btf, cgroup, bpffs],
+        checks: vec![kernel, btf, cgroup, bpffs, cni],
     }
 }
 
@@ -742,6 +782,7 @@ mod tests {
             btf: true,
             cgroup2: Some("/sys/fs/cgroup".into()),
             bpffs: true,
+            cni: Ok("/etc/cni/net.d/10-calico.conflist".into()),
         };
         assert!(machine_checks(&good).passed());
         let old = Machine {
@@ -757,7 +798,7 @@ mod tests {
                 .iter()
                 .filter(|(_, o)| *o == Outcome::Fail)
                 .count(),
-            4
+            5
         );
     }
 
@@ -767,12 +808,18 @@ mod tests {
             name: name.into(),
             kernel: kernel.into(),
             os: os.into(),
+            ready: Ok(()),
+        };
+        let no_cni = NodeInfo {
+            ready: Err("container runtime network not ready: cni plugin not initialized".into()),
+            ..node("e", "6.8.0", "linux")
         };
         let checks = nodes(&[
             node("a", "6.8.0-1015-aws", "linux"),
             node("b", "5.15.0-91-generic", "linux"),
             node("c", "10.0.20348.2113", "windows"),
             node("d", "", "linux"),
+            no_cni,
         ]);
         let summary: Vec<(&str, Outcome, &str)> = checks
             .checks
@@ -796,6 +843,11 @@ mod tests {
                 ),
                 ("node c", Outcome::Fail, "runs \"windows\", not Linux"),
                 ("node d", Outcome::Fail, "kernel \"\" is older than 6.6"),
+                (
+                    "node e",
+                    Outcome::Fail,
+                    "not ready: container runtime network not ready: cni plugin not initialized"
+                ),
             ]
         );
         assert!(!checks.passed());

@@ -275,7 +275,20 @@ fn node_info(node: &Node) -> NodeInfo {
         .status
         .as_ref()
         .and_then(|status| status.node_info.as_ref());
+    let ready = node
+        .status
+        .as_ref()
+        .and_then(|status| status.conditions.as_ref())
+        .and_then(|conditions| conditions.iter().find(|c| c.type_ == "Ready"));
     NodeInfo {
+        ready: match ready {
+            Some(ready) if ready.status == "True" => Ok(()),
+            Some(ready) => Err(ready
+                .message
+                .clone()
+                .unwrap_or_else(|| format!("Ready is {}", ready.status))),
+            None => Err("the kubelet has not reported".to_owned()),
+        },
         name: node.metadata.name.clone().unwrap_or_default(),
         kernel: info
             .map(|info| info.kernel_version.clone())

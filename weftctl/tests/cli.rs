@@ -44,9 +44,21 @@ fn analyze_exits_1_on_a_manifest_weft_would_refuse_and_0_on_good_ones() {
 
 #[test]
 fn commands_that_need_a_mesh_say_how_to_name_one() {
-    let output = weftctl(&["status"]);
+    // No kubeconfig, and not in a pod.
+    let home = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_weftctl"))
+        .arg("status")
+        .env("HOME", home.path())
+        .env("KUBECONFIG", home.path().join("none"))
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .expect("weftctl runs");
     assert_eq!(output.status.code(), Some(2), "{output:?}");
-    assert!(String::from_utf8_lossy(&output.stderr).contains("--local NAME"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--kubeconfig") && stderr.contains("--local NAME"),
+        "{stderr}"
+    );
 }
 
 #[test]
