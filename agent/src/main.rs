@@ -30,7 +30,7 @@ use weft_agent::{
     identity::Identity,
     logging, memory,
     mesh::MeshConfig,
-    node::{Node, NodeHandle},
+    node::{Enrolled, Node, NodeHandle},
     observe,
     proxy::{
         self, Proxy,
@@ -683,13 +683,20 @@ async fn start(args: &RunArgs) -> anyhow::Result<Started> {
     let pins = Pins::new(&args.bpffs);
     let mut datapath = Datapath::start(pins.clone(), &args.pod_cgroup, target)?;
     datapath.forward_logs(log::logger())?;
-    datapath.forward_flows(flow_sink(args.flow_log.as_deref(), Arc::clone(&mesh))?)?;
+    let enrolled = Arc::new(Current::new(Vec::new()));
+    datapath.forward_flows(flow_sink(
+        args.flow_log.as_deref(),
+        Arc::clone(&mesh),
+        Arc::clone(&enrolled),
+    )?)?;
     let original_destinations = OriginalDestinations::open(&pins)?;
     let node = Node::start(datapath, Arc::clone(&mesh), &args.state_dir);
     if let Some(done) = first_offer {
         let _ = done.send(node.as_ref().map(drop).map_err(ToString::to_string));
     }
-    let node = node?.spawn().context("cannot start the node's thread")?;
+    let node = node?
+        .spawn(enrolled)
+        .context("cannot start the node's thread")?;
     let proxy = Arc::new(Proxy::new(
         args.node.clone(),
         Arc::clone(&mesh),
@@ -810,12 +817,12 @@ async fn apply_offers(mut offers: mpsc::Receiver<Offer>, node: NodeHandle) {
 /// How often the configuration and certificate files are checked for changes.
 const RELOAD_INTERVAL: Duration = Duration::from_millis(500);
 
-/// Where flow events go: JSON lines in `path`, or the log.
 /// Where kernel flows go: the flow log (`path`, or the log), and the watchers of
-/// `weftctl observe`, with their addresses named from `mesh`.
+/// `weftctl observe`, with their addresses named from `mesh` and the `enrolled` pods.
 fn flow_sink(
     path: Option<&Path>,
     mesh: Arc<Current<MeshConfig>>,
+    enrolled: Arc<Current<Vec<Enrolled>>>,
 ) -> anyhow::Result<impl FnMut(Flow) + Send + 'static> {
     let mut file = path
         .map(|path| {
@@ -827,7 +834,9 @@ fn flow_sink(
         })
         .transpose()?;
     Ok(move |flow: Flow| {
-        observe::report(flow.verdict, || observe::kernel(&flow, &mesh.get()));
+        observe::report(flow.verdict, || {
+            observe::kernel(&flow, &mesh.get(), &enrolled.get())
+        });
         let json = serde_json::to_string(&flow).expect("flows serialise");
         match file.as_mut() {
             Some(file) => {

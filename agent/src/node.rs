@@ -148,10 +148,11 @@ impl Node {
         self.sync_destinations()
     }
 
-    /// Moves the node onto a thread of its own and returns the handle that drives it.
-    pub fn spawn(mut self) -> io::Result<NodeHandle> {
+    /// Moves the node onto a thread of its own and returns the handle that drives it;
+    /// the enrolled pods are published in `pods` after every command.
+    pub fn spawn(mut self, pods: Arc<Current<Vec<Enrolled>>>) -> io::Result<NodeHandle> {
         let (commands, mut received) = mpsc::channel::<Command>(64);
-        let pods = Arc::new(Current::new(self.enrolled()));
+        pods.replace(self.enrolled());
         let published = Arc::clone(&pods);
         std::thread::Builder::new()
             .name("weft-node".into())

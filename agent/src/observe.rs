@@ -10,7 +10,7 @@
 
 use std::{
     collections::VecDeque,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{
         Mutex,
@@ -29,7 +29,7 @@ use weft_api::observe::{
     verdict,
 };
 
-use crate::{datapath::flows::Flow, mesh::MeshConfig, sync};
+use crate::{datapath::flows::Flow, mesh::MeshConfig, node::Enrolled, sync};
 
 /// How many notable events the hub keeps for watchers that come later.
 pub const RECENT: usize = 256;
@@ -156,14 +156,29 @@ impl Watcher {
 }
 
 /// A kernel verdict as watchers see it, its addresses named from `mesh`.
-pub fn kernel(flow: &Flow, mesh: &MeshConfig) -> Event {
+pub fn kernel(flow: &Flow, mesh: &MeshConfig, pods: &[Enrolled]) -> Event {
     let outbound = flow.verdict == verdict::REDIRECT;
+    // connect() has no source address yet: the pod whose network namespace made the
+    // connection is the source, known by its address (the port comes later).
+    let source = if flow.source.ip().is_unspecified() {
+        pods.iter()
+            .find(|enrolled| {
+                flow.netns_cookie != 0
+                    && enrolled
+                        .attachment
+                        .as_ref()
+                        .is_some_and(|attachment| attachment.netns_cookie == flow.netns_cookie)
+            })
+            .and_then(|enrolled| enrolled.pod.ips.first())
+            .map(|&ip| workload_peer(ip.to_string(), ip, mesh))
+    } else {
+        Some(peer_at(flow.source, mesh))
+    };
     Event {
         time_unix_nanos: unix_nanos(flow.wall_time),
         kind: kind::KERNEL.to_owned(),
         reason: flow.reason.to_owned(),
-        // connect() has no source address yet: the agent's connection event names it.
-        source: (!flow.source.ip().is_unspecified()).then(|| peer_at(flow.source, mesh)),
+        source,
         destination: Some(peer_at(flow.destination, mesh)),
         direction: if outbound { "outbound" } else { "inbound" }.to_owned(),
         service: mesh
@@ -176,9 +191,14 @@ pub fn kernel(flow: &Flow, mesh: &MeshConfig) -> Event {
 
 /// `address` and the workload the mesh has there, if any.
 fn peer_at(address: SocketAddr, mesh: &MeshConfig) -> Peer {
-    let workload = mesh.workload_by_ip(address.ip());
+    workload_peer(address.to_string(), address.ip(), mesh)
+}
+
+/// A peer at `address` (with or without a port), named as the mesh's workload at `ip`.
+fn workload_peer(address: String, ip: IpAddr, mesh: &MeshConfig) -> Peer {
+    let workload = mesh.workload_by_ip(ip);
     Peer {
-        address: address.to_string(),
+        address,
         workload: workload.map(|w| w.name.clone()).unwrap_or_default(),
         namespace: workload.map(|w| w.namespace.clone()).unwrap_or_default(),
         identity: workload
@@ -261,6 +281,50 @@ impl Observer for Service {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_outbound_redirect_is_named_after_the_pod_whose_namespace_made_it() {
+        let mesh = MeshConfig {
+            workloads: serde_yaml::from_str(
+                "- {name: client, namespace: shop, serviceAccount: client, node: node0, ip: 10.244.0.5}\n",
+            )
+            .unwrap(),
+            ..MeshConfig::default()
+        };
+        let enrolled: Enrolled = serde_json::from_value(serde_json::json!({
+            "pod": {
+                "container_id": "c1", "netns": "/run/netns/c1", "ifname": "eth0",
+                "host_interface": "veth1", "ips": ["10.244.0.5"], "gateways": [],
+                "name": "client", "namespace": "shop",
+            },
+            "attachment": { "netns_cookie": 4097, "ifindex": 7, "mode": "STRICT" },
+        }))
+        .unwrap();
+        let flow = |netns_cookie| Flow {
+            time: String::new(),
+            timestamp_ns: 0,
+            verdict: "redirect",
+            reason: "outbound",
+            source: "0.0.0.0:0".parse().unwrap(),
+            destination: "10.96.0.10:80".parse().unwrap(),
+            netns_cookie,
+            ifindex: 0,
+            wall_time: SystemTime::UNIX_EPOCH,
+        };
+        let pods = [enrolled];
+        let source = kernel(&flow(4097), &mesh, &pods).source.unwrap();
+        assert_eq!(
+            (
+                source.address.as_str(),
+                source.workload.as_str(),
+                source.namespace.as_str()
+            ),
+            ("10.244.0.5", "client", "shop")
+        );
+        // A namespace the agent does not know (a pod not enrolled): no source.
+        assert_eq!(kernel(&flow(9), &mesh, &pods).source, None);
+        assert_eq!(kernel(&flow(0), &mesh, &pods).source, None);
+    }
 
     fn event_to(address: &str) -> impl FnOnce() -> Event {
         let address = address.to_owned();

@@ -780,6 +780,14 @@ fn weftctl_observe_follows_a_strict_drop_and_a_denial_as_they_happen() {
     assert!(!plaintext.wait().unwrap().success(), "plaintext got in");
 
     assert_eq!(request(&cluster, "POST", "http://10.96.0.10/api/x"), "403");
+    // The kernel's redirect of that connection names the client, whose network
+    // namespace made it, though connect() had no source address yet.
+    let (_, redirect) = follower.find("outbound redirect", Duration::from_secs(10), |event| {
+        event["kind"] == "kernel"
+            && event["verdict"] == "redirect"
+            && event["destination"]["address"] == "10.96.0.10:80"
+    });
+    assert_eq!(redirect["source"]["workload"], "client", "{redirect}");
     let (read, denied) = follower.find("denial", Duration::from_secs(10), |event| {
         event["kind"] == "request" && event["verdict"] == "deny"
     });
