@@ -189,14 +189,16 @@ struct RunArgs {
         required_unless_present = "controller"
     )]
     certs: Option<PathBuf>,
-    /// Data-plane worker threads (1 to 1024).
+    /// Data-plane worker threads (1 to 1024). By default one per CPU the agent may use:
+    /// its CPU affinity, capped by the CPU quota of its cgroup (a container's CPU
+    /// limit), so that a limited agent is not throttled for running more threads than
+    /// its share.
     #[arg(
         long,
         env = "WEFT_WORKERS",
-        default_value_t = 2,
         value_parser = clap::value_parser!(u16).range(1..=1024)
     )]
-    workers: u16,
+    workers: Option<u16>,
     /// How long SIGTERM waits for open connections before closing them (seconds, or a
     /// duration such as 2m; at most a day). New captured connections are refused
     /// meanwhile: the listeners are closed while capture stays attached.
@@ -374,8 +376,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .recv()
         .context("the control thread ended during start-up")??;
 
+    // std reads the affinity mask and the cgroup's `cpu.max` quota.
+    let workers = args.workers.map_or_else(
+        || std::thread::available_parallelism().map_or(1, usize::from),
+        usize::from,
+    );
+    log::info!("data plane: {workers} worker thread(s)");
     let data = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(usize::from(args.workers))
+        .worker_threads(workers)
         .thread_name("weft-data")
         .enable_all()
         .build()
@@ -916,7 +924,7 @@ mod tests {
                 Duration::from_secs(3600),
                 Duration::from_secs(10),
                 Duration::from_secs(5),
-                2
+                None
             )
         );
     }
