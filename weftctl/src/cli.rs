@@ -204,9 +204,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 )
             }
             target => {
-                let cluster =
-                    Kubernetes::connect(target.kubeconfig.as_deref(), target.context.as_deref())?;
-                print(&check::nodes(&cluster.node_infos()), format)
+                let nodes = Kubernetes::node_infos(
+                    target.kubeconfig.as_deref(),
+                    target.context.as_deref(),
+                )?;
+                print(&check::nodes(&nodes), format)
             }
         },
         Command::Analyze { files, cluster } => {

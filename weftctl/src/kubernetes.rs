@@ -67,18 +67,10 @@ impl Kubernetes {
     /// `kubeconfig` (else `$KUBECONFIG`, `~/.kube/config`, or the pod's service
     /// account) for `context` (else the current one).
     pub fn connect(kubeconfig: Option<&Path>, context: Option<&str>) -> anyhow::Result<Self> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .context("cannot start an async runtime")?;
+        let runtime = runtime()?;
         let (client, nodes, agents, controllers, leadership) = runtime.block_on(async {
-            let client = Client::try_from(config(kubeconfig, context).await?)
-                .context("cannot make a client of the kubeconfig")?;
-            let nodes = Api::<Node>::all(client.clone())
-                .list(&ListParams::default())
-                .await
-                .map_err(|err| refused(err, "list the nodes"))?;
+            let client = client(kubeconfig, context).await?;
+            let nodes = list_nodes(&client).await?;
             let pods = Api::<Pod>::namespaced(client.clone(), NAMESPACE);
             let agents = pods
                 .list(&ListParams::default().labels(AGENT_PODS))
@@ -93,16 +85,8 @@ impl Kubernetes {
                 .await
                 .map_err(|err| format!("{:#}", refused(err, "read the controller's Lease")))
                 .map(|lease| leadership(lease.as_ref()));
-            anyhow::Ok((
-                client,
-                nodes.items,
-                agents.items,
-                controllers.items,
-                leadership,
-            ))
+            anyhow::Ok((client, nodes, agents.items, controllers.items, leadership))
         })?;
-        let mut nodes: Vec<NodeInfo> = nodes.iter().map(node_info).collect();
-        nodes.sort_by(|a, b| a.name.cmp(&b.name));
         let leader = leadership
             .as_ref()
             .ok()
@@ -117,9 +101,14 @@ impl Kubernetes {
         })
     }
 
-    /// What the API server says of each node.
-    pub fn node_infos(self) -> Vec<NodeInfo> {
-        self.nodes
+    /// What the API server of the cluster `kubeconfig` and `context` name (as for
+    /// [`Kubernetes::connect`]) says of each node; nothing of weft is asked, so this
+    /// works before an install.
+    pub fn node_infos(
+        kubeconfig: Option<&Path>,
+        context: Option<&str>,
+    ) -> anyhow::Result<Vec<NodeInfo>> {
+        runtime()?.block_on(async { list_nodes(&client(kubeconfig, context).await?).await })
     }
 
     /// Runs `future` on the runtime and waits for it, also from inside another
@@ -227,6 +216,32 @@ impl Mesh for Kubernetes {
     fn leadership(&self) -> Option<Result<Leadership, String>> {
         Some(self.leadership.clone())
     }
+}
+
+/// The runtime a [`Kubernetes`] runs its calls and port-forwards on.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("cannot start an async runtime")
+}
+
+/// A client with the credentials `kubeconfig` and `context` name.
+async fn client(kubeconfig: Option<&Path>, context: Option<&str>) -> anyhow::Result<Client> {
+    Client::try_from(config(kubeconfig, context).await?)
+        .context("cannot make a client of the kubeconfig")
+}
+
+/// The cluster's nodes, by name.
+async fn list_nodes(client: &Client) -> anyhow::Result<Vec<NodeInfo>> {
+    let nodes = Api::<Node>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(|err| refused(err, "list the nodes"))?;
+    let mut nodes: Vec<NodeInfo> = nodes.items.iter().map(node_info).collect();
+    nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(nodes)
 }
 
 /// The client configuration `kubeconfig` and `context` name, or the environment's.
