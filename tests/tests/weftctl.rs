@@ -890,7 +890,10 @@ fn a_stalled_observer_loses_events_rather_than_slowing_traffic() {
         let wrk = ["wrk", "-t1", "-c4", "-d3s", "http://10.96.0.10/api/x"];
         requests_per_second(&clean_wrk_report(&run_in_pod(&cluster, "client", &wrk)))
     };
-    let alone = load();
+    // The better of two runs: the other end-to-end tests load these two cores at
+    // times of their own, and a single run can fall into one of their bursts.
+    let best_of_two = || load().max(load());
+    let alone = best_of_two();
 
     // A watcher of everything that never reads: its pipe fills, then its stream.
     let mut stalled = Command::new(workspace_bin("weftctl"))
@@ -915,7 +918,7 @@ fn a_stalled_observer_loses_events_rather_than_slowing_traffic() {
             lost("node0") > 0.0
         },
     );
-    let watched = load();
+    let watched = best_of_two();
     let _ = stalled.kill();
     let _ = stalled.wait();
     eprintln!("requests/s: {alone:.0} without a watcher, {watched:.0} beside a stalled one");
