@@ -101,7 +101,8 @@ impl Admin {
         crate::process::record();
         metrics::gauge!("weft_active_connections").set(self.proxy.active() as f64);
         metrics::gauge!("weft_config_revision").set(self.mesh.get().revision as f64);
-        metrics::gauge!("weft_hbone_pool_connections").set(self.proxy.pool.connections() as f64);
+        let pooled: usize = self.proxy.pool.iter().map(|pool| pool.connections()).sum();
+        metrics::gauge!("weft_hbone_pool_connections").set(pooled as f64);
         metrics::gauge!("weft_endpoints_ejected").set(self.proxy.balancers.ejected().len() as f64);
         let (held, _) = self.proxy.admission.counts();
         metrics::gauge!("weft_admission_connections", "state" => "pending")

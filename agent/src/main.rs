@@ -263,6 +263,17 @@ struct RunArgs {
     access_log_sampling: f64,
 }
 
+impl RunArgs {
+    /// `--workers`, or one per CPU the agent may use: std reads the affinity mask and
+    /// the cgroup's `cpu.max` quota.
+    fn workers(&self) -> usize {
+        self.workers.map_or_else(
+            || std::thread::available_parallelism().map_or(1, usize::from),
+            usize::from,
+        )
+    }
+}
+
 /// A ratio flag: a number from 0 to 1.
 fn parse_ratio(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
@@ -346,26 +357,30 @@ async fn terminated() -> std::io::Result<()> {
     Ok(())
 }
 
-/// Starts the control side on its own thread and runtime, then serves the data plane
-/// on a multi-thread runtime until SIGTERM, and drains.
+/// Starts the control side on its own thread and runtime, then serves the data plane on
+/// one single-threaded runtime per worker ([`proxy::workers`]) until SIGTERM, and
+/// drains.
 fn run(args: RunArgs) -> anyhow::Result<()> {
+    let workers = args.workers();
     // Bound first: readiness (on the control thread) must never answer before the
     // proxy's ports take connections, and connections a previous agent's capture
     // sends here meanwhile wait in the accept queue instead of being refused.
-    let outbound = listen(args.outbound_port, "outbound")?;
-    let inbound = listen(proxy::HBONE_PORT, "HBONE")?;
+    let mut listeners = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        listeners.push(WorkerListeners {
+            outbound: listen(args.outbound_port, "outbound")?,
+            inbound: listen(proxy::HBONE_PORT, "HBONE")?,
+        });
+    }
     let (started, start_result) = std::sync::mpsc::channel();
     let control_args = args.clone();
     std::thread::Builder::new()
         .name("weft-control".into())
         .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
+            let runtime = match single_threaded() {
                 Ok(runtime) => runtime,
                 Err(err) => {
-                    let _ = started.send(Err(anyhow::Error::from(err)));
+                    let _ = started.send(Err(err));
                     return;
                 }
             };
@@ -376,64 +391,121 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .recv()
         .context("the control thread ended during start-up")??;
 
-    // std reads the affinity mask and the cgroup's `cpu.max` quota.
-    let workers = args.workers.map_or_else(
-        || std::thread::available_parallelism().map_or(1, usize::from),
-        usize::from,
-    );
     log::info!("data plane: {workers} worker thread(s)");
-    let data = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .thread_name("weft-data")
-        .enable_all()
-        .build()
-        .context("cannot start the data-plane runtime")?;
-    data.block_on(async move {
-        let mut serving = tokio::task::JoinSet::new();
-        for listener in outbound {
-            let listener = TcpListener::from_std(listener)?;
-            serving.spawn(proxy::serve_outbound(listener, Arc::clone(&proxy)));
-        }
-        for listener in inbound {
-            let listener = TcpListener::from_std(listener)?;
-            serving.spawn(proxy::serve_inbound(listener, Arc::clone(&proxy)));
-        }
-        log::info!(
-            "weft-agent {} serving on node {}: outbound :{}, HBONE :{}, metrics :{}, ready :{}, admin 127.0.0.1:{}",
-            env!("CARGO_PKG_VERSION"),
-            args.node,
-            args.outbound_port,
-            proxy::HBONE_PORT,
-            admin::METRICS_PORT,
-            admin::READY_PORT,
-            admin::ADMIN_PORT
-        );
+    let (phase, watching) = tokio::sync::watch::channel(Phase::Serving);
+    let mut threads = Vec::with_capacity(workers);
+    for (index, listeners) in listeners.into_iter().enumerate() {
+        let runtime = single_threaded()?;
+        let serving = {
+            let _entered = runtime.enter();
+            listeners.serve(&proxy)?
+        };
+        let phase = watching.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("weft-data-{index}"))
+            .spawn(move || {
+                proxy::workers::enter(index);
+                runtime.block_on(work(serving, phase));
+                // Dropping the runtime would wait for connections still open past the
+                // drain deadline.
+                runtime.shutdown_background();
+            })
+            .context("cannot start a data-plane worker thread")?;
+        threads.push(thread);
+    }
+    log::info!(
+        "weft-agent {} serving on node {}: outbound :{}, HBONE :{}, metrics :{}, ready :{}, admin 127.0.0.1:{}",
+        env!("CARGO_PKG_VERSION"),
+        args.node,
+        args.outbound_port,
+        proxy::HBONE_PORT,
+        admin::METRICS_PORT,
+        admin::READY_PORT,
+        admin::ADMIN_PORT
+    );
+    single_threaded()?.block_on(async {
         terminated().await?;
         // Stop accepting, let open connections finish, then close what is left.
-        serving.abort_all();
+        let _ = phase.send(Phase::Draining);
         let active = proxy.active();
         if active > 0 {
-            log::info!("draining {active} connection(s) for up to {:?}", args.drain_timeout);
+            log::info!(
+                "draining {active} connection(s) for up to {:?}",
+                args.drain_timeout
+            );
         }
         let left = proxy.drain(args.drain_timeout).await;
         if left > 0 {
             log::warn!("closing {left} connection(s) still open after the drain deadline");
         }
-        let _ = std::fs::remove_file(&args.cni_socket);
-        log::info!(
-            "stopped; capture and enforcement stay attached (pinned under {})",
-            args.bpffs.display()
-        );
         anyhow::Ok(())
     })?;
-    // Dropping the runtime would wait for connections still open past the deadline.
-    data.shutdown_background();
+    let _ = phase.send(Phase::Stopped);
+    for thread in threads {
+        let _ = thread.join();
+    }
+    let _ = std::fs::remove_file(&args.cni_socket);
+    log::info!(
+        "stopped; capture and enforcement stay attached (pinned under {})",
+        args.bpffs.display()
+    );
     Ok(())
+}
+
+fn single_threaded() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a tokio runtime")
+}
+
+/// Where the data plane is in its life; the workers follow it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    Serving,
+    /// Accepting no more; carrying what is open.
+    Draining,
+    /// Done: the workers' runtimes stop with whatever is left.
+    Stopped,
+}
+
+/// A worker's listening sockets: every address family of each proxy port.
+struct WorkerListeners {
+    outbound: Vec<std::net::TcpListener>,
+    inbound: Vec<std::net::TcpListener>,
+}
+
+impl WorkerListeners {
+    /// Spawns the accept loops on the runtime entered.
+    fn serve(self, proxy: &Arc<Proxy>) -> anyhow::Result<tokio::task::JoinSet<()>> {
+        let mut serving = tokio::task::JoinSet::new();
+        for listener in self.outbound {
+            let listener = TcpListener::from_std(listener)?;
+            serving.spawn(proxy::serve_outbound(listener, Arc::clone(proxy)));
+        }
+        for listener in self.inbound {
+            let listener = TcpListener::from_std(listener)?;
+            serving.spawn(proxy::serve_inbound(listener, Arc::clone(proxy)));
+        }
+        Ok(serving)
+    }
+}
+
+/// A worker's life: accepts until the drain starts, then carries its open connections
+/// until the data plane stops.
+async fn work(
+    mut serving: tokio::task::JoinSet<()>,
+    mut phase: tokio::sync::watch::Receiver<Phase>,
+) {
+    let _ = phase.wait_for(|now| *now >= Phase::Draining).await;
+    serving.abort_all();
+    let _ = phase.wait_for(|now| *now >= Phase::Stopped).await;
 }
 
 /// Listening sockets on `port` of every IPv4 address and, where the node has IPv6,
 /// every IPv6 address (a socket of its own, so IPv4 peers keep IPv4 addresses), for
-/// the data-plane runtime.
+/// one data-plane worker: `SO_REUSEPORT` lets every worker listen on the port, and the
+/// kernel spreads connections over them.
 fn listen(port: u16, what: &str) -> anyhow::Result<Vec<std::net::TcpListener>> {
     let bind = |address: SocketAddr| -> std::io::Result<std::net::TcpListener> {
         let socket = socket2::Socket::new(
@@ -445,6 +517,7 @@ fn listen(port: u16, what: &str) -> anyhow::Result<Vec<std::net::TcpListener>> {
             socket.set_only_v6(true)?;
         }
         socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
         socket.bind(&address.into())?;
         socket.listen(4096)?;
         socket.set_nonblocking(true)?;
@@ -745,9 +818,9 @@ async fn forget_superseded_connections(certs: Arc<Current<CertStore>>, proxy: Ar
     let mut replaced = certs.subscribe();
     while replaced.changed().await.is_ok() {
         let store = certs.get();
-        proxy
-            .pool
-            .retain(|key| store.serial(&key.source) == Some(key.certificate.as_str()));
+        for pool in proxy.pool.iter() {
+            pool.retain(|key| store.serial(&key.source) == Some(key.certificate.as_str()));
+        }
     }
 }
 
@@ -757,6 +830,7 @@ fn proxy_settings(args: &RunArgs) -> anyhow::Result<proxy::Settings> {
     let open_files = proxy::admission::set_open_files(args.open_files)
         .context("cannot set the open-file limit (RLIMIT_NOFILE)")?;
     let mut settings = proxy::Settings::new(open_files);
+    settings.workers = args.workers();
     settings.idle_timeout = args.idle_timeout;
     settings.connect_timeout = args.connect_timeout;
     settings.source_wait = args.source_wait;
@@ -794,8 +868,8 @@ async fn tidy(proxy: Arc<Proxy>) {
     let mut ticks = tokio::time::interval(Duration::from_secs(10));
     loop {
         ticks.tick().await;
-        proxy.pool.release_idle();
-        proxy.http_pool.release_idle();
+        proxy.pool.iter().for_each(|pool| pool.release_idle());
+        proxy.http_pool.iter().for_each(|pool| pool.release_idle());
         proxy
             .balancers
             .retain(&proxy.mesh.get().endpoint_addresses());
@@ -860,6 +934,24 @@ fn flow_sink(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_worker_listens_on_the_port_and_the_kernel_spreads_connections_over_them() {
+        let first = listen(0, "test").unwrap();
+        let port = first[0].local_addr().unwrap().port();
+        let second = listen(port, "test").unwrap();
+        let (first, second) = (&first[0], &second[0]);
+        let clients: Vec<_> = (0..64)
+            .map(|_| std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).unwrap())
+            .collect();
+        let accept_all = |listener: &std::net::TcpListener| {
+            std::iter::from_fn(|| listener.accept().ok()).count()
+        };
+        let counts = (accept_all(first), accept_all(second));
+        assert_eq!(counts.0 + counts.1, clients.len(), "{counts:?}");
+        // All 64 on one socket: a chance of 2^-63 with a fair hash.
+        assert!(counts.0 > 0 && counts.1 > 0, "{counts:?}");
+    }
 
     fn run_args(extra: &[&str]) -> Result<RunArgs, String> {
         let mut argv = vec![

@@ -19,6 +19,7 @@ mod relay;
 pub mod retry;
 mod tcp;
 pub mod trace;
+pub mod workers;
 
 use std::{
     future::Future,
@@ -42,6 +43,7 @@ use self::{
     breaker::Breakers,
     metrics::AccessLog,
     retry::Budgets,
+    workers::PerWorker,
 };
 pub use self::{
     http::describe as describe_requests, inbound::serve as serve_inbound,
@@ -79,6 +81,8 @@ pub struct Settings {
     pub limits: Limits,
     pub hbone: hbone::Settings,
     pub access_log: AccessLog,
+    /// Data-plane worker threads ([`workers`]), each with pools of its own.
+    pub workers: usize,
 }
 
 impl Settings {
@@ -95,6 +99,7 @@ impl Settings {
     ///   room while a pod the configuration never names still fails fast.
     /// - `detect_timeout` 100 ms: an HTTP client sends its request as soon as it is
     ///   connected; a server-speaks-first client waits this long for its greeting.
+    /// - `workers` 1; `weft-agent run` starts one per CPU it may use.
     pub fn new(open_files: u64) -> Self {
         Self {
             connect_timeout: Duration::from_secs(10),
@@ -104,6 +109,7 @@ impl Settings {
             limits: Limits::for_open_files(open_files),
             hbone: hbone::Settings::default(),
             access_log: AccessLog::default(),
+            workers: 1,
         }
     }
 }
@@ -127,9 +133,10 @@ pub struct Proxy {
     pub node: String,
     pub mesh: Arc<Current<MeshConfig>>,
     pub certs: Arc<Current<CertStore>>,
-    pub pool: hbone::Pool<PoolKey>,
-    /// Upstream HTTP connections of the outbound side.
-    pub http_pool: http::Pool,
+    /// Each worker's HBONE connections to other nodes' agents.
+    pub pool: PerWorker<hbone::Pool<PoolKey>>,
+    /// Each worker's upstream HTTP connections of the outbound side.
+    pub http_pool: PerWorker<http::Pool>,
     pub balancers: Balancers,
     /// Each service's retry budget.
     pub budgets: Budgets,
@@ -155,8 +162,8 @@ impl Proxy {
             node,
             mesh,
             certs,
-            pool: hbone::Pool::new(settings.hbone),
-            http_pool: http::Pool::default(),
+            pool: PerWorker::new(settings.workers, || hbone::Pool::new(settings.hbone)),
+            http_pool: PerWorker::new(settings.workers, http::Pool::default),
             balancers: Balancers::new(),
             budgets: Budgets::default(),
             breakers: Breakers::default(),

@@ -83,6 +83,10 @@ pub struct Args {
     /// connection and a request at its worst (default none).
     #[arg(long, default_value_t = 0)]
     authorization_policies: usize,
+    /// Run the release binaries in this directory instead of building them: to compare
+    /// two builds, alternate runs with a saved copy of `target/release`'s `weft-*`.
+    #[arg(long)]
+    binaries: Option<PathBuf>,
 }
 
 /// A way from the client pod to a server.
@@ -503,9 +507,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         tests
     };
 
-    eprintln!("==> building release binaries (agent, controller, CNI plugin, workloads)");
-    build_release()?;
-    let bin = cmd::target_dir()?.join("release");
+    let bin = match &args.binaries {
+        Some(dir) => std::fs::canonicalize(dir)
+            .with_context(|| format!("--binaries {}: no such directory", dir.display()))?,
+        None => {
+            eprintln!("==> building release binaries (agent, controller, CNI plugin, workloads)");
+            build_release()?;
+            cmd::target_dir()?.join("release")
+        }
+    };
     let out = match &args.out {
         Some(out) => out.clone(),
         None => cmd::target_dir()?

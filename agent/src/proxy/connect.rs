@@ -121,7 +121,7 @@ async fn tunnel(
         let name = tls::server_name(destination).map_err(io::Error::other)?;
         TlsConnector::from(config).connect(name, tcp).await
     };
-    proxy.pool.connect(&key, dial, request).await
+    proxy.pool.here().connect(&key, dial, request).await
 }
 
 /// The `weft_hbone_failures_total` reason of a failed tunnel: when the TLS handshake

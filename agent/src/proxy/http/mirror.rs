@@ -272,10 +272,10 @@ async fn deliver(
         idle: None,
     };
     let dial = || connect(proxy, &endpoint, source, None);
-    match proxy.http_pool.send(&key, dial, request, true).await {
+    match proxy.http_pool.here().send(&key, dial, request, true).await {
         Ok((response, sender)) => {
             if response.into_body().collect().await.is_ok() {
-                proxy.http_pool.check_in(key, sender);
+                proxy.http_pool.here().check_in(key, sender);
             }
             "sent"
         }

@@ -196,7 +196,7 @@ impl Outbound {
                     }
                 }
                 if let Some(sender) = sender {
-                    this.proxy.http_pool.check_in(key, sender);
+                    this.proxy.http_pool.here().check_in(key, sender);
                 }
                 let record = || Record {
                     exchange,
@@ -377,7 +377,7 @@ impl Outbound {
         let dial = || connect(&self.proxy, endpoint, &self.logical.source, carried.clone());
         let forwarding = forward(
             &self.proxy,
-            &self.proxy.http_pool,
+            self.proxy.http_pool.here(),
             key.clone(),
             dial,
             request,
