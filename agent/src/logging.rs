@@ -1,5 +1,7 @@
 //! The agent's log: env_logger filters that the admin endpoint can replace at run time.
 
+pub mod access;
+
 use std::sync::RwLock;
 
 use log::{Log, Metadata, Record};

@@ -500,6 +500,7 @@ async fn work(
     let _ = phase.wait_for(|now| *now >= Phase::Draining).await;
     serving.abort_all();
     let _ = phase.wait_for(|now| *now >= Phase::Stopped).await;
+    logging::access::flush();
 }
 
 /// Listening sockets on `port` of every IPv4 address and, where the node has IPv6,

@@ -16,7 +16,7 @@ use super::{
     error::ProxyError,
     relay::{End, Relayed},
 };
-use crate::{identity::Identity, mesh::Workload};
+use crate::{identity::Identity, logging, mesh::Workload};
 
 /// Which side of the tunnel reports, as Istio's `reporter` label says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -278,23 +278,45 @@ impl OpenConnection {
         if !self.log {
             return;
         }
-        let duration = connection.started.elapsed().unwrap_or(Duration::ZERO);
-        let mut line = serde_json::json!({
-            "start": unix_seconds(connection.started),
-            "duration_ms": duration.as_secs_f64() * 1000.0,
-            "connection": connection,
-            "request_protocol": "tcp",
-            "bytes_received": outcome.received,
-            "bytes_sent": outcome.sent,
-            "security": connection.security(),
-            "outcome": outcome.word(),
+        let failure = match &outcome.ending {
+            Ending::Failed(error) => Some(error),
+            _ => None,
+        };
+        logging::access::write(&ConnectionLine {
+            start: unix_seconds(connection.started),
+            duration_ms: connection
+                .started
+                .elapsed()
+                .unwrap_or(Duration::ZERO)
+                .as_secs_f64()
+                * 1000.0,
+            connection,
+            request_protocol: "tcp",
+            bytes_received: outcome.received,
+            bytes_sent: outcome.sent,
+            security: connection.security(),
+            outcome: outcome.word(),
+            error: failure.map(ToString::to_string),
+            response_flags: failure.map(ProxyError::response_flags),
         });
-        if let Ending::Failed(error) = &outcome.ending {
-            line["error"] = error.to_string().into();
-            line["response_flags"] = error.response_flags().into();
-        }
-        log::info!(target: "weft::access", "{line}");
     }
+}
+
+/// A TCP connection's access-log line.
+#[derive(Serialize)]
+struct ConnectionLine<'a> {
+    start: f64,
+    duration_ms: f64,
+    connection: &'a Connection,
+    request_protocol: &'static str,
+    bytes_received: u64,
+    bytes_sent: u64,
+    security: &'static str,
+    outcome: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_flags: Option<&'static str>,
 }
 
 impl Reporter {

@@ -16,12 +16,13 @@ use std::{
 
 use http::{Method, Version};
 use metrics::{Counter, Histogram, Label, counter, histogram};
+use serde::Serialize;
 use tokio::time::Instant;
 use weft_api::observe::{Event, kind, verdict};
 
 use super::route::RuleName;
 use crate::{
-    observe,
+    logging, observe,
     proxy::metrics::{AccessLog, Connection, Peer, Reporter, observed_service, unix_seconds},
     sync,
 };
@@ -136,6 +137,48 @@ impl Answer {
     }
 }
 
+/// A request's access-log line.
+#[derive(Serialize)]
+struct RequestLine<'a> {
+    start: f64,
+    duration_ms: f64,
+    reporter: Reporter,
+    source: &'a Peer,
+    destination: &'a Peer,
+    upstream: Option<SocketAddr>,
+    service: Option<&'a (String, String)>,
+    request_protocol: &'static str,
+    http_version: &'static str,
+    method: &'a str,
+    authority: Option<&'a str>,
+    path: &'a str,
+    response_code: u16,
+    grpc_status: Option<u16>,
+    response_flags: &'static str,
+    bytes_received: u64,
+    bytes_sent: u64,
+    security: &'static str,
+    trace_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    route: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rule: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+}
+
+/// The HTTP version as the access log writes it.
+fn version_word(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2.0",
+        Version::HTTP_3 => "HTTP/3.0",
+        _ => "unknown",
+    }
+}
+
 impl Requests {
     pub fn new(
         reporter: Reporter,
@@ -181,36 +224,36 @@ impl Requests {
         if !self.log.requests() {
             return;
         }
-        let destination = record.destination.cloned().unwrap_or_default();
-        let mut line = serde_json::json!({
-            "start": unix_seconds(exchange.start_time),
-            "duration_ms": elapsed.as_secs_f64() * 1000.0,
-            "reporter": self.reporter,
-            "source": self.source,
-            "destination": destination,
-            "upstream": destination.address,
-            "service": self.service,
-            "request_protocol": exchange.protocol,
-            "http_version": format!("{:?}", exchange.version),
-            "method": exchange.method.as_str(),
-            "authority": exchange.authority,
-            "path": exchange.path,
-            "response_code": answer.status,
-            "grpc_status": answer.grpc_status,
-            "response_flags": answer.flags,
-            "bytes_received": answer.request_bytes,
-            "bytes_sent": answer.response_bytes,
-            "security": if record.mutual_tls { "mutual_tls" } else { "none" },
-            "trace_id": exchange.trace_id,
+        let unknown = Peer::default();
+        let destination = record.destination.unwrap_or(&unknown);
+        logging::access::write(&RequestLine {
+            start: unix_seconds(exchange.start_time),
+            duration_ms: elapsed.as_secs_f64() * 1000.0,
+            reporter: self.reporter,
+            source: &self.source,
+            destination,
+            upstream: destination.address,
+            service: self.service.as_ref(),
+            request_protocol: exchange.protocol,
+            http_version: version_word(exchange.version),
+            method: exchange.method.as_str(),
+            authority: exchange.authority.as_deref(),
+            path: &exchange.path,
+            response_code: answer.status,
+            grpc_status: answer.grpc_status,
+            response_flags: answer.flags,
+            bytes_received: answer.request_bytes,
+            bytes_sent: answer.response_bytes,
+            security: if record.mutual_tls {
+                "mutual_tls"
+            } else {
+                "none"
+            },
+            trace_id: exchange.trace_id.as_deref(),
+            route: exchange.route.as_ref().map(|route| route.route.as_str()),
+            rule: exchange.route.as_ref().map(|route| route.rule.as_str()),
+            error: record.error.as_deref(),
         });
-        if let Some(route) = &exchange.route {
-            line["route"] = route.route.clone().into();
-            line["rule"] = route.rule.clone().into();
-        }
-        if let Some(error) = record.error {
-            line["error"] = error.into();
-        }
-        log::info!(target: "weft::access", "{line}");
     }
 
     /// The request at its end, `elapsed` after it began, as watchers see it.
