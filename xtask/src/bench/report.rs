@@ -138,6 +138,10 @@ pub fn summarize(measured: &Measured, paths: &[PathId], tests: &[TestId]) -> Vec
         TestId::GrpcRate,
         TestId::KeepaliveSaturation,
         TestId::NewconnSaturation,
+        TestId::KeepaliveSaturation16,
+        TestId::NewconnSaturation16,
+        TestId::KeepaliveSaturation64,
+        TestId::NewconnSaturation64,
         TestId::Http2Saturation,
         TestId::GrpcSaturation,
     ] {
@@ -159,6 +163,14 @@ pub fn summarize(measured: &Measured, paths: &[PathId], tests: &[TestId]) -> Vec
                 "Latency, gRPC unary calls, 10 connections, 1,000 calls/s (weft-client; percentiles are medians over rounds)"
             }
             TestId::KeepaliveSaturation => "Saturation, HTTP/1.1 keep-alive, 2 clients (h2load)",
+            TestId::KeepaliveSaturation16 => "Saturation, HTTP/1.1 keep-alive, 16 clients (h2load)",
+            TestId::KeepaliveSaturation64 => "Saturation, HTTP/1.1 keep-alive, 64 clients (h2load)",
+            TestId::NewconnSaturation16 => {
+                "Saturation, a new connection per request, 16 clients (weft-load)"
+            }
+            TestId::NewconnSaturation64 => {
+                "Saturation, a new connection per request, 64 clients (weft-load)"
+            }
             TestId::Http2Saturation => {
                 "Saturation, HTTP/2 (h2c), 10 connections × 10 streams, 1 KB responses (h2load)"
             }
@@ -168,14 +180,12 @@ pub fn summarize(measured: &Measured, paths: &[PathId], tests: &[TestId]) -> Vec
             _ => "Saturation, a new connection per request, 2 clients (weft-load)",
         };
         let (label, unit) = match test {
-            TestId::KeepaliveSaturation | TestId::Http2Saturation => {
-                ("requests per second", "req/s")
-            }
             TestId::GrpcSaturation => ("calls per second", "calls/s"),
-            TestId::NewconnSaturation => ("new connections per second", "conn/s"),
             TestId::GrpcRate => ("answered per second (1,000 offered)", "calls/s"),
             // Below 1,000 when the path could not keep up and requests queued.
-            _ => ("answered per second (1,000 offered)", "req/s"),
+            test if test.fixed_rate() => ("answered per second (1,000 offered)", "req/s"),
+            test if test.newconn() => ("new connections per second", "conn/s"),
+            _ => ("requests per second", "req/s"),
         };
         let mut row = Row::new(
             format!("rate.{name}"),
@@ -303,6 +313,22 @@ pub fn summarize(measured: &Measured, paths: &[PathId], tests: &[TestId]) -> Vec
         (
             TestId::NewconnSaturation,
             "CPU seconds per 1k connections, saturation",
+        ),
+        (
+            TestId::KeepaliveSaturation16,
+            "CPU seconds per 1k requests, keep-alive, saturation, 16 clients",
+        ),
+        (
+            TestId::KeepaliveSaturation64,
+            "CPU seconds per 1k requests, keep-alive, saturation, 64 clients",
+        ),
+        (
+            TestId::NewconnSaturation16,
+            "CPU seconds per 1k connections, saturation, 16 clients",
+        ),
+        (
+            TestId::NewconnSaturation64,
+            "CPU seconds per 1k connections, saturation, 64 clients",
         ),
         (
             TestId::Http2Rate,
