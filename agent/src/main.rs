@@ -237,6 +237,23 @@ struct RunArgs {
         value_parser = clap::value_parser!(u32).range(1..)
     )]
     max_handshakes_per_source: u32,
+    /// Receive window of each HBONE tunnel (bytes, 16384 to 2147483647): how much of one
+    /// tunnel may be in flight between the agents, which caps one tunnel at window /
+    /// round trip. Memory is used only while a reader lags, up to this much a tunnel.
+    #[arg(
+        long,
+        env = "WEFT_HBONE_STREAM_WINDOW",
+        value_parser = clap::value_parser!(u32).range(16_384..=2_147_483_647)
+    )]
+    hbone_stream_window: Option<u32>,
+    /// Receive window of each HBONE connection (bytes, 65535 to 2147483647), shared by
+    /// all its tunnels: the most unread data one peer connection can leave buffered.
+    #[arg(
+        long,
+        env = "WEFT_HBONE_CONNECTION_WINDOW",
+        value_parser = clap::value_parser!(u32).range(65_535..=2_147_483_647)
+    )]
+    hbone_connection_window: Option<u32>,
     /// How long protocol detection waits for a client's first bytes on a port whose
     /// protocol no appProtocol or port name declares; a silent client is carried as
     /// TCP after it (server-speaks-first protocols wait this long once).
@@ -848,6 +865,12 @@ fn proxy_settings(args: &RunArgs) -> anyhow::Result<proxy::Settings> {
         limits.pending_per_source = usize::try_from(pending).unwrap_or(usize::MAX);
     }
     limits.handshakes_per_source = args.max_handshakes_per_source;
+    if let Some(window) = args.hbone_stream_window {
+        settings.hbone.stream_window = window;
+    }
+    if let Some(window) = args.hbone_connection_window {
+        settings.hbone.connection_window = window;
+    }
     log::info!(
         "open-file limit {open_files}: at most {} connections, {} of them pending; {} per source, \
          {} of them pending, {} TLS handshakes a second",
@@ -987,6 +1010,11 @@ mod tests {
         }
         assert!(refused(&["--idle-timeout", "soon"]).contains("not a duration"));
         assert!(refused(&["--open-files", "10"]).contains("--open-files"));
+        assert!(refused(&["--hbone-stream-window", "1024"]).contains("--hbone-stream-window"));
+        assert!(
+            refused(&["--hbone-connection-window", "2147483648"])
+                .contains("--hbone-connection-window")
+        );
     }
 
     #[test]

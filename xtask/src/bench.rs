@@ -87,6 +87,11 @@ pub struct Args {
     /// two builds, alternate runs with a saved copy of `target/release`'s `weft-*`.
     #[arg(long)]
     binaries: Option<PathBuf>,
+    /// Scrape every weft agent's metrics endpoint once a second during each run on the
+    /// weft paths, as a Prometheus would: compare with a run without to see what being
+    /// scraped costs under load.
+    #[arg(long)]
+    scrape: bool,
 }
 
 /// A way from the client pod to a server.
@@ -369,6 +374,8 @@ struct Settings {
     warmup_seconds: f64,
     /// AuthorizationPolicies selecting the weft paths' pods (`--authorization-policies`).
     authorization_policies: usize,
+    /// Whether the agents are scraped every second during the runs (`--scrape`).
+    scrape: bool,
 }
 
 impl Settings {
@@ -382,6 +389,7 @@ impl Settings {
                 saturation_seconds: 2.0,
                 warmup_seconds: 0.5,
                 authorization_policies,
+                scrape: false,
             }
         } else {
             Settings {
@@ -392,6 +400,7 @@ impl Settings {
                 saturation_seconds: 3.0,
                 warmup_seconds: 1.0,
                 authorization_policies,
+                scrape: false,
             }
         };
         Settings {
@@ -544,7 +553,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let started_at = Instant::now();
-    let settings = Settings::new(args.quick, args.rounds, args.authorization_policies);
+    let settings = Settings {
+        scrape: args.scrape,
+        ..Settings::new(args.quick, args.rounds, args.authorization_policies)
+    };
     let paths: Vec<PathId> = if args.paths.is_empty() {
         PathId::ALL.to_vec()
     } else {
@@ -1433,7 +1445,12 @@ fn run_one(
     let spawned = Instant::now();
     let mut before: Option<(Instant, Vec<u64>)> = None;
     let mut peak: BTreeMap<String, u64> = BTreeMap::new();
+    let mut scraper = Scraper::new(
+        cluster,
+        settings.scrape && endpoint.path.proxies() == Some(Role::Agent),
+    );
     let status = loop {
+        scraper.tick()?;
         if before.is_none() && spawned.elapsed().as_secs_f64() >= warmup {
             before = Some((Instant::now(), cpu_snapshot(watched)));
         }
@@ -1453,6 +1470,7 @@ fn run_one(
         std::thread::sleep(Duration::from_millis(50));
     };
     let after = (Instant::now(), cpu_snapshot(watched));
+    scraper.finish()?;
     let agent_requests = served_before
         .zip(served())
         .map(|(before, after)| after.saturating_sub(before));
@@ -1629,6 +1647,94 @@ fn agent_requests(cluster: &Cluster, node: &str, ip: std::net::Ipv4Addr) -> Opti
         .status
         .success()
         .then(|| parse::source_requests(&String::from_utf8_lossy(&output.stdout)))
+}
+
+/// Scrapes every agent's metrics once a second, as Prometheus would, with `curl` in
+/// each node's network namespace; the scrapes run beside the load, never waited for
+/// until the run ends.
+struct Scraper<'a> {
+    cluster: &'a Cluster,
+    /// The node and URL of each agent to scrape; none when not scraping.
+    targets: Vec<(String, String)>,
+    last: Option<Instant>,
+    running: Vec<Child>,
+}
+
+impl<'a> Scraper<'a> {
+    const INTERVAL: Duration = Duration::from_secs(1);
+
+    fn new(cluster: &'a Cluster, scrape: bool) -> Self {
+        let targets = if scrape {
+            cluster
+                .topology()
+                .nodes
+                .iter()
+                .filter(|node| node.agent.is_some())
+                .map(|node| {
+                    (
+                        node.name.clone(),
+                        format!("http://{}:15020/metrics", node.ip),
+                    )
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Scraper {
+            cluster,
+            targets,
+            last: None,
+            running: Vec::new(),
+        }
+    }
+
+    /// Starts the next scrapes when a second has passed, and reaps those done.
+    fn tick(&mut self) -> anyhow::Result<()> {
+        if !self.targets.is_empty() && self.last.is_none_or(|at| at.elapsed() >= Self::INTERVAL) {
+            self.last = Some(Instant::now());
+            for (node, url) in &self.targets {
+                let scrape = self
+                    .cluster
+                    .node_command(
+                        node,
+                        &["curl", "-sf", "--max-time", "3", "-o", "/dev/null", url],
+                    )?
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .with_context(|| format!("cannot scrape {url}"))?;
+                self.running.push(scrape);
+            }
+        }
+        self.reap(false)
+    }
+
+    /// Waits for the scrapes still running.
+    fn finish(mut self) -> anyhow::Result<()> {
+        self.reap(true)
+    }
+
+    fn reap(&mut self, wait: bool) -> anyhow::Result<()> {
+        let mut failed = None;
+        self.running.retain_mut(|scrape| {
+            let status = if wait {
+                scrape.wait().ok()
+            } else {
+                scrape.try_wait().ok().flatten()
+            };
+            match status {
+                Some(status) if !status.success() => failed = Some(status),
+                Some(_) => {}
+                None => return true,
+            }
+            false
+        });
+        match failed {
+            Some(status) => bail!("scraping an agent's metrics failed: curl {status}"),
+            None => Ok(()),
+        }
+    }
 }
 
 /// User plus system clock ticks of every watched process, in order (0 when gone).
