@@ -148,7 +148,8 @@ struct RequestLine<'a> {
     upstream: Option<SocketAddr>,
     service: Option<&'a (String, String)>,
     request_protocol: &'static str,
-    http_version: &'static str,
+    #[serde(serialize_with = "debug_form")]
+    http_version: Version,
     method: &'a str,
     authority: Option<&'a str>,
     path: &'a str,
@@ -167,16 +168,10 @@ struct RequestLine<'a> {
     error: Option<&'a str>,
 }
 
-/// The HTTP version as the access log writes it.
-fn version_word(version: Version) -> &'static str {
-    match version {
-        Version::HTTP_09 => "HTTP/0.9",
-        Version::HTTP_10 => "HTTP/1.0",
-        Version::HTTP_11 => "HTTP/1.1",
-        Version::HTTP_2 => "HTTP/2.0",
-        Version::HTTP_3 => "HTTP/3.0",
-        _ => "unknown",
-    }
+/// An HTTP version as the access log writes it, its `Debug` form (`HTTP/1.1`), without
+/// building a string.
+fn debug_form<S: serde::Serializer>(version: &Version, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(&format_args!("{version:?}"))
 }
 
 impl Requests {
@@ -235,7 +230,7 @@ impl Requests {
             upstream: destination.address,
             service: self.service.as_ref(),
             request_protocol: exchange.protocol,
-            http_version: version_word(exchange.version),
+            http_version: exchange.version,
             method: exchange.method.as_str(),
             authority: exchange.authority.as_deref(),
             path: &exchange.path,
@@ -348,6 +343,26 @@ pub fn describe() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_access_log_names_http_versions_as_before() {
+        #[derive(Serialize)]
+        struct Line {
+            #[serde(serialize_with = "debug_form")]
+            http_version: Version,
+        }
+        for (version, word) in [
+            (Version::HTTP_10, "HTTP/1.0"),
+            (Version::HTTP_11, "HTTP/1.1"),
+            (Version::HTTP_2, "HTTP/2.0"),
+        ] {
+            let line = serde_json::to_string(&Line {
+                http_version: version,
+            })
+            .unwrap();
+            assert_eq!(line, format!("{{\"http_version\":\"{word}\"}}"));
+        }
+    }
 
     #[test]
     fn verdicts_of_answers() {
