@@ -254,6 +254,11 @@ struct RunArgs {
         value_parser = clap::value_parser!(u32).range(65_535..=2_147_483_647)
     )]
     hbone_connection_window: Option<u32>,
+    /// Carry TCP connections between two plain sockets (to a pod of this node, or out
+    /// of the mesh) with splice(2), inside the kernel, instead of copying them through
+    /// the agent (true or false).
+    #[arg(long, env = "WEFT_SPLICE", default_value_t = true, action = clap::ArgAction::Set)]
+    splice: bool,
     /// How long protocol detection waits for a client's first bytes on a port whose
     /// protocol no appProtocol or port name declares; a silent client is carried as
     /// TCP after it (server-speaks-first protocols wait this long once).
@@ -849,6 +854,7 @@ fn proxy_settings(args: &RunArgs) -> anyhow::Result<proxy::Settings> {
         .context("cannot set the open-file limit (RLIMIT_NOFILE)")?;
     let mut settings = proxy::Settings::new(open_files);
     settings.workers = args.workers();
+    settings.splice = args.splice;
     settings.idle_timeout = args.idle_timeout;
     settings.connect_timeout = args.connect_timeout;
     settings.source_wait = args.source_wait;

@@ -83,6 +83,10 @@ pub struct Settings {
     pub access_log: AccessLog,
     /// Data-plane worker threads ([`workers`]), each with pools of its own.
     pub workers: usize,
+    /// Whether a TCP connection between two plain sockets (to a pod of this node, or
+    /// out of the mesh) is carried with `splice(2)` ([`relay::splice`]) rather than
+    /// copied through the agent's buffers.
+    pub splice: bool,
 }
 
 impl Settings {
@@ -100,6 +104,7 @@ impl Settings {
     /// - `detect_timeout` 100 ms: an HTTP client sends its request as soon as it is
     ///   connected; a server-speaks-first client waits this long for its greeting.
     /// - `workers` 1; `weft-agent run` starts one per CPU it may use.
+    /// - `splice` on.
     pub fn new(open_files: u64) -> Self {
         Self {
             connect_timeout: Duration::from_secs(10),
@@ -110,6 +115,7 @@ impl Settings {
             hbone: hbone::Settings::default(),
             access_log: AccessLog::default(),
             workers: 1,
+            splice: true,
         }
     }
 }

@@ -1,8 +1,9 @@
 //! The kernel datapath on a local cluster with real agents, the real CNI plugin and
 //! real clients: capture with exact original-destination recovery, pass-through,
 //! STRICT and PERMISSIVE inbound enforcement with counters and flow events, per-port
-//! modes that override the pod's, survival across agent restarts, and a clean
-//! uninstall.
+//! modes that override the pod's, survival across agent restarts, a clean uninstall,
+//! and same-node TCP spliced inside the kernel (or copied, when told) with every byte
+//! counted.
 
 use std::{
     collections::BTreeSet,
@@ -12,7 +13,9 @@ use std::{
 
 use weft_cluster::{Cluster, PodInfo, PodSpec};
 use weft_common::InboundPort;
-use weft_e2e::{TestCluster, run_in_pod, running_agent, wait_until, workspace_bin};
+use weft_e2e::{
+    TestCluster, agent_metrics, run_in_pod, running_agent, total, wait_until, workspace_bin,
+};
 
 const READY: Duration = Duration::from_secs(10);
 
@@ -601,4 +604,75 @@ fn capture_survives_agent_restarts_and_uninstall_removes_everything() {
     // And so the client reaches the server directly again.
     let answer = ask(&cluster, "client", &url);
     assert_eq!(answer["pod"], "web", "{answer}");
+}
+
+/// What [`same_node_tcp_is_carried`] sends: 20.9 MB of numbered lines, so that a lost,
+/// doubled or reordered chunk changes the checksum.
+const NUMBERED: &str = "seq 1 3000000";
+
+/// A real client (socat) sends [`NUMBERED`] to an echo server on a meshed pod of its
+/// own node and reads it back whole, through an agent started with `agent_args`: the
+/// connection is carried by `mode` (`splice` or `copy`), and the agent counts every
+/// byte each way.
+fn same_node_tcp_is_carried(agent_args: &[&str], mode: &str) {
+    let mut cluster = TestCluster::with_mesh_and_agent_args(1, MESH, agent_args);
+    let echo_bin = workspace_bin("weft-tcp-echo").display().to_string();
+    let echo = pod(
+        &mut cluster,
+        "default",
+        "echo",
+        "node0",
+        &[&echo_bin, "--listen", "0.0.0.0:7000"],
+    );
+    pod(&mut cluster, "default", "client", "node0", &[]);
+    cluster.settle();
+    let checksum = |script: &str| {
+        let out = Command::new("sh").args(["-c", script]).output().unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let expected = checksum(&format!("{NUMBERED} | sha256sum"));
+    let length: u64 = checksum(&format!("{NUMBERED} | wc -c"))
+        .trim()
+        .parse()
+        .unwrap();
+    let round_trip = format!(
+        "{NUMBERED} | socat -t 30 - TCP:{}:7000 | sha256sum",
+        echo.ip
+    );
+    let mut got = String::new();
+    wait_until("the numbers back through the agent", READY, || {
+        let out = cluster
+            .pod_command("default", "client", &["sh", "-c", &round_trip])
+            .unwrap()
+            .output()
+            .unwrap();
+        got = String::from_utf8_lossy(&out.stdout).into_owned();
+        got == expected
+    });
+    let metric = |name: &str, labels: &[(&str, &str)]| {
+        total(&agent_metrics(&cluster, "node0"), name, labels) as u64
+    };
+    let echo_labels = [("destination_app", "echo"), ("request_protocol", "tcp")];
+    wait_until("the connection's end to be counted", READY, || {
+        metric("weft_tcp_relays_total", &[("mode", mode)]) >= 1
+            && metric("istio_tcp_sent_bytes_total", &echo_labels) >= length
+    });
+    let other = if mode == "splice" { "copy" } else { "splice" };
+    assert_eq!(metric("weft_tcp_relays_total", &[("mode", other)]), 0);
+    for name in [
+        "istio_tcp_received_bytes_total",
+        "istio_tcp_sent_bytes_total",
+    ] {
+        assert_eq!(metric(name, &echo_labels), length, "{name}");
+    }
+}
+
+#[test]
+fn same_node_tcp_is_spliced_inside_the_kernel_and_counted() {
+    same_node_tcp_is_carried(&[], "splice");
+}
+
+#[test]
+fn same_node_tcp_is_copied_when_splicing_is_off_and_counted() {
+    same_node_tcp_is_carried(&["--splice=false"], "copy");
 }

@@ -17,7 +17,12 @@ use std::{
 };
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+
+use super::relay::Spliceable;
 
 /// What the first bytes say.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,6 +97,12 @@ pub struct Rewind<IO> {
 impl<IO> Rewind<IO> {
     pub fn new(prefix: Bytes, io: IO) -> Self {
         Self { prefix, io }
+    }
+}
+
+impl Spliceable for Rewind<TcpStream> {
+    fn spliceable(&mut self) -> Option<(&[u8], &mut TcpStream)> {
+        Some((&self.prefix, &mut self.io))
     }
 }
 

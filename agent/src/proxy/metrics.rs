@@ -502,6 +502,10 @@ pub fn describe() {
         "weft_certificate_failures_total",
         "Failed certificate requests, by reason (unreachable, refused, invalid_response, local)"
     );
+    describe_counter!(
+        "weft_tcp_relays_total",
+        "TCP connections carried, by how their bytes moved (splice: socket to socket inside the kernel; copy: through the agent)"
+    );
     describe_gauge!(
         "weft_config_revision",
         "Revision of the mesh configuration the agent applies"
@@ -514,6 +518,11 @@ pub fn waited(what: &'static str, found: bool, elapsed: Duration) {
     let result = if found { "found" } else { "timed_out" };
     counter!("weft_outbound_waits_total", "for" => what, "result" => result).increment(1);
     histogram!("weft_outbound_wait_seconds", "for" => what).record(elapsed.as_secs_f64());
+}
+
+/// A TCP connection carried by `mode`: `splice` or `copy` ([`super::relay`]).
+pub fn relayed(mode: &'static str) {
+    counter!("weft_tcp_relays_total", "mode" => mode).increment(1);
 }
 
 /// How long an inbound TLS handshake took, from accept() to a verified peer.

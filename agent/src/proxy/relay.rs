@@ -1,7 +1,10 @@
 //! The L4 copy: bytes both ways between a client and a server stream until both
 //! directions are done, one fails, or no byte has moved either way for the idle
 //! timeout. Bytes are counted as delivered, so a relay that ends in an error or a
-//! timeout still says how much got through.
+//! timeout still says how much got through. Between two TCP sockets the bytes can
+//! bypass user space ([`splice()`]).
+
+mod splice;
 
 use std::{
     io,
@@ -12,7 +15,8 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf, copy_bidirectional_with_sizes},
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, copy_bidirectional_with_sizes},
+    net::TcpStream,
     time::Instant,
 };
 
@@ -45,6 +49,19 @@ pub enum End {
 /// reporting interval.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(15);
 
+/// A client stream the relay may splice: its TCP socket, and the bytes already read
+/// from it (to detect its protocol) that the server has yet to get. None for a stream
+/// that is not a bare socket.
+pub trait Spliceable {
+    fn spliceable(&mut self) -> Option<(&[u8], &mut TcpStream)>;
+}
+
+impl Spliceable for TcpStream {
+    fn spliceable(&mut self) -> Option<(&[u8], &mut TcpStream)> {
+        Some((&[], self))
+    }
+}
+
 /// Copies between `client` and `server` until both directions end; with `idle`, gives
 /// up once nothing has moved for that long. Every [`PROGRESS_INTERVAL`] it calls
 /// `progress` with the bytes delivered so far (received, sent).
@@ -52,50 +69,107 @@ pub async fn relay<C, S>(
     client: &mut C,
     server: &mut S,
     idle: Option<Duration>,
-    mut progress: impl FnMut(u64, u64),
+    progress: impl FnMut(u64, u64),
 ) -> Relayed
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let activity = Activity::new();
-    let (received, sent) = (AtomicU64::new(0), AtomicU64::new(0));
-    let mut client = Watched::new(client, &activity, &sent);
-    let mut server = Watched::new(server, &activity, &received);
-    let carried = || {
-        (
-            received.load(Ordering::Relaxed),
-            sent.load(Ordering::Relaxed),
-        )
+    let carried = Carried::new();
+    let mut client = Watched::new(client, &carried.activity, &carried.sent);
+    let mut server = Watched::new(server, &carried.activity, &carried.received);
+    let copy = async {
+        copy_bidirectional_with_sizes(&mut client, &mut server, BUFFER, BUFFER)
+            .await
+            .map(drop)
     };
-    let end = {
-        let copy = copy_bidirectional_with_sizes(&mut client, &mut server, BUFFER, BUFFER);
-        tokio::pin!(copy);
-        let mut report =
-            tokio::time::interval_at(Instant::now() + PROGRESS_INTERVAL, PROGRESS_INTERVAL);
-        loop {
-            let idle_deadline = idle.map(|idle| activity.last() + idle);
-            tokio::select! {
-                result = copy.as_mut() => break ended(result),
-                _ = report.tick() => {
-                    let (received, sent) = carried();
-                    progress(received, sent);
-                }
-                () = sleep_until_some(idle_deadline) => {
-                    // Something may have moved while this timer ran: wait for the rest.
-                    let idle = idle.unwrap_or_default();
-                    if activity.last() + idle <= Instant::now() {
-                        break End::IdleTimeout(idle);
+    carried.watch(copy, idle, progress).await
+}
+
+/// [`relay`] between two TCP sockets with `splice(2)`: the server gets `prefix` first,
+/// then every byte moves from socket to socket inside the kernel.
+pub async fn splice(
+    client: &mut TcpStream,
+    prefix: &[u8],
+    server: &mut TcpStream,
+    idle: Option<Duration>,
+    progress: impl FnMut(u64, u64),
+) -> Relayed {
+    let carried = Carried::new();
+    let both = async {
+        server.write_all(prefix).await?;
+        carried
+            .received
+            .fetch_add(prefix.len() as u64, Ordering::Relaxed);
+        let (client, server) = (&*client, &*server);
+        tokio::try_join!(
+            splice::one_way(client, server, &carried.activity, &carried.received),
+            splice::one_way(server, client, &carried.activity, &carried.sent),
+        )
+        .map(drop)
+    };
+    carried.watch(both, idle, progress).await
+}
+
+/// What a relay has carried so far: bytes each way and when the last one moved.
+struct Carried {
+    activity: Activity,
+    received: AtomicU64,
+    sent: AtomicU64,
+}
+
+impl Carried {
+    fn new() -> Self {
+        Self {
+            activity: Activity::new(),
+            received: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+        }
+    }
+
+    fn bytes(&self) -> (u64, u64) {
+        (
+            self.received.load(Ordering::Relaxed),
+            self.sent.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Runs `copy` (both directions) to its end, reporting progress and ending it at
+    /// the idle timeout.
+    async fn watch(
+        &self,
+        copy: impl Future<Output = io::Result<()>>,
+        idle: Option<Duration>,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Relayed {
+        let end = {
+            tokio::pin!(copy);
+            let mut report =
+                tokio::time::interval_at(Instant::now() + PROGRESS_INTERVAL, PROGRESS_INTERVAL);
+            loop {
+                let idle_deadline = idle.map(|idle| self.activity.last() + idle);
+                tokio::select! {
+                    result = copy.as_mut() => break ended(result),
+                    _ = report.tick() => {
+                        let (received, sent) = self.bytes();
+                        progress(received, sent);
+                    }
+                    () = sleep_until_some(idle_deadline) => {
+                        // Something may have moved while this timer ran: wait for the rest.
+                        let idle = idle.unwrap_or_default();
+                        if self.activity.last() + idle <= Instant::now() {
+                            break End::IdleTimeout(idle);
+                        }
                     }
                 }
             }
+        };
+        let (received, sent) = self.bytes();
+        Relayed {
+            received,
+            sent,
+            end,
         }
-    };
-    let (received, sent) = carried();
-    Relayed {
-        received,
-        sent,
-        end,
     }
 }
 
@@ -107,9 +181,9 @@ async fn sleep_until_some(deadline: Option<Instant>) {
     }
 }
 
-fn ended(result: io::Result<(u64, u64)>) -> End {
+fn ended(result: io::Result<()>) -> End {
     match result {
-        Ok(_) => End::Done,
+        Ok(()) => End::Done,
         Err(err) => End::Failed(err),
     }
 }
@@ -303,5 +377,125 @@ mod tests {
         drop((client, server));
         let relayed = relay.await.unwrap();
         assert_eq!((relayed.received, relayed.sent), (3, 2));
+    }
+
+    /// A connected pair of loopback sockets: (the end a test drives, the end a relay gets).
+    async fn socket_pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let outside = TcpStream::connect(listener.local_addr().unwrap());
+        let (outside, inside) = tokio::join!(outside, listener.accept());
+        (outside.unwrap(), inside.unwrap().0)
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8 ^ seed).collect()
+    }
+
+    #[tokio::test]
+    async fn splice_carries_the_prefix_then_both_directions_and_counts_them() {
+        let (mut client, mut client_side) = socket_pair().await;
+        let (mut server_side, mut server) = socket_pair().await;
+        let relay = tokio::spawn(async move {
+            splice(
+                &mut client_side,
+                b"first:",
+                &mut server_side,
+                Some(IDLE),
+                |_, _| {},
+            )
+            .await
+        });
+        // Megabytes each way at once: many chunks, both pipes busy together.
+        let request = pattern(5 << 20, 0x5a);
+        let answer = pattern(3 << 20, 0xa5);
+        let (mut client_read, mut client_write) = client.split();
+        let (mut server_read, mut server_write) = server.split();
+        let send_request = async {
+            client_write.write_all(&request).await.unwrap();
+            client_write.shutdown().await.unwrap();
+        };
+        let send_answer = async {
+            server_write.write_all(&answer).await.unwrap();
+            server_write.shutdown().await.unwrap();
+        };
+        let mut received = Vec::new();
+        let mut sent = Vec::new();
+        let (_, _, got_request, got_answer) = tokio::join!(
+            send_request,
+            send_answer,
+            server_read.read_to_end(&mut received),
+            client_read.read_to_end(&mut sent),
+        );
+        got_request.unwrap();
+        got_answer.unwrap();
+        assert_eq!(&received[..6], b"first:");
+        assert!(received[6..] == request[..], "the request arrived altered");
+        assert!(sent == answer, "the answer arrived altered");
+        let relayed = relay.await.unwrap();
+        assert!(matches!(relayed.end, End::Done), "{relayed:?}");
+        assert_eq!(
+            (relayed.received, relayed.sent),
+            (request.len() as u64 + 6, answer.len() as u64)
+        );
+        // Both pipes came back empty to this thread's pool, and no more were kept.
+        assert!(matches!(splice::pooled(), 1..=2), "{}", splice::pooled());
+    }
+
+    #[tokio::test]
+    async fn splice_keeps_one_direction_open_after_the_other_closes() {
+        let (mut client, mut client_side) = socket_pair().await;
+        let (mut server_side, mut server) = socket_pair().await;
+        let relay = tokio::spawn(async move {
+            splice(
+                &mut client_side,
+                &[],
+                &mut server_side,
+                Some(IDLE),
+                |_, _| {},
+            )
+            .await
+        });
+        client.write_all(b"question").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut question = Vec::new();
+        server.read_to_end(&mut question).await.unwrap();
+        assert_eq!(question, b"question");
+        // The client's half is closed; the answer still flows back.
+        server.write_all(b"answer").await.unwrap();
+        let mut answer = [0; 6];
+        client.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"answer");
+        assert!(!relay.is_finished());
+        drop(server);
+        let relayed = relay.await.unwrap();
+        assert!(matches!(relayed.end, End::Done), "{relayed:?}");
+        assert_eq!((relayed.received, relayed.sent), (8, 6));
+    }
+
+    #[tokio::test]
+    async fn a_reset_ends_the_splice_as_a_failure_with_what_got_through() {
+        let (mut client, mut client_side) = socket_pair().await;
+        let (mut server_side, mut server) = socket_pair().await;
+        let relay = tokio::spawn(async move {
+            splice(
+                &mut client_side,
+                &[],
+                &mut server_side,
+                Some(IDLE),
+                |_, _| {},
+            )
+            .await
+        });
+        client.write_all(b"abc").await.unwrap();
+        let mut three = [0; 3];
+        server.read_exact(&mut three).await.unwrap();
+        // Closing with a zero linger time sends a reset.
+        socket2::SockRef::from(&server)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(server);
+        let relayed = relay.await.unwrap();
+        assert!(matches!(relayed.end, End::Failed(_)), "{relayed:?}");
+        assert_eq!((relayed.received, relayed.sent), (3, 0));
     }
 }

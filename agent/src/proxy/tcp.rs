@@ -24,7 +24,7 @@ use super::{
     logical::{Destination, Endpoint, Hop, Logical},
     metrics::{self, Connection, Outcome, Reporter},
     outbound::{self, choose, refused},
-    relay::relay,
+    relay::{self, Spliceable, relay},
     retry::{self, Failure},
 };
 use crate::logging::{Throttle, held_back};
@@ -32,7 +32,7 @@ use crate::logging::{Throttle, held_back};
 /// Carries the captured connection `client` to an endpoint of `logical`.
 pub async fn carry<IO>(proxy: &Proxy, mut client: IO, logical: &Logical)
 where
-    IO: AsyncRead + AsyncWrite + Unpin,
+    IO: AsyncRead + AsyncWrite + Spliceable + Unpin,
 {
     static FAILED: Throttle = Throttle::new();
     let peer = logical.source.address;
@@ -61,9 +61,19 @@ where
     let open = connection.opened(&proxy.settings.access_log);
     let outcome = match server {
         Ok(mut server) => {
-            let relayed = relay(&mut client, &mut server, Some(idle), |received, sent| {
-                open.progress(received, sent);
-            });
+            let progress = |received, sent| open.progress(received, sent);
+            let relayed = async {
+                if proxy.settings.splice
+                    && let Some((prefix, client)) = client.spliceable()
+                    && let Upstream::Tcp(server) = &mut server
+                {
+                    metrics::relayed("splice");
+                    relay::splice(client, prefix, server, Some(idle), progress).await
+                } else {
+                    metrics::relayed("copy");
+                    relay(&mut client, &mut server, Some(idle), progress).await
+                }
+            };
             if let Some(caller) = &local {
                 let revoked = authorize::revoked(proxy, Direction::Local, caller, endpoint.address);
                 tokio::select! {
