@@ -32,7 +32,7 @@ use weft_api::{
 use crate::{
     objects::{Kind, ObjectKey, Objects},
     status::{Reason, Statuses, Verdict},
-    view::{NodeView, ResourceSet},
+    view::{NodeView, ResourceSet, SharedChanges},
 };
 
 /// Mesh-wide settings that are not Kubernetes objects.
@@ -64,6 +64,8 @@ pub struct Compiled {
     pub local: BTreeMap<String, Arc<ResourceSet>>,
     /// A verdict for every weft resource and route.
     pub statuses: Statuses,
+    /// The changes of `shared` from an earlier generation's, once computed.
+    pub shared_changes: SharedChanges,
 }
 
 impl Compiled {
@@ -151,6 +153,7 @@ pub fn compile(objects: &Objects, settings: &Settings, trust: &TrustBundle) -> C
             .map(|(node, set)| (node, Arc::new(set)))
             .collect(),
         statuses,
+        shared_changes: SharedChanges::default(),
     }
 }
 

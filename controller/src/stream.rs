@@ -282,7 +282,7 @@ impl Subscription {
                 self.record_sent();
                 return None;
             }
-            (Some((before, _)), _) => view.delta_from(before),
+            (Some((before, _)), _) => view.delta_from(before, &published.compiled.shared_changes),
         };
         metrics::counter!(
             "weft_controller_config_updates_total",

@@ -1,8 +1,12 @@
 //! What a node is sent: its view of the mesh as a set of encoded resources, the part
 //! every node shares plus the part only it gets, named by a digest of the whole; and
-//! the delta between two views.
+//! the delta between two views. What every node shares is digested and diffed once,
+//! not once per node ([`SharedChanges`]).
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex, OnceLock, Weak},
+};
 
 use bytes::Bytes;
 use weft_api::{
@@ -18,10 +22,20 @@ pub struct Key {
 }
 
 /// Resources by key, each encoded once.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct ResourceSet {
     resources: BTreeMap<Key, Bytes>,
+    /// The digest of `resources`, computed when first asked for.
+    digest: OnceLock<String>,
 }
+
+impl PartialEq for ResourceSet {
+    fn eq(&self, other: &Self) -> bool {
+        self.resources == other.resources
+    }
+}
+
+impl Eq for ResourceSet {}
 
 impl ResourceSet {
     /// Adds `message` under `name` (replacing an earlier one of the same kind and name).
@@ -32,6 +46,7 @@ impl ResourceSet {
         };
         self.resources
             .insert(key, Bytes::from(message.encode_to_vec()));
+        self.digest.take();
     }
 
     /// The resource of `M`'s kind named `name`, decoded.
@@ -70,16 +85,21 @@ impl ResourceSet {
         self.resources.values().map(Bytes::len).sum()
     }
 
-    fn digest_into(&self, digest: &mut Digest) {
-        for (key, body) in &self.resources {
-            digest
-                .update(key.kind.as_bytes())
-                .update(&[0])
-                .update(key.name.as_bytes())
-                .update(&[0])
-                .update(&(body.len() as u64).to_le_bytes())
-                .update(body);
-        }
+    /// A digest of every key and body, computed once.
+    fn digest(&self) -> &str {
+        self.digest.get_or_init(|| {
+            let mut digest = Digest::new();
+            for (key, body) in &self.resources {
+                digest
+                    .update(key.kind.as_bytes())
+                    .update(&[0])
+                    .update(key.name.as_bytes())
+                    .update(&[0])
+                    .update(&(body.len() as u64).to_le_bytes())
+                    .update(body);
+            }
+            digest.hex()
+        })
     }
 }
 
@@ -94,14 +114,15 @@ pub struct NodeView {
 
 impl NodeView {
     pub fn new(shared: Arc<ResourceSet>, local: Arc<ResourceSet>) -> Self {
-        let mut digest = Digest::new();
-        shared.digest_into(&mut digest);
-        digest.update(b"\xffnode\xff");
-        local.digest_into(&mut digest);
+        let version = Digest::new()
+            .update(shared.digest().as_bytes())
+            .update(b"\xffnode\xff")
+            .update(local.digest().as_bytes())
+            .hex();
         Self {
             shared,
             local,
-            version: digest.hex(),
+            version,
         }
     }
 
@@ -123,20 +144,63 @@ impl NodeView {
 
     /// What turns `before` into this view, as a delta update. The two parts are
     /// compared on their own (the compiler never puts a kind in both), and a part that
-    /// is the same allocation is not compared at all.
-    pub fn delta_from(&self, before: &NodeView) -> ConfigUpdate {
+    /// is the same allocation is not compared at all; the shared part's changes come
+    /// from `shared`, which computes them once for every node.
+    pub fn delta_from(&self, before: &NodeView, shared: &SharedChanges) -> ConfigUpdate {
         let mut update = ConfigUpdate {
             version: self.version.clone(),
             snapshot: false,
             upserts: Vec::new(),
             removals: Vec::new(),
         };
-        for (old, new) in [(&before.shared, &self.shared), (&before.local, &self.local)] {
-            if !Arc::ptr_eq(old, new) {
-                diff(old, new, &mut update);
-            }
+        if !Arc::ptr_eq(&before.shared, &self.shared) {
+            let changes = shared.between(&before.shared, &self.shared);
+            update.upserts.extend_from_slice(&changes.upserts);
+            update.removals.extend_from_slice(&changes.removals);
+        }
+        if !Arc::ptr_eq(&before.local, &self.local) {
+            diff(&before.local, &self.local, &mut update);
         }
         update
+    }
+}
+
+/// The changes of a generation's shared part from the one before it, computed by the
+/// first node's stream that needs them and reused by the others: every node that was
+/// sent the same earlier generation gets the same changes.
+#[derive(Debug, Default)]
+pub struct SharedChanges {
+    /// The earlier shared part (weak, so that it is freed once no stream holds it;
+    /// while this is held its address is not reused) and the changes from it.
+    last: Mutex<Option<(Weak<ResourceSet>, Arc<ConfigUpdate>)>>,
+}
+
+impl Clone for SharedChanges {
+    /// A fresh cache: changes belong to the generation that computed them.
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl SharedChanges {
+    /// The upserts and removals that turn `old` into `new` (the generation's part).
+    fn between(&self, old: &Arc<ResourceSet>, new: &ResourceSet) -> Arc<ConfigUpdate> {
+        // Held while computing, so that the streams waiting for the same changes wait
+        // for this computation rather than repeat it.
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((from, changes)) = &*last
+            && std::ptr::eq(from.as_ptr(), Arc::as_ptr(old))
+        {
+            return Arc::clone(changes);
+        }
+        let mut changes = ConfigUpdate::default();
+        diff(old, new, &mut changes);
+        let changes = Arc::new(changes);
+        *last = Some((Arc::downgrade(old), Arc::clone(&changes)));
+        changes
     }
 }
 
@@ -219,7 +283,7 @@ mod tests {
         let after = NodeView::new(Arc::new(shared), Arc::new(ResourceSet::default()));
         assert_ne!(before.version, after.version);
 
-        let delta = after.delta_from(&before);
+        let delta = after.delta_from(&before, &SharedChanges::default());
         assert!(!delta.snapshot);
         let upserted: Vec<&str> = delta
             .upserts
@@ -231,7 +295,7 @@ mod tests {
         assert_eq!(delta.removals[0].name, "default/a");
         assert_eq!(delta.removals[0].kind, "weft.config.v1.Workload");
 
-        let again = after.delta_from(&after);
+        let again = after.delta_from(&after, &SharedChanges::default());
         assert!(again.upserts.is_empty() && again.removals.is_empty());
         assert_eq!(after.snapshot().upserts.len(), 3);
     }
@@ -247,5 +311,37 @@ mod tests {
         let c = NodeView::new(Arc::default(), Arc::new(one));
         assert_ne!(a.version, c.version);
         assert_eq!(a.version.len(), 16);
+    }
+
+    #[test]
+    fn the_shared_changes_are_computed_once_for_every_node_that_had_the_same_part() {
+        let mut shared = ResourceSet::default();
+        shared.insert("node0", &node("node0", "10.0.0.1"));
+        let earlier = Arc::new(shared.clone());
+        shared.insert("node1", &node("node1", "10.0.0.2"));
+        let later = Arc::new(shared.clone());
+        let changes = SharedChanges::default();
+        let delta = |before: &Arc<ResourceSet>, local: &str| {
+            let mut own = ResourceSet::default();
+            own.insert(local, &node(local, "10.0.0.9"));
+            let own = Arc::new(own);
+            let before = NodeView::new(Arc::clone(before), Arc::clone(&own));
+            NodeView::new(Arc::clone(&later), own).delta_from(&before, &changes)
+        };
+        let names = |update: &ConfigUpdate| -> Vec<String> {
+            let keys = update.upserts.iter().map(|r| r.key.as_ref().unwrap());
+            keys.map(|key| key.name.clone()).collect()
+        };
+        assert_eq!(names(&delta(&earlier, "a")), ["node1"]);
+        let first = changes.between(&earlier, &later);
+        // A second node with the same earlier part: the very same changes.
+        assert_eq!(names(&delta(&earlier, "b")), ["node1"]);
+        assert!(Arc::ptr_eq(&first, &changes.between(&earlier, &later)));
+        // A node that had another part (equal content, another generation): computed
+        // for it, and right.
+        let other = Arc::new(ResourceSet::default());
+        let from_nothing = changes.between(&other, &later);
+        assert!(!Arc::ptr_eq(&first, &from_nothing));
+        assert_eq!(names(&from_nothing), ["node0", "node1"]);
     }
 }

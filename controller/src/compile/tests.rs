@@ -975,7 +975,9 @@ fn endpoint_changes_change_only_what_they_touch() {
     slice.endpoints.truncate(1);
     objects.upsert(Object::EndpointSlice(Arc::new(slice)));
     let after = compile(&objects, &settings(), &TrustBundle::default());
-    let delta = after.view("node0").delta_from(&before.view("node0"));
+    let delta = after
+        .view("node0")
+        .delta_from(&before.view("node0"), &after.shared_changes);
     let changed: Vec<&str> = delta
         .upserts
         .iter()
