@@ -387,24 +387,27 @@ mod tests {
         (outside.unwrap(), inside.unwrap().0)
     }
 
+    /// A client and a server socket with [`splice`] running between them, the server
+    /// getting `prefix` first.
+    async fn spliced(
+        prefix: &'static [u8],
+    ) -> (TcpStream, TcpStream, tokio::task::JoinHandle<Relayed>) {
+        let (client, mut client_side) = socket_pair().await;
+        let (mut server_side, server) = socket_pair().await;
+        let relay = tokio::spawn(async move {
+            let idle = Some(IDLE);
+            splice(&mut client_side, prefix, &mut server_side, idle, |_, _| {}).await
+        });
+        (client, server, relay)
+    }
+
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
         (0..len).map(|i| (i % 251) as u8 ^ seed).collect()
     }
 
     #[tokio::test]
     async fn splice_carries_the_prefix_then_both_directions_and_counts_them() {
-        let (mut client, mut client_side) = socket_pair().await;
-        let (mut server_side, mut server) = socket_pair().await;
-        let relay = tokio::spawn(async move {
-            splice(
-                &mut client_side,
-                b"first:",
-                &mut server_side,
-                Some(IDLE),
-                |_, _| {},
-            )
-            .await
-        });
+        let (mut client, mut server, relay) = spliced(b"first:").await;
         // Megabytes each way at once: many chunks, both pipes busy together.
         let request = pattern(5 << 20, 0x5a);
         let answer = pattern(3 << 20, 0xa5);
@@ -443,18 +446,7 @@ mod tests {
 
     #[tokio::test]
     async fn splice_keeps_one_direction_open_after_the_other_closes() {
-        let (mut client, mut client_side) = socket_pair().await;
-        let (mut server_side, mut server) = socket_pair().await;
-        let relay = tokio::spawn(async move {
-            splice(
-                &mut client_side,
-                &[],
-                &mut server_side,
-                Some(IDLE),
-                |_, _| {},
-            )
-            .await
-        });
+        let (mut client, mut server, relay) = spliced(b"").await;
         client.write_all(b"question").await.unwrap();
         client.shutdown().await.unwrap();
         let mut question = Vec::new();
@@ -474,18 +466,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reset_ends_the_splice_as_a_failure_with_what_got_through() {
-        let (mut client, mut client_side) = socket_pair().await;
-        let (mut server_side, mut server) = socket_pair().await;
-        let relay = tokio::spawn(async move {
-            splice(
-                &mut client_side,
-                &[],
-                &mut server_side,
-                Some(IDLE),
-                |_, _| {},
-            )
-            .await
-        });
+        let (mut client, mut server, relay) = spliced(b"").await;
         client.write_all(b"abc").await.unwrap();
         let mut three = [0; 3];
         server.read_exact(&mut three).await.unwrap();
