@@ -289,6 +289,7 @@ async fn tunnel(
         // Detected as TCP, where a DENY rule's HTTP conditions count as met.
         Outcome::failed(ProxyError::Denied { by: denied.by })
     } else {
+        metrics::relayed("copy");
         tokio::select! {
             relayed = relay(&mut tunnel, &mut pod, Some(idle), |received, sent| {
                 open.progress(received, sent);

@@ -221,11 +221,7 @@ impl Connection {
     }
 
     fn security(&self) -> &'static str {
-        if self.mutual_tls {
-            "mutual_tls"
-        } else {
-            "none"
-        }
+        security(self.mutual_tls)
     }
 
     /// Counts the connection as opened; the returned handles count its bytes while it
@@ -504,7 +500,7 @@ pub fn describe() {
     );
     describe_counter!(
         "weft_tcp_relays_total",
-        "TCP connections carried, by how their bytes moved (splice: socket to socket inside the kernel; copy: through the agent)"
+        "TCP connections carried, outbound and inbound, by how their bytes moved (splice: socket to socket inside the kernel; copy: through the agent)"
     );
     describe_gauge!(
         "weft_config_revision",
@@ -518,6 +514,11 @@ pub fn waited(what: &'static str, found: bool, elapsed: Duration) {
     let result = if found { "found" } else { "timed_out" };
     counter!("weft_outbound_waits_total", "for" => what, "result" => result).increment(1);
     histogram!("weft_outbound_wait_seconds", "for" => what).record(elapsed.as_secs_f64());
+}
+
+/// Istio's `connection_security_policy` of a connection: `mutual_tls` or `none`.
+pub fn security(mutual_tls: bool) -> &'static str {
+    if mutual_tls { "mutual_tls" } else { "none" }
 }
 
 /// A TCP connection carried by `mode`: `splice` or `copy` ([`super::relay`]).

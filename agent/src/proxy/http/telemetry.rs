@@ -23,7 +23,9 @@ use weft_api::observe::{Event, kind, verdict};
 use super::route::RuleName;
 use crate::{
     logging, observe,
-    proxy::metrics::{AccessLog, Connection, Peer, Reporter, observed_service, unix_seconds},
+    proxy::metrics::{
+        AccessLog, Connection, Peer, Reporter, observed_service, security, unix_seconds,
+    },
     sync,
 };
 
@@ -239,11 +241,7 @@ impl Requests {
             response_flags: answer.flags,
             bytes_received: answer.request_bytes,
             bytes_sent: answer.response_bytes,
-            security: if record.mutual_tls {
-                "mutual_tls"
-            } else {
-                "none"
-            },
+            security: security(record.mutual_tls),
             trace_id: exchange.trace_id.as_deref(),
             route: exchange.route.as_ref().map(|route| route.route.as_str()),
             rule: exchange.route.as_ref().map(|route| route.rule.as_str()),
