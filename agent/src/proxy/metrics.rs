@@ -2,7 +2,10 @@
 //! dashboards and Kiali work), `weft_*` series for the proxy's own events, and one
 //! JSON access-log line per connection. Request telemetry is in [`super::http`].
 
+pub mod series;
+
 use std::{
+    cell::RefCell,
     net::SocketAddr,
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, SystemTime},
@@ -227,17 +230,37 @@ impl Connection {
     /// Counts the connection as opened; the returned handles count its bytes while it
     /// is open and its end.
     pub fn opened(self, log: &AccessLog) -> OpenConnection {
-        let labels = self.labels("tcp", "-");
-        counter!("istio_tcp_connections_opened_total", labels.clone()).increment(1);
+        let series = TCP_SERIES.with_borrow_mut(|cache| {
+            cache.get(self.labels("tcp", "-"), |labels| TcpSeries {
+                opened: counter!("istio_tcp_connections_opened_total", labels.clone()),
+                closed: counter!("istio_tcp_connections_closed_total", labels.clone()),
+                received: counter!("istio_tcp_received_bytes_total", labels.clone()),
+                sent: counter!("istio_tcp_sent_bytes_total", labels),
+            })
+        });
+        series.opened.increment(1);
         OpenConnection {
-            closed: counter!("istio_tcp_connections_closed_total", labels.clone()),
-            received: counter!("istio_tcp_received_bytes_total", labels.clone()),
-            sent: counter!("istio_tcp_sent_bytes_total", labels),
+            closed: series.closed,
+            received: series.received,
+            sent: series.sent,
             reported: (AtomicU64::new(0), AtomicU64::new(0)),
             log: log.connections(),
             connection: self,
         }
     }
+}
+
+/// Istio's series of TCP connections with one label set.
+#[derive(Clone)]
+struct TcpSeries {
+    opened: Counter,
+    closed: Counter,
+    received: Counter,
+    sent: Counter,
+}
+
+thread_local! {
+    static TCP_SERIES: RefCell<series::Cache<TcpSeries>> = RefCell::default();
 }
 
 /// An open connection's series, resolved once.

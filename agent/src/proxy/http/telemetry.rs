@@ -3,11 +3,13 @@
 //! `istio_response_bytes`) with the labels Istio's dashboards and Kiali read, and one
 //! JSON access-log line per request.
 //!
-//! Each HTTP connection resolves the handles of a label set once and reuses them: the
+//! Each HTTP connection looks the handles of a label set up once and reuses them: the
 //! 21 labels are built only the first time a (destination, status, gRPC status, flags)
-//! combination is seen on the connection.
+//! combination is seen on the connection, and resolved only the first time the thread
+//! sees them ([`series`]).
 
 use std::{
+    cell::RefCell,
     collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Mutex},
@@ -24,7 +26,7 @@ use super::route::RuleName;
 use crate::{
     logging, observe,
     proxy::metrics::{
-        AccessLog, Connection, Peer, Reporter, observed_service, security, unix_seconds,
+        AccessLog, Connection, Peer, Reporter, observed_service, security, series, unix_seconds,
     },
     sync,
 };
@@ -299,15 +301,24 @@ impl Requests {
             key.grpc_status
                 .map_or_else(String::new, |status| status.to_string()),
         ));
-        let resolved = Arc::new(Handles {
-            requests: counter!("istio_requests_total", labels.clone()),
-            duration: histogram!("istio_request_duration_milliseconds", labels.clone()),
-            request_bytes: histogram!("istio_request_bytes", labels.clone()),
-            response_bytes: histogram!("istio_response_bytes", labels),
+        let resolved = REQUEST_SERIES.with_borrow_mut(|cache| {
+            cache.get(labels, |labels| {
+                Arc::new(Handles {
+                    requests: counter!("istio_requests_total", labels.clone()),
+                    duration: histogram!("istio_request_duration_milliseconds", labels.clone()),
+                    request_bytes: histogram!("istio_request_bytes", labels.clone()),
+                    response_bytes: histogram!("istio_response_bytes", labels),
+                })
+            })
         });
         handles.insert(key, Arc::clone(&resolved));
         resolved
     }
+}
+
+thread_local! {
+    /// Shared by the connections of a thread, behind each connection's own cache.
+    static REQUEST_SERIES: RefCell<series::Cache<Arc<Handles>>> = RefCell::default();
 }
 
 /// Registers the help text of the request series.
