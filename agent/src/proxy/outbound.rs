@@ -61,17 +61,20 @@ async fn handle(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr, mut perm
     };
     permit.authenticated();
     let _ = client.set_nodelay(true);
+    // The carrying futures are boxed: kilobytes of state each (an HTTP connection's
+    // most of all), which would otherwise be copied whenever this one is moved, and
+    // tokio moves a task's future several times while spawning it.
     match logical.protocol {
-        Protocol::Tcp => tcp::carry(&proxy, client, &logical).await,
+        Protocol::Tcp => Box::pin(tcp::carry(&proxy, client, &logical)).await,
         Protocol::Http | Protocol::Http2 | Protocol::Grpc => {
-            http::serve_outbound(proxy, logical, client).await;
+            Box::pin(http::serve_outbound(proxy, logical, client)).await;
         }
         Protocol::Detect => {
             let (detected, client) = detect(client, proxy.settings.detect_timeout).await;
             match detected {
-                Detected::Tcp => tcp::carry(&proxy, client, &logical).await,
+                Detected::Tcp => Box::pin(tcp::carry(&proxy, client, &logical)).await,
                 Detected::Http1 | Detected::Http2 => {
-                    http::serve_outbound(proxy, logical, client).await;
+                    Box::pin(http::serve_outbound(proxy, logical, client)).await;
                 }
             }
         }
