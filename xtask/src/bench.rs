@@ -29,6 +29,7 @@
 //! output under `raw/`), see [`report`].
 
 mod handshake;
+mod instructions;
 mod parse;
 mod reference;
 mod report;
@@ -92,6 +93,11 @@ pub struct Args {
     /// scraped costs under load.
     #[arg(long)]
     scrape: bool,
+    /// After the timed runs, restart the agents under callgrind and count the
+    /// instructions they execute per MiB, per request and per connection on the weft
+    /// paths (a run without `--tests` always does).
+    #[arg(long)]
+    callgrind: bool,
 }
 
 /// A way from the client pod to a server.
@@ -122,6 +128,11 @@ pub enum PathId {
     /// it tripping): what the resilience layers cost when nothing fails. Only when
     /// asked for.
     WeftResilient,
+    /// weft between nodes through a Service with an HTTPRoute of 10 rules (only the
+    /// last matches) to a pod of its own that an L7 AuthorizationPolicy (principal,
+    /// method, path) selects: the request layer with routing and authorization in
+    /// place. Only when asked for.
+    WeftRouted,
     /// A stunnel4 pair, mutual TLS 1.3.
     Stunnel,
     /// An HAProxy pair (TCP mode), mutual TLS 1.3.
@@ -145,6 +156,7 @@ impl PathId {
             PathId::WeftSameNode => "weft same-node",
             PathId::WeftService => "weft via a Service",
             PathId::WeftResilient => "weft via a Service, resilience policy",
+            PathId::WeftRouted => "weft via a route and an L7 policy",
             PathId::Stunnel => "stunnel",
             PathId::Haproxy => "HAProxy",
         }
@@ -157,6 +169,7 @@ impl PathId {
             PathId::WeftSameNode => "weft-same-node",
             PathId::WeftService => "weft-service",
             PathId::WeftResilient => "weft-resilient",
+            PathId::WeftRouted => "weft-routed",
             PathId::Stunnel => "stunnel",
             PathId::Haproxy => "haproxy",
         }
@@ -166,9 +179,11 @@ impl PathId {
     fn proxies(self) -> Option<Role> {
         match self {
             PathId::Direct => None,
-            PathId::Weft | PathId::WeftSameNode | PathId::WeftService | PathId::WeftResilient => {
-                Some(Role::Agent)
-            }
+            PathId::Weft
+            | PathId::WeftSameNode
+            | PathId::WeftService
+            | PathId::WeftResilient
+            | PathId::WeftRouted => Some(Role::Agent),
             PathId::Stunnel => Some(Role::Reference(Proxy::Stunnel)),
             PathId::Haproxy => Some(Role::Reference(Proxy::Haproxy)),
         }
@@ -363,6 +378,8 @@ const IPERF_PORT: u16 = 5201;
 /// How long each kind of run lasts.
 #[derive(Clone, Copy, Debug, Serialize)]
 struct Settings {
+    /// A smoke run (`--quick`): short runs, and less work for the instruction counts.
+    quick: bool,
     rounds: usize,
     /// iperf3 `-t` (measured) and `-O` (omitted at the start: slow start).
     iperf_seconds: u32,
@@ -382,6 +399,7 @@ impl Settings {
     fn new(quick: bool, rounds: Option<usize>, authorization_policies: usize) -> Self {
         let base = if quick {
             Settings {
+                quick,
                 rounds: 1,
                 iperf_seconds: 2,
                 iperf_omit_seconds: 0,
@@ -393,6 +411,7 @@ impl Settings {
             }
         } else {
             Settings {
+                quick,
                 rounds: 3,
                 iperf_seconds: 3,
                 iperf_omit_seconds: 1,
@@ -522,6 +541,8 @@ pub struct Results {
     /// What each TLS path negotiated, read from its ServerHello on the wire.
     pub tls: BTreeMap<PathId, handshake::Negotiated>,
     pub runs: Vec<Run>,
+    /// Instructions both agents executed per workload under callgrind.
+    pub instructions: Vec<instructions::Count>,
     pub summary: Vec<report::Row>,
     pub targets: Vec<report::Target>,
 }
@@ -628,7 +649,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let command = std::env::args().skip(1).collect::<Vec<_>>().join(" ");
     let started = timestamp("-Iseconds")?;
-    let measured = bench.measure(&bin, &out, settings, &paths, &tests);
+    let callgrind = args.callgrind || args.tests.is_empty();
+    let measured = bench.measure(&bin, &out, settings, &paths, &tests, callgrind);
     let cleanup = bench.finish();
     let measured = measured?;
     cleanup?;
@@ -658,6 +680,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         high_water_rss_bytes: measured.high_water_rss,
         tls: measured.tls,
         runs: measured.runs,
+        instructions: measured.instructions,
     };
     report::write(&results, &out, args.write_docs)?;
     eprintln!(
@@ -698,6 +721,7 @@ pub struct Measured {
     /// VmHWM after the last run, counted from the start of the load.
     pub high_water_rss: BTreeMap<String, u64>,
     pub tls: BTreeMap<PathId, handshake::Negotiated>,
+    pub instructions: Vec<instructions::Count>,
 }
 
 impl Bench {
@@ -708,6 +732,7 @@ impl Bench {
         settings: Settings,
         paths: &[PathId],
         tests: &[TestId],
+        callgrind: bool,
     ) -> anyhow::Result<Measured> {
         let Started {
             endpoints,
@@ -788,6 +813,16 @@ impl Bench {
             .iter()
             .filter_map(|w| Some((w.name.clone(), read_status(w.pid, "VmHWM")?)))
             .collect();
+        let weft: Vec<&Endpoint> = endpoints
+            .iter()
+            .filter(|endpoint| endpoint.path.proxies() == Some(Role::Agent))
+            .collect();
+        let instructions = if callgrind && !weft.is_empty() {
+            let cluster = self.cluster.as_mut().expect("started");
+            instructions::count(cluster, bin, &weft, out, settings.quick)?
+        } else {
+            Vec::new()
+        };
         Ok(Measured {
             runs,
             idle_rss,
@@ -795,6 +830,7 @@ impl Bench {
             idle_high_water_rss,
             high_water_rss,
             tls,
+            instructions,
         })
     }
 
@@ -814,7 +850,11 @@ impl Bench {
         );
         let cluster = self.cluster.insert(Cluster::up(&self.name, 2)?);
         let manifests = out.join("mesh.yaml");
-        let mesh = format!("{MESH}{}", worst_case_policies(authorization_policies));
+        let mesh = format!(
+            "{MESH}{}{}",
+            routed(),
+            worst_case_policies(authorization_policies)
+        );
         std::fs::write(&manifests, mesh)
             .with_context(|| format!("cannot write {}", manifests.display()))?;
         cluster.set_mesh(vec![manifests], Vec::new())?;
@@ -854,6 +894,10 @@ impl Bench {
         pod("client", PLAIN, "node0", false)?;
         // The Services of the weft-service paths select it by its `bench-pod` label.
         let remote = pod("remote", MESHED, "node1", true)?;
+        if paths.contains(&PathId::WeftRouted) {
+            // Selected by the routed Service and the L7 policy (`ROUTED`).
+            pod("routed", MESHED, "node1", true)?;
+        }
         let local = pod("local", MESHED, "node0", true)?;
         pod("client", MESHED, "node0", false)?;
         cluster.wait_for_mesh(Duration::from_secs(30))?;
@@ -881,6 +925,11 @@ impl Bench {
                     MESHED,
                     at(RESILIENT_SERVICE, HTTP_PORT),
                     at(RESILIENT_SERVICE, IPERF_PORT),
+                ),
+                PathId::WeftRouted => (
+                    MESHED,
+                    at(ROUTED_SERVICE, HTTP_PORT),
+                    at(ROUTED_SERVICE, IPERF_PORT),
                 ),
                 PathId::Stunnel => (PLAIN, at(node_ip(0), 17080), at(node_ip(0), 17201)),
                 PathId::Haproxy => (PLAIN, at(node_ip(0), 18080), at(node_ip(0), 18201)),
@@ -1260,6 +1309,42 @@ spec:
 /// The weft-service paths' Services (in `MESH`).
 const SERVICE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 8, 1);
 const RESILIENT_SERVICE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 8, 2);
+const ROUTED_SERVICE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 8, 3);
+
+/// The weft-routed path's Service, its HTTPRoute and the L7 policy of its pod. The
+/// route's first nine rules want a header the benchmark never sends and outrank the
+/// tenth (a header match is more specific), so every request is checked against all
+/// ten; the policy admits the client's identity for GET (HTTP/1.1, HTTP/2) and POST
+/// (gRPC) on the HTTP port, and for the iperf3 port as TCP.
+fn routed() -> String {
+    let backend = format!("backendRefs: [{{ name: routed, port: {HTTP_PORT} }}]");
+    let mut rules: Vec<String> = (0..9)
+        .map(|tenant| {
+            format!(
+                "    - matches: [{{ path: {{ type: PathPrefix, value: / }}, headers: [{{ name: x-tenant, value: tenant-{tenant} }}] }}]\n      {backend}\n"
+            )
+        })
+        .collect();
+    rules.push(format!(
+        "    - matches: [{{ path: {{ type: PathPrefix, value: / }} }}]\n      {backend}\n"
+    ));
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{ name: routed, namespace: {MESHED} }}\n\
+         spec:\n  clusterIP: {ROUTED_SERVICE}\n  selector: {{ bench-pod: routed }}\n  \
+         ports: [{{ name: http, port: {HTTP_PORT} }}, {{ name: iperf, port: {IPERF_PORT} }}]\n\
+         ---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+         metadata: {{ name: routed, namespace: {MESHED} }}\nspec:\n  \
+         parentRefs: [{{ group: \"\", kind: Service, name: routed, port: {HTTP_PORT} }}]\n  rules:\n{}\
+         ---\napiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+         metadata: {{ name: routed, namespace: {MESHED} }}\nspec:\n  \
+         selector: {{ matchLabels: {{ bench-pod: routed }} }}\n  rules:\n    \
+         - from: [{{ principals: [cluster.local/ns/{MESHED}/sa/client] }}]\n      \
+         to: [{{ ports: [{HTTP_PORT}], methods: [GET, POST] }}]\n    \
+         - from: [{{ principals: [cluster.local/ns/{MESHED}/sa/client] }}]\n      \
+         to: [{{ ports: [{IPERF_PORT}] }}]\n",
+        rules.concat()
+    )
+}
 
 /// `count` ALLOW policies of 10 rules selecting every pod of the meshed namespace, of
 /// which only the last rule of the last policy admits the client: every decision
@@ -1981,6 +2066,38 @@ fn machine() -> anyhow::Result<Machine> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_routed_path_checks_every_rule_and_an_l7_policy() {
+        let documents: Vec<serde_yaml::Value> = routed()
+            .split("\n---\n")
+            .map(|document| serde_yaml::from_str(document.trim_start_matches("---\n")).unwrap())
+            .collect();
+        let kinds: Vec<&str> = documents
+            .iter()
+            .map(|document| document["kind"].as_str().unwrap())
+            .collect();
+        assert_eq!(kinds, ["Service", "HTTPRoute", "AuthorizationPolicy"]);
+        let rules = documents[1]["spec"]["rules"].as_sequence().unwrap();
+        assert_eq!(rules.len(), 10);
+        let headers =
+            |rule: &serde_yaml::Value| rule["matches"][0]["headers"].as_sequence().is_some();
+        assert!(
+            rules[..9].iter().all(headers),
+            "nine rules outrank the last"
+        );
+        assert!(
+            !headers(&rules[9]),
+            "only the last matches the benchmark's requests"
+        );
+        let policy = &documents[2]["spec"];
+        assert_eq!(policy["selector"]["matchLabels"]["bench-pod"], "routed");
+        assert_eq!(policy["rules"][0]["to"][0]["methods"][1], "POST");
+        assert_eq!(
+            policy["rules"][1]["to"][0]["ports"][0],
+            u64::from(IPERF_PORT)
+        );
+    }
 
     #[test]
     fn spots_noisy_neighbours() {

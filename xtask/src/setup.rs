@@ -36,6 +36,8 @@ const PACKAGES: &[&str] = &[
     "haproxy",
     "openssl",
     "python3-matplotlib",
+    // `cargo xtask bench`: the agents' instruction counts
+    "valgrind",
 ];
 
 /// The kubernetes-validate release (PyPI) whose schemas check `deploy/install.yaml`.

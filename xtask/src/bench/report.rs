@@ -14,7 +14,9 @@ use std::{collections::BTreeMap, fmt::Write as _, path::Path, process::Command};
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 
-use super::{Measured, Outcome, PathId, Results, Run, TestId, parse};
+use super::{
+    Measured, Outcome, PathId, Results, Run, TestId, instructions::Workload, parse, serde_plain,
+};
 
 /// One figure on every path.
 #[derive(Clone, Debug, Serialize)]
@@ -74,9 +76,11 @@ pub struct Target {
 pub fn counts_for(name: &str, path: PathId) -> bool {
     match path {
         PathId::Direct => false,
-        PathId::Weft | PathId::WeftSameNode | PathId::WeftService | PathId::WeftResilient => {
-            name.starts_with("agent ")
-        }
+        PathId::Weft
+        | PathId::WeftSameNode
+        | PathId::WeftService
+        | PathId::WeftResilient
+        | PathId::WeftRouted => name.starts_with("agent "),
         PathId::Stunnel => name.starts_with("stunnel4 "),
         PathId::Haproxy => name.starts_with("haproxy "),
     }
@@ -464,6 +468,26 @@ pub fn summarize(measured: &Measured, paths: &[PathId], tests: &[TestId]) -> Vec
         }
     }
     rows.push(row);
+
+    for workload in Workload::ALL {
+        let mut row = Row::new(
+            format!("instructions.{}", serde_plain(&workload)),
+            "Instructions both agents executed (callgrind; fixed work, counted once)",
+            workload.label().to_owned(),
+            "instructions",
+            false,
+        );
+        for count in measured
+            .instructions
+            .iter()
+            .filter(|c| c.workload == workload)
+        {
+            row.values.insert(count.path, count.per_unit());
+        }
+        if !row.values.is_empty() {
+            rows.push(row);
+        }
+    }
     rows
 }
 
@@ -864,6 +888,12 @@ mod tests {
             idle_high_water_rss: BTreeMap::new(),
             high_water_rss: BTreeMap::new(),
             tls: BTreeMap::new(),
+            instructions: vec![super::super::instructions::Count {
+                path: PathId::Weft,
+                workload: Workload::Http2,
+                units: 1_000.0,
+                instructions: 250_000_000,
+            }],
         };
         let tests = [TestId::Http2Saturation, TestId::GrpcSaturation];
         let rows = summarize(&measured, &[PathId::Direct, PathId::Weft], &tests);
@@ -905,6 +935,13 @@ mod tests {
             layer.get(PathId::Direct),
             None,
             "no agent on the direct path"
+        );
+        let instructions = row("instructions.http2");
+        assert_eq!(instructions.get(PathId::Weft), Some(250_000.0));
+        assert_eq!(instructions.ratio_of(PathId::Weft), None);
+        assert!(
+            rows.iter().all(|row| row.id != "instructions.bulk"),
+            "no row for a workload that was not counted"
         );
     }
 
