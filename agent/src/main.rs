@@ -590,6 +590,13 @@ async fn control(args: RunArgs, started: std::sync::mpsc::Sender<anyhow::Result<
             return;
         }
     }
+    let recorder = admin.metrics.clone();
+    tokio::spawn(weft_api::endpoints::keep_up(
+        weft_api::endpoints::UPKEEP_EVERY,
+        move || {
+            recorder.run_upkeep();
+        },
+    ));
     for (address, route, observer) in admin::addresses() {
         match TcpListener::bind(address).await {
             Ok(listener) => {

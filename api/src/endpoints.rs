@@ -1,7 +1,7 @@
 //! The small HTTP servers agent and controller answer on (metrics, readiness, admin,
 //! status): the accept loop and the replies they share.
 
-use std::{convert::Infallible, sync::Arc};
+use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
@@ -11,7 +11,7 @@ use hyper::{
     service::{Service, service_fn},
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, time::MissedTickBehavior};
 
 pub type Reply = Response<Full<Bytes>>;
 
@@ -73,6 +73,24 @@ pub fn json<T: serde::Serialize>(value: &T) -> Reply {
     reply
 }
 
+/// How often [`keep_up`] runs: what metrics-exporter-prometheus's own exporter does.
+pub const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// Calls `upkeep` every `every` until the task is dropped. A recorder installed with
+/// `PrometheusBuilder::install_recorder` keeps every histogram sample until something
+/// drains it: a scrape does, and between scrapes (or on a node nobody scrapes) memory
+/// grows with every request unless `PrometheusHandle::run_upkeep` runs.
+pub async fn keep_up(every: Duration, upkeep: impl Fn()) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // The first tick completes at once; there is nothing to drain yet.
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        upkeep();
+    }
+}
+
 /// A Prometheus text exposition.
 pub fn prometheus(body: String) -> Reply {
     let mut reply = Response::new(Full::new(Bytes::from(body)));
@@ -81,4 +99,25 @@ pub fn prometheus(body: String) -> Reply {
         HeaderValue::from_static("text/plain; version=0.0.4"),
     );
     reply
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn upkeep_runs_once_a_period() {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&runs);
+        let task = tokio::spawn(keep_up(UPKEEP_EVERY, move || {
+            counted.fetch_add(1, Ordering::Relaxed);
+        }));
+        tokio::time::sleep(UPKEEP_EVERY / 2).await;
+        assert_eq!(runs.load(Ordering::Relaxed), 0, "not at once");
+        tokio::time::sleep(UPKEEP_EVERY * 3).await;
+        assert_eq!(runs.load(Ordering::Relaxed), 3);
+        task.abort();
+    }
 }

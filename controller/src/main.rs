@@ -350,6 +350,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         .run(material),
     );
+    let recorder = metrics.clone();
+    tokio::spawn(weft_api::endpoints::keep_up(
+        weft_api::endpoints::UPKEEP_EVERY,
+        move || {
+            recorder.run_upkeep();
+        },
+    ));
     let admin = Arc::new(Admin {
         metrics,
         published: published_rx.clone(),
