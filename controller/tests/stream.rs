@@ -1,7 +1,9 @@
 //! The config stream over real gRPC on loopback, at scale: a cluster of 10,000
 //! services, 100,000 endpoints and 50 nodes is compiled and streamed to 50 subscribed
 //! agents, each gets its snapshot, then a one-resource delta when an endpoint goes,
-//! and the controller's status follows their acknowledgements. Times and memory are
+//! and the controller's status follows their acknowledgements. node0's snapshot and
+//! delta then go through the agent's own code, as a subscribed agent applies them:
+//! what holding the view costs it, in memory and in time. Times and memory are
 //! printed for the record; thresholds belong in the benchmark.
 
 #[path = "support/grpc.rs"]
@@ -10,13 +12,20 @@ mod grpc;
 mod large;
 
 use std::{
-    sync::Arc,
+    alloc::{GlobalAlloc, Layout, System},
+    hint::black_box,
+    net::{IpAddr, Ipv4Addr},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::{StreamExt as _, wrappers::ReceiverStream};
 use tonic::service::Routes;
+use weft_agent::mesh::resources::Resources;
 use weft_api::config::v1::{
     Ack, AgentMessage, ConfigUpdate, Hello, MAX_UPDATE_BYTES, Nack, agent_message::Message,
     config_discovery_client::ConfigDiscoveryClient,
@@ -28,6 +37,57 @@ use weft_controller::{
     pipeline::Published,
     stream::{ConfigService, Nodes},
 };
+
+/// The system allocator, counting the bytes allocated and not yet freed: what a
+/// structure built in between holds.
+struct Counting;
+
+static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call goes to the system allocator with the caller's arguments; the
+// counter only adds what it allocated and subtracts what it freed.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: as the caller promised `alloc`.
+        let allocated = unsafe { System.alloc(layout) };
+        if !allocated.is_null() {
+            LIVE_BYTES.fetch_add(layout.size(), Ordering::Relaxed);
+        }
+        allocated
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: as the caller promised `alloc_zeroed`.
+        let allocated = unsafe { System.alloc_zeroed(layout) };
+        if !allocated.is_null() {
+            LIVE_BYTES.fetch_add(layout.size(), Ordering::Relaxed);
+        }
+        allocated
+    }
+
+    unsafe fn dealloc(&self, pointer: *mut u8, layout: Layout) {
+        // SAFETY: as the caller promised `dealloc`.
+        unsafe { System.dealloc(pointer, layout) };
+        LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, pointer: *mut u8, layout: Layout, size: usize) -> *mut u8 {
+        // SAFETY: as the caller promised `realloc`.
+        let moved = unsafe { System.realloc(pointer, layout, size) };
+        if !moved.is_null() {
+            LIVE_BYTES.fetch_add(size, Ordering::Relaxed);
+            LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
+        }
+        moved
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+fn live_mib() -> f64 {
+    LIVE_BYTES.load(Ordering::Relaxed) as f64 / (1 << 20) as f64
+}
 
 const NODES: usize = 50;
 const SERVICES: usize = 10_000;
@@ -91,6 +151,62 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// node0's view as its agent holds it: the resources as received and the mesh
+/// configuration the agent serves from, built from the snapshot and rebuilt on the delta
+/// (as `weft_agent::subscription` does), and the per-connection lookups against it
+/// beside the same lookups in a view of 10 services.
+fn agent_holds_the_view(snapshot: &ConfigUpdate, delta: &ConfigUpdate) {
+    let before = live_mib();
+    let started = Instant::now();
+    let mut resources = Resources::default();
+    resources.apply(snapshot).unwrap();
+    let mesh = resources.mesh().expect("the agent takes the view");
+    // The lookup indexes are built on first use.
+    let pod = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 31));
+    assert!(mesh.workload_by_ip(pod).is_some());
+    eprintln!(
+        "agent view: snapshot applied and the mesh built in {:.0} ms; resources and mesh hold {:.1} MiB",
+        started.elapsed().as_secs_f64() * 1000.0,
+        live_mib() - before
+    );
+
+    let started = Instant::now();
+    resources.apply(delta).unwrap();
+    let changed = resources.mesh().expect("the agent takes the delta");
+    let (service, _) = changed.service_named("ns3", "svc3", 80).unwrap();
+    eprintln!(
+        "agent view: one-endpoint delta applied and the mesh rebuilt in {:.0} ms",
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    assert_eq!(service.endpoints.len(), PODS_PER_SERVICE - 1);
+    drop(changed);
+
+    let small = compile(
+        &large::cluster(2, 10, PODS_PER_SERVICE),
+        &Settings::default(),
+        &Default::default(),
+    )
+    .view("node0")
+    .snapshot();
+    let mut small_resources = Resources::default();
+    small_resources.apply(&small).unwrap();
+    let small = small_resources.mesh().unwrap();
+    let vip = IpAddr::V4(Ipv4Addr::new(10, 96, 0, 3));
+    for (name, view) in [("10 services", &small), ("10,000 services", &mesh)] {
+        assert!(view.service_at(vip, 80).is_some() && view.workload_by_ip(pod).is_some());
+        const LOOKUPS: u32 = 200_000;
+        let started = Instant::now();
+        for _ in 0..LOOKUPS {
+            black_box(view.workload_by_ip(black_box(pod)));
+            black_box(view.service_at(black_box(vip), 80));
+        }
+        eprintln!(
+            "agent view: a connection's lookups (its pod, its service) with {name}: {:.0} ns",
+            started.elapsed().as_secs_f64() * 1e9 / f64::from(LOOKUPS)
+        );
+    }
+}
+
 async fn wait_for(what: &str, nodes: &Nodes, done: impl Fn(&Nodes) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !done(nodes) {
@@ -144,11 +260,13 @@ async fn a_large_cluster_compiles_and_streams_to_every_node() {
         agents.push(Agent::subscribe(address, &format!("node{node}"), "").await);
     }
     let mut version = String::new();
+    let mut node0_snapshot = None;
     for agent in &mut agents {
         let snapshot = agent.next().await;
         assert!(snapshot.snapshot);
         assert_eq!(snapshot.upserts.len(), expected);
         version = snapshot.version.clone();
+        node0_snapshot.get_or_insert_with(|| snapshot.clone());
         agent
             .reply(Message::Ack(Ack {
                 version: snapshot.version,
@@ -180,8 +298,10 @@ async fn a_large_cluster_compiles_and_streams_to_every_node() {
         sources: Default::default(),
         trust: Default::default(),
     });
+    let mut node0_delta = None;
     for agent in &mut agents {
         let delta = agent.next().await;
+        node0_delta.get_or_insert_with(|| delta.clone());
         assert!(!delta.snapshot);
         let names: Vec<&str> = delta
             .upserts
@@ -209,6 +329,7 @@ async fn a_large_cluster_compiles_and_streams_to_every_node() {
         started.elapsed().as_secs_f64() * 1000.0,
         peak_rss_mib()
     );
+    agent_holds_the_view(&node0_snapshot.unwrap(), &node0_delta.unwrap());
 
     // A rejection is recorded with its reason, and the node is not in sync.
     let current = nodes.snapshot()["node0"].version.clone();
