@@ -74,16 +74,11 @@ impl Workload {
         let url = format!("http://{}{REQUEST_PATH}", endpoint.http);
         let strings = |items: &[&str]| items.iter().map(|&s| s.to_owned()).collect::<Vec<_>>();
         match self {
-            Workload::Bulk => strings(&[
-                "iperf3",
-                "--client",
-                &endpoint.iperf.ip().to_string(),
-                "--port",
-                &endpoint.iperf.port().to_string(),
-                "--bytes",
-                &format!("{}M", bulk_mib(quick)),
-                "--json",
-            ]),
+            Workload::Bulk => {
+                let mut argv = iperf(endpoint, &format!("{}M", bulk_mib(quick)));
+                argv.push("--json".into());
+                argv
+            }
             Workload::Keepalive => strings(&[
                 "h2load",
                 "--h1",
@@ -158,6 +153,21 @@ impl Workload {
     }
 }
 
+/// iperf3 sending `bytes` (such as `1M`) to `endpoint`'s iperf3 server.
+fn iperf(endpoint: &Endpoint, bytes: &str) -> Vec<String> {
+    [
+        "iperf3",
+        "--client",
+        &endpoint.iperf.ip().to_string(),
+        "--port",
+        &endpoint.iperf.port().to_string(),
+        "--bytes",
+        bytes,
+    ]
+    .map(str::to_owned)
+    .into()
+}
+
 fn bulk_mib(quick: bool) -> u32 {
     if quick { 64 } else { 256 }
 }
@@ -208,23 +218,12 @@ pub fn count(
     // counting starts.
     for endpoint in endpoints {
         let url = format!("http://{}{REQUEST_PATH}", endpoint.http);
-        let iperf = [
-            "iperf3",
-            "--client",
-            &endpoint.iperf.ip().to_string(),
-            "--port",
-            &endpoint.iperf.port().to_string(),
-            "--bytes",
-            "1M",
-        ];
-        for argv in [
-            &["curl", "-sf", "--max-time", "20", "-o", "/dev/null", &url][..],
-            &iperf,
-        ] {
+        let curl = ["curl", "-sf", "--max-time", "20", "-o", "/dev/null", &url].map(str::to_owned);
+        for argv in [curl.to_vec(), iperf(endpoint, "1M")] {
             let deadline = Instant::now() + Duration::from_secs(120);
             loop {
                 let output = cluster
-                    .pod_command(endpoint.client_namespace, "client", argv)?
+                    .pod_command(endpoint.client_namespace, "client", &argv)?
                     .output()
                     .with_context(|| format!("cannot run {}", argv[0]))?;
                 if output.status.success() {
