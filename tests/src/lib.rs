@@ -264,6 +264,16 @@ pub fn wait_until(what: &str, timeout: std::time::Duration, mut done: impl FnMut
     }
 }
 
+/// Whether `count` of `total` independent draws is a plausible outcome when each draw
+/// hits with probability `share` (a weighted split): within 4.5 standard deviations of
+/// the binomial mean. A right split fails this about once in 150,000 runs; one 20
+/// points off over 500 draws practically never passes.
+pub fn plausible_share(count: usize, total: usize, share: f64) -> bool {
+    let total = total as f64;
+    let deviation = (total * share * (1.0 - share)).sqrt();
+    (count as f64 - total * share).abs() <= 4.5 * deviation
+}
+
 /// Path of workspace binary `name` in the target directory of this test build
 /// (`cargo xtask test` builds them before running the tests).
 pub fn workspace_bin(name: &str) -> PathBuf {
@@ -504,6 +514,27 @@ pub fn valid_now() -> Range<SystemTime> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_split_is_plausible_within_its_noise_only() {
+        for (count, total, share, plausible) in [
+            (350, 500, 0.7, true),
+            (380, 500, 0.7, true),
+            (320, 500, 0.7, true),
+            (300, 500, 0.7, false),
+            (250, 500, 0.7, false),
+            (450, 500, 0.7, false),
+            (0, 400, 0.0, true),
+            (1, 400, 0.0, false),
+            (400, 400, 1.0, true),
+        ] {
+            assert_eq!(
+                plausible_share(count, total, share),
+                plausible,
+                "{count} of {total} at {share}"
+            );
+        }
+    }
 
     #[test]
     fn reads_prometheus_samples() {

@@ -31,8 +31,8 @@ use std::{
 
 use weft_cluster::PodSpec;
 use weft_e2e::{
-    TestCluster, agent_metrics, clean_wrk_report, grpc_load_report, policy_verdict, series, total,
-    wait_until, workspace_bin,
+    TestCluster, agent_metrics, clean_wrk_report, grpc_load_report, plausible_share,
+    policy_verdict, series, total, wait_until, workspace_bin,
 };
 
 const ECHO: &str = "10.96.2.10";
@@ -610,7 +610,10 @@ fn add_replica(cluster: &mut TestCluster, name: &str, node: &str, app: &str, com
     cluster.add_pod(pod).unwrap();
 }
 
-/// Waits until pod `name`, addressed directly on port 8080, answers `status`.
+/// Waits until pod `name`, addressed directly on port 8080, answers `status` itself:
+/// a 503 the agent makes up while the server does not listen yet (it carries
+/// `x-weft-error`) does not count, or the replica's first requests through the service
+/// would be connection failures, retried elsewhere and counted against it.
 fn wait_for_replica(cluster: &TestCluster, name: &str, status: u16) {
     let ip = cluster
         .topology()
@@ -629,7 +632,7 @@ fn wait_for_replica(cluster: &TestCluster, name: &str, status: u16) {
             "--max-time",
             "10",
             "-w",
-            "%{http_code}",
+            "%{http_code} %header{x-weft-error}",
             url.as_str(),
         ];
         let output = cluster
@@ -637,7 +640,7 @@ fn wait_for_replica(cluster: &TestCluster, name: &str, status: u16) {
             .unwrap()
             .output()
             .unwrap();
-        String::from_utf8_lossy(&output.stdout) == status.to_string()
+        String::from_utf8_lossy(&output.stdout).trim_end() == status.to_string()
     });
 }
 
@@ -985,7 +988,7 @@ fn route_rules_inject_the_faults_they_reference() {
     let answered = half.iter().filter(|&&status| status == 200).count();
     assert_eq!(aborted + answered, 200, "{half:?}");
     assert!(
-        (60..=140).contains(&aborted),
+        plausible_share(aborted, 200, 0.5),
         "about half of 200: {aborted}"
     );
     // A FaultInjection that does not exist fails the rule's requests.
