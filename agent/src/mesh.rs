@@ -57,12 +57,15 @@
 //! With `--controller`, the same model is assembled from the resources the controller
 //! streams ([`resources`]).
 
+pub mod labels;
 pub mod resources;
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet, hash_map::Entry},
+    hash::BuildHasher,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
+    sync::{Arc, OnceLock},
     time::Duration,
 };
 
@@ -75,6 +78,8 @@ use weft_api::{
 use weft_common::{MeshDestination, Mode, SockAddr, destination};
 
 use crate::{datapath::sock_addr, identity::Identity};
+
+pub use self::labels::Labels;
 
 pub use weft_api::protocol::Protocol;
 
@@ -91,10 +96,12 @@ pub struct MeshConfig {
     pub nodes: Vec<Node>,
     #[serde(default)]
     pub namespaces: Vec<MeshNamespace>,
+    /// Shared with the versions before and after: a new version of a large mesh holds
+    /// new copies of what changed only.
     #[serde(default)]
-    pub workloads: Vec<Workload>,
+    pub workloads: Vec<Arc<Workload>>,
     #[serde(default)]
-    pub services: Vec<Service>,
+    pub services: Vec<Arc<Service>>,
     #[serde(default)]
     pub exclude_ports: Vec<u16>,
     /// The AuthorizationPolicies that select workloads of this node, compiled.
@@ -108,30 +115,54 @@ pub struct MeshConfig {
     /// with one, the agent reads its bundle from `--trust-bundle`.
     #[serde(skip)]
     pub trust_anchors: Vec<TrustAnchor>,
-    /// Lookups by address, built on first use.
+    /// Lookups by address, built by validation or on first use.
     #[serde(skip)]
     pub(crate) index: Index,
 }
 
 /// The configuration's lookups of the data path, by workload IP and by service
-/// VIP:port, so that no connection or request scans the lists. Built on the first
-/// lookup: a configuration is not changed once it is published (a clone starts a new
-/// index, so a changed clone is safe).
+/// VIP:port, so that no connection or request scans the lists. Built when the
+/// configuration is validated (read from a file, or assembled from streamed
+/// resources), else on the first lookup: a configuration is not changed once validated
+/// or published (a clone starts a new index, so a changed clone is safe).
 #[derive(Debug, Default)]
-pub(crate) struct Index(std::sync::OnceLock<Maps>);
+pub(crate) struct Index {
+    maps: OnceLock<Maps>,
+    /// Workloads by namespace and name, for the node's pod syncs rather than the data
+    /// path: built apart, when first asked.
+    by_name: OnceLock<ByName>,
+}
 
+/// Workload positions by a hash of (namespace, name); a lookup checks the names, so
+/// a hash two workloads share only sends the second to `collided`.
+#[derive(Debug, Default)]
+struct ByName {
+    hasher: foldhash::fast::RandomState,
+    first: FastMap<u64, usize>,
+    collided: Vec<usize>,
+}
+
+/// The index's maps. Their keys are addresses and names from the configuration, so
+/// a fast hash (randomly seeded per process) serves: a connection's lookups are most of
+/// what it costs, and building them is most of what a new version of a large mesh does.
 #[derive(Debug, Default)]
 struct Maps {
-    workloads: HashMap<IpAddr, usize>,
+    workloads: FastMap<IpAddr, usize>,
+    /// The first workload whose address an earlier one has (a configuration with one
+    /// is invalid).
+    shared_address: Option<usize>,
     /// (VIP, port) → (service, port entry).
-    services: HashMap<(IpAddr, u16), (usize, usize)>,
+    services: FastMap<(IpAddr, u16), (usize, usize)>,
     /// (endpoint, target port) → the first (service, port entry) that leads there.
-    endpoints: HashMap<(IpAddr, u16), (usize, usize)>,
+    endpoints: FastMap<(IpAddr, u16), (usize, usize)>,
     /// Workload address → the authorization policies that select it.
-    policies: HashMap<IpAddr, Vec<usize>>,
-    /// (namespace, name) → the service's first entry: where a route's backend goes.
-    named: HashMap<(String, String), usize>,
+    policies: FastMap<IpAddr, Vec<usize>>,
+    /// namespace → name → the service's first entry: where a route's backend goes.
+    named: FastMap<String, FastMap<String, usize>>,
 }
+
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+type FastSet<T> = HashSet<T, foldhash::fast::RandomState>;
 
 impl Clone for Index {
     fn clone(&self) -> Self {
@@ -149,62 +180,85 @@ impl PartialEq for Index {
 impl Eq for Index {}
 
 impl Index {
+    fn by_name(&self, config: &MeshConfig) -> &ByName {
+        self.by_name.get_or_init(|| {
+            let hasher = foldhash::fast::RandomState::default();
+            let mut first =
+                FastMap::with_capacity_and_hasher(config.workloads.len(), Default::default());
+            let mut collided = Vec::new();
+            for (position, workload) in config.workloads.iter().enumerate() {
+                let hash = hasher.hash_one((&*workload.namespace, workload.name.as_str()));
+                match first.entry(hash) {
+                    Entry::Vacant(vacant) => {
+                        vacant.insert(position);
+                    }
+                    Entry::Occupied(_) => collided.push(position),
+                }
+            }
+            ByName {
+                hasher,
+                first,
+                collided,
+            }
+        })
+    }
+
     fn maps(&self, config: &MeshConfig) -> &Maps {
-        self.0.get_or_init(|| {
-            let workloads = config
-                .workloads
-                .iter()
-                .enumerate()
-                .map(|(position, workload)| (workload.ip, position))
-                .collect();
-            let services = config
-                .services
-                .iter()
-                .enumerate()
-                .flat_map(|(service, entry)| {
-                    entry
-                        .ports
-                        .iter()
-                        .enumerate()
-                        .map(move |(port, ports)| ((entry.vip, ports.port), (service, port)))
-                })
-                .collect();
-            let mut endpoints = HashMap::new();
+        self.maps.get_or_init(|| {
+            let mut workloads =
+                FastMap::with_capacity_and_hasher(config.workloads.len(), Default::default());
+            let mut shared_address = None;
+            for (position, workload) in config.workloads.iter().enumerate() {
+                if workloads.insert(workload.ip, position).is_some() {
+                    shared_address = shared_address.or(Some(position));
+                }
+            }
+            let ports: usize = config.services.iter().map(|entry| entry.ports.len()).sum();
+            let endpoint_ports: usize = (config.services.iter())
+                .map(|entry| entry.ports.len() * entry.endpoints.len())
+                .sum();
+            let mut services = FastMap::with_capacity_and_hasher(ports, Default::default());
+            let mut endpoints =
+                FastMap::with_capacity_and_hasher(endpoint_ports, Default::default());
+            let mut named: FastMap<String, FastMap<String, usize>> = FastMap::default();
             for (service, entry) in config.services.iter().enumerate() {
                 for (port, ports) in entry.ports.iter().enumerate() {
+                    services.insert((entry.vip, ports.port), (service, port));
                     for ip in &entry.endpoints {
                         endpoints
                             .entry((*ip, ports.target()))
                             .or_insert((service, port));
                     }
                 }
+                let names = match named.get_mut(entry.namespace.as_str()) {
+                    Some(names) => names,
+                    None => named.entry(entry.namespace.clone()).or_default(),
+                };
+                if !names.contains_key(entry.name.as_str()) {
+                    names.insert(entry.name.clone(), service);
+                }
             }
-            let addresses: HashMap<String, IpAddr> = config
-                .workloads
-                .iter()
-                .map(|workload| {
-                    (
-                        format!("{}/{}", workload.namespace, workload.name),
-                        workload.ip,
-                    )
-                })
-                .collect();
-            let mut policies: HashMap<IpAddr, Vec<usize>> = HashMap::new();
+            // Policies name the workloads they select as "namespace/name".
+            let mut selected: FastMap<(&str, &str), Vec<usize>> = FastMap::default();
             for (index, policy) in config.authorization_policies.iter().enumerate() {
                 for workload in &policy.workloads {
-                    if let Some(ip) = addresses.get(workload) {
-                        policies.entry(*ip).or_default().push(index);
+                    if let Some(name) = workload.split_once('/') {
+                        selected.entry(name).or_default().push(index);
                     }
                 }
             }
-            let mut named = HashMap::new();
-            for (index, service) in config.services.iter().enumerate() {
-                named
-                    .entry((service.namespace.clone(), service.name.clone()))
-                    .or_insert(index);
+            let mut policies = FastMap::default();
+            if !selected.is_empty() {
+                for workload in &config.workloads {
+                    let name = (&*workload.namespace, workload.name.as_str());
+                    if let Some(indexes) = selected.get(&name) {
+                        policies.insert(workload.ip, indexes.clone());
+                    }
+                }
             }
             Maps {
                 workloads,
+                shared_address,
                 services,
                 endpoints,
                 policies,
@@ -247,8 +301,8 @@ fn default_trust_domain() -> String {
     "cluster.local".to_owned()
 }
 
-fn default_service_account() -> String {
-    "default".to_owned()
+fn default_service_account() -> Arc<str> {
+    Arc::from("default")
 }
 
 /// A node and the address its agent takes HBONE tunnels on (port 15008).
@@ -323,16 +377,16 @@ impl PlaintextPolicy {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Workload {
     pub name: String,
-    pub namespace: String,
+    pub namespace: Arc<str>,
     #[serde(default = "default_service_account")]
-    pub service_account: String,
+    pub service_account: Arc<str>,
     /// The node the pod runs on; without it the workload can be captured but not
     /// reached through the mesh.
     #[serde(default)]
-    pub node: Option<String>,
+    pub node: Option<Arc<str>>,
     pub ip: IpAddr,
     #[serde(default)]
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
     /// How the pod takes plaintext; `None`: its namespace's mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<PeerMode>,
@@ -554,7 +608,7 @@ impl MeshConfig {
     }
 
     fn validate(&self) -> Result<(), String> {
-        let mut nodes = HashSet::new();
+        let mut nodes = FastSet::default();
         for (index, node) in self.nodes.iter().enumerate() {
             if !nodes.insert(node.name.as_str()) {
                 return Err(format!("nodes[{index}]: {} is listed twice", node.name));
@@ -565,16 +619,17 @@ impl MeshConfig {
                 ));
             }
         }
-        let mut addresses = HashSet::new();
+        // The index finds what it needs to find anyway, and is then ready.
+        if let Some(index) = self.index.maps(self).shared_address {
+            let workload = &self.workloads[index];
+            return Err(format!(
+                "workloads[{index}] ({}): address {} belongs to another workload too",
+                workload.name, workload.ip
+            ));
+        }
         for (index, workload) in self.workloads.iter().enumerate() {
-            if !addresses.insert(workload.ip) {
-                return Err(format!(
-                    "workloads[{index}] ({}): address {} belongs to another workload too",
-                    workload.name, workload.ip
-                ));
-            }
             if let Some(node) = &workload.node
-                && !nodes.contains(node.as_str())
+                && !nodes.contains(&**node)
             {
                 return Err(format!("workloads[{index}].node: {node} is not in nodes"));
             }
@@ -584,7 +639,7 @@ impl MeshConfig {
                 ));
             }
         }
-        let mut namespaces = HashSet::new();
+        let mut namespaces = FastSet::default();
         for (index, namespace) in self.namespaces.iter().enumerate() {
             if !namespaces.insert(&namespace.name) {
                 return Err(format!(
@@ -647,11 +702,7 @@ impl MeshConfig {
         name: &str,
     ) -> Option<(PeerMode, BTreeMap<u16, PeerMode>)> {
         let namespace_mode = self.mode_of(namespace)?;
-        match self
-            .workloads
-            .iter()
-            .find(|workload| workload.namespace == namespace && workload.name == name)
-        {
+        match self.workload_named(namespace, name) {
             Some(workload) if workload.opted_out => None,
             Some(workload) => Some((
                 workload.mode.unwrap_or(namespace_mode),
@@ -663,11 +714,7 @@ impl MeshConfig {
 
     /// What pod `namespace/name`'s authorization policies say of plaintext.
     pub fn plaintext_policy(&self, namespace: &str, name: &str) -> PlaintextPolicy {
-        let Some(workload) = self
-            .workloads
-            .iter()
-            .find(|workload| workload.namespace == namespace && workload.name == name)
-        else {
+        let Some(workload) = self.workload_named(namespace, name) else {
             return PlaintextPolicy::default();
         };
         let policies = self.policies_for(workload.ip);
@@ -722,9 +769,22 @@ impl MeshConfig {
         workloads.chain(services).collect()
     }
 
+    /// Workload `namespace/name` (the first listed, should two have the name).
+    pub fn workload_named(&self, namespace: &str, name: &str) -> Option<&Workload> {
+        let by_name = self.index.by_name(self);
+        let named = |position: &&usize| {
+            let workload = &self.workloads[**position];
+            &*workload.namespace == namespace && workload.name == name
+        };
+        let hash = by_name.hasher.hash_one((namespace, name));
+        let position = (by_name.first.get(&hash).filter(named))
+            .or_else(|| by_name.collided.iter().find(named))?;
+        Some(&self.workloads[*position])
+    }
+
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
         let position = *self.index.maps(self).workloads.get(&ip.to_canonical())?;
-        self.workloads.get(position)
+        self.workloads.get(position).map(|workload| &**workload)
     }
 
     /// The service behind `vip:port`, with the port entry that matched.
@@ -745,11 +805,7 @@ impl MeshConfig {
         name: &str,
         port: u16,
     ) -> Option<(&Service, &ServicePort)> {
-        let index = *self
-            .index
-            .maps(self)
-            .named
-            .get(&(namespace.to_owned(), name.to_owned()))?;
+        let index = *self.index.maps(self).named.get(namespace)?.get(name)?;
         let service = self.services.get(index)?;
         Some((service, service.ports.iter().find(|p| p.port == port)?))
     }
@@ -824,8 +880,8 @@ impl MeshConfig {
     pub fn identity(&self, workload: &Workload) -> Identity {
         Identity {
             trust_domain: self.trust_domain.clone(),
-            namespace: workload.namespace.clone(),
-            service_account: workload.service_account.clone(),
+            namespace: workload.namespace.to_string(),
+            service_account: workload.service_account.to_string(),
         }
     }
 }
@@ -883,6 +939,28 @@ excludePorts: [22]
         );
         assert!(!has("10.96.0.10", 0), "a VIP is only captured on its ports");
         assert_eq!(destinations.len(), 4);
+    }
+
+    #[test]
+    fn workloads_are_found_by_namespace_and_name() {
+        let config = MeshConfig::parse(
+            "nodes: [{ name: a, address: 10.99.0.1 }]\n\
+             workloads:\n\
+             - { name: web, namespace: shop, node: a, ip: 10.244.0.2 }\n\
+             - { name: web, namespace: blog, node: a, ip: 10.244.0.3 }\n\
+             - { name: shop, namespace: web, node: a, ip: 10.244.0.4 }\n",
+        )
+        .unwrap_or_else(|_| panic!("parses"));
+        let ip = |namespace: &str, name: &str| {
+            config
+                .workload_named(namespace, name)
+                .map(|workload| workload.ip.to_string())
+        };
+        assert_eq!(ip("shop", "web").as_deref(), Some("10.244.0.2"));
+        assert_eq!(ip("blog", "web").as_deref(), Some("10.244.0.3"));
+        assert_eq!(ip("web", "shop").as_deref(), Some("10.244.0.4"));
+        assert_eq!(ip("shop", "api"), None);
+        assert_eq!(ip("shop/web", ""), None);
     }
 
     #[test]

@@ -200,7 +200,9 @@ fn workload_peer(address: String, ip: IpAddr, mesh: &MeshConfig) -> Peer {
     Peer {
         address,
         workload: workload.map(|w| w.name.clone()).unwrap_or_default(),
-        namespace: workload.map(|w| w.namespace.clone()).unwrap_or_default(),
+        namespace: workload
+            .map(|w| w.namespace.to_string())
+            .unwrap_or_default(),
         identity: workload
             .map(|w| mesh.identity(w).to_string())
             .unwrap_or_default(),

@@ -22,6 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use prost::Message as _;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::{StreamExt as _, wrappers::ReceiverStream};
 use tonic::service::Routes;
@@ -153,8 +154,9 @@ fn peak_rss_mib() -> f64 {
 
 /// node0's view as its agent holds it: the resources as received and the mesh
 /// configuration the agent serves from, built from the snapshot and rebuilt on the delta
-/// (as `weft_agent::subscription` does), and the per-connection lookups against it
-/// beside the same lookups in a view of 10 services.
+/// and on its undoing, five times each (as `weft_agent::subscription` does), the cache
+/// it writes of each version, and the per-connection lookups against it beside the same
+/// lookups in a view of 10 services.
 fn agent_holds_the_view(snapshot: &ConfigUpdate, delta: &ConfigUpdate) {
     let before = live_mib();
     let started = Instant::now();
@@ -170,16 +172,48 @@ fn agent_holds_the_view(snapshot: &ConfigUpdate, delta: &ConfigUpdate) {
         live_mib() - before
     );
 
-    let started = Instant::now();
-    resources.apply(delta).unwrap();
-    let changed = resources.mesh().expect("the agent takes the delta");
-    let (service, _) = changed.service_named("ns3", "svc3", 80).unwrap();
+    // The delta, and the same resource as the snapshot had it, in turn: a change each
+    // time, timed until the new version answers its first lookup.
+    let key = delta.upserts[0].key.clone();
+    let undo = ConfigUpdate {
+        version: "undone".into(),
+        snapshot: false,
+        upserts: snapshot
+            .upserts
+            .iter()
+            .filter(|resource| resource.key == key)
+            .cloned()
+            .collect(),
+        removals: Vec::new(),
+    };
+    assert_eq!(undo.upserts.len(), 1);
+    let held = live_mib();
+    let mut times = Vec::new();
+    let mut added = 0.0;
+    for round in 0..10 {
+        let update = if round % 2 == 0 { delta } else { &undo };
+        let started = Instant::now();
+        resources.apply(update).unwrap();
+        let changed = resources.mesh().expect("the agent takes the delta");
+        let (service, _) = changed.service_named("ns3", "svc3", 80).unwrap();
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+        let endpoints = PODS_PER_SERVICE - usize::from(round % 2 == 0);
+        assert_eq!(service.endpoints.len(), endpoints);
+        added = live_mib() - held;
+    }
+    times.sort_by(f64::total_cmp);
     eprintln!(
-        "agent view: one-endpoint delta applied and the mesh rebuilt in {:.0} ms",
-        started.elapsed().as_secs_f64() * 1000.0
+        "agent view: one-endpoint delta applied, the mesh rebuilt and indexed in {:.1} ms (median of 10; {:.1}–{:.1}); the new version adds {added:.1} MiB while the old one lives",
+        times[5], times[0], times[9]
     );
-    assert_eq!(service.endpoints.len(), PODS_PER_SERVICE - 1);
-    drop(changed);
+    // What the agent writes to its cache after each version it applies.
+    let started = Instant::now();
+    let cache = resources.snapshot("cached").encode_to_vec();
+    eprintln!(
+        "agent view: the cache of a version encoded in {:.1} ms, {:.1} MiB to write",
+        started.elapsed().as_secs_f64() * 1000.0,
+        cache.len() as f64 / (1 << 20) as f64
+    );
 
     let small = compile(
         &large::cluster(2, 10, PODS_PER_SERVICE),

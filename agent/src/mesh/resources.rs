@@ -1,11 +1,15 @@
 //! The mesh configuration as the controller streams it: a set of protobuf resources
 //! (`weft.config.v1`), kept up to date by snapshots and deltas, and turned into the
 //! same [`MeshConfig`] the file gives.
+//!
+//! A large cluster streams a hundred thousand workloads, and a delta names one of them:
+//! each workload and service resource keeps what it decoded to, so a new version
+//! decodes only what the delta changed and shares the rest with the version before.
 
 pub mod dump;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     sync::Arc,
     time::{Duration, UNIX_EPOCH},
 };
@@ -31,10 +35,74 @@ use super::{
     Workload,
 };
 
-/// The resources a controller sent, by kind and name, as encoded on the wire.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// The resources a controller sent, by kind and name, as encoded on the wire. No kind
+/// is left without a resource.
+#[derive(Clone, Debug, Default)]
 pub struct Resources {
-    resources: BTreeMap<(String, String), Bytes>,
+    resources: BTreeMap<String, BTreeMap<String, Entry>>,
+    shared: SharedNames,
+}
+
+/// Two sets of resources are equal by their resources.
+impl PartialEq for Resources {
+    fn eq(&self, other: &Self) -> bool {
+        self.resources == other.resources
+    }
+}
+
+impl Eq for Resources {}
+
+/// The names many workloads carry (namespaces, service accounts, nodes), held once.
+#[derive(Clone, Debug, Default)]
+struct SharedNames(HashSet<Arc<str>>);
+
+impl SharedNames {
+    fn get(&mut self, name: &str) -> Arc<str> {
+        if let Some(shared) = self.0.get(name) {
+            return Arc::clone(shared);
+        }
+        let shared: Arc<str> = Arc::from(name);
+        self.0.insert(Arc::clone(&shared));
+        shared
+    }
+
+    /// Forgets the names no workload carries any more.
+    fn forget_unused(&mut self) {
+        self.0.retain(|name| Arc::strong_count(name) > 1);
+    }
+}
+
+/// One resource as received, and what it decoded to the last time a configuration
+/// was built from it.
+#[derive(Clone, Debug)]
+struct Entry {
+    body: Bytes,
+    decoded: Option<Decoded>,
+}
+
+/// Two entries are the same resource when their bodies are.
+impl PartialEq for Entry {
+    fn eq(&self, other: &Self) -> bool {
+        self.body == other.body
+    }
+}
+
+impl Eq for Entry {}
+
+/// What a resource contributes to the configuration, kept until it changes.
+#[derive(Clone, Debug)]
+enum Decoded {
+    /// `None`: a pod without an address yet.
+    Workload(Option<Arc<Workload>>),
+    Service(Box<ServiceEntries>),
+    TrafficPolicy(Arc<proto::TrafficPolicy>),
+}
+
+/// A service's entries (one per VIP), built with its TrafficPolicy as it was then.
+#[derive(Clone, Debug)]
+struct ServiceEntries {
+    policy: Option<Bytes>,
+    entries: Vec<Arc<Service>>,
 }
 
 impl Resources {
@@ -44,16 +112,27 @@ impl Resources {
             self.resources.clear();
         }
         for removal in &update.removals {
-            self.resources
-                .remove(&(removal.kind.clone(), removal.name.clone()));
+            if let Some(named) = self.resources.get_mut(&removal.kind) {
+                named.remove(&removal.name);
+                if named.is_empty() {
+                    self.resources.remove(&removal.kind);
+                }
+            }
         }
         for (index, resource) in update.upserts.iter().enumerate() {
             let key = resource
                 .key
                 .as_ref()
                 .ok_or_else(|| format!("upserts[{index}] has no key"))?;
-            self.resources
-                .insert((key.kind.clone(), key.name.clone()), resource.body.clone());
+            let entry = Entry {
+                body: resource.body.clone(),
+                decoded: None,
+            };
+            let named = match self.resources.get_mut(&key.kind) {
+                Some(named) => named,
+                None => self.resources.entry(key.kind.clone()).or_default(),
+            };
+            named.insert(key.name.clone(), entry);
         }
         Ok(())
     }
@@ -66,12 +145,13 @@ impl Resources {
             upserts: self
                 .resources
                 .iter()
-                .map(|((kind, name), body)| proto::Resource {
+                .flat_map(|(kind, named)| named.iter().map(move |entry| (kind, entry)))
+                .map(|(kind, (name, entry))| proto::Resource {
                     key: Some(proto::ResourceKey {
                         kind: kind.clone(),
                         name: name.clone(),
                     }),
-                    body: body.clone(),
+                    body: entry.body.clone(),
                 })
                 .collect(),
             removals: Vec::new(),
@@ -80,23 +160,103 @@ impl Resources {
 
     /// How many resources of each kind there are.
     pub fn counts(&self) -> BTreeMap<String, usize> {
-        let mut counts = BTreeMap::new();
-        for (kind, _) in self.resources.keys() {
-            *counts.entry(kind.clone()).or_default() += 1;
-        }
-        counts
+        self.resources
+            .iter()
+            .map(|(kind, named)| (kind.clone(), named.len()))
+            .collect()
     }
 
     fn decode<M: Kind>(&self) -> Result<Vec<(String, M)>, String> {
         self.resources
-            .range((M::KIND.to_owned(), String::new())..)
-            .take_while(|((kind, _), _)| kind == M::KIND)
-            .map(|((kind, name), body)| {
-                M::decode(body.as_ref())
-                    .map(|message| (name.clone(), message))
-                    .map_err(|err| format!("{kind} {name}: {err}"))
-            })
+            .get(M::KIND)
+            .into_iter()
+            .flatten()
+            .map(|(name, entry)| decode::<M>(name, &entry.body).map(|m| (name.clone(), m)))
             .collect()
+    }
+
+    /// How many resources of `kind` there are.
+    fn count(&self, kind: &str) -> usize {
+        self.resources.get(kind).map_or(0, BTreeMap::len)
+    }
+
+    /// The entries of `kind`, by name, to read and remember what they decode to.
+    fn entries_mut(&mut self, kind: &str) -> impl Iterator<Item = (&String, &mut Entry)> {
+        self.resources.get_mut(kind).into_iter().flatten()
+    }
+
+    /// Every workload with an address, decoded once per change.
+    fn workloads(&mut self) -> Result<Vec<Arc<Workload>>, String> {
+        let mut workloads = Vec::with_capacity(self.count(proto::Workload::KIND));
+        let shared = &mut self.shared;
+        let entries = self.resources.get_mut(proto::Workload::KIND);
+        for (name, entry) in entries.into_iter().flatten() {
+            let workload = match &entry.decoded {
+                Some(Decoded::Workload(workload)) => workload.clone(),
+                _ => {
+                    let workload =
+                        workload(name, &decode(name, &entry.body)?, shared)?.map(Arc::new);
+                    entry.decoded = Some(Decoded::Workload(workload.clone()));
+                    workload
+                }
+            };
+            workloads.extend(workload);
+        }
+        shared.forget_unused();
+        Ok(workloads)
+    }
+
+    /// The TrafficPolicies by the service they are for, with their bodies.
+    fn traffic_policies(&mut self) -> Result<PoliciesByService, String> {
+        let mut policies = PoliciesByService::new();
+        for (name, entry) in self.entries_mut(proto::TrafficPolicy::KIND) {
+            let policy = match &entry.decoded {
+                Some(Decoded::TrafficPolicy(policy)) => Arc::clone(policy),
+                _ => {
+                    let policy = Arc::new(decode::<proto::TrafficPolicy>(name, &entry.body)?);
+                    entry.decoded = Some(Decoded::TrafficPolicy(Arc::clone(&policy)));
+                    policy
+                }
+            };
+            policies
+                .entry(policy.namespace.clone())
+                .or_default()
+                .insert(policy.service.clone(), (entry.body.clone(), policy));
+        }
+        Ok(policies)
+    }
+
+    /// Every service's entries (one per VIP), rebuilt when the service or its
+    /// TrafficPolicy changed.
+    fn services(&mut self) -> Result<Vec<Arc<Service>>, String> {
+        let policies = self.traffic_policies()?;
+        let mut services = Vec::with_capacity(self.count(proto::Service::KIND));
+        for (name, entry) in self.entries_mut(proto::Service::KIND) {
+            if let Some(Decoded::Service(built)) = &entry.decoded {
+                let ServiceEntries { policy, entries } = &**built;
+                let current = policy_of(&policies, &entries[0].namespace, &entries[0].name)
+                    .map(|(body, _)| body);
+                if policy.as_ref() == current {
+                    services.extend(entries.iter().cloned());
+                    continue;
+                }
+            }
+            let service = decode::<proto::Service>(name, &entry.body)?;
+            let policy = policy_of(&policies, &service.namespace, &service.name);
+            let entries: Vec<Arc<Service>> =
+                service_entries(name, &service, policy.map(|(_, policy)| &**policy))?
+                    .into_iter()
+                    .map(Arc::new)
+                    .collect();
+            services.extend(entries.iter().cloned());
+            if !entries.is_empty() {
+                entry.decoded = Some(Decoded::Service(Box::new(ServiceEntries {
+                    policy: policy.map(|(body, _)| body.clone()),
+                    entries,
+                })));
+            }
+        }
+        Ok(services)
     }
 
     /// The mesh configuration these resources describe, validated as a file would be.
@@ -105,12 +265,13 @@ impl Resources {
     /// detection. An authorization policy, a route or a retry condition it cannot read
     /// makes the whole version invalid: enforcing the others without it could let in
     /// what it denies, or send requests where the route does not.
-    pub fn mesh(&self) -> Result<MeshConfig, String> {
-        if let Some((kind, name)) = self
+    pub fn mesh(&mut self) -> Result<MeshConfig, String> {
+        if let Some((kind, named)) = self
             .resources
-            .keys()
+            .iter()
             .find(|(kind, _)| !proto::KINDS.contains(&kind.as_str()))
         {
+            let name = named.keys().next().map_or("", String::as_str);
             return Err(format!(
                 "{kind} {name}: a kind this agent does not know; is the agent older than the controller?"
             ));
@@ -165,147 +326,8 @@ impl Resources {
                 name: namespace.name,
             });
         }
-        for (name, workload) in self.decode::<proto::Workload>()? {
-            // A pod has no address until its network is set up: nothing to route yet.
-            let Some(first) = workload.ips.first() else {
-                continue;
-            };
-            let ip = first
-                .parse()
-                .map_err(|_| format!("Workload {name}: ips[0] {first:?} is not an IP"))?;
-            let port_modes = workload
-                .port_modes
-                .iter()
-                .map(|(&port, &wire)| {
-                    let port = port_number(&format!("Workload {name}: port_modes"), port)?;
-                    let mode = mode(wire).ok_or_else(|| {
-                        format!("Workload {name}: port_modes[{port}] has no mode")
-                    })?;
-                    Ok((port, mode))
-                })
-                .collect::<Result<_, String>>()?;
-            config.workloads.push(Workload {
-                name: workload.name,
-                namespace: workload.namespace,
-                service_account: workload.service_account,
-                node: Some(workload.node).filter(|node| !node.is_empty()),
-                ip,
-                labels: workload.labels,
-                mode: mode(workload.mode),
-                port_modes,
-                opted_out: workload.opted_out,
-            });
-        }
-        let policies = self.decode::<proto::TrafficPolicy>()?;
-        let policies: BTreeMap<(&str, &str), &proto::TrafficPolicy> = policies
-            .iter()
-            .map(|(_, policy)| ((policy.namespace.as_str(), policy.service.as_str()), policy))
-            .collect();
-        for (name, service) in self.decode::<proto::Service>()? {
-            let ports: Vec<ServicePort> = service
-                .ports
-                .iter()
-                .map(|port| {
-                    Ok(ServicePort {
-                        port: port_number(&format!("Service {name}: ports"), port.port)?,
-                        target_port: Some(port_number(
-                            &format!("Service {name}: target_port"),
-                            port.target_port,
-                        )?),
-                        name: Some(port.name.clone()).filter(|name| !name.is_empty()),
-                        // Older controllers sent "TCP" for a port without one.
-                        app_protocol: Some(port.app_protocol.clone())
-                            .filter(|protocol| !protocol.is_empty() && protocol != "TCP"),
-                    })
-                })
-                .collect::<Result<_, String>>()?;
-            let endpoints = service
-                .endpoints
-                .iter()
-                .map(|endpoint| {
-                    endpoint
-                        .parse()
-                        .map_err(|_| format!("Service {name}: endpoint {endpoint:?} is not an IP"))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let weights = service
-                .endpoint_weights
-                .iter()
-                .map(|(endpoint, &weight)| {
-                    let ip = endpoint.parse().map_err(|_| {
-                        format!("Service {name}: endpoint_weights: {endpoint:?} is not an IP")
-                    })?;
-                    Ok((ip, weight))
-                })
-                .collect::<Result<BTreeMap<_, _>, String>>()?;
-            let policy = policies.get(&(service.namespace.as_str(), service.name.as_str()));
-            let timeout = |millis: fn(&proto::TrafficPolicy) -> u64| {
-                policy
-                    .map(|policy| millis(policy))
-                    .filter(|&millis| millis > 0)
-                    .map(Duration::from_millis)
-            };
-            let idle_timeout = timeout(|policy| policy.idle_timeout_ms);
-            let connect_timeout = timeout(|policy| policy.connect_timeout_ms);
-            let request_timeout = timeout(|policy| policy.request_timeout_ms);
-            let stream_idle_timeout = timeout(|policy| policy.stream_idle_timeout_ms);
-            let load_balancing = policy.and_then(|policy| balancing(policy.load_balancing));
-            let outlier = policy
-                .and_then(|policy| policy.outlier_detection.as_ref())
-                .map(|outlier| Outlier {
-                    consecutive_failures: outlier.consecutive_failures.max(1),
-                    consecutive_gateway_errors: Some(outlier.consecutive_gateway_errors)
-                        .filter(|&count| count > 0),
-                    consecutive_connect_failures: Some(outlier.consecutive_connect_failures)
-                        .filter(|&count| count > 0),
-                    base_ejection: Some(outlier.base_ejection_ms)
-                        .filter(|&millis| millis > 0)
-                        .map_or(DEFAULT_BASE_EJECTION, Duration::from_millis),
-                    max_ejection_percent: match outlier.max_ejection_percent {
-                        0 => DEFAULT_MAX_EJECTION_PERCENT,
-                        percent => percent.min(100),
-                    },
-                });
-            let retries = policy
-                .and_then(|policy| policy.retries.as_ref())
-                .map(retry_policy)
-                .transpose()
-                .map_err(|problem| format!("Service {name}: TrafficPolicy retries: {problem}"))?
-                .map(Arc::new);
-            let limits = policy
-                .and_then(|policy| policy.limits.as_ref())
-                .map(|limits| {
-                    let set = |limit: u32| Some(limit).filter(|&limit| limit > 0);
-                    Limits {
-                        max_connections: set(limits.max_connections),
-                        max_requests: set(limits.max_requests),
-                        max_pending_requests: set(limits.max_pending_requests),
-                        max_requests_per_connection: set(limits.max_requests_per_connection),
-                    }
-                });
-            // One service entry per VIP (dual-stack services have two).
-            for vip in &service.vips {
-                config.services.push(Service {
-                    name: service.name.clone(),
-                    namespace: service.namespace.clone(),
-                    vip: vip
-                        .parse()
-                        .map_err(|_| format!("Service {name}: VIP {vip:?} is not an IP"))?,
-                    ports: ports.clone(),
-                    endpoints: endpoints.clone(),
-                    idle_timeout,
-                    connect_timeout,
-                    request_timeout,
-                    stream_idle_timeout,
-                    load_balancing,
-                    prefer_close: service.prefer_close,
-                    weights: weights.clone(),
-                    outlier,
-                    retries: retries.clone(),
-                    limits,
-                });
-            }
-        }
+        config.workloads = self.workloads()?;
+        config.services = self.services()?;
         for (name, routes) in self.decode::<proto::ServiceRoutes>()? {
             let routes = weft_api::routes::ServiceRoutes::try_from(&routes)
                 .map_err(|problem| format!("ServiceRoutes {name}: {problem}"))?;
@@ -322,6 +344,178 @@ impl Resources {
             .map_err(|problem| format!("the streamed configuration is invalid: {problem}"))?;
         Ok(config)
     }
+}
+
+/// The TrafficPolicies' bodies and contents, by namespace and service.
+type PoliciesByService = BTreeMap<String, BTreeMap<String, (Bytes, Arc<proto::TrafficPolicy>)>>;
+
+fn policy_of<'a>(
+    policies: &'a PoliciesByService,
+    namespace: &str,
+    service: &str,
+) -> Option<&'a (Bytes, Arc<proto::TrafficPolicy>)> {
+    policies.get(namespace)?.get(service)
+}
+
+fn decode<M: Kind>(name: &str, body: &Bytes) -> Result<M, String> {
+    M::decode(body.as_ref()).map_err(|err| format!("{} {name}: {err}", M::KIND))
+}
+
+/// Workload resource `name`; `None` while it has no address.
+fn workload(
+    name: &str,
+    workload: &proto::Workload,
+    shared: &mut SharedNames,
+) -> Result<Option<Workload>, String> {
+    // A pod has no address until its network is set up: nothing to route yet.
+    let Some(first) = workload.ips.first() else {
+        return Ok(None);
+    };
+    let ip = first
+        .parse()
+        .map_err(|_| format!("Workload {name}: ips[0] {first:?} is not an IP"))?;
+    let port_modes = workload
+        .port_modes
+        .iter()
+        .map(|(&port, &wire)| {
+            let port = port_number(&format!("Workload {name}: port_modes"), port)?;
+            let mode = mode(wire)
+                .ok_or_else(|| format!("Workload {name}: port_modes[{port}] has no mode"))?;
+            Ok((port, mode))
+        })
+        .collect::<Result<_, String>>()?;
+    Ok(Some(Workload {
+        name: workload.name.clone(),
+        namespace: shared.get(&workload.namespace),
+        service_account: shared.get(&workload.service_account),
+        node: Some(&workload.node)
+            .filter(|node| !node.is_empty())
+            .map(|node| shared.get(node)),
+        ip,
+        labels: workload
+            .labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect(),
+        mode: mode(workload.mode),
+        port_modes,
+        opted_out: workload.opted_out,
+    }))
+}
+
+/// The entries of service resource `name` (one per VIP), with what its TrafficPolicy
+/// sets.
+fn service_entries(
+    name: &str,
+    service: &proto::Service,
+    policy: Option<&proto::TrafficPolicy>,
+) -> Result<Vec<Service>, String> {
+    let ports: Vec<ServicePort> = service
+        .ports
+        .iter()
+        .map(|port| {
+            Ok(ServicePort {
+                port: port_number(&format!("Service {name}: ports"), port.port)?,
+                target_port: Some(port_number(
+                    &format!("Service {name}: target_port"),
+                    port.target_port,
+                )?),
+                name: Some(port.name.clone()).filter(|name| !name.is_empty()),
+                // Older controllers sent "TCP" for a port without one.
+                app_protocol: Some(port.app_protocol.clone())
+                    .filter(|protocol| !protocol.is_empty() && protocol != "TCP"),
+            })
+        })
+        .collect::<Result<_, String>>()?;
+    let endpoints = service
+        .endpoints
+        .iter()
+        .map(|endpoint| {
+            endpoint
+                .parse()
+                .map_err(|_| format!("Service {name}: endpoint {endpoint:?} is not an IP"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let weights = service
+        .endpoint_weights
+        .iter()
+        .map(|(endpoint, &weight)| {
+            let ip = endpoint.parse().map_err(|_| {
+                format!("Service {name}: endpoint_weights: {endpoint:?} is not an IP")
+            })?;
+            Ok((ip, weight))
+        })
+        .collect::<Result<BTreeMap<_, _>, String>>()?;
+    let timeout = |millis: fn(&proto::TrafficPolicy) -> u64| {
+        policy
+            .map(millis)
+            .filter(|&millis| millis > 0)
+            .map(Duration::from_millis)
+    };
+    let idle_timeout = timeout(|policy| policy.idle_timeout_ms);
+    let connect_timeout = timeout(|policy| policy.connect_timeout_ms);
+    let request_timeout = timeout(|policy| policy.request_timeout_ms);
+    let stream_idle_timeout = timeout(|policy| policy.stream_idle_timeout_ms);
+    let load_balancing = policy.and_then(|policy| balancing(policy.load_balancing));
+    let outlier = policy
+        .and_then(|policy| policy.outlier_detection.as_ref())
+        .map(|outlier| Outlier {
+            consecutive_failures: outlier.consecutive_failures.max(1),
+            consecutive_gateway_errors: Some(outlier.consecutive_gateway_errors)
+                .filter(|&count| count > 0),
+            consecutive_connect_failures: Some(outlier.consecutive_connect_failures)
+                .filter(|&count| count > 0),
+            base_ejection: Some(outlier.base_ejection_ms)
+                .filter(|&millis| millis > 0)
+                .map_or(DEFAULT_BASE_EJECTION, Duration::from_millis),
+            max_ejection_percent: match outlier.max_ejection_percent {
+                0 => DEFAULT_MAX_EJECTION_PERCENT,
+                percent => percent.min(100),
+            },
+        });
+    let retries = policy
+        .and_then(|policy| policy.retries.as_ref())
+        .map(retry_policy)
+        .transpose()
+        .map_err(|problem| format!("Service {name}: TrafficPolicy retries: {problem}"))?
+        .map(Arc::new);
+    let limits = policy
+        .and_then(|policy| policy.limits.as_ref())
+        .map(|limits| {
+            let set = |limit: u32| Some(limit).filter(|&limit| limit > 0);
+            Limits {
+                max_connections: set(limits.max_connections),
+                max_requests: set(limits.max_requests),
+                max_pending_requests: set(limits.max_pending_requests),
+                max_requests_per_connection: set(limits.max_requests_per_connection),
+            }
+        });
+    // One service entry per VIP (dual-stack services have two).
+    service
+        .vips
+        .iter()
+        .map(|vip| {
+            Ok(Service {
+                name: service.name.clone(),
+                namespace: service.namespace.clone(),
+                vip: vip
+                    .parse()
+                    .map_err(|_| format!("Service {name}: VIP {vip:?} is not an IP"))?,
+                ports: ports.clone(),
+                endpoints: endpoints.clone(),
+                idle_timeout,
+                connect_timeout,
+                request_timeout,
+                stream_idle_timeout,
+                load_balancing,
+                prefer_close: service.prefer_close,
+                weights: weights.clone(),
+                outlier,
+                retries: retries.clone(),
+                limits,
+            })
+        })
+        .collect()
 }
 
 /// How long an endpoint is first ejected when the policy does not say (Envoy's default).
@@ -595,6 +789,93 @@ mod tests {
         let mut copy = Resources::default();
         copy.apply(&resources.snapshot("v2")).unwrap();
         assert_eq!(copy, resources);
+    }
+
+    #[test]
+    fn a_delta_rebuilds_what_it_changed_and_shares_the_rest() {
+        let delta = |upserts: Vec<Resource>, removals: Vec<ResourceKey>| ConfigUpdate {
+            version: "next".into(),
+            snapshot: false,
+            upserts,
+            removals,
+        };
+        let web = |ip: &str| proto::Workload {
+            name: "web".into(),
+            namespace: "shop".into(),
+            node: "node0".into(),
+            ips: vec![ip.into()],
+            ..Default::default()
+        };
+        let policy = |idle_timeout_ms| proto::TrafficPolicy {
+            service: "web".into(),
+            namespace: "shop".into(),
+            idle_timeout_ms,
+            ..Default::default()
+        };
+        let mut resources = Resources::default();
+        resources.apply(&snapshot()).unwrap();
+        let first = resources.mesh().unwrap();
+
+        // A new pod and a changed policy: the old pod is shared, the services rebuilt.
+        let api = proto::Workload {
+            name: "api".into(),
+            ..web("10.244.0.3")
+        };
+        resources
+            .apply(&delta(
+                vec![
+                    resource("shop/api", &api),
+                    resource("shop/web", &policy(5000)),
+                ],
+                vec![],
+            ))
+            .unwrap();
+        let second = resources.mesh().unwrap();
+        assert_eq!(second.workloads.len(), 2);
+        assert!(Arc::ptr_eq(&first.workloads[0], &second.workloads[1]));
+        assert_eq!(second.workloads[0].name, "api");
+        assert!(second.services.iter().all(|service| {
+            service.idle_timeout == Some(Duration::from_secs(5)) && service.retries.is_none()
+        }));
+
+        // A pod moved: it alone is new; the services are those of the version before.
+        resources
+            .apply(&delta(
+                vec![resource("shop/web", &web("10.244.0.4"))],
+                vec![],
+            ))
+            .unwrap();
+        let third = resources.mesh().unwrap();
+        assert!(Arc::ptr_eq(&second.workloads[0], &third.workloads[0]));
+        assert_eq!(third.workloads[1].ip.to_string(), "10.244.0.4");
+        assert!(
+            third
+                .workload_by_ip("10.244.0.2".parse().unwrap())
+                .is_none()
+        );
+        assert!(
+            (second.services.iter().zip(&third.services))
+                .all(|(before, after)| Arc::ptr_eq(before, after))
+        );
+
+        // The policy gone: the services are back to the defaults.
+        let policy_key = ResourceKey {
+            kind: proto::TrafficPolicy::KIND.into(),
+            name: "shop/web".into(),
+        };
+        resources.apply(&delta(vec![], vec![policy_key])).unwrap();
+        let fourth = resources.mesh().unwrap();
+        assert!(
+            fourth
+                .services
+                .iter()
+                .all(|service| service.idle_timeout.is_none()
+                    && service.balancing() == LoadBalancing::default())
+        );
+        // Built afresh from the same resources, the same configuration.
+        let mut fresh = Resources::default();
+        fresh.apply(&resources.snapshot("again")).unwrap();
+        assert_eq!(fresh.mesh().unwrap(), fourth);
     }
 
     #[test]

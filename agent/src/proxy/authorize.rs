@@ -165,9 +165,7 @@ impl NodeDirectory<'_> {
 impl Directory for NodeDirectory<'_> {
     fn pod(&self, namespace: &str, name: &str) -> Option<Pod> {
         self.mesh
-            .workloads
-            .iter()
-            .find(|workload| workload.namespace == namespace && workload.name == name)
+            .workload_named(namespace, name)
             .filter(|workload| self.mesh.is_meshed(workload))
             .map(|workload| self.pod_of(workload))
     }
@@ -180,12 +178,7 @@ impl Directory for NodeDirectory<'_> {
     }
 
     fn service_endpoints(&self, namespace: &str, name: &str, port: u16) -> Option<Vec<SocketAddr>> {
-        let service = self
-            .mesh
-            .services
-            .iter()
-            .find(|service| service.namespace == namespace && service.name == name)?;
-        let port = service.ports.iter().find(|entry| entry.port == port)?;
+        let (service, port) = self.mesh.service_named(namespace, name, port)?;
         Some(
             service
                 .endpoints

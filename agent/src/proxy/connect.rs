@@ -159,7 +159,7 @@ fn connect_request(
         identity.namespace,
         workload
             .and_then(|workload| workload.labels.get("app"))
-            .map_or(identity.service_account.as_str(), String::as_str)
+            .unwrap_or(identity.service_account.as_str())
     );
     if let Some(workload) = workload {
         baggage.push_str(&format!(",k8s.pod.name={}", workload.name));

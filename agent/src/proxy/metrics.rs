@@ -61,10 +61,10 @@ impl Peer {
         Self {
             address: Some(address),
             workload: Some(workload.name.clone()),
-            namespace: Some(workload.namespace.clone()),
+            namespace: Some(workload.namespace.to_string()),
             principal: identity.map(ToString::to_string),
-            app: workload.labels.get("app").cloned(),
-            version: workload.labels.get("version").cloned(),
+            app: workload.labels.get("app").map(str::to_owned),
+            version: workload.labels.get("version").map(str::to_owned),
         }
     }
 }
