@@ -343,7 +343,7 @@ impl Node {
             .filter(|record| record.attachment.is_some())
             .flat_map(|record| record.pod.ips.iter().copied());
         let mesh = self.mesh.get();
-        self.datapath.set_destinations(&mesh.destinations(local))?;
+        self.datapath.set_destinations(mesh.destinations(local))?;
         self.datapath.set_excluded_ports(&mesh.exclude_ports)?;
         Ok(())
     }
