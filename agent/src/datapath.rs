@@ -129,7 +129,7 @@ pub struct Datapath {
     /// writes only the difference: with 100,000 workloads, rewriting the whole map took
     /// 200,000 system calls for each version and each pod enrolled. `None` until the
     /// first write, and after a failed one: then the map is read back (a restarted
-    /// agent finds it full).
+    /// agent finds it full) and the difference taken from what it holds.
     destinations_written: Option<std::collections::HashMap<SockAddr, MeshDestination>>,
     excluded_ports: HashMap<MapData, u16, u8>,
     inbound: HashMap<MapData, u32, InboundPod>,
@@ -351,20 +351,19 @@ impl Datapath {
         wanted: std::collections::HashMap<SockAddr, MeshDestination>,
     ) -> Result<(), DatapathError> {
         const NAME: &str = names::MESH_DESTINATIONS;
-        let written = match self.destinations_written.take() {
-            None => replace_entries(&mut self.destinations, NAME, |_| true, &wanted),
-            Some(before) => {
-                let (stale, changed) = difference(&before, &wanted);
-                stale
-                    .iter()
-                    .try_for_each(|key| remove(&mut self.destinations, key, NAME))
-                    .and_then(|()| {
-                        changed.into_iter().try_for_each(|(key, value)| {
-                            (self.destinations.insert(key, value, 0)).map_err(map_error(NAME))
-                        })
-                    })
-            }
-        };
+        let before = self
+            .destinations_written
+            .take()
+            .unwrap_or_else(|| self.destinations.iter().filter_map(Result::ok).collect());
+        let (stale, changed) = difference(&before, &wanted);
+        let written = stale
+            .iter()
+            .try_for_each(|key| remove(&mut self.destinations, key, NAME))
+            .and_then(|()| {
+                changed.into_iter().try_for_each(|(key, value)| {
+                    (self.destinations.insert(key, value, 0)).map_err(map_error(NAME))
+                })
+            });
         self.destinations_written = written.is_ok().then_some(wanted);
         written
     }
