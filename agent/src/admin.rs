@@ -169,6 +169,7 @@ impl Admin {
             (&Method::GET, "/config_dump") => {
                 let subscription = self.subscription.as_ref().map(|status| status.get());
                 json(&serde_json::json!({
+                    "pid": std::process::id(),
                     "mesh": *self.mesh.get(),
                     "controller": subscription.as_deref(),
                     "policies": subscription.as_ref().map(|status| status.policies.as_ref()),

@@ -5,9 +5,10 @@
 use std::{fs, io::Write as _, os::unix::fs::OpenOptionsExt, path::Path};
 
 /// Writes `contents` to a temporary file beside `path` created with `mode`, syncs it,
-/// then renames it over `path`.
+/// then renames it over `path`. The temporary file is the process's own: during an
+/// upgrade two agents write the same files.
 pub fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let _ = fs::remove_file(&tmp);
     let mut file = fs::OpenOptions::new()
         .write(true)

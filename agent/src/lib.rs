@@ -7,7 +7,8 @@
 //! ([`proxy`]) in mutual TLS between nodes ([`tls`], [`identity`]) with certificates the
 //! controller's CA issues ([`certificates`]), reporting on its
 //! small HTTP endpoints ([`admin`]) and streaming what it sees to watchers
-//! ([`observe`]). See ARCHITECTURE.md.
+//! ([`observe`]). An upgrade hands its listening sockets to the next agent
+//! ([`handover`]). See ARCHITECTURE.md.
 
 pub mod admin;
 pub mod backoff;
@@ -16,6 +17,7 @@ pub mod cni;
 pub mod controller;
 pub mod datapath;
 pub mod files;
+pub mod handover;
 pub mod identity;
 pub mod logging;
 pub mod memory;

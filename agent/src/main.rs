@@ -6,6 +6,7 @@
 //! capture and enforcement attached; `weft-agent uninstall` removes them.
 
 use std::{
+    collections::BTreeMap,
     io::Write as _,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
@@ -27,6 +28,7 @@ use weft_agent::{
     cni,
     controller::Controller,
     datapath::{CaptureTarget, Datapath, Pins, flows::Flow, pinned::OriginalDestinations},
+    handover,
     identity::Identity,
     logging, memory,
     mesh::MeshConfig,
@@ -380,22 +382,31 @@ async fn terminated() -> std::io::Result<()> {
 }
 
 /// Starts the control side on its own thread and runtime, then serves the data plane on
-/// one single-threaded runtime per worker ([`proxy::workers`]) until SIGTERM, and
-/// drains.
+/// one single-threaded runtime per worker ([`proxy::workers`]) until SIGTERM, or until
+/// a new agent takes its listening sockets over ([`handover`]), and drains.
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let workers = args.workers();
-    // Bound first: readiness (on the control thread) must never answer before the
-    // proxy's ports take connections, and connections a previous agent's capture
-    // sends here meanwhile wait in the accept queue instead of being refused.
-    let mut listeners = Vec::with_capacity(workers);
-    for _ in 0..workers {
-        listeners.push(WorkerListeners {
-            outbound: listen(args.outbound_port, "outbound")?,
-            inbound: listen(proxy::HBONE_PORT, "HBONE")?,
-        });
+    // Taken over from the agent running now, or bound, first: readiness (on the control
+    // thread) must never answer before the proxy's ports take connections, and
+    // connections captured meanwhile wait in the accept queues instead of being
+    // refused.
+    let mut inherited = handover::take(&args.state_dir)?;
+    let taken = inherited
+        .as_mut()
+        .map(|inherited| std::mem::take(&mut inherited.listeners))
+        .unwrap_or_default();
+    if inherited.is_some() {
+        log::info!(
+            "took over {} listening socket(s) from the agent running on the node",
+            taken.len()
+        );
     }
+    let listeners = Listeners::open(&args, workers, taken)?;
+    let offered = listeners.duplicates()?;
     let (started, start_result) = std::sync::mpsc::channel();
     let control_args = args.clone();
+    let (tenure, admin_tenure) = tokio::sync::watch::channel(Tenure::Starting);
+    let admin_listeners = listeners.admin;
     std::thread::Builder::new()
         .name("weft-control".into())
         .spawn(move || {
@@ -406,7 +417,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                     return;
                 }
             };
-            runtime.block_on(control(control_args, started));
+            runtime.block_on(control(
+                control_args,
+                admin_listeners,
+                admin_tenure,
+                started,
+            ));
         })
         .context("cannot start the control thread")?;
     let proxy = start_result
@@ -416,7 +432,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     log::info!("data plane: {workers} worker thread(s)");
     let (phase, watching) = tokio::sync::watch::channel(Phase::Serving);
     let mut threads = Vec::with_capacity(workers);
-    for (index, listeners) in listeners.into_iter().enumerate() {
+    for (index, listeners) in listeners.workers.into_iter().enumerate() {
         let runtime = single_threaded()?;
         let serving = {
             let _entered = runtime.enter();
@@ -445,8 +461,50 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         admin::READY_PORT,
         admin::ADMIN_PORT
     );
-    single_threaded()?.block_on(async {
-        terminated().await?;
+    if let Some(predecessor) = inherited {
+        match predecessor.release() {
+            Ok(()) => log::info!("told the agent that ran before to let go of the sockets"),
+            // It is gone: nothing to tell.
+            Err(err) => log::info!("the agent that ran before is gone ({err})"),
+        }
+    }
+    let _ = tenure.send(Tenure::Serving);
+    let offer = match handover::offer(&args.state_dir, offered) {
+        Ok(offer) => Some(offer),
+        Err(err) => {
+            log::warn!(
+                "{err}: a new agent on this node will not take over without refusing connections"
+            );
+            None
+        }
+    };
+    let handed = single_threaded()?.block_on(async {
+        let (served, standing) = match offer {
+            Some(offer) => (Some(offer.served), Some(offer.standing)),
+            None => (None, None),
+        };
+        // Resolves once a new agent serves the listening sockets.
+        let taken_over = async {
+            if let Some(served) = served
+                && served.await.is_ok()
+            {
+                return;
+            }
+            std::future::pending::<()>().await;
+        };
+        let handed = tokio::select! {
+            terminated = terminated() => {
+                terminated?;
+                if let Some(standing) = &standing {
+                    standing.withdraw();
+                }
+                false
+            }
+            () = taken_over => true,
+        };
+        if handed {
+            let _ = tenure.send(Tenure::HandedOver);
+        }
         // Stop accepting, let open connections finish, then close what is left.
         let _ = phase.send(Phase::Draining);
         let active = proxy.active();
@@ -460,17 +518,21 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         if left > 0 {
             log::warn!("closing {left} connection(s) still open after the drain deadline");
         }
-        anyhow::Ok(())
+        anyhow::Ok(handed)
     })?;
     let _ = phase.send(Phase::Stopped);
     for thread in threads {
         let _ = thread.join();
     }
-    let _ = std::fs::remove_file(&args.cni_socket);
-    log::info!(
-        "stopped; capture and enforcement stay attached (pinned under {})",
-        args.bpffs.display()
-    );
+    if handed {
+        log::info!("stopped; the new agent serves the node");
+    } else {
+        let _ = std::fs::remove_file(&args.cni_socket);
+        log::info!(
+            "stopped; capture and enforcement stay attached (pinned under {})",
+            args.bpffs.display()
+        );
+    }
     Ok(())
 }
 
@@ -481,6 +543,18 @@ fn single_threaded() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start a tokio runtime")
 }
 
+/// Whose the listening sockets are, for the admin endpoints: they answer only while
+/// this agent serves, so that what answers during an upgrade is the agent that serves
+/// the node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Tenure {
+    /// Starting; the agent that ran before (if any) still serves.
+    Starting,
+    Serving,
+    /// A new agent serves the sockets.
+    HandedOver,
+}
+
 /// Where the data plane is in its life; the workers follow it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Phase {
@@ -489,6 +563,94 @@ enum Phase {
     Draining,
     /// Done: the workers' runtimes stop with whatever is left.
     Stopped,
+}
+
+/// Every listening socket of the agent: each worker's proxy ports, and the admin
+/// endpoints (in the order of [`admin::addresses`]).
+struct Listeners {
+    workers: Vec<WorkerListeners>,
+    admin: Vec<std::net::TcpListener>,
+}
+
+impl Listeners {
+    /// Serves what was `taken` over from the agent running before, by the port or
+    /// address each socket listens on, and binds the rest. Taken proxy sockets are
+    /// dealt over the workers; a worker left without one binds its own (with
+    /// `SO_REUSEPORT`, beside the taken ones).
+    fn open(
+        args: &RunArgs,
+        workers: usize,
+        taken: Vec<std::net::TcpListener>,
+    ) -> anyhow::Result<Self> {
+        let admin_addresses = admin::addresses().map(|(address, ..)| address);
+        let mut admin: Vec<Option<std::net::TcpListener>> = admin_addresses.map(|_| None).into();
+        let (mut outbound, mut inbound) = (Vec::new(), Vec::new());
+        for listener in taken {
+            let address = listener.local_addr()?;
+            if address.port() == args.outbound_port {
+                outbound.push((address, listener));
+            } else if address.port() == proxy::HBONE_PORT {
+                inbound.push((address, listener));
+            } else if let Some(index) = admin_addresses.iter().position(|a| *a == address) {
+                admin[index] = Some(listener);
+            } else {
+                log::warn!(
+                    "not serving the listening socket taken over on {address}: this agent does not listen there"
+                );
+            }
+        }
+        let (outbound, inbound) = (deal(outbound, workers), deal(inbound, workers));
+        let workers = outbound
+            .into_iter()
+            .zip(inbound)
+            .map(|(outbound, inbound)| {
+                anyhow::Ok(WorkerListeners {
+                    outbound: listen(args.outbound_port, "outbound", outbound)?,
+                    inbound: listen(proxy::HBONE_PORT, "HBONE", inbound)?,
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let admin = admin
+            .into_iter()
+            .zip(admin_addresses)
+            .map(|(taken, address)| match taken {
+                Some(listener) => Ok(listener),
+                None => std::net::TcpListener::bind(address)
+                    .and_then(|listener| {
+                        listener.set_nonblocking(true)?;
+                        Ok(listener)
+                    })
+                    .with_context(|| format!("cannot listen on {address}")),
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self { workers, admin })
+    }
+
+    /// A duplicate of every socket, to hand over to the next agent.
+    fn duplicates(&self) -> anyhow::Result<Vec<std::os::fd::OwnedFd>> {
+        let proxy = self
+            .workers
+            .iter()
+            .flat_map(|worker| worker.outbound.iter().chain(&worker.inbound));
+        proxy
+            .chain(&self.admin)
+            .map(|listener| Ok(listener.try_clone()?.into()))
+            .collect::<std::io::Result<_>>()
+            .context("cannot duplicate the listening sockets")
+    }
+}
+
+/// Deals `items` into `hands` hands, round-robin among the items of each key: each
+/// hand gets its share of every address's sockets.
+fn deal<K: Ord, T>(items: Vec<(K, T)>, hands: usize) -> Vec<Vec<T>> {
+    let mut dealt: Vec<Vec<T>> = (0..hands).map(|_| Vec::new()).collect();
+    let mut next: BTreeMap<K, usize> = BTreeMap::new();
+    for (key, item) in items {
+        let count = next.entry(key).or_default();
+        dealt[*count % hands].push(item);
+        *count += 1;
+    }
+    dealt
 }
 
 /// A worker's listening sockets: every address family of each proxy port.
@@ -527,9 +689,14 @@ async fn work(
 
 /// Listening sockets on `port` of every IPv4 address and, where the node has IPv6,
 /// every IPv6 address (a socket of its own, so IPv4 peers keep IPv4 addresses), for
-/// one data-plane worker: `SO_REUSEPORT` lets every worker listen on the port, and the
-/// kernel spreads connections over them.
-fn listen(port: u16, what: &str) -> anyhow::Result<Vec<std::net::TcpListener>> {
+/// one data-plane worker: those `taken` over, and new ones for the addresses they
+/// leave out. `SO_REUSEPORT` lets every worker (and, during an upgrade, both agents)
+/// listen on the port, and the kernel spreads connections over them.
+fn listen(
+    port: u16,
+    what: &str,
+    mut taken: Vec<std::net::TcpListener>,
+) -> anyhow::Result<Vec<std::net::TcpListener>> {
     let bind = |address: SocketAddr| -> std::io::Result<std::net::TcpListener> {
         let socket = socket2::Socket::new(
             socket2::Domain::for_address(address),
@@ -546,20 +713,35 @@ fn listen(port: u16, what: &str) -> anyhow::Result<Vec<std::net::TcpListener>> {
         socket.set_nonblocking(true)?;
         Ok(socket.into())
     };
-    let ipv4 = bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
-        .with_context(|| format!("cannot listen on port {port} ({what})"))?;
-    let mut listeners = vec![ipv4];
-    match bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))) {
-        Ok(ipv6) => listeners.push(ipv6),
-        Err(err) => log::info!("not listening on IPv6 port {port} ({what}): {err}"),
+    let held = |taken: &[std::net::TcpListener], address| {
+        taken
+            .iter()
+            .any(|listener| listener.local_addr().ok() == Some(address))
+    };
+    let ipv4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+    if !held(&taken, ipv4) {
+        taken.push(bind(ipv4).with_context(|| format!("cannot listen on port {port} ({what})"))?);
     }
-    Ok(listeners)
+    let ipv6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+    if !held(&taken, ipv6) {
+        match bind(ipv6) {
+            Ok(listener) => taken.push(listener),
+            Err(err) => log::info!("not listening on IPv6 port {port} ({what}): {err}"),
+        }
+    }
+    Ok(taken)
 }
 
 /// The control side: starts the datapath, enrollment and proxy state, reports the
 /// proxy (or the start-up error) to the data plane, then serves the CNI socket, the
-/// configuration and certificate reloads, and the admin endpoints.
-async fn control(args: RunArgs, started: std::sync::mpsc::Sender<anyhow::Result<Arc<Proxy>>>) {
+/// configuration and certificate reloads, and the admin endpoints on `admin_listeners`
+/// while `tenure` says this agent serves (all of them stop when a new agent does).
+async fn control(
+    args: RunArgs,
+    admin_listeners: Vec<std::net::TcpListener>,
+    tenure: tokio::sync::watch::Receiver<Tenure>,
+    started: std::sync::mpsc::Sender<anyhow::Result<Arc<Proxy>>>,
+) {
     let Started {
         proxy,
         admin,
@@ -597,10 +779,18 @@ async fn control(args: RunArgs, started: std::sync::mpsc::Sender<anyhow::Result<
             recorder.run_upkeep();
         },
     ));
-    for (address, route, observer) in admin::addresses() {
-        match TcpListener::bind(address).await {
+    for ((address, route, observer), listener) in
+        admin::addresses().into_iter().zip(admin_listeners)
+    {
+        match TcpListener::from_std(listener) {
             Ok(listener) => {
-                tokio::spawn(Arc::clone(&admin).serve(listener, route, observer));
+                let serving = Arc::clone(&admin).serve(listener, route, observer);
+                let mut tenure = tenure.clone();
+                tokio::spawn(async move {
+                    if tenure.wait_for(|now| *now >= Tenure::Serving).await.is_ok() {
+                        serving.await;
+                    }
+                });
             }
             Err(err) => {
                 let _ = started.send(Err(anyhow::anyhow!("cannot listen on {address}: {err}")));
@@ -657,7 +847,16 @@ async fn control(args: RunArgs, started: std::sync::mpsc::Sender<anyhow::Result<
     }
     tokio::spawn(tidy(Arc::clone(&proxy)));
     let _ = started.send(Ok(proxy));
-    cni::serve(listener, node).await;
+    let mut tenure = tenure;
+    tokio::select! {
+        () = cni::serve(listener, node) => {}
+        // Returning drops the control runtime and every task on it: the subscription,
+        // the certificates, the reloads, the admin endpoints. The new agent applies
+        // the mesh to the kernel from now on, and this one must not undo it.
+        _ = tenure.wait_for(|now| *now == Tenure::HandedOver) => {
+            log::info!("the new agent serves the node: this agent's control side stops");
+        }
+    }
 }
 
 /// What start-up hands the control loop.
@@ -970,13 +1169,64 @@ fn flow_sink(
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsRawFd as _;
+
     use super::*;
 
     #[test]
+    fn taken_sockets_are_dealt_over_the_workers_per_address() {
+        // The sockets taken (address, socket), the workers, each worker's sockets.
+        type Case<'a> = (&'a [(&'a str, u32)], usize, &'a [&'a [u32]]);
+        let cases: &[Case] = &[
+            // Two workers before, two now: each keeps one socket of each address.
+            (
+                &[("v4", 1), ("v6", 2), ("v4", 3), ("v6", 4)],
+                2,
+                &[&[1, 2], &[3, 4]],
+            ),
+            // Two before, one now: it serves them all.
+            (
+                &[("v4", 1), ("v6", 2), ("v4", 3), ("v6", 4)],
+                1,
+                &[&[1, 2, 3, 4]],
+            ),
+            // One before, three now: the others bind their own.
+            (&[("v4", 1), ("v6", 2)], 3, &[&[1, 2], &[], &[]]),
+            // Three of one address over two.
+            (&[("v4", 1), ("v4", 2), ("v4", 3)], 2, &[&[1, 3], &[2]]),
+            (&[], 2, &[&[], &[]]),
+        ];
+        for (items, hands, dealt) in cases {
+            assert_eq!(
+                deal(items.to_vec(), *hands),
+                *dealt,
+                "{items:?} over {hands}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_worker_binds_only_the_addresses_it_took_no_socket_for() {
+        let taken = listen(0, "test", Vec::new()).unwrap();
+        let port = taken[0].local_addr().unwrap().port();
+        let fd = taken[0].as_raw_fd();
+        let again = listen(port, "test", taken).unwrap();
+        assert_eq!(again[0].as_raw_fd(), fd, "the taken socket is kept");
+        let addresses: Vec<_> = again.iter().map(|l| l.local_addr().unwrap()).collect();
+        let mut distinct = addresses.clone();
+        distinct.dedup();
+        assert_eq!(addresses, distinct, "one socket per address");
+        assert_eq!(
+            addresses[0],
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))
+        );
+    }
+
+    #[test]
     fn every_worker_listens_on_the_port_and_the_kernel_spreads_connections_over_them() {
-        let first = listen(0, "test").unwrap();
+        let first = listen(0, "test", Vec::new()).unwrap();
         let port = first[0].local_addr().unwrap().port();
-        let second = listen(port, "test").unwrap();
+        let second = listen(port, "test", Vec::new()).unwrap();
         let (first, second) = (&first[0], &second[0]);
         let clients: Vec<_> = (0..64)
             .map(|_| std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).unwrap())

@@ -33,7 +33,7 @@ use std::{
 
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::Notify,
+    sync::{Notify, watch},
 };
 use weft_common::AGENT_MARK;
 
@@ -186,9 +186,16 @@ impl Proxy {
         self.connections.active()
     }
 
-    /// Waits until no connection is left or `deadline` passes; returns how many remain.
+    /// Tells the connections that carry requests to close at their next request
+    /// boundary, then waits until no connection is left or `deadline` passes; returns
+    /// how many remain.
     pub async fn drain(&self, deadline: Duration) -> usize {
         self.connections.drain(deadline).await
+    }
+
+    /// Whether the proxy drains, for the connections that close when it does.
+    pub fn draining(&self) -> Draining {
+        Draining(self.connections.draining.subscribe())
     }
 
     /// Counts a connection for as long as the guard lives.
@@ -198,10 +205,22 @@ impl Proxy {
 }
 
 /// The connections being carried, for the drain.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Connections {
     count: AtomicUsize,
     idle: Notify,
+    /// Set when the drain starts.
+    draining: watch::Sender<bool>,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Self {
+            count: AtomicUsize::new(0),
+            idle: Notify::new(),
+            draining: watch::Sender::new(false),
+        }
+    }
 }
 
 impl Connections {
@@ -215,6 +234,7 @@ impl Connections {
     }
 
     async fn drain(&self, deadline: Duration) -> usize {
+        self.draining.send_replace(true);
         let _ = tokio::time::timeout(deadline, async {
             loop {
                 // Registered before looking: the last connection closing between the
@@ -230,6 +250,36 @@ impl Connections {
         })
         .await;
         self.active()
+    }
+}
+
+/// Whether the proxy drains. A connection that carries requests closes at a request
+/// boundary once it does: HTTP/1.1 with `Connection: close` on its next response,
+/// HTTP/2 and HBONE with GOAWAY, so that clients move to a new connection (after an
+/// upgrade, to the new agent) without losing a request. TCP connections are carried
+/// until they close.
+#[derive(Clone, Debug)]
+pub struct Draining(watch::Receiver<bool>);
+
+impl Draining {
+    /// Whether the drain has started.
+    pub fn now(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves once the drain starts (never, if it does not).
+    pub async fn started(mut self) {
+        let gone = self.0.wait_for(|draining| *draining).await.is_err();
+        if gone {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// A signal of its own, started by the sender (for tests).
+    #[cfg(test)]
+    pub fn of_test() -> (watch::Sender<bool>, Self) {
+        let (start, started) = watch::channel(false);
+        (start, Self(started))
     }
 }
 

@@ -778,8 +778,8 @@ impl Cluster {
     /// agent runs with, which is what benchmarks measure. An agent's own `--log` in
     /// [`Topology::agent_args`] wins over both.
     ///
-    /// Refuses while an agent runs on the node: a second one would take over the CNI
-    /// socket and then die on the ports the first one holds. Ready means the process
+    /// Refuses while an agent runs on the node: a second one would take its listening
+    /// sockets over, which is [`Self::restart_agent`]'s work. Ready means the process
     /// runs and answers 200 on `/healthz/ready`.
     pub fn start_agent_with_log(
         &mut self,
@@ -801,14 +801,8 @@ impl Cluster {
                 pid,
             });
         }
-        let argv = agent::command_line(agent_bin, &self.topology, &info, log_filter)?;
-        let log = self.layout.node_log(node, "agent");
-        let pid = spawn_logged(self.node_command(node, &argv)?, &argv, &log)?;
-        let process = NodeProcess {
-            command: argv,
-            pid,
-            log,
-        };
+        let process = self.spawn_agent(&info, agent_bin, log_filter)?;
+        let pid = process.pid;
         let deadline = Instant::now() + READY;
         while let Err(answer) = self.agent_ready(node) {
             if !host::process_running(pid) {
@@ -828,6 +822,83 @@ impl Cluster {
                 });
             }
             thread::sleep(Duration::from_millis(50));
+        }
+        self.node_mut(node)?.agent = Some(process.clone());
+        self.save()?;
+        Ok(process)
+    }
+
+    /// Starts `weft-agent` on the node `info`, logging into the node's agent log.
+    fn spawn_agent(
+        &self,
+        info: &NodeInfo,
+        agent_bin: &Path,
+        log_filter: &str,
+    ) -> Result<NodeProcess, ClusterError> {
+        let argv = agent::command_line(agent_bin, &self.topology, info, log_filter)?;
+        let log = self.layout.node_log(&info.name, "agent");
+        let pid = spawn_logged(self.node_command(&info.name, &argv)?, &argv, &log)?;
+        Ok(NodeProcess {
+            command: argv,
+            pid,
+            log,
+        })
+    }
+
+    /// Replaces `node`'s agent with a new one (from `agent_bin`) as an upgrade does,
+    /// without refusing a connection: the new agent takes the running one's listening
+    /// sockets over, and the old one stops accepting, drains and exits on its own (at
+    /// the latest at its drain deadline). Returns once the new one serves and is ready;
+    /// starts one if none runs. If the new agent exits or is not ready in time, it is
+    /// stopped and the old one serves on.
+    pub fn restart_agent(
+        &mut self,
+        node: &str,
+        agent_bin: &Path,
+    ) -> Result<NodeProcess, ClusterError> {
+        const READY: Duration = Duration::from_secs(15);
+        let lock = self.lock()?;
+        self.refresh()?;
+        if self.topology.manifests.is_none() {
+            return Err(ClusterError::NoMesh(self.topology.name.clone()));
+        }
+        let info = self.node(node)?.clone();
+        if running_agent(&info).is_none() {
+            drop(lock);
+            return self.start_agent(node, agent_bin);
+        }
+        let process = self.spawn_agent(&info, agent_bin, "info,weft_ebpf=debug")?;
+        let deadline = Instant::now() + READY;
+        loop {
+            if !host::process_running(process.pid) {
+                return Err(ClusterError::AgentExited {
+                    node: node.to_owned(),
+                    log: process.log,
+                });
+            }
+            // Both agents answer on the ports until the old one lets go: the new one's
+            // answers say its pid.
+            let serving = self
+                .agent_admin(node, "/config_dump")
+                .is_ok_and(|dump| dump["pid"] == process.pid);
+            let answer = if serving {
+                self.agent_ready(node)
+            } else {
+                Err("the agent running before answers".to_owned())
+            };
+            match answer {
+                Ok(()) => break,
+                Err(answer) if Instant::now() > deadline => {
+                    host::stop_process(process.pid, AGENT_STOP_MARGIN)?;
+                    return Err(ClusterError::AgentNotReady {
+                        node: node.to_owned(),
+                        timeout: READY,
+                        answer,
+                        log: process.log,
+                    });
+                }
+                Err(_) => thread::sleep(Duration::from_millis(50)),
+            }
         }
         self.node_mut(node)?.agent = Some(process.clone());
         self.save()?;

@@ -373,6 +373,9 @@ pub struct LoadReport {
     pub p99_us: Option<u32>,
     /// The first failure, to tell what went wrong.
     pub first_error: Option<String>,
+    /// Calls sent a second time because they never reached the server: queued on a
+    /// connection that closed (after the server's GOAWAY) before they were sent.
+    pub retried: u64,
 }
 
 /// Outcomes of calls, kept by each caller and merged at the end.
@@ -381,10 +384,28 @@ struct Tally {
     latencies_us: Vec<u32>,
     errors: u64,
     first_error: Option<String>,
+    retried: u64,
+}
+
+/// One call's outcome, and whether it was sent again.
+struct Call {
+    outcome: Result<Duration, String>,
+    retried: bool,
+}
+
+impl From<Result<Duration, String>> for Call {
+    fn from(outcome: Result<Duration, String>) -> Self {
+        Self {
+            outcome,
+            retried: false,
+        }
+    }
 }
 
 impl Tally {
-    fn record(&mut self, outcome: Result<Duration, String>) {
+    fn record(&mut self, call: impl Into<Call>) {
+        let Call { outcome, retried } = call.into();
+        self.retried += u64::from(retried);
         match outcome {
             Ok(latency) => self
                 .latencies_us
@@ -399,6 +420,7 @@ impl Tally {
     fn merge(&mut self, other: Tally) {
         self.latencies_us.extend(other.latencies_us);
         self.errors += other.errors;
+        self.retried += other.retried;
         if self.first_error.is_none() {
             self.first_error = other.first_error;
         }
@@ -414,6 +436,7 @@ impl Tally {
             p50_us: percentile(&self.latencies_us, 50),
             p99_us: percentile(&self.latencies_us, 99),
             first_error: self.first_error,
+            retried: self.retried,
         }
     }
 }
@@ -424,17 +447,44 @@ fn percentile(sorted: &[u32], percent: usize) -> Option<u32> {
     sorted.get(rank - 1).copied()
 }
 
-/// One timed unary call.
-async fn timed_call(mut client: EchoClient<Channel>) -> Result<Duration, String> {
+/// One timed unary call. A call that never reached the server is sent once more, as
+/// gRPC's own clients do (their "transparent retry"; tonic leaves it to its caller):
+/// one queued on a connection that closed before it was sent, which is what a server
+/// going away with GOAWAY leaves behind.
+async fn timed_call(mut client: EchoClient<Channel>) -> Call {
     let started = Instant::now();
     let request = EchoRequest {
         message: "load".to_owned(),
         ..Default::default()
     };
-    match client.echo(request).await {
-        Ok(_) => Ok(started.elapsed()),
-        Err(status) => Err(StatusLine::from(&status).message),
+    let mut retried = false;
+    loop {
+        let outcome = match client.echo(request.clone()).await {
+            Ok(_) => Ok(started.elapsed()),
+            Err(status) if !retried && never_sent(&status) => {
+                retried = true;
+                continue;
+            }
+            Err(status) => Err(StatusLine::from(&status).message),
+        };
+        return Call { outcome, retried };
     }
+}
+
+/// Whether a call failed before it left the client: hyper cancelled it because its
+/// connection closed first.
+fn never_sent(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if error
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_canceled)
+        {
+            return true;
+        }
+        source = error.source();
+    }
+    false
 }
 
 /// Opens the connections of `plan`, then puts unary calls on them for its duration.
@@ -458,10 +508,10 @@ pub async fn grpc_load(plan: &LoadPlan) -> Result<LoadReport, ClientError> {
                     break;
                 }
                 while let Some(joined) = calls.try_join_next() {
-                    tally.record(joined.unwrap_or_else(|err| Err(err.to_string())));
+                    tally.record(joined.unwrap_or_else(|err| Err(err.to_string()).into()));
                 }
                 if calls.len() >= concurrency {
-                    tally.record(Err(format!(
+                    tally.record(Err::<Duration, _>(format!(
                         "more than {concurrency} calls in flight: the server does not keep up with {rate}/s"
                     )));
                     continue;
@@ -469,7 +519,7 @@ pub async fn grpc_load(plan: &LoadPlan) -> Result<LoadReport, ClientError> {
                 calls.spawn(timed_call(client.clone()));
             }
             while let Some(joined) = calls.join_next().await {
-                tally.record(joined.unwrap_or_else(|err| Err(err.to_string())));
+                tally.record(joined.unwrap_or_else(|err| Err(err.to_string()).into()));
             }
         }
         None => {
@@ -487,7 +537,7 @@ pub async fn grpc_load(plan: &LoadPlan) -> Result<LoadReport, ClientError> {
             while let Some(joined) = callers.join_next().await {
                 match joined {
                     Ok(caller) => tally.merge(caller),
-                    Err(err) => tally.record(Err(err.to_string())),
+                    Err(err) => tally.record(Err::<Duration, _>(err.to_string())),
                 }
             }
         }

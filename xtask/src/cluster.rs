@@ -115,7 +115,9 @@ pub enum AgentCommand {
         #[arg(long)]
         node: String,
     },
-    /// Stop a node's agent as `stop` does, then start a new one.
+    /// Replace a node's agent with a new one, as an upgrade does: the new agent takes
+    /// the listening sockets over, the old one drains and exits; no connection is
+    /// refused.
     Restart {
         #[arg(long)]
         name: String,
@@ -222,8 +224,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             command: AgentCommand::Restart { name, node },
         } => {
             let mut cluster = Cluster::open(&name)?;
-            stop_agent(&mut cluster, &node)?;
-            start_agent(&mut cluster, &node)
+            restart_agent(&mut cluster, &node)
         }
         Command::Wait { name, timeout } => {
             Cluster::open(&name)?.wait_for_mesh(timeout)?;
@@ -323,6 +324,25 @@ pub fn start_agent(cluster: &mut Cluster, node: &str) -> anyhow::Result<()> {
     let bin_dir = workspace_binaries()?;
     cluster.set_cni(Some(bin_dir.clone()))?;
     let agent = cluster.start_agent(node, &bin_dir.join("weft-agent"))?;
+    eprintln!(
+        "weft-agent runs on {node} (pid {}, log {})",
+        agent.pid,
+        agent.log.display()
+    );
+    Ok(())
+}
+
+/// Replaces `node`'s agent with one of the workspace's build, waiting for the old one
+/// to drain.
+fn restart_agent(cluster: &mut Cluster, node: &str) -> anyhow::Result<()> {
+    cmd::build_binaries(&["weft-agent", "weft-cni"])?;
+    let bin_dir = workspace_binaries()?;
+    cluster.set_cni(Some(bin_dir.clone()))?;
+    let drain = Duration::from_millis(cluster.topology().agent_drain_timeout_ms);
+    eprintln!(
+        "starting a new agent on {node}: it takes the listening sockets over, and the one running drains its connections (up to {drain:?}) and exits"
+    );
+    let agent = cluster.restart_agent(node, &bin_dir.join("weft-agent"))?;
     eprintln!(
         "weft-agent runs on {node} (pid {}, log {})",
         agent.pid,

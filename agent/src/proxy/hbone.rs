@@ -959,9 +959,18 @@ fn status_only(status: StatusCode) -> Response<()> {
 /// Requests that are not CONNECT, or whose authority is not an `ip:port`, are
 /// answered 400 here without calling `handler`.
 ///
+/// Once `shutdown` resolves, the connection says GOAWAY: the client opens its next
+/// tunnels elsewhere (on a new connection, to whichever process accepts it), and the
+/// tunnels open finish.
+///
 /// Returns `Ok` when the client closes cleanly, and an error saying what went wrong
 /// otherwise (timeout, garbage, protocol violation, lost transport).
-pub async fn serve<IO, H, Fut>(io: IO, settings: &Settings, handler: H) -> Result<(), HboneError>
+pub async fn serve<IO, H, Fut>(
+    io: IO,
+    settings: &Settings,
+    shutdown: impl Future<Output = ()>,
+    handler: H,
+) -> Result<(), HboneError>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
     H: Fn(Incoming) -> Fut + Clone + Send + Sync + 'static,
@@ -992,6 +1001,8 @@ where
     tokio::pin!(expiry);
     let mut handshaking = true;
     let (mut accepted, mut rejected) = (0u64, 0u64);
+    tokio::pin!(shutdown);
+    let mut shutting_down = false;
 
     loop {
         tokio::select! {
@@ -1028,6 +1039,10 @@ where
                 handshaking = false;
             }
             () = &mut expiry, if handshaking => return Err(HboneError::HandshakeTimeout(limit)),
+            () = &mut shutdown, if !shutting_down => {
+                connection.graceful_shutdown();
+                shutting_down = true;
+            }
         }
     }
     debug!("HBONE connection closed by the client: {accepted} tunnels, {rejected} bad requests");

@@ -52,7 +52,7 @@ pub use self::{
     pool::Pool,
 };
 use super::{
-    Proxy,
+    Draining, Proxy,
     connect::Upstream,
     error::ProxyError,
     metrics::Peer,
@@ -78,18 +78,31 @@ pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 /// Serves HTTP/1.1 or HTTP/2 (told by the connection preface) on `io` until the client
 /// closes it, each request answered by `handle`; a connection that ends in an error is
 /// logged (at most once a second) as `what`. An HTTP/1.1 client that sends no new
-/// request for `idle` is disconnected.
-async fn serve<IO, H, Fut>(io: IO, what: &str, idle: Duration, handle: H)
+/// request for `idle` is disconnected. Once the proxy drains, HTTP/1.1 answers say
+/// `Connection: close`, and after [`DRAIN_GRACE`] the connection shuts down gracefully
+/// (GOAWAY for HTTP/2; an HTTP/1.1 connection closes after the request it carries).
+async fn serve<IO, H, Fut>(io: IO, what: &str, idle: Duration, draining: Draining, handle: H)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
     let handle = Arc::new(handle);
-    let service = service_fn(move |request| {
-        let handle = Arc::clone(&handle);
-        async move { Ok::<_, Infallible>(handle(request).await) }
-    });
+    let service = {
+        let draining = draining.clone();
+        service_fn(move |request| {
+            let handle = Arc::clone(&handle);
+            let http1 = request.version() < http::Version::HTTP_2;
+            let draining = draining.clone();
+            async move {
+                let mut response = handle(request).await;
+                if http1 && draining.now() {
+                    closing(&mut response);
+                }
+                Ok::<_, Infallible>(response)
+            }
+        })
+    };
     static FAILED: Throttle = Throttle::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // hyper's header timeout runs from the moment it waits for a request's head, so
@@ -98,13 +111,38 @@ where
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(idle);
-    let served = builder
-        .serve_connection_with_upgrades(TokioIo::new(io), service)
-        .await;
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let served = tokio::select! {
+        served = connection.as_mut() => served,
+        () = async {
+            draining.started().await;
+            tokio::time::sleep(DRAIN_GRACE).await;
+        } => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
     if let Err(err) = served
         && let Some(held) = FAILED.allow()
     {
         log::info!("{what} ended: {err}{}", held_back(held));
+    }
+}
+
+/// How long a draining proxy leaves a connection that carries requests before it
+/// shuts it down: long enough for a busy HTTP/1.1 client's next request, whose answer
+/// says `Connection: close`, so that only connections idle this long are closed
+/// between requests (which HTTP/1.1 clients expect of an idle connection).
+const DRAIN_GRACE: Duration = Duration::from_secs(1);
+
+/// Marks an HTTP/1.1 answer as the connection's last (unless it switches protocols,
+/// which keeps the connection for the new one).
+fn closing(response: &mut Response<ProxyBody>) {
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
 }
 
@@ -379,4 +417,78 @@ fn empty() -> ProxyBody {
     Full::new(Bytes::new())
         .map_err(|never| match never {})
         .boxed_unsync()
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt as _;
+    use hyper::client::conn::{http1, http2};
+
+    use super::*;
+
+    fn request() -> Request<Full<Bytes>> {
+        Request::builder()
+            .uri("http://echo/")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    }
+
+    /// Serves `server` as the proxy does, answering every request with an empty 200.
+    fn serve_test(
+        server: tokio::io::DuplexStream,
+        draining: Draining,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(serve(
+            server,
+            "test",
+            Duration::from_secs(600),
+            draining,
+            |_| async { Response::new(empty()) },
+        ))
+    }
+
+    /// Once the proxy drains, an HTTP/1.1 connection's next answer says
+    /// `Connection: close` and the connection ends after it.
+    #[tokio::test(start_paused = true)]
+    async fn a_draining_proxy_closes_http1_after_the_next_answer() {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let (start, draining) = Draining::of_test();
+        let served = serve_test(server, draining);
+        let (mut sender, connection) = http1::handshake(TokioIo::new(client)).await.unwrap();
+        let connection = tokio::spawn(connection);
+
+        let first = sender.send_request(request()).await.unwrap();
+        assert_eq!(first.headers().get(header::CONNECTION), None);
+        first.into_body().collect().await.unwrap();
+
+        start.send_replace(true);
+        let last = sender.send_request(request()).await.unwrap();
+        assert_eq!(last.status(), StatusCode::OK);
+        assert_eq!(last.headers()[header::CONNECTION], "close");
+        last.into_body().collect().await.unwrap();
+        connection.await.unwrap().unwrap();
+        served.await.unwrap();
+    }
+
+    /// An HTTP/2 connection gets GOAWAY once the drain's grace has passed, and ends
+    /// cleanly; the answers before it carry no connection header.
+    #[tokio::test(start_paused = true)]
+    async fn a_draining_proxy_sends_http2_away_after_the_grace() {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let (start, draining) = Draining::of_test();
+        let served = serve_test(server, draining);
+        let (mut sender, connection) = http2::handshake(TokioExecutor::new(), TokioIo::new(client))
+            .await
+            .unwrap();
+        let connection = tokio::spawn(connection);
+
+        start.send_replace(true);
+        let answer = sender.send_request(request()).await.unwrap();
+        assert_eq!(answer.status(), StatusCode::OK);
+        assert_eq!(answer.headers().get(header::CONNECTION), None);
+        let started = tokio::time::Instant::now();
+        connection.await.unwrap().unwrap();
+        served.await.unwrap();
+        assert!(started.elapsed() >= DRAIN_GRACE - Duration::from_millis(10));
+    }
 }

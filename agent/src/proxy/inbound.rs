@@ -117,7 +117,14 @@ async fn connection(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr, mut per
             async move { tunnel(&proxy, incoming, peer, &client, &server).await }
         }
     };
-    if let Err(err) = hbone::serve(tls, &proxy.settings.hbone, handler).await {
+    if let Err(err) = hbone::serve(
+        tls,
+        &proxy.settings.hbone,
+        proxy.draining().started(),
+        handler,
+    )
+    .await
+    {
         log::info!("HBONE connection from {peer} ended: {err}");
         metrics::hbone_failure("inbound", err.reason());
     }

@@ -53,7 +53,7 @@ where
             let (tcp, _) = listener.accept().await.unwrap();
             let handler = handler.clone();
             connections.spawn(async move {
-                if let Err(e) = serve(tcp, &settings, handler).await {
+                if let Err(e) = serve(tcp, &settings, std::future::pending(), handler).await {
                     debug!("test server: {e}");
                 }
             });
@@ -387,7 +387,10 @@ fn serve_pipe(
             async move { incoming.refuse(StatusCode::UNAUTHORIZED) }
         }
     };
-    let task = tokio::spawn(async move { serve(server, &settings, handler).await });
+    let task =
+        tokio::spawn(
+            async move { serve(server, &settings, std::future::pending(), handler).await },
+        );
     (client, task, calls)
 }
 
@@ -941,7 +944,9 @@ impl PipeDialer {
                 this.dials.fetch_add(1, Ordering::SeqCst);
                 let (client, server) = tokio::io::duplex(64 * 1024);
                 let settings = this.settings;
-                let task = tokio::spawn(async move { serve(server, &settings, echo_back).await });
+                let task = tokio::spawn(async move {
+                    serve(server, &settings, std::future::pending(), echo_back).await
+                });
                 this.servers.lock().unwrap().push(task);
                 Ok(client)
             })

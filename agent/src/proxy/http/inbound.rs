@@ -77,6 +77,7 @@ pub async fn serve<IO>(
         inbound.service.clone(),
         proxy.settings.access_log,
     );
+    let draining = proxy.draining();
     let tunnel = Arc::new(Tunnel {
         proxy,
         requests,
@@ -84,7 +85,7 @@ pub async fn serve<IO>(
         first: Mutex::new(Some(pod)),
         inbound,
     });
-    super::serve(stream, &what, idle, move |request| {
+    super::serve(stream, &what, idle, draining, move |request| {
         Arc::clone(&tunnel).request(request)
     })
     .await;

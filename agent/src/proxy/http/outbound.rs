@@ -77,7 +77,7 @@ where
         proxy: Arc::clone(&proxy),
         logical,
     });
-    super::serve(client, &what, idle, move |request| {
+    super::serve(client, &what, idle, proxy.draining(), move |request| {
         Arc::clone(&outbound).request(request)
     })
     .await;
