@@ -3,7 +3,7 @@
 //! on a node weft is installed on, keeping the plugin chained into the node's CNI
 //! configuration ([`Chaining`]).
 
-use std::{io, os::unix::fs::PermissionsExt, path::Path, time::Duration};
+use std::{io, path::Path, time::Duration};
 
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
@@ -21,16 +21,9 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Binds the socket at `path`, replacing a stale one, readable by root only.
 pub fn bind(path: &Path) -> io::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    match std::fs::remove_file(path) {
-        Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
-        _ => {}
-    }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
+    let listener = crate::files::bind_private(path)?;
+    listener.set_nonblocking(true)?;
+    UnixListener::from_std(listener)
 }
 
 /// How often the chaining is checked: the primary CNI may rewrite its configuration

@@ -13,13 +13,21 @@
 //! whether more follow ([`MORE`]) or not ([`LAST`]); the successor writes
 //! [`SERVING`] once it accepts on them. A successor that goes away before that leaves
 //! the predecessor serving as before.
+//!
+//! A crash hands nothing over, so the proxy's sockets are also kept by a holder
+//! ([`hold`], `weft-agent hold`, a process of its own that never accepts): an agent
+//! deposits them once it serves ([`deposit`]), and an agent that finds no running
+//! one to take them from takes them from the holder ([`take_held`]). After a
+//! `kill -9`, new connections wait in the kernel's accept queues until the next agent
+//! serves them, rather than being refused. An agent that stops for good tells the
+//! holder to let go ([`Standing::withdraw`]), so that a stopped node refuses.
 
 use std::{
     io::{self, BufRead as _, BufReader, IoSlice, IoSliceMut, Read as _, Write as _},
     net::TcpListener,
     os::{
         fd::{AsRawFd, FromRawFd as _, OwnedFd, RawFd},
-        unix::net::{UnixListener, UnixStream},
+        unix::net::UnixStream,
     },
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -27,8 +35,17 @@ use std::{
 
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 
+use crate::files;
+
 /// The socket's name in the state directory.
 pub const SOCKET: &str = "handover.sock";
+/// The holder's socket in the state directory.
+pub const HOLDER_SOCKET: &str = "holder.sock";
+/// The holder's requests, one byte each: keep these sockets (they follow, as a
+/// predecessor sends them), send the sockets kept, let them go.
+const DEPOSIT: u8 = b'D';
+const TAKE: u8 = b'T';
+const LET_GO: u8 = b'L';
 /// Descriptors per message: the kernel takes at most 253 (`SCM_MAX_FD`).
 const FDS_PER_MESSAGE: usize = 200;
 /// Payload of a message after which more follow.
@@ -48,13 +65,17 @@ pub enum HandoverError {
     )]
     Receive { path: PathBuf, source: io::Error },
     #[error(
-        "the running agent at {path} handed over a descriptor that is not a listening TCP socket: {source}"
+        "what answered on {path} handed over a descriptor that is not a listening TCP socket: {source}"
     )]
     NotAListener { path: PathBuf, source: io::Error },
     #[error(
         "cannot offer the listening sockets on {path}: {source}; is the state directory writable?"
     )]
     Offer { path: PathBuf, source: io::Error },
+    #[error(
+        "the socket holder at {path} did not hand its listening sockets over: {source}; is it the same weft version?"
+    )]
+    Held { path: PathBuf, source: io::Error },
 }
 
 /// The listening sockets taken over from the agent that ran before, and the line to
@@ -77,17 +98,10 @@ impl Inherited {
 /// on `<state_dir>/handover.sock`; `None` when none does.
 pub fn take(state_dir: &Path) -> Result<Option<Inherited>, HandoverError> {
     let path = state_dir.join(SOCKET);
-    let predecessor = match UnixStream::connect(&path) {
-        Ok(stream) => stream,
-        // No socket, or a stale one: no agent runs (or one that predates handovers).
-        Err(err)
-            if matches!(
-                err.kind(),
-                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            return Ok(None);
-        }
+    let predecessor = match connect(&path) {
+        Ok(Some(stream)) => stream,
+        // No agent runs (or one that predates handovers).
+        Ok(None) => return Ok(None),
         Err(source) => return Err(HandoverError::Receive { path, source }),
     };
     // An agent that offers answers at once; one that hangs must not hold this one up.
@@ -110,6 +124,23 @@ pub fn take(state_dir: &Path) -> Result<Option<Inherited>, HandoverError> {
         listeners,
         predecessor,
     }))
+}
+
+/// Connects to the Unix socket at `path`; `None` when nothing listens there (no
+/// socket, or a stale one).
+fn connect(path: &Path) -> io::Result<Option<UnixStream>> {
+    match UnixStream::connect(path) {
+        Ok(stream) => Ok(Some(stream)),
+        Err(err)
+            if matches!(
+                err.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(err) => Err(err),
+    }
 }
 
 /// Every descriptor the predecessor sends, until its last message.
@@ -198,19 +229,23 @@ pub struct Offer {
 #[derive(Debug)]
 pub struct Standing {
     listeners: Arc<Mutex<Option<Vec<OwnedFd>>>>,
-    path: PathBuf,
+    state_dir: PathBuf,
 }
 
 impl Standing {
     /// Withdraws the offer, for an agent that stops without a successor: the
-    /// duplicates close, so the sockets close with the process's own (and new
-    /// connections are refused rather than left waiting in a queue nobody serves).
+    /// duplicates close, and the holder lets its own go, so the sockets close with the
+    /// process's own (and new connections are refused rather than left waiting in a
+    /// queue nobody serves).
     pub fn withdraw(&self) {
-        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_file(self.state_dir.join(SOCKET));
         self.listeners
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take();
+        if let Err(err) = ask_holder(&self.state_dir, LET_GO) {
+            log::warn!("cannot tell the socket holder to let go: {err}");
+        }
     }
 }
 
@@ -223,12 +258,7 @@ pub fn offer(state_dir: &Path, listeners: Vec<OwnedFd>) -> Result<Offer, Handove
         path: path.clone(),
         source,
     };
-    std::fs::create_dir_all(state_dir).map_err(offer_error)?;
-    match std::fs::remove_file(&path) {
-        Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(offer_error(err)),
-        _ => {}
-    }
-    let socket = UnixListener::bind(&path).map_err(offer_error)?;
+    let socket = files::bind_private(&path).map_err(offer_error)?;
     let listeners = Arc::new(Mutex::new(Some(listeners)));
     let (served, serving) = tokio::sync::oneshot::channel();
     let offered = Arc::clone(&listeners);
@@ -265,8 +295,106 @@ pub fn offer(state_dir: &Path, listeners: Vec<OwnedFd>) -> Result<Offer, Handove
         .map_err(offer_error)?;
     Ok(Offer {
         served: serving,
-        standing: Standing { listeners, path },
+        standing: Standing {
+            listeners,
+            state_dir: state_dir.to_owned(),
+        },
     })
+}
+
+/// Connects to the node's socket holder and makes `request`; `None` when no holder
+/// runs.
+fn ask_holder(state_dir: &Path, request: u8) -> io::Result<Option<UnixStream>> {
+    let Some(mut holder) = connect(&state_dir.join(HOLDER_SOCKET))? else {
+        return Ok(None);
+    };
+    holder.set_read_timeout(Some(RECEIVE_TIMEOUT))?;
+    holder.write_all(&[request])?;
+    Ok(Some(holder))
+}
+
+/// The proxy's listening sockets the node's holder keeps (none when no holder runs,
+/// or it keeps none): for an agent that finds no running agent to take them from.
+pub fn take_held(state_dir: &Path) -> Result<Vec<TcpListener>, HandoverError> {
+    let path = state_dir.join(HOLDER_SOCKET);
+    let held = |source| HandoverError::Held {
+        path: path.clone(),
+        source,
+    };
+    let Some(holder) = ask_holder(state_dir, TAKE).map_err(held)? else {
+        return Ok(Vec::new());
+    };
+    let fds = receive(&holder).map_err(held)?;
+    fds.into_iter()
+        .map(|fd| {
+            let listener = TcpListener::from(fd);
+            listener.local_addr().map(|_| listener)
+        })
+        .collect::<io::Result<Vec<_>>>()
+        .map_err(|source| HandoverError::NotAListener { path, source })
+}
+
+/// Leaves duplicates of the proxy's listening sockets with the node's holder, if one
+/// runs (in place of what it kept); whether one did.
+pub fn deposit(state_dir: &Path, listeners: &[OwnedFd]) -> io::Result<bool> {
+    match ask_holder(state_dir, DEPOSIT)? {
+        Some(holder) => send(&holder, listeners).map(|()| true),
+        None => Ok(false),
+    }
+}
+
+/// `weft-agent hold`: keeps the listening sockets agents deposit on
+/// `<state_dir>/holder.sock`, never accepting on them, and hands them to an agent that
+/// asks, until an agent says to let go. Runs until killed.
+pub fn hold(state_dir: &Path) -> Result<(), HandoverError> {
+    let path = state_dir.join(HOLDER_SOCKET);
+    let socket = files::bind_private(&path).map_err(|source| HandoverError::Offer {
+        path: path.clone(),
+        source,
+    })?;
+    log::info!(
+        "holding the node's listening sockets for its agents on {}",
+        path.display()
+    );
+    let mut held: Vec<OwnedFd> = Vec::new();
+    for agent in socket.incoming() {
+        let served = agent.and_then(|mut agent| {
+            agent.set_read_timeout(Some(RECEIVE_TIMEOUT))?;
+            let mut request = [0u8; 1];
+            agent.read_exact(&mut request)?;
+            match request[0] {
+                DEPOSIT => {
+                    held = receive(&agent)?;
+                    log::info!("holding {} listening socket(s)", held.len());
+                }
+                TAKE => {
+                    send(&agent, &held)?;
+                    log::info!(
+                        "handed {} listening socket(s) to a starting agent",
+                        held.len()
+                    );
+                }
+                LET_GO => {
+                    log::info!(
+                        "letting {} listening socket(s) go: the agent stopped",
+                        held.len()
+                    );
+                    held.clear();
+                }
+                other => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("unknown request {other:#04x}"),
+                    ));
+                }
+            }
+            Ok(())
+        });
+        if let Err(err) = served {
+            log::warn!("a request to the socket holder failed: {err}");
+        }
+    }
+    Ok(())
 }
 
 /// One successor: the sockets, then its word that it serves them.
@@ -292,7 +420,10 @@ fn hand_over(stream: &UnixStream, listeners: &[OwnedFd]) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use std::net::{Ipv4Addr, TcpStream};
+    use std::{
+        net::{Ipv4Addr, TcpStream},
+        os::unix::net::UnixListener,
+    };
 
     use super::*;
 
@@ -369,5 +500,49 @@ mod tests {
             io::ErrorKind::ConnectionRefused
         );
         assert!(take(dir.path()).unwrap().is_none());
+    }
+
+    /// The holder keeps what an agent deposited for the next one, also after the
+    /// depositing agent's own copies are gone (a crash), until told to let go.
+    #[test]
+    fn the_holder_keeps_the_sockets_across_a_crash_until_told_to_let_go() {
+        let dir = state_dir();
+        assert!(take_held(dir.path()).unwrap().is_empty(), "no holder yet");
+        let holder_dir = dir.path().to_owned();
+        std::thread::spawn(move || hold(&holder_dir));
+        let socket = listener();
+        let address = socket.local_addr().unwrap();
+        let deposited = [OwnedFd::from(socket)];
+        // Until the holder listens (its socket file appears a moment before).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !deposit(dir.path(), &deposited).unwrap() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the holder never listened"
+            );
+            std::thread::yield_now();
+        }
+        drop(deposited);
+        // The agent's own copy is gone: a connection waits in the queue.
+        let waiting = TcpStream::connect(address).unwrap();
+
+        let taken = take_held(dir.path()).unwrap();
+        assert_eq!(taken.len(), 1);
+        let (accepted, _) = taken[0].accept().unwrap();
+        assert_eq!(accepted.peer_addr().unwrap(), waiting.local_addr().unwrap());
+        drop(taken);
+        // Still held after a take, for the next crash.
+        assert_eq!(take_held(dir.path()).unwrap().len(), 1);
+
+        ask_holder(dir.path(), LET_GO).unwrap().expect("a holder");
+        // The holder answers one request at a time: this one comes after the last.
+        assert!(
+            take_held(dir.path()).unwrap().is_empty(),
+            "the holder never let go"
+        );
+        assert_eq!(
+            TcpStream::connect(address).unwrap_err().kind(),
+            io::ErrorKind::ConnectionRefused
+        );
     }
 }

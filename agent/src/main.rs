@@ -9,6 +9,7 @@ use std::{
     collections::BTreeMap,
     io::Write as _,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -73,6 +74,16 @@ enum Command {
         /// runs it. Without it, a running agent is an error.
         #[arg(long)]
         wait: bool,
+    },
+    /// Keep the node's proxy listening sockets between agents (the DaemonSet's
+    /// `sockets` container): each agent leaves them here once it serves, and one that
+    /// starts after a crash takes them back, so that the connections that came
+    /// meanwhile waited in the kernel's queues instead of being refused. It never
+    /// accepts a connection itself.
+    Hold {
+        /// The agent's state directory, where `holder.sock` is.
+        #[arg(long, env = "WEFT_STATE_DIR", default_value = "/run/weft/agent")]
+        state_dir: PathBuf,
     },
 }
 
@@ -330,6 +341,11 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => run(*args),
         Command::Uninstall { bpffs, cni, wait } => uninstall(&bpffs, &cni, wait),
+        Command::Hold { state_dir } => {
+            // Told apart from agents by name (`ps`, the local cluster).
+            let _ = nix::sys::prctl::set_name(c"weft-hold");
+            handover::hold(&state_dir).map_err(Into::into)
+        }
     }
 }
 
@@ -391,18 +407,27 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     // connections captured meanwhile wait in the accept queues instead of being
     // refused.
     let mut inherited = handover::take(&args.state_dir)?;
-    let taken = inherited
-        .as_mut()
-        .map(|inherited| std::mem::take(&mut inherited.listeners))
-        .unwrap_or_default();
-    if inherited.is_some() {
-        log::info!(
-            "took over {} listening socket(s) from the agent running on the node",
-            taken.len()
-        );
-    }
+    let taken = match inherited.as_mut() {
+        Some(inherited) => {
+            log::info!(
+                "took over {} listening socket(s) from the agent running on the node",
+                inherited.listeners.len()
+            );
+            std::mem::take(&mut inherited.listeners)
+        }
+        None => {
+            let held = handover::take_held(&args.state_dir)?;
+            if !held.is_empty() {
+                log::info!(
+                    "took {} listening socket(s) back from the node's socket holder: the agent before stopped without handing them over",
+                    held.len()
+                );
+            }
+            held
+        }
+    };
     let listeners = Listeners::open(&args, workers, taken)?;
-    let offered = listeners.duplicates()?;
+    let (proxy_sockets, admin_sockets) = listeners.duplicates()?;
     let (started, start_result) = std::sync::mpsc::channel();
     let control_args = args.clone();
     let (tenure, admin_tenure) = tokio::sync::watch::channel(Tenure::Starting);
@@ -469,6 +494,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     let _ = tenure.send(Tenure::Serving);
+    let kept = proxy_sockets
+        .iter()
+        .map(OwnedFd::try_clone)
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("cannot duplicate the listening sockets")?;
+    let offered = proxy_sockets.into_iter().chain(admin_sockets).collect();
     let offer = match handover::offer(&args.state_dir, offered) {
         Ok(offer) => Some(offer),
         Err(err) => {
@@ -493,6 +524,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             std::future::pending::<()>().await;
         };
         let handed = tokio::select! {
+            () = keep_deposited(&args.state_dir, &kept) => false,
             terminated = terminated() => {
                 terminated?;
                 if let Some(standing) = &standing {
@@ -534,6 +566,35 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// How often the proxy's sockets are left with the node's socket holder again: a
+/// holder that restarted, or started after this agent, holds them again within this.
+const DEPOSIT_EVERY: Duration = Duration::from_secs(15);
+
+/// Leaves the proxy's listening sockets (`kept`) with the node's socket holder now and
+/// every [`DEPOSIT_EVERY`], saying when that changes: held, no holder, or failing.
+async fn keep_deposited(state_dir: &Path, kept: &[OwnedFd]) {
+    let mut every = tokio::time::interval(DEPOSIT_EVERY);
+    let mut last = None;
+    loop {
+        every.tick().await;
+        let now = handover::deposit(state_dir, kept).map_err(|err| err.to_string());
+        if last.as_ref() != Some(&now) {
+            match &now {
+                Ok(true) => {
+                    log::info!("the node's socket holder keeps the proxy's listening sockets")
+                }
+                Ok(false) => log::info!(
+                    "no socket holder runs on this node: if this agent crashes, new connections are refused until the next one listens"
+                ),
+                Err(err) => log::warn!(
+                    "cannot leave the listening sockets with the node's socket holder: {err}"
+                ),
+            }
+        }
+        last = Some(now);
+    }
 }
 
 fn single_threaded() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -626,17 +687,22 @@ impl Listeners {
         Ok(Self { workers, admin })
     }
 
-    /// A duplicate of every socket, to hand over to the next agent.
-    fn duplicates(&self) -> anyhow::Result<Vec<std::os::fd::OwnedFd>> {
-        let proxy = self
-            .workers
-            .iter()
-            .flat_map(|worker| worker.outbound.iter().chain(&worker.inbound));
-        proxy
-            .chain(&self.admin)
-            .map(|listener| Ok(listener.try_clone()?.into()))
-            .collect::<std::io::Result<_>>()
-            .context("cannot duplicate the listening sockets")
+    /// A duplicate of every socket, to hand over to the next agent: the proxy's, and
+    /// the admin endpoints'.
+    fn duplicates(&self) -> anyhow::Result<(Vec<OwnedFd>, Vec<OwnedFd>)> {
+        let duplicate = |listeners: &mut dyn Iterator<Item = &std::net::TcpListener>| {
+            listeners
+                .map(|listener| Ok(listener.try_clone()?.into()))
+                .collect::<std::io::Result<Vec<OwnedFd>>>()
+                .context("cannot duplicate the listening sockets")
+        };
+        let proxy = duplicate(
+            &mut self
+                .workers
+                .iter()
+                .flat_map(|worker| worker.outbound.iter().chain(&worker.inbound)),
+        )?;
+        Ok((proxy, duplicate(&mut self.admin.iter())?))
     }
 }
 
@@ -1259,7 +1325,7 @@ mod tests {
             .command
         {
             Command::Run(args) => Ok(*args),
-            Command::Uninstall { .. } => unreachable!("run was asked for"),
+            Command::Uninstall { .. } | Command::Hold { .. } => unreachable!("run was asked for"),
         }
     }
 

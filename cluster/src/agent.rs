@@ -47,6 +47,25 @@ pub(crate) fn command_line(
     Ok(argv)
 }
 
+/// `weft-agent hold` for `node`, as the agent DaemonSet's `sockets` container runs it,
+/// with the node's agent state directory (where the holder's socket is).
+pub(crate) fn holder_command_line(
+    agent_bin: &Path,
+    topology: &Topology,
+    node: &NodeInfo,
+) -> Result<Vec<String>, ClusterError> {
+    let container = manifest::holder()?;
+    let env = container.environment(&local_node(topology, node))?;
+    let mut argv = container.confinement(&env);
+    argv.push(agent_bin.display().to_string());
+    argv.extend(container.args.iter().cloned());
+    if !container.sets(&variable("state-dir")) {
+        argv.push("--state-dir".to_owned());
+        argv.push(node.agent_state_dir.display().to_string());
+    }
+    Ok(argv)
+}
+
 /// The environment variable of flag `flag` (`cni-conf-dir`: `WEFT_CNI_CONF_DIR`).
 fn variable(flag: &str) -> String {
     format!("WEFT_{}", flag.to_uppercase().replace('-', "_"))
@@ -284,6 +303,27 @@ pub(crate) mod tests {
             .skip(1)
             .map_while(|word| word.split_once('='))
             .collect()
+    }
+
+    #[test]
+    fn the_socket_holder_runs_as_the_sockets_container_with_no_capability() {
+        let topology = topology(&["--workers", "1"]);
+        let argv = holder_command_line(
+            &PathBuf::from("/bin/weft-agent"),
+            &topology,
+            &topology.nodes[0],
+        )
+        .unwrap();
+        assert_eq!(argv[..2], ["setpriv", "--bounding-set=-all"]);
+        let program = argv
+            .iter()
+            .position(|word| word == "/bin/weft-agent")
+            .unwrap();
+        assert_eq!(
+            argv[program + 1..],
+            ["hold", "--state-dir", "/run/weft/a/node0/agent"],
+            "the agent's state directory, and none of the agent's extra arguments"
+        );
     }
 
     #[test]

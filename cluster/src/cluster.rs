@@ -33,6 +33,8 @@ pub(crate) const CONTROLLER_ADMIN_PORT: u16 = 15014;
 pub(crate) const CONTROL_PLANE_NAMESPACE: &str = "weft-system";
 /// The agent's process name (`comm`).
 const AGENT_PROCESS: &str = "weft-agent";
+/// The name `weft-agent hold` gives itself.
+const HOLDER_PROCESS: &str = "weft-hold";
 /// The agent's HTTP ports, on its node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AgentPort {
@@ -801,6 +803,7 @@ impl Cluster {
                 pid,
             });
         }
+        self.ensure_holder(&info, agent_bin)?;
         let process = self.spawn_agent(&info, agent_bin, log_filter)?;
         let pid = process.pid;
         let deadline = Instant::now() + READY;
@@ -826,6 +829,35 @@ impl Cluster {
         self.node_mut(node)?.agent = Some(process.clone());
         self.save()?;
         Ok(process)
+    }
+
+    /// Starts the node's socket holder (`weft-agent hold`, as the DaemonSet's `sockets`
+    /// container runs it) unless one runs, and waits until it listens: the agents
+    /// leave their listening sockets with it, so that after an agent's crash new
+    /// connections wait for the next one. It lives until the cluster goes.
+    fn ensure_holder(&self, info: &NodeInfo, agent_bin: &Path) -> Result<(), ClusterError> {
+        const LISTENING: Duration = Duration::from_secs(5);
+        if host::process_named(&info.system_cgroup, HOLDER_PROCESS).is_some() {
+            return Ok(());
+        }
+        let socket = info.agent_state_dir.join("holder.sock");
+        // Left by a holder that is gone: the wait below is for the new one's.
+        let _ = std::fs::remove_file(&socket);
+        let argv = agent::holder_command_line(agent_bin, &self.topology, info)?;
+        let log = self.layout.node_log(&info.name, "holder");
+        let pid = spawn_logged(self.node_command(&info.name, &argv)?, &argv, &log)?;
+        let deadline = Instant::now() + LISTENING;
+        while !socket.exists() {
+            if !host::process_running(pid) || Instant::now() > deadline {
+                return Err(ClusterError::HolderNotListening {
+                    node: info.name.clone(),
+                    socket,
+                    log,
+                });
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
     }
 
     /// Starts `weft-agent` on the node `info`, logging into the node's agent log.
@@ -867,6 +899,7 @@ impl Cluster {
             drop(lock);
             return self.start_agent(node, agent_bin);
         }
+        self.ensure_holder(&info, agent_bin)?;
         let process = self.spawn_agent(&info, agent_bin, "info,weft_ebpf=debug")?;
         let deadline = Instant::now() + READY;
         loop {

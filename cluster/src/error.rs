@@ -93,6 +93,14 @@ pub enum ClusterError {
     #[error("the agent on node {node} exited during start-up; its log {log} says why")]
     AgentExited { node: String, log: PathBuf },
     #[error(
+        "the socket holder (weft-agent hold) on node {node} did not listen on {socket}; its log {log} says why"
+    )]
+    HolderNotListening {
+        node: String,
+        socket: PathBuf,
+        log: PathBuf,
+    },
+    #[error(
         "the agent on node {node} did not report ready within {timeout:?} (GET :15021/healthz/ready: {answer}); its log is in {log}"
     )]
     AgentNotReady {

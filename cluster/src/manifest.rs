@@ -32,14 +32,19 @@ pub(crate) struct Workload {
     mounts: Vec<VolumeMount>,
 }
 
-/// The agent DaemonSet's container.
+/// The agent DaemonSet's agent container.
 pub(crate) fn agent() -> Result<Workload, ClusterError> {
-    Workload::read(INSTALL, "DaemonSet", "weft-agent")
+    Workload::read(INSTALL, "DaemonSet", "weft-agent", "agent")
+}
+
+/// The agent DaemonSet's socket holder (`weft-agent hold`).
+pub(crate) fn holder() -> Result<Workload, ClusterError> {
+    Workload::read(INSTALL, "DaemonSet", "weft-agent", "sockets")
 }
 
 /// The controller Deployment's container.
 pub(crate) fn controller() -> Result<Workload, ClusterError> {
-    Workload::read(INSTALL, "Deployment", "weft-controller")
+    Workload::read(INSTALL, "Deployment", "weft-controller", "controller")
 }
 
 /// Where the things a container sees are on a local node.
@@ -63,9 +68,9 @@ pub(crate) enum Volume {
 }
 
 impl Workload {
-    fn read(manifest: &str, kind: &str, name: &str) -> Result<Self, ClusterError> {
+    fn read(manifest: &str, kind: &str, name: &str, container: &str) -> Result<Self, ClusterError> {
         let problem = |problem: String| ClusterError::Manifest {
-            object: format!("{kind} {name}"),
+            object: format!("{kind} {name}, container {container}"),
             problem,
         };
         let object = serde_yaml::Deserializer::from_str(manifest)
@@ -74,8 +79,11 @@ impl Workload {
             .ok_or_else(|| problem("it is not in the manifest".to_owned()))?;
         let pod: PodSpec = serde_yaml::from_value(object["spec"]["template"]["spec"].clone())
             .map_err(|err| problem(format!("its pod template does not read: {err}")))?;
-        let [container] = <[Container; 1]>::try_from(pod.containers)
-            .map_err(|containers| problem(format!("{} containers, not one", containers.len())))?;
+        let container = pod
+            .containers
+            .into_iter()
+            .find(|candidate| candidate.name == container)
+            .ok_or_else(|| problem("its pod template has no such container".to_owned()))?;
         let capabilities = container.security_context.capabilities;
         if capabilities.drop != ["ALL"] {
             return Err(problem(
@@ -83,7 +91,7 @@ impl Workload {
             ));
         }
         Ok(Self {
-            object: format!("{kind} {name}"),
+            object: format!("{kind} {name}, container {}", container.name),
             args: container.args,
             capabilities: capabilities.add,
             env: container.env,
@@ -208,6 +216,7 @@ struct PodSpec {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Container {
+    name: String,
     #[serde(default)]
     args: Vec<String>,
     #[serde(default)]
@@ -307,7 +316,7 @@ spec:
     }
 
     fn agent() -> Workload {
-        Workload::read(MANIFEST, "DaemonSet", "weft-agent").unwrap()
+        Workload::read(MANIFEST, "DaemonSet", "weft-agent", "agent").unwrap()
     }
 
     #[test]
@@ -317,9 +326,14 @@ spec:
         assert_eq!(agent.capabilities, ["BPF", "NET_ADMIN"]);
         assert!(agent.sets("WEFT_LOG"));
         assert!(!agent.sets("WEFT_BPFFS"));
-        let missing = Workload::read(MANIFEST, "Deployment", "weft-agent").unwrap_err();
+        let missing = Workload::read(MANIFEST, "Deployment", "weft-agent", "agent").unwrap_err();
         assert!(
             missing.to_string().contains("Deployment weft-agent"),
+            "{missing}"
+        );
+        let missing = Workload::read(MANIFEST, "DaemonSet", "weft-agent", "other").unwrap_err();
+        assert!(
+            missing.to_string().contains("no such container"),
             "{missing}"
         );
     }
@@ -385,7 +399,7 @@ spec:
     #[test]
     fn a_container_must_drop_every_capability() {
         let keeps = MANIFEST.replace("drop: [ALL], ", "");
-        let err = Workload::read(&keeps, "DaemonSet", "weft-agent").unwrap_err();
+        let err = Workload::read(&keeps, "DaemonSet", "weft-agent", "agent").unwrap_err();
         assert!(err.to_string().contains("drop ALL"), "{err}");
     }
 
