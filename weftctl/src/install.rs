@@ -152,7 +152,10 @@ fn apply(objects: &mut Vec<Value>, setting: &Setting) -> anyhow::Result<()> {
                 memory.as_str().into();
         }
         Setting::AgentImage(image) => {
-            container(objects, AGENT.0, AGENT.1)?["image"] = image.as_str().into();
+            // The agent and its socket holder run the same binary.
+            for container in containers(objects, AGENT.0, AGENT.1)? {
+                container["image"] = image.as_str().into();
+            }
         }
         Setting::ControllerImage(image) => {
             container(objects, CONTROLLER.0, CONTROLLER.1)?["image"] = image.as_str().into();
@@ -198,15 +201,28 @@ fn object<'o>(objects: &'o mut [Value], kind: &str, name: &str) -> anyhow::Resul
         .ok_or_else(|| anyhow::anyhow!("the manifest has no {kind} {name}"))
 }
 
-/// The first container of a workload's pod template.
+/// A workload's main container: the one named after it (`agent` in `weft-agent`).
 fn container<'o>(
     objects: &'o mut [Value],
     kind: &str,
     name: &str,
 ) -> anyhow::Result<&'o mut Value> {
+    let main = name.strip_prefix("weft-").unwrap_or(name);
+    containers(objects, kind, name)?
+        .iter_mut()
+        .find(|container| container["name"] == main)
+        .ok_or_else(|| anyhow::anyhow!("{kind} {name} has no container {main}"))
+}
+
+/// Every container of a workload's pod template.
+fn containers<'o>(
+    objects: &'o mut [Value],
+    kind: &str,
+    name: &str,
+) -> anyhow::Result<&'o mut Vec<Value>> {
     object(objects, kind, name)?["spec"]["template"]["spec"]["containers"]
-        .get_mut(0)
-        .ok_or_else(|| anyhow::anyhow!("{kind} {name} has no container"))
+        .as_sequence_mut()
+        .ok_or_else(|| anyhow::anyhow!("{kind} {name} has no containers"))
 }
 
 /// `value`'s mapping, made one if it is not.
@@ -253,7 +269,13 @@ mod tests {
             .iter()
             .find(|object| is(object, kind, name))
             .unwrap();
-        object["spec"]["template"]["spec"]["containers"][0]["env"]
+        let main = name.strip_prefix("weft-").unwrap();
+        object["spec"]["template"]["spec"]["containers"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|container| container["name"] == main)
+            .unwrap()["env"]
             .as_sequence()
             .unwrap()
             .iter()

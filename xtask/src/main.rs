@@ -8,6 +8,7 @@ mod cluster;
 mod cmd;
 mod codegen;
 mod demo;
+mod fuzz;
 mod image;
 mod setup;
 mod test;
@@ -27,8 +28,11 @@ enum Task {
     Setup,
     /// Regenerate derived files (the CRDs, deploy/install.yaml, the PrometheusRule).
     Codegen,
-    /// Run every check CI runs: fmt, clippy, unit tests, privileged end-to-end tests.
+    /// Run every check CI runs: fmt, clippy, unit tests, privileged end-to-end tests,
+    /// and a few seconds of each fuzz target.
     Test(test::Args),
+    /// Run a fuzz target (fuzz/fuzz_targets/) until it crashes, Ctrl-C or `--seconds`.
+    Fuzz(fuzz::Args),
     /// Bring up a local cluster with sample workloads and show what runs.
     Demo(demo::Args),
     /// Measure weft against direct TCP and a reference mTLS proxy pair (release build,
@@ -51,6 +55,7 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::setup(),
         Task::Codegen => codegen::run(),
         Task::Test(args) => test::run(args),
+        Task::Fuzz(args) => fuzz::run(args),
         Task::Demo(args) => demo::run(args),
         Task::Bench(args) => bench::run(args),
         Task::Image => image::run(),

@@ -46,6 +46,9 @@ const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 /// bpf-linker release the build is verified with.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// cargo-fuzz release the fuzz targets are run with.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
 /// One step that brings a missing prerequisite in.
 struct Step {
     what: String,
@@ -150,6 +153,18 @@ fn missing() -> anyhow::Result<Vec<Step>> {
             commands: vec![install_linker],
         }),
         Some(Ok(_)) => {}
+    }
+
+    let fuzzer = capture(Command::new("cargo").args(["fuzz", "--version"]));
+    if fuzzer.map_or(true, |version| {
+        version.split_whitespace().last() != Some(CARGO_FUZZ_VERSION)
+    }) {
+        steps.push(Step {
+            what: format!("install cargo-fuzz {CARGO_FUZZ_VERSION} (runs the fuzz targets)"),
+            commands: vec![format!(
+                "cargo install --force --locked cargo-fuzz --version {CARGO_FUZZ_VERSION}"
+            )],
+        });
     }
 
     let validator =

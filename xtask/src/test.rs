@@ -8,7 +8,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{cmd, setup};
+use crate::{cmd, fuzz, setup};
+
+/// How long the test run fuzzes each target.
+const FUZZ_SECONDS: u64 = 5;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {}
@@ -68,6 +71,8 @@ pub fn run(Args {}: Args) -> anyhow::Result<()> {
         eprintln!("==> {name}: cargo {}", args.join(" "));
         run_and_tally(args, &mut tally).with_context(|| format!("{name} failed"))?;
     }
+    eprintln!("==> fuzz targets, {FUZZ_SECONDS} s each: cargo +nightly fuzz run");
+    fuzz::smoke(FUZZ_SECONDS).context("the fuzz smoke run failed")?;
     eprintln!("==> all checks passed");
     println!("tests: {} passed, {} failed", tally.passed, tally.failed);
     Ok(())
