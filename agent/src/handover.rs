@@ -112,14 +112,8 @@ pub fn take(state_dir: &Path) -> Result<Option<Inherited>, HandoverError> {
             path: path.clone(),
             source,
         })?;
-    let listeners = received
-        .into_iter()
-        .map(|fd| {
-            let listener = TcpListener::from(fd);
-            listener.local_addr().map(|_| listener)
-        })
-        .collect::<io::Result<Vec<_>>>()
-        .map_err(|source| HandoverError::NotAListener { path, source })?;
+    let listeners =
+        listening(received).map_err(|source| HandoverError::NotAListener { path, source })?;
     Ok(Some(Inherited {
         listeners,
         predecessor,
@@ -141,6 +135,16 @@ fn connect(path: &Path) -> io::Result<Option<UnixStream>> {
         }
         Err(err) => Err(err),
     }
+}
+
+/// Received descriptors as TCP listeners; an error for one that is not a socket.
+fn listening(fds: Vec<OwnedFd>) -> io::Result<Vec<TcpListener>> {
+    fds.into_iter()
+        .map(|fd| {
+            let listener = TcpListener::from(fd);
+            listener.local_addr().map(|_| listener)
+        })
+        .collect()
 }
 
 /// Every descriptor the predecessor sends, until its last message.
@@ -325,13 +329,7 @@ pub fn take_held(state_dir: &Path) -> Result<Vec<TcpListener>, HandoverError> {
         return Ok(Vec::new());
     };
     let fds = receive(&holder).map_err(held)?;
-    fds.into_iter()
-        .map(|fd| {
-            let listener = TcpListener::from(fd);
-            listener.local_addr().map(|_| listener)
-        })
-        .collect::<io::Result<Vec<_>>>()
-        .map_err(|source| HandoverError::NotAListener { path, source })
+    listening(fds).map_err(|source| HandoverError::NotAListener { path, source })
 }
 
 /// Leaves duplicates of the proxy's listening sockets with the node's holder, if one
