@@ -1,6 +1,7 @@
 //! The agent's proxy: outbound (connections the kernel captured from local pods) and
 //! inbound (HBONE tunnels from other nodes' agents), with the state both share.
 
+mod abuse;
 pub mod admission;
 pub mod authorize;
 pub mod balance;

@@ -1,19 +1,21 @@
 //! The mesh under pressure a first week brings, on a 2-node local cluster with real
 //! clients: one pod's thousands of idle connections must not hold back another pod of
 //! the same service account, idle connections close at the TrafficPolicy's timeout,
-//! and a host without a certificate flooding a node's HBONE port must not cost a real
-//! client a single request.
+//! a host without a certificate flooding a node's HBONE port must not cost a real
+//! client a single request, and neither must a hostile HTTP/2 or HTTP/1.1 client, from
+//! a pod or from a host with a mesh certificate.
 
 use std::{
     fs,
     io::{BufRead, BufReader},
-    process::{Child, ChildStdout, Stdio},
+    process::{Child, ChildStdout, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use weft_cluster::PodSpec;
 use weft_e2e::{
-    TestCluster, agent_log, agent_metrics, running_agent, series, wait_until, workspace_bin,
+    TestCa, TestCluster, agent_log, agent_metrics, running_agent, series, valid_now, wait_until,
+    workspace_bin,
 };
 
 /// `both-0` on node1 serves HTTP on 8080 (service `echo`) and TCP echo on 9000
@@ -363,16 +365,10 @@ fn cpu_ticks(pid: u32) -> u64 {
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
-/// Runs `argv` on the fabric with its stdin held open until `during` returns; waits
-/// for its `flooding` line first and returns its last line after.
-fn flooding<T>(
-    cluster: &TestCluster,
-    argv: &[&str],
-    during: impl FnOnce() -> T,
-) -> (T, serde_json::Value) {
-    let mut flood = cluster
-        .fabric_command(argv)
-        .unwrap()
+/// Runs `command` with its stdin held open until `during` returns; waits for its
+/// `flooding` line first and returns its last line after.
+fn flooding<T>(mut command: Command, during: impl FnOnce() -> T) -> (T, serde_json::Value) {
+    let mut flood = command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -390,6 +386,11 @@ fn flooding<T>(
 
 /// The median latency of a `weft-load` report, in milliseconds.
 fn median_ms(report: &serde_json::Value) -> f64 {
+    percentile_ms(report, 0.5)
+}
+
+/// The latency of a `weft-load` report at `quantile`, in milliseconds.
+fn percentile_ms(report: &serde_json::Value, quantile: f64) -> f64 {
     let mut latencies: Vec<u64> = report["latencies_us"]
         .as_array()
         .unwrap()
@@ -397,9 +398,8 @@ fn median_ms(report: &serde_json::Value) -> f64 {
         .map(|latency| latency.as_u64().unwrap())
         .collect();
     latencies.sort_unstable();
-    latencies
-        .get(latencies.len() / 2)
-        .map_or(f64::NAN, |us| *us as f64 / 1000.0)
+    let at = ((latencies.len() as f64 * quantile) as usize).min(latencies.len().saturating_sub(1));
+    latencies.get(at).map_or(f64::NAN, |us| *us as f64 / 1000.0)
 }
 
 fn open_files(pid: u32) -> usize {
@@ -435,15 +435,16 @@ fn a_flood_of_twice_the_descriptor_limit_from_one_host_costs_a_real_client_nothi
     let flood_started = Instant::now();
     let mut busiest = 0;
     let (report, opened) = flooding(
-        &cluster,
-        &[
-            "python3",
-            "-c",
-            FLOOD,
-            &(2 * OPEN_FILES).to_string(),
-            &node1,
-            "15008",
-        ],
+        cluster
+            .fabric_command(&[
+                "python3",
+                "-c",
+                FLOOD,
+                &(2 * OPEN_FILES).to_string(),
+                &node1,
+                "15008",
+            ])
+            .unwrap(),
         || {
             wait_until("the flood to be refused", Duration::from_secs(30), || {
                 refused(&cluster, "source_pending_limit") > 0.0
@@ -499,16 +500,17 @@ fn a_flood_of_twice_the_descriptor_limit_from_one_host_costs_a_real_client_nothi
     let ticks_before = cpu_ticks(agent.pid);
     let tls_started = Instant::now();
     let (report, started) = flooding(
-        &cluster,
-        &[
-            "python3",
-            "-c",
-            HANDSHAKE_FLOOD,
-            &node1,
-            "15008",
-            "both.default.cluster.local.spiffe.invalid",
-            "4",
-        ],
+        cluster
+            .fabric_command(&[
+                "python3",
+                "-c",
+                HANDSHAKE_FLOOD,
+                &node1,
+                "15008",
+                "both.default.cluster.local.spiffe.invalid",
+                "4",
+            ])
+            .unwrap(),
         || load(&cluster, 50, 6),
     );
     let cpu =
@@ -540,5 +542,219 @@ fn a_flood_of_twice_the_descriptor_limit_from_one_host_costs_a_real_client_nothi
     assert!(
         missing > 0.0,
         "handshakes without a client certificate are counted"
+    );
+}
+
+/// A hostile HTTP client: `attack ip port [cert key sni authority]` opens a connection
+/// (mTLS with ALPN h2 when given a certificate, for the HBONE port), sends the attack
+/// until the agent closes the connection, and opens the next, until its stdin closes.
+/// Reports how many connections it opened and how many the agent closed.
+const H2_ABUSE: &str = r#"
+import json, select, socket, ssl, struct, sys, threading
+attack, ip, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+tls = sys.argv[4:]
+def frame(kind, flags, stream, payload=b""):
+    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
+def literal(index, value):
+    return bytes([index, len(value)]) + value
+def head(stream, flags):
+    if tls:
+        block = literal(2, b"CONNECT") + literal(1, tls[3].encode())
+    else:
+        block = b"\x82\x86\x84" + literal(1, b"echo")
+    return frame(1, 0x4 | flags, stream, block)
+def batch(n):
+    first = 2 * 20 * n + 1
+    if attack == "ping":
+        return frame(6, 0, 0, b"\0" * 8) * 200
+    if attack == "settings":
+        return frame(4, 0, 0, struct.pack(">HI", 3, 100)) * 50
+    if attack == "priority":
+        return frame(2, 0, first, struct.pack(">IB", 0, 16)) * 200
+    if attack == "rapid_reset":
+        return b"".join(head(s, 0) + frame(3, 0, s, struct.pack(">I", 8)) for s in range(first, first + 40, 2))
+    if attack == "continuation":
+        name = b"\x00\x7f\xb9\x16" + b"x" * 3000
+        return frame(1, 0, first, name[:100]) + b"".join(frame(9, 0, first, name[i:i + 100]) for i in range(100, 3000, 100))
+    if attack == "header_bomb":
+        block = b"\x82\x86\x84\x40\x01x\x7f\xa1\x1e" + b"v" * 4000 + b"\xbe" * 100
+        return frame(1, 0x5, first, block)
+    if attack == "empty_frames":
+        return head(first, 0) + frame(0, 0, first) * 200
+    if attack == "h1_head":
+        return b"GET / HTTP/1.1\r\nhost: echo\r\nx-big: " + b"a" * 100000 + b"\r\n\r\n"
+    if attack == "h1_fields":
+        return b"GET / HTTP/1.1\r\nhost: echo\r\n" + b"".join(b"x-%d: y\r\n" % i for i in range(150)) + b"\r\n"
+    raise SystemExit(f"unknown attack {attack}")
+context = None
+if tls:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    context.load_cert_chain(tls[0], tls[1])
+stop, counts = threading.Event(), {"connections": 0, "closed": 0}
+def closed(sock):
+    while select.select([sock], [], [], 0)[0]:
+        if not sock.recv(65536):
+            return True
+    return False
+def hostile():
+    while not stop.is_set():
+        counts["connections"] += 1
+        try:
+            sock = socket.create_connection((ip, port), timeout=5)
+            if context:
+                sock = context.wrap_socket(sock, server_hostname=tls[2])
+            if not attack.startswith("h1"):
+                sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0))
+            n = 0
+            while not stop.is_set():
+                sock.sendall(batch(n))
+                n += 1
+                if closed(sock):
+                    break
+            else:
+                continue
+        except (OSError, ssl.SSLError):
+            pass
+        counts["closed"] += 1
+threading.Thread(target=hostile, daemon=True).start()
+print("flooding", flush=True)
+sys.stdin.read()
+stop.set()
+print(json.dumps(counts), flush=True)
+"#;
+
+/// What a hostile client's attack, sent to `listener` on `node`, is counted as.
+struct Attack {
+    name: &'static str,
+    reason: &'static str,
+}
+
+const fn attack(name: &'static str, reason: &'static str) -> Attack {
+    Attack { name, reason }
+}
+
+/// Runs each attack with `hostile` (given the attack's name) against `node`'s
+/// `listener` until the agent has closed a connection for it, and a real client's load
+/// meanwhile, which must lose nothing.
+fn under_attack(
+    cluster: &TestCluster,
+    node: &str,
+    listener: &str,
+    attacks: &[Attack],
+    hostile: impl Fn(&str) -> Command,
+) {
+    let abused = |reason| {
+        metric(
+            cluster,
+            node,
+            "weft_http_abuse_total",
+            &[("listener", listener), ("reason", reason)],
+        )
+    };
+    for attack in attacks {
+        let before = abused(attack.reason);
+        let (report, hostile) = flooding(hostile(attack.name), || {
+            wait_until(
+                &format!("the agent to close {} connections", attack.name),
+                Duration::from_secs(30),
+                || abused(attack.reason) > before,
+            );
+            load(cluster, 50, 3)
+        });
+        eprintln!(
+            "{listener} {}: the agent closed {} of the {} connections the attack opened \
+             ({} counted as {}); meanwhile a real client: {} answered, {} failed, \
+             p50 {:.2} ms, p99 {:.2} ms",
+            attack.name,
+            hostile["closed"],
+            hostile["connections"],
+            abused(attack.reason) - before,
+            attack.reason,
+            report["requests"],
+            report["errors"],
+            median_ms(&report),
+            percentile_ms(&report, 0.99),
+        );
+        assert_eq!(
+            report["errors"], 0,
+            "{}: {}",
+            attack.name, report["first_error"]
+        );
+        assert_eq!(report["requests"], 150, "{}: {report}", attack.name);
+        assert!(
+            hostile["closed"].as_u64().unwrap() >= 1,
+            "{}: {hostile}",
+            attack.name
+        );
+    }
+}
+
+#[test]
+fn a_hostile_http_client_is_cut_off_and_costs_a_real_client_nothing() {
+    let cluster = cluster(&[]);
+    // From a meshed pod, to its node's request layer.
+    under_attack(
+        &cluster,
+        "node0",
+        "outbound",
+        &[
+            attack("ping", "ping_flood"),
+            attack("settings", "settings_flood"),
+            attack("priority", "priority_flood"),
+            attack("rapid_reset", "rapid_reset"),
+            attack("continuation", "continuation_flood"),
+            attack("header_bomb", "header_bomb"),
+            attack("empty_frames", "empty_frames"),
+            attack("h1_head", "head_too_large"),
+            attack("h1_fields", "head_too_large"),
+        ],
+        |name| {
+            cluster
+                .pod_command(
+                    "default",
+                    "idler",
+                    &["python3", "-c", H2_ABUSE, name, "10.96.0.10", "80"],
+                )
+                .unwrap()
+        },
+    );
+    // From a host with a mesh certificate, to the other node's HBONE port.
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = TestCa::mesh(&cluster.topology().ca_dir).issue(
+        "spiffe://cluster.local/ns/default/sa/intruder",
+        valid_now(),
+        dir.path(),
+        "intruder",
+    );
+    let node1 = cluster.topology().node("node1").unwrap().ip.to_string();
+    under_attack(
+        &cluster,
+        "node1",
+        "hbone",
+        &[
+            attack("ping", "ping_flood"),
+            attack("settings", "settings_flood"),
+            attack("rapid_reset", "rapid_reset"),
+            attack("continuation", "continuation_flood"),
+        ],
+        |name| {
+            cluster
+                .fabric_command(&[
+                    "python3",
+                    "-c",
+                    H2_ABUSE,
+                    name,
+                    &node1,
+                    "15008",
+                    &cert.display().to_string(),
+                    &key.display().to_string(),
+                    "both.default.cluster.local.spiffe.invalid",
+                    "10.244.1.2:8080",
+                ])
+                .unwrap()
+        },
     );
 }

@@ -53,6 +53,7 @@ pub use self::{
 };
 use super::{
     Draining, Proxy,
+    abuse::{self, Inspected, Listener},
     connect::Upstream,
     error::ProxyError,
     metrics::Peer,
@@ -64,6 +65,7 @@ use crate::logging::{Throttle, held_back};
 /// Registers the help text of the request layer's series.
 pub fn describe() {
     telemetry::describe();
+    super::abuse::describe();
     mirror::describe();
     super::retry::describe();
     super::breaker::describe();
@@ -77,12 +79,19 @@ pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Serves HTTP/1.1 or HTTP/2 (told by the connection preface) on `io` until the client
 /// closes it, each request answered by `handle`; a connection that ends in an error is
-/// logged (at most once a second) as `what`. An HTTP/1.1 client that sends no new
+/// logged (at most once a second) as `what`, and counted if it ends for an abuse of the
+/// protocol ([`abuse`]) on `listener`. An HTTP/1.1 client that sends no new
 /// request for `idle` is disconnected. Once the proxy drains, HTTP/1.1 answers say
 /// `Connection: close`, and after [`DRAIN_GRACE`] the connection shuts down gracefully
 /// (GOAWAY for HTTP/2; an HTTP/1.1 connection closes after the request it carries).
-async fn serve<IO, H, Fut>(io: IO, what: &str, idle: Duration, draining: Draining, handle: H)
-where
+async fn serve<IO, H, Fut>(
+    io: IO,
+    listener: Listener,
+    what: &str,
+    idle: Duration,
+    draining: Draining,
+    handle: H,
+) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
@@ -110,7 +119,14 @@ where
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(idle);
+        .header_read_timeout(idle)
+        .max_buf_size(abuse::HEAD_LIMIT)
+        .max_headers(abuse::MAX_HEADERS);
+    builder
+        .http2()
+        .max_header_list_size(abuse::MAX_HEADER_LIST)
+        .max_pending_accept_reset_streams(abuse::MAX_PENDING_RESETS);
+    let (io, verdict) = Inspected::new(io, listener);
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
     let served = tokio::select! {
@@ -123,10 +139,21 @@ where
             connection.await
         }
     };
-    if let Err(err) = served
-        && let Some(held) = FAILED.allow()
-    {
-        log::info!("{what} ended: {err}{}", held_back(held));
+    let err = served.err();
+    let abuse = verdict.of(err.as_deref().map(|err| err as _));
+    if let Some(abuse) = abuse {
+        abuse::count(listener, abuse);
+    }
+    let Some(held) = (abuse.is_some() || err.is_some())
+        .then(|| FAILED.allow())
+        .flatten()
+    else {
+        return;
+    };
+    match (abuse, err) {
+        (Some(abuse), _) => log::warn!("closed {what}: {abuse}{}", held_back(held)),
+        (None, Some(err)) => log::info!("{what} ended: {err}{}", held_back(held)),
+        (None, None) => {}
     }
 }
 
@@ -440,6 +467,7 @@ mod tests {
     ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(serve(
             server,
+            Listener::Outbound,
             "test",
             Duration::from_secs(600),
             draining,

@@ -24,6 +24,7 @@ use weft_api::{authz::Traffic, observe::verdict};
 
 use super::{
     Proxy,
+    abuse::{self, Inspected, Listener},
     admission::{Admission, Permit},
     authorize::{self, Caller, Direction},
     connect_marked,
@@ -117,15 +118,28 @@ async fn connection(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr, mut per
             async move { tunnel(&proxy, incoming, peer, &client, &server).await }
         }
     };
-    if let Err(err) = hbone::serve(
+    let (tls, verdict) = Inspected::new(tls, Listener::Hbone);
+    let served = hbone::serve(
         tls,
         &proxy.settings.hbone,
         proxy.draining().started(),
         handler,
     )
-    .await
-    {
+    .await;
+    let err = served.err();
+    if let Some(abuse) = verdict.of(err.as_ref().map(|err| err as _)) {
+        static ABUSED: Throttle = Throttle::new();
+        abuse::count(Listener::Hbone, abuse);
+        if let Some(held) = ABUSED.allow() {
+            log::warn!(
+                "closed the HBONE connection from {peer}: {abuse}{}",
+                held_back(held)
+            );
+        }
+    } else if let Some(err) = &err {
         log::info!("HBONE connection from {peer} ended: {err}");
+    }
+    if let Some(err) = err {
         metrics::hbone_failure("inbound", err.reason());
     }
 }

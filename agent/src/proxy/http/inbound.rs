@@ -25,6 +25,7 @@ use crate::{
     identity::Identity,
     proxy::{
         Proxy,
+        abuse::Listener,
         authorize::{self, Caller, Direction},
         connect::Upstream,
         connect_marked,
@@ -85,9 +86,14 @@ pub async fn serve<IO>(
         first: Mutex::new(Some(pod)),
         inbound,
     });
-    super::serve(stream, &what, idle, draining, move |request| {
-        Arc::clone(&tunnel).request(request)
-    })
+    super::serve(
+        stream,
+        Listener::Inbound,
+        &what,
+        idle,
+        draining,
+        move |request| Arc::clone(&tunnel).request(request),
+    )
     .await;
 }
 

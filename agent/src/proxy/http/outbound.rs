@@ -31,6 +31,7 @@ use crate::{
     mesh::Protocol,
     proxy::{
         Proxy,
+        abuse::Listener,
         authorize::{self, Caller, Direction},
         balance::{self, Pick},
         breaker::{Admitted, Breaker},
@@ -77,9 +78,14 @@ where
         proxy: Arc::clone(&proxy),
         logical,
     });
-    super::serve(client, &what, idle, proxy.draining(), move |request| {
-        Arc::clone(&outbound).request(request)
-    })
+    super::serve(
+        client,
+        Listener::Outbound,
+        &what,
+        idle,
+        proxy.draining(),
+        move |request| Arc::clone(&outbound).request(request),
+    )
     .await;
 }
 
