@@ -225,6 +225,11 @@ struct RunArgs {
     /// tunnel), unless its service's TrafficPolicy sets `timeouts.connect`.
     #[arg(long, env = "WEFT_CONNECT_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
     connect_timeout: Duration,
+    /// How long an HTTP client may keep the agent waiting, for the rest of a request
+    /// body before the response starts (answered 408) or to take any of the bytes
+    /// written to it (its connection is closed).
+    #[arg(long, env = "WEFT_CLIENT_STALL_TIMEOUT", value_parser = parse_duration, default_value = "60s")]
+    client_stall_timeout: Duration,
     /// How long a connection from a pod the mesh configuration does not name yet (just
     /// created) waits for it, and for the pod's certificate, before it is refused.
     #[arg(long, env = "WEFT_SOURCE_WAIT", value_parser = parse_duration, default_value = "5s")]
@@ -1131,6 +1136,7 @@ fn proxy_settings(args: &RunArgs) -> anyhow::Result<proxy::Settings> {
     settings.connect_timeout = args.connect_timeout;
     settings.source_wait = args.source_wait;
     settings.detect_timeout = args.detect_timeout;
+    settings.client_stall = args.client_stall_timeout;
     settings.access_log = AccessLog {
         mode: args.access_log,
         sampling: args.access_log_sampling,
@@ -1361,6 +1367,7 @@ mod tests {
         assert_eq!(args.idle_timeout, Duration::from_secs(600));
         assert_eq!(args.connect_timeout, Duration::from_secs(2));
         let defaults = run_args(&[]).unwrap();
+        assert_eq!(defaults.client_stall_timeout, Duration::from_secs(60));
         assert_eq!(
             (
                 defaults.drain_timeout,

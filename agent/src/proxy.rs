@@ -78,6 +78,10 @@ pub struct Settings {
     /// How long protocol detection waits for a client's first bytes
     /// ([`detect`]).
     pub detect_timeout: Duration,
+    /// How long a client may keep the agent waiting: for the rest of a request body
+    /// before the response starts, or to take any of the bytes written to it
+    /// ([`abuse`]).
+    pub client_stall: Duration,
     /// What the agent takes on at once.
     pub limits: Limits,
     pub hbone: hbone::Settings,
@@ -104,6 +108,9 @@ impl Settings {
     ///   room while a pod the configuration never names still fails fast.
     /// - `detect_timeout` 100 ms: an HTTP client sends its request as soon as it is
     ///   connected; a server-speaks-first client waits this long for its greeting.
+    /// - `client_stall` 60 s, as nginx's `client_body_timeout` and `send_timeout`: a
+    ///   client on a slow link still moves some bytes a minute; one that moves none
+    ///   holds a stream and a connection to the server for nothing.
     /// - `workers` 1; `weft-agent run` starts one per CPU it may use.
     /// - `splice` on.
     pub fn new(open_files: u64) -> Self {
@@ -112,6 +119,7 @@ impl Settings {
             idle_timeout: Duration::from_secs(3600),
             source_wait: Duration::from_secs(5),
             detect_timeout: Duration::from_millis(100),
+            client_stall: Duration::from_secs(60),
             limits: Limits::for_open_files(open_files),
             hbone: hbone::Settings::default(),
             access_log: AccessLog::default(),

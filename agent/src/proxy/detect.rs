@@ -32,7 +32,7 @@ pub enum Detected {
     Tcp,
 }
 
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub(super) const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Methods an HTTP/1.x request line may start with. CONNECT is left out: a captured
 /// connection is already at its destination.

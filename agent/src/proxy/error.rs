@@ -111,6 +111,11 @@ pub enum ProxyError {
          {timeout:?} (the service's TrafficPolicy timeouts.streamIdle)"
     )]
     StreamIdle { timeout: Duration },
+    #[error(
+        "the client sent nothing of the request body for {timeout:?} while the server \
+         waited for it (--client-stall-timeout)"
+    )]
+    SlowBody { timeout: Duration },
     #[error("aborted by the FaultInjection of rule {rule} of {route}, as it asks")]
     FaultAbort {
         route: String,
@@ -157,6 +162,7 @@ impl ProxyError {
             ProxyError::NoBackend { .. } | ProxyError::UnknownBackend { .. } => "backend_not_found",
             ProxyError::RequestTimeout { .. } => "request_timeout",
             ProxyError::StreamIdle { .. } => "stream_idle_timeout",
+            ProxyError::SlowBody { .. } => "slow_body",
             ProxyError::Overflow { .. } => "overflow",
             ProxyError::FaultAbort { .. } => "fault_injected",
         }
@@ -175,7 +181,8 @@ impl ProxyError {
     /// Envoy's `response_flags` for the failure: `NR` no route, `UH` no healthy
     /// upstream, `UF` upstream connection failure, `UC` upstream connection
     /// termination, `DC` downstream connection termination, `UO` upstream overflow
-    /// (circuit breaking), `FI` a fault injected, `SI` a stream idle timeout; and `RBAC`, denied by an
+    /// (circuit breaking), `FI` a fault injected, `SI` a stream idle timeout (the
+    /// client's too: a slow request body); and `RBAC`, denied by an
     /// authorization policy (Envoy sets no flag there, only its response details).
     pub fn response_flags(&self) -> &'static str {
         match self {
@@ -201,7 +208,7 @@ impl ProxyError {
             | ProxyError::DeniedByDestination { .. }
             | ProxyError::Revoked { .. } => "RBAC",
             ProxyError::RequestTimeout { .. } => "UT",
-            ProxyError::StreamIdle { .. } => "SI",
+            ProxyError::StreamIdle { .. } | ProxyError::SlowBody { .. } => "SI",
             ProxyError::Overflow { .. } => "UO",
             ProxyError::FaultAbort { .. } => "FI",
         }
@@ -232,6 +239,7 @@ impl ProxyError {
             ProxyError::RequestTimeout { .. } | ProxyError::StreamIdle { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
             }
+            ProxyError::SlowBody { .. } => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Denied { .. }
             | ProxyError::DeniedByDestination { .. }
             | ProxyError::Revoked { .. } => StatusCode::FORBIDDEN,
@@ -340,6 +348,12 @@ mod tests {
                     timeout: Duration::from_secs(300),
                 },
                 ("stream_idle_timeout", "SI", 504, 4),
+            ),
+            (
+                ProxyError::SlowBody {
+                    timeout: Duration::from_secs(60),
+                },
+                ("slow_body", "SI", 408, 14),
             ),
             (
                 ProxyError::Overflow {

@@ -37,6 +37,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::OnceCell;
 use tokio::time::{Instant, timeout, timeout_at};
 
+use super::abuse::Listener;
 use crate::sync;
 
 #[cfg(test)]
@@ -149,7 +150,8 @@ impl Settings {
             .initial_connection_window_size(self.connection_window)
             .max_frame_size(self.max_frame_size)
             .max_header_list_size(self.max_header_list_size)
-            .max_concurrent_streams(self.max_concurrent_streams);
+            .max_concurrent_streams(self.max_concurrent_streams)
+            .max_pending_accept_reset_streams(Listener::Hbone.pending_resets());
         builder
     }
 }

@@ -53,7 +53,7 @@ pub use self::{
 };
 use super::{
     Draining, Proxy,
-    abuse::{self, Inspected, Listener},
+    abuse::{self, Abuse, Inspected, Listener, Pace, Paced},
     connect::Upstream,
     error::ProxyError,
     metrics::Peer,
@@ -81,7 +81,8 @@ pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 /// closes it, each request answered by `handle`; a connection that ends in an error is
 /// logged (at most once a second) as `what`, and counted if it ends for an abuse of the
 /// protocol ([`abuse`]) on `listener`. An HTTP/1.1 client that sends no new
-/// request for `idle` is disconnected. Once the proxy drains, HTTP/1.1 answers say
+/// request for `idle` is disconnected, and any client that takes none of the bytes
+/// written to it for `client_stall`. Once the proxy drains, HTTP/1.1 answers say
 /// `Connection: close`, and after [`DRAIN_GRACE`] the connection shuts down gracefully
 /// (GOAWAY for HTTP/2; an HTTP/1.1 connection closes after the request it carries).
 async fn serve<IO, H, Fut>(
@@ -89,6 +90,7 @@ async fn serve<IO, H, Fut>(
     listener: Listener,
     what: &str,
     idle: Duration,
+    client_stall: Duration,
     draining: Draining,
     handle: H,
 ) where
@@ -125,8 +127,8 @@ async fn serve<IO, H, Fut>(
     builder
         .http2()
         .max_header_list_size(abuse::MAX_HEADER_LIST)
-        .max_pending_accept_reset_streams(abuse::MAX_PENDING_RESETS);
-    let (io, verdict) = Inspected::new(io, listener);
+        .max_pending_accept_reset_streams(listener.pending_resets());
+    let (io, verdict) = Inspected::new(io, listener, client_stall);
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
     let served = tokio::select! {
@@ -249,6 +251,7 @@ struct Forwarded {
 /// gets a connection of its own, spliced to the client's once the server agrees.
 async fn forward<F, Fut, B>(
     proxy: &Arc<Proxy>,
+    listener: Listener,
     pool: &Pool,
     mut key: pool::Key,
     dial: F,
@@ -267,15 +270,26 @@ where
     }
     headers::prepare_request(&mut request, key.version, upgrade);
     let request_bytes = Arc::new(AtomicU64::new(0));
+    let pace = Pace::default();
     let request = request.map(|body| {
         let counted = Arc::clone(&request_bytes);
-        Measured::new(body, move |seen| {
+        Measured::new(Paced::new(body, pace.clone()), move |seen| {
             counted.store(seen.bytes, Ordering::Relaxed);
         })
         .map_err(Into::into)
         .boxed_unsync()
     });
-    let (mut response, sender) = pool.send(&key, dial, request, !upgrade).await?;
+    // Until the response starts, the server may be waiting for the rest of the body:
+    // a client that keeps it waiting too long is cut off. (After, a silent client
+    // may be one end of a bidirectional stream.)
+    let stall = proxy.settings.client_stall;
+    let (mut response, sender) = tokio::select! {
+        sent = pool.send(&key, dial, request, !upgrade) => sent?,
+        () = pace.stalled(stall) => {
+            abuse::count(listener, Abuse::SlowBody);
+            return Err(ProxyError::SlowBody { timeout: stall });
+        }
+    };
     let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     if let Some(client_upgrade) = client_upgrade
         && switched
@@ -469,6 +483,7 @@ mod tests {
             server,
             Listener::Outbound,
             "test",
+            Duration::from_secs(600),
             Duration::from_secs(600),
             draining,
             |_| async { Response::new(empty()) },

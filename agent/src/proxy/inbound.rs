@@ -118,7 +118,7 @@ async fn connection(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr, mut per
             async move { tunnel(&proxy, incoming, peer, &client, &server).await }
         }
     };
-    let (tls, verdict) = Inspected::new(tls, Listener::Hbone);
+    let (tls, verdict) = Inspected::new(tls, Listener::Hbone, proxy.settings.client_stall);
     let served = hbone::serve(
         tls,
         &proxy.settings.hbone,

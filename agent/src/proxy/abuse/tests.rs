@@ -1,9 +1,15 @@
 use std::future::Future;
 
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex},
+    time::Instant,
+};
 
-use super::*;
+use super::{
+    frames::{ACK, HEADERS, PING, PREFACE, PRIORITY, RST_STREAM, SETTINGS},
+    *,
+};
 
 const DATA: u8 = 0x0;
 const CONTINUATION: u8 = 0x9;
@@ -192,7 +198,7 @@ where
 /// Serves HTTP/2 with h2 as the HBONE port does, never answering, until the
 /// connection ends; returns the abuse found if it ended in an error.
 async fn h2_server(io: DuplexStream) -> Option<Result<Abuse, String>> {
-    let (io, verdict) = Inspected::new(io, Listener::Hbone);
+    let (io, verdict) = Inspected::new(io, Listener::Hbone, Duration::from_secs(60));
     let mut builder = h2::server::Builder::new();
     builder.max_header_list_size(16 * 1024);
     let ended = |err: h2::Error| Some(verdict.of(Some(&err)).ok_or(err.to_string()));
@@ -280,7 +286,9 @@ async fn an_http1_head_with_too_many_fields_is_answered_431_and_found() {
         .max_buf_size(HEAD_LIMIT)
         .max_headers(MAX_HEADERS)
         .serve_connection(
-            hyper_util::rt::TokioIo::new(Inspected::new(server, Listener::Outbound).0),
+            hyper_util::rt::TokioIo::new(
+                Inspected::new(server, Listener::Outbound, Duration::from_secs(60)).0,
+            ),
             hyper::service::service_fn(|_| async {
                 Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
             }),
@@ -291,4 +299,62 @@ async fn an_http1_head_with_too_many_fields_is_answered_431_and_found() {
     let mut answer = String::new();
     client.read_to_string(&mut answer).await.unwrap();
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_takes_no_byte_for_the_stall_timeout_is_cut_off() {
+    const STALL: Duration = Duration::from_secs(60);
+    let (mut client, server) = duplex(1024);
+    let (mut inspected, verdict) = Inspected::new(server, Listener::Outbound, STALL);
+    // A slow client, which takes a byte every 50 s, and then none.
+    let reader = tokio::spawn(async move {
+        let mut byte = [0u8; 1];
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_secs(50)).await;
+            client.read_exact(&mut byte).await.unwrap();
+        }
+        client
+    });
+    let started = Instant::now();
+    let err = loop {
+        if let Err(err) = inspected.write_all(&[0; 64]).await {
+            break err;
+        }
+    };
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(250) + STALL && waited < Duration::from_secs(251) + STALL,
+        "cut off after {waited:?}: {err}"
+    );
+    assert_eq!(verdict.of(None), Some(Abuse::StalledReader));
+    drop(reader);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_that_keeps_its_reader_waiting_for_the_stall_timeout_is_found() {
+    use futures::{SinkExt, channel::mpsc};
+    use http_body_util::{BodyExt, StreamBody};
+
+    const STALL: Duration = Duration::from_secs(60);
+    let (mut sender, receiver) =
+        mpsc::channel::<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>(1);
+    let pace = Pace::default();
+    let mut body = Paced::new(StreamBody::new(receiver), pace.clone());
+    let reader = tokio::spawn(async move { while let Some(Ok(_)) = body.frame().await {} });
+    // A byte every 50 s keeps the body going; then it stops.
+    let writer = tokio::spawn(async move {
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(50)).await;
+            sender
+                .send(Ok(hyper::body::Frame::data(Bytes::from_static(b"x"))))
+                .await
+                .unwrap();
+        }
+        sender
+    });
+    let started = Instant::now();
+    pace.stalled(STALL).await;
+    assert_eq!(started.elapsed(), Duration::from_secs(150) + STALL);
+    reader.abort();
+    drop(writer);
 }

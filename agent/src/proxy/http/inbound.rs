@@ -79,6 +79,7 @@ pub async fn serve<IO>(
         proxy.settings.access_log,
     );
     let draining = proxy.draining();
+    let client_stall = proxy.settings.client_stall;
     let tunnel = Arc::new(Tunnel {
         proxy,
         requests,
@@ -91,6 +92,7 @@ pub async fn serve<IO>(
         Listener::Inbound,
         &what,
         idle,
+        client_stall,
         draining,
         move |request| Arc::clone(&tunnel).request(request),
     )
@@ -141,7 +143,16 @@ impl Tunnel {
                     }),
             }
         };
-        let forwarded = match forward(&self.proxy, &self.pool, key.clone(), dial, request).await {
+        let forwarded = match forward(
+            &self.proxy,
+            Listener::Inbound,
+            &self.pool,
+            key.clone(),
+            dial,
+            request,
+        )
+        .await
+        {
             Ok(forwarded) => forwarded,
             Err(error) => return self.failed(&exchange, span, error),
         };

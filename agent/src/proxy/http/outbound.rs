@@ -83,6 +83,7 @@ where
         Listener::Outbound,
         &what,
         idle,
+        proxy.settings.client_stall,
         proxy.draining(),
         move |request| Arc::clone(&outbound).request(request),
     )
@@ -383,6 +384,7 @@ impl Outbound {
         let dial = || connect(&self.proxy, endpoint, &self.logical.source, carried.clone());
         let forwarding = forward(
             &self.proxy,
+            Listener::Outbound,
             self.proxy.http_pool.here(),
             key.clone(),
             dial,
