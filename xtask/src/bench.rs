@@ -1851,17 +1851,7 @@ fn clock_ticks() -> f64 {
 
 /// Builds the binaries the benchmark runs, optimised.
 fn build_release() -> anyhow::Result<()> {
-    let mut command = cmd::cargo();
-    command.args(["build", "--quiet", "--release", "--bins"]);
-    for package in [
-        "weft-agent",
-        "weft-controller",
-        "weft-cni",
-        "weft-workloads",
-    ] {
-        command.args(["--package", package]);
-    }
-    cmd::run(&mut command)
+    cmd::build_release(&["weft-controller", "weft-cni", "weft-workloads"])
 }
 
 /// What deciding a request costs, from the optimised micro-benchmarks of `weft-api`:

@@ -45,18 +45,7 @@ const IMAGES: [Image; 2] = [
 
 pub fn run() -> anyhow::Result<()> {
     eprintln!("==> building release binaries (agent, CNI plugin, controller)");
-    cmd::run(cmd::cargo().args([
-        "build",
-        "--quiet",
-        "--release",
-        "--bins",
-        "--package",
-        "weft-agent",
-        "--package",
-        "weft-cni",
-        "--package",
-        "weft-controller",
-    ]))?;
+    cmd::build_release(&["weft-cni", "weft-controller"])?;
     let target = cmd::target_dir()?;
     let bin = target.join("release");
     let out = target.join("images");
