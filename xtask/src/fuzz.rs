@@ -35,6 +35,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let corpus = fuzz.join("corpus").join(&args.target);
+    std::fs::create_dir_all(&corpus)
+        .with_context(|| format!("cannot make the corpus {}", corpus.display()))?;
     // More than one job runs in processes of their own, logging to fuzz/fuzz-N.log.
     let mut options = if args.jobs > 1 {
         vec![

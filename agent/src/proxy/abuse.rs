@@ -5,10 +5,12 @@
 //! CONTINUATION frames, streams the client resets before they are accepted, streams it
 //! provokes the server into resetting, floods of empty DATA frames, and HTTP/1.1 heads
 //! too large or with too many fields. Each closes the connection; the GOAWAY frame h2
-//! sends, or hyper's error, names the abuse. What they answer without a bound — PING, SETTINGS
-//! and PRIORITY frames, and streams reset as soon as they are opened but after they
-//! were accepted (each costs a request sent upstream) — [`Inspector`] budgets as the
-//! bytes arrive, and [`Inspected`] ends the connection when a budget runs out.
+//! sends, or hyper's error, names the abuse. What they answer without a bound — PING,
+//! SETTINGS and PRIORITY frames, and streams reset as soon as they are opened but after
+//! they were accepted (each costs a request sent upstream) — [`Inspector`] budgets as
+//! the bytes arrive, and [`Inspected`] ends the connection when a budget runs out.
+//! Clients that keep the agent waiting are bounded in time: [`Inspected`] fails writes
+//! the client takes nothing of, [`Pace`] finds a request body that stalls.
 //!
 //! Every abuse found counts in `weft_http_abuse_total{listener, reason}`.
 
@@ -25,7 +27,7 @@ use std::{
 use metrics::{counter, describe_counter};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    time::Sleep,
+    time::{Instant, Sleep},
 };
 
 pub use self::{
@@ -230,8 +232,11 @@ pub struct Inspected<IO> {
     inspector: Inspector,
     verdict: Verdict,
     stall: Duration,
-    /// Set while a write waits for the client to take bytes: when it gives up.
+    /// When a write that waits for the client to take bytes gives up (kept between
+    /// waits, so that a busy connection sets its timer rather than allocating one).
     stalled: Option<Pin<Box<Sleep>>>,
+    /// Whether a write waits now.
+    waiting: bool,
 }
 
 impl<IO> Inspected<IO> {
@@ -245,6 +250,7 @@ impl<IO> Inspected<IO> {
             verdict: verdict.clone(),
             stall,
             stalled: None,
+            waiting: false,
         };
         (inspected, verdict)
     }
@@ -257,16 +263,32 @@ impl<IO> Inspected<IO> {
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<T>> {
         if polled.is_ready() {
-            self.stalled = None;
+            self.waiting = false;
             return polled;
         }
-        let stall = self.stall;
+        let deadline = Instant::now() + self.stall;
         let sleep = self
             .stalled
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.waiting {
+            self.waiting = true;
+            sleep.as_mut().reset(deadline);
+        }
         ready!(sleep.as_mut().poll(cx));
         let _ = self.verdict.0.set(Abuse::StalledReader);
         Poll::Ready(Err(io::Error::other(Abuse::StalledReader)))
+    }
+
+    /// Shows the inspector the first `written` bytes of `bufs`, which the agent sent.
+    fn sent<'a>(&mut self, bufs: impl IntoIterator<Item = &'a [u8]>, mut written: usize) {
+        for buf in bufs {
+            let take = buf.len().min(written);
+            self.inspector.sent(&buf[..take]);
+            written -= take;
+        }
+        if let Some(abuse) = self.inspector.calmed() {
+            let _ = self.verdict.0.set(abuse);
+        }
     }
 }
 
@@ -302,20 +324,6 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Inspected<IO> {
                 let _ = this.verdict.0.set(abuse);
                 Poll::Ready(Err(io::Error::other(abuse)))
             }
-        }
-    }
-}
-
-impl<IO> Inspected<IO> {
-    /// Shows the inspector the first `written` bytes of `bufs`, which the agent sent.
-    fn sent<'a>(&mut self, bufs: impl IntoIterator<Item = &'a [u8]>, mut written: usize) {
-        for buf in bufs {
-            let take = buf.len().min(written);
-            self.inspector.sent(&buf[..take]);
-            written -= take;
-        }
-        if let Some(abuse) = self.inspector.calmed() {
-            let _ = self.verdict.0.set(abuse);
         }
     }
 }
