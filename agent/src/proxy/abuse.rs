@@ -30,6 +30,8 @@ use tokio::{
     time::{Instant, Sleep},
 };
 
+use crate::logging::{Throttle, held_back};
+
 pub use self::{
     frames::Inspector,
     pace::{Pace, Paced},
@@ -191,6 +193,16 @@ pub fn describe() {
 pub fn count(listener: Listener, abuse: Abuse) {
     counter!("weft_http_abuse_total", "listener" => listener.label(), "reason" => abuse.reason())
         .increment(1);
+}
+
+/// Counts the close of `connection` on `listener` for `abuse`, and logs it (at most
+/// once a second).
+pub fn closed(listener: Listener, abuse: Abuse, connection: impl std::fmt::Display) {
+    static CLOSED: Throttle = Throttle::new();
+    count(listener, abuse);
+    if let Some(held) = CLOSED.allow() {
+        log::warn!("closed {connection}: {abuse}{}", held_back(held));
+    }
 }
 
 /// The abuse for which hyper ended a connection with `err` (an HTTP/1.1 head too

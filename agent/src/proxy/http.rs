@@ -142,20 +142,15 @@ async fn serve<IO, H, Fut>(
         }
     };
     let err = served.err();
-    let abuse = verdict.of(err.as_deref().map(|err| err as _));
-    if let Some(abuse) = abuse {
-        abuse::count(listener, abuse);
-    }
-    let Some(held) = (abuse.is_some() || err.is_some())
-        .then(|| FAILED.allow())
-        .flatten()
-    else {
-        return;
-    };
-    match (abuse, err) {
-        (Some(abuse), _) => log::warn!("closed {what}: {abuse}{}", held_back(held)),
-        (None, Some(err)) => log::info!("{what} ended: {err}{}", held_back(held)),
-        (None, None) => {}
+    match verdict.of(err.as_deref().map(|err| err as _)) {
+        Some(abuse) => abuse::closed(listener, abuse, what),
+        None => {
+            if let Some(err) = err
+                && let Some(held) = FAILED.allow()
+            {
+                log::info!("{what} ended: {err}{}", held_back(held));
+            }
+        }
     }
 }
 

@@ -127,17 +127,17 @@ async fn connection(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr, mut per
     )
     .await;
     let err = served.err();
-    if let Some(abuse) = verdict.of(err.as_ref().map(|err| err as _)) {
-        static ABUSED: Throttle = Throttle::new();
-        abuse::count(Listener::Hbone, abuse);
-        if let Some(held) = ABUSED.allow() {
-            log::warn!(
-                "closed the HBONE connection from {peer}: {abuse}{}",
-                held_back(held)
-            );
+    match verdict.of(err.as_ref().map(|err| err as _)) {
+        Some(abuse) => abuse::closed(
+            Listener::Hbone,
+            abuse,
+            format_args!("the HBONE connection from {peer}"),
+        ),
+        None => {
+            if let Some(err) = &err {
+                log::info!("HBONE connection from {peer} ended: {err}");
+            }
         }
-    } else if let Some(err) = &err {
-        log::info!("HBONE connection from {peer} ended: {err}");
     }
     if let Some(err) = err {
         metrics::hbone_failure("inbound", err.reason());
