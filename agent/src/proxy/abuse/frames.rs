@@ -258,20 +258,20 @@ impl Inspector {
 
     /// Accounts for a frame the client sent.
     fn frame(&mut self, head: Head) -> Result<(), Abuse> {
+        // A peer agent passes on the cancellations of all its clients in one
+        // connection (a tunnel or a request each), and has held each client to the
+        // reset budget already: only a pod's own connection is budgeted, so only there
+        // are streams remembered as young.
+        let resets = self.listener == Listener::Outbound;
         let abuse = match head.kind {
             PING if head.flags & ACK == 0 => Abuse::PingFlood,
             SETTINGS if head.flags & ACK == 0 => Abuse::SettingsFlood,
             PRIORITY => Abuse::PriorityFlood,
-            HEADERS => {
+            HEADERS if resets => {
                 self.opened(head.stream);
                 return Ok(());
             }
-            // A peer agent passes on the cancellations of all its clients in one
-            // connection (a tunnel or a request each), and has held each client to
-            // this budget already: only a pod's own connection is budgeted.
-            RST_STREAM if self.listener == Listener::Outbound && self.is_young(head.stream) => {
-                Abuse::RapidReset
-            }
+            RST_STREAM if resets && self.is_young(head.stream) => Abuse::RapidReset,
             _ => return Ok(()),
         };
         let now = Instant::now();
