@@ -590,6 +590,9 @@ def batch(n):
         return b"POST /?delay=30000 HTTP/1.1\r\nhost: echo\r\ncontent-length: 1000000\r\n\r\n" + b"x" * 10
     if attack == "stalled_reader":
         return b"GET /?bytes=67108864 HTTP/1.1\r\nhost: echo\r\n\r\n"
+    if attack == "zero_window":
+        # Every stream's window closed (SETTINGS_INITIAL_WINDOW_SIZE 0), then a GET.
+        return frame(4, 0, 0, struct.pack(">HI", 4, 0)) + head(first, 0x1)
     raise SystemExit(f"unknown attack {attack}")
 context = None
 if tls:
@@ -638,6 +641,13 @@ def hostile():
                 raise OSError("cut off")
             if not attack.startswith("h1"):
                 sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0))
+            if attack == "zero_window":
+                # Sent once; then the client reads all it gets and never opens a window.
+                sock.sendall(batch(0))
+                sock.settimeout(10)
+                while sock.recv(65536):
+                    pass
+                raise OSError("closed")
             n = 0
             while not stop.is_set():
                 sock.sendall(batch(n))
@@ -742,6 +752,7 @@ fn a_hostile_http_client_is_cut_off_and_costs_a_real_client_nothing() {
             attack("h1_fields", "head_too_large"),
             attack("slow_body", "slow_body"),
             attack("stalled_reader", "stalled_reader"),
+            attack("zero_window", "zero_window"),
         ],
         |name| {
             cluster

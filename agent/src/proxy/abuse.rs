@@ -10,7 +10,9 @@
 //! they were accepted (each costs a request sent upstream) — [`Inspector`] budgets as
 //! the bytes arrive, and [`Inspected`] ends the connection when a budget runs out.
 //! Clients that keep the agent waiting are bounded in time: [`Inspected`] fails writes
-//! the client takes nothing of, [`Pace`] finds a request body that stalls.
+//! the client takes nothing of and, on a pod's HTTP/2 connection, reads once a started
+//! response has waited that long for the client to open a window; [`Pace`] finds a
+//! request body that stalls.
 //!
 //! Every abuse found counts in `weft_http_abuse_total{listener, reason}`.
 
@@ -41,6 +43,7 @@ mod frames;
 mod pace;
 #[cfg(test)]
 mod tests;
+mod windows;
 
 /// Where an abusive connection arrived: `outbound` (a local pod's captured
 /// connection), `inbound` (a request stream in an HBONE tunnel) or `hbone` (a
@@ -122,6 +125,11 @@ pub enum Abuse {
          timeout (--client-stall-timeout)"
     )]
     StalledReader,
+    #[error(
+        "the client kept an HTTP/2 response's flow-control window closed for the client \
+         stall timeout (--client-stall-timeout): it reads frames but takes no data"
+    )]
+    ZeroWindow,
 }
 
 impl Abuse {
@@ -139,6 +147,7 @@ impl Abuse {
             Abuse::HeadTooLarge => "head_too_large",
             Abuse::SlowBody => "slow_body",
             Abuse::StalledReader => "stalled_reader",
+            Abuse::ZeroWindow => "zero_window",
         }
     }
 }
@@ -185,7 +194,7 @@ pub fn describe() {
         "HTTP connections the agent closed because the client abused the protocol, by \
          listener (outbound, inbound, hbone) and reason (ping_flood, settings_flood, \
          priority_flood, rapid_reset, provoked_resets, continuation_flood, header_bomb, \
-         empty_frames, head_too_large, slow_body, stalled_reader)"
+         empty_frames, head_too_large, slow_body, stalled_reader, zero_window)"
     );
 }
 
@@ -236,9 +245,10 @@ pub(crate) fn calmed_for(debug_data: &[u8]) -> Option<Abuse> {
     .map(|(_, abuse)| abuse)
 }
 
-/// A connection the agent serves, its incoming bytes shown to an [`Inspector`]: once a
-/// budget runs out, every read fails. Its writes fail too once the client has taken
-/// none of them for the stall timeout.
+/// A connection the agent serves, its bytes both ways shown to an [`Inspector`]: once a
+/// budget runs out, or a started response has waited for the client to open a window
+/// for the stall timeout, every read fails. Its writes fail too once the client has
+/// taken none of them for the stall timeout.
 pub struct Inspected<IO> {
     io: IO,
     inspector: Inspector,
@@ -249,6 +259,8 @@ pub struct Inspected<IO> {
     stalled: Option<Pin<Box<Sleep>>>,
     /// Whether a write waits now.
     waiting: bool,
+    /// When a response blocked by a closed window gives up (kept likewise).
+    blocked: Option<Pin<Box<Sleep>>>,
 }
 
 impl<IO> Inspected<IO> {
@@ -263,6 +275,7 @@ impl<IO> Inspected<IO> {
             stall,
             stalled: None,
             waiting: false,
+            blocked: None,
         };
         (inspected, verdict)
     }
@@ -291,8 +304,31 @@ impl<IO> Inspected<IO> {
         Poll::Ready(Err(io::Error::other(Abuse::StalledReader)))
     }
 
+    /// Whether a response has waited for the client to open a window for the stall
+    /// timeout; if not yet, `cx` is woken when it will have.
+    fn blocked_too_long(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(since) = self.inspector.blocked_since() else {
+            return false;
+        };
+        let deadline = since + self.stall;
+        let timer = self
+            .blocked
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
+        timer.as_mut().poll(cx).is_ready()
+    }
+
     /// Shows the inspector the first `written` bytes of `bufs`, which the agent sent.
-    fn sent<'a>(&mut self, bufs: impl IntoIterator<Item = &'a [u8]>, mut written: usize) {
+    /// What they hold may leave a response blocked: its timer is armed here, with the
+    /// connection's task (the reads that check it may wait for nothing else).
+    fn sent<'a>(
+        &mut self,
+        bufs: impl IntoIterator<Item = &'a [u8]>,
+        mut written: usize,
+        cx: &mut Context<'_>,
+    ) {
         for buf in bufs {
             let take = buf.len().min(written);
             self.inspector.sent(&buf[..take]);
@@ -300,6 +336,11 @@ impl<IO> Inspected<IO> {
         }
         if let Some(abuse) = self.inspector.calmed() {
             let _ = self.verdict.0.set(abuse);
+        }
+        if self.blocked_too_long(cx) {
+            // The next read fails with it.
+            let _ = self.verdict.0.set(Abuse::ZeroWindow);
+            cx.waker().wake_by_ref();
         }
     }
 }
@@ -329,10 +370,17 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Inspected<IO> {
             return Poll::Ready(Err(io::Error::other(*abuse)));
         }
         let before = buf.filled().len();
-        ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
-        match this.inspector.received(&buf.filled()[before..]) {
-            Ok(()) => Poll::Ready(Ok(())),
-            Err(abuse) => {
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        let mut found = None;
+        if let Poll::Ready(Ok(())) = polled {
+            found = this.inspector.received(&buf.filled()[before..]).err();
+        }
+        if found.is_none() && this.blocked_too_long(cx) {
+            found = Some(Abuse::ZeroWindow);
+        }
+        match found {
+            None => polled,
+            Some(abuse) => {
                 let _ = this.verdict.0.set(abuse);
                 Poll::Ready(Err(io::Error::other(abuse)))
             }
@@ -349,7 +397,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Inspected<IO> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.io).poll_write(cx, buf);
         let written = ready!(this.waited(polled, cx))?;
-        this.sent([buf], written);
+        this.sent([buf], written, cx);
         Poll::Ready(Ok(written))
     }
 
@@ -361,7 +409,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Inspected<IO> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
         let written = ready!(this.waited(polled, cx))?;
-        this.sent(bufs.iter().map(|buf| &**buf), written);
+        this.sent(bufs.iter().map(|buf| &**buf), written, cx);
         Poll::Ready(Ok(written))
     }
 

@@ -1,6 +1,7 @@
 //! HTTP/2 frames as they pass: [`Framing`] splits a direction of a connection into
-//! frames, [`Inspector`] keeps the budgets of what the client sends and reads why h2
-//! closed the connection in the GOAWAY the agent sends.
+//! frames, [`Inspector`] keeps the budgets of what the client sends, follows the
+//! windows the client grants the agent ([`Windows`]) and reads why h2 closed the
+//! connection in the GOAWAY the agent sends.
 
 use std::collections::VecDeque;
 
@@ -8,20 +9,26 @@ use tokio::time::Instant;
 
 use super::{
     Abuse, Listener, PING_RATE, PREMATURE, PRIORITY_RATE, RAPID_RESET_RATE, SETTINGS_RATE,
-    YOUNG_STREAMS, calmed_for,
+    YOUNG_STREAMS, calmed_for, windows::Windows,
 };
 use crate::proxy::admission::Bucket;
 pub(super) use crate::proxy::detect::PREFACE;
 
 const FRAME_HEADER: usize = 9;
 
+pub(super) const DATA: u8 = 0x0;
 pub(super) const HEADERS: u8 = 0x1;
 pub(super) const PRIORITY: u8 = 0x2;
 pub(super) const RST_STREAM: u8 = 0x3;
 pub(super) const SETTINGS: u8 = 0x4;
 pub(super) const PING: u8 = 0x6;
 const GOAWAY: u8 = 0x7;
+pub(super) const WINDOW_UPDATE: u8 = 0x8;
 pub(super) const ACK: u8 = 0x1;
+pub(super) const END_STREAM: u8 = 0x1;
+const INITIAL_WINDOW_SIZE: u16 = 0x4;
+/// Bytes of a SETTINGS payload kept: ten settings, more than any client sends at once.
+const SETTINGS_KEPT: usize = 6 * 10;
 const ENHANCE_YOUR_CALM: u32 = 0xb;
 /// Bytes of a GOAWAY payload kept: last stream id, error code and the longest debug
 /// data h2 sends.
@@ -80,13 +87,12 @@ impl Framing {
         }
     }
 
-    /// Takes the next bytes: `on_head` sees each frame's header and says how many bytes
-    /// of its payload to keep; `on_kept` gets them.
+    /// Takes the next bytes: `on` sees each frame's header and says how many bytes of
+    /// its payload to keep, then sees them.
     fn feed<E>(
         &mut self,
         mut bytes: &[u8],
-        mut on_head: impl FnMut(Head) -> Result<usize, E>,
-        mut on_kept: impl FnMut(Head, &[u8]),
+        mut on: impl FnMut(Seen<'_>) -> Result<usize, E>,
     ) -> Result<(), E> {
         while !bytes.is_empty() {
             match self.state {
@@ -121,7 +127,7 @@ impl Framing {
                         // Skip first, so that a caller that goes on after an error
                         // stays in step.
                         self.state = State::Payload(head.length);
-                        let keep = on_head(head)?.min(head.length);
+                        let keep = on(Seen::Head(head))?.min(head.length);
                         self.state = match (keep, head.length) {
                             (_, 0) => State::Header,
                             (0, length) => State::Payload(length),
@@ -139,7 +145,7 @@ impl Framing {
                     if take < left {
                         self.state = State::Keep(head, left - take);
                     } else {
-                        on_kept(head, &self.kept);
+                        on(Seen::Kept(head, &self.kept))?;
                         self.state = match head.length - self.kept.len() {
                             0 => State::Header,
                             rest => State::Payload(rest),
@@ -160,9 +166,16 @@ impl Framing {
     }
 }
 
+/// What [`Framing::feed`] shows of a frame: its header, then the payload bytes kept.
+enum Seen<'a> {
+    Head(Head),
+    Kept(Head, &'a [u8]),
+}
+
 /// Watches both directions of a connection the agent serves: the frames the client
-/// sends, against the budgets h2 does not keep, and the GOAWAY frame the agent sends,
-/// for why h2 closed the connection. It sees frame headers and skips payloads, so it
+/// sends, against the budgets h2 does not keep; on a pod's connection, the windows it
+/// grants against the data the agent sends; and the GOAWAY frame the agent sends, for
+/// why h2 closed the connection. It sees frame headers and skips payloads, so it
 /// costs a few operations per frame. A connection that does not start with the HTTP/2
 /// preface (HTTP/1.1) is left alone.
 #[derive(Debug)]
@@ -178,6 +191,10 @@ pub struct Inspector {
     newest: u32,
     /// Why h2 closed the connection, when it was for an abuse.
     calmed: Option<Abuse>,
+    /// On a pod's connection: the windows the client grants. A peer agent's streams
+    /// carry other clients' tunnels and requests, which stall as their clients do;
+    /// each client is bounded on its own agent's connection.
+    windows: Option<Windows>,
 }
 
 #[derive(Debug)]
@@ -220,13 +237,20 @@ impl Inspector {
             young: VecDeque::new(),
             newest: 0,
             calmed: None,
+            windows: (listener == Listener::Outbound).then(Windows::new),
         }
     }
 
     /// Takes the next bytes the client sent.
     pub fn received(&mut self, bytes: &[u8]) -> Result<(), Abuse> {
         let mut received = std::mem::replace(&mut self.received, Framing::from(State::Off));
-        let verdict = received.feed(bytes, |head| self.frame(head).map(|()| 0), |_, _| {});
+        let verdict = received.feed(bytes, |seen| match seen {
+            Seen::Head(head) => self.frame(head),
+            Seen::Kept(head, payload) => {
+                self.granted(head, payload);
+                Ok(0)
+            }
+        });
         self.received = received;
         verdict
     }
@@ -236,19 +260,39 @@ impl Inspector {
         if matches!(self.received.state, State::Preface(_) | State::Off) {
             return;
         }
-        let calmed = &mut self.calmed;
-        let _ = self.sent.feed::<()>(
-            bytes,
-            |head| Ok(if head.kind == GOAWAY { GOAWAY_KEPT } else { 0 }),
-            |_, payload| {
+        let Inspector {
+            sent,
+            calmed,
+            windows,
+            ..
+        } = self;
+        let _ = sent.feed::<()>(bytes, |seen| match seen {
+            Seen::Head(head) if head.kind == GOAWAY => Ok(GOAWAY_KEPT),
+            Seen::Head(head) => {
+                if let Some(windows) = windows {
+                    let ends = head.flags & END_STREAM != 0;
+                    match head.kind {
+                        DATA => windows.sent(head.stream, head.length, Instant::now()),
+                        HEADERS if !ends => windows.responded(head.stream, Instant::now()),
+                        RST_STREAM => windows.ended(head.stream),
+                        _ => {}
+                    }
+                    if ends && matches!(head.kind, DATA | HEADERS) {
+                        windows.ended(head.stream);
+                    }
+                }
+                Ok(0)
+            }
+            Seen::Kept(_, payload) => {
                 let code = payload
                     .get(4..8)
                     .map(|code| u32::from_be_bytes(code.try_into().unwrap_or_default()));
                 if code == Some(ENHANCE_YOUR_CALM) {
                     *calmed = calmed.or(calmed_for(&payload[8..]));
                 }
-            },
-        );
+                Ok(0)
+            }
+        });
     }
 
     /// Why h2 closed the connection, if it sent a GOAWAY for an abuse.
@@ -256,32 +300,74 @@ impl Inspector {
         self.calmed
     }
 
-    /// Accounts for a frame the client sent.
-    fn frame(&mut self, head: Head) -> Result<(), Abuse> {
+    /// Since when a response the agent started has been waiting for the client to
+    /// open a window (on a pod's connection).
+    pub fn blocked_since(&self) -> Option<Instant> {
+        self.windows.as_ref()?.blocked_since()
+    }
+
+    /// A kept payload of a frame the client sent: a WINDOW_UPDATE's increment or a
+    /// SETTINGS frame's settings.
+    fn granted(&mut self, head: Head, payload: &[u8]) {
+        let Some(windows) = &mut self.windows else {
+            return;
+        };
+        let now = Instant::now();
+        if head.kind == WINDOW_UPDATE {
+            if let Ok(increment) = <[u8; 4]>::try_from(payload) {
+                windows.granted(
+                    head.stream,
+                    u32::from_be_bytes(increment) & 0x7fff_ffff,
+                    now,
+                );
+            }
+            return;
+        }
+        for setting in payload.chunks_exact(6) {
+            if u16::from_be_bytes([setting[0], setting[1]]) == INITIAL_WINDOW_SIZE {
+                let size = u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]);
+                windows.initial_window(size, now);
+            }
+        }
+    }
+
+    /// Accounts for a frame the client sent, and says how much of its payload to keep.
+    fn frame(&mut self, head: Head) -> Result<usize, Abuse> {
         // A peer agent passes on the cancellations of all its clients in one
         // connection (a tunnel or a request each), and has held each client to the
         // reset budget already: only a pod's own connection is budgeted, so only there
-        // are streams remembered as young.
-        let resets = self.listener == Listener::Outbound;
+        // are streams remembered as young (and windows followed).
+        let pods = self.listener == Listener::Outbound;
         let abuse = match head.kind {
             PING if head.flags & ACK == 0 => Abuse::PingFlood,
             SETTINGS if head.flags & ACK == 0 => Abuse::SettingsFlood,
             PRIORITY => Abuse::PriorityFlood,
-            HEADERS if resets => {
+            HEADERS if pods => {
                 self.opened(head.stream);
-                return Ok(());
+                return Ok(0);
             }
-            RST_STREAM if resets && self.is_young(head.stream) => Abuse::RapidReset,
-            _ => return Ok(()),
+            RST_STREAM if pods => {
+                if let Some(windows) = &mut self.windows {
+                    windows.ended(head.stream);
+                }
+                if !self.is_young(head.stream) {
+                    return Ok(0);
+                }
+                Abuse::RapidReset
+            }
+            WINDOW_UPDATE if pods => return Ok(4),
+            _ => return Ok(0),
         };
         let now = Instant::now();
         let budgets = self.budgets.get_or_insert_with(|| Budgets::full(now));
         let (bucket, rate) = budgets.of(abuse);
-        if bucket.take(rate, now) {
-            Ok(())
-        } else {
-            Err(abuse)
+        if !bucket.take(rate, now) {
+            return Err(abuse);
         }
+        Ok(match abuse {
+            Abuse::SettingsFlood if pods => SETTINGS_KEPT,
+            _ => 0,
+        })
     }
 
     /// A HEADERS frame on `stream`: a new stream if its id is above every earlier one
@@ -291,6 +377,9 @@ impl Inspector {
             return;
         }
         self.newest = stream;
+        if let Some(windows) = &mut self.windows {
+            windows.opened(stream);
+        }
         let now = Instant::now();
         self.forget_old(now);
         if self.young.len() == YOUNG_STREAMS {

@@ -358,3 +358,88 @@ async fn a_body_that_keeps_its_reader_waiting_for_the_stall_timeout_is_found() {
     reader.abort();
     drop(writer);
 }
+
+/// Serves HTTP/2 with hyper as the request layer does, on a pod's connection with a
+/// 60 s stall timeout, answering every request with 1 MiB; returns the abuse found
+/// when the connection ends.
+async fn h2_server_of_pods(io: DuplexStream) -> Option<Abuse> {
+    let (io, verdict) = Inspected::new(io, Listener::Outbound, Duration::from_secs(60));
+    let served = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .timer(hyper_util::rt::TokioTimer::new())
+        .serve_connection(
+            hyper_util::rt::TokioIo::new(io),
+            hyper::service::service_fn(|_| async {
+                let body = http_body_util::Full::new(Bytes::from(vec![0u8; 1 << 20]));
+                Ok::<_, std::convert::Infallible>(http::Response::new(body))
+            }),
+        )
+        .await;
+    verdict.of(served.as_ref().err().map(|err| err as _))
+}
+
+/// A client that sends `first`, then `later` after `wait`, reading everything the
+/// server sends; returns the bytes it read when the server closed.
+fn windowed_client(
+    mut client: DuplexStream,
+    first: Vec<u8>,
+    wait: Duration,
+    later: Vec<u8>,
+) -> tokio::task::JoinHandle<usize> {
+    tokio::spawn(async move {
+        client.write_all(&first).await.unwrap();
+        let mut read = 0;
+        let mut buf = vec![0; 1 << 16];
+        let granted = tokio::time::sleep(wait);
+        tokio::pin!(granted);
+        let mut later = Some(later);
+        loop {
+            tokio::select! {
+                n = client.read(&mut buf) => match n {
+                    Ok(0) | Err(_) => return read,
+                    Ok(n) => read += n,
+                },
+                () = &mut granted, if later.is_some() => {
+                    let _ = client.write_all(&later.take().unwrap()).await;
+                }
+            }
+        }
+    })
+}
+
+fn window_update(stream: u32, increment: u32) -> Vec<u8> {
+    frame(0x8, 0, stream, &increment.to_be_bytes())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_response_the_client_opens_no_window_for_is_cut_off_at_the_stall_timeout() {
+    // The client closes every stream's window (SETTINGS_INITIAL_WINDOW_SIZE 0), asks,
+    // reads the response's head and then nothing more: it never opens a window.
+    let mut first = PREFACE.to_vec();
+    first.extend(frame(SETTINGS, 0, 0, &[0, 4, 0, 0, 0, 0]));
+    first.extend(get(1));
+    let (client, server) = duplex(1 << 20);
+    let client = windowed_client(client, first, Duration::MAX, Vec::new());
+    let started = Instant::now();
+    let found = h2_server_of_pods(server).await;
+    let waited = started.elapsed();
+    assert_eq!(found, Some(Abuse::ZeroWindow));
+    assert!(
+        waited >= Duration::from_secs(60) && waited < Duration::from_secs(61),
+        "cut off after {waited:?}"
+    );
+    assert!(client.await.unwrap() < 1000, "the head only");
+
+    // A client that opens the windows within the timeout gets the whole body, and its
+    // connection ends as it closes it, for no abuse.
+    let mut first = PREFACE.to_vec();
+    first.extend(frame(SETTINGS, 0, 0, &[0, 4, 0, 0, 0, 0]));
+    first.extend(get(1));
+    let mut later = window_update(0, 1 << 21);
+    later.extend(window_update(1, 1 << 21));
+    later.extend(frame(0x7, 0, 0, &[0, 0, 0, 1, 0, 0, 0, 0]));
+    let (client, server) = duplex(1 << 22);
+    let client = windowed_client(client, first, Duration::from_secs(50), later);
+    let found = h2_server_of_pods(server).await;
+    assert_eq!(found, None);
+    assert!(client.await.unwrap() > 1 << 20, "the whole body");
+}
