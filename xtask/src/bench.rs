@@ -30,7 +30,7 @@
 
 mod handshake;
 mod instructions;
-mod parse;
+pub(crate) mod parse;
 mod reference;
 mod report;
 
@@ -626,20 +626,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
 
-    if Cluster::open(&args.name).is_ok() {
-        eprintln!("==> removing cluster {} left by an earlier run", args.name);
-    }
-    weft_cluster::down(&args.name)?;
-    let name = args.name.clone();
-    ctrlc::set_handler(move || {
-        // Hold the lock until exit: the main thread, whose tool Ctrl-C interrupted too,
-        // must not remove the cluster at the same time.
-        let _cleanup = CLEANUP.lock();
-        eprintln!("\ninterrupted: removing cluster {name}");
-        let _ = weft_cluster::down(&name);
-        std::process::exit(130);
-    })
-    .context("cannot install the Ctrl-C handler")?;
+    crate::cluster::start_fresh(&args.name)?;
 
     let mut bench = Bench {
         cluster: None,
@@ -690,9 +677,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     Ok(())
 }
-
-/// Taken by whoever removes the cluster: the Ctrl-C handler or [`Bench::finish`].
-static CLEANUP: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// The cluster and the reference proxies, removed when the benchmark ends however it
 /// ends (an error, a panic; Ctrl-C has its own handler).
@@ -1220,7 +1204,7 @@ impl Bench {
 
     /// Stops the reference proxies and removes the cluster, unless asked to keep them.
     fn finish(&mut self) -> anyhow::Result<()> {
-        let _cleanup = CLEANUP.lock();
+        let _removing = crate::cluster::REMOVING.lock();
         if self.keep {
             if self.cluster.take().is_some() {
                 eprintln!(
@@ -1720,6 +1704,16 @@ fn describe(run: &Run, path: PathId) -> String {
 /// HTTP requests the agent on `node` (at `ip`) served as the client's side so far,
 /// from its metrics (`:15020/metrics`); `None` when they cannot be read.
 fn agent_requests(cluster: &Cluster, node: &str, ip: std::net::Ipv4Addr) -> Option<u64> {
+    agent_metrics(cluster, node, ip).map(|metrics| parse::source_requests(&metrics))
+}
+
+/// The Prometheus text of `node`'s agent (at `ip`), fetched with curl in the node's
+/// network namespace; `None` when it does not answer.
+pub(crate) fn agent_metrics(
+    cluster: &Cluster,
+    node: &str,
+    ip: std::net::Ipv4Addr,
+) -> Option<String> {
     let url = format!("http://{ip}:15020/metrics");
     let output = cluster
         .node_command(node, &["curl", "-sf", "--max-time", "3", &url])
@@ -1731,7 +1725,7 @@ fn agent_requests(cluster: &Cluster, node: &str, ip: std::net::Ipv4Addr) -> Opti
     output
         .status
         .success()
-        .then(|| parse::source_requests(&String::from_utf8_lossy(&output.stdout)))
+        .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// Scrapes every agent's metrics once a second, as Prometheus would, with `curl` in
@@ -1836,7 +1830,7 @@ fn cpu_snapshot(watched: &[Watched]) -> Vec<u64> {
 }
 
 /// A `/proc/<pid>/status` memory figure, bytes.
-fn read_status(pid: u32, key: &str) -> Option<u64> {
+pub(crate) fn read_status(pid: u32, key: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     parse::status_bytes(&status, key)
 }
@@ -1889,15 +1883,29 @@ fn decision_costs(out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Draws `png` from `json` with the matplotlib program `script` (written beside `json`
+/// as `chart.py`) and Debian's python3-matplotlib.
+pub(crate) fn draw_chart(script: &str, json: &Path, png: &Path) -> anyhow::Result<()> {
+    let file = json.with_file_name("chart.py");
+    std::fs::write(&file, script).with_context(|| format!("cannot write {}", file.display()))?;
+    // Debian's interpreter, which has python3-matplotlib, whatever python3 PATH finds.
+    let python = if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    };
+    cmd::capture(Command::new(python).arg(&file).arg(json).arg(png)).map(drop)
+}
+
 /// `date <format>`, local time.
-fn timestamp(format: &str) -> anyhow::Result<String> {
+pub(crate) fn timestamp(format: &str) -> anyhow::Result<String> {
     Ok(cmd::capture(Command::new("date").arg(format))?
         .trim()
         .to_owned())
 }
 
 /// `m:ss`.
-fn minutes(seconds: f64) -> String {
+pub(crate) fn minutes(seconds: f64) -> String {
     let seconds = seconds.max(0.0).round() as u64;
     format!("{}:{:02}", seconds / 60, seconds % 60)
 }

@@ -8,6 +8,29 @@ use weft_cluster::{Cluster, PodSpec};
 
 use crate::cmd;
 
+/// Taken by whoever removes a task's cluster: the Ctrl-C handler of [`start_fresh`] or
+/// the task itself when it ends.
+pub static REMOVING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Before a task brings up cluster `name`: removes what an earlier run left of it,
+/// and has Ctrl-C remove it (the task removes it itself when it ends otherwise).
+pub fn start_fresh(name: &str) -> anyhow::Result<()> {
+    if Cluster::open(name).is_ok() {
+        eprintln!("==> removing cluster {name} left by an earlier run");
+    }
+    weft_cluster::down(name)?;
+    let name = name.to_owned();
+    ctrlc::set_handler(move || {
+        // Hold the lock until exit: the main thread, whose tool Ctrl-C interrupted too,
+        // must not remove the cluster at the same time.
+        let _removing = REMOVING.lock();
+        eprintln!("\ninterrupted: removing cluster {name}");
+        let _ = weft_cluster::down(&name);
+        std::process::exit(130);
+    })
+    .context("cannot install the Ctrl-C handler")
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create a cluster of N nodes.

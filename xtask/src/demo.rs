@@ -54,17 +54,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     eprintln!("==> building weft and the sample workloads");
     cmd::build_binaries(&["weft-workloads"])?;
 
-    if Cluster::open(&args.name).is_ok() {
-        eprintln!("==> removing cluster {} left by an earlier demo", args.name);
-    }
-    weft_cluster::down(&args.name)?;
-    let name = args.name.clone();
-    ctrlc::set_handler(move || {
-        eprintln!("\ninterrupted: removing cluster {name}");
-        let _ = weft_cluster::down(&name);
-        std::process::exit(130);
-    })
-    .context("cannot install the Ctrl-C handler")?;
+    crate::cluster::start_fresh(&args.name)?;
 
     let result = show(&args.name);
     if let Err(err) = &result {

@@ -11,6 +11,7 @@ mod demo;
 mod fuzz;
 mod image;
 mod setup;
+mod soak;
 mod test;
 
 use clap::{Parser, Subcommand};
@@ -38,6 +39,10 @@ enum Task {
     /// Measure weft against direct TCP and a reference mTLS proxy pair (release build,
     /// 2-node local cluster; about 9 minutes, `--quick` under 2).
     Bench(bench::Args),
+    /// Run a 2-node local cluster under a long load with churn (pods, policies,
+    /// certificates) and chart the agents' memory and file descriptors (release build;
+    /// about 20 minutes for 10^6 connections and 10^7 requests).
+    Soak(soak::Args),
     /// Build the OCI images of the agent and the controller from release binaries
     /// (target/images/), and check that they run.
     Image,
@@ -58,6 +63,7 @@ fn main() -> anyhow::Result<()> {
         Task::Fuzz(args) => fuzz::run(args),
         Task::Demo(args) => demo::run(args),
         Task::Bench(args) => bench::run(args),
+        Task::Soak(args) => soak::run(args),
         Task::Image => image::run(),
         Task::Cluster { command } => cluster::run(command),
     })

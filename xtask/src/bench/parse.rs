@@ -201,15 +201,24 @@ pub fn weft_client_load(stdout: &str) -> anyhow::Result<GrpcLoad> {
 /// `reporter="source"`, summed over every series) in its Prometheus text: more of them
 /// after a run than before means the run went through weft's L7 (per-request) path.
 pub fn source_requests(metrics: &str) -> u64 {
+    sum_series(metrics, "istio_requests_total", |labels| {
+        labels
+            .split(',')
+            .any(|label| label == "reporter=\"source\"")
+    })
+}
+
+/// The sum of every series of metric `name` whose labels (the text between the braces,
+/// empty for a series without labels) `keep` accepts, in a Prometheus text exposition.
+pub fn sum_series(metrics: &str, name: &str, keep: impl Fn(&str) -> bool) -> u64 {
     metrics
         .lines()
-        .filter_map(|line| line.strip_prefix("istio_requests_total{"))
-        .filter_map(|rest| rest.split_once("} "))
-        .filter(|(labels, _)| {
-            labels
-                .split(',')
-                .any(|label| label == "reporter=\"source\"")
+        .filter_map(|line| line.strip_prefix(name))
+        .filter_map(|rest| match rest.strip_prefix('{') {
+            Some(labelled) => labelled.split_once("} "),
+            None => rest.strip_prefix(' ').map(|value| ("", value)),
         })
+        .filter(|(labels, _)| keep(labels))
         .filter_map(|(_, value)| value.trim().parse::<f64>().ok())
         .map(|value| value as u64)
         .sum()
@@ -471,6 +480,18 @@ istio_tcp_connections_opened_total{reporter=\"source\",request_protocol=\"tcp\"}
 ";
         assert_eq!(source_requests(metrics), 6012);
         assert_eq!(source_requests("# no requests yet\n"), 0);
+        let certificates = "weft_certificate_requests_total{result=\"issued\"} 3\n\
+                            weft_certificate_requests_total{result=\"failed\"} 1\n\
+                            weft_certificate_requests_totals 100\n\
+                            weft_config_updates_total 7\n";
+        assert_eq!(
+            sum_series(certificates, "weft_certificate_requests_total", |_| true),
+            4
+        );
+        assert_eq!(
+            sum_series(certificates, "weft_config_updates_total", |_| true),
+            7
+        );
     }
 
     #[test]

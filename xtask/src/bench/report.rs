@@ -9,7 +9,7 @@
 //! With `--write-docs` the table also replaces the generated part of
 //! `docs/benchmarks.md`.
 
-use std::{collections::BTreeMap, fmt::Write as _, path::Path, process::Command};
+use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 
 use anyhow::{Context as _, bail};
 use serde::Serialize;
@@ -709,7 +709,7 @@ pub fn write(results: &Results, out: &Path, write_docs: bool) -> anyhow::Result<
     println!("{table}");
 
     let chart = out.join("chart.png");
-    match draw_chart(&json, &chart) {
+    match super::draw_chart(include_str!("chart.py"), &json, &chart) {
         Ok(()) => eprintln!("==> chart: {}", chart.display()),
         // The figures are written already; a missing chart should not lose them.
         Err(err) => eprintln!("warning: no chart: {err:#}"),
@@ -751,19 +751,6 @@ fn replace_generated(text: &str, generated: &str) -> anyhow::Result<String> {
         generated.trim_end(),
         &text[end..]
     ))
-}
-
-/// Draws the chart with `chart.py` and Debian's python3-matplotlib.
-fn draw_chart(json: &Path, png: &Path) -> anyhow::Result<()> {
-    let script = json.with_file_name("chart.py");
-    std::fs::write(&script, include_str!("chart.py"))?;
-    // Debian's interpreter, which has python3-matplotlib, whatever python3 PATH finds.
-    let python = if Path::new("/usr/bin/python3").exists() {
-        "/usr/bin/python3"
-    } else {
-        "python3"
-    };
-    crate::cmd::capture(Command::new(python).arg(&script).arg(json).arg(png)).map(drop)
 }
 
 #[cfg(test)]
