@@ -1169,7 +1169,7 @@ fn proxy_settings(args: &RunArgs) -> anyhow::Result<proxy::Settings> {
 
 /// Every 10 s: forgets idle pooled HBONE connections (`hbone::Pool::release_idle`),
 /// and gives the memory of connections gone back to the system once the agent holds
-/// far fewer than it did (`memory::give_back`).
+/// far fewer than it did, or the allocator keeps much free (`memory::give_back`).
 async fn tidy(proxy: Arc<Proxy>) {
     /// Connections fewer than at the peak that are worth a trim (a few megabytes).
     const FEWER: usize = 256;
@@ -1184,7 +1184,7 @@ async fn tidy(proxy: Arc<Proxy>) {
         proxy.budgets.retain_used();
         proxy.breakers.retain_used();
         let (peak, now) = proxy.admission.take_peak();
-        if peak >= now + FEWER {
+        if peak >= now + FEWER || memory::kept_free() > Some(memory::WORTH_A_TRIM) {
             memory::give_back();
         }
     }

@@ -1,5 +1,5 @@
 //! The agent's own CPU time, memory and open files (`weft_process_*`), read from
-//! `/proc/self` at each scrape: what the agent costs its node, without a kubelet's
+//! `/proc/self` (and the allocator) at each scrape: what the agent costs its node, without a kubelet's
 //! cAdvisor. CPU time is a gauge of seconds, not Prometheus' usual
 //! `process_cpu_seconds_total` counter: the metrics crate's counters hold integers.
 
@@ -21,6 +21,9 @@ pub fn record() {
     {
         metrics::gauge!("weft_process_resident_memory_bytes").set((pages * page_size()) as f64);
     }
+    if let Some(bytes) = crate::memory::in_use() {
+        metrics::gauge!("weft_process_heap_in_use_bytes").set(bytes as f64);
+    }
     if let Ok(fds) = fs::read_dir("/proc/self/fd") {
         metrics::gauge!("weft_process_open_fds").set(fds.count() as f64);
     }
@@ -34,6 +37,11 @@ pub fn describe() {
     metrics::describe_gauge!(
         "weft_process_resident_memory_bytes",
         "The agent's resident memory, in bytes"
+    );
+    metrics::describe_gauge!(
+        "weft_process_heap_in_use_bytes",
+        "Memory the agent's allocator has handed out and not had back, in bytes: its \
+         data, without the free memory the allocator keeps resident"
     );
     metrics::describe_gauge!(
         "weft_process_open_fds",

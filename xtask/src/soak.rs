@@ -305,6 +305,8 @@ struct Sample {
     seconds: f64,
     node: String,
     rss_bytes: u64,
+    /// Read from the agent's metrics every fifth sample.
+    heap_bytes: Option<u64>,
     fds: u64,
     new_connections: u64,
     requests: u64,
@@ -324,6 +326,10 @@ struct Goals {
     /// Per agent: its median RSS just after warm-up and over the last tenth of the
     /// load, and the growth between them (goal ≤ 5 %).
     rss: Vec<Growth>,
+    /// The same of the memory its allocator has handed out (`weft_process_heap_in_use_bytes`,
+    /// read every 10 s): RSS that grows while this does not is memory the allocator
+    /// keeps, not a leak. Shown, not a goal.
+    heap: Vec<Growth>,
     /// Per agent, at rest: after the warm-up and after the load, each time once the
     /// agent settled (goal: no more file descriptors after than before).
     rest: Vec<Rest>,
@@ -338,6 +344,9 @@ struct Rest {
     fds_after: u64,
     rss_before_bytes: u64,
     rss_after_bytes: u64,
+    /// Series in the agent's metrics: series that pile up with churn are memory too.
+    series_before: u64,
+    series_after: u64,
 }
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -379,10 +388,14 @@ impl Goals {
     }
 }
 
-/// RSS growth per agent between the samples just after warm-up (the first tenth of
-/// the load, at least a minute, is warm-up; the next tenth is the baseline) and the
-/// last tenth of the load.
-fn rss_growth(samples: &[Sample], load_seconds: f64) -> Vec<Growth> {
+/// Growth per agent of a figure of its samples (`bytes`; samples without it are left
+/// out) between those just after warm-up (the first tenth of the load, at least a
+/// minute, is warm-up; the next tenth is the baseline) and the last tenth of the load.
+fn growth(
+    samples: &[Sample],
+    load_seconds: f64,
+    bytes: impl Fn(&Sample) -> Option<u64>,
+) -> Vec<Growth> {
     let tenth = load_seconds / 10.0;
     let warm = tenth.max(60.0).min(load_seconds / 2.0);
     let mut nodes: Vec<&str> = samples.iter().map(|s| s.node.as_str()).collect();
@@ -395,7 +408,7 @@ fn rss_growth(samples: &[Sample], load_seconds: f64) -> Vec<Growth> {
                 let values: Vec<f64> = samples
                     .iter()
                     .filter(|s| s.node == node && (from..=to).contains(&s.seconds))
-                    .map(|s| s.rss_bytes as f64)
+                    .filter_map(|s| Some(bytes(s)? as f64))
                     .collect();
                 parse::median(&values)
             };
@@ -508,7 +521,20 @@ impl Soak {
             let stdout = run_chunk(cluster, load, &load.argv(bin, true), &raw)?;
             tally.add(load, load.outcome(&stdout)?);
         }
+        let series = || -> Vec<u64> {
+            agents
+                .iter()
+                .map(|(node, ip, _)| {
+                    bench::agent_metrics(cluster, node, *ip).map_or(0, |text| {
+                        text.lines()
+                            .filter(|line| !line.is_empty() && !line.starts_with('#'))
+                            .count() as u64
+                    })
+                })
+                .collect()
+        };
         let before = settle(&agents);
+        let series_before = series();
 
         eprintln!(
             "==> load: {} new connections and {} requests in all, from node0 to a Service on both nodes; churn every {} s, certificates valid {}",
@@ -521,7 +547,8 @@ impl Soak {
         let (load_result, churn_result, sample_result) = std::thread::scope(|scope| {
             let churn =
                 scope.spawn(|| churn(name, bin, args.churn_every, out, clock, churn_stopped));
-            let sampler = scope.spawn(|| sample(&agents, &tally, clock, args, sampling_stopped));
+            let sampler =
+                scope.spawn(|| sample(name, &agents, &tally, clock, args, sampling_stopped));
             let loads: Vec<_> = Load::ALL
                 .into_iter()
                 .map(|load| {
@@ -551,17 +578,22 @@ impl Soak {
             bench::minutes(load_seconds)
         );
         let after = settle(&agents);
+        let series_after = series();
         let goals = Goals {
-            rss: rss_growth(&samples, load_seconds),
+            rss: growth(&samples, load_seconds, |s| Some(s.rss_bytes)),
+            heap: growth(&samples, load_seconds, |s| s.heap_bytes),
             rest: agents
                 .iter()
                 .zip(before.iter().zip(&after))
-                .map(|((node, _, _), (before, after))| Rest {
+                .zip(series_before.iter().zip(&series_after))
+                .map(|(((node, _, _), (before, after)), series)| Rest {
                     node: node.clone(),
                     fds_before: before.0,
                     fds_after: after.0,
                     rss_before_bytes: before.1,
                     rss_after_bytes: after.1,
+                    series_before: *series.0,
+                    series_after: *series.1,
                 })
                 .collect(),
             failed_requests: tally.failed.load(Ordering::Relaxed),
@@ -817,20 +849,25 @@ fn churn(
     Ok(events)
 }
 
-/// Reads every agent's RSS and open file descriptors every [`SAMPLE_EVERY`] and prints
-/// the progress, until told to stop; fails when an agent is gone.
+/// Reads every agent's RSS and open file descriptors every [`SAMPLE_EVERY`] (and the
+/// memory its allocator handed out, from its metrics, every fifth time) and prints the
+/// progress, until told to stop; fails when an agent is gone.
 fn sample(
+    name: &str,
     agents: &[(String, std::net::Ipv4Addr, u32)],
     tally: &Tally,
     clock: Instant,
     args: &Args,
     stop: mpsc::Receiver<()>,
 ) -> anyhow::Result<Vec<Sample>> {
+    let cluster = Cluster::open(name)?;
     let mut samples = Vec::new();
     let mut printed = Instant::now();
+    let mut round = 0u64;
     loop {
+        round += 1;
         let seconds = clock.elapsed().as_secs_f64();
-        for (node, _, pid) in agents {
+        for (node, ip, pid) in agents {
             let Some(rss_bytes) = bench::read_status(*pid, "VmRSS") else {
                 tally.aborted.store(true, Ordering::Relaxed);
                 bail!(
@@ -842,6 +879,13 @@ fn sample(
                 seconds,
                 node: node.clone(),
                 rss_bytes,
+                heap_bytes: (round % 5 == 1)
+                    .then(|| bench::agent_metrics(&cluster, node, *ip))
+                    .flatten()
+                    .map(|text| {
+                        parse::sum_series(&text, "weft_process_heap_in_use_bytes", |_| true)
+                    })
+                    .filter(|bytes| *bytes > 0),
                 fds: open_fds(*pid),
                 new_connections: tally.new_connections.load(Ordering::Relaxed),
                 requests: tally.requests.load(Ordering::Relaxed),
@@ -940,14 +984,25 @@ fn write(results: &Results, out: &Path) -> anyhow::Result<()> {
             growth.percent
         );
     }
+    for growth in &results.goals.heap {
+        eprintln!(
+            "    agent on {}: heap in use {:.1} MiB after warm-up, {:.1} MiB at the end ({:+.1} %)",
+            growth.node,
+            growth.after_warmup_bytes as f64 / 1048576.0,
+            growth.at_end_bytes as f64 / 1048576.0,
+            growth.percent
+        );
+    }
     for rest in &results.goals.rest {
         eprintln!(
-            "    agent on {} at rest: {} file descriptors and {:.1} MiB before the load, {} and {:.1} MiB after",
+            "    agent on {} at rest: {} file descriptors, {:.1} MiB and {} metric series before the load; {}, {:.1} MiB and {} after",
             rest.node,
             rest.fds_before,
             rest.rss_before_bytes as f64 / 1048576.0,
+            rest.series_before,
             rest.fds_after,
-            rest.rss_after_bytes as f64 / 1048576.0
+            rest.rss_after_bytes as f64 / 1048576.0,
+            rest.series_after
         );
     }
     for error in &results.errors {
@@ -966,6 +1021,7 @@ mod tests {
             seconds,
             node: node.to_owned(),
             rss_bytes: mib << 20,
+            heap_bytes: (!(100.0..=900.0).contains(&seconds)).then_some(mib << 19),
             fds: 0,
             new_connections: 0,
             requests: 0,
@@ -987,13 +1043,17 @@ mod tests {
                 ]
             })
             .collect();
-        let growth = rss_growth(&samples, 1000.0);
-        assert_eq!(growth.len(), 2);
-        assert_eq!((growth[0].node.as_str(), growth[0].percent), ("node0", 0.0));
-        assert_eq!(growth[1].after_warmup_bytes, 23 << 20);
-        assert_eq!(growth[1].at_end_bytes, 39 << 20);
+        let rss = growth(&samples, 1000.0, |s| Some(s.rss_bytes));
+        assert_eq!(rss.len(), 2);
+        assert_eq!((rss[0].node.as_str(), rss[0].percent), ("node0", 0.0));
+        assert_eq!(rss[1].after_warmup_bytes, 23 << 20);
+        assert_eq!(rss[1].at_end_bytes, 39 << 20);
+        // Figures sampled now and then count where they are: heap sampled only during
+        // the warm-up and the last tenth has no baseline.
+        assert!(growth(&samples, 1000.0, |s| s.heap_bytes).is_empty());
         let goals = Goals {
-            rss: growth,
+            rss,
+            heap: Vec::new(),
             rest: [("node0", 40), ("node1", 41)]
                 .map(|(node, fds_after)| Rest {
                     node: node.into(),
@@ -1001,6 +1061,8 @@ mod tests {
                     fds_after,
                     rss_before_bytes: 20 << 20,
                     rss_after_bytes: 30 << 20,
+                    series_before: 100,
+                    series_after: 100,
                 })
                 .into(),
             failed_requests: 0,
@@ -1019,10 +1081,10 @@ mod tests {
         let samples: Vec<Sample> = (0..=30)
             .map(|i| sample(f64::from(i) * 2.0, "node0", 30))
             .collect();
-        let growth = rss_growth(&samples, 60.0);
-        assert_eq!(growth[0].after_warmup_bytes, 30 << 20);
-        assert_eq!(growth[0].percent, 0.0);
-        assert!(rss_growth(&[], 60.0).is_empty());
+        let rss = growth(&samples, 60.0, |s| Some(s.rss_bytes));
+        assert_eq!(rss[0].after_warmup_bytes, 30 << 20);
+        assert_eq!(rss[0].percent, 0.0);
+        assert!(growth(&[], 60.0, |s| Some(s.rss_bytes)).is_empty());
     }
 
     #[test]

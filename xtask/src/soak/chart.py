@@ -1,5 +1,5 @@
-"""Draws chart.png from a `cargo xtask soak` results.json: each agent's RSS and open
-file descriptors over the soak, the load's progress, and the churn steps.
+"""Draws chart.png from a `cargo xtask soak` results.json: each agent's RSS (and the
+memory its allocator handed out) and open file descriptors over the soak, the load's progress, and the churn steps.
 
 Run by the soak with Debian's python3-matplotlib:
     /usr/bin/python3 chart.py results.json chart.png
@@ -23,7 +23,16 @@ def main(results_path, png_path):
     for node in nodes:
         mine = [s for s in samples if s["node"] == node]
         minutes = [s["seconds"] / 60 for s in mine]
-        rss.plot(minutes, [s["rss_bytes"] / 2**20 for s in mine], label=f"agent {node}")
+        line = rss.plot(minutes, [s["rss_bytes"] / 2**20 for s in mine], label=f"agent {node} RSS")
+        heap = [s for s in mine if s.get("heap_bytes")]
+        if heap:
+            rss.plot(
+                [s["seconds"] / 60 for s in heap],
+                [s["heap_bytes"] / 2**20 for s in heap],
+                linestyle="--",
+                color=line[0].get_color(),
+                label=f"agent {node} heap in use",
+            )
         fds.plot(minutes, [s["fds"] for s in mine], label=f"agent {node}")
     first = [s for s in samples if s["node"] == nodes[0]] if nodes else []
     minutes = [s["seconds"] / 60 for s in first]
@@ -39,7 +48,7 @@ def main(results_path, png_path):
             axis.axvline(event["seconds"] / 60, color="#dddddd", linewidth=0.5, zorder=0)
         axis.grid(True, linewidth=0.3)
         axis.legend(loc="upper left", fontsize="small")
-    rss.set_ylabel("RSS (MiB)")
+    rss.set_ylabel("memory (MiB)")
     rss.set_ylim(bottom=0)
     fds.set_ylabel("open file descriptors")
     fds.set_ylim(bottom=0)
