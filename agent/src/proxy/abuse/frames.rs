@@ -145,11 +145,12 @@ impl Framing {
                     if take < left {
                         self.state = State::Keep(head, left - take);
                     } else {
-                        on(Seen::Kept(head, &self.kept))?;
+                        // In step first, as for a header.
                         self.state = match head.length - self.kept.len() {
                             0 => State::Header,
                             rest => State::Payload(rest),
                         };
+                        on(Seen::Kept(head, &self.kept))?;
                     }
                 }
                 State::Payload(left) => {
