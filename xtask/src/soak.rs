@@ -975,23 +975,19 @@ fn write(results: &Results, out: &Path) -> anyhow::Result<()> {
         results.certificates_issued,
         results.config_updates
     );
-    for growth in &results.goals.rss {
-        eprintln!(
-            "    agent on {}: RSS {:.1} MiB after warm-up, {:.1} MiB at the end ({:+.1} %)",
-            growth.node,
-            growth.after_warmup_bytes as f64 / 1048576.0,
-            growth.at_end_bytes as f64 / 1048576.0,
-            growth.percent
-        );
-    }
-    for growth in &results.goals.heap {
-        eprintln!(
-            "    agent on {}: heap in use {:.1} MiB after warm-up, {:.1} MiB at the end ({:+.1} %)",
-            growth.node,
-            growth.after_warmup_bytes as f64 / 1048576.0,
-            growth.at_end_bytes as f64 / 1048576.0,
-            growth.percent
-        );
+    for (what, growths) in [
+        ("RSS", &results.goals.rss),
+        ("heap in use", &results.goals.heap),
+    ] {
+        for growth in growths {
+            eprintln!(
+                "    agent on {}: {what} {:.1} MiB after warm-up, {:.1} MiB at the end ({:+.1} %)",
+                growth.node,
+                growth.after_warmup_bytes as f64 / 1048576.0,
+                growth.at_end_bytes as f64 / 1048576.0,
+                growth.percent
+            );
+        }
     }
     for rest in &results.goals.rest {
         eprintln!(
