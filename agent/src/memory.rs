@@ -4,8 +4,9 @@
 //! connections, and went back to 34 MB once trimmed). [`give_back`] returns the free
 //! pages; the agent calls it when the connections it holds have fallen well below
 //! their recent peak, or the allocator keeps more than [`WORTH_A_TRIM`] free (a steady
-//! load with bursts grows it a step at a time: 8 % in a 14-minute soak). [`in_use`] tells what the agent's data takes, without the free
-//! memory the allocator keeps: a leak grows it, fragmentation does not.
+//! load with bursts grows it a step at a time: 8 % in a 14-minute soak). [`in_use`]
+//! tells what the agent's data takes, without the free memory the allocator keeps: a
+//! leak grows it, fragmentation does not.
 
 /// Returns the allocator's free pages to the system (`malloc_trim`); a no-op where the
 /// C library is not glibc.
@@ -26,26 +27,24 @@ pub const WORTH_A_TRIM: u64 = 8 << 20;
 /// arena); `None` where the C library is not glibc. Some of it lies in pages that hold
 /// blocks in use too, which [`give_back`] cannot return.
 pub fn kept_free() -> Option<u64> {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // SAFETY: as in `in_use`.
-        let info = unsafe { libc::mallinfo2() };
-        Some(info.fordblks as u64)
-    }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    None
+    statistics().map(|(_, free)| free)
 }
 
 /// Bytes the allocator has handed out and not had back (glibc's `mallinfo2`: its small
 /// blocks in use, over every arena, and its mmapped large ones); `None` where the C
 /// library is not glibc.
 pub fn in_use() -> Option<u64> {
+    statistics().map(|(in_use, _)| in_use)
+}
+
+/// glibc's allocator statistics, summed over its arenas: bytes in use, bytes kept free.
+fn statistics() -> Option<(u64, u64)> {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // SAFETY: `mallinfo2` reads the allocator's statistics under its locks and takes
         // no pointer from us.
         let info = unsafe { libc::mallinfo2() };
-        Some((info.uordblks + info.hblkhd) as u64)
+        Some(((info.uordblks + info.hblkhd) as u64, info.fordblks as u64))
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     None

@@ -1,6 +1,6 @@
 //! The agent's own CPU time, memory and open files (`weft_process_*`), read from
-//! `/proc/self` (and the allocator) at each scrape: what the agent costs its node, without a kubelet's
-//! cAdvisor. CPU time is a gauge of seconds, not Prometheus' usual
+//! `/proc/self` (and the allocator) at each scrape: what the agent costs its node,
+//! without a kubelet's cAdvisor. CPU time is a gauge of seconds, not Prometheus' usual
 //! `process_cpu_seconds_total` counter: the metrics crate's counters hold integers.
 
 use std::fs;
