@@ -29,7 +29,7 @@ use weft_agent::{
     cni,
     controller::Controller,
     datapath::{CaptureTarget, Datapath, Pins, flows::Flow, pinned::OriginalDestinations},
-    handover,
+    files, handover,
     identity::Identity,
     logging, memory,
     mesh::MeshConfig,
@@ -45,6 +45,9 @@ use weft_agent::{
     tls::CertStore,
 };
 use weft_cni::install::Installer;
+
+/// Where the agent keeps its state on the node, unless told otherwise.
+const STATE_DIR: &str = "/run/weft/agent";
 
 #[derive(Debug, Parser)]
 #[command(version, about = "weft's per-node agent")]
@@ -82,7 +85,7 @@ enum Command {
     /// accepts a connection itself.
     Hold {
         /// The agent's state directory, where `holder.sock` is.
-        #[arg(long, env = "WEFT_STATE_DIR", default_value = "/run/weft/agent")]
+        #[arg(long, env = "WEFT_STATE_DIR", default_value = STATE_DIR)]
         state_dir: PathBuf,
     },
 }
@@ -153,7 +156,7 @@ struct RunArgs {
     #[command(flatten)]
     cni: CniArgs,
     /// Where the agent keeps its records of enrolled pods.
-    #[arg(long, env = "WEFT_STATE_DIR", default_value = "/run/weft/agent")]
+    #[arg(long, env = "WEFT_STATE_DIR", default_value = STATE_DIR)]
     state_dir: PathBuf,
     /// The mesh configuration file (reloaded when it changes), for running without a
     /// controller.
@@ -998,6 +1001,9 @@ async fn start(args: &RunArgs) -> anyhow::Result<Started> {
                     "cannot create the state directory {}",
                     args.state_dir.display()
                 )
+            })?;
+            files::remove_leftovers(&args.state_dir).with_context(|| {
+                format!("cannot clean the state directory {}", args.state_dir.display())
             })?;
             let settings = subscription::Settings {
                 controller: Arc::clone(controller),

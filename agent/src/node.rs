@@ -23,7 +23,7 @@ use weft_api::enroll::{Pod, Reply, Request};
 
 use crate::{
     datapath::{Datapath, DatapathError, netns},
-    files::write_atomically,
+    files::{self, write_atomically},
     mesh::{MeshConfig, PeerMode, PlaintextPolicy},
     reload::Current,
 };
@@ -93,6 +93,7 @@ impl Node {
     ) -> Result<Self, NodeError> {
         let store = state_dir.join("pods");
         fs::create_dir_all(&store).map_err(store_error(&store))?;
+        files::remove_leftovers(&store).map_err(store_error(&store))?;
         let mut node = Self {
             datapath,
             mesh,
