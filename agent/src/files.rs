@@ -90,7 +90,12 @@ mod tests {
         // No process has a pid above the kernel's limit (2^22).
         let dead = file(&format!("config.tmp.{}", i32::MAX));
         let own = file(&format!("pod.tmp.{}", std::process::id()));
-        let others = [file("config.pb"), file("pod.json"), file("notes.tmp.x"), own];
+        let others = [
+            file("config.pb"),
+            file("pod.json"),
+            file("notes.tmp.x"),
+            own,
+        ];
 
         write_atomically(&dir.path().join("config.pb"), b"new", 0o644).unwrap();
         assert_eq!(remove_leftovers(dir.path()).unwrap(), 1);

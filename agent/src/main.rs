@@ -221,7 +221,8 @@ struct RunArgs {
     #[arg(long, env = "WEFT_DRAIN_TIMEOUT", value_parser = parse_duration, default_value = "30")]
     drain_timeout: Duration,
     /// How long a carried TCP connection may move no byte either way before it is
-    /// closed, unless its service's TrafficPolicy sets `timeouts.idle`.
+    /// closed, unless its service's TrafficPolicy sets `timeouts.idle`; and an HTTP
+    /// request's stream, unless it sets `timeouts.streamIdle`.
     #[arg(long, env = "WEFT_IDLE_TIMEOUT", value_parser = parse_duration, default_value = "1h")]
     idle_timeout: Duration,
     /// How long a connection to an endpoint may take to open (across nodes: the HBONE
@@ -1003,7 +1004,10 @@ async fn start(args: &RunArgs) -> anyhow::Result<Started> {
                 )
             })?;
             files::remove_leftovers(&args.state_dir).with_context(|| {
-                format!("cannot clean the state directory {}", args.state_dir.display())
+                format!(
+                    "cannot clean the state directory {}",
+                    args.state_dir.display()
+                )
             })?;
             let settings = subscription::Settings {
                 controller: Arc::clone(controller),

@@ -439,8 +439,8 @@ pub struct Service {
     )]
     pub request_timeout: Option<Duration>,
     /// How long an HTTP request's stream may carry nothing, either way, before the
-    /// client's agent ends it (the TrafficPolicy's `timeouts.streamIdle`); `None`: no
-    /// limit.
+    /// client's agent ends it (the TrafficPolicy's `timeouts.streamIdle`); `None`: the
+    /// agent's idle timeout.
     #[serde(
         default,
         rename = "streamIdleTimeout",

@@ -1,7 +1,7 @@
 //! The agent's proxy: outbound (connections the kernel captured from local pods) and
 //! inbound (HBONE tunnels from other nodes' agents), with the state both share.
 
-mod abuse;
+pub mod abuse;
 pub mod admission;
 pub mod authorize;
 pub mod balance;
@@ -69,8 +69,9 @@ pub const HBONE_PORT: u16 = 15008;
 pub struct Settings {
     /// How long a connection to a pod or a peer agent may take to establish.
     pub connect_timeout: Duration,
-    /// How long a carried TCP connection may move no byte either way before the agent
-    /// closes it, unless its service's TrafficPolicy says otherwise.
+    /// How long a carried TCP connection (or an HTTP request's stream) may move no
+    /// byte either way before the agent closes it (ends it), unless its service's
+    /// TrafficPolicy says otherwise (`timeouts.idle`, `timeouts.streamIdle`).
     pub idle_timeout: Duration,
     /// How long a captured connection from a pod the mesh configuration does not name
     /// yet (it was just created) waits for the configuration, and for its certificate.

@@ -4,7 +4,8 @@
 //!   deadline (`grpc-timeout`) answer a slow request 504 and leave a quick one alone;
 //!   the deadline goes on to the server reduced by the time already spent; a stream
 //!   idle timeout ends quiet gRPC streams (before and after their head) and leaves a
-//!   moving one alone; replicas that never answer a connection cost the connect
+//!   moving one alone, the service's or, where it sets none, the agent's idle timeout;
+//!   replicas that never answer a connection cost the connect
 //!   timeout; the controller accepts the policies as enforced;
 //! - outlier detection: a replica that answers 503 to everything is ejected after its
 //!   consecutive gateway errors, gets nothing while ejected (the gauge and the admin
@@ -107,7 +108,20 @@ apiVersion: weft.dev/v1alpha1
 kind: TrafficPolicy
 metadata: { name: streams, namespace: default }
 spec: { service: streams, timeouts: { streamIdle: 1s } }
+---
+apiVersion: v1
+kind: Service
+metadata: { name: lasting, namespace: default }
+spec:
+  clusterIP: 10.96.2.21
+  selector: { app: echo }
+  ports: [{ name: grpc, port: 7070, targetPort: 8080, appProtocol: kubernetes.io/h2c }]
 "#;
+
+/// The `streams` service, with a stream idle timeout of its own (1 s).
+const STREAMS: &str = "http://10.96.2.20:7070";
+/// The `lasting` service, with none: the agent's idle timeout (3 s in the test below) applies.
+const LASTING: &str = "http://10.96.2.21:7070";
 
 /// Services whose clients retry: `retried` (a broken replica among good ones),
 /// `sluggish` (a slow one among good ones, cut by the per-try timeout), `down` (every
@@ -367,9 +381,15 @@ fn get(cluster: &TestCluster, path: &str, headers: &[&str]) -> (u16, String, ser
     (status, error, echo)
 }
 
-/// What one `weft-client grpc <call>` of the `streams` service got: its replies, and
-/// the status code it ended with (0: OK).
-fn stream_call(cluster: &TestCluster, call: &str, count: u32, delay_ms: u32) -> (usize, i64) {
+/// What one `weft-client grpc <call>` of the service at `target` got: its replies,
+/// and the status code it ended with (0: OK).
+fn stream_call(
+    cluster: &TestCluster,
+    target: &str,
+    call: &str,
+    count: u32,
+    delay_ms: u32,
+) -> (usize, i64) {
     let client = workspace_bin("weft-client").display().to_string();
     let (count, delay_ms) = (count.to_string(), delay_ms.to_string());
     let argv = [
@@ -377,7 +397,7 @@ fn stream_call(cluster: &TestCluster, call: &str, count: u32, delay_ms: u32) -> 
         "grpc",
         call,
         "--target",
-        "http://10.96.2.20:7070",
+        target,
         "--count",
         &count,
         "--delay-ms",
@@ -402,7 +422,9 @@ fn stream_call(cluster: &TestCluster, call: &str, count: u32, delay_ms: u32) -> 
 
 #[test]
 fn slow_requests_get_504_at_the_nearest_deadline_and_grpc_deadlines_go_on_reduced() {
-    let mut cluster = TestCluster::with_mesh(2, &format!("{MESH}{RETRYING}{QUIET}"));
+    let manifests = format!("{MESH}{RETRYING}{QUIET}");
+    let mut cluster =
+        TestCluster::with_mesh_and_agent_args(2, &manifests, &["--idle-timeout", "3s"]);
     let echo = workspace_bin("weft-echo").display().to_string();
     let mut server = PodSpec::new("echo-0", "node1", &[&echo]);
     server.labels.insert("app".into(), "echo".into());
@@ -442,14 +464,30 @@ fn slow_requests_get_504_at_the_nearest_deadline_and_grpc_deadlines_go_on_reduce
 
     // The stream idle timeout (1 s) leaves a stream that keeps moving alone, however
     // long it lasts ...
-    assert_eq!(stream_call(&cluster, "server-stream", 4, 400), (4, 0));
+    assert_eq!(
+        stream_call(&cluster, STREAMS, "server-stream", 4, 400),
+        (4, 0)
+    );
     // ... ends one that goes quiet after its head with DEADLINE_EXCEEDED ...
-    assert_eq!(stream_call(&cluster, "server-stream", 2, 2500), (0, 4));
+    assert_eq!(
+        stream_call(&cluster, STREAMS, "server-stream", 2, 2500),
+        (0, 4)
+    );
     // ... and a call whose head does not come, as a request timeout would; both are
     // counted as ended idle (`SI`).
-    assert_eq!(stream_call(&cluster, "unary", 1, 2500), (0, 4));
+    assert_eq!(stream_call(&cluster, STREAMS, "unary", 1, 2500), (0, 4));
+    // Where the service sets none, the agent's idle timeout (3 s) bounds a stream as it
+    // bounds a TCP connection: a quiet client or server cannot hold one for ever.
+    assert_eq!(
+        stream_call(&cluster, LASTING, "server-stream", 3, 1500),
+        (3, 0)
+    );
+    assert_eq!(
+        stream_call(&cluster, LASTING, "server-stream", 2, 5000),
+        (0, 4)
+    );
     wait_until(
-        "both idle streams are counted",
+        "the three idle streams are counted",
         Duration::from_secs(10),
         || {
             let metrics = agent_metrics(&cluster, "node0");
@@ -457,7 +495,7 @@ fn slow_requests_get_504_at_the_nearest_deadline_and_grpc_deadlines_go_on_reduce
                 &metrics,
                 "istio_requests_total",
                 &[("response_flags", "SI")],
-            ) == 2.0
+            ) == 3.0
         },
     );
 

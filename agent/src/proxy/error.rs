@@ -108,7 +108,8 @@ pub enum ProxyError {
     },
     #[error(
         "the request's stream carried nothing, either way, for its idle timeout of \
-         {timeout:?} (the service's TrafficPolicy timeouts.streamIdle)"
+         {timeout:?} (the service's TrafficPolicy timeouts.streamIdle, else the agent's \
+         --idle-timeout)"
     )]
     StreamIdle { timeout: Duration },
     #[error(

@@ -143,19 +143,16 @@ impl Outbound {
                 }
             }
         };
-        let stream_idle = settings.stream_idle.map(Activity::new);
+        let stream_idle = Activity::new(settings.stream_idle);
         let request = self.mirrored(request, routed.as_ref(), stream_idle.clone());
         let carried = traceparent(&span);
         let retrying = settings.retrying;
         let tries = self.tries(request, backend, retrying, limits, carried, &mut exchange);
-        let tried = match &stream_idle {
-            None => tries.await,
-            Some(activity) => tokio::select! {
-                tried = tries => tried,
-                () = activity.idle() => Err(ProxyError::StreamIdle {
-                    timeout: activity.timeout(),
-                }),
-            },
+        let tried = tokio::select! {
+            tried = tries => tried,
+            () = stream_idle.idle() => Err(ProxyError::StreamIdle {
+                timeout: stream_idle.timeout(),
+            }),
         };
         let (tried, outcome) = match tried {
             Ok(last) => last,
@@ -192,7 +189,7 @@ impl Outbound {
             span,
             exchange,
             upstream,
-            stream_idle,
+            Some(stream_idle),
             move |sender, exchange, answer| {
                 drop(admitted);
                 // A server error counts against the endpoint (outlier detection).
@@ -413,7 +410,7 @@ impl Outbound {
         &self,
         request: Request<Incoming>,
         routed: Option<&Routed>,
-        stream_idle: Option<Activity>,
+        stream_idle: Activity,
     ) -> Request<ProxyBody> {
         let request = request.map(|body| Touching::new(body, stream_idle));
         let boxed = |body: Touching<Incoming>| body.map_err(Into::into).boxed_unsync();
@@ -468,7 +465,7 @@ impl Outbound {
 
     /// What applies to a request besides its route: its timeouts — the route's, with
     /// the service's TrafficPolicy `timeouts.request` where the route sets none, and
-    /// the service's `timeouts.streamIdle` — how it
+    /// the service's `timeouts.streamIdle` (else the agent's `--idle-timeout`) — how it
     /// is retried (by the service the client called; none for a pod addressed
     /// directly), and the limits of the service it goes to (a route's backend, or the
     /// one called).
@@ -498,7 +495,9 @@ impl Outbound {
             .as_ref()
             .and_then(|(service, _)| service.idle_timeout);
         Settings {
-            stream_idle: called.and_then(|(service, _)| service.stream_idle_timeout),
+            stream_idle: called
+                .and_then(|(service, _)| service.stream_idle_timeout)
+                .unwrap_or(self.proxy.settings.idle_timeout),
             timeouts,
             retrying: retrying(&self.proxy, &mesh, &self.logical),
             breaker: backend.and_then(|(service, key)| breaker(&self.proxy, service, &key)),
@@ -614,8 +613,8 @@ struct Limits {
 /// What applies to a request besides its route ([`Outbound::settings`]).
 struct Settings {
     timeouts: Timeouts,
-    /// The called service's `timeouts.streamIdle`.
-    stream_idle: Option<Duration>,
+    /// The called service's `timeouts.streamIdle`, else the agent's idle timeout.
+    stream_idle: Duration,
     retrying: Option<Retrying>,
     breaker: Option<Arc<Breaker>>,
     max_requests_per_connection: Option<u32>,

@@ -1,5 +1,6 @@
-//! The stream idle timeout (a service's TrafficPolicy `timeouts.streamIdle`): a request
-//! whose stream carries nothing, either way, for that long is ended. Both bodies share
+//! The stream idle timeout (a service's TrafficPolicy `timeouts.streamIdle`, else the
+//! agent's `--idle-timeout`): a request whose stream carries nothing, either way, for
+//! that long is ended. Both bodies share
 //! one [`Activity`]: the request's ([`Touching`]) and the response's ([`Guarded`]) mark
 //! it on each frame. Before the response's head, [`Activity::idle`] ends the wait (the
 //! client gets 504); after it, the response's body ends the stream — a gRPC call with
@@ -95,12 +96,11 @@ pub struct StreamIdle(Duration);
 /// A request's body, marking the stream's activity on each frame.
 pub struct Touching<B> {
     inner: B,
-    activity: Option<Activity>,
+    activity: Activity,
 }
 
 impl<B> Touching<B> {
-    /// `activity`: `None` when the service sets no stream idle timeout.
-    pub fn new(inner: B, activity: Option<Activity>) -> Self {
+    pub fn new(inner: B, activity: Activity) -> Self {
         Self { inner, activity }
     }
 }
@@ -118,8 +118,8 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let (Poll::Ready(Some(Ok(_))), Some(activity)) = (&polled, &this.activity) {
-            activity.touch();
+        if let Poll::Ready(Some(Ok(_))) = &polled {
+            this.activity.touch();
         }
         polled
     }
@@ -149,7 +149,8 @@ struct Guard {
 }
 
 impl<B> Guarded<B> {
-    /// `activity`: `None` when the service sets no stream idle timeout; `grpc`: the
+    /// `activity`: `None` for a stream guarded elsewhere (a request from a tunnel: the
+    /// client's agent guards it); `grpc`: the
     /// request is a gRPC call (it ends with trailers rather than an error).
     pub fn new(inner: B, activity: Option<Activity>, grpc: bool) -> Self {
         let guard = activity.map(|activity| Guard {
@@ -248,7 +249,7 @@ mod tests {
         let activity = Activity::new(Duration::from_secs(10));
         let (mut upload, request) = body();
         let (mut download, response) = body();
-        let mut request = Touching::new(request, Some(activity.clone()));
+        let mut request = Touching::new(request, activity.clone());
         let mut response = Guarded::new(response, Some(activity.clone()), false);
         let start = Instant::now();
         // The request's body moves at 8 s, the response's at 16 s: each pushes the end.
@@ -287,7 +288,7 @@ mod tests {
     async fn idle_resolves_only_after_the_last_frame_plus_the_timeout() {
         let activity = Activity::new(Duration::from_secs(3));
         let (mut upload, request) = body();
-        let mut request = Touching::new(request, Some(activity.clone()));
+        let mut request = Touching::new(request, activity.clone());
         let start = Instant::now();
         let touching = async {
             tokio::time::sleep(Duration::from_secs(2)).await;
