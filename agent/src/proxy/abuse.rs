@@ -263,6 +263,15 @@ pub struct Inspected<IO> {
     blocked: Option<Pin<Box<Sleep>>>,
 }
 
+impl<IO> std::fmt::Debug for Inspected<IO> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inspected")
+            .field("verdict", &self.verdict)
+            .field("stall", &self.stall)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<IO> Inspected<IO> {
     /// `io`, served on `listener`, inspected, its writes waiting at most `stall`; and
     /// the verdict to ask once the connection has ended.

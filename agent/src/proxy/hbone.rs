@@ -911,6 +911,20 @@ impl Incoming {
         self.answer(status);
     }
 
+    /// The calling pod's address, as the client's `Forwarded: for=` names it, if well
+    /// formed (who may believe it is the caller's to decide).
+    pub fn forwarded_for(&self) -> Option<std::net::IpAddr> {
+        let value = self.headers.get("forwarded")?.to_str().ok()?;
+        value
+            .split(';')
+            .flat_map(|part| part.split(','))
+            .find_map(|part| {
+                let address = part.trim().strip_prefix("for=")?.trim_matches('"');
+                let address = address.trim_start_matches('[').trim_end_matches(']');
+                address.parse().ok()
+            })
+    }
+
     fn answer(&mut self, status: StatusCode) {
         if let Some(mut respond) = self.respond.take()
             && let Err(e) = respond.send_response(status_only(status), true)

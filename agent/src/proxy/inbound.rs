@@ -209,7 +209,7 @@ async fn tunnel(
     }
     // The client's agent names the calling pod; believed only for a pod that runs as
     // the identity the client's certificate proves.
-    let source = forwarded_for(&incoming).and_then(|ip| {
+    let source = incoming.forwarded_for().and_then(|ip| {
         mesh.workload_by_ip(ip)
             .filter(|workload| mesh.identity(workload) == *client)
             .map(|workload| (workload, ip))
@@ -321,17 +321,4 @@ async fn tunnel(
         }
     };
     open.closed(&outcome);
-}
-
-/// The original client address from the `Forwarded: for=` header, if well formed.
-fn forwarded_for(incoming: &Incoming) -> Option<std::net::IpAddr> {
-    let value = incoming.headers.get("forwarded")?.to_str().ok()?;
-    value
-        .split(';')
-        .flat_map(|part| part.split(','))
-        .find_map(|part| {
-            let address = part.trim().strip_prefix("for=")?.trim_matches('"');
-            let address = address.trim_start_matches('[').trim_end_matches(']');
-            address.parse().ok()
-        })
 }

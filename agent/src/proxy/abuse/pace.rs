@@ -73,6 +73,7 @@ impl Pace {
 }
 
 /// A request's body, marking its [`Pace`].
+#[derive(Debug)]
 pub struct Paced<B> {
     inner: B,
     pace: Pace,
