@@ -569,9 +569,17 @@ impl Soak {
             )
         });
         let load_seconds = clock.elapsed().as_secs_f64();
-        load_result?;
         let events = churn_result?;
         let samples = sample_result?;
+        if let Err(err) = load_result {
+            // What was sampled until the load stopped still tells how memory went.
+            write_samples(&samples, out)?;
+            return Err(err.context(format!(
+                "the load stopped after {}; the samples until then are in {}",
+                bench::minutes(load_seconds),
+                out.join("samples.csv").display()
+            )));
+        }
 
         eprintln!(
             "==> load over after {}; the agents settle",
@@ -946,20 +954,32 @@ fn open_fds(pid: u32) -> u64 {
     fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |dir| dir.count() as u64)
 }
 
+/// Writes `samples` into `out` as `samples.csv` (the heap column is empty where it was
+/// not read).
+fn write_samples(samples: &[Sample], out: &Path) -> anyhow::Result<()> {
+    let mut csv =
+        String::from("seconds,node,rss_bytes,heap_bytes,fds,new_connections,requests,failed\n");
+    for s in samples {
+        let heap = s
+            .heap_bytes
+            .map(|bytes| bytes.to_string())
+            .unwrap_or_default();
+        csv.push_str(&format!(
+            "{:.1},{},{},{heap},{},{},{},{}\n",
+            s.seconds, s.node, s.rss_bytes, s.fds, s.new_connections, s.requests, s.failed
+        ));
+    }
+    let path = out.join("samples.csv");
+    fs::write(&path, csv).with_context(|| format!("cannot write {}", path.display()))
+}
+
 /// Writes `results.json`, `samples.csv` and `chart.png` into `out` and prints the
 /// summary.
 fn write(results: &Results, out: &Path) -> anyhow::Result<()> {
     let json = out.join("results.json");
     fs::write(&json, serde_json::to_string_pretty(results)?)
         .with_context(|| format!("cannot write {}", json.display()))?;
-    let mut csv = String::from("seconds,node,rss_bytes,fds,new_connections,requests,failed\n");
-    for s in &results.samples {
-        csv.push_str(&format!(
-            "{:.1},{},{},{},{},{},{}\n",
-            s.seconds, s.node, s.rss_bytes, s.fds, s.new_connections, s.requests, s.failed
-        ));
-    }
-    fs::write(out.join("samples.csv"), csv)?;
+    write_samples(&results.samples, out)?;
     let chart = out.join("chart.png");
     match bench::draw_chart(include_str!("soak/chart.py"), &json, &chart) {
         Ok(()) => eprintln!("==> chart: {}", chart.display()),
