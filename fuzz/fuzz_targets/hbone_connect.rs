@@ -39,7 +39,15 @@ fuzz_target!(|input: &[u8]| {
         .expect("a runtime");
     runtime.block_on(async {
         let (io, verdict) = Inspected::new(peer, Listener::Hbone, Duration::from_secs(60));
-        let served = hbone::serve(io, &Settings::default(), std::future::pending(), handle).await;
+        let premature = io.premature_resets();
+        let served = hbone::serve(
+            io,
+            &Settings::default(),
+            premature,
+            std::future::pending(),
+            handle,
+        )
+        .await;
         let _ = verdict.of(served.as_ref().err().map(|err| err as _));
     });
 });

@@ -12,7 +12,8 @@
 //! Clients that keep the agent waiting are bounded in time: [`Inspected`] fails writes
 //! the client takes nothing of and, on a pod's HTTP/2 connection, reads once a started
 //! response has waited that long for the client to open a window; [`Pace`] finds a
-//! request body that stalls.
+//! request body that stalls. A peer agent's tunnels reset as soon as they are opened
+//! are paced rather than punished ([`Pacing`]).
 //!
 //! Every abuse found counts in `weft_http_abuse_total{listener, reason}`.
 
@@ -37,10 +38,12 @@ use crate::logging::{Throttle, held_back};
 pub use self::{
     frames::Inspector,
     pace::{Pace, Paced},
+    resets::{PEER_RESET_RATE, Pacing, PrematureResets, paced},
 };
 
 mod frames;
 mod pace;
+mod resets;
 #[cfg(test)]
 mod tests;
 mod windows;
@@ -196,6 +199,7 @@ pub fn describe() {
          priority_flood, rapid_reset, provoked_resets, continuation_flood, header_bomb, \
          empty_frames, head_too_large, slow_body, stalled_reader, zero_window)"
     );
+    resets::describe();
 }
 
 /// Counts `abuse` on `listener`.
@@ -287,6 +291,13 @@ impl<IO> Inspected<IO> {
             blocked: None,
         };
         (inspected, verdict)
+    }
+
+    /// The streams the client resets within [`PREMATURE`] of opening them, counted as
+    /// they pass (on a peer's HBONE connection, where they are paced rather than
+    /// budgeted: [`Pacing`]).
+    pub fn premature_resets(&self) -> PrematureResets {
+        self.inspector.premature_resets()
     }
 
     /// Passes on a write's (or flush's) outcome, or fails it once writes have waited

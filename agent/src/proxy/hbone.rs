@@ -13,7 +13,8 @@
 //! - [`Pool`]: the client side; pooled HTTP/2 connections per key, each shared by up
 //!   to a hundred tunnels.
 //! - [`serve`]: the server side; validates CONNECT requests and hands each one to a
-//!   handler as an [`Incoming`] that it accepts or refuses.
+//!   handler as an [`Incoming`] that it accepts or refuses, pacing a peer that resets
+//!   its tunnels as soon as they open.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -37,7 +38,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::OnceCell;
 use tokio::time::{Instant, timeout, timeout_at};
 
-use super::abuse::Listener;
+use super::abuse::{self, Listener, Pacing, PrematureResets};
 use crate::sync;
 
 #[cfg(test)]
@@ -979,11 +980,16 @@ fn status_only(status: StatusCode) -> Response<()> {
 /// tunnels elsewhere (on a new connection, to whichever process accepts it), and the
 /// tunnels open finish.
 ///
+/// While the client's `premature` resets (tunnels reset as soon as opened, counted by
+/// the connection's inspector) outrun their budget, new tunnels wait ([`Pacing`]): the
+/// connection goes on, but the handler, which dials a pod for each, is not called.
+///
 /// Returns `Ok` when the client closes cleanly, and an error saying what went wrong
 /// otherwise (timeout, garbage, protocol violation, lost transport).
 pub async fn serve<IO, H, Fut>(
     io: IO,
     settings: &Settings,
+    premature: PrematureResets,
     shutdown: impl Future<Output = ()>,
     handler: H,
 ) -> Result<(), HboneError>
@@ -1016,38 +1022,36 @@ where
     let expiry = tokio::time::sleep_until(deadline);
     tokio::pin!(expiry);
     let mut handshaking = true;
-    let (mut accepted, mut rejected) = (0u64, 0u64);
+    let (mut accepted, mut rejected, mut withdrawn) = (0u64, 0u64, 0u64);
     tokio::pin!(shutdown);
     let mut shutting_down = false;
+    let mut pacing = Pacing::new(Instant::now());
+    let mut held_back = false;
 
     loop {
+        let paced = pacing.wait(premature.count(), Instant::now());
+        if paced.is_some() && !held_back {
+            abuse::paced();
+        }
+        held_back = paced.is_some();
+        let resume = async {
+            match paced {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            next = connection.accept() => match next {
+            next = next_tunnel(&mut connection, paced.is_none()) => match next {
                 None if handshaking => return Err(HboneError::Closed),
                 None => break,
                 Some(Err(e)) => {
                     debug!("HBONE connection failed after {accepted} tunnels: {e}");
                     return Err(HboneError::Protocol(e));
                 }
-                Some(Ok((request, mut respond))) => match connect_target(&request) {
-                    Ok(authority) => {
-                        accepted += 1;
-                        let (parts, body) = request.into_parts();
-                        let incoming = Incoming {
-                            authority,
-                            headers: parts.headers,
-                            respond: Some(respond),
-                            body: Some(body),
-                        };
-                        tokio::spawn(handler(incoming));
-                    }
-                    Err(why) => {
-                        rejected += 1;
-                        debug!("HBONE: answering 400 to {} {}: {why}", request.method(), request.uri());
-                        if let Err(e) = respond.send_response(status_only(StatusCode::BAD_REQUEST), true) {
-                            debug!("HBONE: could not answer 400: {e}");
-                        }
-                    }
+                Some(Ok(connect)) => match take(connect, &handler) {
+                    Taken::Handled => accepted += 1,
+                    Taken::Refused => rejected += 1,
+                    Taken::Withdrawn => withdrawn += 1,
                 },
             },
             pong = &mut pong, if handshaking => {
@@ -1059,10 +1063,85 @@ where
                 connection.graceful_shutdown();
                 shutting_down = true;
             }
+            () = resume => {}
         }
     }
-    debug!("HBONE connection closed by the client: {accepted} tunnels, {rejected} bad requests");
+    debug!(
+        "HBONE connection closed by the client: {accepted} tunnels, {rejected} bad requests, \
+         {withdrawn} reset before they were taken"
+    );
     Ok(())
+}
+
+/// What [`serve`] did with a CONNECT h2 handed over.
+enum Taken {
+    Handled,
+    Refused,
+    Withdrawn,
+}
+
+/// Hands a valid CONNECT to `handler` on a task of its own and answers 400 to one that
+/// is not; one the client has reset already is dropped: it waits for no answer, and
+/// no pod is dialled for it.
+fn take<H, Fut>((request, mut respond): Connect, handler: &H) -> Taken
+where
+    H: Fn(Incoming) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let waker = std::task::Waker::noop();
+    if respond
+        .poll_reset(&mut Context::from_waker(waker))
+        .is_ready()
+    {
+        return Taken::Withdrawn;
+    }
+    match connect_target(&request) {
+        Ok(authority) => {
+            let (parts, body) = request.into_parts();
+            let incoming = Incoming {
+                authority,
+                headers: parts.headers,
+                respond: Some(respond),
+                body: Some(body),
+            };
+            tokio::spawn(handler(incoming));
+            Taken::Handled
+        }
+        Err(why) => {
+            debug!(
+                "HBONE: answering 400 to {} {}: {why}",
+                request.method(),
+                request.uri()
+            );
+            if let Err(e) = respond.send_response(status_only(StatusCode::BAD_REQUEST), true) {
+                debug!("HBONE: could not answer 400: {e}");
+            }
+            Taken::Refused
+        }
+    }
+}
+
+/// A CONNECT as h2 hands it over: the request, and where to answer it.
+type Connect = (Request<RecvStream>, SendResponse<Bytes>);
+
+/// The next CONNECT on `connection`, if `accepting`; else only the connection's
+/// progress (h2 keeps the CONNECTs that arrive meanwhile for later), ending with it.
+fn next_tunnel<IO>(
+    connection: &mut h2::server::Connection<IO, Bytes>,
+    accepting: bool,
+) -> impl Future<Output = Option<Result<Connect, h2::Error>>>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    std::future::poll_fn(move |cx| {
+        if accepting {
+            connection.poll_accept(cx)
+        } else {
+            connection
+                .poll_closed(cx)
+                .map(|closed| closed.err().map(Err))
+        }
+    })
 }
 
 /// The destination of a valid HBONE CONNECT, or why it is not one.

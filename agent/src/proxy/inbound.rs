@@ -119,9 +119,11 @@ async fn connection(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr, mut per
         }
     };
     let (tls, verdict) = Inspected::new(tls, Listener::Hbone, proxy.settings.client_stall);
+    let premature = tls.premature_resets();
     let served = hbone::serve(
         tls,
         &proxy.settings.hbone,
+        premature,
         proxy.draining().started(),
         handler,
     )

@@ -8,8 +8,8 @@ use std::collections::VecDeque;
 use tokio::time::Instant;
 
 use super::{
-    Abuse, Listener, PING_RATE, PREMATURE, PRIORITY_RATE, RAPID_RESET_RATE, SETTINGS_RATE,
-    YOUNG_STREAMS, calmed_for, windows::Windows,
+    Abuse, Listener, PING_RATE, PREMATURE, PRIORITY_RATE, PrematureResets, RAPID_RESET_RATE,
+    SETTINGS_RATE, YOUNG_STREAMS, calmed_for, windows::Windows,
 };
 use crate::proxy::admission::Bucket;
 pub(super) use crate::proxy::detect::PREFACE;
@@ -192,6 +192,8 @@ pub struct Inspector {
     newest: u32,
     /// Why h2 closed the connection, when it was for an abuse.
     calmed: Option<Abuse>,
+    /// On a peer's HBONE connection: its premature resets, which are paced.
+    premature: PrematureResets,
     /// On a pod's connection: the windows the client grants. A peer agent's streams
     /// carry other clients' tunnels and requests, which stall as their clients do;
     /// each client is bounded on its own agent's connection.
@@ -238,6 +240,7 @@ impl Inspector {
             young: VecDeque::new(),
             newest: 0,
             calmed: None,
+            premature: PrematureResets::default(),
             windows: (listener == Listener::Outbound).then(Windows::new),
         }
     }
@@ -296,6 +299,12 @@ impl Inspector {
         });
     }
 
+    /// The streams the client reset within [`PREMATURE`] of opening them (counted on
+    /// a peer's HBONE connection only).
+    pub fn premature_resets(&self) -> PrematureResets {
+        self.premature.clone()
+    }
+
     /// Why h2 closed the connection, if it sent a GOAWAY for an abuse.
     pub fn calmed(&self) -> Option<Abuse> {
         self.calmed
@@ -336,22 +345,28 @@ impl Inspector {
     fn frame(&mut self, head: Head) -> Result<usize, Abuse> {
         // A peer agent passes on the cancellations of all its clients in one
         // connection (a tunnel or a request each), and has held each client to the
-        // reset budget already: only a pod's own connection is budgeted, so only there
-        // are streams remembered as young (and windows followed).
+        // reset budget already: only a pod's own connection is budgeted. On a peer's
+        // HBONE connection premature resets are counted, for the server to pace the
+        // peer's tunnels by; requests in a tunnel are not followed at all.
         let pods = self.listener == Listener::Outbound;
+        let streams = self.listener != Listener::Inbound;
         let abuse = match head.kind {
             PING if head.flags & ACK == 0 => Abuse::PingFlood,
             SETTINGS if head.flags & ACK == 0 => Abuse::SettingsFlood,
             PRIORITY => Abuse::PriorityFlood,
-            HEADERS if pods => {
+            HEADERS if streams => {
                 self.opened(head.stream);
                 return Ok(0);
             }
-            RST_STREAM if pods => {
+            RST_STREAM if streams => {
                 if let Some(windows) = &mut self.windows {
                     windows.ended(head.stream);
                 }
                 if !self.is_young(head.stream) {
+                    return Ok(0);
+                }
+                if !pods {
+                    self.premature.add();
                     return Ok(0);
                 }
                 Abuse::RapidReset

@@ -53,7 +53,15 @@ where
             let (tcp, _) = listener.accept().await.unwrap();
             let handler = handler.clone();
             connections.spawn(async move {
-                if let Err(e) = serve(tcp, &settings, std::future::pending(), handler).await {
+                if let Err(e) = serve(
+                    tcp,
+                    &settings,
+                    PrematureResets::default(),
+                    std::future::pending(),
+                    handler,
+                )
+                .await
+                {
                     debug!("test server: {e}");
                 }
             });
@@ -387,10 +395,16 @@ fn serve_pipe(
             async move { incoming.refuse(StatusCode::UNAUTHORIZED) }
         }
     };
-    let task =
-        tokio::spawn(
-            async move { serve(server, &settings, std::future::pending(), handler).await },
-        );
+    let task = tokio::spawn(async move {
+        serve(
+            server,
+            &settings,
+            PrematureResets::default(),
+            std::future::pending(),
+            handler,
+        )
+        .await
+    });
     (client, task, calls)
 }
 
@@ -945,7 +959,14 @@ impl PipeDialer {
                 let (client, server) = tokio::io::duplex(64 * 1024);
                 let settings = this.settings;
                 let task = tokio::spawn(async move {
-                    serve(server, &settings, std::future::pending(), echo_back).await
+                    serve(
+                        server,
+                        &settings,
+                        PrematureResets::default(),
+                        std::future::pending(),
+                        echo_back,
+                    )
+                    .await
                 });
                 this.servers.lock().unwrap().push(task);
                 Ok(client)
@@ -1009,6 +1030,93 @@ async fn a_full_connection_makes_the_pool_dial_another_and_idle_ones_are_release
         // And the next tunnel dials anew.
         drop(open().await.unwrap());
         assert_eq!((dialer.dials(), pool.connections()), (3, 1));
+    })
+    .await;
+}
+
+/// A peer that resets each tunnel as soon as it is open gets its burst (twice the
+/// budget) at once and its next tunnels only as fast as the budget refills, one a
+/// millisecond; a tunnel it keeps is still served. (Without the pacing, the paused
+/// clock would not move at all.)
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_resets_its_tunnels_at_once_is_paced() {
+    use crate::proxy::abuse::{Inspected, PEER_RESET_RATE};
+
+    within(async {
+        let (client, server) = tokio::io::duplex(1024 * 1024);
+        let (server, _) = Inspected::new(server, Listener::Hbone, Duration::from_secs(60));
+        let premature = server.premature_resets();
+        let settings = Settings::default();
+        let served = tokio::spawn(async move {
+            serve(
+                server,
+                &settings,
+                premature,
+                std::future::pending(),
+                echo_back,
+            )
+            .await
+        });
+        let (mut h2, connection) = h2::client::handshake(client).await.unwrap();
+        tokio::spawn(connection);
+
+        let burst = 2 * PEER_RESET_RATE as usize;
+        let paid = 500;
+        let started = Instant::now();
+        for _ in 0..burst + paid {
+            h2 = h2.ready().await.unwrap();
+            let (response, mut stream) = h2
+                .send_request(connect_request("10.0.0.1:80"), false)
+                .unwrap();
+            assert_eq!(response.await.unwrap().status(), StatusCode::OK);
+            stream.send_reset(Reason::CANCEL);
+        }
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(paid as u64 - 5),
+            "{paid} resets beyond the burst took {took:?}"
+        );
+        assert!(took < Duration::from_secs(2), "{took:?}");
+
+        // Once the resets are paid for, a tunnel the peer keeps carries its bytes.
+        h2 = h2.ready().await.unwrap();
+        let (response, mut stream) = h2
+            .send_request(connect_request("10.0.0.1:80"), false)
+            .unwrap();
+        let mut body = response.await.unwrap().into_body();
+        stream.send_data(Bytes::from_static(b"ping"), true).unwrap();
+        let echoed = body.data().await.unwrap().unwrap();
+        assert_eq!(&echoed[..], b"ping");
+
+        drop((h2, stream, body));
+        served.await.unwrap().unwrap();
+    })
+    .await;
+}
+
+/// A CONNECT the client resets before the server takes it reaches no handler (no pod
+/// is dialled for it); the next one does.
+#[tokio::test]
+async fn a_connect_reset_before_it_is_taken_reaches_no_handler() {
+    within(async {
+        let (client, server, calls) = serve_pipe(Settings::default());
+        let (mut h2, connection) = h2::client::handshake(client).await.unwrap();
+        tokio::spawn(connection);
+        // Both frames leave in one write: the server reads the reset with the CONNECT.
+        let (_, mut withdrawn) = h2
+            .send_request(connect_request("10.0.0.1:80"), false)
+            .unwrap();
+        withdrawn.send_reset(Reason::CANCEL);
+
+        h2 = h2.ready().await.unwrap();
+        let (response, _) = h2
+            .send_request(connect_request("10.0.0.1:80"), false)
+            .unwrap();
+        assert_eq!(response.await.unwrap().status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+        drop((h2, withdrawn));
+        server.await.unwrap().unwrap();
     })
     .await;
 }
