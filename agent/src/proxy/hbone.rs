@@ -21,7 +21,7 @@ use std::fmt;
 use std::future::Future;
 use std::hash::Hash;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -912,18 +912,10 @@ impl Incoming {
         self.answer(status);
     }
 
-    /// The calling pod's address, as the client's `Forwarded: for=` names it, if well
-    /// formed (who may believe it is the caller's to decide).
-    pub fn forwarded_for(&self) -> Option<std::net::IpAddr> {
-        let value = self.headers.get("forwarded")?.to_str().ok()?;
-        value
-            .split(';')
-            .flat_map(|part| part.split(','))
-            .find_map(|part| {
-                let address = part.trim().strip_prefix("for=")?.trim_matches('"');
-                let address = address.trim_start_matches('[').trim_end_matches(']');
-                address.parse().ok()
-            })
+    /// The calling pod's address, as the client's `Forwarded: for=` names it
+    /// ([`forwarded_for`]; who may believe it is the caller's to decide).
+    pub fn forwarded_for(&self) -> Option<IpAddr> {
+        forwarded_for(self.headers.get("forwarded")?.to_str().ok()?)
     }
 
     fn answer(&mut self, status: StatusCode) {
@@ -1141,6 +1133,63 @@ where
                 .poll_closed(cx)
                 .map(|closed| closed.err().map(Err))
         }
+    })
+}
+
+/// The address in the `for` parameter of a `Forwarded` header's first element, as
+/// RFC 7239 writes it: a token or a quoted string, an IPv4 address or a bracketed
+/// IPv6 one, with or without a port (`for=10.0.0.5`, `for="10.0.0.5:53766"`,
+/// `for="[fd00::5]:80"`; weft's agents send the first form, Istio's ztunnel the
+/// second). The first element is the original client; `unknown`, an obfuscated name
+/// or anything malformed names no address.
+pub fn forwarded_for(value: &str) -> Option<IpAddr> {
+    let first = split_unquoted(value, ',').next()?;
+    let node = split_unquoted(first, ';').find_map(|pair| {
+        let (name, value) = pair.split_once('=')?;
+        name.trim()
+            .eq_ignore_ascii_case("for")
+            .then(|| value.trim())
+    })?;
+    // An address needs no escapes: a quoted one with any is malformed.
+    let node = match node.strip_prefix('"') {
+        Some(quoted) => quoted
+            .strip_suffix('"')
+            .filter(|inner| !inner.contains('\\'))?,
+        None => node,
+    };
+    if let Some(bracketed) = node.strip_prefix('[') {
+        let (ip, rest) = bracketed.split_once(']')?;
+        if !rest.is_empty() && !rest.strip_prefix(':').is_some_and(is_port) {
+            return None;
+        }
+        return ip.parse::<Ipv6Addr>().ok().map(IpAddr::V6);
+    }
+    let ip = match node.split_once(':') {
+        Some((ip, port)) if is_port(port) => ip,
+        Some(_) => return None,
+        None => node,
+    };
+    ip.parse::<Ipv4Addr>().ok().map(IpAddr::V4)
+}
+
+/// Whether `port` is a port as RFC 7239 writes one: up to five digits (obfuscated
+/// ports, `_abc`, name none).
+fn is_port(port: &str) -> bool {
+    (1..=5).contains(&port.len()) && port.bytes().all(|byte| byte.is_ascii_digit())
+}
+
+/// `value` split at each `separator` outside a quoted string.
+fn split_unquoted(value: &str, separator: char) -> impl Iterator<Item = &str> {
+    let mut quoted = false;
+    let mut escaped = false;
+    value.split(move |c: char| {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            _ => return c == separator && !quoted,
+        }
+        false
     })
 }
 

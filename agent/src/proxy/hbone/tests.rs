@@ -1120,3 +1120,37 @@ async fn a_connect_reset_before_it_is_taken_reaches_no_handler() {
     })
     .await;
 }
+
+#[test]
+fn forwarded_for_reads_rfc_7239_as_agents_and_ztunnel_write_it() {
+    let v4 = |ip: &str| Some(IpAddr::V4(ip.parse().unwrap()));
+    let v6 = |ip: &str| Some(IpAddr::V6(ip.parse().unwrap()));
+    for (header, expected) in [
+        // weft's agents
+        ("for=10.0.0.5", v4("10.0.0.5")),
+        ("for=\"[fd00::5]\"", v6("fd00::5")),
+        // Istio's ztunnel: quoted, with the client's port
+        ("for=\"10.0.0.5:53766\"", v4("10.0.0.5")),
+        ("for=\"[fd00::5]:80\"", v6("fd00::5")),
+        // parameters in any order and case, the first element is the client's
+        ("proto=https;For=10.0.0.5;by=10.0.0.9", v4("10.0.0.5")),
+        ("for=10.0.0.5, for=10.0.0.6", v4("10.0.0.5")),
+        ("by=\"a;b,c\";for=10.0.0.5", v4("10.0.0.5")),
+        (" for = 10.0.0.5 ", v4("10.0.0.5")),
+        // names no address
+        ("for=unknown", None),
+        ("for=_hidden", None),
+        ("for=\"10.0.0.5:_port\"", None),
+        ("for=\"10.0.0.5:123456\"", None),
+        ("for=10.0.0.5:", None),
+        ("for=\"[fd00::5]x\"", None),
+        ("for=fd00::5", None),
+        ("for=\"10.0.0.5", None),
+        ("for=\"10.0.0.\\5\"", None),
+        ("by=10.0.0.9", None),
+        ("proto=http, for=10.0.0.5", None),
+        ("", None),
+    ] {
+        assert_eq!(forwarded_for(header), expected, "{header:?}");
+    }
+}
