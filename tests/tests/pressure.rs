@@ -781,8 +781,8 @@ fn a_hostile_http_client_is_cut_off_and_costs_a_real_client_nothing() {
             attack("ping", "ping_flood"),
             attack("settings", "settings_flood"),
             attack("continuation", "continuation_flood"),
-            // Paced (the agent stops taking its tunnels), the peer's resets pile up
-            // in h2 until it closes the connection.
+            // Tunnels reset as they open are dropped before a pod is dialled for
+            // them, until h2 closes the connection for the resets that pile up.
             attack("rapid_reset", "rapid_reset"),
         ],
         |name| {
@@ -802,6 +802,4 @@ fn a_hostile_http_client_is_cut_off_and_costs_a_real_client_nothing() {
                 .unwrap()
         },
     );
-    // The rapid reset was paced before h2 closed the connections for it.
-    assert!(metric(&cluster, "node1", "weft_hbone_paced_total", &[]) >= 1.0);
 }
