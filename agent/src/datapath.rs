@@ -119,6 +119,16 @@ pub struct CaptureTarget {
 }
 
 /// weft's kernel programs, loaded and attached, and their maps.
+/// What the inbound program enforces for one pod.
+#[derive(Clone, Copy, Debug)]
+pub struct Inbound {
+    pub mode: Mode,
+    /// The node's address towards the pod: its connections (health probes) get in.
+    pub probe_source: Option<IpAddr>,
+    /// The agent listens for HBONE inside the pod: connections to that port get in.
+    pub hbone_in_pod: bool,
+}
+
 #[derive(Debug)]
 pub struct Datapath {
     ebpf: Ebpf,
@@ -259,17 +269,16 @@ impl Datapath {
     }
 
     /// Enrolls a pod: captures connections from its network namespace and enforces
-    /// `mode` on its host-side interface `host_interface`, attaching this agent's
+    /// `inbound` on its host-side interface `host_interface`, attaching this agent's
     /// inbound program (replacing an earlier agent's). Returns the interface's index.
     pub fn enroll(
         &mut self,
         netns_cookie: u64,
         host_interface: &str,
-        mode: Mode,
-        probe_source: Option<IpAddr>,
+        inbound: Inbound,
     ) -> Result<u32, DatapathError> {
         let ifindex = netns::ifindex(host_interface)?;
-        self.set_inbound(ifindex, mode, probe_source)?;
+        self.set_inbound(ifindex, inbound)?;
         let program: &mut SchedClassifier = program(&mut self.ebpf, names::INBOUND)?;
         let id = program
             .attach(host_interface, TcAttachType::Egress)
@@ -288,16 +297,14 @@ impl Datapath {
     }
 
     /// Sets the inbound policy of the enrolled pod behind interface `ifindex`.
-    pub fn set_inbound(
-        &mut self,
-        ifindex: u32,
-        mode: Mode,
-        probe_source: Option<IpAddr>,
-    ) -> Result<(), DatapathError> {
+    pub fn set_inbound(&mut self, ifindex: u32, inbound: Inbound) -> Result<(), DatapathError> {
         let inbound = InboundPod {
-            mode: mode as u8,
-            _pad: [0; 3],
-            probe_source: probe_source.map_or([0; 4], |ip| sock_addr(ip, 0).ip),
+            mode: inbound.mode as u8,
+            hbone_in_pod: u8::from(inbound.hbone_in_pod),
+            _pad: [0; 2],
+            probe_source: inbound
+                .probe_source
+                .map_or([0; 4], |ip| sock_addr(ip, 0).ip),
         };
         self.inbound
             .insert(ifindex, inbound, 0)

@@ -37,6 +37,7 @@ use weft_agent::{
     observe,
     proxy::{
         self, Proxy,
+        in_pod::InPod,
         metrics::{AccessLog, AccessLogMode},
         trace::{TraceSettings, Tracer},
     },
@@ -548,6 +549,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         // Stop accepting, let open connections finish, then close what is left.
         let _ = phase.send(Phase::Draining);
+        proxy.in_pod.close();
         let active = proxy.active();
         if active > 0 {
             log::info!(
@@ -746,6 +748,7 @@ impl WorkerListeners {
             let listener = TcpListener::from_std(listener)?;
             serving.spawn(proxy::serve_inbound(listener, Arc::clone(proxy)));
         }
+        serving.spawn(proxy::serve_in_pod(Arc::clone(proxy)));
         Ok(serving)
     }
 }
@@ -772,22 +775,7 @@ fn listen(
     what: &str,
     mut taken: Vec<std::net::TcpListener>,
 ) -> anyhow::Result<Vec<std::net::TcpListener>> {
-    let bind = |address: SocketAddr| -> std::io::Result<std::net::TcpListener> {
-        let socket = socket2::Socket::new(
-            socket2::Domain::for_address(address),
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )?;
-        if address.is_ipv6() {
-            socket.set_only_v6(true)?;
-        }
-        socket.set_reuse_address(true)?;
-        socket.set_reuse_port(true)?;
-        socket.bind(&address.into())?;
-        socket.listen(4096)?;
-        socket.set_nonblocking(true)?;
-        Ok(socket.into())
-    };
+    let bind = proxy::listener;
     let held = |taken: &[std::net::TcpListener], address| {
         taken
             .iter()
@@ -1081,7 +1069,13 @@ async fn start(args: &RunArgs) -> anyhow::Result<Started> {
         Arc::clone(&enrolled),
     )?)?;
     let original_destinations = OriginalDestinations::open(&pins)?;
-    let node = Node::start(datapath, Arc::clone(&mesh), &args.state_dir);
+    let in_pod = Arc::new(InPod::default());
+    let node = Node::start(
+        datapath,
+        Arc::clone(&mesh),
+        &args.state_dir,
+        Arc::clone(&in_pod),
+    );
     if let Some(done) = first_offer {
         let _ = done.send(node.as_ref().map(drop).map_err(ToString::to_string));
     }
@@ -1100,6 +1094,7 @@ async fn start(args: &RunArgs) -> anyhow::Result<Started> {
             queue: usize::try_from(args.trace_queue).unwrap_or(usize::MAX),
             node: args.node.clone(),
         })?,
+        in_pod,
     ));
     let listener = cni::bind(&args.cni_socket)
         .with_context(|| format!("cannot listen on {}", args.cni_socket.display()))?;

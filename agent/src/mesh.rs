@@ -9,6 +9,7 @@
 //! trustDomain: cluster.local        # default
 //! nodes:
 //!   - { name: node0, address: 10.99.0.1, zone: zone-a }   # zone: optional
+//!   - { name: node1, address: 10.99.0.2, hboneAddress: pod }  # node (default) | pod
 //! namespaces:
 //!   - name: default
 //!     mode: STRICT                  # STRICT (default) | PERMISSIVE | DISABLE
@@ -307,13 +308,33 @@ fn default_service_account() -> Arc<str> {
 
 /// A node and the address its agent takes HBONE tunnels on (port 15008).
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Node {
     pub name: String,
     pub address: IpAddr,
     /// The node's zone (its label `topology.kubernetes.io/zone`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
+    /// Where the node takes HBONE tunnels.
+    #[serde(default, skip_serializing_if = "HboneAddress::is_node")]
+    pub hbone_address: HboneAddress,
+}
+
+/// The address a node's HBONE peer is dialed at, on port 15008.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HboneAddress {
+    /// The node's address, where a weft agent takes every pod's tunnels.
+    #[default]
+    Node,
+    /// The destination pod's own address, as Istio's ztunnel requires.
+    Pod,
+}
+
+impl HboneAddress {
+    fn is_node(&self) -> bool {
+        *self == HboneAddress::Node
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]

@@ -12,6 +12,7 @@
 use std::{
     collections::BTreeMap,
     fs, io,
+    net::SocketAddr,
     panic::AssertUnwindSafe,
     path::{Path, PathBuf},
     sync::Arc,
@@ -22,9 +23,10 @@ use tokio::sync::{mpsc, oneshot};
 use weft_api::enroll::{Pod, Reply, Request};
 
 use crate::{
-    datapath::{Datapath, DatapathError, netns},
+    datapath::{Datapath, DatapathError, Inbound, netns},
     files::{self, write_atomically},
     mesh::{MeshConfig, PeerMode, PlaintextPolicy},
+    proxy::{self, HBONE_PORT, in_pod::InPod},
     reload::Current,
 };
 
@@ -79,6 +81,8 @@ pub struct Node {
     datapath: Datapath,
     /// Shared with the proxy, which routes by the same configuration.
     mesh: Arc<Current<MeshConfig>>,
+    /// The HBONE listeners opened in meshed pods, which the proxy serves.
+    in_pod: Arc<InPod>,
     pods: BTreeMap<String, Enrolled>,
     store: PathBuf,
 }
@@ -90,6 +94,7 @@ impl Node {
         datapath: Datapath,
         mesh: Arc<Current<MeshConfig>>,
         state_dir: &Path,
+        in_pod: Arc<InPod>,
     ) -> Result<Self, NodeError> {
         let store = state_dir.join("pods");
         fs::create_dir_all(&store).map_err(store_error(&store))?;
@@ -97,6 +102,7 @@ impl Node {
         let mut node = Self {
             datapath,
             mesh,
+            in_pod,
             pods: BTreeMap::new(),
             store,
         };
@@ -239,6 +245,7 @@ impl Node {
         drop(mesh);
         let attachment = match wanted {
             None => {
+                self.in_pod.remove(id);
                 if let Some(old) = &record.attachment {
                     self.datapath.unenroll(old.netns_cookie, old.ifindex)?;
                     log::info!(
@@ -252,7 +259,12 @@ impl Node {
             Some((mode, port_modes)) => {
                 let netns_cookie = netns::cookie(&record.pod.netns)?;
                 let current = (netns_cookie, netns::ifindex(&record.pod.host_interface)?);
-                let probe_source = record.pod.gateways.first().copied();
+                let hbone_in_pod = self.listen_in_pod(id, &record.pod);
+                let inbound = |mode| Inbound {
+                    mode,
+                    probe_source: record.pod.gateways.first().copied(),
+                    hbone_in_pod,
+                };
                 // A replaced namespace or interface: the old entries go before the new
                 // ones are written, which may reuse the same keys.
                 if let Some(old) = &record.attachment
@@ -266,19 +278,15 @@ impl Node {
                     .filter(|old| !reattach && (old.netns_cookie, old.ifindex) == current);
                 let ifindex = match kept {
                     Some(old) => {
-                        self.datapath.set_inbound(
-                            old.ifindex,
-                            plaintext.kernel_mode(mode, None),
-                            probe_source,
-                        )?;
+                        let inbound = inbound(plaintext.kernel_mode(mode, None));
+                        self.datapath.set_inbound(old.ifindex, inbound)?;
                         old.ifindex
                     }
-                    None => self.datapath.enroll(
-                        netns_cookie,
-                        &record.pod.host_interface,
-                        plaintext.kernel_mode(mode, None),
-                        probe_source,
-                    )?,
+                    None => {
+                        let inbound = inbound(plaintext.kernel_mode(mode, None));
+                        self.datapath
+                            .enroll(netns_cookie, &record.pod.host_interface, inbound)?
+                    }
                 };
                 // The map is walked to replace a pod's entries: only when they change.
                 if kept.is_none_or(|old| {
@@ -320,8 +328,40 @@ impl Node {
         Ok(())
     }
 
+    /// Makes sure pod `id` has its HBONE listeners, on each of its addresses; says
+    /// whether it has. A pod that cannot have them (its own process holds the port)
+    /// still gets tunnels on the node's address.
+    fn listen_in_pod(&self, id: &str, pod: &Pod) -> bool {
+        if self.in_pod.contains(id) {
+            return true;
+        }
+        let addresses: Vec<SocketAddr> = pod
+            .ips
+            .iter()
+            .map(|&ip| SocketAddr::new(ip, HBONE_PORT))
+            .collect();
+        let opened = netns::within(&pod.netns, move || {
+            addresses.into_iter().map(proxy::listener).collect()
+        });
+        match opened {
+            Ok(listeners) => {
+                self.in_pod.insert(id, listeners);
+                true
+            }
+            Err(err) => {
+                log::warn!(
+                    "pod {}/{} gets no HBONE on its own address (peers that dial pod addresses, such as Istio's, cannot reach it): {err}",
+                    pod.namespace,
+                    pod.name
+                );
+                false
+            }
+        }
+    }
+
     /// Detaches pod `id` (if attached) and drops its record.
     fn forget(&mut self, id: &str) -> Result<(), NodeError> {
+        self.in_pod.remove(id);
         if let Some(record) = self.pods.remove(id) {
             if let Some(old) = &record.attachment {
                 self.datapath.unenroll(old.netns_cookie, old.ifindex)?;

@@ -4,6 +4,7 @@
 pub mod abuse;
 pub mod admission;
 pub mod authorize;
+mod baggage;
 pub mod balance;
 pub mod breaker;
 mod connect;
@@ -11,6 +12,7 @@ mod detect;
 mod error;
 pub mod hbone;
 mod http;
+pub mod in_pod;
 mod inbound;
 mod logical;
 pub mod metrics;
@@ -42,13 +44,14 @@ use self::{
     admission::{Admission, Limits, Permit, Refused},
     balance::Balancers,
     breaker::Breakers,
+    in_pod::InPod,
     metrics::AccessLog,
     retry::Budgets,
     workers::PerWorker,
 };
 pub use self::{
-    http::describe as describe_requests, inbound::serve as serve_inbound,
-    outbound::serve as serve_outbound,
+    http::describe as describe_requests, in_pod::serve as serve_in_pod,
+    inbound::serve as serve_inbound, outbound::serve as serve_outbound,
 };
 use crate::{
     datapath::pinned::OriginalDestinations,
@@ -61,8 +64,8 @@ use crate::{
 };
 use weft_api::observe::verdict;
 
-/// The port other nodes' agents open HBONE tunnels to.
-pub const HBONE_PORT: u16 = 15008;
+/// The port HBONE peers open tunnels to, on the node's address or a pod's.
+pub const HBONE_PORT: u16 = weft_common::HBONE_PORT;
 
 /// The data path's timeouts and bounds, in one place (`weft-agent run` flags).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -161,6 +164,8 @@ pub struct Proxy {
     pub tracer: trace::Tracer,
     pub settings: Settings,
     pub admission: Arc<Admission>,
+    /// The HBONE listeners inside this node's pods.
+    pub in_pod: Arc<InPod>,
     original_destinations: OriginalDestinations,
     connections: Arc<Connections>,
 }
@@ -173,6 +178,7 @@ impl Proxy {
         original_destinations: OriginalDestinations,
         settings: Settings,
         tracer: trace::Tracer,
+        in_pod: Arc<InPod>,
     ) -> Self {
         Self {
             node,
@@ -187,6 +193,7 @@ impl Proxy {
             admission: Admission::new(settings.limits),
             settings,
             original_destinations,
+            in_pod,
             connections: Arc::default(),
         }
     }
@@ -379,6 +386,26 @@ fn log_refusal(
         limits.handshakes_per_source,
         held_back(held)
     );
+}
+
+/// A non-blocking listening socket on `address` with `SO_REUSEPORT`, so that every
+/// worker (and, during an upgrade, both agents) can listen there, and the kernel
+/// spreads connections over them. An IPv6 socket takes IPv6 only.
+pub fn listener(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(address),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    if address.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(4096)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
 }
 
 /// Connects to `addr` from a socket carrying the agent's mark, which the inbound

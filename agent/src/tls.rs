@@ -223,6 +223,9 @@ pub struct CertStore {
     roots: Arc<RootCertStore>,
     certs: BTreeMap<Identity, LoadedCert>,
     server_config: Arc<ServerConfig>,
+    /// For connections dialed at a pod's own address: the pod's certificate when the
+    /// client sends no server name.
+    dialed_configs: HashMap<Identity, Arc<ServerConfig>>,
     /// Client configurations by source identity, then expected server identity. At most
     /// one per (local workload, remote workload) pair the node talks to.
     client_configs: Mutex<HashMap<Identity, HashMap<Identity, Arc<ClientConfig>>>>,
@@ -360,22 +363,36 @@ impl CertStore {
         client_verifier: Arc<dyn ClientCertVerifier>,
         certs: BTreeMap<Identity, LoadedCert>,
     ) -> Result<CertStore, TlsError> {
-        let by_sni = certs
+        let by_sni: Arc<HashMap<String, Arc<CertifiedKey>>> = Arc::new(
+            certs
+                .iter()
+                .map(|(identity, cert)| (identity.sni(), cert.key.clone()))
+                .collect(),
+        );
+        let config = |dialed: Option<Arc<CertifiedKey>>| -> Result<_, TlsError> {
+            let resolver = ServerCert {
+                by_sni: by_sni.clone(),
+                dialed,
+            };
+            let mut config = ServerConfig::builder_with_provider(provider.clone())
+                .with_protocol_versions(&[&TLS13])
+                .map_err(TlsError::Config)?
+                .with_client_cert_verifier(Arc::new(SpiffeClientVerifier(client_verifier.clone())))
+                .with_cert_resolver(Arc::new(resolver));
+            config.alpn_protocols = vec![ALPN_H2.to_vec()];
+            Ok(Arc::new(config))
+        };
+        let server_config = config(None)?;
+        let dialed_configs = certs
             .iter()
-            .map(|(identity, cert)| (identity.sni(), cert.key.clone()))
-            .collect();
-        let mut server_config = ServerConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&TLS13])
-            .map_err(TlsError::Config)?
-            .with_client_cert_verifier(Arc::new(SpiffeClientVerifier(client_verifier)))
-            .with_cert_resolver(Arc::new(CertBySni(by_sni)));
-        server_config.alpn_protocols = vec![ALPN_H2.to_vec()];
-
+            .map(|(identity, cert)| Ok((identity.clone(), config(Some(cert.key.clone()))?)))
+            .collect::<Result<_, TlsError>>()?;
         Ok(CertStore {
             provider,
             roots,
             certs,
-            server_config: Arc::new(server_config),
+            server_config,
+            dialed_configs,
             client_configs: Mutex::default(),
         })
     }
@@ -395,10 +412,17 @@ impl CertStore {
     /// The configuration of the inbound HBONE listener: TLS 1.3, ALPN `h2`, a client
     /// certificate required and verified against the trust anchors, and the server
     /// certificate chosen by TLS server name. The name must be [`Identity::sni`] of a
-    /// workload this store holds; without one, or with an unknown one, the handshake
-    /// fails. Built once at load; this returns the same configuration every time.
-    pub fn server_config(&self) -> Arc<ServerConfig> {
-        self.server_config.clone()
+    /// workload this store holds; with an unknown one the handshake fails.
+    ///
+    /// Without a name, the certificate is `dialed`'s: the identity of the pod whose
+    /// own address the client dialed, as Istio's HBONE peers address a pod. Without a
+    /// name or a dialed pod (or with one this store holds no certificate for), the
+    /// handshake fails. Built once at load.
+    pub fn server_config(&self, dialed: Option<&Identity>) -> Arc<ServerConfig> {
+        dialed
+            .and_then(|identity| self.dialed_configs.get(identity))
+            .unwrap_or(&self.server_config)
+            .clone()
     }
 
     /// The configuration for a tunnel from local workload `source` to the workload
@@ -791,19 +815,25 @@ pub fn handshake_failure_reason(error: &io::Error) -> &'static str {
     }
 }
 
-/// Picks the server certificate by TLS server name ([`Identity::sni`]).
+/// Picks the server certificate by TLS server name ([`Identity::sni`]), or without
+/// one, the dialed pod's.
 #[derive(Debug)]
-struct CertBySni(HashMap<String, Arc<CertifiedKey>>);
+struct ServerCert {
+    by_sni: Arc<HashMap<String, Arc<CertifiedKey>>>,
+    dialed: Option<Arc<CertifiedKey>>,
+}
 
-impl ResolvesServerCert for CertBySni {
+impl ResolvesServerCert for ServerCert {
     fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let Some(sni) = client_hello.server_name() else {
-            log::warn!(
-                "refusing an HBONE handshake without a TLS server name; weft clients send the destination workload's"
-            );
-            return None;
+            if self.dialed.is_none() {
+                log::warn!(
+                    "refusing an HBONE handshake without a TLS server name on the node's address; weft clients send the destination workload's, Istio's dial the pod's own address"
+                );
+            }
+            return self.dialed.clone();
         };
-        let key = self.0.get(&sni.to_ascii_lowercase()).cloned();
+        let key = self.by_sni.get(&sni.to_ascii_lowercase()).cloned();
         if key.is_none() {
             log::warn!(
                 "refusing an HBONE handshake for TLS server name {sni:?}: this node holds no certificate for that workload"
@@ -1442,7 +1472,7 @@ mod tests {
 
         let config = client_node.client_config(&id(A), &id(B)).expect("config");
         let name = server_name(&id(B)).expect("server name");
-        let (client, server) = handshake(config, server_node.server_config(), name).await;
+        let (client, server) = handshake(config, server_node.server_config(None), name).await;
         let mut client = client.expect("client handshake");
         let mut server = server.expect("server handshake");
 
@@ -1474,7 +1504,7 @@ mod tests {
         // The client expects C, but the tunnel lands where B's certificate is served.
         let config = client_node.client_config(&id(A), &id(C)).expect("config");
         let name = server_name(&id(B)).expect("server name");
-        let (client, server) = handshake(config, server_node.server_config(), name).await;
+        let (client, server) = handshake(config, server_node.server_config(None), name).await;
         let error = client.expect_err("the client must refuse B");
         let message = error.to_string();
         assert!(message.contains(B) && message.contains(C), "{message}");
@@ -1498,7 +1528,7 @@ mod tests {
 
         let config = client_node.client_config(&id(A), &id(B)).expect("config");
         let name = server_name(&id(B)).expect("server name");
-        let (client, server) = handshake(config, server_node.server_config(), name).await;
+        let (client, server) = handshake(config, server_node.server_config(None), name).await;
         let error = server.expect_err("the server must refuse the client");
         assert!(error.to_string().contains("UnknownIssuer"), "{error}");
         client_failed(client).await;
@@ -1517,11 +1547,53 @@ mod tests {
         // rustls sends no SNI for an IP address.
         let no_sni = ServerName::from(std::net::IpAddr::from([127, 0, 0, 1]));
         for name in [unknown, plain_host, no_sni] {
-            let (client, server) =
-                handshake(config.clone(), server_node.server_config(), name.clone()).await;
+            let (client, server) = handshake(
+                config.clone(),
+                server_node.server_config(None),
+                name.clone(),
+            )
+            .await;
             assert!(server.is_err(), "{name:?}: the server must refuse");
             assert!(client.is_err(), "{name:?}: the client must fail");
         }
+    }
+
+    #[tokio::test]
+    async fn without_a_server_name_the_dialed_pods_certificate_is_presented() {
+        let dir = TempDir::new();
+        let ca = TestCa::new("mesh CA");
+        let client_node = load(&node(&dir, "client", &ca, &[A]));
+        let server_node = load(&node(&dir, "server", &ca, &[B, C]));
+        let no_sni = ServerName::from(std::net::IpAddr::from([10, 244, 1, 2]));
+        // Dialed at B's pod: B's certificate, which a client expecting B accepts.
+        let expects_b = client_node.client_config(&id(A), &id(B)).expect("config");
+        let dialed_b = server_node.server_config(Some(&id(B)));
+        let (client, server) = handshake(expects_b.clone(), dialed_b, no_sni.clone()).await;
+        client.expect("the client accepts B's certificate");
+        let server = server.expect("the server takes A's certificate");
+        assert_eq!(server.get_ref().1.server_name(), None, "no SNI was sent");
+        // Dialed at C's pod, the certificate is C's: a client expecting B refuses it.
+        let dialed_c = server_node.server_config(Some(&id(C)));
+        let (client, _) = handshake(expects_b.clone(), dialed_c, no_sni).await;
+        let error = client.expect_err("C's certificate is not B's");
+        assert_eq!(
+            handshake_failure_reason(&error),
+            "wrong_identity",
+            "{error}"
+        );
+        // A server name, when sent, still decides.
+        let named_b = server_name(&id(B)).expect("server name");
+        let dialed_c = server_node.server_config(Some(&id(C)));
+        let (client, server) = handshake(expects_b, dialed_c, named_b).await;
+        client.expect("B's certificate, by name");
+        let server = server.expect("handshake");
+        assert_eq!(server.get_ref().1.server_name(), Some(id(B).sni().as_str()));
+        // A dialed identity this node holds no certificate for: the name decides.
+        let unheld = server_node.server_config(Some(&id(A)));
+        let expects_a = client_node.client_config(&id(A), &id(A)).expect("config");
+        let no_sni = ServerName::from(std::net::IpAddr::from([10, 244, 1, 3]));
+        let (client, server) = handshake(expects_a, unheld, no_sni).await;
+        assert!(client.is_err() && server.is_err(), "nothing to present");
     }
 
     /// A ClientHello that offers TLS 1.2 only (no supported_versions extension), with
@@ -1562,7 +1634,7 @@ mod tests {
         let ca = TestCa::new("mesh CA");
         let server_node = load(&node(&dir, "server", &ca, &[B]));
         let (mut client_io, server_io) = tokio::io::duplex(64 * 1024);
-        let accept = TlsAcceptor::from(server_node.server_config()).accept(server_io);
+        let accept = TlsAcceptor::from(server_node.server_config(None)).accept(server_io);
         let hello = tls12_client_hello(&id(B).sni());
         let client = async {
             client_io.write_all(&hello).await.expect("send hello");
@@ -1701,7 +1773,10 @@ mod tests {
             .with_protocol_versions(&[&TLS13])
             .expect("TLS 1.3")
             .with_client_cert_verifier(Arc::new(SpiffeClientVerifier(verifier)))
-            .with_cert_resolver(Arc::new(CertBySni(HashMap::from([(id(B).sni(), key)]))));
+            .with_cert_resolver(Arc::new(ServerCert {
+                by_sni: Arc::new(HashMap::from([(id(B).sni(), key)])),
+                dialed: None,
+            }));
         config.alpn_protocols = vec![ALPN_H2.to_vec()];
         Arc::new(config)
     }
@@ -1741,7 +1816,7 @@ mod tests {
         for (key, server_reason, client_reason) in cases {
             let config = client_presenting(key, &ca);
             let name = server_name(&id(B)).expect("server name");
-            let (client, server) = handshake(config, server_node.server_config(), name).await;
+            let (client, server) = handshake(config, server_node.server_config(None), name).await;
             let error = server.expect_err("the server must refuse the client");
             assert_eq!(handshake_failure_reason(&error), server_reason, "{error}");
             let error = client_failed(client).await;

@@ -22,7 +22,8 @@
 //! Membership needs no resource: the namespace label [`MESH_LABEL`] `=`
 //! [`MESH_ENABLED`] puts a namespace's pods in the mesh, and the pod annotation
 //! [`MESH_LABEL`] `=` [`MESH_DISABLED`] keeps one pod out. The pod annotation
-//! [`WEIGHT_ANNOTATION`] gives a pod's endpoints a weight other than 1.
+//! [`WEIGHT_ANNOTATION`] gives a pod's endpoints a weight other than 1. The node
+//! annotation [`HBONE_ADDRESS_ANNOTATION`] says where a node takes HBONE tunnels.
 
 mod validate;
 
@@ -51,6 +52,9 @@ pub const MESH_DISABLED: &str = "disabled";
 /// Pod annotation: the weight of the pod's endpoints, `0` (drained) to `1000`;
 /// without it, 1.
 pub const WEIGHT_ANNOTATION: &str = "weft.dev/weight";
+/// Node annotation: where the node takes HBONE tunnels, `node` (its own address: a
+/// weft agent; the default) or `pod` (each pod's address: Istio's ztunnel).
+pub const HBONE_ADDRESS_ANNOTATION: &str = "weft.dev/hbone-address";
 
 /// The status every weft resource reports: conditions of type `Accepted`.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]

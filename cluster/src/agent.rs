@@ -237,6 +237,7 @@ pub(crate) mod tests {
             netns: "weft-a-node0".into(),
             ip: Ipv4Addr::new(10, 99, 0, 1),
             zone: None,
+            annotations: Default::default(),
             pod_cidr: "10.244.0.0/24".into(),
             pod_gateway: Ipv4Addr::new(10, 244, 0, 1),
             cgroup: "/cg/weft-a/node0".into(),

@@ -150,6 +150,7 @@ impl Cluster {
                         netns: layout.node_netns(&node),
                         ip: node_ip(index),
                         zone: None,
+                        annotations: BTreeMap::new(),
                         pod_cidr: format!("10.244.{index}.0/24"),
                         pod_gateway: pod_gateway(index),
                         cgroup: layout.node_cgroup(&node),
@@ -393,6 +394,25 @@ impl Cluster {
         let _lock = self.lock()?;
         self.refresh()?;
         self.node_mut(node)?.zone = zone.map(str::to_owned);
+        self.write_objects()?;
+        self.save()
+    }
+
+    /// Sets annotation `key` of `node`'s Node object to `value`, or removes it: the
+    /// controller reads it at once when the cluster has a mesh.
+    pub fn annotate_node(
+        &mut self,
+        node: &str,
+        key: &str,
+        value: Option<&str>,
+    ) -> Result<(), ClusterError> {
+        let _lock = self.lock()?;
+        self.refresh()?;
+        let annotations = &mut self.node_mut(node)?.annotations;
+        match value {
+            Some(value) => annotations.insert(key.to_owned(), value.to_owned()),
+            None => annotations.remove(key),
+        };
         self.write_objects()?;
         self.save()
     }

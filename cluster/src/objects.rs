@@ -1,5 +1,5 @@
 //! The Kubernetes objects the cluster itself would hold: a `Node` per node (with its
-//! fabric address, where its agent takes HBONE, and its zone) and a `Pod` per pod (namespace, name,
+//! fabric address, where its agent takes HBONE, its zone and annotations) and a `Pod` per pod (namespace, name,
 //! labels, annotations, service account, node, address, running and ready). The
 //! cluster writes them to one file that the controller reads beside the user's
 //! manifests, as a controller would watch the API server.
@@ -54,7 +54,7 @@ fn node(node: &NodeInfo) -> Value {
     json!({
         "apiVersion": "v1",
         "kind": "Node",
-        "metadata": { "name": node.name, "labels": labels },
+        "metadata": { "name": node.name, "labels": labels, "annotations": node.annotations },
         "status": { "addresses": [{ "type": "InternalIP", "address": node.ip }] },
     })
 }
@@ -66,12 +66,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn nodes_carry_their_zone_as_kubernetes_labels_it() {
+    fn nodes_carry_their_zone_label_and_annotations() {
         let mut info = NodeInfo {
             name: "node1".into(),
             netns: "weft-a-node1".into(),
             ip: Ipv4Addr::new(10, 99, 0, 2),
             zone: None,
+            annotations: Default::default(),
             pod_cidr: "10.244.1.0/24".into(),
             pod_gateway: Ipv4Addr::new(10, 244, 1, 1),
             cgroup: "/cg/weft-a/node1".into(),
@@ -88,9 +89,11 @@ mod tests {
         };
         assert_eq!(
             node(&info)["metadata"],
-            json!({ "name": "node1", "labels": {} })
+            json!({ "name": "node1", "labels": {}, "annotations": {} })
         );
         info.zone = Some("zone-b".into());
+        info.annotations
+            .insert("weft.dev/hbone-address".into(), "pod".into());
         assert_eq!(
             node(&info),
             json!({
@@ -99,6 +102,7 @@ mod tests {
                 "metadata": {
                     "name": "node1",
                     "labels": { "topology.kubernetes.io/zone": "zone-b" },
+                    "annotations": { "weft.dev/hbone-address": "pod" },
                 },
                 "status": { "addresses": [{ "type": "InternalIP", "address": "10.99.0.2" }] },
             })

@@ -66,6 +66,9 @@ pub struct NodeInfo {
     /// until [`crate::Cluster::set_zone`] gives it one.
     #[serde(default)]
     pub zone: Option<String>,
+    /// Its Node object's annotations, such as `weft.dev/hbone-address`.
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
     /// The range this node gives its pods.
     pub pod_cidr: String,
     /// The pods' default gateway: the node side of every pod's veth.

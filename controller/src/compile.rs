@@ -25,8 +25,8 @@ use std::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use weft_api::{
     ZONE_LABEL,
-    config::v1::{MeshSettings, Node, TrustBundle},
-    crd::WorkloadSelector,
+    config::v1::{HboneAddress, MeshSettings, Node, TrustBundle},
+    crd::{HBONE_ADDRESS_ANNOTATION, WorkloadSelector},
 };
 
 use crate::{
@@ -113,6 +113,7 @@ pub fn compile(objects: &Objects, settings: &Settings, trust: &TrustBundle) -> C
                         .and_then(|labels| labels.get(ZONE_LABEL))
                         .cloned()
                         .unwrap_or_default(),
+                    hbone_address: hbone_address(node) as i32,
                 },
             );
             local.entry(key.name.clone()).or_default();
@@ -154,6 +155,34 @@ pub fn compile(objects: &Objects, settings: &Settings, trust: &TrustBundle) -> C
             .collect(),
         statuses,
         shared_changes: SharedChanges::default(),
+    }
+}
+
+/// Where a node takes HBONE tunnels: on each pod's address when its annotation says
+/// `pod`, on its own otherwise (anything else is logged once per value and ignored:
+/// a Node has no status of weft's to report it in).
+fn hbone_address(node: &k8s_openapi::api::core::v1::Node) -> HboneAddress {
+    static WARNED: std::sync::Mutex<BTreeSet<String>> = std::sync::Mutex::new(BTreeSet::new());
+    let value = node
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|annotations| annotations.get(HBONE_ADDRESS_ANNOTATION));
+    match value.map(String::as_str) {
+        None | Some("node") => HboneAddress::Node,
+        Some("pod") => HboneAddress::Pod,
+        Some(other) => {
+            let name = node.metadata.name.as_deref().unwrap_or_default();
+            let mut warned = WARNED
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if warned.insert(format!("{name}/{other}")) {
+                log::warn!(
+                    "Node {name}: annotation {HBONE_ADDRESS_ANNOTATION}={other:?} is neither \"node\" nor \"pod\"; its HBONE peer is dialed at the node's address"
+                );
+            }
+            HboneAddress::Node
+        }
     }
 }
 

@@ -94,12 +94,36 @@ impl TestCluster {
         Self::mesh(nodes, manifests, &[], &[], agent_args)
     }
 
+    /// [`Self::with_mesh`], where the nodes named `foreign` run no weft agent (and so
+    /// enroll no pod): a test plays another mesh's node there.
+    pub fn with_mesh_and_foreign_nodes(nodes: usize, manifests: &str, foreign: &[&str]) -> Self {
+        Self::mesh_on(nodes, manifests, &[], &[], &[], foreign)
+    }
+
     fn mesh(
         nodes: usize,
         manifests: &str,
         exclude_ports: &[u16],
         controller_args: &[&str],
         agent_args: &[&str],
+    ) -> Self {
+        Self::mesh_on(
+            nodes,
+            manifests,
+            exclude_ports,
+            controller_args,
+            agent_args,
+            &[],
+        )
+    }
+
+    fn mesh_on(
+        nodes: usize,
+        manifests: &str,
+        exclude_ports: &[u16],
+        controller_args: &[&str],
+        agent_args: &[&str],
+        foreign: &[&str],
     ) -> Self {
         let owned = |args: &[&str]| args.iter().map(|&arg| arg.to_owned()).collect();
         let mut cluster = Self::up(nodes);
@@ -121,7 +145,9 @@ impl TestCluster {
             .set_cni(Some(bin_dir))
             .unwrap_or_else(|err| panic!("{err}"));
         for node in cluster.topology().node_names() {
-            cluster.start_agent_on(&node);
+            if !foreign.contains(&node.as_str()) {
+                cluster.start_agent_on(&node);
+            }
         }
         cluster
     }

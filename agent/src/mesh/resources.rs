@@ -31,8 +31,8 @@ use crate::proxy::{
 };
 
 use super::{
-    LoadBalancing, MeshConfig, MeshNamespace, Node, PeerMode, Service, ServicePort, TrustAnchor,
-    Workload,
+    HboneAddress, LoadBalancing, MeshConfig, MeshNamespace, Node, PeerMode, Service, ServicePort,
+    TrustAnchor, Workload,
 };
 
 /// The resources a controller sent, by kind and name, as encoded on the wire. No kind
@@ -316,6 +316,10 @@ impl Resources {
                     .address
                     .parse()
                     .map_err(|_| format!("Node {name}: address {:?} is not an IP", node.address))?,
+                hbone_address: match node.hbone_address() {
+                    proto::HboneAddress::Node => HboneAddress::Node,
+                    proto::HboneAddress::Pod => HboneAddress::Pod,
+                },
                 name: node.name,
                 zone: Some(node.zone).filter(|zone| !zone.is_empty()),
             });
@@ -629,6 +633,7 @@ mod tests {
                         name: "node0".into(),
                         address: "10.99.0.1".into(),
                         zone: "zone-a".into(),
+                        hbone_address: proto::HboneAddress::Pod as i32,
                     },
                 ),
                 resource(
@@ -750,6 +755,10 @@ mod tests {
         );
         assert_eq!(mesh.longest_idle_timeout(), Some(Duration::from_secs(3)));
         assert_eq!(mesh.zone("node0"), Some("zone-a"));
+        assert_eq!(
+            mesh.node("node0").map(|node| node.hbone_address),
+            Some(HboneAddress::Pod)
+        );
         let web = &mesh.services[1];
         assert_eq!(web.vip.to_string(), "fd00::10");
         assert_eq!(

@@ -18,7 +18,9 @@ use tokio::{
 use tokio_rustls::TlsConnector;
 
 use super::{
-    PoolKey, Proxy, connect_marked, connect_within,
+    PoolKey, Proxy,
+    baggage::{self, Baggage},
+    connect_marked, connect_within,
     error::ProxyError,
     hbone::{HboneError, Tunnel},
     logical::{Endpoint, Hop, Source},
@@ -145,25 +147,25 @@ fn failure_reason(err: &HboneError) -> &'static str {
 }
 
 /// The CONNECT request, with the headers Istio's HBONE peers send: `Forwarded` (the
-/// original client), `baggage` (the client workload) and `traceparent`.
+/// original client), `baggage` (the client workload, [`Baggage`]) and `traceparent`.
 fn connect_request(
     mesh: &MeshConfig,
     source: &Source,
     target: SocketAddr,
     traceparent: Option<String>,
 ) -> Request<()> {
-    let identity = &source.identity;
-    let workload = mesh.workload_by_ip(source.address.ip());
-    let mut baggage = format!(
-        "k8s.cluster.name=Kubernetes,k8s.namespace.name={},service.name={}",
-        identity.namespace,
-        workload
-            .and_then(|workload| workload.labels.get("app"))
-            .unwrap_or(identity.service_account.as_str())
-    );
-    if let Some(workload) = workload {
-        baggage.push_str(&format!(",k8s.pod.name={}", workload.name));
+    let baggage = match mesh.workload_by_ip(source.address.ip()) {
+        Some(workload) => {
+            let zone = workload.node.as_deref().and_then(|node| mesh.zone(node));
+            Baggage::of(workload, zone)
+        }
+        None => Baggage {
+            cluster: Some(baggage::CLUSTER.to_owned()),
+            namespace: Some(source.identity.namespace.clone()),
+            ..Baggage::default()
+        },
     }
+    .render();
     let mut request = Request::builder()
         .method(Method::CONNECT)
         .uri(target.to_string())

@@ -120,6 +120,9 @@ async fn serve<IO, H, Fut>(
     // between requests too: the keep-alive idle timeout.
     builder
         .http1()
+        // A tunnel's client may end its side once it has sent its request (an HBONE
+        // peer passes on its client's half-close): the answer still goes back.
+        .half_close(listener == Listener::Inbound)
         .timer(TokioTimer::new())
         .header_read_timeout(idle)
         .max_buf_size(abuse::HEAD_LIMIT)

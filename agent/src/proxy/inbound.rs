@@ -1,7 +1,9 @@
-//! Inbound: HBONE tunnels from other nodes' agents (port 15008).
+//! Inbound: HBONE tunnels from other nodes' agents and Istio's peers (port 15008, on
+//! the node's address or a pod's own, [`super::in_pod`]).
 //!
 //! The TLS handshake presents the certificate of the workload the client named by SNI
-//! and requires a client certificate from the mesh's trust anchors; until it completes
+//! or, without SNI, of the pod whose address it dialed, and requires a client
+//! certificate from the mesh's trust anchors; until it completes
 //! the connection is pending in [`super::admission`], and it must complete within the
 //! HBONE handshake timeout. Each CONNECT on the connection must name a meshed pod on
 //! this node running as that same workload identity — anything else is refused, so the
@@ -14,7 +16,10 @@
 //! close a TCP tunnel when a new configuration denies it; HTTP requests are decided
 //! one by one ([`http::serve_inbound`]).
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use ::http::StatusCode;
 use bytes::Bytes;
@@ -27,6 +32,7 @@ use super::{
     abuse::{self, Inspected, Listener},
     admission::{Admission, Permit},
     authorize::{self, Caller, Direction},
+    baggage::Baggage,
     connect_marked,
     detect::{Detected, Rewind, detect},
     error::ProxyError,
@@ -38,7 +44,7 @@ use super::{
 use crate::{
     identity::Identity,
     logging::{Throttle, held_back},
-    mesh::Protocol,
+    mesh::{MeshConfig, Protocol, Workload},
     observe, tls,
 };
 
@@ -72,7 +78,13 @@ async fn connection(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr, mut per
     let _ = tcp.set_nodelay(true);
     let started = Instant::now();
     let limit = proxy.settings.hbone.handshake_timeout;
-    let acceptor = TlsAcceptor::from(proxy.certs.get().server_config());
+    let dialed = tcp.local_addr().ok().and_then(|local| {
+        let mesh = proxy.mesh.get();
+        let pod = local_pod(&mesh, &proxy.node, local.ip())?;
+        Some((local.ip(), mesh.identity(pod)))
+    });
+    let dialed_identity = dialed.as_ref().map(|(_, identity)| identity);
+    let acceptor = TlsAcceptor::from(proxy.certs.get().server_config(dialed_identity));
     let tls = match tokio::time::timeout(limit, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(err)) => return refused(tls::handshake_failure_reason(&err), err.to_string()),
@@ -88,34 +100,36 @@ async fn connection(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr, mut per
         .peer_certificates()
         .ok_or(tls::TlsError::NoPeerCertificate)
         .and_then(tls::peer_identity);
-    let server = session.server_name().and_then(|sni| {
-        proxy
+    let server = match session.server_name() {
+        Some(sni) => proxy
             .certs
             .get()
             .identities()
             .into_iter()
             .map(|info| info.identity)
-            .find(|identity| identity.sni() == sni)
-    });
+            .find(|identity| identity.sni() == sni),
+        None => dialed_identity.cloned(),
+    };
     let (client, server) = match (client, server) {
         (Ok(client), Some(server)) => (client, server),
         (Err(err), _) => return refused("peer_identity", format!("no usable identity: {err}")),
         (_, None) => {
             return refused(
                 "server_identity",
-                "it named no identity of this node".to_owned(),
+                "it named no identity of this node, and dialed no pod's address".to_owned(),
             );
         }
     };
     metrics::handshake(started.elapsed());
     permit.authenticated();
+    let dialed_pod = dialed.map(|(ip, _)| ip);
     let handler = {
         let proxy = Arc::clone(&proxy);
         move |incoming: Incoming| {
             let proxy = Arc::clone(&proxy);
             let client = client.clone();
             let server = server.clone();
-            async move { tunnel(&proxy, incoming, peer, &client, &server).await }
+            async move { tunnel(&proxy, incoming, peer, dialed_pod, &client, &server).await }
         }
     };
     let (tls, verdict) = Inspected::new(tls, Listener::Hbone, proxy.settings.client_stall);
@@ -146,11 +160,49 @@ async fn connection(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr, mut per
     }
 }
 
-/// Serves one CONNECT: checks the target, connects to the pod, carries the bytes.
+/// A caller this mesh does not know (a peer of another mesh, such as Istio's), as
+/// its `Forwarded` and `baggage` describe it. Baggage that names a namespace other
+/// than the certificate's describes no one.
+fn described_source(incoming: &Incoming, client: &Identity) -> Peer {
+    let baggage = Baggage::parse(
+        incoming
+            .headers
+            .get_all("baggage")
+            .iter()
+            .filter_map(|value| value.to_str().ok()),
+    );
+    let honest = baggage
+        .namespace
+        .as_ref()
+        .is_none_or(|namespace| *namespace == client.namespace);
+    let mut peer = Peer {
+        address: incoming.forwarded_for().map(|ip| SocketAddr::new(ip, 0)),
+        principal: Some(client.to_string()),
+        namespace: Some(client.namespace.clone()),
+        ..Peer::default()
+    };
+    if honest {
+        peer.workload = baggage.workload;
+        peer.app = baggage.service;
+        peer.version = baggage.version;
+    }
+    peer
+}
+
+/// The meshed pod of this node at `ip`.
+fn local_pod<'a>(mesh: &'a MeshConfig, node: &str, ip: IpAddr) -> Option<&'a Workload> {
+    mesh.workload_by_ip(ip)
+        .filter(|workload| workload.node.as_deref() == Some(node) && mesh.is_meshed(workload))
+}
+
+/// Serves one CONNECT: checks the target, connects to the pod, carries the bytes. On a
+/// connection dialed at a pod's own address (`dialed_pod`), the target must be that
+/// pod, as Istio's HBONE servers require.
 async fn tunnel(
     proxy: &Arc<Proxy>,
     incoming: Incoming,
     peer: SocketAddr,
+    dialed_pod: Option<IpAddr>,
     client: &Identity,
     server: &Identity,
 ) {
@@ -190,11 +242,14 @@ async fn tunnel(
         }
     };
     let target = incoming.authority;
+    if let Some(dialed) = dialed_pod
+        && dialed != target.ip()
+    {
+        let why = format!("the connection was dialed at pod {dialed}, not at the target");
+        return refuse(incoming, StatusCode::BAD_REQUEST, "other_pod", why);
+    }
     let mesh = proxy.mesh.get();
-    let workload = mesh.workload_by_ip(target.ip()).filter(|workload| {
-        workload.node.as_deref() == Some(proxy.node.as_str()) && mesh.is_meshed(workload)
-    });
-    let Some(workload) = workload else {
+    let Some(workload) = local_pod(&mesh, &proxy.node, target.ip()) else {
         return refuse(
             incoming,
             StatusCode::UNAUTHORIZED,
@@ -219,10 +274,7 @@ async fn tunnel(
     let caller = Caller::authenticated(client, source.map(|(_, ip)| ip));
     let source_peer = match source {
         Some((workload, ip)) => Peer::of(workload, Some(client), SocketAddr::new(ip, 0)),
-        None => Peer {
-            principal: Some(client.to_string()),
-            ..Peer::default()
-        },
+        None => described_source(&incoming, client),
     };
     let (service, protocol) = match mesh.service_of_endpoint(target) {
         Some((service, port)) => (

@@ -21,7 +21,7 @@ use super::{
 };
 use crate::{
     identity::Identity,
-    mesh::{LoadBalancing, MeshConfig, Protocol, Service},
+    mesh::{HboneAddress, LoadBalancing, MeshConfig, Protocol, Service},
 };
 
 /// The calling pod.
@@ -229,10 +229,13 @@ pub fn endpoint(
     let hop = if destination_node == node {
         Hop::Local
     } else {
-        let agent = mesh
+        let node = mesh
             .node(destination_node)
-            .ok_or_else(|| ProxyError::UnknownNode(destination_node.to_owned()))?
-            .address;
+            .ok_or_else(|| ProxyError::UnknownNode(destination_node.to_owned()))?;
+        let agent = match node.hbone_address {
+            HboneAddress::Node => node.address,
+            HboneAddress::Pod => address.ip(),
+        };
         Hop::Tunnel {
             agent: SocketAddr::new(agent, HBONE_PORT),
             destination: identity,
@@ -267,7 +270,7 @@ mod tests {
     use super::*;
 
     const MESH: &str = r#"
-nodes: [{ name: a, address: 10.99.0.1, zone: z1 }, { name: b, address: 10.99.0.2, zone: z2 }, { name: c, address: 10.99.0.3, zone: z1 }]
+nodes: [{ name: a, address: 10.99.0.1, zone: z1 }, { name: b, address: 10.99.0.2, zone: z2 }, { name: c, address: 10.99.0.3, zone: z1, hboneAddress: pod }]
 namespaces: [{ name: shop }]
 workloads:
   - { name: client, namespace: shop, serviceAccount: client, node: a, ip: 10.244.0.2 }
@@ -375,6 +378,12 @@ services:
             destination.to_string(),
             "spiffe://cluster.local/ns/shop/sa/web"
         );
+        // Node c takes HBONE on each pod's own address, as Istio's ztunnel does.
+        let on_pod = endpoint(&mesh, "a", addr("10.244.2.3:8080"), true).unwrap();
+        let Hop::Tunnel { agent, .. } = &on_pod.hop else {
+            panic!("another node: HBONE, not {:?}", on_pod.hop);
+        };
+        assert_eq!(*agent, addr("10.244.2.3:15008"));
         let local = endpoint(&mesh, "a", addr("10.244.0.3:8080"), true).unwrap();
         assert_eq!(local.hop, Hop::Local);
         for outside in ["10.244.1.9:8080", "10.244.1.8:8080", "192.0.2.7:8080"] {

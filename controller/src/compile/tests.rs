@@ -174,7 +174,10 @@ fn services_carry_port_protocols_endpoint_weights_and_locality() {
 ---
 apiVersion: v1
 kind: Node
-metadata: { name: node1, labels: { topology.kubernetes.io/zone: zone-b } }
+metadata:
+  name: node1
+  labels: { topology.kubernetes.io/zone: zone-b }
+  annotations: { weft.dev/hbone-address: pod }
 status: { addresses: [{ type: InternalIP, address: 10.99.0.2 }] }
 ---
 apiVersion: v1
@@ -252,6 +255,13 @@ spec: { clusterIP: 10.96.0.12, trafficDistribution: PreferSameNode, ports: [{ po
     assert_eq!(
         (nodes["node0"].zone.as_str(), nodes["node1"].zone.as_str()),
         ("", "zone-b")
+    );
+    assert_eq!(
+        (
+            nodes["node0"].hbone_address(),
+            nodes["node1"].hbone_address()
+        ),
+        (proto::HboneAddress::Node, proto::HboneAddress::Pod)
     );
 
     let services = compiled.shared.all::<proto::Service>();

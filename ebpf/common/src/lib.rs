@@ -30,6 +30,10 @@ pub mod names {
 /// connections carrying it into STRICT pods. (The value ztunnel uses for the same.)
 pub const AGENT_MARK: u32 = 1337;
 
+/// The HBONE port: the agent's on the node's address, and on a meshed pod's own
+/// address where Istio's HBONE peers dial it.
+pub const HBONE_PORT: u16 = 15008;
+
 /// A socket address: 16 address bytes (IPv4-mapped for IPv4) and a port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -124,7 +128,10 @@ pub mod destination {
 pub struct InboundPod {
     /// The [`Mode`] as a byte.
     pub mode: u8,
-    pub _pad: [u8; 3],
+    /// 1 when the agent listens for HBONE on port [`HBONE_PORT`] inside the pod's
+    /// network namespace: connections to that port are mesh traffic and get in.
+    pub hbone_in_pod: u8,
+    pub _pad: [u8; 2],
     /// The node's address towards the pod (the pod's gateway): connections the node
     /// itself opens from it, such as health probes, always get in.
     pub probe_source: [u32; 4],
@@ -198,11 +205,14 @@ pub enum Counter {
     CaptureNotConfigured = 10,
     /// A new plaintext connection that authorization policies deny was dropped.
     InboundDroppedPolicy = 11,
+    /// A new connection to the HBONE port on a meshed pod's own address, which the
+    /// agent serves inside the pod's network namespace.
+    InboundHbone = 12,
 }
 
 impl Counter {
     /// Every counter, in map-index order.
-    pub const ALL: [Counter; 12] = [
+    pub const ALL: [Counter; 13] = [
         Counter::Redirected,
         Counter::PassedNotMeshDestination,
         Counter::PassedExcludedPort,
@@ -215,6 +225,7 @@ impl Counter {
         Counter::FlowEventsLost,
         Counter::CaptureNotConfigured,
         Counter::InboundDroppedPolicy,
+        Counter::InboundHbone,
     ];
     /// Number of slots the counter map must have.
     pub const SLOTS: u32 = Self::ALL.len() as u32;
@@ -234,6 +245,7 @@ impl Counter {
             Counter::FlowEventsLost => "flow_events_lost",
             Counter::CaptureNotConfigured => "capture_not_configured",
             Counter::InboundDroppedPolicy => "inbound_dropped_policy",
+            Counter::InboundHbone => "inbound_hbone",
         }
     }
 }

@@ -1,9 +1,10 @@
 //! Inbound enforcement on a meshed pod's host-side veth, egress direction (packets
 //! heading into the pod).
 //!
-//! Only the first packet of a connection matters (TCP SYN without ACK). Its mode is the
-//! destination port's when the port has one of its own (`WEFT_INBOUND_PORT_MODES`),
-//! the pod's otherwise. It gets in when it carries the agent's socket mark, or when the
+//! Only the first packet of a connection matters (TCP SYN without ACK). One to the HBONE
+//! port, where the agent listens inside the pod for peers that dial pod addresses, gets
+//! in and is counted as mesh traffic. Otherwise its mode is the destination port's when
+//! the port has one of its own (`WEFT_INBOUND_PORT_MODES`), the pod's otherwise. It gets in when it carries the agent's socket mark, or when the
 //! node itself sent it from the pod's gateway address (health probes); otherwise STRICT
 //! drops it, DENY (PERMISSIVE where authorization policies deny all plaintext) drops
 //! it and counts it apart, and PERMISSIVE lets it in and counts it as plaintext.
@@ -14,7 +15,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use aya_log_ebpf::debug;
-use weft_common::{AGENT_MARK, Counter, FlowEvent, InboundPort, Mode, SockAddr, flow, reason};
+use weft_common::{
+    AGENT_MARK, Counter, FlowEvent, HBONE_PORT, InboundPort, Mode, SockAddr, flow, reason,
+};
 
 use crate::maps::{WEFT_INBOUND_PODS, WEFT_INBOUND_PORT_MODES, count, report};
 
@@ -56,6 +59,11 @@ fn try_classify(ctx: &TcContext) -> Result<i32, ()> {
         return Ok(TC_ACT_OK as i32);
     };
     if segment.flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return Ok(TC_ACT_OK as i32);
+    }
+    if segment.destination.port == HBONE_PORT && pod.hbone_in_pod != 0 {
+        // The agent's own listener in the pod: mutual TLS, whatever the pod's mode.
+        count(Counter::InboundHbone);
         return Ok(TC_ACT_OK as i32);
     }
     let port = InboundPort::new(ifindex, segment.destination.port);
