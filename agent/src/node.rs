@@ -259,19 +259,21 @@ impl Node {
             Some((mode, port_modes)) => {
                 let netns_cookie = netns::cookie(&record.pod.netns)?;
                 let current = (netns_cookie, netns::ifindex(&record.pod.host_interface)?);
-                let hbone_in_pod = self.listen_in_pod(id, &record.pod);
-                let inbound = |mode| Inbound {
-                    mode,
-                    probe_source: record.pod.gateways.first().copied(),
-                    hbone_in_pod,
-                };
                 // A replaced namespace or interface: the old entries go before the new
                 // ones are written, which may reuse the same keys.
                 if let Some(old) = &record.attachment
                     && (old.netns_cookie, old.ifindex) != current
                 {
                     self.datapath.unenroll(old.netns_cookie, old.ifindex)?;
+                    // Its listeners are in the namespace that went.
+                    self.in_pod.remove(id);
                 }
+                let hbone_in_pod = self.listen_in_pod(id, &record.pod);
+                let inbound = |mode| Inbound {
+                    mode,
+                    probe_source: record.pod.gateways.first().copied(),
+                    hbone_in_pod,
+                };
                 let kept = record
                     .attachment
                     .as_ref()
@@ -340,6 +342,9 @@ impl Node {
             .iter()
             .map(|&ip| SocketAddr::new(ip, HBONE_PORT))
             .collect();
+        if addresses.is_empty() {
+            return false;
+        }
         let opened = netns::within(&pod.netns, move || {
             addresses.into_iter().map(proxy::listener).collect()
         });

@@ -358,3 +358,34 @@ fn weft_and_an_istio_like_peer_carry_each_others_traffic() {
     let out = interop.peer_client("ambient", "other", &format!("{web}:8080"), &[]);
     assert!(out.starts_with("error"), "{out}");
 }
+
+#[test]
+fn weft_nodes_can_take_tunnels_on_pod_addresses_too() {
+    let mut interop = Interop::start();
+    let before = interop.cluster.counters("node1")["inbound_hbone"];
+    // The client's agent dials web's own address, with its SNI as always.
+    interop
+        .cluster
+        .annotate_node("node1", "weft.dev/hbone-address", Some("pod"))
+        .unwrap_or_else(|err| panic!("{err}"));
+    interop.cluster.settle();
+    let url = format!("http://{}:8080/", pod_ip(&interop.cluster, "web"));
+    wait_until("web answers through its own address", READY, || {
+        let out = interop
+            .cluster
+            .pod_command(
+                "default",
+                "client",
+                &["curl", "-sf", "--max-time", "3", &url],
+            )
+            .unwrap()
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .is_ok_and(|answer| answer["pod"] == "web")
+    });
+    assert!(
+        interop.cluster.counters("node1")["inbound_hbone"] > before,
+        "the tunnel came in on web's own address"
+    );
+}

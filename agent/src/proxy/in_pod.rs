@@ -113,3 +113,34 @@ pub async fn serve(proxy: Arc<Proxy>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listener() -> TcpListener {
+        TcpListener::bind("127.0.0.1:0").expect("a loopback listener")
+    }
+
+    #[test]
+    fn listeners_are_published_until_removed_and_none_after_close() {
+        let in_pod = InPod::default();
+        let mut published = in_pod.published.subscribe();
+        in_pod.insert("pod-a", vec![listener(), listener()]);
+        assert!(in_pod.contains("pod-a"));
+        assert!(published.has_changed().unwrap());
+        assert_eq!(published.borrow_and_update()["pod-a"].len(), 2);
+        // Removing what is not there changes nothing the workers see.
+        in_pod.remove("pod-b");
+        assert!(!published.has_changed().unwrap());
+        in_pod.remove("pod-a");
+        assert!(!in_pod.contains("pod-a"));
+        assert!(published.borrow_and_update().is_empty());
+        // A draining agent publishes nothing more.
+        in_pod.insert("pod-a", vec![listener()]);
+        in_pod.close();
+        assert!(published.borrow_and_update().is_empty());
+        in_pod.insert("pod-c", vec![listener()]);
+        assert!(!in_pod.contains("pod-c"));
+    }
+}
