@@ -775,7 +775,7 @@ fn listen(
     what: &str,
     mut taken: Vec<std::net::TcpListener>,
 ) -> anyhow::Result<Vec<std::net::TcpListener>> {
-    let bind = proxy::listener;
+    let bind = |address| proxy::listener(address, false);
     let held = |taken: &[std::net::TcpListener], address| {
         taken
             .iter()

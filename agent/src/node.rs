@@ -74,6 +74,9 @@ pub struct Attachment {
     /// What the pod's authorization policies say of plaintext.
     #[serde(default)]
     pub plaintext: PlaintextPolicy,
+    /// The agent takes HBONE on the pod's own address ([`InPod`]).
+    #[serde(default)]
+    pub hbone_in_pod: bool,
 }
 
 #[derive(Debug)]
@@ -318,6 +321,7 @@ impl Node {
                     mode,
                     port_modes,
                     plaintext,
+                    hbone_in_pod,
                 })
             }
         };
@@ -345,8 +349,12 @@ impl Node {
         if addresses.is_empty() {
             return false;
         }
+        // Free bind: an IPv6 address may still be tentative when the pod joins.
         let opened = netns::within(&pod.netns, move || {
-            addresses.into_iter().map(proxy::listener).collect()
+            addresses
+                .into_iter()
+                .map(|address| proxy::listener(address, true))
+                .collect()
         });
         match opened {
             Ok(listeners) => {

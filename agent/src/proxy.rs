@@ -390,8 +390,9 @@ fn log_refusal(
 
 /// A non-blocking listening socket on `address` with `SO_REUSEPORT`, so that every
 /// worker (and, during an upgrade, both agents) can listen there, and the kernel
-/// spreads connections over them. An IPv6 socket takes IPv6 only.
-pub fn listener(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+/// spreads connections over them. An IPv6 socket takes IPv6 only. With `free_bind`,
+/// the address need not be up yet.
+pub fn listener(address: SocketAddr, free_bind: bool) -> std::io::Result<std::net::TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(address),
         socket2::Type::STREAM,
@@ -399,6 +400,9 @@ pub fn listener(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     )?;
     if address.is_ipv6() {
         socket.set_only_v6(true)?;
+        socket.set_freebind_v6(free_bind)?;
+    } else {
+        socket.set_freebind_v4(free_bind)?;
     }
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;

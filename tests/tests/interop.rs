@@ -286,6 +286,14 @@ fn weft_and_an_istio_like_peer_carry_each_others_traffic() {
 
     // peer → weft: dialed at web's own address, without SNI; web's certificate is
     // presented and checked, the caller is attributed and authorized.
+    let dump = cluster.agent_admin("node1", "/config_dump").unwrap();
+    let pods = dump["pods"].as_array().cloned().unwrap_or_default();
+    let web_pod = pods.iter().find(|pod| pod["pod"]["name"] == "web");
+    assert_eq!(
+        web_pod.map(|pod| &pod["attachment"]["hbone_in_pod"]),
+        Some(&serde_json::Value::Bool(true)),
+        "node1's agent listens in web: {pods:?}"
+    );
     let hbone_before = cluster.counters("node1")["inbound_hbone"];
     let before = requests_to_web(cluster, &[("source_workload", "ambient")]);
     let forwarded = format!("{ambient}:53766");
