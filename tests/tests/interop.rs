@@ -16,7 +16,9 @@ use std::{
 };
 
 use weft_cluster::{Cluster, PodSpec, objects::TRUST_DOMAIN};
-use weft_e2e::{TestCa, TestCluster, agent_metrics, series, valid_now, wait_until, workspace_bin};
+use weft_e2e::{
+    TestCa, TestCluster, agent_log, agent_metrics, series, valid_now, wait_until, workspace_bin,
+};
 
 const READY: Duration = Duration::from_secs(15);
 
@@ -352,6 +354,15 @@ fn weft_and_an_istio_like_peer_carry_each_others_traffic() {
                 ("source_principal", &identity("ambient")),
             ],
         ) > 0.0
+    });
+    // The access log names it too (once it is written out).
+    wait_until("node1's access log attributes the caller", READY, || {
+        agent_log(cluster, "node1").lines().any(|line| {
+            line.contains("weft::access")
+                && line.contains(
+                    r#""address":"10.250.0.9:0","workload":"elsewhere","namespace":"default""#,
+                )
+        })
     });
 
     // An identity web's policy does not allow: refused before the pod is dialled.
