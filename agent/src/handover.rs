@@ -254,9 +254,14 @@ impl Standing {
 }
 
 /// Offers `listeners` (the process's own duplicates of every listening socket) on
-/// `<state_dir>/handover.sock`, replacing whatever is there. A successor that leaves
-/// before serving is logged and the offer stands.
-pub fn offer(state_dir: &Path, listeners: Vec<OwnedFd>) -> Result<Offer, HandoverError> {
+/// `<state_dir>/handover.sock`, replacing whatever is there, and with them what `more`
+/// gives when a successor asks: sockets that come and go while the agent runs (those
+/// in pods). A successor that leaves before serving is logged and the offer stands.
+pub fn offer(
+    state_dir: &Path,
+    listeners: Vec<OwnedFd>,
+    more: impl Fn() -> Vec<OwnedFd> + Send + 'static,
+) -> Result<Offer, HandoverError> {
     let path = state_dir.join(SOCKET);
     let offer_error = |source| HandoverError::Offer {
         path: path.clone(),
@@ -280,6 +285,10 @@ pub fn offer(state_dir: &Path, listeners: Vec<OwnedFd>) -> Result<Offer, Handove
                 let Some(duplicates) = duplicates else {
                     return;
                 };
+                let duplicates = duplicates.map(|mut fds| {
+                    fds.extend(more());
+                    fds
+                });
                 match successor.and_then(|stream| hand_over(&stream, &duplicates?)) {
                     Ok(()) => {
                         // The successor holds the sockets now.
@@ -451,7 +460,7 @@ mod tests {
         let addresses: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
         let queued = TcpStream::connect(addresses[0]).unwrap();
         let fds = listeners.into_iter().map(OwnedFd::from).collect();
-        let mut served = offer(dir.path(), fds).unwrap().served;
+        let mut served = offer(dir.path(), fds, Vec::new).unwrap().served;
 
         let inherited = take(dir.path()).unwrap().expect("an offer");
         let taken: Vec<_> = inherited
@@ -468,11 +477,41 @@ mod tests {
         served.blocking_recv().expect("released");
     }
 
+    /// Sockets that came after the offer go with it, as they are when a successor asks.
+    #[test]
+    fn sockets_opened_after_the_offer_are_handed_over_too() {
+        let dir = state_dir();
+        let later: Arc<Mutex<Vec<TcpListener>>> = Arc::default();
+        let more = {
+            let later = Arc::clone(&later);
+            move || {
+                let later = later.lock().unwrap();
+                later
+                    .iter()
+                    .map(|listener| OwnedFd::from(listener.try_clone().unwrap()))
+                    .collect()
+            }
+        };
+        let first = listener();
+        let addresses = vec![first.local_addr().unwrap()];
+        let _offer = offer(dir.path(), vec![OwnedFd::from(first)], more).unwrap();
+        let pod = listener();
+        let addresses = [addresses, vec![pod.local_addr().unwrap()]].concat();
+        later.lock().unwrap().push(pod);
+        let inherited = take(dir.path()).unwrap().expect("an offer");
+        let taken: Vec<_> = inherited
+            .listeners
+            .iter()
+            .map(|l| l.local_addr().unwrap())
+            .collect();
+        assert_eq!(taken, addresses);
+    }
+
     /// A successor that leaves without serving leaves the offer standing for the next.
     #[test]
     fn a_successor_that_leaves_before_serving_changes_nothing() {
         let dir = state_dir();
-        let served = offer(dir.path(), vec![OwnedFd::from(listener())])
+        let served = offer(dir.path(), vec![OwnedFd::from(listener())], Vec::new)
             .unwrap()
             .served;
         let first = take(dir.path()).unwrap().expect("an offer");
@@ -490,7 +529,12 @@ mod tests {
         let dir = state_dir();
         let socket = listener();
         let address = socket.local_addr().unwrap();
-        let offer = offer(dir.path(), vec![OwnedFd::from(socket.try_clone().unwrap())]).unwrap();
+        let offer = offer(
+            dir.path(),
+            vec![OwnedFd::from(socket.try_clone().unwrap())],
+            Vec::new,
+        )
+        .unwrap();
         offer.standing.withdraw();
         drop(socket);
         assert_eq!(

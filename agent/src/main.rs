@@ -436,12 +436,19 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             held
         }
     };
+    // The listeners in pods are the node's to give to their pods.
+    let (in_pod_taken, taken): (Vec<_>, Vec<_>) = taken
+        .into_iter()
+        .partition(|listener| listener.local_addr().is_ok_and(InPod::is_in_pod));
+    let in_pod = Arc::new(InPod::default());
+    in_pod.adopt(in_pod_taken);
     let listeners = Listeners::open(&args, workers, taken)?;
     let (proxy_sockets, admin_sockets) = listeners.duplicates()?;
     let (started, start_result) = std::sync::mpsc::channel();
     let control_args = args.clone();
     let (tenure, admin_tenure) = tokio::sync::watch::channel(Tenure::Starting);
     let admin_listeners = listeners.admin;
+    let control_in_pod = Arc::clone(&in_pod);
     std::thread::Builder::new()
         .name("weft-control".into())
         .spawn(move || {
@@ -457,6 +464,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 admin_listeners,
                 admin_tenure,
                 started,
+                control_in_pod,
             ));
         })
         .context("cannot start the control thread")?;
@@ -510,7 +518,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .collect::<std::io::Result<Vec<_>>>()
         .context("cannot duplicate the listening sockets")?;
     let offered = proxy_sockets.into_iter().chain(admin_sockets).collect();
-    let offer = match handover::offer(&args.state_dir, offered) {
+    let offer = match handover::offer(&args.state_dir, offered, move || in_pod.duplicates()) {
         Ok(offer) => Some(offer),
         Err(err) => {
             log::warn!(
@@ -804,6 +812,7 @@ async fn control(
     admin_listeners: Vec<std::net::TcpListener>,
     tenure: tokio::sync::watch::Receiver<Tenure>,
     started: std::sync::mpsc::Sender<anyhow::Result<Arc<Proxy>>>,
+    in_pod: Arc<InPod>,
 ) {
     let Started {
         proxy,
@@ -812,7 +821,7 @@ async fn control(
         listener,
         offers,
         certificates,
-    } = match start(&args).await {
+    } = match start(&args, in_pod).await {
         Ok(parts) => parts,
         Err(err) => {
             let _ = started.send(Err(err));
@@ -937,7 +946,7 @@ struct Started {
 /// Loads everything the agent needs before it may say it is ready. With a controller
 /// and no cached configuration, that includes the first version from the controller:
 /// until then the CNI socket is closed, so no pod starts unmeshed.
-async fn start(args: &RunArgs) -> anyhow::Result<Started> {
+async fn start(args: &RunArgs, in_pod: Arc<InPod>) -> anyhow::Result<Started> {
     let metrics = PrometheusBuilder::new()
         .set_buckets(&[
             0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0,
@@ -1069,7 +1078,6 @@ async fn start(args: &RunArgs) -> anyhow::Result<Started> {
         Arc::clone(&enrolled),
     )?)?;
     let original_destinations = OriginalDestinations::open(&pins)?;
-    let in_pod = Arc::new(InPod::default());
     let node = Node::start(
         datapath,
         Arc::clone(&mesh),

@@ -128,6 +128,7 @@ impl Node {
                 node.forget(&id)?;
             }
         }
+        node.in_pod.drop_inherited();
         node.sync_destinations()?;
         Ok(node)
     }
@@ -271,7 +272,7 @@ impl Node {
                     // Its listeners are in the namespace that went.
                     self.in_pod.remove(id);
                 }
-                let hbone_in_pod = self.listen_in_pod(id, &record.pod);
+                let hbone_in_pod = self.listen_in_pod(id, &record.pod, netns_cookie);
                 let inbound = |mode| Inbound {
                     mode,
                     probe_source: record.pod.gateways.first().copied(),
@@ -334,10 +335,11 @@ impl Node {
         Ok(())
     }
 
-    /// Makes sure pod `id` has its HBONE listeners, on each of its addresses; says
-    /// whether it has. A pod that cannot have them (its own process holds the port)
-    /// still gets tunnels on the node's address.
-    fn listen_in_pod(&self, id: &str, pod: &Pod) -> bool {
+    /// Makes sure pod `id` has its HBONE listeners, on each of its addresses, in its
+    /// namespace (cookie `netns`): those the agent before handed over, or new ones;
+    /// says whether it has. A pod that cannot have them (its own process holds the
+    /// port) still gets tunnels on the node's address.
+    fn listen_in_pod(&self, id: &str, pod: &Pod, netns: u64) -> bool {
         if self.in_pod.contains(id) {
             return true;
         }
@@ -348,6 +350,10 @@ impl Node {
             .collect();
         if addresses.is_empty() {
             return false;
+        }
+        if let Some(inherited) = self.in_pod.take_inherited(&addresses, netns) {
+            self.in_pod.insert(id, inherited);
+            return true;
         }
         // Free bind: an IPv6 address may still be tentative when the pod joins.
         let opened = netns::within(&pod.netns, move || {

@@ -15,9 +15,10 @@ use std::{
     time::Duration,
 };
 
-use weft_cluster::{Cluster, PodSpec, objects::TRUST_DOMAIN};
+use weft_cluster::{Cluster, PodSpec, objects::TRUST_DOMAIN, process_running};
 use weft_e2e::{
-    TestCa, TestCluster, agent_log, agent_metrics, series, valid_now, wait_until, workspace_bin,
+    TestCa, TestCluster, agent_log, agent_metrics, running_agent, series, valid_now, wait_until,
+    workspace_bin,
 };
 
 const READY: Duration = Duration::from_secs(15);
@@ -407,4 +408,41 @@ fn weft_nodes_can_take_tunnels_on_pod_addresses_too() {
         interop.cluster.counters("node1")["inbound_hbone"] > before,
         "the tunnel came in on web's own address"
     );
+}
+
+/// The inodes of the sockets listening on port 15008 inside pod `name`.
+fn hbone_listeners_in(cluster: &Cluster, name: &str) -> Vec<String> {
+    let out = cluster
+        .pod_command("default", name, &["ss", "-Hltne", "sport = :15008"])
+        .unwrap()
+        .output()
+        .unwrap();
+    let mut inodes: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|field| field.strip_prefix("ino:").map(str::to_owned))
+        .collect();
+    inodes.sort();
+    inodes
+}
+
+#[test]
+fn an_upgrade_hands_the_pod_listeners_over() {
+    let mut interop = Interop::start();
+    let before = hbone_listeners_in(&interop.cluster, "web");
+    assert_eq!(before.len(), 1, "one listener in web: {before:?}");
+    let old = running_agent(&interop.cluster, "node1").pid;
+    interop
+        .cluster
+        .restart_agent("node1", &workspace_bin("weft-agent"))
+        .unwrap_or_else(|err| panic!("{err}"));
+    wait_until("node1's old agent to exit", READY, || !process_running(old));
+    // The same socket, with its queue: the new agent took it over rather than opening
+    // its own beside it.
+    assert_eq!(hbone_listeners_in(&interop.cluster, "web"), before);
+    let web = pod_ip(&interop.cluster, "web");
+    wait_until("the peer reaches web after the upgrade", READY, || {
+        interop
+            .peer_client("ambient", "web", &format!("{web}:8080"), &[])
+            .starts_with("status 200")
+    });
 }

@@ -11,25 +11,29 @@ use super::DatapathError;
 pub fn cookie(netns: &Path) -> Result<u64, DatapathError> {
     within(netns, || {
         // Any socket will do; the wildcard address needs no interface up in the pod.
-        let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
-        let mut cookie: u64 = 0;
-        let mut len = size_of::<u64>() as libc::socklen_t;
-        // SAFETY: the option value points at a u64 of the length we pass, and the
-        // socket stays open for the call.
-        let rc = unsafe {
-            libc::getsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_NETNS_COOKIE,
-                (&raw mut cookie).cast(),
-                &raw mut len,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(cookie)
+        socket_cookie(&std::net::UdpSocket::bind("0.0.0.0:0")?)
     })
+}
+
+/// The cookie of the network namespace `socket` belongs to.
+pub fn socket_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the option value points at a u64 of the length we pass, and the socket
+    // stays open for the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
 }
 
 /// Runs `work` inside the network namespace at `netns`. Sockets it opens belong to

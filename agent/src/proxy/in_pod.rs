@@ -6,13 +6,21 @@
 //! it here ([`InPod::insert`]); every data-plane worker accepts on all of them
 //! ([`serve`]) as on the node's own HBONE port, and the inbound knows the pod dialed
 //! from the connection's local address. The kernel's inbound program lets connections
-//! to that port in as mesh traffic.
+//! to that port in as mesh traffic. An upgrade hands the listeners over to the next
+//! agent with the node's ([`InPod::duplicates`], [`InPod::adopt`]), so that no
+//! connection waiting in their queues is lost.
 
-use std::{collections::BTreeMap, net::TcpListener, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    net::{SocketAddr, TcpListener},
+    os::fd::OwnedFd,
+    sync::{Arc, Mutex},
+};
 
 use tokio::{sync::watch, task::JoinSet};
 
-use super::Proxy;
+use super::{HBONE_PORT, Proxy};
+use crate::{datapath::netns, sync};
 
 /// The listeners of each pod, by container id.
 type Published = BTreeMap<String, Vec<Arc<TcpListener>>>;
@@ -23,6 +31,9 @@ pub struct InPod {
     published: watch::Sender<Arc<Published>>,
     /// Set once the agent drains: nothing is published any more.
     closed: watch::Sender<bool>,
+    /// Listeners the agent before this one handed over, until the node claims them
+    /// for their pods.
+    inherited: Mutex<Vec<TcpListener>>,
 }
 
 impl Default for InPod {
@@ -30,11 +41,64 @@ impl Default for InPod {
         Self {
             published: watch::Sender::new(Arc::default()),
             closed: watch::Sender::new(false),
+            inherited: Mutex::default(),
         }
     }
 }
 
 impl InPod {
+    /// Whether a socket taken over from the agent before is an in-pod listener: one
+    /// on the HBONE port of a given address (the node's listens on every address).
+    pub fn is_in_pod(address: SocketAddr) -> bool {
+        address.port() == HBONE_PORT && !address.ip().is_unspecified()
+    }
+
+    /// Keeps `listeners`, handed over by the agent before, for the pods they were
+    /// opened in ([`Self::take_inherited`]).
+    pub fn adopt(&self, listeners: Vec<TcpListener>) {
+        sync::lock(&self.inherited).extend(listeners);
+    }
+
+    /// The inherited listeners on exactly `addresses` in the network namespace whose
+    /// cookie is `netns`, if every one of them was handed over.
+    pub fn take_inherited(&self, addresses: &[SocketAddr], netns: u64) -> Option<Vec<TcpListener>> {
+        let mut inherited = sync::lock(&self.inherited);
+        let matches = |listener: &TcpListener| {
+            listener
+                .local_addr()
+                .is_ok_and(|address| addresses.contains(&address))
+                && netns::socket_cookie(listener).is_ok_and(|cookie| cookie == netns)
+        };
+        if inherited
+            .iter()
+            .filter(|listener| matches(listener))
+            .count()
+            != addresses.len()
+        {
+            return None;
+        }
+        let (taken, rest) = std::mem::take(&mut *inherited)
+            .into_iter()
+            .partition(|listener| matches(listener));
+        *inherited = rest;
+        Some(taken)
+    }
+
+    /// Closes the inherited listeners no pod claimed (their pods went away meanwhile).
+    pub fn drop_inherited(&self) {
+        sync::lock(&self.inherited).clear();
+    }
+
+    /// A duplicate of every listener served, to hand over to the next agent.
+    pub fn duplicates(&self) -> Vec<OwnedFd> {
+        self.published
+            .borrow()
+            .values()
+            .flatten()
+            .filter_map(|listener| listener.try_clone().ok().map(OwnedFd::from))
+            .collect()
+    }
+
     /// Serves `listeners` as pod `id`'s, in place of any it had. Refused (and the
     /// listeners closed) once the agent drains.
     pub fn insert(&self, id: &str, listeners: Vec<TcpListener>) {
@@ -142,5 +206,34 @@ mod tests {
         assert!(published.borrow_and_update().is_empty());
         in_pod.insert("pod-c", vec![listener()]);
         assert!(!in_pod.contains("pod-c"));
+    }
+
+    #[test]
+    fn inherited_listeners_go_to_the_pod_with_their_addresses_and_namespace() {
+        let in_pod = InPod::default();
+        let (a, b) = (listener(), listener());
+        let (at_a, at_b) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+        let here = netns::socket_cookie(&a).unwrap();
+        in_pod.adopt(vec![a, b]);
+        // Every address must have been handed over, in the pod's namespace.
+        let elsewhere: SocketAddr = "127.0.0.2:15008".parse().unwrap();
+        assert!(in_pod.take_inherited(&[at_a, elsewhere], here).is_none());
+        assert!(in_pod.take_inherited(&[at_a], here + 1).is_none());
+        let taken = in_pod.take_inherited(&[at_a], here).expect("a's listener");
+        assert_eq!(taken[0].local_addr().unwrap(), at_a);
+        assert!(in_pod.take_inherited(&[at_a], here).is_none(), "taken once");
+        in_pod.drop_inherited();
+        assert!(in_pod.take_inherited(&[at_b], here).is_none(), "dropped");
+        // What is served is what the next agent gets.
+        in_pod.insert("pod-a", taken);
+        let handed: Vec<SocketAddr> = in_pod
+            .duplicates()
+            .into_iter()
+            .map(|fd| TcpListener::from(fd).local_addr().unwrap())
+            .collect();
+        assert_eq!(handed, [at_a]);
+        assert!(InPod::is_in_pod("10.244.1.2:15008".parse().unwrap()));
+        assert!(!InPod::is_in_pod("0.0.0.0:15008".parse().unwrap()));
+        assert!(!InPod::is_in_pod("10.244.1.2:15001".parse().unwrap()));
     }
 }
