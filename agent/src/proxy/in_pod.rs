@@ -14,7 +14,10 @@ use std::{
     collections::BTreeMap,
     net::{SocketAddr, TcpListener},
     os::fd::OwnedFd,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use tokio::{sync::watch, task::JoinSet};
@@ -30,7 +33,7 @@ type Published = BTreeMap<String, Vec<Arc<TcpListener>>>;
 pub struct InPod {
     published: watch::Sender<Arc<Published>>,
     /// Set once the agent drains: nothing is published any more.
-    closed: watch::Sender<bool>,
+    closed: AtomicBool,
     /// Listeners the agent before this one handed over, until the node claims them
     /// for their pods.
     inherited: Mutex<Vec<TcpListener>>,
@@ -40,7 +43,7 @@ impl Default for InPod {
     fn default() -> Self {
         Self {
             published: watch::Sender::new(Arc::default()),
-            closed: watch::Sender::new(false),
+            closed: AtomicBool::new(false),
             inherited: Mutex::default(),
         }
     }
@@ -102,12 +105,14 @@ impl InPod {
     /// Serves `listeners` as pod `id`'s, in place of any it had. Refused (and the
     /// listeners closed) once the agent drains.
     pub fn insert(&self, id: &str, listeners: Vec<TcpListener>) {
-        if *self.closed.borrow() {
-            return;
-        }
         let listeners = listeners.into_iter().map(Arc::new).collect();
-        self.published.send_modify(|published| {
+        // Checked under the channel's lock, which `close` takes after it marks.
+        self.published.send_if_modified(|published| {
+            if self.closed.load(Ordering::SeqCst) {
+                return false;
+            }
             Arc::make_mut(published).insert(id.to_owned(), listeners);
+            true
         });
     }
 
@@ -123,10 +128,11 @@ impl InPod {
         self.published.borrow().contains_key(id)
     }
 
-    /// Closes every listener for good: a draining agent must not keep connections
-    /// in accept queues it no longer serves, while the next agent listens beside it.
+    /// Lets go of every listener for good, once the agent drains: those handed over
+    /// stay open with the next agent; the others close, so that no connection waits
+    /// in a queue nobody serves.
     pub fn close(&self) {
-        self.closed.send_replace(true);
+        self.closed.store(true, Ordering::SeqCst);
         self.published.send_replace(Arc::default());
     }
 }

@@ -161,22 +161,15 @@ async fn connection(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr, mut per
 }
 
 /// A caller this mesh does not know (a peer of another mesh, such as Istio's), as
-/// its `Forwarded` and `baggage` describe it. Baggage that names a namespace other
-/// than the certificate's describes no one.
-fn described_source(incoming: &Incoming, client: &Identity) -> Peer {
-    let baggage = Baggage::parse(
-        incoming
-            .headers
-            .get_all("baggage")
-            .iter()
-            .filter_map(|value| value.to_str().ok()),
-    );
+/// its `Forwarded` address and `baggage` describe it. Baggage that names a namespace
+/// other than the certificate's describes no one.
+fn described_source(forwarded: Option<IpAddr>, baggage: Baggage, client: &Identity) -> Peer {
     let honest = baggage
         .namespace
         .as_ref()
         .is_none_or(|namespace| *namespace == client.namespace);
     let mut peer = Peer {
-        address: incoming.forwarded_for().map(|ip| SocketAddr::new(ip, 0)),
+        address: forwarded.map(|ip| SocketAddr::new(ip, 0)),
         principal: Some(client.to_string()),
         namespace: Some(client.namespace.clone()),
         ..Peer::default()
@@ -274,7 +267,11 @@ async fn tunnel(
     let caller = Caller::authenticated(client, source.map(|(_, ip)| ip));
     let source_peer = match source {
         Some((workload, ip)) => Peer::of(workload, Some(client), SocketAddr::new(ip, 0)),
-        None => described_source(&incoming, client),
+        None => {
+            let baggage = incoming.headers.get_all("baggage");
+            let baggage = Baggage::parse(baggage.iter().filter_map(|value| value.to_str().ok()));
+            described_source(incoming.forwarded_for(), baggage, client)
+        }
     };
     let (service, protocol) = match mesh.service_of_endpoint(target) {
         Some((service, port)) => (
@@ -375,4 +372,51 @@ async fn tunnel(
         }
     };
     open.closed(&outcome);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_callers_are_described_by_their_baggage_within_their_namespace() {
+        let client: Identity = "spiffe://cluster.local/ns/shop/sa/ambient".parse().unwrap();
+        let forwarded = Some(IpAddr::from([10, 250, 0, 9]));
+        let baggage = |namespace: &str| {
+            Baggage::parse([format!(
+                "k8s.namespace.name={namespace},k8s.deployment.name=cart,service.name=cart,service.version=v2"
+            )
+            .as_str()])
+        };
+        let honest = described_source(forwarded, baggage("shop"), &client);
+        assert_eq!(
+            (
+                honest.address,
+                honest.workload.as_deref(),
+                honest.namespace.as_deref(),
+                honest.app.as_deref(),
+                honest.version.as_deref(),
+            ),
+            (
+                Some(SocketAddr::from(([10, 250, 0, 9], 0))),
+                Some("cart"),
+                Some("shop"),
+                Some("cart"),
+                Some("v2")
+            )
+        );
+        assert_eq!(
+            honest.principal.as_deref(),
+            Some(client.to_string().as_str())
+        );
+        // Another namespace than the certificate's: the baggage names no one.
+        let lying = described_source(forwarded, baggage("billing"), &client);
+        assert_eq!(
+            (lying.workload, lying.app, lying.namespace.as_deref()),
+            (None, None, Some("shop"))
+        );
+        // No baggage, no address: the certificate alone.
+        let bare = described_source(None, Baggage::default(), &client);
+        assert_eq!((bare.address, bare.workload), (None, None));
+    }
 }
