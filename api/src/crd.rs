@@ -53,7 +53,8 @@ pub const MESH_DISABLED: &str = "disabled";
 /// without it, 1.
 pub const WEIGHT_ANNOTATION: &str = "weft.dev/weight";
 /// Node annotation: where the node takes HBONE tunnels, `node` (its own address: a
-/// weft agent; the default) or `pod` (each pod's address: Istio's ztunnel).
+/// weft agent; the default) or `pod` (each pod's address: Istio's ztunnel). Any other
+/// value is read as `node`, and the Node gets an `Invalid` verdict.
 pub const HBONE_ADDRESS_ANNOTATION: &str = "weft.dev/hbone-address";
 
 /// The status every weft resource reports: conditions of type `Accepted`.

@@ -113,7 +113,11 @@ pub fn compile(objects: &Objects, settings: &Settings, trust: &TrustBundle) -> C
                         .and_then(|labels| labels.get(ZONE_LABEL))
                         .cloned()
                         .unwrap_or_default(),
-                    hbone_address: hbone_address(node) as i32,
+                    hbone_address: hbone_address(node).unwrap_or_else(|problem| {
+                        let verdict = Verdict::rejected(Reason::Invalid, problem);
+                        judge(&mut statuses, Kind::Node, key, &node.metadata, verdict);
+                        HboneAddress::Node
+                    }) as i32,
                 },
             );
             local.entry(key.name.clone()).or_default();
@@ -159,30 +163,20 @@ pub fn compile(objects: &Objects, settings: &Settings, trust: &TrustBundle) -> C
 }
 
 /// Where a node takes HBONE tunnels: on each pod's address when its annotation says
-/// `pod`, on its own otherwise (anything else is logged once per value and ignored:
-/// a Node has no status of weft's to report it in).
-fn hbone_address(node: &k8s_openapi::api::core::v1::Node) -> HboneAddress {
-    static WARNED: std::sync::Mutex<BTreeSet<String>> = std::sync::Mutex::new(BTreeSet::new());
+/// `pod`, on its own without one or when it says `node`. Anything else is the
+/// annotation's problem, and the node's own address is used.
+fn hbone_address(node: &k8s_openapi::api::core::v1::Node) -> Result<HboneAddress, String> {
     let value = node
         .metadata
         .annotations
         .as_ref()
         .and_then(|annotations| annotations.get(HBONE_ADDRESS_ANNOTATION));
     match value.map(String::as_str) {
-        None | Some("node") => HboneAddress::Node,
-        Some("pod") => HboneAddress::Pod,
-        Some(other) => {
-            let name = node.metadata.name.as_deref().unwrap_or_default();
-            let mut warned = WARNED
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if warned.insert(format!("{name}/{other}")) {
-                log::warn!(
-                    "Node {name}: annotation {HBONE_ADDRESS_ANNOTATION}={other:?} is neither \"node\" nor \"pod\"; its HBONE peer is dialed at the node's address"
-                );
-            }
-            HboneAddress::Node
-        }
+        None | Some("node") => Ok(HboneAddress::Node),
+        Some("pod") => Ok(HboneAddress::Pod),
+        Some(other) => Err(format!(
+            "metadata.annotations[\"{HBONE_ADDRESS_ANNOTATION}\"]: {other:?} is neither \"node\" nor \"pod\"; the node's HBONE peer is dialed at the node's address"
+        )),
     }
 }
 

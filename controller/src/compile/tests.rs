@@ -181,6 +181,11 @@ metadata:
 status: { addresses: [{ type: InternalIP, address: 10.99.0.2 }] }
 ---
 apiVersion: v1
+kind: Node
+metadata: { name: node2, annotations: { weft.dev/hbone-address: ztunnel } }
+status: { addresses: [{ type: InternalIP, address: 10.99.0.3 }] }
+---
+apiVersion: v1
 kind: Pod
 metadata:
   name: web-0
@@ -262,6 +267,18 @@ spec: { clusterIP: 10.96.0.12, trafficDistribution: PreferSameNode, ports: [{ po
             nodes["node1"].hbone_address()
         ),
         (proto::HboneAddress::Node, proto::HboneAddress::Pod)
+    );
+    // A value it does not know: the node's own address, and the node's verdict says why.
+    assert_eq!(nodes["node2"].hbone_address(), proto::HboneAddress::Node);
+    let node2 = verdict(&compiled, Kind::Node, "", "node2");
+    assert_eq!(
+        (node2.accepted, node2.reason, node2.message.as_str()),
+        (
+            false,
+            Reason::Invalid,
+            "metadata.annotations[\"weft.dev/hbone-address\"]: \"ztunnel\" is neither \"node\" \
+             nor \"pod\"; the node's HBONE peer is dialed at the node's address"
+        )
     );
 
     let services = compiled.shared.all::<proto::Service>();
