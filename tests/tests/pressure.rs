@@ -273,17 +273,21 @@ fn idle_connections_neither_starve_their_service_account_nor_outlive_the_idle_ti
     );
     let after = outcomes(&cluster, "idle_timeout");
     assert_eq!(after - before, 200.0);
-    let log = agent_log(&cluster, "node0");
-    let idle_lines = log
-        .lines()
-        .filter(|line| {
-            line.contains("weft::access") && line.contains("\"outcome\":\"idle_timeout\"")
-        })
-        .count();
-    assert_eq!(
-        idle_lines, 200,
-        "each idle connection's access-log line says why it ended"
+    // The access log is written out in batches: its lines may follow the counters.
+    let idle_lines = || {
+        agent_log(&cluster, "node0")
+            .lines()
+            .filter(|line| {
+                line.contains("weft::access") && line.contains("\"outcome\":\"idle_timeout\"")
+            })
+            .count()
+    };
+    wait_until(
+        "each idle connection's access-log line, saying why it ended",
+        Duration::from_secs(10),
+        || idle_lines() >= 200,
     );
+    assert_eq!(idle_lines(), 200, "one line for each idle connection");
 
     // A connection the server never answered is not `ok`.
     let before = outcomes(&cluster, "no_response");
