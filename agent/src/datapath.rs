@@ -118,7 +118,6 @@ pub struct CaptureTarget {
     pub outbound_port: u16,
 }
 
-/// weft's kernel programs, loaded and attached, and their maps.
 /// What the inbound program enforces for one pod.
 #[derive(Clone, Copy, Debug)]
 pub struct Inbound {
@@ -129,6 +128,7 @@ pub struct Inbound {
     pub hbone_in_pod: bool,
 }
 
+/// weft's kernel programs, loaded and attached, and their maps.
 #[derive(Debug)]
 pub struct Datapath {
     ebpf: Ebpf,

@@ -14,7 +14,8 @@
 
 use crate::mesh::Workload;
 
-/// The cluster name Istio uses when none is configured.
+/// The cluster's name, as Istio names a cluster when none is configured: in baggage
+/// and in the `*_cluster` labels of the standard metrics.
 pub const CLUSTER: &str = "Kubernetes";
 
 /// The client workload as baggage describes it; every part is optional.

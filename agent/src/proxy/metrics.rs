@@ -16,6 +16,7 @@ use serde::Serialize;
 use weft_api::observe::{self, Event, verdict};
 
 use super::{
+    baggage,
     error::ProxyError,
     relay::{End, Relayed},
 };
@@ -180,7 +181,7 @@ impl Connection {
             Label::new("source_principal", value(&self.source.principal)),
             Label::new("source_app", value(&self.source.app)),
             Label::new("source_version", value(&self.source.version)),
-            Label::new("source_cluster", "Kubernetes"),
+            Label::new("source_cluster", baggage::CLUSTER),
             Label::new("destination_workload", value(&self.destination.workload)),
             Label::new(
                 "destination_workload_namespace",
@@ -192,7 +193,7 @@ impl Connection {
             Label::new("destination_service", service_host),
             Label::new("destination_service_name", service_name),
             Label::new("destination_service_namespace", service_namespace),
-            Label::new("destination_cluster", "Kubernetes"),
+            Label::new("destination_cluster", baggage::CLUSTER),
             Label::new("request_protocol", protocol),
             Label::new("response_flags", flags),
             Label::new("connection_security_policy", self.security()),
