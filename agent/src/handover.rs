@@ -442,6 +442,10 @@ mod tests {
         tempfile::tempdir().unwrap()
     }
 
+    fn addresses_of(listeners: &[TcpListener]) -> Vec<std::net::SocketAddr> {
+        listeners.iter().map(|l| l.local_addr().unwrap()).collect()
+    }
+
     #[test]
     fn nothing_to_take_without_a_running_agent() {
         let dir = state_dir();
@@ -457,18 +461,13 @@ mod tests {
     fn the_successor_takes_every_listener_and_the_queue_with_them() {
         let dir = state_dir();
         let listeners: Vec<TcpListener> = (0..FDS_PER_MESSAGE + 5).map(|_| listener()).collect();
-        let addresses: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+        let addresses = addresses_of(&listeners);
         let queued = TcpStream::connect(addresses[0]).unwrap();
         let fds = listeners.into_iter().map(OwnedFd::from).collect();
         let mut served = offer(dir.path(), fds, Vec::new).unwrap().served;
 
         let inherited = take(dir.path()).unwrap().expect("an offer");
-        let taken: Vec<_> = inherited
-            .listeners
-            .iter()
-            .map(|l| l.local_addr().unwrap())
-            .collect();
-        assert_eq!(taken, addresses);
+        assert_eq!(addresses_of(&inherited.listeners), addresses);
         let (accepted, _) = inherited.listeners[0].accept().unwrap();
         assert_eq!(accepted.peer_addr().unwrap(), queued.local_addr().unwrap());
         assert!(served.try_recv().is_err(), "not released yet");
@@ -492,19 +491,12 @@ mod tests {
                     .collect()
             }
         };
-        let first = listener();
-        let addresses = vec![first.local_addr().unwrap()];
+        let (first, pod) = (listener(), listener());
+        let addresses = addresses_of(&[first.try_clone().unwrap(), pod.try_clone().unwrap()]);
         let _offer = offer(dir.path(), vec![OwnedFd::from(first)], more).unwrap();
-        let pod = listener();
-        let addresses = [addresses, vec![pod.local_addr().unwrap()]].concat();
         later.lock().unwrap().push(pod);
         let inherited = take(dir.path()).unwrap().expect("an offer");
-        let taken: Vec<_> = inherited
-            .listeners
-            .iter()
-            .map(|l| l.local_addr().unwrap())
-            .collect();
-        assert_eq!(taken, addresses);
+        assert_eq!(addresses_of(&inherited.listeners), addresses);
     }
 
     /// A successor that leaves without serving leaves the offer standing for the next.
