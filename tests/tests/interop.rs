@@ -6,8 +6,8 @@
 //! name, with a quoted `Forwarded` that carries a port, and with its own baggage.
 //!
 //! Both directions carry traffic, with each side's identity verified; the weft side
-//! authorizes and attributes the peer's callers, and refuses a CONNECT for another pod
-//! than the one dialed.
+//! authorizes and attributes the peer's callers, carries HTTP and plain TCP, and refuses
+//! a CONNECT for another pod than the one dialed.
 
 use std::{
     path::Path,
@@ -89,6 +89,11 @@ impl Interop {
             spec.service_account = app.into();
             cluster.add_pod(spec).unwrap_or_else(|err| panic!("{err}"));
         }
+        // A plain TCP service, ztunnel's everyday traffic.
+        let tcp_echo = workspace_bin("weft-tcp-echo").display().to_string();
+        let mut db = PodSpec::new("db", "node1", &[&tcp_echo]);
+        db.service_account = "db".into();
+        cluster.add_pod(db).unwrap_or_else(|err| panic!("{err}"));
         let mut client = PodSpec::new("client", "node0", &[]);
         client.service_account = "client".into();
         client.labels.insert("app".into(), "client".into());
@@ -144,17 +149,18 @@ impl Interop {
     }
 
     /// Runs the peer as a client from node2 (where ztunnel runs) with `account`'s
-    /// certificate, dialing web's own address and asking for `authority`; the server
-    /// must prove `expected`'s identity.
+    /// certificate, dialing pod `dialed`'s own address and asking for `authority`;
+    /// the server must prove `expected`'s identity.
     fn peer_client(
         &self,
         account: &str,
+        dialed: &str,
         expected: &str,
         authority: &str,
         extra: &[&str],
     ) -> String {
         let expected = identity(expected);
-        let dial = format!("{}:15008", pod_ip(&self.cluster, "web"));
+        let dial = format!("{}:15008", pod_ip(&self.cluster, dialed));
         let mut args = vec![
             "--expect",
             &expected,
@@ -301,7 +307,7 @@ fn weft_and_an_istio_like_peer_carry_each_others_traffic() {
     let before = requests_to_web(cluster, &[("source_workload", "ambient")]);
     let forwarded = format!("{ambient}:53766");
     let out = interop.peer_client(
-        "ambient",
+        "ambient", "web",
         "web",
         &format!("{web}:8080"),
         &[
@@ -334,7 +340,7 @@ fn weft_and_an_istio_like_peer_carry_each_others_traffic() {
 
     // A caller the mesh does not know (another cluster's pod): its baggage names it.
     let out = interop.peer_client(
-        "ambient",
+        "ambient", "web",
         "web",
         &format!("{web}:8080"),
         &[
@@ -367,16 +373,27 @@ fn weft_and_an_istio_like_peer_carry_each_others_traffic() {
     });
 
     // An identity web's policy does not allow: refused before the pod is dialled.
-    let out = interop.peer_client("intruder", "web", &format!("{web}:8080"), &[]);
+    let out = interop.peer_client("intruder", "web", "web", &format!("{web}:8080"), &[]);
     assert_eq!(out.trim(), "status 401", "{out}");
 
     // A CONNECT for another pod than the one dialed is refused, as ztunnel does.
-    let out = interop.peer_client("ambient", "web", &format!("{client}:8080"), &[]);
+    let out = interop.peer_client("ambient", "web", "web", &format!("{client}:8080"), &[]);
     assert_eq!(out.trim(), "status 400", "{out}");
 
     // A certificate the peer does not expect: the peer refuses web's.
-    let out = interop.peer_client("ambient", "other", &format!("{web}:8080"), &[]);
+    let out = interop.peer_client("ambient", "web", "other", &format!("{web}:8080"), &[]);
     assert!(out.starts_with("error"), "{out}");
+
+    // TCP, half-closed after the bytes: they come back, and the tunnel ends.
+    let db = pod_ip(cluster, "db");
+    let out = interop.peer_client(
+        "ambient",
+        "db",
+        "db",
+        &format!("{db}:9000"),
+        &["--tcp-echo", "carried as bytes"],
+    );
+    assert_eq!(out, "status 200\necho carried as bytes\n");
 }
 
 #[test]
@@ -442,7 +459,7 @@ fn an_upgrade_hands_the_pod_listeners_over() {
     let web = pod_ip(&interop.cluster, "web");
     wait_until("the peer reaches web after the upgrade", READY, || {
         interop
-            .peer_client("ambient", "web", &format!("{web}:8080"), &[])
+            .peer_client("ambient", "web", "web", &format!("{web}:8080"), &[])
             .starts_with("status 200")
     });
 }

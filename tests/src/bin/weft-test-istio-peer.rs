@@ -8,7 +8,7 @@
 //! ```text
 //! weft-test-istio-peer client --roots CA.pem --cert CERT.pem --key KEY.pem --expect SPIFFE_ID
 //!     --dial IP:15008 --authority IP:PORT [--forwarded-for IP:PORT] [--baggage STR]
-//!     [--traceparent STR] [--path /some/path] [--tcp-echo TEXT]
+//!     [--path /some/path] [--tcp-echo TEXT]
 //! weft-test-istio-peer server --roots CA.pem --cert CERT.pem --key KEY.pem
 //!     --listen IP:15008 --log FILE
 //! ```
@@ -56,7 +56,7 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 const USAGE: &str = "usage:
   weft-test-istio-peer client --roots CA.pem --cert CERT.pem --key KEY.pem --expect SPIFFE_ID
       --dial IP:15008 --authority IP:PORT [--forwarded-for IP:PORT] [--baggage STR]
-      [--traceparent STR] [--path /some/path] [--tcp-echo TEXT]
+      [--path /some/path] [--tcp-echo TEXT]
   weft-test-istio-peer server --roots CA.pem --cert CERT.pem --key KEY.pem
       --listen IP:15008 --log FILE";
 
@@ -277,10 +277,8 @@ async fn client(flags: &HashMap<String, String>) -> Result<(), Error> {
     if let Some(forwarded_for) = flags.get("forwarded-for") {
         request = request.header("forwarded", format!("for=\"{forwarded_for}\""));
     }
-    for name in ["baggage", "traceparent"] {
-        if let Some(value) = flags.get(name) {
-            request = request.header(name, value);
-        }
+    if let Some(baggage) = flags.get("baggage") {
+        request = request.header("baggage", baggage);
     }
     let mut h2 = h2.ready().await?;
     let (response, mut send) = h2.send_request(request.body(())?, false)?;
